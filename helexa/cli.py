@@ -1,0 +1,126 @@
+"""The ``helexa`` command.
+
+``helexa`` opens the TUI; ``helexa --serve`` runs the same process headless. Both embed
+the gateway and the local neuron in one asyncio loop (``helexa.cortex.service``).
+Subcommands import their modules lazily so ``helexa --help`` stays instant and a host
+that only runs ``helexa neuron`` never imports Textual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from helexa import __version__
+from helexa.config import ConfigError, Settings, load_settings
+
+EPILOG = """\
+examples:
+  helexa                      dashboard (TUI) with the gateway and local neuron inside
+  helexa --serve              the same, headless (systemd, containers, CI)
+  helexa neuron               serve this host's GPUs to a remote gateway
+  helexa status               fleet table from a running gateway
+  helexa pull Qwen/Qwen3-0.6B-GGUF:Q8_0
+  helexa acp                  Agent Client Protocol agent for editors (Zed)
+
+configuration: helexa.toml and models.toml in the user config dir, or --config/--models;
+any key can be overridden with HELEXA_<SECTION>__<KEY> (e.g. HELEXA_GATEWAY__LISTEN).
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="PATH", help="helexa.toml (default: user config dir)")
+    p.add_argument("--models", metavar="PATH", help="models.toml catalogue")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="helexa",
+        description="Self-hosted LLM serving: OpenAI + Anthropic APIs over GPUs you own.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"helexa {__version__}")
+    parser.add_argument("--serve", action="store_true", help="run headless (no TUI)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="gateway address (127.0.0.1:31313)")
+    parser.add_argument("--no-local", action="store_true", help="do not run the local neuron")
+    _common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    neuron = sub.add_parser("neuron", help="serve this host's devices over the neuron HTTP API")
+    neuron.add_argument("--listen", metavar="HOST:PORT", help="bind address (127.0.0.1:13131)")
+    neuron.add_argument("--token", help="bearer token required by the API (env HELEXA_NEURON__TOKEN)")
+    _common(neuron)
+
+    status = sub.add_parser("status", help="print the fleet table of a running gateway")
+    status.add_argument("--url", help="gateway URL (default: from config)")
+    status.add_argument("--admin-key", help="admin key, if the gateway requires one")
+    _common(status)
+
+    pull = sub.add_parser("pull", help="download a model into its source's cache")
+    pull.add_argument("model", help="scheme:org/name[:quant], e.g. Qwen/Qwen3-0.6B-GGUF:Q8_0")
+    _common(pull)
+
+    acp = sub.add_parser("acp", help="Agent Client Protocol agent over stdio (for Zed etc.)")
+    acp.add_argument("--acp-config", metavar="PATH", help="acp.toml (default: user config dir)")
+    _common(acp)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config, args.models)
+    listen = getattr(args, "listen", None)
+    if listen:
+        target = settings.neuron if args.command == "neuron" else settings.gateway
+        data = target.model_dump()
+        data["listen"] = listen
+        validated = type(target).model_validate(data)
+        if args.command == "neuron":
+            settings.neuron = validated
+        else:
+            settings.gateway = validated
+    if getattr(args, "no_local", False):
+        settings.local.enabled = False
+    if args.command == "neuron" and args.token:
+        settings.neuron.token = args.token
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "acp":
+            from helexa.acp.agent import main as acp_main
+
+            return acp_main(args.acp_config)
+        settings = _settings(args)
+        if args.command == "neuron":
+            from helexa.neuron.server import run_neuron
+
+            return run_neuron(settings)
+        if args.command == "status":
+            from helexa.cortex.status import run_status
+
+            return run_status(settings, url=args.url, admin_key=args.admin_key)
+        if args.command == "pull":
+            from helexa.neuron.sources import run_pull
+
+            return run_pull(settings, args.model)
+        if args.serve:
+            from helexa.cortex.service import run_headless
+
+            return run_headless(settings)
+        from tui.app import run_tui
+
+        return run_tui(settings)
+    except ConfigError as exc:
+        print(f"helexa: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

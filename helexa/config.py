@@ -1,0 +1,268 @@
+"""Settings: ``helexa.toml`` (gateway, eviction, neurons, local node) + ``models.toml``
+(the catalogue) + ``HELEXA_*`` environment overrides.
+
+Files are looked up in the platformdirs config dir unless a path is given. A mistake in
+any of them becomes one :class:`ConfigError` naming the file, the key and the problem;
+the CLI prints that line and exits 2, so an operator never reads a pydantic traceback.
+
+Environment overrides use ``HELEXA_<SECTION>__<KEY>`` (``HELEXA_GATEWAY__LISTEN=...``);
+values are parsed as TOML literals when they parse (``true``, ``5``, ``["a"]``), else
+taken as strings. ``HELEXA_CONFIG`` and ``HELEXA_MODELS`` point at the two files.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+APP = "helexa"
+DEFAULT_GATEWAY_PORT = 31313
+DEFAULT_METRICS_PORT = 31314
+DEFAULT_NEURON_PORT = 13131
+
+
+def config_dir() -> Path:
+    return Path(platformdirs.user_config_dir(APP))
+
+
+def cache_dir() -> Path:
+    return Path(platformdirs.user_cache_dir(APP))
+
+
+def data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP))
+
+
+class ConfigError(Exception):
+    """One line an operator can act on: which file, which key, what is wrong."""
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        self.file, self.key, self.problem = file, key, problem
+        super().__init__(f"{file}: {key}: {problem}" if key else f"{file}: {problem}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class GatewaySettings(_Strict):
+    listen: str = f"127.0.0.1:{DEFAULT_GATEWAY_PORT}"
+    metrics_listen: str = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
+    api_keys: list[str] = Field(default_factory=list)
+    admin_key: str | None = None
+    request_timeout_s: float = 600.0
+
+    _listen = field_validator("listen", "metrics_listen")(_check_listen)
+
+
+class EvictionSettings(_Strict):
+    strategy: Literal["lru", "priority"] = "lru"
+    idle_ttl_s: float = 0.0  # 0 disables idle unloading
+    defrag_after_cycles: int = 0
+
+
+class NeuronEndpoint(_Strict):
+    name: str
+    endpoint: str
+    token: str | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http(s):// URL, got {value!r}")
+        return value.rstrip("/")
+
+
+class LocalSettings(_Strict):
+    enabled: bool = True
+    name: str = "local"
+    devices: list[int] | None = None  # None: every device discovered
+
+
+class NeuronServerSettings(_Strict):
+    """``helexa neuron``: the node plane served over HTTP."""
+
+    listen: str = f"127.0.0.1:{DEFAULT_NEURON_PORT}"
+    token: str | None = None
+
+    _listen = field_validator("listen")(_check_listen)
+
+
+class SourceSettings(_Strict):
+    """A model source: its own hub endpoint and cache dir so names never collide."""
+
+    name: str
+    endpoint: str | None = None
+    cache_dir: str | None = None
+    token_env: str | None = None
+
+
+class PollerSettings(_Strict):
+    interval_s: float = 5.0
+    timeout_s: float = 3.0
+
+
+class SamplingDefaults(_Strict):
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    max_tokens: int | None = None
+
+
+class ModelProfile(_Strict):
+    """One ``[[models]]`` entry of models.toml: how to serve a model, not where."""
+
+    id: str
+    source: str | None = None
+    quant: str | None = None
+    vram_mb: int = 0
+    min_devices: int = 1
+    min_device_vram_mb: int = 0
+    pinned_on: list[str] = Field(default_factory=list)
+    priority: int = 0
+    aliases: list[str] = Field(default_factory=list)
+    context_length: int | None = None
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+
+
+class Settings(_Strict):
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    eviction: EvictionSettings = Field(default_factory=EvictionSettings)
+    neurons: list[NeuronEndpoint] = Field(default_factory=list)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    neuron: NeuronServerSettings = Field(default_factory=NeuronServerSettings)
+    poller: PollerSettings = Field(default_factory=PollerSettings)
+    sources: list[SourceSettings] = Field(default_factory=list)
+    default_source: str = "huggingface"
+    models: list[ModelProfile] = Field(default_factory=list)
+    # Where these settings came from, for messages and `helexa status`.
+    config_file: str | None = None
+    models_file: str | None = None
+
+
+class _Catalogue(_Strict):
+    models: list[ModelProfile] = Field(default_factory=list)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "", f"not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read ({exc.strerror})") from None
+
+
+def _first_error(file: str, exc: ValidationError) -> ConfigError:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return ConfigError(file, key, msg)
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``HELEXA_GATEWAY__LISTEN=x`` -> ``{"gateway": {"listen": "x"}}``."""
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith("HELEXA_") or "__" not in name:
+            continue
+        path = name[len("HELEXA_") :].lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _env_value(raw)
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    config_path: str | Path | None = None,
+    models_path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read helexa.toml and models.toml (either may be absent unless named explicitly)."""
+    environ = os.environ if environ is None else environ
+    explicit_cfg = config_path or environ.get("HELEXA_CONFIG")
+    explicit_models = models_path or environ.get("HELEXA_MODELS")
+    cfg_file = Path(explicit_cfg) if explicit_cfg else config_dir() / "helexa.toml"
+    models_file = Path(explicit_models) if explicit_models else config_dir() / "models.toml"
+
+    raw: dict[str, Any] = {}
+    if explicit_cfg or cfg_file.exists():
+        raw = _read_toml(cfg_file)
+    overrides = env_overrides(environ)
+    try:
+        settings = Settings.model_validate(_merge(raw, overrides))
+    except ValidationError as exc:
+        where = str(cfg_file) if raw else "environment (HELEXA_*)"
+        raise _first_error(where, exc) from None
+
+    if explicit_models or models_file.exists():
+        try:
+            catalogue = _Catalogue.model_validate(_read_toml(models_file))
+        except ValidationError as exc:
+            raise _first_error(str(models_file), exc) from None
+        settings.models = [*settings.models, *catalogue.models]
+        settings.models_file = str(models_file)
+    if raw:
+        settings.config_file = str(cfg_file)
+    _check_unique(settings)
+    return settings
+
+
+def _check_unique(settings: Settings) -> None:
+    where = settings.models_file or settings.config_file or "config"
+    seen: set[str] = set()
+    for i, profile in enumerate(settings.models):
+        for name in (profile.id, *profile.aliases):
+            if name in seen:
+                raise ConfigError(where, f"models.{i}.id", f"{name!r} is declared twice")
+            seen.add(name)
+    names = [n.name for n in settings.neurons]
+    for i, name in enumerate(names):
+        if name in names[:i] or name == settings.local.name and settings.local.enabled:
+            raise ConfigError(
+                settings.config_file or "config", f"neurons.{i}.name", f"{name!r} is not unique"
+            )
