@@ -1,0 +1,1 @@
+"""The in-process PyTorch inference engine behind the local neuron."""
