@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     neuron = sub.add_parser("neuron", help="serve this host's devices over the neuron HTTP API")
     neuron.add_argument("--listen", metavar="HOST:PORT", help="bind address (127.0.0.1:13131)")
-    neuron.add_argument("--token", help="bearer token required by the API (env HELEXA_NEURON__TOKEN)")
+    neuron.add_argument(
+        "--token", help="bearer token required by the API (env HELEXA_NEURON__TOKEN)"
+    )
     _common(neuron)
 
     status = sub.add_parser("status", help="print the fleet table of a running gateway")

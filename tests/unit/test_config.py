@@ -1,0 +1,103 @@
+"""Settings: files, env overrides, and one-line errors that name file, key and problem."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helexa.config import ConfigError, env_overrides, load_settings, split_listen
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+
+
+def test_examples_parse() -> None:
+    s = load_settings(ASSETS / "helexa.example.toml", ASSETS / "models.example.toml", environ={})
+    assert s.gateway.listen == "127.0.0.1:31313"
+    assert [m.id for m in s.models][:1] == ["Qwen/Qwen3-8B-GGUF:Q4_K_M"]
+    assert s.models[0].sampling.top_k == 20
+    assert s.models[1].pinned_on == ["local"]
+
+
+def test_defaults_bind_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    s = load_settings(environ={})
+    assert split_listen(s.gateway.listen)[0] == "127.0.0.1"
+    assert split_listen(s.neuron.listen) == ("127.0.0.1", 13131)
+
+
+def test_env_overrides_nested_and_typed() -> None:
+    over = env_overrides(
+        {"HELEXA_GATEWAY__LISTEN": "0.0.0.0:9", "HELEXA_EVICTION__IDLE_TTL_S": "30", "PATH": "x"}
+    )
+    assert over == {"gateway": {"listen": "0.0.0.0:9"}, "eviction": {"idle_ttl_s": 30}}
+
+
+def test_env_wins_over_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "helexa.toml"
+    cfg.write_text('[gateway]\nlisten = "127.0.0.1:1000"\n')
+    s = load_settings(cfg, environ={"HELEXA_GATEWAY__LISTEN": "127.0.0.1:2000"})
+    assert s.gateway.listen == "127.0.0.1:2000"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ('[gateway]\nlisten = "nope"\n', "gateway.listen", "HOST:PORT"),
+        ("[gateway]\nlisen = 1\n", "gateway.lisen", "unknown key"),
+        ('[eviction]\nstrategy = "fifo"\n', "eviction.strategy", "'lru' or 'priority'"),
+        ('[[neurons]]\nname = "a"\nendpoint = "beast:13131"\n', "neurons.0.endpoint", "http"),
+    ],
+)
+def test_bad_config_names_file_key_problem(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
+    cfg = tmp_path / "helexa.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    assert info.value.file == str(cfg)
+    assert info.value.key == key
+    assert problem in info.value.problem
+
+
+def test_invalid_toml_and_duplicate_models(tmp_path: Path) -> None:
+    bad = tmp_path / "helexa.toml"
+    bad.write_text("[gateway\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad, environ={})
+    models = tmp_path / "models.toml"
+    models.write_text('[[models]]\nid = "a"\n[[models]]\nid = "b"\naliases = ["a"]\n')
+    with pytest.raises(ConfigError, match="'a' is declared twice"):
+        load_settings(None, models, environ={})
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "helexa.toml"
+    cfg.write_text('[gateway]\nmetrics_listen = "x"\n')
+    exe = shutil.which("helexa")
+    cmd = [exe] if exe else [sys.executable, "-m", "helexa.cli"]
+    proc = subprocess.run(
+        [*cmd, "--serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert str(cfg) in lines[0] and "gateway.metrics_listen" in lines[0]
+
+
+def test_cli_version_and_help() -> None:
+    from helexa import __version__
+    from helexa.cli import build_parser
+
+    parser = build_parser()
+    help_text = parser.format_help()
+    for word in ("--serve", "neuron", "status", "pull", "acp"):
+        assert word in help_text
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["--version"])
+    assert info.value.code == 0
+    assert __version__ == "0.1.0"
