@@ -1,0 +1,390 @@
+"""Qwen3 dense, in plain torch.
+
+Ported from transformers' ``modeling_qwen3.py`` and checked against it for logit parity on
+random weights (tests/engine/test_qwen3_parity.py). Weights are plain tensors or GGUF
+``QuantizedTensor``s; every matmul goes through :func:`helexa.engine.quant.linear` (and the
+token lookup through :func:`~helexa.engine.quant.embedding`) so quantized weights stay
+quantized in memory and are dequantized on the fly.
+
+The model is a handful of weight records plus functions, not ``nn.Module``s: a quantized
+weight is not a Parameter, nothing here is trained, and the forward pass reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from helexa.engine.checkpoint import Checkpoint, Weight
+from helexa.engine.errors import CheckpointError, UnsupportedArchitecture
+from helexa.engine.kv_cache import KVCache
+from helexa.engine.quant import QuantizedTensor, embedding, linear
+
+ARCHITECTURE = "Qwen3ForCausalLM"
+MODEL_TYPE = "qwen3"
+ROPE_TYPES = ("default", "linear", "yarn")
+
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000.0
+    # Normalised rope scaling: {"rope_type": "linear"|"yarn", "factor": ..., ...} or None.
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any], source: str = "") -> Qwen3Config:
+        """Read an HF ``config.json`` dict; anything this file cannot run raises
+        :class:`UnsupportedArchitecture` here, before a byte of weights is allocated."""
+        check_architecture(config, source)
+        try:
+            heads = int(config["num_attention_heads"])
+            hidden = int(config["hidden_size"])
+            rope_type, theta, scaling = _rope_params(config)
+            return cls(
+                vocab_size=int(config["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(config["intermediate_size"]),
+                num_hidden_layers=int(config["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=scaling if rope_type != "default" else None,
+                max_position_embeddings=int(config.get("max_position_embeddings", 40960)),
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                attention_bias=bool(config.get("attention_bias", False)),
+            )
+        except KeyError as exc:
+            raise CheckpointError(f"{source or 'Qwen3 config'}: missing {exc.args[0]!r}") from None
+
+
+def check_architecture(config: dict[str, Any], source: str = "") -> None:
+    """Raise :class:`UnsupportedArchitecture` unless ``config`` describes a dense Qwen3."""
+    archs = config.get("architectures") or []
+    model_type = config.get("model_type")
+    if archs and ARCHITECTURE not in archs or not archs and model_type != MODEL_TYPE:
+        found = ", ".join(archs) or f"model_type {model_type!r}"
+        raise UnsupportedArchitecture(found, source=source, supported=(ARCHITECTURE,))
+    detail = ""
+    rope_type, _, _ = _rope_params(config)
+    if config.get("use_sliding_window"):
+        detail = "use_sliding_window=true is not supported"
+    elif config.get("hidden_act", "silu") != "silu":
+        detail = f"hidden_act {config['hidden_act']!r} is not supported"
+    elif rope_type not in ROPE_TYPES:
+        detail = f"rope scaling {rope_type!r} is not supported ({', '.join(ROPE_TYPES)} are)"
+    if detail:
+        raise UnsupportedArchitecture(ARCHITECTURE, source=source, detail=detail)
+
+
+def _rope_params(config: dict[str, Any]) -> tuple[str, float, dict[str, Any]]:
+    """(rope_type, theta, params) from either transformers 5 ``rope_parameters`` or the
+    older top-level ``rope_theta`` + ``rope_scaling`` keys."""
+    params = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10_000.0)))
+    rope_type = str(params.get("rope_type", params.get("type", "default")))
+    return rope_type, theta, params
+
+
+def rope_inv_freq(cfg: Qwen3Config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scale, as transformers' ROPE_INIT_FUNCTIONS."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor, 1.0
+    # YaRN: interpolate low frequencies, keep high ones, blend linearly in between.
+    original = float(scaling.get("original_max_position_embeddings", cfg.max_position_embeddings))
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def rope_tables(cfg: Qwen3Config, max_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_seq, head_dim] float32, NEOX layout (the two halves repeat)."""
+    inv_freq, scale = rope_inv_freq(cfg)
+    freqs = torch.arange(max_seq, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in float32 then scale in the activation dtype, as transformers does."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@dataclass
+class Attention:
+    q_proj: Weight
+    k_proj: Weight
+    v_proj: Weight
+    o_proj: Weight
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    cache: KVCache | None = None
+
+
+@dataclass
+class Block:
+    attn: Attention
+    input_layernorm: torch.Tensor
+    post_attention_layernorm: torch.Tensor
+    gate_proj: Weight
+    up_proj: Weight
+    down_proj: Weight
+
+
+class Qwen3:
+    def __init__(
+        self,
+        config: Qwen3Config,
+        *,
+        embed_tokens: Weight,
+        layers: list[Block],
+        norm: torch.Tensor,
+        lm_head: Weight,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.config = config
+        self.embed_tokens = embed_tokens
+        self.layers = layers
+        self.norm = norm
+        self.lm_head = lm_head
+        self.device = device
+        self.dtype = dtype
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt: Checkpoint,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Qwen3:
+        """Move (and for float weights, cast) each tensor to ``device`` once; quantized
+        weights move as their raw blocks."""
+        cfg = Qwen3Config.from_hf(ckpt.config, ckpt.source)
+        device = torch.device(device)
+        tensors = ckpt.tensors
+
+        def weight(name: str) -> Weight:
+            t = tensors.get(name)
+            if t is None:
+                raise CheckpointError(f"{ckpt.source or 'checkpoint'}: missing tensor {name!r}")
+            if isinstance(t, QuantizedTensor):
+                return t.to(device)
+            return t.to(device=device, dtype=dtype)
+
+        def dense(name: str) -> torch.Tensor:
+            t = weight(name)
+            return t.dequantize(dtype).to(device) if isinstance(t, QuantizedTensor) else t
+
+        def optional(name: str) -> torch.Tensor | None:
+            return dense(name) if name in tensors else None
+
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            attn = Attention(
+                q_proj=weight(p + "self_attn.q_proj.weight"),
+                k_proj=weight(p + "self_attn.k_proj.weight"),
+                v_proj=weight(p + "self_attn.v_proj.weight"),
+                o_proj=weight(p + "self_attn.o_proj.weight"),
+                q_norm=dense(p + "self_attn.q_norm.weight"),
+                k_norm=dense(p + "self_attn.k_norm.weight"),
+                q_bias=optional(p + "self_attn.q_proj.bias"),
+                k_bias=optional(p + "self_attn.k_proj.bias"),
+                v_bias=optional(p + "self_attn.v_proj.bias"),
+                o_bias=optional(p + "self_attn.o_proj.bias"),
+            )
+            layers.append(
+                Block(
+                    attn=attn,
+                    input_layernorm=dense(p + "input_layernorm.weight"),
+                    post_attention_layernorm=dense(p + "post_attention_layernorm.weight"),
+                    gate_proj=weight(p + "mlp.gate_proj.weight"),
+                    up_proj=weight(p + "mlp.up_proj.weight"),
+                    down_proj=weight(p + "mlp.down_proj.weight"),
+                )
+            )
+        embed = weight("model.embed_tokens.weight")
+        tied = cfg.tie_word_embeddings or "lm_head.weight" not in tensors
+        return cls(
+            cfg,
+            embed_tokens=embed,
+            layers=layers,
+            norm=dense("model.norm.weight"),
+            lm_head=embed if tied else weight("lm_head.weight"),
+            device=device,
+            dtype=dtype,
+        )
+
+    # -- memory ---------------------------------------------------------------------------
+
+    def weights(self) -> list[Weight]:
+        """Every distinct weight (a tied embedding counted once)."""
+        out: dict[int, Weight] = {id(self.embed_tokens): self.embed_tokens}
+        out[id(self.lm_head)] = self.lm_head
+        out[id(self.norm)] = self.norm
+        for blk in self.layers:
+            for rec in (blk, blk.attn):
+                for f in fields(rec):
+                    value = getattr(rec, f.name)
+                    if isinstance(value, torch.Tensor | QuantizedTensor):
+                        out[id(value)] = value
+        return list(out.values())
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(w.nbytes for w in self.weights())
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(blk.attn.cache.nbytes for blk in self.layers if blk.attn.cache is not None)
+
+    @property
+    def max_seq(self) -> int:
+        cache = self.layers[0].attn.cache if self.layers else None
+        return cache.max_seq if cache is not None else 0
+
+    # -- inference ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def setup_cache(self, max_batch: int, max_seq: int) -> None:
+        """Allocate the static KV cache and RoPE tables for ``max_seq`` positions."""
+        cfg = self.config
+        for blk in self.layers:
+            blk.attn.cache = None  # free the old one before allocating the new one
+        for blk in self.layers:
+            blk.attn.cache = KVCache(
+                max_batch,
+                cfg.num_key_value_heads,
+                max_seq,
+                cfg.head_dim,
+                dtype=self.dtype,
+                device=self.device,
+            )
+        cos, sin = rope_tables(cfg, max_seq)
+        self.cos = cos.to(device=self.device, dtype=self.dtype)
+        self.sin = sin.to(device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: torch.Tensor, input_pos: torch.Tensor, *, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits (float32) for ``tokens`` [B, T] at consecutive positions ``input_pos`` [T].
+
+        Writes their keys/values into the cache, so positions before ``input_pos[0]`` must
+        have been run already. ``last_only`` returns [B, 1, vocab]: prefill needs only the
+        last position's logits, and the full [T, vocab] would dwarf the activations.
+        """
+        if self.cos is None or self.sin is None:
+            raise RuntimeError("call setup_cache(max_batch, max_seq) before forward")
+        cfg = self.config
+        start, steps = int(input_pos[0]), tokens.shape[1]
+        end = start + steps
+        if end > self.max_seq:
+            raise ValueError(f"position {end - 1} is past the KV cache ({self.max_seq} tokens)")
+        cos, sin = self.cos[input_pos], self.sin[input_pos]
+        if steps == 1:
+            mask, causal = None, False  # one query sees the whole prefix
+        elif start == 0:
+            mask, causal = None, True  # plain prefill: SDPA's causal fast path
+        else:
+            keys = torch.arange(end, device=self.device)
+            mask, causal = keys[None, :] <= input_pos[:, None], False
+
+        x = embedding(tokens, self.embed_tokens).to(self.dtype)
+        for blk in self.layers:
+            h = rms_norm(x, blk.input_layernorm, cfg.rms_norm_eps)
+            x = x + self._attention(blk.attn, h, cos, sin, input_pos, end, mask, causal)
+            h = rms_norm(x, blk.post_attention_layernorm, cfg.rms_norm_eps)
+            x = x + linear(F.silu(linear(h, blk.gate_proj)) * linear(h, blk.up_proj), blk.down_proj)
+        x = rms_norm(x, self.norm, cfg.rms_norm_eps)
+        if last_only:
+            x = x[:, -1:]
+        return linear(x, self.lm_head).float()
+
+    __call__ = forward
+
+    def _attention(
+        self,
+        attn: Attention,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        input_pos: torch.Tensor,
+        end: int,
+        mask: torch.Tensor | None,
+        causal: bool,
+    ) -> torch.Tensor:
+        cfg = self.config
+        batch, steps, _ = x.shape
+        head_dim = cfg.head_dim
+        q = linear(x, attn.q_proj, attn.q_bias).view(batch, steps, -1, head_dim)
+        k = linear(x, attn.k_proj, attn.k_bias).view(batch, steps, -1, head_dim)
+        v = linear(x, attn.v_proj, attn.v_bias).view(batch, steps, -1, head_dim)
+        # Qwen3's per-head norms come before RoPE.
+        q = rms_norm(q, attn.q_norm, cfg.rms_norm_eps).transpose(1, 2)
+        k = rms_norm(k, attn.k_norm, cfg.rms_norm_eps).transpose(1, 2)
+        v = v.transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        assert attn.cache is not None
+        k, v = attn.cache.update(input_pos, k, v, end)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+        )
+        y = y.transpose(1, 2).reshape(batch, steps, -1)
+        return linear(y, attn.o_proj, attn.o_bias)

@@ -1,0 +1,135 @@
+"""One thread per device runs every torch call for that device.
+
+The asyncio loop (gateway, TUI, neuron server) must never block on a forward pass, and a
+CUDA context is happiest driven from one thread. So each device gets a ``DeviceWorker``:
+a thread draining a job queue. ``submit`` runs one call and resolves an asyncio future;
+``stream`` runs a blocking iterator (a generation) and hands its items to the loop one
+by one, with a bounded buffer so a slow client slows generation instead of piling up
+chunks. Closing the async iterator sets the generation's cancel event, which the
+generation loop checks between tokens. An exception fails only its own job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+_ITEM, _ERROR, _DONE = "item", "error", "done"
+
+
+def thread_name(device: torch.device) -> str:
+    return "helexa-cpu" if device.type == "cpu" else f"helexa-dev-{device.index or 0}"
+
+
+def _as_exception(exc: BaseException) -> Exception:
+    """Futures must not carry SystemExit/KeyboardInterrupt out of a job: the worker thread
+    and the process keep running, the caller sees an ordinary error."""
+    return exc if isinstance(exc, Exception) else RuntimeError(f"job aborted: {exc!r}")
+
+
+class DeviceWorker:
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.name = thread_name(self.device)
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        while (job := self._jobs.get()) is not None:
+            with torch.inference_mode():
+                job()  # jobs report their own errors; nothing escapes to here
+
+    def _put(self, job: Callable[[], None]) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.name} worker is closed")
+        self._jobs.put(job)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``fn(*args)`` on the device thread; cancelling the future before it starts
+        skips it."""
+        result: Future[T] = Future()
+
+        def job() -> None:
+            if not result.set_running_or_notify_cancel():
+                return
+            try:
+                result.set_result(fn(*args))
+            except BaseException as exc:
+                result.set_exception(_as_exception(exc))
+
+        self._put(job)
+        return asyncio.wrap_future(result)
+
+    async def stream(
+        self, gen_fn: Callable[..., Iterable[T]], *args: Any, buffer: int = 32
+    ) -> AsyncIterator[T]:
+        """Iterate ``gen_fn(*args, cancel)`` on the device thread, yielding here.
+
+        ``cancel`` (a ``threading.Event``) is appended to the arguments; it is set when
+        this async iterator is closed or abandoned, and the generator should stop soon
+        after. At most ``buffer`` items wait for the consumer before the producer blocks.
+        """
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        slots = threading.Semaphore(buffer)
+
+        def send(kind: str, value: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+            except RuntimeError:  # the loop is gone: nobody is listening any more
+                cancel.set()
+
+        def job() -> None:
+            if cancel.is_set():
+                return
+            iterator = None
+            try:
+                iterator = iter(gen_fn(*args, cancel))
+                for item in iterator:
+                    slots.acquire()
+                    if cancel.is_set():
+                        break
+                    send(_ITEM, item)
+            except BaseException as exc:
+                send(_ERROR, _as_exception(exc))
+            else:
+                send(_DONE, None)
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+
+        self._put(job)
+        try:
+            while True:
+                kind, value = await items.get()
+                if kind == _ITEM:
+                    slots.release()
+                    yield value
+                elif kind == _ERROR:
+                    raise value
+                else:
+                    return
+        finally:
+            cancel.set()
+            slots.release()  # wake a producer blocked on a full buffer so it sees cancel
+
+    async def close(self) -> None:
+        """Stop after the queued jobs; running generations stop when their streams close."""
+        if not self._closed:
+            self._closed = True
+            self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join)

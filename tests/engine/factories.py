@@ -1,0 +1,82 @@
+"""Tiny Qwen3 models for engine tests: random weights in a transformers model (the parity
+reference), saved as an HF directory our loader reads.
+
+Weights are drawn wider than transformers' init (std 0.02, norms exactly 1) so logits
+differ visibly between tokens and a wrong norm, rope or head mapping cannot hide.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+TINY_SHAPE: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+)
+
+
+def tiny_config(vocab_size: int = 128, *, tie: bool = True, **overrides: Any) -> Qwen3Config:
+    shape = {**TINY_SHAPE, **overrides}
+    theta = shape.pop("rope_theta")
+    rope = shape.pop("rope_parameters", None) or {"rope_type": "default", "rope_theta": theta}
+    return Qwen3Config(
+        vocab_size=vocab_size, tie_word_embeddings=tie, rope_parameters=rope, **shape
+    )
+
+
+@torch.no_grad()
+def make_tiny_hf_model(
+    vocab_size: int = 128, *, tie: bool = True, seed: int = 0, **overrides: Any
+) -> Qwen3ForCausalLM:
+    """A float32, eval-mode transformers Qwen3 with reproducible random weights."""
+    model = Qwen3ForCausalLM(tiny_config(vocab_size, tie=tie, **overrides)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=gen)
+        if name.endswith("norm.weight"):
+            param.copy_(1.0 + 0.2 * noise)
+        else:
+            param.copy_(noise * (0.5 / param.shape[-1] ** 0.5) if param.dim() > 1 else noise * 0.1)
+    return model
+
+
+def save_model_dir(
+    path: Path,
+    model: Qwen3ForCausalLM,
+    *,
+    tokenizer_json: str | None = None,
+    tokenizer_config: dict[str, Any] | None = None,
+    generation_config: dict[str, Any] | None = None,
+) -> Path:
+    """``save_pretrained`` plus the tokenizer files a real HF repo ships."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    if tokenizer_json is not None:
+        (path / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    if tokenizer_config is not None:
+        (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    if generation_config is not None:
+        (path / "generation_config.json").write_text(
+            json.dumps(generation_config), encoding="utf-8"
+        )
+    return path
+
+
+def hf_state_dict(model: Qwen3ForCausalLM) -> dict[str, torch.Tensor]:
+    """HF-named tensors as a loader would produce them (lm_head dropped when tied)."""
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return tensors
