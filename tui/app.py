@@ -1,0 +1,295 @@
+"""The ``helexa`` dashboard: the gateway and its fleet, live, in one asyncio loop.
+
+The app runs the same :class:`helexa.cortex.service.Service` that ``helexa --serve`` runs,
+inside Textual's event loop, and reads the gateway's own state: every refresh renders
+``service.fleet.snapshot()``, and every admin key calls the fleet's admin operations in a
+worker, so the screen never blocks and never keeps a second copy of the truth. Token
+rates and TTFT come from :mod:`tui.traffic`, which watches the neurons' streams.
+
+Quitting (q / Ctrl-C) stops the service first: streams are cancelled, local models
+unloaded and neurons closed before the terminal is handed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.widgets import Footer, Header
+
+from helexa.config import NeuronEndpoint, Settings
+from tui.fleetview import FleetView, ModelRow, fleet_view
+from tui.traffic import TappedNeuron, Traffic, tap_fleet
+from tui.widgets.attach_dialog import AttachDialog
+from tui.widgets.devices import DevicesPanel
+from tui.widgets.model_picker import ModelPicker
+from tui.widgets.models import ModelsTable
+from tui.widgets.request_log import RequestLog
+from tui.widgets.throughput import ThroughputPanel
+
+
+class ServiceLike(Protocol):
+    """What the dashboard needs from ``helexa.cortex.service.Service``."""
+
+    fleet: Any
+    settings: Settings
+
+    @property
+    def url(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class HelexaApp(App[int]):
+    CSS_PATH = "helexa.tcss"
+    TITLE = "helexa"
+    BINDINGS = [
+        Binding("l", "load", "Load"),
+        Binding("u", "unload", "Unload"),
+        Binding("p", "pin", "Pin/unpin"),
+        Binding("e", "evict", "Evict"),
+        Binding("a", "attach", "Attach neuron"),
+        Binding("c", "copy_url", "Copy URL"),
+        Binding("r", "refresh", "Refresh"),
+        Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+    ]
+
+    def __init__(self, service: ServiceLike, *, refresh_s: float = 1.0) -> None:
+        super().__init__()
+        self.service = service
+        self.refresh_s = refresh_s
+        self.traffic = Traffic()
+        self.view = FleetView()
+        self.pending: dict[str, str] = {}  # model row key -> admin op in flight
+        self.started = False
+        self._stopped = False
+
+    # -- layout ---------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="top"):
+            yield DevicesPanel(id="devices")
+            yield ThroughputPanel(id="throughput")
+        yield ModelsTable(id="models")
+        yield RequestLog(id="log")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        titles = {
+            "#devices": "Devices",
+            "#throughput": "Throughput",
+            "#models": "Models",
+            "#log": "Requests",
+        }
+        for selector, title in titles.items():
+            self.query_one(selector).border_title = title
+        self.sub_title = "starting gateway…"
+        self.run_worker(self._start_service(), group="service", exclusive=True)
+        self.set_interval(self.refresh_s, self.refresh_view)
+
+    # -- service lifecycle ----------------------------------------------------------
+    async def _start_service(self) -> None:
+        try:
+            await self.service.start()
+        except Exception as exc:
+            self.exit(1, 1, f"helexa: the gateway could not start: {exc}")
+            return
+        self.started = True
+        self.sub_title = f"gateway {self.service.url}"
+        self.refresh_view()
+
+    async def stop_service(self) -> None:
+        """Stop the service once, whichever way the app ends (quit key, exit, run_tui)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        cancelled = [
+            *self.workers.cancel_group(self, "service"),
+            *self.workers.cancel_group(self, "admin"),
+        ]
+        if cancelled:  # (an empty list would mean "every worker", this one included)
+            await self.workers.wait_for_complete(cancelled)
+        await self.service.stop()
+
+    async def action_quit(self) -> None:
+        if self._stopped:
+            self.exit(0)
+            return
+        self.sub_title = "stopping: cancelling streams, unloading models…"
+        self.run_worker(self._quit(), group="shutdown", exclusive=True)
+
+    async def _quit(self) -> None:
+        try:
+            await self.stop_service()
+        except Exception as exc:
+            self.exit(1, 1, f"helexa: stopping the gateway failed: {exc}")
+            return
+        self.exit(0)
+
+    async def on_unmount(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.stop_service()
+
+    # -- refresh --------------------------------------------------------------------
+    def refresh_view(self) -> None:
+        """Re-read the fleet snapshot and the traffic record and push them to the widgets."""
+        fleet = self.service.fleet
+        tap_fleet(fleet, self.traffic)
+        self.view = fleet_view(fleet.snapshot())
+        self.query_one(DevicesPanel).show(self.view.nodes)
+        self.query_one(ModelsTable).show(self.view.models, self.pending)
+        traffic = self.traffic
+        self.query_one(ThroughputPanel).show(
+            traffic.series(),
+            {m: traffic.series(m) for m in traffic.models()},
+            [r.ttft_s for r in traffic.recent_ttft(20) if r.ttft_s is not None],
+        )
+        log = self.query_one(RequestLog)
+        log.show(traffic.finished_since(log.last_seq))
+
+    def action_refresh(self) -> None:
+        async def poll() -> None:
+            await self.service.fleet.refresh()
+
+        self._admin("refreshed fleet", poll)
+
+    # -- admin operations -----------------------------------------------------------
+    def _admin(
+        self,
+        done: str,
+        op: Callable[[], Awaitable[object]],
+        row: ModelRow | None = None,
+        doing: str | None = None,
+    ) -> None:
+        """Run ``op`` as a worker; the row shows ``doing`` until it ends, then a toast."""
+
+        async def work() -> None:
+            if row is not None and doing:
+                self.pending[row.key] = doing
+                self.refresh_view()
+            try:
+                await op()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.notify(f"{done}: failed: {exc}", severity="error", timeout=8)
+            else:
+                self.notify(done)
+            finally:
+                if row is not None:
+                    self.pending.pop(row.key, None)
+                self.refresh_view()
+
+        self.run_worker(work(), group="admin")
+
+    def _selected(self) -> ModelRow | None:
+        row = self.query_one(ModelsTable).selected
+        if row is None:
+            self.notify("no model selected", severity="warning")
+        return row
+
+    def load_choices(self) -> list[tuple[str, str]]:
+        """Catalogue models first (with their size), then anything nodes offer besides."""
+        choices: dict[str, str] = {}
+        loaded = {m.id: m.node for m in self.view.models if m.status == "loaded"}
+        for profile in self.service.settings.models:
+            size = f" · {profile.vram_mb / 1024:.1f} GiB" if profile.vram_mb else ""
+            choices[profile.id] = f"catalogue{size}"
+        for m in self.view.models:
+            choices.setdefault(m.id, f"offered by {m.node}")
+        return [
+            (model, f"{hint} · loaded on {loaded[model]}" if model in loaded else hint)
+            for model, hint in choices.items()
+        ]
+
+    def action_load(self) -> None:
+        def chosen(model: str | None) -> None:
+            if model:
+                self._admin(f"loaded {model}", lambda: self.service.fleet.load(model))
+                self.notify(f"loading {model}…")
+
+        self.push_screen(ModelPicker(self.load_choices()), chosen)
+
+    def action_unload(self) -> None:
+        if row := self._selected():
+            self._admin(
+                f"unloaded {row.id} from {row.node}",
+                lambda: self.service.fleet.unload(row.id, row.node),
+                row,
+                "unloading",
+            )
+
+    def action_pin(self) -> None:
+        if row := self._selected():
+            fleet = self.service.fleet
+            if row.pinned:
+                self._admin(f"unpinned {row.id}", lambda: fleet.unpin(row.id, row.node), row)
+            else:
+                self._admin(
+                    f"pinned {row.id} on {row.node}", lambda: fleet.pin(row.id, row.node), row
+                )
+
+    def action_evict(self) -> None:
+        if row := self._selected():
+            self._admin(
+                f"evicted {row.id}", lambda: self.service.fleet.evict(row.id), row, "evicting"
+            )
+
+    def action_attach(self) -> None:
+        def chosen(endpoint: NeuronEndpoint | None) -> None:
+            if endpoint is not None:
+                self._admin(
+                    f"attached {endpoint.name} ({endpoint.endpoint})",
+                    lambda: self.attach(endpoint),
+                )
+
+        self.push_screen(AttachDialog(), chosen)
+
+    async def attach(self, endpoint: NeuronEndpoint) -> None:
+        """Add a remote neuron to the running fleet; refuse one that does not answer."""
+        from helexa.neuron.remote import RemoteNeuron
+
+        from helexa.cortex.fleet import NodeState
+
+        fleet = self.service.fleet
+        if endpoint.name in fleet.nodes:
+            raise ValueError(f"a node named {endpoint.name!r} is already in the fleet")
+        neuron = RemoteNeuron(endpoint.name, endpoint.endpoint, endpoint.token)
+        node = NodeState(endpoint.name, TappedNeuron(neuron, self.traffic))
+        await fleet.refresh_node(node)
+        if not node.up:
+            await neuron.close()
+            raise ConnectionError(node.error or "it did not answer")
+        fleet.nodes[endpoint.name] = node
+
+    def action_copy_url(self) -> None:
+        base = self.service.url.rstrip("/")
+        self.copy_to_clipboard(f"{base}/v1")
+        self.notify(
+            f"copied {base}/v1 (OpenAI base URL). Anthropic clients: ANTHROPIC_BASE_URL={base}",
+            title="endpoint",
+        )
+
+
+async def _run(settings: Settings) -> int:
+    from helexa.cortex.service import Service
+
+    app = HelexaApp(Service(settings))
+    try:
+        await app.run_async()
+    finally:
+        await app.stop_service()
+    return app.return_code or 0
+
+
+def run_tui(settings: Settings) -> int:
+    """``helexa`` with no subcommand: the dashboard with the gateway inside."""
+    return asyncio.run(_run(settings))

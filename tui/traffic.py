@@ -1,0 +1,238 @@
+"""Live request traffic for the dashboard: tokens/s per model, TTFT, a recent-request log.
+
+The fleet snapshot says what is loaded where; it does not say how fast tokens are flowing
+right now. Prometheus counters only move when a request finishes, which turns a live
+tokens/s sparkline into a comb. So the TUI watches the streams themselves: it wraps each
+fleet node's neuron in a :class:`TappedNeuron` that passes every chunk through untouched
+and tells :class:`Traffic` when a request starts, when its first token arrives, how many
+tokens each chunk carried and how it ended. Both are plain objects with an injectable
+clock, so the arithmetic is tested without a terminal or a server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from helexa.neuron.interface import (
+    Discovery,
+    Health,
+    LoadRequest,
+    ModelState,
+    Neuron,
+)
+
+RequestStatus = Literal["streaming", "ok", "error", "cancelled"]
+
+
+@dataclass
+class RequestRecord:
+    """One generation request as the dashboard sees it (times are the Traffic clock)."""
+
+    id: int
+    model: str
+    node: str
+    started: float
+    wall_started: float  # time.time(), for the log's clock column
+    first_token: float | None = None
+    finished: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # live chunk count until usage arrives, then usage
+    status: RequestStatus = "streaming"
+    error: str | None = None
+    done_seq: int = 0  # order of finishing (requests finish out of start order)
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.started
+
+    @property
+    def duration_s(self) -> float | None:
+        return None if self.finished is None else self.finished - self.started
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode rate: tokens after the first over the time after the first token."""
+        if self.first_token is None or self.finished is None or self.completion_tokens < 2:
+            return None
+        decode_s = self.finished - self.first_token
+        return (self.completion_tokens - 1) / decode_s if decode_s > 0 else None
+
+
+def chunk_tokens(chunk: dict[str, Any]) -> int:
+    """How many generated tokens one OpenAI chunk stands for (one per non-empty choice).
+
+    Neurons emit one chunk per decoded token, so counting token-bearing choices tracks the
+    rate live; the final usage chunk then corrects the total exactly.
+    """
+    n = 0
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta")
+        if delta is None:  # legacy completions chunk
+            n += bool(choice.get("text"))
+        else:
+            n += bool(
+                delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")
+            )
+    return n
+
+
+class Traffic:
+    """Recent requests plus per-second token counts per model, over a sliding window."""
+
+    def __init__(
+        self,
+        *,
+        window_s: int = 60,
+        keep: int = 200,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.window_s = window_s
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.records: deque[RequestRecord] = deque(maxlen=keep)
+        self.done: deque[RequestRecord] = deque(maxlen=keep)
+        self._buckets: dict[str, dict[int, float]] = {}
+        self._next_id = 1
+        self._done_seq = 0
+
+    # -- feeding ------------------------------------------------------------------
+    def begin(self, model: str, node: str) -> RequestRecord:
+        record = RequestRecord(self._next_id, model, node, self.clock(), self.wall_clock())
+        self._next_id += 1
+        self.records.append(record)
+        return record
+
+    def observe(self, record: RequestRecord, chunk: dict[str, Any]) -> None:
+        tokens = chunk_tokens(chunk)
+        if tokens:
+            if record.first_token is None:
+                record.first_token = self.clock()
+            self._count(record, tokens)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            missing = int(usage.get("completion_tokens") or 0) - record.completion_tokens
+            if missing > 0:
+                self._count(record, missing)
+
+    def finish(
+        self, record: RequestRecord, status: RequestStatus = "ok", error: str | None = None
+    ) -> None:
+        record.finished = self.clock()
+        record.status = status
+        record.error = error
+        self._done_seq += 1
+        record.done_seq = self._done_seq
+        self.done.append(record)
+
+    def _count(self, record: RequestRecord, tokens: int) -> None:
+        record.completion_tokens += tokens
+        second = int(self.clock())
+        buckets = self._buckets.setdefault(record.model, {})
+        buckets[second] = buckets.get(second, 0.0) + tokens
+        for old in [s for s in buckets if s <= second - self.window_s]:
+            del buckets[old]
+
+    # -- reading ------------------------------------------------------------------
+    def models(self) -> list[str]:
+        return sorted(self._buckets)
+
+    def series(self, model: str | None = None) -> list[float]:
+        """Tokens per second for each of the last ``window_s`` whole seconds, oldest first.
+
+        ``model=None`` sums every model (the fleet's overall rate).
+        """
+        now = int(self.clock())
+        seconds = range(now - self.window_s + 1, now + 1)
+        sources = self._buckets.values() if model is None else [self._buckets.get(model, {})]
+        return [sum(b.get(s, 0.0) for b in sources) for s in seconds]
+
+    def recent_ttft(self, n: int = 10) -> list[RequestRecord]:
+        """The last ``n`` requests that produced a first token, newest last."""
+        return [r for r in self.records if r.first_token is not None][-n:]
+
+    def finished_since(self, done_seq: int) -> list[RequestRecord]:
+        """Requests that finished after the one numbered ``done_seq``, in finishing order."""
+        return [r for r in self.done if r.done_seq > done_seq]
+
+
+def recent_rate(series: Sequence[float], over_s: int = 5) -> float:
+    """Mean tokens/s over the last ``over_s`` complete seconds of a ``Traffic.series``.
+
+    The newest bucket is the second in progress, so it is left out rather than read low.
+    """
+    window = series[-over_s - 1 : -1]
+    return sum(window) / len(window) if window else 0.0
+
+
+class TappedNeuron:
+    """A Neuron that forwards everything to ``inner`` and reports its streams to Traffic.
+
+    Every protocol method is delegated explicitly; only ``chat``/``complete`` streams are
+    observed, chunk by chunk, and closing the tapped stream closes the inner one so
+    cancellation still reaches the generation loop.
+    """
+
+    def __init__(self, inner: Neuron, traffic: Traffic) -> None:
+        self.inner = inner
+        self.traffic = traffic
+        self.name = inner.name
+
+    async def discovery(self) -> Discovery:
+        return await self.inner.discovery()
+
+    async def health(self) -> Health:
+        return await self.inner.health()
+
+    async def models(self) -> list[ModelState]:
+        return await self.inner.models()
+
+    async def load(self, request: LoadRequest) -> ModelState:
+        return await self.inner.load(request)
+
+    async def unload(self, model_id: str) -> None:
+        await self.inner.unload(model_id)
+
+    async def count_tokens(self, request: dict[str, Any]) -> int:
+        return await self.inner.count_tokens(request)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._tap(self.inner.chat(request), request)
+
+    def complete(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._tap(self.inner.complete(request), request)
+
+    async def _tap(
+        self, stream: AsyncIterator[dict[str, Any]], request: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        record = self.traffic.begin(str(request.get("model", "")), self.name)
+        status: RequestStatus = "cancelled"
+        error: str | None = None
+        try:
+            async for chunk in stream:
+                self.traffic.observe(record, chunk)
+                yield chunk
+            status = "ok"
+        except Exception as exc:
+            status, error = "error", str(exc) or type(exc).__name__
+            raise
+        finally:
+            self.traffic.finish(record, status, error)
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def tap_fleet(fleet: Any, traffic: Traffic) -> None:
+    """Wrap every node's neuron in a TappedNeuron (idempotent: already tapped nodes stay)."""
+    for node in fleet.nodes.values():
+        if not isinstance(node.neuron, TappedNeuron):
+            node.neuron = TappedNeuron(node.neuron, traffic)

@@ -1,0 +1,73 @@
+"""Throughput panel: overall and per-model tokens/s sparklines, TTFT of recent requests."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Label, Sparkline
+
+from tui.traffic import recent_rate
+
+
+def ttft_summary(ttfts_s: Sequence[float]) -> str:
+    if not ttfts_s:
+        return "TTFT  no requests yet"
+    ms = [t * 1000 for t in ttfts_s]
+    return (
+        f"TTFT  last {ms[-1]:.0f} ms · p50 {statistics.median(ms):.0f} ms · "
+        f"max {max(ms):.0f} ms  ({len(ms)} recent)"
+    )
+
+
+class RateLine(Horizontal):
+    """One labelled sparkline: ``name  12.3 tok/s  ▁▂▅▇``."""
+
+    def __init__(self, name: str, *, classes: str = "") -> None:
+        super().__init__(classes=f"rate-line {classes}".strip())
+        self.series_name = name
+        self.label = Label(name, classes="rate-label")
+        self.spark = Sparkline([], classes="rate-spark")
+
+    def compose(self) -> ComposeResult:
+        yield self.label
+        yield self.spark
+
+    def show(self, series: Sequence[float]) -> None:
+        self.label.update(f"{self.series_name:<20.20} {recent_rate(series):7.1f} tok/s")
+        self.spark.data = list(series)
+
+
+class ThroughputPanel(Vertical):
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.overall = RateLine("all models", classes="overall")
+        self.per_model: dict[str, RateLine] = {}
+        self.ttft_label = Label(ttft_summary([]), classes="ttft-label")
+        self.ttft_spark = Sparkline([], classes="ttft-spark")
+        self.models_box = Vertical(classes="per-model")
+
+    def compose(self) -> ComposeResult:
+        yield self.overall
+        yield self.models_box
+        yield self.ttft_label
+        yield self.ttft_spark
+
+    def show(
+        self,
+        overall: Sequence[float],
+        per_model: Mapping[str, Sequence[float]],
+        ttfts_s: Sequence[float],
+    ) -> None:
+        """Series are tokens per second, oldest first; ttfts_s are seconds, newest last."""
+        self.overall.show(overall)
+        for name, series in per_model.items():
+            line = self.per_model.get(name)
+            if line is None:
+                line = self.per_model[name] = RateLine(name)
+                self.models_box.mount(line)
+            line.show(series)
+        self.ttft_label.update(ttft_summary(ttfts_s))
+        self.ttft_spark.data = list(ttfts_s)
