@@ -295,6 +295,15 @@ class Qwen3:
         return sum(blk.attn.cache.nbytes for blk in self.layers if blk.attn.cache is not None)
 
     @property
+    def nbytes(self) -> int:
+        """Device memory the model holds: weights plus the allocated KV cache."""
+        return self.weight_bytes + self.cache_bytes
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
     def max_seq(self) -> int:
         cache = self.layers[0].attn.cache if self.layers else None
         return cache.max_seq if cache is not None else 0
