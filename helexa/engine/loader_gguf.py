@@ -1,0 +1,288 @@
+"""GGUF file -> Checkpoint: HF config and names, weights still in their ggml encoding.
+
+The file is memory-mapped (gguf.GGUFReader) and each tensor is copied once, straight from
+the map to the target device; quantized tensors stay quantized (QuantizedTensor), so a
+Q4_K_M model takes about its file size in memory. Everything that can be refused (an
+architecture we cannot run, an unknown tensor name or type) is refused before the first
+copy, so preflight failures never cost device memory.
+
+Qwen2/Qwen3 GGUFs use NEOX rope and are converted without llama.cpp's Q/K permutation, so
+names map one to one and no tensor is rearranged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
+
+from helexa.engine.checkpoint import Checkpoint, Weight
+from helexa.engine.errors import CheckpointError, UnsupportedArchitecture
+from helexa.engine.quant import QuantizedTensor, block_format
+
+Q = GGMLQuantizationType
+
+LOADABLE_ARCHITECTURES: tuple[str, ...] = ("qwen3",)
+# Readable for preflight (config, sizes) but without a model implementation yet.
+NOT_YET: dict[str, str] = {"qwen3moe": "Qwen3-MoE is not yet implemented by the engine"}
+
+_HF_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
+
+# HF config key <- "{arch}.<GGUF key>", and the GGUF type a converter writes it as.
+CONFIG_KEYS: tuple[tuple[str, str, GGUFValueType], ...] = (
+    ("num_hidden_layers", "block_count", GGUFValueType.UINT32),
+    ("max_position_embeddings", "context_length", GGUFValueType.UINT32),
+    ("hidden_size", "embedding_length", GGUFValueType.UINT32),
+    ("intermediate_size", "feed_forward_length", GGUFValueType.UINT32),
+    ("num_attention_heads", "attention.head_count", GGUFValueType.UINT32),
+    ("num_key_value_heads", "attention.head_count_kv", GGUFValueType.UINT32),
+    ("head_dim", "attention.key_length", GGUFValueType.UINT32),
+    ("rms_norm_eps", "attention.layer_norm_rms_epsilon", GGUFValueType.FLOAT32),
+    ("rope_theta", "rope.freq_base", GGUFValueType.FLOAT32),
+    ("num_experts", "expert_count", GGUFValueType.UINT32),
+    ("num_experts_per_tok", "expert_used_count", GGUFValueType.UINT32),
+    ("moe_intermediate_size", "expert_feed_forward_length", GGUFValueType.UINT32),
+)
+
+# general.sampling.* (written by recent llama.cpp converters) -> generation_config keys.
+_SAMPLING_KEYS = {
+    "temp": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "penalty_repeat": "repetition_penalty",
+}
+
+# GGUF tensor name parts <-> HF parameter name parts (suffix .weight/.bias kept as is).
+GLOBAL_NAMES: dict[str, str] = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+LAYER_NAMES: dict[str, str] = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.([\w.]+)\.(weight|bias)")
+_HF_TO_GLOBAL = {hf: gguf for gguf, hf in GLOBAL_NAMES.items()}
+_HF_TO_LAYER = {hf: gguf for gguf, hf in LAYER_NAMES.items()}
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
+    if m := _GGUF_LAYER.fullmatch(gguf_name):
+        layer, part, kind = m.groups()
+        if part in LAYER_NAMES:
+            return f"model.layers.{layer}.{LAYER_NAMES[part]}.{kind}"
+    else:
+        stem, _, kind = gguf_name.rpartition(".")
+        if stem in GLOBAL_NAMES and kind in ("weight", "bias"):
+            return f"{GLOBAL_NAMES[stem]}.{kind}"
+    raise CheckpointError(f"unexpected tensor {gguf_name!r} for a Qwen3 GGUF")
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """Inverse of :func:`hf_tensor_name`."""
+    if m := _HF_LAYER.fullmatch(hf_name):
+        layer, part, kind = m.groups()
+        if part in _HF_TO_LAYER:
+            return f"blk.{layer}.{_HF_TO_LAYER[part]}.{kind}"
+    else:
+        stem, _, kind = hf_name.rpartition(".")
+        if stem in _HF_TO_GLOBAL and kind in ("weight", "bias"):
+            return f"{_HF_TO_GLOBAL[stem]}.{kind}"
+    raise ValueError(f"no GGUF name for tensor {hf_name!r}")
+
+
+@dataclass
+class GGUFInfo:
+    """What preflight needs from a GGUF without loading a single weight."""
+
+    path: str
+    architecture: str
+    name: str | None
+    config: dict[str, Any]
+    tensor_bytes: int  # sum of the tensors' sizes: the memory weights will take
+    qtype_counts: dict[str, int] = field(default_factory=dict)  # e.g. {"Q4_K": 197, "F32": 113}
+
+    @property
+    def loadable(self) -> bool:
+        return self.architecture in LOADABLE_ARCHITECTURES
+
+
+def read_gguf_info(path: str | Path) -> GGUFInfo:
+    """Architecture, HF-style config, weight bytes and type mix of any GGUF file."""
+    reader = _open(path)
+    arch = _architecture(reader, path)
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return GGUFInfo(
+        path=str(path),
+        architecture=arch,
+        name=_field(reader, "general.name"),
+        config=_config(reader, arch),
+        tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+        qtype_counts=counts,
+    )
+
+
+def require_loadable(architecture: str, source: str = "") -> None:
+    """Raise UnsupportedArchitecture unless the engine can run ``architecture``."""
+    if architecture not in LOADABLE_ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            architecture,
+            source=source,
+            supported=LOADABLE_ARCHITECTURES,
+            detail=NOT_YET.get(architecture, ""),
+        )
+
+
+def load_gguf(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a Qwen3 GGUF onto ``device``: one copy per tensor, quantized ones as blocks."""
+    reader = _open(path)
+    arch = _architecture(reader, path)
+    require_loadable(arch, str(path))
+    config = _config(reader, arch)
+    names = {t.name: hf_tensor_name(t.name) for t in reader.tensors}
+    for t in reader.tensors:
+        _check_tensor(t, path)
+    tensors = {names[t.name]: _to_torch(t, torch.device(device)) for t in reader.tensors}
+    return Checkpoint(
+        config=config,
+        tensors=tensors,
+        tokenizer=_tokenizer(reader),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        generation_config=_generation_config(reader),
+        source=str(path),
+        file_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+    )
+
+
+def _open(path: str | Path) -> GGUFReader:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        # Copy-on-write map: writable numpy views (so torch.from_numpy does not warn)
+        # without ever writing to, or reading ahead of, the file.
+        reader = GGUFReader(path, "c")
+    except (ValueError, KeyError, IndexError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
+    if reader.byte_order != "I":
+        raise CheckpointError(f"{path}: GGUF byte order differs from this machine's")
+    return reader
+
+
+def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    f = reader.get_field(key)
+    return default if f is None else f.contents()
+
+
+def _architecture(reader: GGUFReader, path: str | Path) -> str:
+    arch = _field(reader, "general.architecture")
+    if not isinstance(arch, str):
+        raise CheckpointError(f"{path}: GGUF has no general.architecture")
+    return arch
+
+
+def _decimal(value: float) -> float:
+    """GGUF stores f32; recover the short decimal the converter started from (1e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _config(reader: GGUFReader, arch: str) -> dict[str, Any]:
+    """HF config.json keys from ``{arch}.*`` metadata and the tensor shapes."""
+    config: dict[str, Any] = {"model_type": arch}
+    if arch in _HF_ARCHITECTURES:
+        config["architectures"] = [_HF_ARCHITECTURES[arch]]
+    for hf_key, gguf_key, vtype in CONFIG_KEYS:
+        value = _field(reader, f"{arch}.{gguf_key}")
+        if value is not None:
+            config[hf_key] = _decimal(value) if vtype == GGUFValueType.FLOAT32 else int(value)
+    if "num_attention_heads" in config:
+        config.setdefault("num_key_value_heads", config["num_attention_heads"])
+        if "hidden_size" in config:
+            config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    if "token_embd.weight" in shapes:  # rows of the table; converters pad tokens to match
+        config["vocab_size"] = shapes["token_embd.weight"][-1]
+    elif (tokens := reader.get_field("tokenizer.ggml.tokens")) is not None:
+        config["vocab_size"] = len(tokens.data)
+    config["tie_word_embeddings"] = "output.weight" not in shapes
+    config["attention_bias"] = "blk.0.attn_q.bias" in shapes
+    config["hidden_act"] = "silu"
+    rope = {"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0)}
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if scaling and scaling != "none":
+        rope_scaling = {
+            "rope_type": scaling,
+            "factor": _decimal(_field(reader, f"{arch}.rope.scaling.factor", 1.0)),
+        }
+        original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+        if original is not None:
+            rope_scaling["original_max_position_embeddings"] = int(original)
+        config["rope_scaling"] = rope_scaling
+        rope |= rope_scaling
+    # Qwen's config.json says rope_theta/rope_scaling; transformers 5 says rope_parameters.
+    config["rope_parameters"] = rope
+    return config
+
+
+def _check_tensor(t: ReaderTensor, path: str | Path) -> None:
+    try:
+        fmt = block_format(t.tensor_type)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: tensor {t.name}: {e}") from None
+    if not fmt.is_float and len(t.shape) != 2:
+        raise CheckpointError(
+            f"{path}: tensor {t.name}: quantized tensors of {len(t.shape)} dims are not supported"
+        )
+
+
+def _to_torch(t: ReaderTensor, device: torch.device) -> Weight:
+    """The tensor's bytes as torch on ``device``, copied once from the memory map."""
+    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF ne[0] is the innermost dim
+    raw = torch.from_numpy(t.data)
+    if t.tensor_type in (Q.F32, Q.F16):
+        return raw.reshape(shape).to(device, copy=True)
+    if t.tensor_type == Q.BF16:  # gguf-py exposes BF16 as bytes
+        return raw.view(torch.bfloat16).reshape(shape).to(device, copy=True)
+    rows, cols = shape
+    return QuantizedTensor(raw.reshape(rows, -1).to(device, copy=True), t.tensor_type, (rows, cols))
+
+
+def _tokenizer(reader: GGUFReader) -> dict[str, Any]:
+    """The raw ``tokenizer.ggml.*`` fields, plus the special tokens' strings by name."""
+    fields = {
+        key: f.contents() for key, f in reader.fields.items() if key.startswith("tokenizer.ggml.")
+    }
+    tokens = fields.get("tokenizer.ggml.tokens", [])
+    for role, key in (("bos", "bos_token"), ("eos", "eos_token"), ("padding", "pad_token")):
+        token_id = fields.get(f"tokenizer.ggml.{role}_token_id")
+        if token_id is not None and 0 <= token_id < len(tokens):
+            fields[key] = tokens[token_id]
+    return fields
+
+
+def _generation_config(reader: GGUFReader) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for gguf_key, hf_key in _SAMPLING_KEYS.items():
+        value = _field(reader, f"general.sampling.{gguf_key}")
+        if value is not None:
+            config[hf_key] = _decimal(value) if isinstance(value, float) else value
+    return config

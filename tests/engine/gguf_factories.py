@@ -1,0 +1,68 @@
+"""Tiny Qwen3 GGUF files for engine tests, written with helexa.engine.gguf_write.
+
+The k-quants work on 256-weight rows, so :data:`KQUANT_SHAPE` widens the tiny model just
+enough (hidden 256, ffn 512) for Q4_K/Q5_K/Q6_K to apply to every matrix; with the
+64-wide TINY_SHAPE the writer falls back to Q5_0/Q5_1/Q8_0 like llama.cpp would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter
+from transformers import Qwen3ForCausalLM
+
+from helexa.engine.gguf_write import write_gguf
+from tests.engine.factories import make_tiny_hf_model
+
+KQUANT_SHAPE: dict[str, Any] = dict(hidden_size=256, intermediate_size=512, head_dim=64)
+
+
+def make_kquant_hf_model(
+    vocab_size: int = 128, *, tie: bool = True, seed: int = 0
+) -> Qwen3ForCausalLM:
+    """The tiny random Qwen3, widened so every matrix row is a whole k-quant super-block."""
+    return make_tiny_hf_model(vocab_size, tie=tie, seed=seed, **KQUANT_SHAPE)
+
+
+def write_model_gguf(
+    path: Path,
+    model: Qwen3ForCausalLM,
+    *,
+    quant: str = "F32",
+    tokenizer_json: str | None = None,
+    tokenizer_fields: dict[str, Any] | None = None,
+    chat_template: str | None = None,
+) -> Path:
+    """``model`` as a GGUF; ``tokenizer_json`` is converted with the engine's own
+    tokenizer_to_gguf_fields, as a real llama.cpp conversion would carry it."""
+    if tokenizer_json is not None:
+        from helexa.engine.tokenizer import tokenizer_to_gguf_fields
+
+        tokenizer_fields = tokenizer_to_gguf_fields(tokenizer_json)
+    return write_gguf(
+        path,
+        config=model.config.to_dict(),
+        tensors=model.state_dict(),
+        quant=quant,
+        tokenizer_fields=tokenizer_fields,
+        chat_template=chat_template,
+    )
+
+
+def write_foreign_gguf(path: Path, architecture: str) -> Path:
+    """A GGUF of another architecture, whose tensor names and types load_gguf could not
+    map either: loading it must fail on the architecture before looking at tensors."""
+    writer = GGUFWriter(path, architecture)
+    writer.add_block_count(1)
+    writer.add_embedding_length(256)
+    writer.add_head_count(4)
+    raw = np.zeros((8, 66), dtype=np.uint8)  # 8 rows of one IQ2_XXS block, a type we don't read
+    writer.add_tensor("blk.0.ffn_gate_exps.weight", raw, raw_dtype=GGMLQuantizationType.IQ2_XXS)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
