@@ -1,0 +1,223 @@
+"""Batch-1 latency of the engine's Qwen3: load time, time to first token, prefill and decode
+throughput, and the weight bandwidth decode achieves.
+
+    python bench/decode.py --model /models/Qwen3-0.6B-Q8_0.gguf --device cuda
+    python bench/decode.py --synthetic --preset small --quant Q8_0 --device cpu
+
+``--synthetic`` writes a random-weight GGUF of the given shape (with helexa's own
+quantizers) to a temp dir first, so the benchmark needs no downloaded model. Tokens are
+random ids and the next token is the argmax, synced every step as real generation is:
+this measures the model loop, not the tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from helexa.engine.loader_safetensors import load_checkpoint  # noqa: E402
+from helexa.engine.models.qwen3 import Qwen3  # noqa: E402
+
+PRESETS: dict[str, dict[str, int]] = {
+    # hidden, layers, heads, kv heads, head dim, ffn, vocab
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=512),
+    "small": dict(hidden=512, layers=8, heads=8, kv_heads=4, head_dim=64, ffn=1536, vocab=8192),
+    "qwen3-0.6b": dict(
+        hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, ffn=3072, vocab=151936
+    ),
+    "qwen3-8b": dict(
+        hidden=4096, layers=36, heads=32, kv_heads=8, head_dim=128, ffn=12288, vocab=151936
+    ),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def synthetic_config(shape: dict[str, int], context: int) -> dict[str, Any]:
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": shape["vocab"],
+        "hidden_size": shape["hidden"],
+        "intermediate_size": shape["ffn"],
+        "num_hidden_layers": shape["layers"],
+        "num_attention_heads": shape["heads"],
+        "num_key_value_heads": shape["kv_heads"],
+        "head_dim": shape["head_dim"],
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0,
+        "max_position_embeddings": max(context, 4096),
+        "tie_word_embeddings": shape["hidden"] < 2048,  # as the small Qwen3s
+    }
+
+
+def synthetic_tensors(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    h, f, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+
+    def w(rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, generator=gen) * cols**-0.5
+
+    tensors = {
+        "model.embed_tokens.weight": w(cfg["vocab_size"], h),
+        "model.norm.weight": torch.ones(h),
+    }
+    if not cfg["tie_word_embeddings"]:
+        tensors["lm_head.weight"] = w(cfg["vocab_size"], h)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "self_attn.q_proj.weight": w(q, h),
+            p + "self_attn.k_proj.weight": w(kv, h),
+            p + "self_attn.v_proj.weight": w(kv, h),
+            p + "self_attn.o_proj.weight": w(h, q),
+            p + "self_attn.q_norm.weight": torch.ones(hd),
+            p + "self_attn.k_norm.weight": torch.ones(hd),
+            p + "input_layernorm.weight": torch.ones(h),
+            p + "post_attention_layernorm.weight": torch.ones(h),
+            p + "mlp.gate_proj.weight": w(f, h),
+            p + "mlp.up_proj.weight": w(f, h),
+            p + "mlp.down_proj.weight": w(h, f),
+        }
+    return tensors
+
+
+def write_synthetic(path: Path, shape: dict[str, int], quant: str, context: int) -> Path:
+    from helexa.engine.gguf_write import write_gguf
+
+    cfg = synthetic_config(shape, context)
+    return write_gguf(path, config=cfg, tensors=synthetic_tensors(cfg), quant=quant)
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def run(path: Path, device: torch.device, dtype: torch.dtype, prompt: int, new: int) -> dict:
+    def load() -> Qwen3:
+        model = Qwen3.from_checkpoint(load_checkpoint(path, device), device, dtype)
+        model.setup_cache(1, prompt + new)
+        return model
+
+    model, load_s = timed(device, load)
+    vocab = model.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (1, prompt), generator=gen).to(device)
+
+    def prefill() -> int:
+        logits = model.forward(tokens, torch.arange(prompt, device=device), last_only=True)
+        return int(logits[0, -1].argmax())
+
+    def decode() -> int:
+        token = first
+        for pos in range(prompt, prompt + new - 1):
+            step = torch.tensor([[token]], device=device)
+            logits = model.forward(step, torch.tensor([pos], device=device), last_only=True)
+            token = int(logits[0, -1].argmax())  # a host sync per token, as in generation
+        return token
+
+    timed(device, prefill)  # warm-up: first-call allocations and kernel selection
+    first, ttft_s = timed(device, prefill)
+    _, decode_s = timed(device, decode)
+    decode_tps = (new - 1) / decode_s if new > 1 else float("nan")
+    return {
+        "load s": load_s,
+        "TTFT ms": ttft_s * 1e3,
+        "prefill tok/s": prompt / ttft_s,
+        "decode tok/s": decode_tps,
+        "weights MB": model.weight_bytes / 2**20,
+        "weight GB/s": model.weight_bytes * decode_tps / 1e9,
+    }
+
+
+def table(rows: list[tuple[str, dict[str, float]]]) -> str:
+    cols = list(rows[0][1])
+    name_w = max(len("model"), *(len(n) for n, _ in rows))
+    head = f"{'model':<{name_w}}  " + "  ".join(f"{c:>13}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for name, row in rows:
+        lines.append(f"{name:<{name_w}}  " + "  ".join(f"{row[c]:>13.2f}" for c in cols))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="a .gguf file or HF model directory")
+    src.add_argument("--synthetic", action="store_true", help="write and bench a random GGUF")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    for key in PRESETS["small"]:
+        ap.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"override the preset's {key}")
+    ap.add_argument(
+        "--quant", default="Q8_0", help="synthetic file quant (F32, F16, Q8_0, Q4_K_M...)"
+    )
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="activations (bfloat16 on CUDA, else float32)"
+    )
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        if args.synthetic:
+            shape = {k: getattr(args, k) or v for k, v in PRESETS[args.preset].items()}
+            path, write_s = timed(
+                torch.device("cpu"),
+                lambda: write_synthetic(
+                    Path(tmp) / "synthetic.gguf",
+                    shape,
+                    args.quant,
+                    args.prompt_tokens + args.new_tokens,
+                ),
+            )
+            name = f"synthetic {args.preset} {args.quant}"
+            print(
+                f"wrote {path.stat().st_size / 2**20:.1f} MB GGUF in {write_s:.1f} s",
+                file=sys.stderr,
+            )
+        else:
+            path, name = args.model, args.model.name
+        result = run(path, device, dtype, args.prompt_tokens, args.new_tokens)
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    print(
+        f"# {where}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}, "
+        f"threads {torch.get_num_threads()}, prompt {args.prompt_tokens}, new {args.new_tokens}"
+    )
+    print(table([(name, result)]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
