@@ -1,0 +1,206 @@
+"""OpenAI chat-completions and completions envelopes.
+
+OpenAI chat is helexa's internal lingua franca, so these models validate what clients send
+and otherwise stay out of the way: unknown fields (``top_k``, ``chat_template_kwargs``,
+vendor extensions) pass through, and ``req.model_dump(exclude_none=True)`` is the body to
+forward to a neuron.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from helexa.wire.base import IMAGES_UNSUPPORTED, Unsupported, WireModel, parse_body
+
+# -- content parts -------------------------------------------------------------------------
+
+
+class TextPart(WireModel):
+    type: Literal["text"]
+    text: str
+
+
+class RefusalPart(WireModel):
+    type: Literal["refusal"]
+    refusal: str
+
+
+class ImageURLPart(Unsupported):
+    reason = IMAGES_UNSUPPORTED
+    type: Literal["image_url"]
+
+
+class InputAudioPart(Unsupported):
+    reason = "audio input is not supported"
+    type: Literal["input_audio"]
+
+
+class FilePart(Unsupported):
+    reason = "file inputs are not supported"
+    type: Literal["file"]
+
+
+UserPart = Annotated[
+    TextPart | ImageURLPart | InputAudioPart | FilePart, Field(discriminator="type")
+]
+AssistantPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+class FunctionCall(WireModel):
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(WireModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class SystemMessage(WireModel):
+    role: Literal["system"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class DeveloperMessage(WireModel):
+    role: Literal["developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class UserMessage(WireModel):
+    role: Literal["user"]
+    content: str | list[UserPart]
+    name: str | None = None
+
+
+class AssistantMessage(WireModel):
+    role: Literal["assistant"]
+    content: str | list[AssistantPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None
+    refusal: str | None = None
+    name: str | None = None
+
+
+class ToolMessage(WireModel):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str
+
+
+ChatMessage = Annotated[
+    SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage,
+    Field(discriminator="role"),
+]
+
+
+# -- tools ---------------------------------------------------------------------------------
+
+
+class FunctionDefinition(WireModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(WireModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(WireModel):
+    name: str
+
+
+class NamedToolChoice(WireModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+class StreamOptions(WireModel):
+    include_usage: bool | None = None
+
+
+class ChatCompletionRequest(WireModel):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None
+    reasoning_effort: str | None = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+
+
+class CompletionRequest(WireModel):
+    model: str
+    prompt: str | list[str]
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    best_of: int | None = Field(default=None, ge=1)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+
+def parse_chat_request(body: Any) -> ChatCompletionRequest:
+    """Validate a ``POST /v1/chat/completions`` body; raise WireError(400) on bad input."""
+    return parse_body(ChatCompletionRequest, body)
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    """Validate a ``POST /v1/completions`` body; raise WireError(400) on bad input."""
+    return parse_body(CompletionRequest, body)
+
+
+# -- responses -----------------------------------------------------------------------------
+
+
+class Model(WireModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "helexa"
+
+
+class ModelList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[Model] = Field(default_factory=list)

@@ -1,0 +1,219 @@
+"""OpenAI Responses envelopes (``POST /v1/responses``).
+
+helexa is stateless: every request carries its whole conversation in ``input``, so
+``previous_response_id``, ``conversation`` and ``item_reference`` items are refused with a
+message saying so instead of silently answering without the earlier turns.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from helexa.wire.base import IMAGES_UNSUPPORTED, Unsupported, WireModel, parse_body
+
+STATELESS = "helexa is stateless; send the whole conversation in input"
+
+# -- message content -----------------------------------------------------------------------
+
+
+class InputText(WireModel):
+    type: Literal["input_text"]
+    text: str
+
+
+class OutputText(WireModel):
+    type: Literal["output_text"]
+    text: str
+
+
+class Refusal(WireModel):
+    type: Literal["refusal"]
+    refusal: str
+
+
+class InputImage(Unsupported):
+    reason = IMAGES_UNSUPPORTED
+    type: Literal["input_image"]
+
+
+class InputFile(Unsupported):
+    reason = "file inputs are not supported"
+    type: Literal["input_file"]
+
+
+class InputAudio(Unsupported):
+    reason = "audio input is not supported"
+    type: Literal["input_audio"]
+
+
+MessagePart = Annotated[
+    InputText | OutputText | Refusal | InputImage | InputFile | InputAudio,
+    Field(discriminator="type"),
+]
+
+
+def parts_text(content: str | list[Any]) -> str:
+    """The text of message content: a string, or its text parts, one paragraph each."""
+    if isinstance(content, str):
+        return content
+    return "\n\n".join(p.text for p in content if isinstance(p, InputText | OutputText))
+
+
+# -- input items ---------------------------------------------------------------------------
+
+
+class MessageItem(WireModel):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[MessagePart]
+    id: str | None = None
+
+
+class FunctionCallItem(WireModel):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str = ""
+    id: str | None = None
+
+
+class FunctionCallOutputItem(WireModel):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[MessagePart]
+
+
+class SummaryText(WireModel):
+    type: Literal["summary_text"]
+    text: str
+
+
+class ReasoningText(WireModel):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class ReasoningItem(WireModel):
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[SummaryText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
+
+    def text(self) -> str:
+        """The reasoning to show the model again: raw content if present, else the summary."""
+        if self.content:
+            return "".join(c.text for c in self.content)
+        return "\n\n".join(s.text for s in self.summary)
+
+
+class ItemReference(Unsupported):
+    reason = f"item_reference is not supported: {STATELESS}"
+    type: Literal["item_reference"]
+
+
+def _item_type(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("type", "message")
+    return getattr(value, "type", None)
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")]
+    | Annotated[ItemReference, Tag("item_reference")],
+    Discriminator(
+        _item_type,
+        custom_error_type="invalid_item",
+        custom_error_message=(
+            "input item type must be one of 'message', 'function_call', "
+            "'function_call_output', 'reasoning'"
+        ),
+    ),
+]
+
+
+# -- tools ---------------------------------------------------------------------------------
+
+
+class FunctionTool(WireModel):
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class HostedTool(WireModel):
+    """Any non-function tool (web_search, file_search, ...): OpenAI runs those, we cannot."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject(cls, data: Any) -> Any:
+        kind = data.get("type") if isinstance(data, dict) else None
+        raise PydanticCustomError(
+            "unsupported_content",
+            "tool type '{kind}' is not supported; only function tools",
+            {"kind": kind},
+        )
+
+
+def _tool_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return "function" if kind == "function" else "hosted"
+
+
+AnyTool = Annotated[
+    Annotated[FunctionTool, Tag("function")] | Annotated[HostedTool, Tag("hosted")],
+    Discriminator(_tool_kind),
+]
+
+
+class FunctionToolChoice(WireModel):
+    type: Literal["function"]
+    name: str
+
+
+class ReasoningConfig(WireModel):
+    effort: str | None = None
+    summary: str | None = None
+
+
+# -- request -------------------------------------------------------------------------------
+
+
+class ResponsesRequest(WireModel):
+    model: str
+    input: str | list[InputItem]
+    instructions: str | None = None
+    tools: list[AnyTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stream: bool | None = None
+    reasoning: ReasoningConfig | None = None
+    text: dict[str, Any] | None = None
+    store: bool | None = None
+    previous_response_id: str | None = None
+    conversation: Any = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+    @field_validator("previous_response_id", "conversation")
+    @classmethod
+    def _stateless(cls, value: Any) -> Any:
+        if value is not None:
+            raise PydanticCustomError("unsupported_content", f"not supported: {STATELESS}")
+        return value
+
+
+def parse_responses_request(body: Any) -> ResponsesRequest:
+    """Validate a ``POST /v1/responses`` body; raise WireError(400) on bad input."""
+    return parse_body(ResponsesRequest, body)
