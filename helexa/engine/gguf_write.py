@@ -23,7 +23,7 @@ from gguf import (
 )
 
 from helexa.engine.errors import UnsupportedArchitecture
-from helexa.engine.loader_gguf import CONFIG_KEYS, gguf_tensor_name
+from helexa.engine.loader_gguf import CONFIG_KEYS, SAMPLING_KEYS, gguf_tensor_name
 from helexa.engine.quant import block_format, quantize
 
 Q = GGMLQuantizationType
@@ -70,12 +70,14 @@ def write_gguf(
     tokenizer_fields: Mapping[str, Any] | None = None,
     chat_template: str | None = None,
     name: str = "helexa-tiny",
+    generation_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``tensors`` (HF names, e.g. a Qwen3ForCausalLM state_dict) as a qwen3 GGUF.
 
     ``tokenizer_fields`` are ``tokenizer.ggml.*`` keys (see
     helexa.engine.tokenizer.tokenizer_to_gguf_fields). With ``tie_word_embeddings`` the
-    lm_head is left out, as llama.cpp's converter does.
+    lm_head is left out, as llama.cpp's converter does. ``generation_config`` (HF
+    generation_config.json keys) becomes ``general.sampling.*``.
     """
     if quant not in QUANTS:
         raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
@@ -95,6 +97,10 @@ def write_gguf(
     writer.add_quantization_version(GGML_QUANT_VERSION)
     for key, value, vtype in _config_fields(config, arch):
         writer.add_key_value(key, value, vtype)
+    sampling = generation_config or {}
+    for gguf_key, hf_key, vtype in SAMPLING_KEYS:
+        if sampling.get(hf_key) is not None:
+            writer.add_key_value(f"general.sampling.{gguf_key}", sampling[hf_key], vtype)
     for key, value in (tokenizer_fields or {}).items():
         writer.add_key_value(key, *_typed(value))
     if chat_template:
@@ -122,16 +128,26 @@ def _architecture(config: Mapping[str, Any]) -> str:
 def _config_fields(config: Mapping[str, Any], arch: str) -> list[tuple[str, Any, GGUFValueType]]:
     """``{arch}.*`` metadata from HF config keys, filling what HF leaves implicit."""
     values = dict(config)
-    values.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
-    values.setdefault("num_key_value_heads", config["num_attention_heads"])
-    if "rope_theta" not in values:  # transformers 5 nests it
-        values["rope_theta"] = (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    heads = config["num_attention_heads"]
+    values["head_dim"] = config.get("head_dim") or config["hidden_size"] // heads
+    values["num_key_value_heads"] = config.get("num_key_value_heads") or heads
+    # Older configs say rope_theta/rope_scaling, transformers 5 nests both in rope_parameters.
+    rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+    values["rope_theta"] = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     fields = [
         (f"{arch}.{key}", values[hf_key], vtype)
         for hf_key, key, vtype in CONFIG_KEYS
         if values.get(hf_key) is not None
     ]
     fields.append((f"{arch}.attention.value_length", values["head_dim"], GGUFValueType.UINT32))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        fields.append((f"{arch}.rope.scaling.type", rope_type, GGUFValueType.STRING))
+        fields.append((f"{arch}.rope.scaling.factor", rope["factor"], GGUFValueType.FLOAT32))
+        if "original_max_position_embeddings" in rope:
+            original = rope["original_max_position_embeddings"]
+            key = f"{arch}.rope.scaling.original_context_length"
+            fields.append((key, original, GGUFValueType.UINT32))
     return fields
 
 

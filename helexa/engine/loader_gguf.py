@@ -49,14 +49,14 @@ CONFIG_KEYS: tuple[tuple[str, str, GGUFValueType], ...] = (
     ("moe_intermediate_size", "expert_feed_forward_length", GGUFValueType.UINT32),
 )
 
-# general.sampling.* (written by recent llama.cpp converters) -> generation_config keys.
-_SAMPLING_KEYS = {
-    "temp": "temperature",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "min_p": "min_p",
-    "penalty_repeat": "repetition_penalty",
-}
+# general.sampling.<key> (recent llama.cpp converters) -> generation_config key, GGUF type.
+SAMPLING_KEYS: tuple[tuple[str, str, GGUFValueType], ...] = (
+    ("temp", "temperature", GGUFValueType.FLOAT32),
+    ("top_k", "top_k", GGUFValueType.INT32),
+    ("top_p", "top_p", GGUFValueType.FLOAT32),
+    ("min_p", "min_p", GGUFValueType.FLOAT32),
+    ("penalty_repeat", "repetition_penalty", GGUFValueType.FLOAT32),
+)
 
 # GGUF tensor name parts <-> HF parameter name parts (suffix .weight/.bias kept as is).
 GLOBAL_NAMES: dict[str, str] = {
@@ -281,8 +281,8 @@ def _tokenizer(reader: GGUFReader) -> dict[str, Any]:
 
 def _generation_config(reader: GGUFReader) -> dict[str, Any]:
     config: dict[str, Any] = {}
-    for gguf_key, hf_key in _SAMPLING_KEYS.items():
+    for gguf_key, hf_key, vtype in SAMPLING_KEYS:
         value = _field(reader, f"general.sampling.{gguf_key}")
         if value is not None:
-            config[hf_key] = _decimal(value) if isinstance(value, float) else value
+            config[hf_key] = _decimal(value) if vtype == GGUFValueType.FLOAT32 else int(value)
     return config
