@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 # Anthropic names its error types after the status; anything unlisted falls back by class.
 _ANTHROPIC_TYPES: dict[int, str] = {
@@ -152,7 +153,7 @@ def _clean_loc(loc: tuple[int | str, ...], body: Any, missing: bool) -> list[int
     return out
 
 
-def _error_text(err: dict[str, Any]) -> tuple[str, str | None]:
+def _error_text(err: ErrorDetails) -> tuple[str, str | None]:
     """Message and an extra trailing path segment for one pydantic error."""
     ctx = err.get("ctx") or {}
     kind = err["type"]
@@ -168,9 +169,9 @@ def _error_text(err: dict[str, Any]) -> tuple[str, str | None]:
 def validation_message(exc: ValidationError, body: Any = None) -> str:
     """One readable line for a pydantic error: ``messages.0.role: 'bogus' is not one of ...``.
 
-    Of several errors we report the deepest: with unions, the branch that got furthest is
-    the one the caller meant, and its error is the actionable one. Pass the request body
-    to drop the union tags pydantic adds to the path.
+    Of several errors we report the most relevant (see :func:`_relevance`): with unions,
+    the branch that got furthest is the one the caller meant. Pass the request body to
+    drop the union tags pydantic adds to the path.
     """
     path, text, _ = _describe(exc, body)
     return f"{path}: {text}" if path else text
@@ -187,12 +188,21 @@ def wire_error_from_validation(exc: ValidationError, body: Any = None) -> WireEr
     )
 
 
+def _relevance(err: ErrorDetails) -> tuple[int, bool]:
+    """Deeper errors first; at equal depth, a broken constraint beats a type mismatch
+    (``input: List should have at least 1 item`` over ``Input should be a valid string``)
+    because it comes from the union branch whose type the caller did send. ``max`` keeps
+    the first of equals.
+    """
+    return len(err["loc"]), not err["type"].endswith("_type")
+
+
 def _describe(exc: ValidationError, body: Any) -> tuple[str, str, str]:
     """Path, message and pydantic error type of the error worth reporting."""
     errors = exc.errors()
     if not errors:
         return "", str(exc), ""
-    err = max(errors, key=lambda e: len(e["loc"]))  # max keeps the first of equals
+    err = max(errors, key=_relevance)
     text, extra = _error_text(err)
     loc = _clean_loc(tuple(err["loc"]), body, err["type"] == "missing")
     if extra:

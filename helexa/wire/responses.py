@@ -189,7 +189,7 @@ class ReasoningConfig(WireModel):
 
 class ResponsesRequest(WireModel):
     model: str
-    input: str | list[InputItem]
+    input: str | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
     tools: list[AnyTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None

@@ -347,6 +347,7 @@ def test_responses_request_items() -> None:
         ({"tools": [{"type": "web_search"}]}, "tools.0", "'web_search' is not supported"),
         ({"tools": [{"type": "function"}]}, "tools.0.name", "required"),
         ({"input": [{"role": "user"}]}, "input.0.content", "required"),
+        ({"input": []}, "input", "at least 1"),
     ],
 )
 def test_responses_request_errors(change: dict[str, Any], path: str, needle: str) -> None:
