@@ -1,0 +1,157 @@
+"""End to end on a real (tiny, random) Qwen3: load from an HF directory or a GGUF, greedy
+tokens equal transformers' generate, the chat stream is what OpenAI clients accept."""
+
+from __future__ import annotations
+
+import json
+import threading
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+from openai.types.chat import ChatCompletionChunk
+from transformers import Qwen3ForCausalLM
+
+from helexa.engine.chat_template import QWEN3_TEMPLATE
+from helexa.engine.errors import UnsupportedArchitecture
+from helexa.engine.generate import DEFAULT_CONTEXT, LoadedModel, generation_defaults
+from helexa.engine.parsers import OutputParser
+from helexa.engine.sampling import SamplingParams
+from helexa.engine.tokenizer import Tokenizer
+from tests.engine.factories import make_tiny_hf_model, save_model_dir
+from tests.engine.gguf_factories import write_foreign_gguf, write_model_gguf
+from tests.engine.tiny_tokenizer import make_tiny_tokenizer_config, make_tiny_tokenizer_json
+
+NEW_TOKENS = 16
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ],
+    ),
+]
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "def add(a, b): return a + b  # what does it do?"},
+]
+
+
+@pytest.fixture(scope="module")
+def hf_model() -> Qwen3ForCausalLM:
+    vocab = Tokenizer.from_hf(make_tiny_tokenizer_json()).vocab_size
+    return make_tiny_hf_model(vocab, seed=21)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, hf_model: Qwen3ForCausalLM) -> Path:
+    return save_model_dir(
+        tmp_path_factory.mktemp("tiny"),
+        hf_model,
+        tokenizer_json=make_tiny_tokenizer_json(),
+        tokenizer_config=make_tiny_tokenizer_config(),
+        generation_config={"temperature": 0.6, "top_k": 20, "top_p": 0.95, "do_sample": True},
+    )
+
+
+def greedy(model: LoadedModel, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
+    params = SamplingParams.from_request({"temperature": 0})
+    return list(islice(model.tokens(prompt, params, threading.Event()), n))
+
+
+def hf_greedy(hf: Qwen3ForCausalLM, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_tokens_equal_transformers_generate(
+    model_dir: Path, hf_model: Qwen3ForCausalLM, device: str
+) -> None:
+    model = LoadedModel.load(model_dir, device, torch.float32)
+    prompt = model.tokenizer.encode(model.render({"messages": MESSAGES}))
+    assert greedy(model, prompt) == hf_greedy(hf_model, prompt)
+
+
+def test_chat_stream_matches_parsing_the_greedy_text(
+    model_dir: Path, hf_model: Qwen3ForCausalLM
+) -> None:
+    model = LoadedModel.load(model_dir)
+    request = {"model": "tiny", "messages": MESSAGES, "temperature": 0, "max_tokens": NEW_TOKENS}
+    chunks = list(model.stream_chat(request, threading.Event()))
+    for chunk in chunks:
+        ChatCompletionChunk.model_validate(chunk)
+        assert chunk["model"] == "tiny"
+    usage = chunks[-1]["usage"]
+    prompt = model.tokenizer.encode(model.render(request))
+    assert usage["prompt_tokens"] == len(prompt)
+
+    # The same text parsed in one piece: streaming must not change what comes out.
+    expected_ids = hf_greedy(hf_model, prompt)[: usage["completion_tokens"]]
+    eos = [i for i, t in enumerate(expected_ids) if t in model.eos_token_ids]
+    text = model.tokenizer.decode(expected_ids[: eos[0]] if eos else expected_ids)
+    parser = OutputParser(tools=False, thinking=True)
+    want = parser.feed(text) + parser.finish()
+    for key in ("content", "reasoning_content"):
+        got = "".join(c["choices"][0]["delta"].get(key) or "" for c in chunks if c["choices"])
+        assert got == "".join(d.get(key) or "" for d in want)
+    assert usage["completion_tokens"] == (eos[0] + 1 if eos else NEW_TOKENS)
+
+
+def test_gguf_loads_and_generates_like_the_hf_directory(
+    tmp_path: Path, model_dir: Path, hf_model: Qwen3ForCausalLM
+) -> None:
+    path = write_model_gguf(
+        tmp_path / "tiny.gguf",
+        hf_model,
+        quant="F32",
+        tokenizer_json=make_tiny_tokenizer_json(),
+        chat_template=QWEN3_TEMPLATE,
+    )
+    from_gguf = LoadedModel.load(path)
+    from_dir = LoadedModel.load(model_dir)
+    request = {"messages": MESSAGES}
+    assert from_gguf.render(request) == from_dir.render(request)
+    prompt = from_dir.tokenizer.encode(from_dir.render(request))
+    assert from_gguf.tokenizer.encode(from_gguf.render(request)) == prompt
+    assert from_gguf.eos_token_ids >= {from_dir.tokenizer.token_to_id("<|im_end|>")}
+    assert greedy(from_gguf, prompt) == greedy(from_dir, prompt)
+
+
+def test_unsupported_architecture_is_refused_before_reading_weights(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    )
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UnsupportedArchitecture, match="LlamaForCausalLM"):
+        LoadedModel.load(tmp_path)
+    with pytest.raises(UnsupportedArchitecture):
+        LoadedModel.load(write_foreign_gguf(tmp_path / "llama.gguf", "llama"))
+
+
+def test_context_memory_and_defaults(model_dir: Path) -> None:
+    model = LoadedModel.load(model_dir, context_length=64, sampling_defaults={"temperature": 0.2})
+    assert model.context_length == 64
+    qwen = model.model
+    assert model.memory_bytes == qwen.weight_bytes + qwen.cache_bytes
+    assert model.defaults == {"temperature": 0.2, "top_k": 20, "top_p": 0.95}
+    assert model.name == model_dir.name
+    # No context asked for: the model's window, capped so the KV cache stays modest.
+    assert LoadedModel.load(model_dir).context_length == min(256, DEFAULT_CONTEXT)
+
+
+def test_generation_defaults() -> None:
+    assert generation_defaults({"do_sample": False, "temperature": 0.7}) == {"temperature": 0.0}
+    assert generation_defaults(
+        {"temperature": 0.6, "top_p": 0.95, "eos_token_id": [1, 2]},
+        {"top_p": 0.8, "top_k": None, "max_tokens": 100},
+    ) == {"temperature": 0.6, "top_p": 0.8, "max_tokens": 100}
