@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from helexa.engine.checkpoint import Checkpoint, Weight
 from helexa.engine.errors import CheckpointError
@@ -88,9 +88,12 @@ def load_safetensors_dir(path: str | Path, device: str | torch.device = "cpu") -
     files = safetensors_files(root)
     tensors: dict[str, Weight] = {}
     for file in files:
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                tensors[name] = f.get_tensor(name)
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    tensors[name] = f.get_tensor(name)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
 
     tokenizer: dict[str, Any] = {}
     if (root / "tokenizer.json").is_file():

@@ -80,3 +80,21 @@ def hf_state_dict(model: Qwen3ForCausalLM) -> dict[str, torch.Tensor]:
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     return tensors
+
+
+def make_tiny_model_dir(path: Path, *, seed: int = 0, **generation_config: Any) -> Path:
+    """A complete HF model directory: random tiny Qwen3 sized to the tiny tokenizer, its
+    tokenizer.json / tokenizer_config.json (with the Qwen3 chat template) and, if given,
+    a generation_config.json."""
+    from helexa.engine.tokenizer import Tokenizer
+    from tests.engine.tiny_tokenizer import make_tiny_tokenizer_config, make_tiny_tokenizer_json
+
+    tokenizer_json = make_tiny_tokenizer_json()
+    vocab = Tokenizer.from_hf(tokenizer_json).vocab_size
+    return save_model_dir(
+        path,
+        make_tiny_hf_model(vocab, seed=seed),
+        tokenizer_json=tokenizer_json,
+        tokenizer_config=make_tiny_tokenizer_config(),
+        generation_config=generation_config or None,
+    )

@@ -1,0 +1,305 @@
+"""The in-process neuron: this host's devices, driven by helexa's own engine.
+
+cortex talks to it through the same :class:`~helexa.neuron.interface.Neuron` protocol as
+to a remote node, minus the HTTP hop. Each device gets one :class:`DeviceWorker` thread
+that runs every torch call for it, so the event loop never waits on a forward pass.
+
+Models it can serve: the catalogue's profiles plus anything loaded by path (an absolute
+path or a ``file:`` id). Loading is single-flight per model, preflighted before any
+device memory is touched, and a failed load marks the model failed with its reason
+without harming the worker or other models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import platform
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Event
+from typing import Any
+
+import torch
+
+from helexa.config import ModelProfile, Settings
+from helexa.engine.errors import CheckpointError
+from helexa.engine.generate import DEFAULT_CONTEXT, LoadedModel, RequestError
+from helexa.engine.worker import DeviceWorker
+from helexa.neuron.interface import (
+    DeviceHealth,
+    DeviceInfo,
+    Discovery,
+    Health,
+    LoadRequest,
+    ModelState,
+    ModelStatus,
+    NeuronError,
+)
+
+MB = 1 << 20
+
+
+@dataclass
+class _Entry:
+    """One model's lifecycle on this node."""
+
+    model_id: str
+    status: ModelStatus = "unloaded"
+    loaded: LoadedModel | None = None
+    device: torch.device | None = None
+    error: str | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def state(self) -> ModelState:
+        loaded, device = self.loaded, self.device
+        return ModelState(
+            id=self.model_id,
+            status=self.status,
+            devices=[] if device is None else [device.index or 0],
+            vram_used_mb=loaded.memory_bytes // MB if loaded else 0,
+            context_length=loaded.context_length if loaded else None,
+            error=self.error,
+        )
+
+
+def fallback_resolve(model_id: str, settings: Settings) -> Path | None:
+    """Local file resolution without helexa.neuron.sources: an absolute path, a ``file:``
+    id, or a catalogue profile whose ``source`` is one of those."""
+    profile = _profile(settings, model_id)
+    for candidate in (model_id, profile.source if profile else None):
+        path = Path(candidate.removeprefix("file:")).expanduser() if candidate else None
+        if path is not None and path.is_absolute() and path.exists():
+            return path
+    return None
+
+
+def _profile(settings: Settings, model_id: str) -> ModelProfile | None:
+    for profile in settings.models:
+        if model_id == profile.id or model_id in profile.aliases:
+            return profile
+    return None
+
+
+def _cpu_discovery() -> Discovery:
+    """An honest CPU-only report for when helexa.neuron.discovery is unavailable."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cpu = platform.processor() or platform.machine() or "cpu"
+    return Discovery(
+        hostname=platform.node(),
+        os=platform.system(),
+        kernel=platform.release(),
+        devices=[DeviceInfo(index=0, name=cpu, kind="cpu", vram_total_mb=ram // MB)],
+    )
+
+
+def _cpu_health(started: float) -> Health:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return Health(
+        uptime_secs=time.time() - started,
+        devices=[DeviceHealth(index=0, vram_used_mb=(total - free) // MB, vram_free_mb=free // MB)],
+    )
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class LocalNeuron:
+    def __init__(self, settings: Settings, *, name: str | None = None) -> None:
+        self.settings = settings
+        self.name = name or settings.local.name
+        self._started = time.time()
+        self._entries: dict[str, _Entry] = {p.id: _Entry(p.id) for p in settings.models}
+        self._workers: dict[torch.device, DeviceWorker] = {}
+        self._discovery: Discovery | None = None
+
+    # -- node facts -------------------------------------------------------------------------
+
+    async def discovery(self) -> Discovery:
+        if self._discovery is None:
+            try:
+                from helexa.neuron.discovery import discover
+            except ImportError:
+                discover = _cpu_discovery
+            self._discovery = await asyncio.to_thread(discover)
+        return self._discovery
+
+    async def health(self) -> Health:
+        try:
+            from helexa.neuron.discovery import read_health
+        except ImportError:
+            read_health = _cpu_health
+        return await asyncio.to_thread(read_health, self._started)
+
+    async def models(self) -> list[ModelState]:
+        return [entry.state() for entry in self._entries.values()]
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _resolve(self, model_id: str) -> Path:
+        try:
+            from helexa.neuron.sources import resolve_local
+        except ImportError:
+            resolve_local = fallback_resolve
+        path = resolve_local(model_id, self.settings)
+        if path is None:
+            raise NeuronError(
+                f"model {model_id!r} is not available on node {self.name!r} "
+                f"(not a local path and not downloaded; try `helexa pull {model_id}`)",
+                status=404,
+                type="not_found_error",
+                code="model_not_available",
+            )
+        return path
+
+    async def _place(self, path: Path, request: LoadRequest, context: int) -> torch.device:
+        """The device to load on: preflight's choice when helexa.neuron.preflight exists
+        (it refuses, with a structured error, what cannot fit), else the first allowed."""
+        wanted = request.devices or self.settings.local.devices
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        try:
+            from helexa.neuron import preflight
+        except ImportError:
+            return torch.device("cuda", (wanted or [0])[0])
+        discovery, health = await asyncio.gather(self.discovery(), self.health())
+        readings = {d.index: d for d in health.devices}
+        devices = [(d, readings[d.index]) for d in discovery.devices if d.index in readings]
+        plan = await asyncio.to_thread(
+            preflight.check,
+            path,
+            devices=devices,
+            context_length=context,
+            requested_devices=wanted,
+        )
+        return torch.device("cuda", plan.devices[0])
+
+    def _worker(self, device: torch.device) -> DeviceWorker:
+        if device not in self._workers:
+            self._workers[device] = DeviceWorker(device)
+        return self._workers[device]
+
+    async def load(self, request: LoadRequest) -> ModelState:
+        model_id = request.model_id
+        path = self._resolve(model_id)  # unknown ids fail here and leave no trace
+        entry = self._entries.setdefault(model_id, _Entry(model_id))
+        async with entry.lock:  # concurrent loads of one model: the first loads, the rest wait
+            if entry.status == "loaded":
+                return entry.state()
+            if (request.tensor_parallel or 1) > 1:
+                raise NeuronError(
+                    "tensor_parallel > 1 is not supported by the local engine yet",
+                    status=422,
+                    type="invalid_request_error",
+                    code="unsupported_parameter",
+                )
+            profile = _profile(self.settings, model_id)
+            context = request.context_length or (profile.context_length if profile else None)
+            sampling = profile.sampling.model_dump(exclude_none=True) if profile else {}
+            entry.status, entry.error = "loading", None
+            try:
+                device = await self._place(path, request, context or DEFAULT_CONTEXT)
+                entry.device = device
+                entry.loaded = await self._worker(device).submit(
+                    _load, path, device, context, sampling, model_id
+                )
+            except NeuronError as exc:
+                entry.status, entry.error, entry.device = "failed", exc.message, None
+                raise
+            except Exception as exc:
+                entry.status, entry.error, entry.device = "failed", str(exc), None
+                bad_input = isinstance(exc, CheckpointError | FileNotFoundError)
+                raise NeuronError(
+                    f"loading {model_id!r} failed: {exc}",
+                    status=422 if bad_input else 500,
+                    type="invalid_request_error" if bad_input else "server_error",
+                    code="load_failed",
+                ) from exc
+            entry.status = "loaded"
+            return entry.state()
+
+    async def unload(self, model_id: str) -> None:
+        entry = self._entries.get(model_id)
+        if entry is None:
+            return
+        async with entry.lock:
+            device, entry.loaded = entry.device, None
+            entry.status, entry.device, entry.error = "unloaded", None, None
+            if device is not None:
+                # Queued behind any generation still using the model on that device.
+                await self._worker(device).submit(_free_memory, device)
+
+    # -- generation -------------------------------------------------------------------------
+
+    def _serving(self, request: dict[str, Any]) -> tuple[LoadedModel, DeviceWorker]:
+        model_id = request.get("model")
+        entry = self._entries.get(model_id) if isinstance(model_id, str) else None
+        if entry is None or entry.loaded is None or entry.device is None:
+            status = entry.status if entry else "unloaded"
+            raise NeuronError(
+                f"model {model_id!r} is not loaded on node {self.name!r} (status: {status})",
+                status=409,
+                type="invalid_request_error",
+                code="model_not_loaded",
+            )
+        return entry.loaded, self._worker(entry.device)
+
+    async def _stream(
+        self,
+        request: dict[str, Any],
+        pick: Callable[[LoadedModel], Callable[[dict[str, Any], Event], Iterator[dict[str, Any]]]],
+    ) -> AsyncIterator[dict[str, Any]]:
+        loaded, worker = self._serving(request)
+        try:
+            async with aclosing(worker.stream(pick(loaded), request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except RequestError as exc:
+            raise NeuronError(
+                exc.message, status=400, type="invalid_request_error", code=exc.code
+            ) from exc
+        except NeuronError:
+            raise
+        except Exception as exc:
+            raise NeuronError(
+                f"generation failed: {exc}",
+                status=500,
+                type="server_error",
+                code="generation_failed",
+            ) from exc
+
+    def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(request, lambda m: m.stream_chat)
+
+    def complete(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(request, lambda m: m.stream_completion)
+
+    async def count_tokens(self, request: dict[str, Any]) -> int:
+        loaded, _ = self._serving(request)
+        try:  # tokenizing needs no device: do not queue behind a running generation
+            return await asyncio.to_thread(loaded.count_tokens, request)
+        except RequestError as exc:
+            raise NeuronError(
+                exc.message, status=400, type="invalid_request_error", code=exc.code
+            ) from exc
+
+    async def close(self) -> None:
+        for model_id in [m for m, e in self._entries.items() if e.loaded is not None]:
+            await self.unload(model_id)
+        workers, self._workers = list(self._workers.values()), {}
+        for worker in workers:
+            await worker.close()
+
+
+def _load(
+    path: Path, device: torch.device, context: int | None, sampling: dict[str, Any], name: str
+) -> LoadedModel:
+    return LoadedModel.load(path, device, None, context, sampling_defaults=sampling, name=name)

@@ -1,0 +1,185 @@
+"""LocalNeuron through the Neuron protocol: the lifecycle and the streams cortex relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helexa.config import ModelProfile, SamplingDefaults, Settings
+from helexa.engine.generate import LoadedModel
+from helexa.neuron import local
+from helexa.neuron.interface import LoadRequest, Neuron, NeuronError
+from helexa.neuron.local import LocalNeuron
+from tests.engine.factories import make_tiny_model_dir
+
+CHAT = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"), seed=31)
+
+
+@pytest.fixture
+async def neuron(model_dir: Path) -> AsyncIterator[LocalNeuron]:
+    profile = ModelProfile(
+        id=str(model_dir), context_length=128, sampling=SamplingDefaults(temperature=0.0)
+    )
+    n = LocalNeuron(Settings(models=[profile]))
+    yield n
+    await n.close()
+
+
+async def collect(stream: AsyncIterator[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [chunk async for chunk in stream]
+
+
+async def test_is_a_neuron_with_host_facts(neuron: LocalNeuron) -> None:
+    assert isinstance(neuron, Neuron)
+    assert neuron.name == "local"
+    discovery = await neuron.discovery()
+    assert discovery.hostname and discovery.devices
+    health = await neuron.health()
+    assert health.uptime_secs >= 0 and health.devices
+
+
+async def test_catalogue_models_are_listed_unloaded(neuron: LocalNeuron, model_dir: Path) -> None:
+    (state,) = await neuron.models()
+    assert (state.id, state.status, state.vram_used_mb) == (str(model_dir), "unloaded", 0)
+
+
+async def test_load_chat_complete_count_unload(neuron: LocalNeuron, model_dir: Path) -> None:
+    model_id = str(model_dir)
+    state = await neuron.load(LoadRequest(model_id=model_id))
+    assert state.status == "loaded"
+    assert state.context_length == 128  # from the catalogue profile
+    assert [m.status for m in await neuron.models()] == ["loaded"]
+
+    chunks = await collect(neuron.chat({**CHAT, "model": model_id}))
+    assert chunks[0]["object"] == "chat.completion.chunk"
+    usage = chunks[-1]["usage"]
+    assert 1 <= usage["completion_tokens"] <= 6
+    assert usage["prompt_tokens"] == await neuron.count_tokens({**CHAT, "model": model_id})
+
+    text = await collect(neuron.complete({"model": model_id, "prompt": "def add", "max_tokens": 4}))
+    assert text[0]["object"] == "text_completion"
+    assert text[-1]["usage"]["prompt_tokens"] > 0
+
+    await neuron.unload(model_id)
+    assert [m.status for m in await neuron.models()] == ["unloaded"]
+    with pytest.raises(NeuronError) as err:
+        await collect(neuron.chat({**CHAT, "model": model_id}))
+    assert (err.value.status, err.value.code) == (409, "model_not_loaded")
+
+
+async def test_load_by_file_id_adds_the_model(neuron: LocalNeuron, model_dir: Path) -> None:
+    model_id = f"file:{model_dir}"
+    await neuron.load(LoadRequest(model_id=model_id, context_length=64))
+    states = {m.id: m for m in await neuron.models()}
+    assert states[model_id].status == "loaded"
+    assert states[model_id].context_length == 64
+    assert states[str(model_dir)].status == "unloaded"
+
+
+async def test_requests_for_unloaded_models_are_409(neuron: LocalNeuron, model_dir: Path) -> None:
+    for call in (
+        lambda: collect(neuron.chat({**CHAT, "model": str(model_dir)})),
+        lambda: collect(neuron.complete({"model": str(model_dir), "prompt": "x"})),
+        lambda: neuron.count_tokens({**CHAT, "model": "nope"}),
+    ):
+        with pytest.raises(NeuronError) as err:
+            await call()
+        assert (err.value.status, err.value.code) == (409, "model_not_loaded")
+
+
+async def test_concurrent_loads_load_once(
+    neuron: LocalNeuron, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+    real_load = local._load
+
+    def counting_load(path: Path, *args: Any) -> LoadedModel:
+        calls.append(path)
+        return real_load(path, *args)
+
+    monkeypatch.setattr(local, "_load", counting_load)
+    states = await asyncio.gather(
+        *(neuron.load(LoadRequest(model_id=str(model_dir))) for _ in range(4))
+    )
+    assert [s.status for s in states] == ["loaded"] * 4
+    assert calls == [model_dir]
+
+
+async def test_failed_load_is_marked_and_the_worker_survives(
+    neuron: LocalNeuron, model_dir: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((model_dir / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(NeuronError) as err:
+        await neuron.load(LoadRequest(model_id=str(broken)))
+    assert (err.value.status, err.value.code) == (422, "load_failed")
+    states = {m.id: m for m in await neuron.models()}
+    assert states[str(broken)].status == "failed"
+    assert states[str(broken)].error
+
+    # The same device worker still loads and serves.
+    await neuron.load(LoadRequest(model_id=str(model_dir)))
+    chunks = await collect(neuron.chat({**CHAT, "model": str(model_dir)}))
+    assert chunks[-1]["usage"]["completion_tokens"] >= 1
+
+
+async def test_unknown_model_is_404_and_leaves_no_entry(
+    neuron: LocalNeuron, tmp_path: Path
+) -> None:
+    with pytest.raises(NeuronError) as err:
+        await neuron.load(LoadRequest(model_id=f"file:{tmp_path / 'missing'}"))
+    assert (err.value.status, err.value.code) == (404, "model_not_available")
+    assert [m.id for m in await neuron.models()] == [m.id for m in neuron.settings.models]
+
+
+async def test_bad_requests_are_400_in_the_neuron_error_shape(
+    neuron: LocalNeuron, model_dir: Path
+) -> None:
+    await neuron.load(LoadRequest(model_id=str(model_dir)))
+    with pytest.raises(NeuronError) as err:
+        await collect(neuron.chat({**CHAT, "model": str(model_dir), "max_tokens": 10_000}))
+    assert (err.value.status, err.value.code) == (400, "context_length_exceeded")
+    assert err.value.to_body()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(NeuronError) as err:
+        await neuron.count_tokens({"model": str(model_dir), "messages": "hi"})
+    assert err.value.status == 400
+
+
+async def test_closing_a_stream_cancels_generation(
+    neuron: LocalNeuron, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cancels: list[threading.Event] = []
+    real_stream_chat = LoadedModel.stream_chat
+
+    def spy(self: LoadedModel, request: dict, cancel: threading.Event):  # type: ignore[no-untyped-def]
+        cancels.append(cancel)
+        return real_stream_chat(self, request, cancel)
+
+    monkeypatch.setattr(LoadedModel, "stream_chat", spy)
+    await neuron.load(LoadRequest(model_id=str(model_dir)))
+    request = {"model": str(model_dir), "messages": CHAT["messages"], "temperature": 0}
+    stream = neuron.chat(request)  # no max_tokens: would fill the context
+    await anext(stream)
+    await stream.aclose()
+    assert cancels and cancels[0].is_set()
+    # The device thread is free again: the next request is served.
+    chunks = await collect(neuron.chat({**CHAT, "model": str(model_dir)}))
+    assert "usage" in chunks[-1]
+
+
+async def test_unload_of_an_unloaded_model_is_a_no_op(neuron: LocalNeuron, model_dir: Path) -> None:
+    await neuron.unload(str(model_dir))
+    await neuron.unload("never-heard-of-it")
+    assert [m.status for m in await neuron.models()] == ["unloaded"]
