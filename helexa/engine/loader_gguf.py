@@ -1,8 +1,9 @@
 """GGUF file -> Checkpoint: HF config and names, weights still in their ggml encoding.
 
-The file is memory-mapped (gguf.GGUFReader) and each tensor is copied once, straight from
-the map to the target device; quantized tensors stay quantized (QuantizedTensor), so a
-Q4_K_M model takes about its file size in memory. Everything that can be refused (an
+The header is parsed by helexa.engine.gguf_header (gguf-py's GGUFReader spends seconds on
+a real tokenizer's metadata), the tensor data is memory-mapped with numpy, and each tensor
+is copied once, straight from the map to the target device; quantized tensors stay
+quantized (QuantizedTensor), so a Q4_K_M model takes about its file size in memory. Everything that can be refused (an
 architecture we cannot run, an unknown tensor name or type) is refused before the first
 copy, so preflight failures never cost device memory.
 
@@ -19,10 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from helexa.engine.checkpoint import Checkpoint, Weight
 from helexa.engine.errors import CheckpointError, UnsupportedArchitecture
+from helexa.engine.gguf_header import GGUFHeader, GGUFTensorInfo, read_gguf_header
 from helexa.engine.quant import QuantizedTensor, block_format
 
 Q = GGMLQuantizationType
@@ -30,6 +32,9 @@ Q = GGMLQuantizationType
 LOADABLE_ARCHITECTURES: tuple[str, ...] = ("qwen3",)
 # Readable for preflight (config, sizes) but without a model implementation yet.
 NOT_YET: dict[str, str] = {"qwen3moe": "Qwen3-MoE is not yet implemented by the engine"}
+
+# ggml float types and the torch dtype their bytes are.
+_FLOAT_DTYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 
 _HF_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
 
@@ -127,17 +132,17 @@ class GGUFInfo:
 
 def read_gguf_info(path: str | Path) -> GGUFInfo:
     """Architecture, HF-style config, weight bytes and type mix of any GGUF file."""
-    reader = _open(path)
-    arch = _architecture(reader, path)
+    header = _open(path)
+    arch = _architecture(header, path)
     counts: dict[str, int] = {}
-    for t in reader.tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    for t in header.tensors:
+        counts[t.ggml_type.name] = counts.get(t.ggml_type.name, 0) + 1
     return GGUFInfo(
         path=str(path),
         architecture=arch,
-        name=_field(reader, "general.name"),
-        config=_config(reader, arch),
-        tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+        name=header.get("general.name"),
+        config=_config(header, arch),
+        tensor_bytes=sum(t.n_bytes for t in header.tensors),
         qtype_counts=counts,
     )
 
@@ -155,46 +160,37 @@ def require_loadable(architecture: str, source: str = "") -> None:
 
 def load_gguf(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a Qwen3 GGUF onto ``device``: one copy per tensor, quantized ones as blocks."""
-    reader = _open(path)
-    arch = _architecture(reader, path)
+    header = _open(path)
+    arch = _architecture(header, path)
     require_loadable(arch, str(path))
-    config = _config(reader, arch)
-    names = {t.name: hf_tensor_name(t.name) for t in reader.tensors}
-    for t in reader.tensors:
+    config = _config(header, arch)
+    names = {t.name: hf_tensor_name(t.name) for t in header.tensors}
+    for t in header.tensors:
         _check_tensor(t, path)
-    tensors = {names[t.name]: _to_torch(t, torch.device(device)) for t in reader.tensors}
+    # Copy-on-write map: writable numpy views (so torch.from_numpy does not warn)
+    # without ever writing to, or reading ahead of, the file.
+    data = np.memmap(path, np.uint8, "c", header.data_offset) if header.tensors else np.empty(0)
+    target = torch.device(device)
+    tensors = {names[t.name]: _to_torch(t, data, target) for t in header.tensors}
     return Checkpoint(
         config=config,
         tensors=tensors,
-        tokenizer=_tokenizer(reader),
-        chat_template=_field(reader, "tokenizer.chat_template"),
-        generation_config=_generation_config(reader),
+        tokenizer=_tokenizer(header),
+        chat_template=header.get("tokenizer.chat_template"),
+        generation_config=_generation_config(header),
         source=str(path),
-        file_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+        file_bytes=sum(t.n_bytes for t in header.tensors),
     )
 
 
-def _open(path: str | Path) -> GGUFReader:
+def _open(path: str | Path) -> GGUFHeader:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
-    try:
-        # Copy-on-write map: writable numpy views (so torch.from_numpy does not warn)
-        # without ever writing to, or reading ahead of, the file.
-        reader = GGUFReader(path, "c")
-    except (ValueError, KeyError, IndexError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
-    if reader.byte_order != "I":
-        raise CheckpointError(f"{path}: GGUF byte order differs from this machine's")
-    return reader
+    return read_gguf_header(path)
 
 
-def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    f = reader.get_field(key)
-    return default if f is None else f.contents()
-
-
-def _architecture(reader: GGUFReader, path: str | Path) -> str:
-    arch = _field(reader, "general.architecture")
+def _architecture(header: GGUFHeader, path: str | Path) -> str:
+    arch = header.get("general.architecture")
     if not isinstance(arch, str):
         raise CheckpointError(f"{path}: GGUF has no general.architecture")
     return arch
@@ -205,35 +201,35 @@ def _decimal(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _config(reader: GGUFReader, arch: str) -> dict[str, Any]:
+def _config(header: GGUFHeader, arch: str) -> dict[str, Any]:
     """HF config.json keys from ``{arch}.*`` metadata and the tensor shapes."""
     config: dict[str, Any] = {"model_type": arch}
     if arch in _HF_ARCHITECTURES:
         config["architectures"] = [_HF_ARCHITECTURES[arch]]
     for hf_key, gguf_key, vtype in CONFIG_KEYS:
-        value = _field(reader, f"{arch}.{gguf_key}")
+        value = header.get(f"{arch}.{gguf_key}")
         if value is not None:
             config[hf_key] = _decimal(value) if vtype == GGUFValueType.FLOAT32 else int(value)
     if "num_attention_heads" in config:
         config.setdefault("num_key_value_heads", config["num_attention_heads"])
         if "hidden_size" in config:
             config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
-    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    shapes = {t.name: t.shape for t in header.tensors}
     if "token_embd.weight" in shapes:  # rows of the table; converters pad tokens to match
-        config["vocab_size"] = shapes["token_embd.weight"][-1]
-    elif (tokens := reader.get_field("tokenizer.ggml.tokens")) is not None:
-        config["vocab_size"] = len(tokens.data)
+        config["vocab_size"] = shapes["token_embd.weight"][0]
+    elif (tokens := header.get("tokenizer.ggml.tokens")) is not None:
+        config["vocab_size"] = len(tokens)
     config["tie_word_embeddings"] = "output.weight" not in shapes
     config["attention_bias"] = "blk.0.attn_q.bias" in shapes
     config["hidden_act"] = "silu"
     rope = {"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0)}
-    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    scaling = header.get(f"{arch}.rope.scaling.type")
     if scaling and scaling != "none":
         rope_scaling = {
             "rope_type": scaling,
-            "factor": _decimal(_field(reader, f"{arch}.rope.scaling.factor", 1.0)),
+            "factor": _decimal(header.get(f"{arch}.rope.scaling.factor", 1.0)),
         }
-        original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+        original = header.get(f"{arch}.rope.scaling.original_context_length")
         if original is not None:
             rope_scaling["original_max_position_embeddings"] = int(original)
         config["rope_scaling"] = rope_scaling
@@ -243,34 +239,29 @@ def _config(reader: GGUFReader, arch: str) -> dict[str, Any]:
     return config
 
 
-def _check_tensor(t: ReaderTensor, path: str | Path) -> None:
+def _check_tensor(t: GGUFTensorInfo, path: str | Path) -> None:
     try:
-        fmt = block_format(t.tensor_type)
+        fmt = block_format(t.ggml_type)
     except ValueError as e:
         raise CheckpointError(f"{path}: tensor {t.name}: {e}") from None
-    if not fmt.is_float and len(t.shape) != 2:
+    if not fmt.is_float and len(t.dims) != 2:
         raise CheckpointError(
             f"{path}: tensor {t.name}: quantized tensors of {len(t.shape)} dims are not supported"
         )
 
 
-def _to_torch(t: ReaderTensor, device: torch.device) -> Weight:
+def _to_torch(t: GGUFTensorInfo, data: np.ndarray, device: torch.device) -> Weight:
     """The tensor's bytes as torch on ``device``, copied once from the memory map."""
-    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF ne[0] is the innermost dim
-    raw = torch.from_numpy(t.data)
-    if t.tensor_type in (Q.F32, Q.F16):
-        return raw.reshape(shape).to(device, copy=True)
-    if t.tensor_type == Q.BF16:  # gguf-py exposes BF16 as bytes
-        return raw.view(torch.bfloat16).reshape(shape).to(device, copy=True)
-    rows, cols = shape
-    return QuantizedTensor(raw.reshape(rows, -1).to(device, copy=True), t.tensor_type, (rows, cols))
+    raw = torch.from_numpy(data[t.offset : t.offset + t.n_bytes])
+    if t.ggml_type in _FLOAT_DTYPES:
+        return raw.view(_FLOAT_DTYPES[t.ggml_type]).reshape(t.shape).to(device, copy=True)
+    rows, cols = t.shape
+    return QuantizedTensor(raw.reshape(rows, -1).to(device, copy=True), t.ggml_type, (rows, cols))
 
 
-def _tokenizer(reader: GGUFReader) -> dict[str, Any]:
+def _tokenizer(header: GGUFHeader) -> dict[str, Any]:
     """The raw ``tokenizer.ggml.*`` fields, plus the special tokens' strings by name."""
-    fields = {
-        key: f.contents() for key, f in reader.fields.items() if key.startswith("tokenizer.ggml.")
-    }
+    fields = {key: f.value for key, f in header.fields.items() if key.startswith("tokenizer.ggml.")}
     tokens = fields.get("tokenizer.ggml.tokens", [])
     for role, key in (("bos", "bos_token"), ("eos", "eos_token"), ("padding", "pad_token")):
         token_id = fields.get(f"tokenizer.ggml.{role}_token_id")
@@ -279,10 +270,10 @@ def _tokenizer(reader: GGUFReader) -> dict[str, Any]:
     return fields
 
 
-def _generation_config(reader: GGUFReader) -> dict[str, Any]:
+def _generation_config(header: GGUFHeader) -> dict[str, Any]:
     config: dict[str, Any] = {}
     for gguf_key, hf_key, vtype in SAMPLING_KEYS:
-        value = _field(reader, f"general.sampling.{gguf_key}")
+        value = header.get(f"general.sampling.{gguf_key}")
         if value is not None:
             config[hf_key] = _decimal(value) if vtype == GGUFValueType.FLOAT32 else int(value)
     return config
