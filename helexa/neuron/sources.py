@@ -1,0 +1,318 @@
+"""Where model files come from: ``scheme:org/name[:quant]`` ids, per-source hubs and caches.
+
+A model id names a source as well as a repo, so ``helexa:Qwen/Qwen3-8B-GGUF`` (a mirror)
+and ``huggingface:Qwen/Qwen3-8B-GGUF`` never share a cache entry: each source has its own
+huggingface_hub endpoint and its own cache dir under ``cache_dir()/sources/<name>``. A
+``file:`` id or a plain path points at a local GGUF file or HF model directory.
+
+Resolution on a serving path (:func:`resolve_local`) never touches the network: a model
+is either already on disk or the operator runs ``helexa pull`` first. Only :func:`pull`
+downloads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from helexa.config import ModelProfile, Settings, cache_dir
+
+HUGGINGFACE = "huggingface"
+FILE = "file"
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
+_QUANT_TOKEN = re.compile(
+    r"(?i)(?<![a-z0-9])(i?q\d+(?:_[a-z0-9]+)*|bf16|fp16|fp32|f16|f32)(?![a-z0-9])"
+)
+_SPLIT = re.compile(r"(?i)-(\d{5})-of-(\d{5})\.gguf$")
+# What a safetensors model needs; never pickles (*.bin, *.pt): a download must not run code.
+SAFETENSORS_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model id. ``scheme`` is a source name or ``file``; file refs carry ``path``."""
+
+    scheme: str
+    repo: str = ""
+    quant: str | None = None
+    path: Path | None = None
+
+    @property
+    def is_file(self) -> bool:
+        return self.scheme == FILE
+
+    def __str__(self) -> str:
+        if self.is_file:
+            return f"{FILE}:{self.path}"
+        return f"{self.scheme}:{self.repo}" + (f":{self.quant}" if self.quant else "")
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith(("/", "./", "../", "~")) or s.lower().endswith(".gguf")
+
+
+def parse_model_id(s: str, default_source: str = HUGGINGFACE) -> ModelRef:
+    """``[scheme:]org/name[:quant]``, ``file:PATH`` or a path; no scheme -> ``default_source``.
+
+    The first ``:`` is a scheme separator only when what precedes it has no ``/``, so
+    ``Qwen/Qwen3-8B-GGUF:Q4_K_M`` is a repo with a quant, not a scheme.
+    """
+    text = s.strip()
+    if not text:
+        raise ValueError("empty model id")
+    if text.lower().startswith(f"{FILE}:"):
+        rest = text[len(FILE) + 1 :]
+        rest = rest[2:] if rest.startswith("//") else rest
+        if not rest:
+            raise ValueError(f"{s!r}: file: needs a path")
+        return ModelRef(FILE, path=Path(rest).expanduser())
+    if _looks_like_path(text):
+        return ModelRef(FILE, path=Path(text).expanduser())
+    scheme, remainder = default_source, text
+    head, sep, rest = text.partition(":")
+    if sep and "/" not in head:
+        scheme, remainder = head or default_source, rest
+    if not _SCHEME.match(scheme):
+        raise ValueError(f"{s!r}: {scheme!r} is not a valid source name")
+    repo, _, quant = remainder.partition(":")
+    if not _REPO.match(repo):
+        raise ValueError(f"{s!r}: expected scheme:org/name[:quant] or a file path")
+    if quant and not re.fullmatch(r"[\w.-]+", quant):
+        raise ValueError(f"{s!r}: {quant!r} is not a valid quant")
+    return ModelRef(scheme.lower(), repo, quant or None)
+
+
+# -- sources ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """One hub: where to download from and where its files live on this host."""
+
+    name: str
+    endpoint: str | None  # None: the huggingface_hub default (honours HF_ENDPOINT)
+    cache_dir: Path
+    token: str | None = None  # None: huggingface_hub's own token lookup (HF_TOKEN, login)
+
+
+def sources(settings: Settings) -> dict[str, Source]:
+    """Built-in ``huggingface`` plus every ``[[sources]]`` entry (which may override it)."""
+    root = cache_dir() / "sources"
+    out = {HUGGINGFACE: Source(HUGGINGFACE, None, root / HUGGINGFACE)}
+    for s in settings.sources:
+        token = os.environ.get(s.token_env) if s.token_env else None
+        where = Path(s.cache_dir).expanduser() if s.cache_dir else root / s.name
+        out[s.name] = Source(s.name, s.endpoint, where, token)
+    return out
+
+
+def source_for(ref: ModelRef, settings: Settings) -> Source:
+    known = sources(settings)
+    if ref.scheme not in known:
+        raise ValueError(
+            f"unknown model source {ref.scheme!r} (configured: {', '.join(sorted(known))})"
+        )
+    return known[ref.scheme]
+
+
+def _profile(settings: Settings, model_id: str) -> ModelProfile | None:
+    return next((p for p in settings.models if model_id in (p.id, *p.aliases)), None)
+
+
+def ref_for(model_id: str, settings: Settings) -> ModelRef:
+    """The ref a model id means here: catalogue ids and aliases bring their source and quant."""
+    profile = _profile(settings, model_id)
+    if profile is not None:
+        model_id = f"{profile.source}:{profile.id}" if profile.source else profile.id
+    ref = parse_model_id(model_id, settings.default_source)
+    if ref.quant is None and not ref.is_file:
+        profile = profile or _profile(settings, ref.repo)
+        if profile is not None and profile.quant:
+            ref = replace(ref, quant=profile.quant)
+    return ref
+
+
+# -- choosing a GGUF -------------------------------------------------------------------------
+
+
+def quant_of(filename: str) -> str | None:
+    """The quant a GGUF file name carries (``Qwen3-8B-Q4_K_M.gguf`` -> ``Q4_K_M``)."""
+    stem = _SPLIT.sub("", Path(filename).name)
+    stem = stem[: -len(".gguf")] if stem.lower().endswith(".gguf") else stem
+    found = _QUANT_TOKEN.findall(stem)
+    return found[-1].upper() if found else None
+
+
+def split_part(filename: str) -> tuple[int, int] | None:
+    """``(part, of)`` for ``...-00001-of-00003.gguf``, None for a single-file GGUF."""
+    m = _SPLIT.search(filename)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _model_ggufs(filenames: list[str]) -> list[str]:
+    # Vision projectors ship next to the weights; they are never the model itself.
+    return [
+        f
+        for f in filenames
+        if f.lower().endswith(".gguf") and not Path(f).name.lower().startswith("mmproj")
+    ]
+
+
+def pick_gguf(filenames: list[str], quant: str | None) -> str:
+    """The GGUF to serve for ``quant`` (case-insensitive), single-file preferred over split.
+
+    For a split GGUF the first part is returned (:func:`split_files` lists the rest).
+    Raises ValueError naming the quants that are available.
+    """
+    ggufs = _model_ggufs(filenames)
+    if not ggufs:
+        raise ValueError("no .gguf files")
+    available = sorted({q for f in ggufs if (q := quant_of(f))})
+    listing = ", ".join(available) or "none recognisable"
+    if quant is None:
+        if len({quant_of(f) for f in ggufs}) > 1:
+            raise ValueError(f"several quants, name one as org/name:QUANT (available: {listing})")
+        matches = ggufs
+    else:
+        matches = [f for f in ggufs if quant_of(f) == quant.upper()]
+        if not matches:
+            raise ValueError(f"no {quant} GGUF (available quants: {listing})")
+    singles = sorted(f for f in matches if split_part(f) is None)
+    if singles:
+        return min(singles, key=lambda f: (f.count("/"), f))
+    firsts = sorted(f for f in matches if (split_part(f) or (0, 0))[0] == 1)
+    if not firsts:
+        raise ValueError(f"split GGUF for {quant or 'the model'} has no first part")
+    return firsts[0]
+
+
+def split_files(first: str) -> list[str]:
+    """Every part of the split GGUF that ``first`` begins, by name (``[first]`` if single)."""
+    m = _SPLIT.search(first)
+    if m is None:
+        return [first]
+    total = int(m.group(2))
+    return [f"{first[: m.start()]}-{i:05d}-of-{total:05d}.gguf" for i in range(1, total + 1)]
+
+
+# -- local resolution (no network) -----------------------------------------------------------
+
+
+def snapshot_dir(cache: Path, repo: str) -> Path | None:
+    """The cached snapshot of ``repo``'s main revision in a huggingface_hub cache dir."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = cache / repo_folder_name(repo_id=repo, repo_type="model")
+    ref = folder / "refs" / "main"
+    if ref.is_file():
+        snapshot = folder / "snapshots" / ref.read_text().strip()
+        return snapshot if snapshot.is_dir() else None
+    snapshots = [p for p in (folder / "snapshots").glob("*") if p.is_dir()]
+    return max(snapshots, key=lambda p: p.stat().st_mtime) if snapshots else None
+
+
+def _cached(cache: Path, repo: str, filename: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, cache_dir=cache)
+    return Path(found) if isinstance(found, str) else None
+
+
+def resolve_local(model_id: str, settings: Settings) -> Path | None:
+    """The GGUF file or HF directory for ``model_id`` already on this host, else None.
+
+    Never reaches the network: a model that is not on disk is pulled explicitly.
+    """
+    try:
+        ref = ref_for(model_id, settings)
+        source = None if ref.is_file else source_for(ref, settings)
+    except ValueError:
+        return None
+    if source is None:
+        return ref.path if ref.path is not None and ref.path.exists() else None
+    snapshot = snapshot_dir(source.cache_dir, ref.repo)
+    if snapshot is None:
+        return None
+    files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+    if _model_ggufs(files):
+        try:
+            first = pick_gguf(files, ref.quant)
+        except ValueError:
+            return None
+        parts = [_cached(source.cache_dir, ref.repo, f) for f in split_files(first)]
+        return parts[0] if parts and all(parts) else None
+    has_weights = any(f.endswith(".safetensors") for f in files)
+    if ref.quant is None and has_weights and _cached(source.cache_dir, ref.repo, "config.json"):
+        return snapshot
+    return None
+
+
+# -- downloading -----------------------------------------------------------------------------
+
+
+def pull(model_id: str, settings: Settings) -> Path:
+    """Download ``model_id`` into its source's cache (with huggingface_hub's progress bars).
+
+    GGUF repos fetch only the requested quant's file(s); safetensors repos fetch weights,
+    configs and tokenizer files, never pickles.
+    """
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    ref = ref_for(model_id, settings)
+    if ref.is_file:
+        assert ref.path is not None
+        if not ref.path.exists():
+            raise FileNotFoundError(f"{ref.path}: no such file or directory")
+        return ref.path
+    source = source_for(ref, settings)
+    common = {"cache_dir": source.cache_dir, "endpoint": source.endpoint, "token": source.token}
+    files = HfApi(endpoint=source.endpoint, token=source.token).list_repo_files(ref.repo)
+    if _model_ggufs(files):
+        first = pick_gguf(files, ref.quant)
+        paths = [hf_hub_download(ref.repo, f, **common) for f in split_files(first)]
+        return Path(paths[0])
+    if ref.quant is not None:
+        raise ValueError(f"{ref.repo} has no GGUF files, so :{ref.quant} cannot be chosen")
+    if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
+        raise ValueError(f"{ref.repo} has neither GGUF nor safetensors weights")
+    return Path(snapshot_download(ref.repo, allow_patterns=SAFETENSORS_PATTERNS, **common))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return (text or type(exc).__name__)[:300]
+
+
+def _hub_of(model_id: str, settings: Settings) -> str:
+    try:
+        source = source_for(ref_for(model_id, settings), settings)
+    except ValueError:
+        return "the hub"
+    from huggingface_hub import constants
+
+    return source.endpoint or constants.ENDPOINT
+
+
+def run_pull(settings: Settings, model_id: str) -> int:
+    """``helexa pull``: prints the local path; any failure is one line on stderr, exit 1."""
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError, RepositoryNotFoundError
+
+    try:
+        path = pull(model_id, settings)
+    except RepositoryNotFoundError:
+        reason = f"no such repository on {_hub_of(model_id, settings)} (or it needs a token)"
+    except HTTPError as exc:
+        hub = _hub_of(model_id, settings)
+        reason = _one_line(exc) if isinstance(exc, HfHubHTTPError) else f"cannot reach {hub}: {exc}"
+    except (OSError, ValueError) as exc:
+        reason = _one_line(exc)
+    else:
+        print(path)
+        return 0
+    print(f"helexa pull: {model_id}: {reason}", file=sys.stderr)
+    return 1

@@ -1,0 +1,405 @@
+"""Model ids, per-source caches, GGUF choice, local resolution and ``helexa pull``.
+
+Local resolution runs against a huggingface_hub cache layout the test writes itself; pull
+runs against a small fake hub on loopback (the hub API endpoints huggingface_hub calls),
+so nothing here reaches the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from helexa.config import ModelProfile, Settings, SourceSettings
+from helexa.neuron.sources import (
+    ModelRef,
+    parse_model_id,
+    pick_gguf,
+    pull,
+    quant_of,
+    ref_for,
+    resolve_local,
+    run_pull,
+    sources,
+    split_files,
+)
+
+# -- parse_model_id ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Qwen/Qwen3-8B-GGUF", ModelRef("huggingface", "Qwen/Qwen3-8B-GGUF")),
+        ("Qwen/Qwen3-8B-GGUF:Q4_K_M", ModelRef("huggingface", "Qwen/Qwen3-8B-GGUF", "Q4_K_M")),
+        ("helexa:Qwen/Qwen3-8B-GGUF:q8_0", ModelRef("helexa", "Qwen/Qwen3-8B-GGUF", "q8_0")),
+        ("huggingface:org/name", ModelRef("huggingface", "org/name")),
+        (":org/name", ModelRef("huggingface", "org/name")),
+        ("Mirror:org/name", ModelRef("mirror", "org/name")),
+        ("file:/models/x.gguf", ModelRef("file", path=Path("/models/x.gguf"))),
+        ("file:///models/x.gguf", ModelRef("file", path=Path("/models/x.gguf"))),
+        ("/models/qwen3-dir", ModelRef("file", path=Path("/models/qwen3-dir"))),
+        ("./rel/model.gguf", ModelRef("file", path=Path("rel/model.gguf"))),
+        ("weights/model.gguf", ModelRef("file", path=Path("weights/model.gguf"))),
+    ],
+)
+def test_parse_model_id(text: str, expected: ModelRef) -> None:
+    assert parse_model_id(text) == expected
+
+
+def test_parse_model_id_default_source_is_configurable() -> None:
+    assert parse_model_id("org/name", default_source="helexa").scheme == "helexa"
+
+
+@pytest.mark.parametrize(
+    "text", ["", "noslash", "helexa:noslash", "a/b/c", "org/name:Q4 K", "9x:a/b"]
+)
+def test_parse_model_id_rejects_malformed(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_model_id(text)
+
+
+def test_ref_str_round_trips() -> None:
+    for text in ["helexa:org/name:Q4_K_M", "huggingface:org/name", "file:/x/y.gguf"]:
+        assert str(parse_model_id(text)) == text
+
+
+def test_catalogue_profile_brings_source_and_quant() -> None:
+    settings = Settings(
+        sources=[SourceSettings(name="helexa", endpoint="http://127.0.0.1:1")],
+        models=[ModelProfile(id="org/name", source="helexa", quant="Q8_0", aliases=["nick"])],
+    )
+    expected = ModelRef("helexa", "org/name", "Q8_0")
+    assert ref_for("nick", settings) == expected
+    assert ref_for("org/name", settings) == expected
+    assert ref_for("helexa:org/name", settings) == expected  # qualified id the gateway sends
+    assert ref_for("helexa:org/name:Q4_0", settings).quant == "Q4_0"  # explicit quant wins
+
+
+# -- sources -----------------------------------------------------------------------------------
+
+
+def test_each_source_has_its_own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("MIRROR_TOKEN", "s3cret")
+    settings = Settings(
+        sources=[
+            SourceSettings(name="helexa", endpoint="https://mirror.example"),
+            SourceSettings(
+                name="other", cache_dir=str(tmp_path / "elsewhere"), token_env="MIRROR_TOKEN"
+            ),
+        ]
+    )
+    found = sources(settings)
+    assert set(found) == {"huggingface", "helexa", "other"}
+    assert found["huggingface"].cache_dir == tmp_path / "helexa" / "sources" / "huggingface"
+    assert found["helexa"].cache_dir == tmp_path / "helexa" / "sources" / "helexa"
+    assert found["helexa"].endpoint == "https://mirror.example"
+    assert found["other"].cache_dir == tmp_path / "elsewhere"
+    assert found["other"].token == "s3cret"
+    assert len({s.cache_dir for s in found.values()}) == 3
+
+
+# -- pick_gguf ---------------------------------------------------------------------------------
+
+REPO_FILES = [
+    "README.md",
+    "Qwen3-8B-Q4_K_M.gguf",
+    "Qwen3-8B-Q4_K_S.gguf",
+    "Qwen3-8B-Q8_0.gguf",
+    "Q8_0/Qwen3-8B-Q8_0-00001-of-00002.gguf",
+    "Q8_0/Qwen3-8B-Q8_0-00002-of-00002.gguf",
+    "BF16/Qwen3-8B-BF16-00002-of-00002.gguf",
+    "BF16/Qwen3-8B-BF16-00001-of-00002.gguf",
+    "mmproj-Qwen3-8B-F16.gguf",
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "quant"),
+    [
+        ("Qwen3-8B-Q4_K_M.gguf", "Q4_K_M"),
+        ("qwen3-0.6b-q8_0.gguf", "Q8_0"),
+        ("x/Qwen3-8B-BF16-00001-of-00002.gguf", "BF16"),
+        ("model-UD-IQ2_XXS.gguf", "IQ2_XXS"),
+        ("Qwen3-8B-f16.gguf", "F16"),
+        ("model.gguf", None),
+    ],
+)
+def test_quant_of(name: str, quant: str | None) -> None:
+    assert quant_of(name) == quant
+
+
+def test_pick_gguf_matches_quant_case_insensitively() -> None:
+    assert pick_gguf(REPO_FILES, "q4_k_m") == "Qwen3-8B-Q4_K_M.gguf"
+    assert pick_gguf(REPO_FILES, "Q4_K_S") == "Qwen3-8B-Q4_K_S.gguf"
+
+
+def test_pick_gguf_prefers_single_file_over_split() -> None:
+    assert pick_gguf(REPO_FILES, "Q8_0") == "Qwen3-8B-Q8_0.gguf"
+
+
+def test_pick_gguf_split_only_returns_first_part_and_lists_all() -> None:
+    first = pick_gguf(REPO_FILES, "bf16")
+    assert first == "BF16/Qwen3-8B-BF16-00001-of-00002.gguf"
+    assert split_files(first) == [
+        "BF16/Qwen3-8B-BF16-00001-of-00002.gguf",
+        "BF16/Qwen3-8B-BF16-00002-of-00002.gguf",
+    ]
+
+
+def test_pick_gguf_unknown_quant_lists_available() -> None:
+    with pytest.raises(ValueError) as err:
+        pick_gguf(REPO_FILES, "Q5_K_M")
+    message = str(err.value)
+    assert "Q5_K_M" in message
+    for quant in ("BF16", "Q4_K_M", "Q4_K_S", "Q8_0"):
+        assert quant in message
+    assert "F16" not in message.replace("BF16", "")  # the projector is not a model quant
+
+
+def test_pick_gguf_without_quant() -> None:
+    assert pick_gguf(["a/model-Q8_0.gguf", "README.md"], None) == "a/model-Q8_0.gguf"
+    with pytest.raises(ValueError, match="several quants"):
+        pick_gguf(REPO_FILES, None)
+    with pytest.raises(ValueError, match="no .gguf"):
+        pick_gguf(["config.json", "model.safetensors"], None)
+
+
+# -- resolve_local -----------------------------------------------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_snapshot(cache: Path, repo: str, files: dict[str, bytes]) -> Path:
+    """The huggingface_hub cache layout: blobs, a snapshot of symlinks, refs/main."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    snapshot = folder / "snapshots" / COMMIT
+    for name, data in files.items():
+        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
+
+@pytest.fixture
+def hub_settings(tmp_path: Path) -> Settings:
+    return Settings(
+        sources=[
+            SourceSettings(name="huggingface", cache_dir=str(tmp_path / "hf")),
+            SourceSettings(name="helexa", cache_dir=str(tmp_path / "mirror")),
+        ]
+    )
+
+
+def test_resolve_local_gguf_by_quant(tmp_path: Path, hub_settings: Settings) -> None:
+    snap = write_snapshot(
+        tmp_path / "hf", "Qwen/Q-GGUF", {"Q-Q4_K_M.gguf": b"four", "Q-Q8_0.gguf": b"eight"}
+    )
+    assert resolve_local("Qwen/Q-GGUF:Q8_0", hub_settings) == snap / "Q-Q8_0.gguf"
+    assert resolve_local("huggingface:Qwen/Q-GGUF:q4_k_m", hub_settings) == snap / "Q-Q4_K_M.gguf"
+    assert resolve_local("Qwen/Q-GGUF:Q6_K", hub_settings) is None  # not downloaded
+    assert resolve_local("Qwen/Q-GGUF", hub_settings) is None  # ambiguous: two quants cached
+
+
+def test_resolve_local_keeps_sources_apart(tmp_path: Path, hub_settings: Settings) -> None:
+    write_snapshot(tmp_path / "mirror", "Qwen/Q-GGUF", {"Q-Q8_0.gguf": b"mirror"})
+    assert resolve_local("Qwen/Q-GGUF:Q8_0", hub_settings) is None  # default source: not cached
+    found = resolve_local("helexa:Qwen/Q-GGUF:Q8_0", hub_settings)
+    assert found is not None and found.read_bytes() == b"mirror"
+
+
+def test_resolve_local_split_gguf_needs_every_part(tmp_path: Path, hub_settings: Settings) -> None:
+    snap = write_snapshot(
+        tmp_path / "hf",
+        "org/big",
+        {"big-Q8_0-00001-of-00002.gguf": b"1", "big-Q8_0-00002-of-00002.gguf": b"2"},
+    )
+    assert resolve_local("org/big:Q8_0", hub_settings) == snap / "big-Q8_0-00001-of-00002.gguf"
+    (snap / "big-Q8_0-00002-of-00002.gguf").unlink()
+    assert resolve_local("org/big:Q8_0", hub_settings) is None
+
+
+def test_resolve_local_safetensors_dir(tmp_path: Path, hub_settings: Settings) -> None:
+    snap = write_snapshot(
+        tmp_path / "hf", "org/dense", {"config.json": b"{}", "model.safetensors": b"w"}
+    )
+    assert resolve_local("org/dense", hub_settings) == snap
+    assert resolve_local("org/dense:Q4_K_M", hub_settings) is None  # no GGUF to pick from
+
+
+def test_resolve_local_catalogue_alias(tmp_path: Path) -> None:
+    settings = Settings(
+        sources=[SourceSettings(name="helexa", cache_dir=str(tmp_path / "mirror"))],
+        models=[ModelProfile(id="org/m", source="helexa", quant="Q8_0", aliases=["m"])],
+    )
+    snap = write_snapshot(tmp_path / "mirror", "org/m", {"m-Q8_0.gguf": b"x", "m-Q4_0.gguf": b"y"})
+    assert resolve_local("m", settings) == snap / "m-Q8_0.gguf"
+
+
+def test_resolve_local_files(tmp_path: Path, hub_settings: Settings) -> None:
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"gguf")
+    assert resolve_local(str(model), hub_settings) == model
+    assert resolve_local(f"file:{model}", hub_settings) == model
+    assert resolve_local(f"file:{tmp_path / 'absent.gguf'}", hub_settings) is None
+
+
+def test_resolve_local_bad_ids_are_none(hub_settings: Settings) -> None:
+    assert resolve_local("nosuchsource:org/name", hub_settings) is None
+    assert resolve_local("not an id", hub_settings) is None
+
+
+# -- pull against a fake hub on loopback -------------------------------------------------------
+
+
+class FakeHub:
+    """The hub endpoints huggingface_hub uses to list and download a model repo."""
+
+    def __init__(self, repos: dict[str, dict[str, bytes]]) -> None:
+        self.repos = repos
+        self.downloads: list[str] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/api/models/{org}/{name}/revision/{rev}", self.info)
+        app.router.add_get("/api/models/{org}/{name}/tree/{rev}", self.tree)
+        app.router.add_route("*", "/{org}/{name}/resolve/{rev}/{path:.+}", self.resolve)
+        return app
+
+    def _repo(self, request: web.Request) -> dict[str, bytes]:
+        repo = f"{request.match_info['org']}/{request.match_info['name']}"
+        if repo not in self.repos:
+            raise web.HTTPNotFound(
+                headers={"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}
+            )
+        return self.repos[repo]
+
+    async def info(self, request: web.Request) -> web.Response:
+        files = self._repo(request)
+        repo = f"{request.match_info['org']}/{request.match_info['name']}"
+        siblings = [{"rfilename": p} for p in files]
+        return web.json_response({"id": repo, "sha": COMMIT, "siblings": siblings})
+
+    async def tree(self, request: web.Request) -> web.Response:
+        files = self._repo(request)
+        return web.json_response(
+            [
+                {"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                for p, d in files.items()
+            ]
+        )
+
+    async def resolve(self, request: web.Request) -> web.Response:
+        files = self._repo(request)
+        path = request.match_info["path"]
+        if path not in files:
+            raise web.HTTPNotFound(headers={"X-Error-Code": "EntryNotFound"})
+        data = files[path]
+        headers = {
+            "X-Repo-Commit": COMMIT,
+            "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+            "Content-Length": str(len(data)),
+        }
+        if request.method == "HEAD":
+            return web.Response(headers=headers)
+        self.downloads.append(path)
+        return web.Response(body=data, headers=headers)
+
+
+@pytest.fixture
+def fake_hub() -> Iterator[tuple[FakeHub, str]]:
+    """The hub in its own thread: huggingface_hub's client is synchronous."""
+    hub = FakeHub(
+        {
+            "org/gguf": {"m-Q4_K_M.gguf": b"q4" * 10, "m-Q8_0.gguf": b"q8" * 10, "README.md": b"r"},
+            "org/dense": {
+                "config.json": b'{"architectures": ["Qwen3ForCausalLM"]}',
+                "model.safetensors": b"weights",
+                "pytorch_model.bin": b"pickle",
+                "tokenizer.json": b"{}",
+            },
+        }
+    )
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(hub.app())
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield hub, f"http://127.0.0.1:{port}"
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
+
+
+def _pull_settings(tmp_path: Path, endpoint: str) -> Settings:
+    return Settings(
+        sources=[SourceSettings(name="helexa", endpoint=endpoint, cache_dir=str(tmp_path / "c"))],
+        default_source="helexa",
+    )
+
+
+def test_pull_gguf_downloads_only_the_quant(tmp_path: Path, fake_hub: tuple[FakeHub, str]) -> None:
+    hub, endpoint = fake_hub
+    settings = _pull_settings(tmp_path, endpoint)
+    path = pull("org/gguf:q8_0", settings)
+    assert path.read_bytes() == b"q8" * 10
+    assert hub.downloads == ["m-Q8_0.gguf"]
+    assert resolve_local("org/gguf:Q8_0", settings) == path  # now served from the cache
+
+
+def test_pull_safetensors_skips_pickles(tmp_path: Path, fake_hub: tuple[FakeHub, str]) -> None:
+    hub, endpoint = fake_hub
+    settings = _pull_settings(tmp_path, endpoint)
+    path = pull("org/dense", settings)
+    assert (path / "model.safetensors").read_bytes() == b"weights"
+    assert not (path / "pytorch_model.bin").exists()
+    assert "pytorch_model.bin" not in hub.downloads
+    assert resolve_local("org/dense", settings) == path
+
+
+def test_run_pull_prints_path(
+    tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, endpoint = fake_hub
+    assert run_pull(_pull_settings(tmp_path, endpoint), "org/gguf:Q4_K_M") == 0
+    assert capsys.readouterr().out.strip().endswith("m-Q4_K_M.gguf")
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        ("org/missing", "no such repository on http://127.0.0.1:"),
+        ("org/gguf:Q2_K", "Q4_K_M, Q8_0"),
+        ("org/dense:Q8_0", "no GGUF"),
+        ("elsewhere:org/gguf", "unknown model source"),
+        ("file:/nonexistent/model.gguf", "no such file"),
+    ],
+)
+def test_run_pull_errors_are_one_line(
+    tmp_path: Path,
+    fake_hub: tuple[FakeHub, str],
+    capsys: pytest.CaptureFixture[str],
+    model: str,
+    needle: str,
+) -> None:
+    _, endpoint = fake_hub
+    assert run_pull(_pull_settings(tmp_path, endpoint), model) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"helexa pull: {model}: ")
+    assert needle in err
