@@ -23,7 +23,7 @@ import jinja2.parser
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-_TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "assets" / "templates" / "qwen3.jinja"
+_TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "qwen3.jinja"
 QWEN3_TEMPLATE: str = _TEMPLATE_PATH.read_text(encoding="utf-8")
 
 # Names clients use for an assistant turn's reasoning; templates read ``reasoning_content``.
