@@ -60,17 +60,21 @@ def synthetic_config(shape: dict[str, int], context: int) -> dict[str, Any]:
     }
 
 
-def synthetic_tensors(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
+def synthetic_tensors(
+    cfg: dict[str, Any], device: torch.device, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Random weights made (and later quantized) on ``device``: an 8B shape takes seconds
+    on a GPU and minutes on a CPU."""
+    gen = torch.Generator(device).manual_seed(seed)
     h, f, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
 
     def w(rows: int, cols: int) -> torch.Tensor:
-        return torch.randn(rows, cols, generator=gen) * cols**-0.5
+        return torch.randn(rows, cols, generator=gen, device=device) * cols**-0.5
 
     tensors = {
         "model.embed_tokens.weight": w(cfg["vocab_size"], h),
-        "model.norm.weight": torch.ones(h),
+        "model.norm.weight": torch.ones(h, device=device),
     }
     if not cfg["tie_word_embeddings"]:
         tensors["lm_head.weight"] = w(cfg["vocab_size"], h)
@@ -81,10 +85,10 @@ def synthetic_tensors(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Ten
             p + "self_attn.k_proj.weight": w(kv, h),
             p + "self_attn.v_proj.weight": w(kv, h),
             p + "self_attn.o_proj.weight": w(h, q),
-            p + "self_attn.q_norm.weight": torch.ones(hd),
-            p + "self_attn.k_norm.weight": torch.ones(hd),
-            p + "input_layernorm.weight": torch.ones(h),
-            p + "post_attention_layernorm.weight": torch.ones(h),
+            p + "self_attn.q_norm.weight": torch.ones(hd, device=device),
+            p + "self_attn.k_norm.weight": torch.ones(hd, device=device),
+            p + "input_layernorm.weight": torch.ones(h, device=device),
+            p + "post_attention_layernorm.weight": torch.ones(h, device=device),
             p + "mlp.gate_proj.weight": w(f, h),
             p + "mlp.up_proj.weight": w(f, h),
             p + "mlp.down_proj.weight": w(h, f),
@@ -92,11 +96,13 @@ def synthetic_tensors(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Ten
     return tensors
 
 
-def write_synthetic(path: Path, shape: dict[str, int], quant: str, context: int) -> Path:
+def write_synthetic(
+    path: Path, shape: dict[str, int], quant: str, context: int, device: torch.device
+) -> Path:
     from helexa.engine.gguf_write import write_gguf
 
     cfg = synthetic_config(shape, context)
-    return write_gguf(path, config=cfg, tensors=synthetic_tensors(cfg), quant=quant)
+    return write_gguf(path, config=cfg, tensors=synthetic_tensors(cfg, device), quant=quant)
 
 
 def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                     shape,
                     args.quant,
                     args.prompt_tokens + args.new_tokens,
+                    device,
                 ),
             )
             name = f"synthetic {args.preset} {args.quant}"

@@ -5,7 +5,7 @@ to a remote node, minus the HTTP hop. Each device gets one :class:`DeviceWorker`
 that runs every torch call for it, so the event loop never waits on a forward pass.
 
 Models it can serve: the catalogue's profiles plus anything loaded by path (an absolute
-path or a ``file:`` id). Loading is single-flight per model, preflighted before any
+path or a ``file:`` id); ids resolve to files on this host through neuron.sources. Loading is single-flight per model, preflighted before any
 device memory is touched, and a failed load marks the model failed with its reason
 without harming the worker or other models.
 """
@@ -40,6 +40,7 @@ from helexa.neuron.interface import (
     ModelStatus,
     NeuronError,
 )
+from helexa.neuron.sources import resolve_local
 
 MB = 1 << 20
 
@@ -65,17 +66,6 @@ class _Entry:
             context_length=loaded.context_length if loaded else None,
             error=self.error,
         )
-
-
-def fallback_resolve(model_id: str, settings: Settings) -> Path | None:
-    """Local file resolution without helexa.neuron.sources: an absolute path, a ``file:``
-    id, or a catalogue profile whose ``source`` is one of those."""
-    profile = _profile(settings, model_id)
-    for candidate in (model_id, profile.source if profile else None):
-        path = Path(candidate.removeprefix("file:")).expanduser() if candidate else None
-        if path is not None and path.is_absolute() and path.exists():
-            return path
-    return None
 
 
 def _profile(settings: Settings, model_id: str) -> ModelProfile | None:
@@ -145,10 +135,6 @@ class LocalNeuron:
     # -- lifecycle --------------------------------------------------------------------------
 
     def _resolve(self, model_id: str) -> Path:
-        try:
-            from helexa.neuron.sources import resolve_local
-        except ImportError:
-            resolve_local = fallback_resolve
         path = resolve_local(model_id, self.settings)
         if path is None:
             raise NeuronError(
