@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
+from helexa.engine.quant.dispatch import cuda_linear
 from helexa.engine.quant.formats import (
     FORMATS,
     Q,
@@ -156,10 +157,14 @@ def linear(
     """``x @ weight.T + bias`` where ``weight`` (out, in) may be quantized.
 
     A quantized weight is expanded ``chunk_rows`` output rows at a time (default: about
-    :data:`CHUNK_ELEMENTS` weights) in ``x.dtype`` and discarded after use.
+    :data:`CHUNK_ELEMENTS` weights) in ``x.dtype`` and discarded after use. On CUDA with
+    Triton the blocks go straight to a kernel instead (helexa.engine.quant.dispatch).
     """
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
+    fast = cuda_linear(x, weight, bias)
+    if fast is not None:
+        return fast
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
         raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {in_features}")

@@ -1,0 +1,314 @@
+"""Triton kernels that read ggml blocks straight from device memory.
+
+Decode is memory-bound: every weight byte is read once per token, so the matvec reads the
+blocks once, unpacks them in registers and accumulates in float32; nothing dequantized ever
+reaches memory. Prefill is compute-bound: a chunk of rows is dequantized to the activation
+dtype by a second kernel and handed to cuBLAS, which does the arithmetic far better than
+we would (dequant traffic is small next to the matmul at hundreds of tokens).
+
+Both kernels share one decoder per format (``_q8_0``, ``_q4_k``, ``_q5_k``, ``_q6_k``).
+A decoder turns the blocks of ``BLOCK_N`` rows at one "unit" (a k-quant super-block of
+256 weights, or ``G`` Q8_0 blocks) into float32 tiles plus the position of each tile
+element inside the unit. The tiles follow the byte layout, not the element order, so
+each byte is loaded once and both of its nibbles are used; the matvec gathers the
+matching activations by position and the dequant kernel scatters to them. Layouts are
+documented in :mod:`helexa.engine.quant.formats`; the arithmetic mirrors reference.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from helexa.engine.quant.formats import QK_K, Q, block_format
+from helexa.engine.quant.tensor import QuantizedTensor
+
+SUPPORTED = (Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+# Up to this many activation rows the matvec wins (each row re-reads the weights from L2);
+# past it, dequantize + cuBLAS matmul.
+MATVEC_MAX_ROWS = 4
+# Weights dequantized per prefill step: 64M bf16 = 128 MiB of scratch.
+DEQUANT_CHUNK_ELEMENTS = 1 << 26
+# The interpreter (TRITON_INTERPRET=1, for debugging on a CPU) gets one fixed config.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_Q8_0, _Q4_K, _Q5_K, _Q6_K = int(Q.Q8_0), int(Q.Q4_K), int(Q.Q5_K), int(Q.Q6_K)
+
+
+@triton.jit
+def _f16_at(ptr):
+    """An f16 field at a (2-byte aligned) byte pointer, as float32."""
+    return tl.load(ptr.to(tl.pointer_type(tl.float16))).to(tl.float32)
+
+
+@triton.jit
+def _scale_min_k4(sp, s):
+    """Q4_K/Q5_K 6-bit scale and min of sub-block ``s`` from the 12 bytes at ``sp``."""
+    b_s = tl.load(sp + s).to(tl.int32)
+    b_s4 = tl.load(sp + s + 4).to(tl.int32)
+    b_m4 = tl.load(sp + tl.where(s >= 4, s - 4, s)).to(tl.int32)
+    low = s < 4
+    sc = tl.where(low, b_s & 63, (b_s4 & 15) | ((b_m4 >> 6) << 4))
+    mn = tl.where(low, b_s4 & 63, (b_s4 >> 4) | ((b_s >> 6) << 4))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _q8_0(blk, G: tl.constexpr):
+    """``G`` consecutive Q8_0 blocks (34 bytes: d, 32 x int8) -> one [BN, G, 32] tile."""
+    g = tl.arange(0, G)[None, :, None]
+    i = tl.arange(0, 32)[None, None, :]
+    d = _f16_at(blk + 34 * g)
+    q = tl.load((blk + 34 * g + 2 + i).to(tl.pointer_type(tl.int8))).to(tl.float32)
+    return d * q, 32 * g + i
+
+
+@triton.jit
+def _k4_tiles(blk, q_lo, q_hi, j):
+    """Q4_K/Q5_K affine decode of the low- and high-nibble tiles ([BN, 4, 32], j = 64-group)."""
+    d = _f16_at(blk)
+    dmin = _f16_at(blk + 2)
+    sc_lo, mn_lo = _scale_min_k4(blk + 4, 2 * j)
+    sc_hi, mn_hi = _scale_min_k4(blk + 4, 2 * j + 1)
+    w_lo = (d * sc_lo) * q_lo.to(tl.float32) - dmin * mn_lo
+    w_hi = (d * sc_hi) * q_hi.to(tl.float32) - dmin * mn_hi
+    return w_lo, w_hi
+
+
+@triton.jit
+def _q4_k(blk):
+    """One Q4_K super-block (d, dmin, scales[12], qs[128]): byte ``32j + i`` of qs holds
+    element ``64j + i`` (low nibble, sub-block 2j) and ``64j + 32 + i`` (high, 2j + 1)."""
+    j = tl.arange(0, 4)[None, :, None]
+    i = tl.arange(0, 32)[None, None, :]
+    qs = tl.load(blk + 16 + 32 * j + i).to(tl.int32)
+    w_lo, w_hi = _k4_tiles(blk, qs & 15, qs >> 4, j)
+    e = 64 * j + i
+    return w_lo, e, w_hi, e + 32
+
+
+@triton.jit
+def _q5_k(blk):
+    """Q5_K: Q4_K plus qh[32] at byte 16, whose bit ``s`` of byte ``i`` is the fifth bit
+    of element ``32s + i``; qs moves to byte 48."""
+    j = tl.arange(0, 4)[None, :, None]
+    i = tl.arange(0, 32)[None, None, :]
+    qs = tl.load(blk + 48 + 32 * j + i).to(tl.int32)
+    qh = tl.load(blk + 16 + i).to(tl.int32)
+    q_lo = (qs & 15) | (((qh >> (2 * j)) & 1) << 4)
+    q_hi = (qs >> 4) | (((qh >> (2 * j + 1)) & 1) << 4)
+    w_lo, w_hi = _k4_tiles(blk, q_lo, q_hi, j)
+    e = 64 * j + i
+    return w_lo, e, w_hi, e + 32
+
+
+@triton.jit
+def _q6_k(blk):
+    """One Q6_K super-block (ql[128], qh[64], int8 scales[16], d).
+
+    Tiles are [BN, 8, 16]: row ``g`` = (half h = g // 4, column c = g % 4), so ql byte
+    ``64h + b`` (b = 16c + r) carries element ``128h + b`` (low nibble) and
+    ``128h + 64 + b`` (high); their top two bits sit in qh byte ``32h + b % 32`` at bit
+    ``2 * (b // 32)`` (+4 for the high one), and each 16 elements share one scale.
+    """
+    g = tl.arange(0, 8)[None, :, None]
+    r = tl.arange(0, 16)[None, None, :]
+    h = g // 4
+    c = g % 4
+    b = 16 * c + r
+    ql = tl.load(blk + 64 * h + b).to(tl.int32)
+    qh = tl.load(blk + 128 + 32 * h + (b % 32)).to(tl.int32)
+    shift = 2 * (b // 32)
+    q_lo = (ql & 15) | (((qh >> shift) & 3) << 4)
+    q_hi = (ql >> 4) | (((qh >> (shift + 4)) & 3) << 4)
+    scales = (blk + 192 + 8 * h + c).to(tl.pointer_type(tl.int8))
+    d = _f16_at(blk + 208)
+    w_lo = (d * tl.load(scales).to(tl.float32)) * (q_lo - 32).to(tl.float32)
+    w_hi = (d * tl.load(scales + 4).to(tl.float32)) * (q_hi - 32).to(tl.float32)
+    e = 128 * h + b
+    return w_lo, e, w_hi, e + 64
+
+
+@triton.jit
+def _dot(w, x_unit, e):
+    """Per-row sum of ``w * x[e]`` over a [BN, A, B] tile."""
+    x = tl.load(x_unit + e).to(tl.float32)
+    return tl.sum(tl.sum(w * x, axis=2), axis=1)
+
+
+@triton.jit
+def _matvec_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    N,
+    stride_x,
+    stride_w,
+    stride_y,
+    N_UNITS: tl.constexpr,
+    QTYPE: tl.constexpr,
+    UNIT: tl.constexpr,
+    UNIT_BYTES: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """y[m, n] = sum_k x[m, k] * W[n, k] for BLOCK_N rows n over ``N_UNITS`` units; grid (M, cdiv(N, BLOCK_N)),
+    m fastest so the programs sharing a weight tile run together and share it in L2."""
+    m = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past N read row N-1 (always valid memory) and are dropped at the store.
+    safe = tl.minimum(rows, N - 1)
+    row_ptr = (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None]
+    x_row = x_ptr + m.to(tl.int64) * stride_x
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for u in range(0, N_UNITS):
+        blk = row_ptr + u * UNIT_BYTES
+        x_unit = x_row + u * UNIT
+        if QTYPE == 8:
+            w, e = _q8_0(blk, G)
+            acc += _dot(w, x_unit, e)
+        else:
+            if QTYPE == 12:
+                w_a, e_a, w_b, e_b = _q4_k(blk)
+            elif QTYPE == 13:
+                w_a, e_a, w_b, e_b = _q5_k(blk)
+            else:
+                w_a, e_a, w_b, e_b = _q6_k(blk)
+            acc += _dot(w_a, x_unit, e_a) + _dot(w_b, x_unit, e_b)
+    y = y_ptr + m.to(tl.int64) * stride_y + rows
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def _dequant_kernel(
+    w_ptr,
+    out_ptr,
+    N,
+    stride_w,
+    stride_o,
+    QTYPE: tl.constexpr,
+    UNIT: tl.constexpr,
+    UNIT_BYTES: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out[n, :] = dequantized W[n, :] for BLOCK_N rows at one unit; grid (rows, units)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    u = tl.program_id(1)
+    safe = tl.minimum(rows, N - 1)
+    blk = (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None] + u * UNIT_BYTES
+    out = (out_ptr + rows.to(tl.int64) * stride_o)[:, None, None] + u * UNIT
+    keep = (rows < N)[:, None, None]
+    dtype = out_ptr.dtype.element_ty
+    if QTYPE == 8:
+        w, e = _q8_0(blk, G)
+        tl.store(out + e, w.to(dtype), mask=keep)
+    else:
+        if QTYPE == 12:
+            w_a, e_a, w_b, e_b = _q4_k(blk)
+        elif QTYPE == 13:
+            w_a, e_a, w_b, e_b = _q5_k(blk)
+        else:
+            w_a, e_a, w_b, e_b = _q6_k(blk)
+        tl.store(out + e_a, w_a.to(dtype), mask=keep)
+        tl.store(out + e_b, w_b.to(dtype), mask=keep)
+
+
+# Decode shapes differ a lot (1024 to 151936 rows, 4096 to 12288 columns): let Triton pick
+# per shape once, at the first call (before any CUDA graph capture, which replays it).
+_MATVEC_CONFIGS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bn, w, s in [(2, 2, 3), (4, 2, 3), (4, 4, 3), (8, 4, 3), (8, 4, 4), (16, 4, 3), (16, 8, 3)]
+]
+_matvec_tuned = triton.autotune(_MATVEC_CONFIGS, key=["N", "N_UNITS", "QTYPE"])(_matvec_kernel)
+
+
+def _unit(qtype: Q, k: int) -> tuple[int, int, int]:
+    """(weights, bytes, Q8_0 blocks) per kernel unit: a k-quant super-block, or as many
+    Q8_0 blocks (up to 8) as evenly divide the row."""
+    fmt = block_format(qtype)
+    if qtype != Q.Q8_0:
+        return QK_K, fmt.type_size, 1
+    g = next(g for g in (8, 4, 2, 1) if (k // 32) % g == 0)
+    return 32 * g, fmt.type_size * g, g
+
+
+def _check(weight: QuantizedTensor) -> None:
+    if weight.qtype not in SUPPORTED:
+        names = ", ".join(q.name for q in SUPPORTED)
+        raise ValueError(f"no Triton kernel for {weight.qtype.name} (have {names})")
+    if not weight.data.is_contiguous():
+        raise ValueError("quantized weight data must be contiguous")
+
+
+def matvec(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
+    """``x @ W.T`` for a few rows ``x`` (M, K) straight from the blocks; out (M, N) in
+    ``x.dtype``."""
+    _check(weight)
+    n, k = weight.shape
+    m = x.shape[0]
+    if x.shape[-1] != k or x.stride(-1) != 1:
+        raise ValueError(f"matvec: x must be (M, {k}) with unit stride, got {tuple(x.shape)}")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    unit, unit_bytes, g = _unit(weight.qtype, k)
+    args = (x, weight.data, y, n, x.stride(0), weight.data.stride(0), y.stride(0))
+    meta = dict(N_UNITS=k // unit, QTYPE=int(weight.qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g)
+    if INTERPRET:
+        _matvec_kernel[(m, triton.cdiv(n, 4))](*args, **meta, BLOCK_N=4)
+    else:
+        _matvec_tuned[lambda c: (m, triton.cdiv(n, c["BLOCK_N"]))](*args, **meta)
+    return y
+
+
+def dequantize_rows(
+    weight: QuantizedTensor,
+    start: int = 0,
+    stop: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Rows ``start:stop`` of the weight as a dense (rows, K) tensor of ``dtype``."""
+    _check(weight)
+    data = weight.data[start:stop]
+    rows, k = data.shape[0], weight.shape[1]
+    out = torch.empty(rows, k, dtype=dtype, device=data.device)
+    if rows == 0:
+        return out
+    unit, unit_bytes, g = _unit(weight.qtype, k)
+    block_n = 8
+    grid = (triton.cdiv(rows, block_n), k // unit)
+    _dequant_kernel[grid](
+        data, out, rows, data.stride(0), out.stride(0),
+        QTYPE=int(weight.qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, BLOCK_N=block_n,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def linear(
+    x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for quantized ``W`` on the GPU: the matvec for a few rows, else
+    chunks of dequantized rows through cuBLAS."""
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {k}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[0] <= MATVEC_MAX_ROWS:
+        out = matvec(x2, weight)
+    else:
+        step = max(1, DEQUANT_CHUNK_ELEMENTS // k)
+        if step >= n:
+            out = x2 @ dequantize_rows(weight, dtype=x.dtype).T
+        else:
+            out = x2.new_empty(x2.shape[0], n)
+            for start in range(0, n, step):
+                w = dequantize_rows(weight, start, start + step, dtype=x.dtype)
+                out[:, start : start + w.shape[0]] = x2 @ w.T
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], n)
