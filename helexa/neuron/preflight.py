@@ -1,0 +1,216 @@
+"""Preflight: refuse a model load before it touches device memory, with a reason a client
+can act on.
+
+Three questions, in order: are the files there, can the engine run this architecture, and
+does it fit? The fit estimate is weights (as they will sit on the device: quantized GGUF
+blocks at file size, float safetensors in the compute dtype) plus the static KV cache plus a
+small overhead. Failures are :class:`PreflightError`, whose body is
+``{"error": {"type": "preflight", "code", "message", "needed_mb", "free_mb"}}`` so it
+crosses the neuron HTTP API and reaches the gateway's client unchanged.
+
+Engine modules (and so torch) are imported lazily: the gateway and ``helexa status`` never
+pay for them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from helexa.neuron.interface import DeviceHealth, DeviceInfo, NeuronError
+
+MB = 1024 * 1024
+OVERHEAD_BASE_MB = 256  # activations, logits and allocator slack at batch 1
+DeviceKind = Literal["cuda", "cpu"]
+# The engine computes in bfloat16 on CUDA and float32 on CPU (helexa.engine.generate).
+COMPUTE_DTYPE_BYTES: dict[DeviceKind, int] = {"cuda": 2, "cpu": 4}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
+
+
+class PreflightError(NeuronError):
+    """A load refused before any device memory was touched."""
+
+    def __init__(
+        self, message: str, *, code: str, status: int, extra: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, status=status, type="preflight", code=code, extra=extra)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where the model goes and what it will cost there, in MiB."""
+
+    devices: list[int]
+    weights_mb: int
+    kv_mb: int
+    needed_mb: int
+    context_length: int = 0
+    architecture: str = ""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the estimate needs from a checkpoint, read without loading a weight."""
+
+    architecture: str
+    config: dict[str, Any]
+    weight_bytes: int
+    quantized: bool  # GGUF blocks stay as they are; float weights are cast to the compute dtype
+
+
+# -- pure estimates --------------------------------------------------------------------------
+
+
+def kv_cache_mb(layers: int, kv_heads: int, head_dim: int, context: int, dtype_bytes: int) -> int:
+    """K and V for every layer at full context, batch 1."""
+    return math.ceil(2 * layers * kv_heads * head_dim * context * dtype_bytes / MB)
+
+
+def weights_mb(
+    weight_bytes: int, *, stored_dtype_bytes: int | None, compute_dtype_bytes: int
+) -> int:
+    """Weights as they will sit on the device; None ``stored_dtype_bytes`` means as stored."""
+    scale = compute_dtype_bytes / stored_dtype_bytes if stored_dtype_bytes else 1.0
+    return math.ceil(weight_bytes * scale / MB)
+
+
+def overhead_mb(weights: int) -> int:
+    return OVERHEAD_BASE_MB + weights // 20
+
+
+def stored_dtype_bytes(config: dict[str, Any]) -> int | None:
+    name = config.get("torch_dtype") or config.get("dtype")
+    return _DTYPE_BYTES.get(str(name).removeprefix("torch.")) if name else None
+
+
+def default_context(config: dict[str, Any], requested: int | None) -> int:
+    """The KV length the engine will allocate: the request's, else the model's capped default."""
+    if requested:
+        return requested
+    from helexa.engine.generate import DEFAULT_CONTEXT
+
+    return min(int(config.get("max_position_embeddings") or DEFAULT_CONTEXT), DEFAULT_CONTEXT)
+
+
+def estimate(facts: ModelFacts, context: int, kind: DeviceKind) -> Plan:
+    """Memory for ``facts`` at ``context`` on a ``kind`` device (``devices`` left empty)."""
+    cfg = facts.config
+    try:
+        heads = int(cfg["num_attention_heads"])
+        layers = int(cfg["num_hidden_layers"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PreflightError(
+            f"model config lacks {exc} needed to size the KV cache",
+            code="invalid_checkpoint",
+            status=422,
+        ) from None
+    compute = COMPUTE_DTYPE_BYTES[kind]
+    w = weights_mb(
+        facts.weight_bytes,
+        stored_dtype_bytes=None if facts.quantized else stored_dtype_bytes(cfg),
+        compute_dtype_bytes=compute,
+    )
+    kv = kv_cache_mb(layers, kv_heads, head_dim, context, compute)
+    return Plan([], w, kv, w + kv + overhead_mb(w), context, facts.architecture)
+
+
+def choose_device(
+    devices: list[tuple[DeviceInfo, DeviceHealth]],
+    plan_for: dict[DeviceKind, Plan],
+    requested: list[int] | None = None,
+) -> Plan:
+    """The allowed device with the most free memory that fits, or a structured refusal."""
+    known = {info.index for info, _ in devices}
+    unknown = sorted(set(requested or ()) - known)
+    if unknown:
+        raise PreflightError(
+            f"device(s) {unknown} do not exist on this node (devices: {sorted(known)})",
+            code="unknown_device",
+            status=422,
+        )
+    allowed = [(i, h) for i, h in devices if requested is None or i.index in requested]
+    ranked = sorted(allowed, key=lambda d: d[1].vram_free_mb, reverse=True)
+    for info, health in ranked:
+        if plan_for[info.kind].needed_mb <= health.vram_free_mb:
+            return replace(plan_for[info.kind], devices=[info.index])
+    if ranked:
+        plan, free = plan_for[ranked[0][0].kind], ranked[0][1].vram_free_mb
+    else:
+        plan, free = min(plan_for.values(), key=lambda p: p.needed_mb), 0
+    raise PreflightError(
+        f"needs {plan.needed_mb} MiB (weights {plan.weights_mb}, KV cache {plan.kv_mb} at "
+        f"{plan.context_length} tokens) but the most free on an allowed device is {free} MiB",
+        code="insufficient_vram",
+        status=507,
+        extra={"needed_mb": plan.needed_mb, "free_mb": free},
+    )
+
+
+# -- reading checkpoints ---------------------------------------------------------------------
+
+
+def _architecture_error(exc: Exception) -> PreflightError:
+    arch = getattr(exc, "architecture", None)
+    return PreflightError(
+        str(exc),
+        code="unsupported_architecture",
+        status=422,
+        extra={"architecture": arch} if arch else None,
+    )
+
+
+def read_facts(path: Path) -> ModelFacts:
+    """Architecture, config and weight size of a GGUF file or HF directory; refuses early."""
+    from helexa.engine.errors import CheckpointError, UnsupportedArchitecture
+
+    if not path.exists():
+        raise PreflightError(f"{path}: no such file or directory", code="missing_files", status=404)
+    try:
+        if path.is_file():
+            from helexa.engine.loader_gguf import read_gguf_info, require_loadable
+
+            info = read_gguf_info(path)
+            require_loadable(info.architecture, str(path))
+            facts = ModelFacts(info.architecture, info.config, info.tensor_bytes, quantized=True)
+        else:
+            from helexa.engine.loader_safetensors import read_config, safetensors_files
+
+            config = read_config(path)
+            _check(config, str(path))
+            files = safetensors_files(path)
+            arch = ",".join(config.get("architectures") or []) or str(config.get("model_type"))
+            weight_bytes = sum(f.stat().st_size for f in files)
+            return ModelFacts(arch, config, weight_bytes, quantized=False)
+        _check(facts.config, str(path))
+        return facts
+    except UnsupportedArchitecture as exc:
+        raise _architecture_error(exc) from None
+    except FileNotFoundError as exc:
+        raise PreflightError(str(exc), code="missing_files", status=422) from None
+    except CheckpointError as exc:
+        raise PreflightError(str(exc), code="invalid_checkpoint", status=422) from None
+
+
+def _check(config: dict[str, Any], source: str) -> None:
+    from helexa.engine.models.qwen3 import check_architecture
+
+    check_architecture(config, source)
+
+
+def check(
+    path: Path,
+    *,
+    devices: list[tuple[DeviceInfo, DeviceHealth]],
+    context_length: int | None,
+    requested_devices: list[int] | None = None,
+) -> Plan:
+    """Refuse ``path`` (files, architecture, fit) or say which device it goes on and why."""
+    facts = read_facts(Path(path))
+    context = default_context(facts.config, context_length)
+    kinds: set[DeviceKind] = {info.kind for info, _ in devices} or {"cuda"}
+    plans = {kind: estimate(facts, context, kind) for kind in sorted(kinds)}
+    return choose_device(devices, plans, requested_devices)
