@@ -181,3 +181,55 @@ class Fleet:
         for node in self.nodes.values():
             with contextlib.suppress(Exception):
                 await node.neuron.close()
+
+    # -- admin operations (added by the gateway for /admin/*, `helexa status`, the TUI) --
+    async def load(self, model: str, node: str | None = None) -> ModelState:
+        """Load ``model`` now, on ``node`` if named, else on the first node serving it."""
+        model_id = self.resolve(model)
+        nodes = [n for n, _ in self.known_models()[model_id] if node in (None, n.name)]
+        if not nodes:
+            raise ModelNotFound(f"model {model_id!r} is not served by node {node!r}")
+        state = await nodes[0].neuron.load(LoadRequest(model_id=model_id))
+        nodes[0].models[model_id] = state
+        return state
+
+    async def unload(self, model: str, node: str | None = None) -> list[str]:
+        """Unload ``model`` wherever it is loaded (or only on ``node``); the nodes it left."""
+        model_id = self.resolve(model)
+        left: list[str] = []
+        for n, state in self.known_models()[model_id]:
+            if node in (None, n.name) and state.status in ("loaded", "loading"):
+                await n.neuron.unload(model_id)
+                n.models[model_id] = ModelState(id=model_id, status="unloaded")
+                left.append(n.name)
+        return left
+
+    def snapshot(self) -> dict[str, object]:
+        """The fleet table as JSON-ready data: nodes with their devices, models per node."""
+        now = time.monotonic()
+        nodes: list[dict[str, object]] = []
+        models: list[dict[str, object]] = []
+        for node in self.nodes.values():
+            readings = {d.index: d for d in (node.health.devices if node.health else [])}
+            devices = []
+            for d in node.discovery.devices if node.discovery else []:
+                health = readings.get(d.index)
+                devices.append({**d.model_dump(), **(health.model_dump() if health else {})})
+            hostname = node.discovery.hostname if node.discovery else ""
+            nodes.append(
+                {
+                    "name": node.name,
+                    "up": node.up,
+                    "hostname": hostname,
+                    "error": node.error,
+                    "devices": devices,
+                }
+            )
+            for state in node.models.values():
+                use = self.use.get((node.name, state.id))
+                idle = now - use.last_used if use and use.last_used else None
+                in_flight = use.in_flight if use else 0
+                models.append(
+                    state.model_dump() | {"node": node.name, "in_flight": in_flight, "idle_s": idle}
+                )
+        return {"nodes": nodes, "models": models}
