@@ -5,17 +5,16 @@ to a remote node, minus the HTTP hop. Each device gets one :class:`DeviceWorker`
 that runs every torch call for it, so the event loop never waits on a forward pass.
 
 Models it can serve: the catalogue's profiles plus anything loaded by path (an absolute
-path or a ``file:`` id); ids resolve to files on this host through neuron.sources. Loading is single-flight per model, preflighted before any
-device memory is touched, and a failed load marks the model failed with its reason
-without harming the worker or other models.
+path or a ``file:`` id); ids resolve to files on this host through neuron.sources.
+Loading is single-flight per model, preflighted (neuron.preflight picks the device and
+refuses what cannot load) before any device memory is touched, and a failed load marks
+the model failed with its reason without harming the worker or other models.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import os
-import platform
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
@@ -28,11 +27,11 @@ import torch
 
 from helexa.config import ModelProfile, Settings
 from helexa.engine.errors import CheckpointError
-from helexa.engine.generate import DEFAULT_CONTEXT, LoadedModel, RequestError
+from helexa.engine.generate import LoadedModel, RequestError
 from helexa.engine.worker import DeviceWorker
+from helexa.neuron import preflight
+from helexa.neuron.discovery import discover, read_health
 from helexa.neuron.interface import (
-    DeviceHealth,
-    DeviceInfo,
     Discovery,
     Health,
     LoadRequest,
@@ -75,27 +74,6 @@ def _profile(settings: Settings, model_id: str) -> ModelProfile | None:
     return None
 
 
-def _cpu_discovery() -> Discovery:
-    """An honest CPU-only report for when helexa.neuron.discovery is unavailable."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    cpu = platform.processor() or platform.machine() or "cpu"
-    return Discovery(
-        hostname=platform.node(),
-        os=platform.system(),
-        kernel=platform.release(),
-        devices=[DeviceInfo(index=0, name=cpu, kind="cpu", vram_total_mb=ram // MB)],
-    )
-
-
-def _cpu_health(started: float) -> Health:
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    return Health(
-        uptime_secs=time.time() - started,
-        devices=[DeviceHealth(index=0, vram_used_mb=(total - free) // MB, vram_free_mb=free // MB)],
-    )
-
-
 def _free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -114,19 +92,11 @@ class LocalNeuron:
     # -- node facts -------------------------------------------------------------------------
 
     async def discovery(self) -> Discovery:
-        if self._discovery is None:
-            try:
-                from helexa.neuron.discovery import discover
-            except ImportError:
-                discover = _cpu_discovery
+        if self._discovery is None:  # static facts: read once
             self._discovery = await asyncio.to_thread(discover)
         return self._discovery
 
     async def health(self) -> Health:
-        try:
-            from helexa.neuron.discovery import read_health
-        except ImportError:
-            read_health = _cpu_health
         return await asyncio.to_thread(read_health, self._started)
 
     async def models(self) -> list[ModelState]:
@@ -146,16 +116,9 @@ class LocalNeuron:
             )
         return path
 
-    async def _place(self, path: Path, request: LoadRequest, context: int) -> torch.device:
-        """The device to load on: preflight's choice when helexa.neuron.preflight exists
-        (it refuses, with a structured error, what cannot fit), else the first allowed."""
-        wanted = request.devices or self.settings.local.devices
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        try:
-            from helexa.neuron import preflight
-        except ImportError:
-            return torch.device("cuda", (wanted or [0])[0])
+    async def _place(self, path: Path, request: LoadRequest, context: int | None) -> torch.device:
+        """The device preflight picks (most free memory among the allowed ones); it refuses,
+        with a structured error, a model that is unsupported, incomplete or does not fit."""
         discovery, health = await asyncio.gather(self.discovery(), self.health())
         readings = {d.index: d for d in health.devices}
         devices = [(d, readings[d.index]) for d in discovery.devices if d.index in readings]
@@ -164,9 +127,11 @@ class LocalNeuron:
             path,
             devices=devices,
             context_length=context,
-            requested_devices=wanted,
+            requested_devices=request.devices or self.settings.local.devices,
         )
-        return torch.device("cuda", plan.devices[0])
+        index = plan.devices[0]
+        kind = next(d.kind for d, _ in devices if d.index == index)
+        return torch.device("cuda", index) if kind == "cuda" else torch.device("cpu")
 
     def _worker(self, device: torch.device) -> DeviceWorker:
         if device not in self._workers:
@@ -192,7 +157,7 @@ class LocalNeuron:
             sampling = profile.sampling.model_dump(exclude_none=True) if profile else {}
             entry.status, entry.error = "loading", None
             try:
-                device = await self._place(path, request, context or DEFAULT_CONTEXT)
+                device = await self._place(path, request, context)
                 entry.device = device
                 entry.loaded = await self._worker(device).submit(
                     _load, path, device, context, sampling, model_id

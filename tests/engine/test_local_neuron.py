@@ -135,6 +135,28 @@ async def test_failed_load_is_marked_and_the_worker_survives(
     assert chunks[-1]["usage"]["completion_tokens"] >= 1
 
 
+async def test_preflight_refusals_keep_their_structure(
+    neuron: LocalNeuron, model_dir: Path, tmp_path: Path
+) -> None:
+    foreign = tmp_path / "llama"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (foreign / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
+    with pytest.raises(NeuronError) as err:
+        await neuron.load(LoadRequest(model_id=str(foreign)))
+    assert (err.value.status, err.value.type, err.value.code) == (
+        422,
+        "preflight",
+        "unsupported_architecture",
+    )
+    assert {m.id: m.status for m in await neuron.models()}[str(foreign)] == "failed"
+
+    with pytest.raises(NeuronError) as err:  # a KV cache for 10^9 tokens fits nowhere
+        await neuron.load(LoadRequest(model_id=f"file:{model_dir}", context_length=10**9))
+    assert (err.value.status, err.value.code) == (507, "insufficient_vram")
+    assert err.value.to_body()["error"]["needed_mb"] > err.value.to_body()["error"]["free_mb"]
+
+
 async def test_unknown_model_is_404_and_leaves_no_entry(
     neuron: LocalNeuron, tmp_path: Path
 ) -> None:
