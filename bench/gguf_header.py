@@ -6,8 +6,8 @@
 The synthetic file has what dominates a real Qwen3 GGUF header: 151,936 tokens, their
 int32 token types and 151,387 merges, plus the usual scalars and a few tiny tensors.
 "GGUFReader + contents" is what the loader used to pay: the reader, then turning the
-tokenizer fields into Python values. Timings are the best of ``--repeat`` runs, with the
-file in the page cache, so they measure Python, not the disk.
+tokenizer fields into Python values; "read_gguf_info" is preflight as it is now. Timings
+are the best of ``--repeat`` runs with the file in the page cache: Python, not the disk.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helexa.engine.gguf_header import read_gguf_header  # noqa: E402
+from helexa.engine.loader_gguf import read_gguf_info  # noqa: E402
 
 N_TOKENS = 151_936  # Qwen3's padded vocabulary
 N_MERGES = 151_387
@@ -94,16 +95,15 @@ def main() -> None:
         header = read_gguf_header(path)  # also warms the page cache
         tokens = len(header.get("tokenizer.ggml.tokens", []))
         merges = len(header.get("tokenizer.ggml.merges", []))
-        print(
-            f"{path.name}: {header.data_offset / 2**20:.1f} MiB of header, {tokens} tokens, {merges} merges"
-        )
-        print(
-            f"python {platform.python_version()}, numpy {np.__version__}, {platform.processor() or platform.machine()}"
-        )
+        size = header.data_offset / 2**20
+        print(f"{path.name}: {size:.1f} MiB of header, {tokens} tokens, {merges} merges")
+        cpu = platform.processor() or platform.machine()
+        print(f"python {platform.python_version()}, numpy {np.__version__}, {cpu}")
         runs = {
             "GGUFReader": lambda: GGUFReader(path),
             "GGUFReader + contents": lambda: gguf_reader_with_contents(path),
             "read_gguf_header": lambda: read_gguf_header(path),
+            "read_gguf_info": lambda: read_gguf_info(path),  # preflight: header + config
         }
         results = {name: best_of(args.repeat, fn) for name, fn in runs.items()}
         ours = results["read_gguf_header"]

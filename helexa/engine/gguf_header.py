@@ -112,7 +112,7 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
     """Parse the header of the GGUF file at ``path``; only the header's pages are read."""
     with open(path, "rb") as f:
         if f.seek(0, 2) == 0:
-            raise CheckpointError(f"{path}: not a readable GGUF file (it is empty)")
+            raise CheckpointError(f"{path}: not a readable GGUF file: it is empty")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return parse_gguf_header(buf, source=str(path))
 
@@ -128,13 +128,12 @@ def parse_gguf_header(buf: bytes | mmap.mmap, source: str = "<buffer>") -> GGUFH
     except (_Corrupt, struct.error, UnicodeDecodeError) as e:
         reason = "truncated" if isinstance(e, struct.error) else str(e)
         raise CheckpointError(
-            f"{source}: not a readable GGUF file ({reason} in {cursor.where}, at byte {cursor.pos})"
+            f"{source}: not a readable GGUF file: {cursor.where}: {reason} (at byte {cursor.start})"
         ) from None
     for t in header.tensors:
-        problem = _misplaced(t, header, len(buf))
-        if problem:
+        if problem := _misplaced(t, header, len(buf)):
             raise CheckpointError(
-                f"{source}: not a readable GGUF file (tensor {t.name!r} {problem})"
+                f"{source}: not a readable GGUF file: tensor {t.name!r}: {problem}"
             )
     return header
 
@@ -144,49 +143,55 @@ class _Corrupt(Exception):
 
 
 class _Cursor:
-    """Reads values front to back; ``where`` names what is being read, for errors."""
+    """Reads values front to back, remembering what it reads and where that began."""
 
     def __init__(self, buf: bytes | mmap.mmap) -> None:
         self.buf = buf
         self.size = len(buf)
         self.pos = 0
         self.where = ""
+        self.start = 0
+
+    def at(self, where: str) -> None:
+        """Begin reading ``where``: an error names it and the byte it starts at."""
+        self.where, self.start = where, self.pos
 
     def header(self) -> GGUFHeader:
-        self.where = "magic"
+        self.at("magic")
         if (magic := self.take(4)) != MAGIC:
-            raise _Corrupt(f"magic is {magic!r}, not {MAGIC!r}")
-        self.where = "version"
+            raise _Corrupt(f"{magic!r} is not {MAGIC!r}")
+        self.at("version")
         version = self.unpack(_U32)
         if version & 0xFFFF == 0:  # as gguf-py tells: a version written the other way round
             raise _Corrupt("big-endian GGUF files are not supported")
         if version not in SUPPORTED_VERSIONS:
-            raise _Corrupt(f"version {version}; supported: {SUPPORTED_VERSIONS}")
-        self.where = "counts"
+            raise _Corrupt(f"{version} is not supported, only {SUPPORTED_VERSIONS}")
+        self.at("counts")
         tensor_count = self.unpack(_U64)
         kv_count = self.unpack(_U64)
 
         fields: dict[str, GGUFField] = {}
+        alignment = DEFAULT_ALIGNMENT
         for i in range(kv_count):
-            self.where = f"metadata key {i}"
+            self.at(f"metadata key {i}")
             key = self.string()
             self.where = f"metadata {key!r}"
             if key in fields:
                 raise _Corrupt("duplicate key")
             fields[key] = self.field(self.value_type())
+            if key == "general.alignment":
+                alignment = _alignment(fields[key])
 
         tensors: list[GGUFTensorInfo] = []
         names: set[str] = set()
         for i in range(tensor_count):
-            self.where = f"tensor info {i}"
+            self.at(f"tensor info {i}")
             tensor = self.tensor_info()
             if tensor.name in names:
-                raise _Corrupt(f"duplicate tensor {tensor.name!r}")
+                raise _Corrupt("duplicate tensor name")
             names.add(tensor.name)
             tensors.append(tensor)
 
-        self.where = "general.alignment"
-        alignment = _alignment(fields.get("general.alignment"))
         data_offset = -(-self.pos // alignment) * alignment
         return GGUFHeader(version, fields, tensors, alignment, data_offset)
 
@@ -231,7 +236,7 @@ class _Cursor:
         if item_type in _DTYPES:
             dtype = _DTYPES[item_type]
             if count * dtype.itemsize > self.size - self.pos:
-                raise _Corrupt(f"truncated: array of {count} {item_type.name} overruns the file")
+                raise _Corrupt(f"truncated: {count} {item_type.name} items overrun the file")
             values = np.frombuffer(self.buf, dtype, count, self.pos).tolist()
             self.pos += count * dtype.itemsize
             return values
@@ -241,7 +246,7 @@ class _Cursor:
 
     def strings(self, count: int) -> list[str]:
         if count > (self.size - self.pos) // _U64.size:  # each takes at least its length
-            raise _Corrupt(f"truncated: array of {count} strings overruns the file")
+            raise _Corrupt(f"truncated: {count} strings overrun the file")
         buf, pos, length_at = self.buf, self.pos, _U64.unpack_from
         out: list[str] = []
         append = out.append
@@ -275,21 +280,19 @@ class _Cursor:
         return GGUFTensorInfo(name, dims, ggml_type, self.unpack(_U64))
 
 
-def _alignment(field: GGUFField | None) -> int:
-    if field is None:
-        return DEFAULT_ALIGNMENT
+def _alignment(field: GGUFField) -> int:
     if field.type != V.UINT32:
-        raise _Corrupt(f"general.alignment is {field.type.name}, not UINT32")
+        raise _Corrupt(f"must be UINT32, not {field.type.name}")
     alignment = field.value
     if alignment <= 0 or alignment & (alignment - 1):
-        raise _Corrupt(f"general.alignment {alignment} is not a power of two")
+        raise _Corrupt(f"must be a power of two, not {alignment}")
     return alignment
 
 
 def _misplaced(t: GGUFTensorInfo, header: GGUFHeader, file_size: int) -> str:
     """Why ``t``'s data cannot be where the header says, or "" when it can."""
     if t.offset % header.alignment:
-        return f"at data offset {t.offset} is not {header.alignment}-byte aligned"
+        return f"data offset {t.offset} is not {header.alignment}-byte aligned"
     end = header.data_offset + t.offset + t.n_bytes
     if end > file_size:
         return f"ends at byte {end} of a {file_size}-byte file (truncated)"

@@ -3,9 +3,10 @@
 The header is parsed by helexa.engine.gguf_header (gguf-py's GGUFReader spends seconds on
 a real tokenizer's metadata), the tensor data is memory-mapped with numpy, and each tensor
 is copied once, straight from the map to the target device; quantized tensors stay
-quantized (QuantizedTensor), so a Q4_K_M model takes about its file size in memory. Everything that can be refused (an
-architecture we cannot run, an unknown tensor name or type) is refused before the first
-copy, so preflight failures never cost device memory.
+quantized (QuantizedTensor), so a Q4_K_M model takes about its file size in memory.
+Everything that can be refused (an architecture we cannot run, an unknown tensor name or
+type, a truncated file) is refused before the first copy, so preflight failures never
+cost device memory.
 
 Qwen2/Qwen3 GGUFs use NEOX rope and are converted without llama.cpp's Q/K permutation, so
 names map one to one and no tensor is rearranged.

@@ -275,11 +275,11 @@ CORRUPT: dict[str, tuple[bytes, str]] = {
     ),
     "alignment not a power of two": (
         gguf_file([gguf_kv("general.alignment", V.UINT32, struct.pack("<I", 48))]),
-        "metadata 'general.alignment': 48 is not a power of two",
+        "metadata 'general.alignment': must be a power of two, not 48",
     ),
     "alignment not uint32": (
         gguf_file([gguf_kv("general.alignment", V.UINT64, struct.pack("<Q", 64))]),
-        "metadata 'general.alignment': UINT64, not UINT32",
+        "metadata 'general.alignment': must be UINT32, not UINT64",
     ),
     "unknown ggml type": (
         gguf_file([], [gguf_tensor("t", (4,), 99, 0)], data=bytes(16)),
