@@ -252,7 +252,7 @@ class LoadedModel:
         EOS, a stop string or their budget, and the last token is never fed back. ``prompt``
         must fit the KV cache with room for the tokens taken."""
         model, device = self.model, self.model.device
-        sampler = Sampler(params, model.vocab_size, device)
+        sampler = Sampler(params, model.vocab_size, device, prompt=prompt)
         known = self.tokenizer.vocab_size  # a model's vocab is often padded past the tokenizer's
         logits = None
         for start in range(0, len(prompt), PREFILL_CHUNK):
