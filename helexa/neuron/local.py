@@ -18,7 +18,7 @@ import gc
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from threading import Event
 from typing import Any
@@ -53,7 +53,7 @@ class _Entry:
     loaded: LoadedModel | None = None
     device: torch.device | None = None
     error: str | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    task: asyncio.Future[None] | None = None  # the load in flight, shared by its callers
 
     def state(self) -> ModelState:
         loaded, device = self.loaded, self.device
@@ -72,6 +72,31 @@ def _profile(settings: Settings, model_id: str) -> ModelProfile | None:
         if model_id == profile.id or model_id in profile.aliases:
             return profile
     return None
+
+
+def _load_error(model_id: str, exc: Exception) -> NeuronError:
+    """A failed load in the neuron API's terms: a bad file is the caller's 422, running
+    out of device memory despite preflight a 507 like preflight's own, the rest a 500."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return NeuronError(
+            f"loading {model_id!r} ran out of device memory: {exc}",
+            status=507,
+            type="preflight",
+            code="insufficient_vram",
+        )
+    bad_input = isinstance(exc, CheckpointError | FileNotFoundError)
+    return NeuronError(
+        f"loading {model_id!r} failed: {exc}",
+        status=422 if bad_input else 500,
+        type="invalid_request_error" if bad_input else "server_error",
+        code="load_failed",
+    )
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark a load's failure as seen: its callers may all have been cancelled."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _free_memory(device: torch.device) -> None:
@@ -139,54 +164,59 @@ class LocalNeuron:
         return self._workers[device]
 
     async def load(self, request: LoadRequest) -> ModelState:
+        """Load once however many callers ask at the same time; a caller that gives up
+        (is cancelled) leaves the load running for the others and for the next request."""
         model_id = request.model_id
         path = self._resolve(model_id)  # unknown ids fail here and leave no trace
+        if (request.tensor_parallel or 1) > 1:
+            raise NeuronError(
+                "tensor_parallel > 1 is not supported by the local engine yet",
+                status=422,
+                type="invalid_request_error",
+                code="unsupported_parameter",
+            )
         entry = self._entries.setdefault(model_id, _Entry(model_id))
-        async with entry.lock:  # concurrent loads of one model: the first loads, the rest wait
+        if entry.task is None or entry.task.done():
             if entry.status == "loaded":
                 return entry.state()
-            if (request.tensor_parallel or 1) > 1:
-                raise NeuronError(
-                    "tensor_parallel > 1 is not supported by the local engine yet",
-                    status=422,
-                    type="invalid_request_error",
-                    code="unsupported_parameter",
-                )
-            profile = _profile(self.settings, model_id)
-            context = request.context_length or (profile.context_length if profile else None)
-            sampling = profile.sampling.model_dump(exclude_none=True) if profile else {}
-            entry.status, entry.error = "loading", None
-            try:
-                device = await self._place(path, request, context)
-                entry.device = device
-                entry.loaded = await self._worker(device).submit(
-                    _load, path, device, context, sampling, model_id
-                )
-            except NeuronError as exc:
-                entry.status, entry.error, entry.device = "failed", exc.message, None
+            entry.task = asyncio.ensure_future(self._load(entry, path, request))
+            entry.task.add_done_callback(_retrieve)
+        await asyncio.shield(entry.task)
+        return entry.state()
+
+    async def _load(self, entry: _Entry, path: Path, request: LoadRequest) -> None:
+        profile = _profile(self.settings, entry.model_id)
+        context = request.context_length or (profile.context_length if profile else None)
+        sampling = profile.sampling.model_dump(exclude_none=True) if profile else {}
+        entry.status, entry.error = "loading", None
+        try:
+            device = await self._place(path, request, context)
+            entry.device = device
+            entry.loaded = await self._worker(device).submit(
+                _load, path, device, context, sampling, entry.model_id
+            )
+        except Exception as exc:
+            failed_on, entry.device = entry.device, None
+            entry.status = "failed"
+            entry.error = exc.message if isinstance(exc, NeuronError) else str(exc)
+            if failed_on is not None:  # free what the failed load had allocated
+                await self._worker(failed_on).submit(_free_memory, failed_on)
+            if isinstance(exc, NeuronError):
                 raise
-            except Exception as exc:
-                entry.status, entry.error, entry.device = "failed", str(exc), None
-                bad_input = isinstance(exc, CheckpointError | FileNotFoundError)
-                raise NeuronError(
-                    f"loading {model_id!r} failed: {exc}",
-                    status=422 if bad_input else 500,
-                    type="invalid_request_error" if bad_input else "server_error",
-                    code="load_failed",
-                ) from exc
-            entry.status = "loaded"
-            return entry.state()
+            raise _load_error(entry.model_id, exc) from exc
+        entry.status = "loaded"
 
     async def unload(self, model_id: str) -> None:
         entry = self._entries.get(model_id)
         if entry is None:
             return
-        async with entry.lock:
-            device, entry.loaded = entry.device, None
-            entry.status, entry.device, entry.error = "unloaded", None, None
-            if device is not None:
-                # Queued behind any generation still using the model on that device.
-                await self._worker(device).submit(_free_memory, device)
+        if entry.task is not None and not entry.task.done():
+            await asyncio.wait([entry.task])  # let a load in flight finish, then undo it
+        device, entry.loaded = entry.device, None
+        entry.status, entry.device, entry.error = "unloaded", None, None
+        if device is not None:
+            # Queued behind any generation still using the model on that device.
+            await self._worker(device).submit(_free_memory, device)
 
     # -- generation -------------------------------------------------------------------------
 

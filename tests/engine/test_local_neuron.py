@@ -115,6 +115,29 @@ async def test_concurrent_loads_load_once(
     assert calls == [model_dir]
 
 
+async def test_a_cancelled_load_request_still_loads_once(
+    neuron: LocalNeuron, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+    started = threading.Event()
+    real_load = local._load
+
+    def counting_load(path: Path, *args: Any) -> LoadedModel:
+        calls.append(path)
+        started.set()
+        return real_load(path, *args)
+
+    monkeypatch.setattr(local, "_load", counting_load)
+    impatient = asyncio.create_task(neuron.load(LoadRequest(model_id=str(model_dir))))
+    assert await asyncio.to_thread(started.wait, 30)  # the load runs on the device thread
+    impatient.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await impatient
+    state = await neuron.load(LoadRequest(model_id=str(model_dir)))
+    assert state.status == "loaded"
+    assert calls == [model_dir]
+
+
 async def test_failed_load_is_marked_and_the_worker_survives(
     neuron: LocalNeuron, model_dir: Path, tmp_path: Path
 ) -> None:
