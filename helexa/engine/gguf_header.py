@@ -96,6 +96,8 @@ class GGUFTensorInfo:
 
 @dataclass(frozen=True)
 class GGUFHeader:
+    """Everything before the tensor data: all a preflight needs, and a loader's map."""
+
     version: int
     fields: dict[str, GGUFField]
     tensors: list[GGUFTensorInfo]
