@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
@@ -131,6 +131,9 @@ class LoadedModel:
     defaults: dict[str, Any] = field(default_factory=dict)
     eos_token_ids: frozenset[int] = frozenset()
     name: str = ""
+    # One decode step, (tokens [1, 1], position) -> logits [1, 1, vocab], when something
+    # faster than model.forward runs it (a CUDA-graph replay); None: model.forward.
+    decode: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
     @classmethod
     def load(
@@ -273,7 +276,10 @@ class LoadedModel:
             generated.append(token)
             yield token
             tokens = torch.tensor([[token]], dtype=torch.long, device=device)
-            logits = model.forward(tokens, torch.tensor([pos], device=device), last_only=True)
+            if self.decode is not None:
+                logits = self.decode(tokens, pos)
+            else:
+                logits = model.forward(tokens, torch.tensor([pos], device=device), last_only=True)
             pos += 1
 
     def _texts(

@@ -261,3 +261,20 @@ def test_legacy_completion_stream(tokenizer: Tokenizer) -> None:
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["usage"]["prompt_tokens"] == len(tokenizer.encode("Once upon a time"))
     assert model.model.calls[0] == list(range(len(tokenizer.encode("Once upon a time"))))
+
+
+def test_a_decode_hook_runs_every_step_after_prefill(tokenizer: Tokenizer) -> None:
+    model = scripted(tokenizer, "one two three")
+    lm = model.model
+    hooked: list[int] = []
+
+    def decode(tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        hooked.append(pos)
+        return lm.forward(tokens, torch.tensor([pos]), last_only=True)
+
+    model.decode = decode
+    chunks = chat(model)
+    assert joined(chunks, "content") == "one two three"
+    prompt = chunks[-1]["usage"]["prompt_tokens"]
+    assert lm.calls[0] == list(range(prompt))  # prefill through forward ...
+    assert hooked == [prompt + i for i in range(len(lm.script) - 1)]  # ... each step hooked
