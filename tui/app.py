@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -165,7 +166,7 @@ class HelexaApp(App[int]):
     def _admin(
         self,
         done: str,
-        op: Callable[[], Awaitable[object]],
+        op: Callable[[], Awaitable[object] | object],
         row: ModelRow | None = None,
         doing: str | None = None,
     ) -> None:
@@ -176,7 +177,9 @@ class HelexaApp(App[int]):
                 self.pending[row.key] = doing
                 self.refresh_view()
             try:
-                await op()
+                result = op()
+                if inspect.isawaitable(result):  # pin/unpin are plain calls
+                    await result
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -255,9 +258,8 @@ class HelexaApp(App[int]):
 
     async def attach(self, endpoint: NeuronEndpoint) -> None:
         """Add a remote neuron to the running fleet; refuse one that does not answer."""
-        from helexa.neuron.remote import RemoteNeuron
-
         from helexa.cortex.fleet import NodeState
+        from helexa.neuron.remote import RemoteNeuron
 
         fleet = self.service.fleet
         if endpoint.name in fleet.nodes:
