@@ -1,0 +1,204 @@
+"""``acp.toml``: which model endpoints the agent may talk to, and over which wire API.
+
+```toml
+default_endpoint = "home"
+
+[[endpoints]]
+name = "home"                       # selectors read "home:<model>"
+base_url = "http://127.0.0.1:31313" # with or without /v1
+wire_api = "openai-chat"            # openai-chat | openai-responses | anthropic-messages
+default_model = "Qwen/Qwen3-8B-GGUF:Q4_K_M"
+api_key_env = "HELEXA_KEY"          # or api_key = "..."
+context_window = 32768              # compaction starts near this many tokens
+```
+
+Without a file the agent runs on one endpoint described by ``HELEXA_ACP_BASE_URL``,
+``HELEXA_ACP_MODEL``, ``HELEXA_ACP_WIRE_API`` and ``HELEXA_ACP_API_KEY``, defaulting to the
+local helexa gateway. Every mistake is one :class:`~helexa.config.ConfigError` line at
+start-up, before the editor has even sent ``initialize``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from helexa.config import DEFAULT_GATEWAY_PORT, ConfigError, _first_error, _read_toml, config_dir
+
+WireApi = Literal["openai-chat", "openai-responses", "anthropic-messages"]
+DEFAULT_BASE_URL = f"http://127.0.0.1:{DEFAULT_GATEWAY_PORT}"
+DEFAULT_ENDPOINT = "default"
+ENV_SOURCE = "environment (HELEXA_ACP_*)"
+
+
+class EndpointConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    base_url: str
+    wire_api: WireApi = "openai-chat"
+    default_model: str | None = None  # None: the first model the endpoint lists
+    api_key: str | None = None
+    api_key_env: str | None = None
+    context_window: int = Field(default=32768, ge=1024)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _no_colon(cls, value: str) -> str:
+        if ":" in value:
+            raise ValueError("must not contain ':' (selectors read endpoint:model)")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http(s):// URL, got {value!r}")
+        return value.rstrip("/")
+
+
+class AcpFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    endpoints: list[EndpointConfig] = Field(min_length=1)
+    default_endpoint: str | None = None
+    system_prompt: str | None = None
+    max_iterations: int = Field(default=50, ge=1)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An endpoint with its API key resolved, ready to build a provider from."""
+
+    name: str
+    base_url: str
+    wire_api: WireApi
+    default_model: str | None
+    api_key: str | None
+    context_window: int
+    max_tokens: int | None
+
+
+@dataclass(frozen=True)
+class AcpSettings:
+    endpoints: dict[str, Endpoint]
+    default_endpoint: str
+    system_prompt: str | None = None
+    max_iterations: int = 50
+    source: str = ENV_SOURCE
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Where a session's prompts go; ``model`` None means "ask the endpoint"."""
+
+    endpoint: Endpoint
+    model: str | None
+
+    @property
+    def selector(self) -> str:
+        return f"{self.endpoint.name}:{self.model}" if self.model else self.endpoint.name
+
+
+class SelectorError(ValueError):
+    pass
+
+
+def resolve_selector(settings: AcpSettings, selector: str) -> Selection:
+    """``endpoint:model``, ``endpoint`` or a bare model id on the default endpoint.
+
+    Model ids may themselves contain ':' (``huggingface:Qwen/Qwen3-8B-GGUF:Q4_K_M``), so the
+    prefix only names an endpoint when one by that name exists.
+    """
+    selector = selector.strip()
+    if not selector:
+        raise SelectorError("empty model selector; expected endpoint:model")
+    name, _, model = selector.partition(":")
+    if name in settings.endpoints:
+        endpoint = settings.endpoints[name]
+        return Selection(endpoint, model.strip() or endpoint.default_model)
+    return Selection(settings.endpoints[settings.default_endpoint], selector)
+
+
+def default_selection(settings: AcpSettings) -> Selection:
+    endpoint = settings.endpoints[settings.default_endpoint]
+    return Selection(endpoint, endpoint.default_model)
+
+
+def acp_config_path() -> Path:
+    return config_dir() / "acp.toml"
+
+
+def load_acp_config(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> AcpSettings:
+    """Read acp.toml (``path`` or the user config dir), else the HELEXA_ACP_* environment."""
+    environ = os.environ if environ is None else environ
+    file = Path(path) if path else acp_config_path()
+    if path or file.exists():
+        return _from_file(file, environ)
+    return _from_env(environ)
+
+
+def _from_file(file: Path, environ: Mapping[str, str]) -> AcpSettings:
+    where = str(file)
+    try:
+        parsed = AcpFile.model_validate(_read_toml(file))
+    except ValidationError as exc:
+        raise _first_error(where, exc) from None
+    endpoints: dict[str, Endpoint] = {}
+    for i, ep in enumerate(parsed.endpoints):
+        if ep.name in endpoints:
+            raise ConfigError(where, f"endpoints.{i}.name", f"{ep.name!r} is not unique")
+        endpoints[ep.name] = _resolve(ep, environ, where, f"endpoints.{i}")
+    default = parsed.default_endpoint or parsed.endpoints[0].name
+    if default not in endpoints:
+        known = ", ".join(endpoints)
+        raise ConfigError(where, "default_endpoint", f"{default!r} is not an endpoint ({known})")
+    return AcpSettings(endpoints, default, parsed.system_prompt, parsed.max_iterations, where)
+
+
+def _from_env(environ: Mapping[str, str]) -> AcpSettings:
+    fields = {
+        "base_url": "HELEXA_ACP_BASE_URL",
+        "default_model": "HELEXA_ACP_MODEL",
+        "wire_api": "HELEXA_ACP_WIRE_API",
+        "api_key": "HELEXA_ACP_API_KEY",
+    }
+    raw: dict[str, str] = {"name": DEFAULT_ENDPOINT, "base_url": DEFAULT_BASE_URL}
+    raw.update({key: environ[var] for key, var in fields.items() if environ.get(var)})
+    try:
+        ep = EndpointConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        var = fields.get(str(err["loc"][0]), str(err["loc"][0])) if err["loc"] else ""
+        raise ConfigError(ENV_SOURCE, var, err["msg"]) from None
+    endpoint = _resolve(ep, environ, ENV_SOURCE, "")
+    return AcpSettings({endpoint.name: endpoint}, endpoint.name)
+
+
+def _resolve(ep: EndpointConfig, environ: Mapping[str, str], where: str, key: str) -> Endpoint:
+    api_key = ep.api_key
+    if ep.api_key_env:
+        if ep.api_key:
+            raise ConfigError(where, f"{key}.api_key_env", "set api_key or api_key_env, not both")
+        api_key = environ.get(ep.api_key_env)
+        if not api_key:
+            raise ConfigError(
+                where, f"{key}.api_key_env", f"environment variable {ep.api_key_env} is not set"
+            )
+    return Endpoint(
+        name=ep.name,
+        base_url=ep.base_url,
+        wire_api=ep.wire_api,
+        default_model=ep.default_model,
+        api_key=api_key,
+        context_window=ep.context_window,
+        max_tokens=ep.max_tokens,
+    )

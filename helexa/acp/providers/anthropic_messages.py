@@ -1,0 +1,245 @@
+"""Anthropic ``/v1/messages``: Claude directly, or helexa's gateway through its translator.
+
+The system prompt is a top-level field, tool calls are ``tool_use`` content blocks with
+parsed ``input``, and results go back as ``tool_result`` blocks inside a *user* message
+(there is no tool role); consecutive same-role entries merge into one message. The stream
+is named events: ``message_start`` → per block ``content_block_start`` / ``_delta`` /
+``_stop`` → ``message_delta`` (stop reason, output tokens) → ``message_stop``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from helexa.acp.providers.base import (
+    Finish,
+    FinishReason,
+    HttpProvider,
+    ProviderError,
+    ProviderEvent,
+    ProviderRequest,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallArgsDelta,
+    ToolCallComplete,
+    ToolCallStart,
+    Usage,
+    as_int,
+    error_text,
+    parse_json,
+)
+from helexa.wire.streams import SSEEvent
+
+ANTHROPIC_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 8192  # the API requires one
+
+
+def _tool_input(arguments: str) -> dict[str, Any]:
+    """The call's arguments as the object Anthropic requires.
+
+    Malformed JSON (a truncated call) is kept as text inside an object so the body still
+    validates upstream; the model already got a tool error for that call.
+    """
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        return {"raw_arguments": arguments}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def encode(request: ProviderRequest) -> dict[str, Any]:
+    messages: list[dict[str, Any]] = []
+
+    def push(role: str, blocks: list[dict[str, Any]]) -> None:
+        if not blocks:
+            return
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"].extend(blocks)
+        else:
+            messages.append({"role": role, "content": blocks})
+
+    for m in request.messages:
+        text = [{"type": "text", "text": m.content}] if m.content else []
+        if m.role == "user":
+            push("user", text)
+        elif m.role == "tool":
+            result = {"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}
+            if m.is_error:
+                result["is_error"] = True
+            push("user", [result])
+        else:
+            calls = [
+                {"type": "tool_use", "id": c.id, "name": c.name, "input": _tool_input(c.arguments)}
+                for c in m.tool_calls
+            ]
+            push("assistant", text + calls)
+    body: dict[str, Any] = {
+        "model": request.model,
+        "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS,
+        "messages": messages,
+        "stream": True,
+    }
+    if request.system:
+        body["system"] = request.system
+    if request.tools:
+        body["tools"] = [
+            {"name": t.name, "description": t.description, "input_schema": t.parameters}
+            for t in request.tools
+        ]
+    return body
+
+
+_STOP: dict[str, FinishReason] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "refusal",
+}
+
+
+@dataclass
+class _Call:
+    id: str
+    name: str
+    arguments: str = ""
+    complete: bool = False
+
+
+class AnthropicMessagesDecoder:
+    def __init__(self) -> None:
+        self._calls: dict[int, _Call] = {}  # tool_use blocks by content block index
+        self._input_tokens = 0
+        self._cached_tokens = 0
+        self._reason: FinishReason | None = None
+        self._done = False
+
+    def feed(self, event: SSEEvent) -> list[ProviderEvent]:
+        if self._done:
+            return []
+        payload = parse_json(event)
+        if payload is None:
+            return []
+        kind = payload.get("type") or event.event
+        if kind == "message_start":
+            message = payload.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
+                self._usage_in(usage)
+            return []
+        if kind == "content_block_start":
+            return self._block_start(payload)
+        if kind == "content_block_delta":
+            return self._block_delta(payload)
+        if kind == "content_block_stop":
+            return self._complete(self._call_at(payload))
+        if kind == "message_delta":
+            delta = payload.get("delta")
+            reason = delta.get("stop_reason") if isinstance(delta, dict) else None
+            if isinstance(reason, str):
+                self._reason = _STOP.get(reason, "stop")
+            usage = payload.get("usage")
+            if not isinstance(usage, dict):
+                return []
+            self._usage_in(usage)
+            output = as_int(usage.get("output_tokens"))
+            return [Usage(self._input_tokens, output, self._cached_tokens)]
+        if kind == "message_stop":
+            return self._finish()
+        if kind == "error":
+            raise ProviderError(error_text(payload))
+        return []  # ping, and whatever Anthropic adds next
+
+    def end(self) -> list[ProviderEvent]:
+        if self._done:
+            return []
+        if self._reason is None:
+            raise ProviderError("the upstream ended the stream before message_stop")
+        return self._finish()
+
+    def _usage_in(self, usage: dict[str, Any]) -> None:
+        if "input_tokens" not in usage:
+            return
+        cached = as_int(usage.get("cache_read_input_tokens"))
+        written = as_int(usage.get("cache_creation_input_tokens"))
+        self._input_tokens = as_int(usage.get("input_tokens")) + cached + written
+        self._cached_tokens = cached
+
+    def _block_start(self, payload: dict[str, Any]) -> list[ProviderEvent]:
+        block = payload.get("content_block")
+        if not isinstance(block, dict):
+            return []
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str) and block["text"]:
+            return [TextDelta(block["text"])]
+        if kind == "thinking" and isinstance(block.get("thinking"), str) and block["thinking"]:
+            return [ReasoningDelta(block["thinking"])]
+        if kind != "tool_use" or not isinstance(payload.get("index"), int):
+            return []
+        call = _Call(block.get("id") or f"toolu_{payload['index']}", block.get("name") or "")
+        self._calls[payload["index"]] = call
+        out: list[ProviderEvent] = [ToolCallStart(call.id, call.name)]
+        if isinstance(block.get("input"), dict) and block["input"]:
+            call.arguments = json.dumps(block["input"])
+            out.append(ToolCallArgsDelta(call.id, call.arguments))
+        return out
+
+    def _block_delta(self, payload: dict[str, Any]) -> list[ProviderEvent]:
+        delta = payload.get("delta")
+        if not isinstance(delta, dict):
+            return []
+        kind = delta.get("type")
+        if kind == "text_delta" and isinstance(delta.get("text"), str) and delta["text"]:
+            return [TextDelta(delta["text"])]
+        if (
+            kind == "thinking_delta"
+            and isinstance(delta.get("thinking"), str)
+            and delta["thinking"]
+        ):
+            return [ReasoningDelta(delta["thinking"])]
+        if kind == "input_json_delta":
+            call = self._call_at(payload)
+            part = delta.get("partial_json")
+            if call is None or call.complete or not isinstance(part, str) or not part:
+                return []
+            call.arguments += part
+            return [ToolCallArgsDelta(call.id, part)]
+        return []
+
+    def _call_at(self, payload: dict[str, Any]) -> _Call | None:
+        index = payload.get("index")
+        return self._calls.get(index) if isinstance(index, int) else None
+
+    def _complete(self, call: _Call | None) -> list[ProviderEvent]:
+        if call is None or call.complete:
+            return []
+        call.complete = True
+        return [ToolCallComplete(call.id, call.name, call.arguments or "{}")]
+
+    def _finish(self) -> list[ProviderEvent]:
+        self._done = True
+        out: list[ProviderEvent] = []
+        for call in self._calls.values():
+            out += self._complete(call)
+        reason = self._reason or ("tool_calls" if self._calls else "stop")
+        return [*out, Finish(reason)]
+
+
+class AnthropicMessagesProvider(HttpProvider):
+    path = "/messages"
+
+    def headers(self) -> dict[str, str]:
+        headers = {"anthropic-version": ANTHROPIC_VERSION}
+        if self.endpoint.api_key:
+            headers["x-api-key"] = self.endpoint.api_key
+        return headers
+
+    def encode(self, request: ProviderRequest) -> dict[str, Any]:
+        return encode(request)
+
+    def decoder(self) -> AnthropicMessagesDecoder:
+        return AnthropicMessagesDecoder()

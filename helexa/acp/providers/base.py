@@ -1,0 +1,307 @@
+"""What the agent loop sees of a model, whatever wire API carries it.
+
+The loop builds a :class:`ProviderRequest` (conversation, tools, system prompt) and reads
+:data:`ProviderEvent` values back; each wire module turns the one into a request body and
+the server's SSE stream into the other. Decoders are pure state machines fed one
+:class:`~helexa.wire.streams.SSEEvent` at a time, so every shape is testable without I/O;
+:class:`HttpProvider` is the only place that touches the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
+
+import aiohttp
+
+from helexa.acp.config import Endpoint
+from helexa.wire.streams import SSEDecoder, SSEEvent
+
+log = logging.getLogger("helexa.acp.providers")
+
+T = TypeVar("T")
+
+# -- the conversation ----------------------------------------------------------------------
+
+
+@dataclass
+class ToolCall:
+    """One call the model made; ``arguments`` is the JSON text exactly as it streamed."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass
+class Message:
+    """One conversation entry. The system prompt is not a message: it rides the request.
+
+    ``reasoning`` is kept for replay to the editor but never sent back upstream (servers
+    either ignore it or want signed blocks we do not have). ``is_error`` marks a tool
+    result that failed, so a reloaded session shows it as failed.
+    """
+
+    role: Literal["user", "assistant", "tool"]
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str | None = None
+    is_error: bool = False
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclass
+class ProviderRequest:
+    model: str
+    messages: list[Message]
+    tools: list[ToolSpec] = field(default_factory=list)
+    system: str | None = None
+    max_tokens: int | None = None
+
+
+# -- the stream ----------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length", "tool_calls", "refusal"]
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStart:
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolCallArgsDelta:
+    id: str
+    delta: str
+
+
+@dataclass(frozen=True)
+class ToolCallComplete:
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: FinishReason
+
+
+ProviderEvent = (
+    TextDelta
+    | ReasoningDelta
+    | ToolCallStart
+    | ToolCallArgsDelta
+    | ToolCallComplete
+    | Usage
+    | Finish
+)
+
+
+class ProviderError(Exception):
+    """The upstream refused, failed or broke the stream; the message is for a human."""
+
+
+class Cancelled(Exception):
+    """The session's cancel event fired while we were waiting."""
+
+
+class Decoder(Protocol):
+    def feed(self, event: SSEEvent) -> list[ProviderEvent]: ...
+
+    def end(self) -> list[ProviderEvent]:
+        """The byte stream ended: flush what is pending, or raise if it was cut short."""
+        ...
+
+
+class Provider(Protocol):
+    async def stream(
+        self, request: ProviderRequest, cancel: asyncio.Event
+    ) -> AsyncIterator[ProviderEvent]:
+        """Stream one model turn; stop (closing the response) as soon as ``cancel`` is set."""
+        ...
+
+    async def list_models(self) -> list[str]: ...
+
+
+# -- helpers shared by the decoders --------------------------------------------------------
+
+
+def parse_json(event: SSEEvent) -> dict[str, Any] | None:
+    """The event's JSON object, or None (logged) when a server sent something malformed.
+
+    One bad chunk must not kill a turn that is otherwise fine, so decoders skip it.
+    """
+    try:
+        value = json.loads(event.data)
+    except ValueError:
+        log.warning("skipping malformed SSE payload: %.200r", event.data)
+        return None
+    if not isinstance(value, dict):
+        log.warning("skipping non-object SSE payload: %.200r", event.data)
+        return None
+    return value
+
+
+def error_text(body: Any) -> str:
+    """The human part of an OpenAI/Anthropic error body, whatever its exact nesting."""
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            message = err.get("message") or err.get("detail")
+            kind = err.get("type") or err.get("code")
+            if message:
+                return f"{kind}: {message}" if isinstance(kind, str) else str(message)
+        elif isinstance(err, str):
+            return err
+    return json.dumps(body)[:500]
+
+
+def as_int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def api_root(base_url: str) -> str:
+    """``http://host:port`` and ``http://host:port/v1`` both mean the same API root."""
+    base = base_url.rstrip("/")
+    return base if base.endswith("/v1") else f"{base}/v1"
+
+
+# -- cancellation --------------------------------------------------------------------------
+
+
+async def race_cancel(awaitable: Awaitable[T], cancel: asyncio.Event) -> T:
+    """Await ``awaitable`` unless ``cancel`` fires first; then cancel it and raise Cancelled.
+
+    A per-await race (rather than cancelling the whole prompt task) lets the caller finish
+    its own bookkeeping and answer ``session/prompt`` with ``cancelled``.
+    """
+    task = asyncio.ensure_future(awaitable)
+    if cancel.is_set():
+        task.cancel()
+        raise Cancelled
+    waiter = asyncio.ensure_future(cancel.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        waiter.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise Cancelled
+
+
+# -- HTTP ----------------------------------------------------------------------------------
+
+
+class HttpProvider:
+    """One wire API over aiohttp; subclasses name the path, the encoder and the decoder."""
+
+    path: ClassVar[str]
+
+    def __init__(self, endpoint: Endpoint, http: aiohttp.ClientSession) -> None:
+        self.endpoint = endpoint
+        self.http = http
+        self.url = api_root(endpoint.base_url) + self.path
+
+    def headers(self) -> dict[str, str]:
+        key = self.endpoint.api_key
+        return {"authorization": f"Bearer {key}"} if key else {}
+
+    def encode(self, request: ProviderRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def decoder(self) -> Decoder:
+        raise NotImplementedError
+
+    async def stream(
+        self, request: ProviderRequest, cancel: asyncio.Event
+    ) -> AsyncIterator[ProviderEvent]:
+        decoder = self.decoder()
+        body = self.encode(request)
+        try:
+            async for event in self._sse(body, cancel):
+                for out in decoder.feed(event):
+                    yield out
+        except Cancelled:
+            return
+        for out in decoder.end():
+            yield out
+
+    async def list_models(self) -> list[str]:
+        """Model ids from ``GET /v1/models`` (OpenAI and Anthropic share the shape)."""
+        url = api_root(self.endpoint.base_url) + "/models"
+        try:
+            async with self.http.get(url, headers=self.headers()) as resp:
+                body = await resp.json(content_type=None)
+                if resp.status >= 400:
+                    raise ProviderError(f"{url}: HTTP {resp.status}: {error_text(body)}")
+        except (aiohttp.ClientError, ValueError) as exc:
+            raise ProviderError(f"cannot list models at {url}: {exc}") from None
+        data = body.get("data") if isinstance(body, dict) else None
+        return [m["id"] for m in data or [] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    async def _sse(self, body: dict[str, Any], cancel: asyncio.Event) -> AsyncIterator[SSEEvent]:
+        headers = {"accept": "text/event-stream", **self.headers()}
+        try:
+            resp = await race_cancel(self.http.post(self.url, json=body, headers=headers), cancel)
+        except aiohttp.ClientError as exc:
+            raise ProviderError(f"cannot reach {self.url}: {exc}") from None
+        complete = False
+        try:
+            if resp.status >= 400:
+                text = await race_cancel(resp.text(), cancel)
+                try:
+                    detail = error_text(json.loads(text))
+                except ValueError:
+                    detail = text.strip()[:500] or resp.reason or ""
+                raise ProviderError(f"{self.url}: HTTP {resp.status}: {detail}")
+            sse = SSEDecoder()
+            while chunk := await race_cancel(resp.content.readany(), cancel):
+                for event in sse.feed(chunk):
+                    yield event
+            complete = True
+            for event in sse.end():
+                yield event
+        except aiohttp.ClientError as exc:
+            raise ProviderError(f"stream from {self.url} broke: {exc}") from None
+        finally:
+            # An unfinished response must drop its connection: that is how the upstream
+            # learns we stopped listening (and stops generating).
+            if complete:
+                resp.release()
+            else:
+                resp.close()

@@ -1,0 +1,200 @@
+"""OpenAI ``/v1/chat/completions``: helexa's own gateway, llama.cpp, vLLM, Ollama, OpenAI.
+
+The stream is ``data:`` chunks with deltas on ``choices[0]``; tool calls arrive as fragments
+keyed by ``index`` (id and name in the first, arguments spread over the rest), usage rides
+a last chunk with no choices, and ``data: [DONE]`` ends it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from helexa.acp.providers.base import (
+    Finish,
+    FinishReason,
+    HttpProvider,
+    ProviderError,
+    ProviderEvent,
+    ProviderRequest,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallArgsDelta,
+    ToolCallComplete,
+    ToolCallStart,
+    Usage,
+    as_int,
+    error_text,
+    parse_json,
+)
+from helexa.wire.streams import SSEEvent
+
+
+def encode(request: ProviderRequest) -> dict[str, Any]:
+    messages: list[dict[str, Any]] = []
+    if request.system:
+        messages.append({"role": "system", "content": request.system})
+    for m in request.messages:
+        if m.role == "user":
+            messages.append({"role": "user", "content": m.content})
+        elif m.role == "tool":
+            messages.append({"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content})
+        else:
+            out: dict[str, Any] = {"role": "assistant", "content": m.content or None}
+            if m.tool_calls:
+                out["tool_calls"] = [
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments or "{}"},
+                    }
+                    for c in m.tool_calls
+                ]
+            elif out["content"] is None:
+                out["content"] = ""
+            messages.append(out)
+    body: dict[str, Any] = {
+        "model": request.model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if request.tools:
+        body["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                },
+            }
+            for t in request.tools
+        ]
+    if request.max_tokens:
+        body["max_tokens"] = request.max_tokens
+    return body
+
+
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "refusal",
+}
+
+
+@dataclass
+class _Call:
+    id: str
+    name: str = ""
+    arguments: str = ""
+    started: bool = False
+
+
+class OpenAIChatDecoder:
+    def __init__(self) -> None:
+        self._calls: dict[Any, _Call] = {}
+        self._reason: FinishReason | None = None
+        self._done = False
+
+    def feed(self, event: SSEEvent) -> list[ProviderEvent]:
+        if self._done:
+            return []
+        if event.data.strip() == "[DONE]":
+            return self._finish()
+        chunk = parse_json(event)
+        if chunk is None:
+            return []
+        if chunk.get("error"):
+            raise ProviderError(error_text(chunk))
+        out: list[ProviderEvent] = []
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta")
+            delta = delta if isinstance(delta, dict) else {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                out.append(ReasoningDelta(reasoning))
+            for key in ("content", "refusal"):
+                if isinstance(delta.get(key), str) and delta[key]:
+                    out.append(TextDelta(delta[key]))
+            for call in delta.get("tool_calls") or []:
+                if isinstance(call, dict):
+                    out += self._tool(call)
+            reason = choice.get("finish_reason")
+            if isinstance(reason, str) and reason:
+                self._reason = _FINISH.get(reason, "stop")
+                out += self._complete()
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            details = usage.get("prompt_tokens_details")
+            cached = as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+            out.append(
+                Usage(
+                    as_int(usage.get("prompt_tokens")),
+                    as_int(usage.get("completion_tokens")),
+                    cached,
+                )
+            )
+        return out
+
+    def end(self) -> list[ProviderEvent]:
+        if self._done:
+            return []
+        if self._reason is None:
+            raise ProviderError("the upstream ended the stream before the answer was finished")
+        return self._finish()
+
+    def _tool(self, fragment: dict[str, Any]) -> list[ProviderEvent]:
+        key = fragment.get("index")
+        if not isinstance(key, int):  # servers that send whole calls without an index
+            key = fragment.get("id") or len(self._calls)
+        function = fragment.get("function")
+        function = function if isinstance(function, dict) else {}
+        call = self._calls.get(key)
+        if call is None:
+            call = self._calls[key] = _Call(fragment.get("id") or f"call_{len(self._calls)}")
+        if not call.name and isinstance(function.get("name"), str):
+            call.name = function["name"]  # some servers repeat it in every fragment
+        args = function.get("arguments")
+        args = args if isinstance(args, str) else ""
+        out: list[ProviderEvent] = []
+        if not call.started and call.name:
+            # Announce once the name is known; arguments that raced ahead go out with it.
+            call.started = True
+            out.append(ToolCallStart(call.id, call.name))
+            if call.arguments:
+                out.append(ToolCallArgsDelta(call.id, call.arguments))
+        call.arguments += args
+        if call.started and args:
+            out.append(ToolCallArgsDelta(call.id, args))
+        return out
+
+    def _complete(self) -> list[ProviderEvent]:
+        out: list[ProviderEvent] = [
+            ToolCallComplete(c.id, c.name, c.arguments or "{}")
+            for c in self._calls.values()
+            if c.name
+        ]
+        self._calls.clear()
+        return out
+
+    def _finish(self) -> list[ProviderEvent]:
+        self._done = True
+        had_calls = any(c.name for c in self._calls.values())
+        out = self._complete()
+        reason = self._reason or ("tool_calls" if had_calls else "stop")
+        return [*out, Finish(reason)]
+
+
+class OpenAIChatProvider(HttpProvider):
+    path = "/chat/completions"
+
+    def encode(self, request: ProviderRequest) -> dict[str, Any]:
+        return encode(request)
+
+    def decoder(self) -> OpenAIChatDecoder:
+        return OpenAIChatDecoder()

@@ -1,0 +1,614 @@
+"""The agent's tools: read, write, edit, list, search files and run commands.
+
+Files go through the editor when it offers ``fs/read_text_file`` / ``fs/write_text_file``
+(so the model sees unsaved buffers and edits land in them) and commands through its
+``terminal/*`` methods (so the user watches them run); otherwise local implementations do
+the same job. Writes, edits and commands first ask ``session/request_permission``; a refusal
+becomes the tool's result and the model carries on. Every path is resolved (``..`` and
+symlinks included) and must stay inside the session's working directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from acp import RequestError, text_block, tool_content, tool_diff_content, tool_terminal_ref
+from acp.interfaces import Client
+from acp.schema import (
+    AllowedOutcome,
+    ClientCapabilities,
+    ContentToolCallContent,
+    FileEditToolCallContent,
+    PermissionOption,
+    TerminalToolCallContent,
+    ToolCallLocation,
+    ToolCallUpdate,
+    ToolKind,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from helexa.acp.providers.base import Cancelled, ToolCall, ToolSpec, race_cancel
+
+ToolContent = ContentToolCallContent | FileEditToolCallContent | TerminalToolCallContent
+Progress = Callable[[list[ToolContent]], Awaitable[None]]
+
+MAX_OUTPUT_CHARS = 60_000
+MAX_LIST_ENTRIES = 1_000
+MAX_MATCHES = 200
+MAX_SEARCH_FILE_BYTES = 2 * 1024 * 1024
+SKIP_DIRS = frozenset(
+    {".git", ".hg", ".svn", "node_modules", "__pycache__", ".venv", "venv", ".mypy_cache",
+     ".pytest_cache", ".ruff_cache", ".tox", "target", "dist", "build"}
+)  # fmt: skip
+
+PERMISSION_OPTIONS = [
+    PermissionOption(option_id="allow_once", name="Allow", kind="allow_once"),
+    PermissionOption(option_id="allow_always", name="Always allow", kind="allow_always"),
+    PermissionOption(option_id="reject_once", name="Reject", kind="reject_once"),
+]
+
+
+class ToolError(Exception):
+    """Why a tool call failed, worded for the model (it reads this and adapts)."""
+
+
+# -- the workspace -------------------------------------------------------------------------
+
+
+class Workspace:
+    """The session's cwd: the only tree the tools may touch."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+
+    def resolve(self, path: str) -> Path:
+        """The real path of ``path`` (relative to the root, or absolute inside it).
+
+        ``resolve()`` collapses ``..`` and follows symlinks, so a link pointing outside is
+        judged by where it lands, not by where it sits.
+        """
+        if not path or "\0" in path:
+            raise ToolError("a non-empty path is required")
+        candidate = Path(path)
+        resolved = (candidate if candidate.is_absolute() else self.root / candidate).resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise ToolError(f"{path!r} is outside the workspace {self.root}; access denied")
+        return resolved
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root)) if path != self.root else "."
+
+    def walk(self, top: Path, recursive: bool) -> Iterator[Path]:
+        """Entries under ``top`` in a stable order, skipping VCS/build dirs and never
+        descending through symlinks."""
+        entries = sorted(top.iterdir(), key=lambda p: p.name)
+        for entry in entries:
+            if entry.is_dir() and entry.name in SKIP_DIRS:
+                continue
+            yield entry
+            if recursive and entry.is_dir() and not entry.is_symlink():
+                yield from self.walk(entry, recursive)
+
+    def contains(self, path: Path) -> bool:
+        try:
+            self.resolve(str(path))
+        except ToolError:
+            return False
+        return True
+
+
+# -- arguments -----------------------------------------------------------------------------
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+PathField = Field(description="Path relative to the workspace root")
+
+
+class ReadFileArgs(_Args):
+    path: str = PathField
+    offset: int | None = Field(None, ge=1, description="First line to read (1-based)")
+    limit: int | None = Field(None, ge=1, description="Maximum number of lines to read")
+
+
+class WriteFileArgs(_Args):
+    path: str = PathField
+    content: str = Field(description="The complete new file content")
+
+
+class EditFileArgs(_Args):
+    path: str = PathField
+    old_string: str = Field(min_length=1, description="Exact text to replace; must be unique")
+    new_string: str = Field(description="Replacement text")
+    replace_all: bool = Field(False, description="Replace every occurrence")
+
+
+class ListFilesArgs(_Args):
+    path: str = Field(".", description="Directory relative to the workspace root")
+    recursive: bool = Field(False, description="Include subdirectories")
+
+
+class SearchFilesArgs(_Args):
+    query: str = Field(min_length=1, description="Text (or regular expression) to find")
+    path: str = Field(".", description="Directory or file to search")
+    regex: bool = Field(False, description="Treat query as a Python regular expression")
+
+
+class RunCommandArgs(_Args):
+    command: str = Field(min_length=1, description="Shell command, run in the workspace root")
+    timeout_s: float = Field(120.0, gt=0, le=3600, description="Kill it after this many seconds")
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    args: type[_Args]
+    kind: ToolKind
+    needs_permission: bool = False
+
+
+TOOLS: dict[str, Tool] = {
+    t.name: t
+    for t in [
+        Tool("read_file", "Read a text file from the workspace.", ReadFileArgs, "read"),
+        Tool(
+            "write_file",
+            "Create or overwrite a file with the given content.",
+            WriteFileArgs,
+            "edit",
+            needs_permission=True,
+        ),
+        Tool(
+            "edit_file",
+            "Replace an exact string in a file (read it first; old_string must match once).",
+            EditFileArgs,
+            "edit",
+            needs_permission=True,
+        ),
+        Tool("list_files", "List a directory of the workspace.", ListFilesArgs, "search"),
+        Tool(
+            "search_files",
+            "Search file contents for text or a regex; prints path:line: text.",
+            SearchFilesArgs,
+            "search",
+        ),
+        Tool(
+            "run_command",
+            "Run a shell command in the workspace root and return its output and exit code.",
+            RunCommandArgs,
+            "execute",
+            needs_permission=True,
+        ),
+    ]
+}
+
+
+def _strip_titles(schema: Any) -> Any:
+    """pydantic titles every property; the model needs descriptions, not noise."""
+    if isinstance(schema, dict):
+        return {k: _strip_titles(v) for k, v in schema.items() if k != "title"}
+    if isinstance(schema, list):
+        return [_strip_titles(v) for v in schema]
+    return schema
+
+
+TOOL_SPECS = [
+    ToolSpec(t.name, t.description, _strip_titles(t.args.model_json_schema()))
+    for t in TOOLS.values()
+]
+
+
+def parse_args(tool: Tool, arguments: str) -> _Args:
+    try:
+        raw = json.loads(arguments or "{}")
+    except ValueError:
+        raise ToolError(f"{tool.name}: arguments are not valid JSON: {arguments[:200]!r}") from None
+    if not isinstance(raw, dict):
+        raise ToolError(f"{tool.name}: arguments must be a JSON object")
+    try:
+        return tool.args.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "arguments"
+        raise ToolError(f"{tool.name}: {where}: {err['msg']}") from None
+
+
+def truncate(text: str, limit: int = MAX_OUTPUT_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[... truncated: {len(text)} characters in total]"
+
+
+# -- running tools -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientCaps:
+    read: bool = False
+    write: bool = False
+    terminal: bool = False
+
+    @classmethod
+    def from_acp(cls, caps: ClientCapabilities | None) -> ClientCaps:
+        if caps is None:
+            return cls()
+        fs = caps.fs
+        return cls(
+            read=bool(fs and fs.read_text_file),
+            write=bool(fs and fs.write_text_file),
+            terminal=bool(caps.terminal),
+        )
+
+
+@dataclass
+class ToolResult:
+    text: str  # what the model reads
+    ok: bool = True
+    content: list[ToolContent] = field(default_factory=list)  # what the editor shows
+
+    def editor_content(self) -> list[ToolContent]:
+        return self.content or [tool_content(text_block(truncate(self.text, 4_000)))]
+
+
+@dataclass(frozen=True)
+class Description:
+    title: str
+    kind: ToolKind
+    locations: list[ToolCallLocation]
+    raw_input: Any
+
+
+class ToolHost:
+    """One session's tools, bound to the editor connection and the session's workspace."""
+
+    def __init__(
+        self,
+        client: Client,
+        session_id: str,
+        workspace: Workspace,
+        caps: ClientCaps,
+        always_allowed: set[str],
+    ) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.workspace = workspace
+        self.caps = caps
+        self.always_allowed = always_allowed
+
+    def describe(self, name: str, arguments: str) -> Description:
+        """Title, kind and location for the editor; never fails (bad args show as raw)."""
+        tool = TOOLS.get(name)
+        try:
+            raw = json.loads(arguments or "{}")
+        except ValueError:
+            raw = arguments
+        if tool is None:
+            return Description(name, "other", [], raw)
+        args = raw if isinstance(raw, dict) else {}
+        subject = args.get("command") if name == "run_command" else args.get("path")
+        subject = subject if isinstance(subject, str) else ""
+        verb = {
+            "read_file": "Read",
+            "write_file": "Write",
+            "edit_file": "Edit",
+            "list_files": "List",
+            "search_files": "Search",
+            "run_command": "Run",
+        }[name]
+        if name == "search_files" and isinstance(args.get("query"), str):
+            subject = f"{args['query']!r} in {subject or '.'}"
+        elif name == "run_command":
+            subject = f"`{subject}`"
+        locations: list[ToolCallLocation] = []
+        if name != "run_command" and isinstance(args.get("path"), str):
+            with contextlib.suppress(ToolError):
+                locations = [ToolCallLocation(path=str(self.workspace.resolve(args["path"])))]
+        title = f"{verb} {subject}".strip()
+        return Description(title, tool.kind, locations, raw)
+
+    async def run(self, call: ToolCall, cancel: asyncio.Event, progress: Progress) -> ToolResult:
+        """Run one call; a ToolError becomes a failed result, Cancelled propagates."""
+        tool = TOOLS.get(call.name)
+        if tool is None:
+            known = ", ".join(TOOLS)
+            return ToolResult(f"unknown tool {call.name!r}; available: {known}", ok=False)
+        try:
+            args = parse_args(tool, call.arguments)
+            handler = getattr(self, f"_{tool.name}")
+            return await handler(args, call, cancel, progress)
+        except ToolError as exc:
+            return ToolResult(str(exc), ok=False)
+
+    # -- permission ------------------------------------------------------------------------
+
+    async def _permitted(
+        self, call: ToolCall, content: list[ToolContent], cancel: asyncio.Event
+    ) -> bool:
+        if call.name in self.always_allowed:
+            return True
+        info = self.describe(call.name, call.arguments)
+        update = ToolCallUpdate(
+            tool_call_id=call.id,
+            title=info.title,
+            kind=info.kind,
+            status="pending",
+            content=content or None,
+            locations=info.locations or None,
+            raw_input=info.raw_input,
+        )
+        response = await race_cancel(
+            self.client.request_permission(
+                session_id=self.session_id, tool_call=update, options=PERMISSION_OPTIONS
+            ),
+            cancel,
+        )
+        outcome = response.outcome
+        if not isinstance(outcome, AllowedOutcome):
+            return False
+        if outcome.option_id == "allow_always":
+            self.always_allowed.add(call.name)
+        return outcome.option_id in ("allow_once", "allow_always")
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def _read_text(
+        self, path: Path, cancel: asyncio.Event, line: int | None = None, limit: int | None = None
+    ) -> str:
+        rel = self.workspace.relative(path)
+        if self.caps.read:
+            try:
+                response = await race_cancel(
+                    self.client.read_text_file(
+                        session_id=self.session_id, path=str(path), line=line, limit=limit
+                    ),
+                    cancel,
+                )
+            except RequestError as exc:
+                raise ToolError(f"cannot read {rel}: {exc}") from None
+            return response.content
+        if not path.is_file():
+            raise ToolError(f"cannot read {rel}: no such file")
+        try:
+            text = await asyncio.to_thread(path.read_text, encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise ToolError(f"cannot read {rel}: {exc.strerror}") from None
+        if line is None and limit is None:
+            return text
+        lines = text.splitlines(keepends=True)
+        start = (line or 1) - 1
+        return "".join(lines[start : start + limit if limit else None])
+
+    async def _existing_text(self, path: Path, cancel: asyncio.Event) -> str | None:
+        if not path.is_file() and not self.caps.read:
+            return None
+        try:
+            return await self._read_text(path, cancel)
+        except ToolError:
+            return None
+
+    async def _write_text(self, path: Path, content: str, cancel: asyncio.Event) -> None:
+        rel = self.workspace.relative(path)
+        if self.caps.write:
+            try:
+                await race_cancel(
+                    self.client.write_text_file(
+                        session_id=self.session_id, path=str(path), content=content
+                    ),
+                    cancel,
+                )
+            except RequestError as exc:
+                raise ToolError(f"cannot write {rel}: {exc}") from None
+            return
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content, encoding="utf-8")
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as exc:
+            raise ToolError(f"cannot write {rel}: {exc.strerror}") from None
+
+    async def _read_file(
+        self, args: ReadFileArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
+    ) -> ToolResult:
+        path = self.workspace.resolve(args.path)
+        text = await self._read_text(path, cancel, args.offset, args.limit)
+        return ToolResult(truncate(text) if text else f"({self.workspace.relative(path)} is empty)")
+
+    async def _write_file(
+        self, args: WriteFileArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
+    ) -> ToolResult:
+        path = self.workspace.resolve(args.path)
+        rel = self.workspace.relative(path)
+        old = await self._existing_text(path, cancel)
+        diff: list[ToolContent] = [tool_diff_content(str(path), args.content, old)]
+        if not await self._permitted(call, diff, cancel):
+            return ToolResult(f"The user denied permission; {rel} was not written.", False, diff)
+        await self._write_text(path, args.content, cancel)
+        return ToolResult(f"Wrote {len(args.content)} characters to {rel}.", content=diff)
+
+    async def _edit_file(
+        self, args: EditFileArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
+    ) -> ToolResult:
+        path = self.workspace.resolve(args.path)
+        rel = self.workspace.relative(path)
+        old = await self._read_text(path, cancel)
+        count = old.count(args.old_string)
+        if count == 0:
+            raise ToolError(f"old_string was not found in {rel}; read the file and retry")
+        if count > 1 and not args.replace_all:
+            raise ToolError(
+                f"old_string appears {count} times in {rel}; add context to make it unique "
+                "or set replace_all"
+            )
+        new = old.replace(args.old_string, args.new_string, -1 if args.replace_all else 1)
+        diff: list[ToolContent] = [tool_diff_content(str(path), new, old)]
+        if not await self._permitted(call, diff, cancel):
+            return ToolResult(f"The user denied permission; {rel} was not changed.", False, diff)
+        await self._write_text(path, new, cancel)
+        return ToolResult(
+            f"Replaced {count if args.replace_all else 1} occurrence(s) in {rel}.", content=diff
+        )
+
+    async def _list_files(
+        self, args: ListFilesArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
+    ) -> ToolResult:
+        top = self.workspace.resolve(args.path)
+        if not top.is_dir():
+            raise ToolError(f"{self.workspace.relative(top)} is not a directory")
+
+        def listing() -> str:
+            lines: list[str] = []
+            for entry in self.workspace.walk(top, args.recursive):
+                if len(lines) == MAX_LIST_ENTRIES:
+                    lines.append(f"[... stopped after {MAX_LIST_ENTRIES} entries]")
+                    break
+                rel = str(entry.relative_to(self.workspace.root))
+                lines.append(rel + "/" if entry.is_dir() and not entry.is_symlink() else rel)
+            return "\n".join(lines) or "(empty directory)"
+
+        return ToolResult(await asyncio.to_thread(listing))
+
+    async def _search_files(
+        self, args: SearchFilesArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
+    ) -> ToolResult:
+        top = self.workspace.resolve(args.path)
+        try:
+            pattern = re.compile(args.query if args.regex else re.escape(args.query))
+        except re.error as exc:
+            raise ToolError(f"invalid regular expression: {exc}") from None
+        files = [top] if top.is_file() else None
+
+        def search() -> str:
+            found: list[str] = []
+            for path in files or self.workspace.walk(top, recursive=True):
+                if not path.is_file() or not self.workspace.contains(path):
+                    continue
+                try:
+                    if path.stat().st_size > MAX_SEARCH_FILE_BYTES:
+                        continue
+                    data = path.read_bytes()
+                except OSError:
+                    continue
+                if b"\0" in data[:8192]:
+                    continue  # binary
+                rel = str(path.relative_to(self.workspace.root))
+                for n, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+                    if pattern.search(line):
+                        found.append(f"{rel}:{n}: {line.strip()[:300]}")
+                        if len(found) == MAX_MATCHES:
+                            return "\n".join([*found, f"[... stopped at {MAX_MATCHES} matches]"])
+            return "\n".join(found) or f"No matches for {args.query!r}."
+
+        return ToolResult(await asyncio.to_thread(search))
+
+    # -- commands --------------------------------------------------------------------------
+
+    async def _run_command(
+        self, args: RunCommandArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
+    ) -> ToolResult:
+        if not await self._permitted(call, [], cancel):
+            return ToolResult("The user denied permission; the command was not run.", ok=False)
+        if self.caps.terminal:
+            return await self._run_in_terminal(args, cancel, progress)
+        return await self._run_locally(args, cancel)
+
+    async def _run_in_terminal(
+        self, args: RunCommandArgs, cancel: asyncio.Event, progress: Progress
+    ) -> ToolResult:
+        sid = self.session_id
+        created = await race_cancel(
+            self.client.create_terminal(
+                session_id=sid,
+                command="/bin/sh",
+                args=["-c", args.command],
+                cwd=str(self.workspace.root),
+                output_byte_limit=MAX_OUTPUT_CHARS,
+            ),
+            cancel,
+        )
+        tid = created.terminal_id
+        content: list[ToolContent] = [tool_terminal_ref(tid)]
+        try:
+            await progress(content)
+            status = "timed out"
+            try:
+                exit_ = await race_cancel(
+                    asyncio.wait_for(
+                        self.client.wait_for_terminal_exit(session_id=sid, terminal_id=tid),
+                        args.timeout_s,
+                    ),
+                    cancel,
+                )
+                status = _exit_text(exit_.exit_code, exit_.signal)
+            except TimeoutError:
+                await self.client.kill_terminal(session_id=sid, terminal_id=tid)
+            except Cancelled:
+                await self.client.kill_terminal(session_id=sid, terminal_id=tid)
+                raise
+            output = await self.client.terminal_output(session_id=sid, terminal_id=tid)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.client.release_terminal(session_id=sid, terminal_id=tid)
+        text = f"{status}\n{output.output}" + ("\n[output truncated]" if output.truncated else "")
+        return ToolResult(text, ok=status == "exit code 0", content=content)
+
+    async def _run_locally(self, args: RunCommandArgs, cancel: asyncio.Event) -> ToolResult:
+        proc = await asyncio.create_subprocess_shell(
+            args.command,
+            cwd=self.workspace.root,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so we can end all of it
+        )
+        stdout = proc.stdout
+        assert stdout is not None
+        output = bytearray()
+
+        async def pump() -> None:
+            while chunk := await stdout.read(65536):
+                output.extend(chunk)
+
+        reader = asyncio.ensure_future(pump())
+        status = f"timed out after {args.timeout_s:g}s and was killed"
+        try:
+            await race_cancel(asyncio.wait_for(proc.wait(), args.timeout_s), cancel)
+            status = _exit_text(proc.returncode, None)
+        except TimeoutError:
+            pass
+        finally:
+            # Also ends children it left behind holding our pipe open.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reader, 5)
+            reader.cancel()
+        text = output.decode("utf-8", "replace")
+        if len(text) > MAX_OUTPUT_CHARS:
+            text = (
+                f"[... {len(text) - MAX_OUTPUT_CHARS} characters cut]\n" + text[-MAX_OUTPUT_CHARS:]
+            )
+        return ToolResult(f"{status}\n{text}", ok=proc.returncode == 0)
+
+
+def _exit_text(code: int | None, sig: str | None) -> str:
+    if code is not None and code >= 0:
+        return f"exit code {code}"
+    if code is not None:
+        return f"killed by signal {-code}"
+    return f"killed by signal {sig}" if sig else "exited"

@@ -1,0 +1,326 @@
+"""The agent end to end: the ACP SDK's client over real stdio pipes to ``helexa acp``,
+which talks to a scripted model server on 127.0.0.1 in each wire API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from acp import RequestError, text_block
+from acp.schema import (
+    AgentMessageChunk,
+    AgentThoughtChunk,
+    ConfigOptionUpdate,
+    TerminalToolCallContent,
+    ToolCallProgress,
+    UserMessageChunk,
+)
+
+from tests.acp.harness import (
+    WAIT_S,
+    WIRE_APIS,
+    Call,
+    Editor,
+    Recorded,
+    Turn,
+    agent_process,
+    env_for,
+    upstream,
+)
+
+# -- reading what the agent sent upstream, per dialect --------------------------------------
+
+
+def tool_results(req: Recorded) -> dict[str, str]:
+    body = req.body
+    if req.wire_api == "openai-chat":
+        return {m["tool_call_id"]: m["content"] for m in body["messages"] if m["role"] == "tool"}
+    if req.wire_api == "openai-responses":
+        return {
+            i["call_id"]: i["output"] for i in body["input"] if i["type"] == "function_call_output"
+        }
+    return {
+        b["tool_use_id"]: b["content"]
+        for m in body["messages"]
+        if m["role"] == "user"
+        for b in m["content"]
+        if b["type"] == "tool_result"
+    }
+
+
+def tool_names(req: Recorded) -> list[str]:
+    tools = req.body["tools"]
+    if req.wire_api == "openai-chat":
+        return [t["function"]["name"] for t in tools]
+    return [t["name"] for t in tools]
+
+
+def system_prompt(req: Recorded) -> str:
+    if req.wire_api == "openai-chat":
+        return req.body["messages"][0]["content"]
+    return req.body["instructions" if req.wire_api == "openai-responses" else "system"]
+
+
+async def prompt(conn: Any, session_id: str, text: str) -> Any:
+    return await asyncio.wait_for(
+        conn.prompt(session_id=session_id, prompt=[text_block(text)]), WAIT_S
+    )
+
+
+# -- tools through the editor ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wire_api", WIRE_APIS)
+async def test_read_file_goes_through_the_editor_fs(
+    wire_api: str, workspace: Path, xdg: dict[str, str]
+) -> None:
+    notes = workspace / "notes.txt"
+    notes.write_text("the secret word is pineapple\n")
+    turns = [
+        Turn(text=["Let me look. "], calls=[Call("call_read", "read_file", {"path": "notes.txt"})]),
+        Turn(reasoning=["The file names a fruit."], text=["The word is ", "pineapple."]),
+    ]
+    editor = Editor()
+    async with (
+        upstream(turns) as server,
+        agent_process(editor, env_for(xdg, server.url, wire_api)) as (conn, init),
+    ):
+        assert init.agent_capabilities.load_session is True
+        session = await conn.new_session(cwd=str(workspace))
+        response = await prompt(conn, session.session_id, "Which word is in notes.txt?")
+
+    assert response.stop_reason == "end_turn"
+    assert editor.reads == [str(notes)]
+    assert editor.tool_statuses("call_read") == ["pending", "in_progress", "completed"]
+    final = editor.final_tool_update("call_read")
+    assert "pineapple" in final.content[0].content.text
+    assert editor.message_text() == "Let me look. The word is pineapple."
+    thoughts = [u.content.text for u in editor.updates if isinstance(u, AgentThoughtChunk)]
+    assert thoughts == ["The file names a fruit."]
+
+    first, second = server.requests
+    assert {first.wire_api, second.wire_api} == {wire_api}
+    assert first.body["model"] == "scripted"
+    assert {"read_file", "write_file", "edit_file", "run_command"} <= set(tool_names(first))
+    assert str(workspace) in system_prompt(first)
+    assert tool_results(second) == {"call_read": notes.read_text()}
+
+
+@pytest.mark.parametrize("answer", ["allow_once", "reject_once"])
+async def test_write_asks_permission_first(
+    answer: str, workspace: Path, xdg: dict[str, str]
+) -> None:
+    target = workspace / "out.txt"
+    target.write_text("old\n")
+    call = Call("call_write", "write_file", {"path": "out.txt", "content": "new\n"})
+    turns = [Turn(calls=[call]), Turn(text=["Done."])]
+    editor = Editor(permission=answer)
+    async with (
+        upstream(turns) as server,
+        agent_process(editor, env_for(xdg, server.url)) as (conn, _),
+    ):
+        session = await conn.new_session(cwd=str(workspace))
+        response = await prompt(conn, session.session_id, "Rewrite out.txt")
+
+    assert response.stop_reason == "end_turn"  # a refusal does not end the turn early
+    [asked] = editor.permission_requests
+    assert asked.tool_call_id == "call_write"
+    assert asked.content[0].new_text == "new\n" and asked.content[0].old_text == "old\n"
+    result = tool_results(server.requests[1])["call_write"]
+    if answer == "allow_once":
+        assert target.read_text() == "new\n"
+        assert editor.writes == [str(target)]
+        assert editor.tool_statuses("call_write")[-1] == "completed"
+    else:
+        assert target.read_text() == "old\n"
+        assert editor.writes == []
+        assert editor.tool_statuses("call_write")[-1] == "failed"
+        assert "denied" in result
+
+
+async def test_paths_outside_the_workspace_are_refused(
+    tmp_path: Path, workspace: Path, xdg: dict[str, str]
+) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET")
+    (workspace / "link.txt").symlink_to(secret)
+    calls = [
+        Call("dotdot", "read_file", {"path": "../secret.txt"}),
+        Call("symlink", "read_file", {"path": "link.txt"}),
+        Call("absolute", "write_file", {"path": str(secret), "content": "pwned"}),
+    ]
+    editor = Editor()
+    async with (
+        upstream([Turn(calls=calls), Turn(text=["ok"])]) as server,
+        agent_process(editor, env_for(xdg, server.url)) as (conn, _),
+    ):
+        session = await conn.new_session(cwd=str(workspace))
+        response = await prompt(conn, session.session_id, "Read the secret")
+
+    assert response.stop_reason == "end_turn"
+    assert editor.reads == [] and editor.writes == [] and editor.permission_requests == []
+    assert secret.read_text() == "TOP SECRET"
+    results = tool_results(server.requests[1])
+    for call in calls:
+        assert "outside the workspace" in results[call.id]
+        assert editor.tool_statuses(call.id)[-1] == "failed"
+    assert "TOP SECRET" not in json.dumps(server.requests[1].body)
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["local", "editor-terminal"])
+async def test_run_command_and_local_files(
+    terminal: bool, workspace: Path, xdg: dict[str, str]
+) -> None:
+    calls = [
+        Call("write", "write_file", {"path": "sub/hello.txt", "content": "hi from a file"}),
+        Call("run", "run_command", {"command": "cat sub/hello.txt; echo; exit 3"}),
+    ]
+    editor = Editor(fs=False, terminal=terminal)  # no fs capability: files are local
+    async with (
+        upstream([Turn(calls=calls), Turn(text=["ok"])]) as server,
+        agent_process(editor, env_for(xdg, server.url)) as (conn, _),
+    ):
+        session = await conn.new_session(cwd=str(workspace))
+        response = await prompt(conn, session.session_id, "Write and show a file")
+
+    assert response.stop_reason == "end_turn"
+    assert (workspace / "sub" / "hello.txt").read_text() == "hi from a file"
+    assert editor.writes == [] and len(editor.permission_requests) == 2
+    result = tool_results(server.requests[1])["run"]
+    assert "hi from a file" in result and "exit code 3" in result
+    assert editor.tool_statuses("run")[-1] == "failed"  # a non-zero exit is a failed call
+    shown = [
+        c
+        for u in editor.updates
+        if isinstance(u, ToolCallProgress) and u.tool_call_id == "run" and u.content
+        for c in u.content
+    ]
+    assert any(isinstance(c, TerminalToolCallContent) for c in shown) is terminal
+
+
+# -- cancellation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wire_api", WIRE_APIS)
+async def test_cancel_mid_stream_closes_the_upstream(
+    wire_api: str, workspace: Path, xdg: dict[str, str]
+) -> None:
+    editor = Editor()
+    async with (
+        upstream([Turn(text=["Working on it"], block=True), Turn(text=["fresh"])]) as server,
+        agent_process(editor, env_for(xdg, server.url, wire_api)) as (conn, _),
+    ):
+        session = await conn.new_session(cwd=str(workspace))
+        pending = asyncio.ensure_future(
+            conn.prompt(session_id=session.session_id, prompt=[text_block("Go")])
+        )
+        await editor.wait_for(lambda ups: any(isinstance(u, AgentMessageChunk) for u in ups))
+        assert not pending.done()
+        await conn.cancel(session_id=session.session_id)
+        response = await asyncio.wait_for(pending, WAIT_S)
+        await asyncio.wait_for(server.disconnected.wait(), WAIT_S)
+        # The session is usable again, and remembers what was said before the cancel.
+        again = await prompt(conn, session.session_id, "Try again")
+
+    assert response.stop_reason == "cancelled"
+    assert again.stop_reason == "end_turn"
+    assert "Working on it" in json.dumps(server.requests[1].body)
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+async def test_session_load_after_restart(workspace: Path, xdg: dict[str, str]) -> None:
+    call = Call("call_list", "list_files", {"path": "."})
+    turns = [Turn(calls=[call]), Turn(text=["Hello, ", "human."]), Turn(text=["Still here."])]
+    (workspace / "a.txt").write_text("a")
+    async with upstream(turns) as server:
+        env = env_for(xdg, server.url)
+        async with agent_process(Editor(), env) as (conn, _):
+            session = await conn.new_session(cwd=str(workspace))
+            await prompt(conn, session.session_id, "hi")
+
+        editor = Editor()
+        async with agent_process(editor, env) as (conn, init):
+            assert init.agent_capabilities.load_session is True
+            with pytest.raises(RequestError, match="unknown session"):
+                await conn.load_session(cwd=str(workspace), session_id="sess_missing")
+            await conn.load_session(cwd=str(workspace), session_id=session.session_id)
+            replayed = list(editor.updates)
+            response = await prompt(conn, session.session_id, "again")
+
+    users = [u.content.text for u in replayed if isinstance(u, UserMessageChunk)]
+    assert users == ["hi"]
+    assert "".join(u.content.text for u in replayed if isinstance(u, AgentMessageChunk)) == (
+        "Hello, human."
+    )
+    assert editor.tool_statuses("call_list")[0] == "completed"
+    assert response.stop_reason == "end_turn"
+    sent = server.requests[2].body["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "tool", "assistant", "user"]
+    assert sent[1]["content"] == "hi" and sent[-1]["content"] == "again"
+    assert sent[3]["content"] == "a.txt"
+
+
+async def test_model_selection_per_session(workspace: Path, xdg: dict[str, str]) -> None:
+    async with upstream([Turn(text=["from claude"]), Turn(text=["from chat"])]) as server:
+        config = Path(xdg["XDG_CONFIG_HOME"]) / "helexa" / "acp.toml"
+        config.parent.mkdir(parents=True)
+        config.write_text(
+            f"""
+default_endpoint = "chat"
+
+[[endpoints]]
+name = "chat"
+base_url = "{server.url}"
+default_model = "small"
+
+[[endpoints]]
+name = "claude"
+base_url = "{server.url}/v1"
+wire_api = "anthropic-messages"
+default_model = "big"
+api_key_env = "TEST_ANTHROPIC_KEY"
+"""
+        )
+        editor = Editor()
+        env = {**xdg, "TEST_ANTHROPIC_KEY": "sekrit"}
+        async with agent_process(editor, env) as (conn, _):
+            session = await conn.new_session(cwd=str(workspace))
+            [option] = session.config_options
+            assert option.id == "model" and option.current_value == "chat:small"
+            assert {o.value for o in option.options} == {"chat:small", "claude:big"}
+
+            switched = await prompt(conn, session.session_id, "/model claude:opus")
+            assert switched.stop_reason == "end_turn" and server.requests == []
+            await editor.wait_for(lambda ups: any(isinstance(u, ConfigOptionUpdate) for u in ups))
+            await prompt(conn, session.session_id, "hi")
+
+            changed = await conn.set_config_option(
+                config_id="model", session_id=session.session_id, value="chat"
+            )
+            assert changed.config_options[0].current_value == "chat:small"
+            await prompt(conn, session.session_id, "hi again")
+            with pytest.raises(RequestError, match="only 'model'"):
+                await conn.set_config_option(
+                    config_id="temperature", session_id=session.session_id, value="hot"
+                )
+
+    claude, chat = server.requests
+    assert (claude.wire_api, claude.body["model"]) == ("anthropic-messages", "opus")
+    assert claude.headers["x-api-key"] == "sekrit"
+    assert (chat.wire_api, chat.body["model"]) == ("openai-chat", "small")
+    assert "Model: claude:opus" in editor.message_text()
+
+
+async def test_model_discovered_when_none_configured(workspace: Path, xdg: dict[str, str]) -> None:
+    editor = Editor()
+    async with upstream([Turn(text=["hi"])], models=["first-model", "second"]) as server:
+        env = {**xdg, "HELEXA_ACP_BASE_URL": server.url}
+        async with agent_process(editor, env) as (conn, _):
+            session = await conn.new_session(cwd=str(workspace))
+            await prompt(conn, session.session_id, "hello")
+    assert server.requests[0].body["model"] == "first-model"
