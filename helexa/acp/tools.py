@@ -546,12 +546,12 @@ class ToolHost:
             await progress(content)
             status = "timed out"
             try:
-                exit_ = await race_cancel(
-                    asyncio.wait_for(
+                exit_ = await asyncio.wait_for(
+                    race_cancel(
                         self.client.wait_for_terminal_exit(session_id=sid, terminal_id=tid),
-                        args.timeout_s,
+                        cancel,
                     ),
-                    cancel,
+                    args.timeout_s,
                 )
                 status = _exit_text(exit_.exit_code, exit_.signal)
             except TimeoutError:
@@ -586,7 +586,7 @@ class ToolHost:
         reader = asyncio.ensure_future(pump())
         status = f"timed out after {args.timeout_s:g}s and was killed"
         try:
-            await race_cancel(asyncio.wait_for(proc.wait(), args.timeout_s), cancel)
+            await asyncio.wait_for(race_cancel(proc.wait(), cancel), args.timeout_s)
             status = _exit_text(proc.returncode, None)
         except TimeoutError:
             pass

@@ -206,19 +206,17 @@ async def race_cancel(awaitable: Awaitable[T], cancel: asyncio.Event) -> T:
     its own bookkeeping and answer ``session/prompt`` with ``cancelled``.
     """
     task = asyncio.ensure_future(awaitable)
-    if cancel.is_set():
-        task.cancel()
-        raise Cancelled
-    waiter = asyncio.ensure_future(cancel.wait())
-    try:
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
-    finally:
-        waiter.cancel()
-    if task.done():
-        return task.result()
+    if not cancel.is_set():
+        waiter = asyncio.ensure_future(cancel.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            waiter.cancel()
+        if task.done():
+            return task.result()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     raise Cancelled

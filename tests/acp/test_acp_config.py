@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helexa.acp.agent import main
+from helexa.acp.config import (
+    DEFAULT_BASE_URL,
+    SelectorError,
+    default_selection,
+    load_acp_config,
+    resolve_selector,
+)
+from helexa.config import ConfigError
+
+TWO_ENDPOINTS = """
+default_endpoint = "claude"
+max_iterations = 7
+
+[[endpoints]]
+name = "home"
+base_url = "http://10.0.0.2:31313/"
+default_model = "qwen3"
+
+[[endpoints]]
+name = "claude"
+base_url = "https://api.anthropic.com"
+wire_api = "anthropic-messages"
+default_model = "claude-sonnet"
+api_key_env = "MY_KEY"
+context_window = 200000
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "acp.toml"
+    path.write_text(text)
+    return path
+
+
+def test_file_with_two_endpoints(tmp_path: Path) -> None:
+    settings = load_acp_config(write(tmp_path, TWO_ENDPOINTS), {"MY_KEY": "k"})
+    assert settings.default_endpoint == "claude" and settings.max_iterations == 7
+    home, claude = settings.endpoints["home"], settings.endpoints["claude"]
+    assert (home.base_url, home.wire_api, home.api_key) == (
+        "http://10.0.0.2:31313",
+        "openai-chat",
+        None,
+    )
+    assert (claude.wire_api, claude.api_key, claude.context_window) == (
+        "anthropic-messages", "k", 200000,
+    )  # fmt: skip
+    assert default_selection(settings).selector == "claude:claude-sonnet"
+
+
+def test_selectors(tmp_path: Path) -> None:
+    settings = load_acp_config(write(tmp_path, TWO_ENDPOINTS), {"MY_KEY": "k"})
+    home = resolve_selector(settings, "home:Qwen/Qwen3-8B-GGUF:Q4_K_M")
+    assert (home.endpoint.name, home.model) == ("home", "Qwen/Qwen3-8B-GGUF:Q4_K_M")
+    assert resolve_selector(settings, "home").model == "qwen3"
+    assert resolve_selector(settings, "home:").model == "qwen3"
+    # A prefix that names no endpoint is part of a model id on the default endpoint.
+    bare = resolve_selector(settings, "huggingface:org/model")
+    assert (bare.endpoint.name, bare.model) == ("claude", "huggingface:org/model")
+    with pytest.raises(SelectorError, match="empty"):
+        resolve_selector(settings, "  ")
+
+
+def test_env_fallback_defaults_to_the_local_gateway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))  # no acp.toml there
+    settings = load_acp_config(environ={})
+    [endpoint] = settings.endpoints.values()
+    assert (endpoint.base_url, endpoint.wire_api, endpoint.default_model) == (
+        DEFAULT_BASE_URL, "openai-chat", None,
+    )  # fmt: skip
+    env = {
+        "HELEXA_ACP_BASE_URL": "https://api.openai.com/v1",
+        "HELEXA_ACP_MODEL": "gpt",
+        "HELEXA_ACP_WIRE_API": "openai-responses",
+        "HELEXA_ACP_API_KEY": "sk",
+    }
+    [endpoint] = load_acp_config(environ=env).endpoints.values()
+    (tmp_path / "helexa").mkdir()
+    (tmp_path / "helexa" / "acp.toml").write_text(TWO_ENDPOINTS)
+    assert set(load_acp_config(environ={"MY_KEY": "k"}).endpoints) == {"home", "claude"}
+    assert (endpoint.wire_api, endpoint.default_model, endpoint.api_key) == (
+        "openai-responses", "gpt", "sk",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        (TWO_ENDPOINTS, {}, "endpoints.1.api_key_env: environment variable MY_KEY is not set"),
+        (TWO_ENDPOINTS.replace('"claude"\nmax', '"nope"\nmax'), {"MY_KEY": "k"},
+         "default_endpoint: 'nope' is not an endpoint (home, claude)"),
+        (TWO_ENDPOINTS.replace('name = "claude"', 'name = "home"'), {"MY_KEY": "k"},
+         "endpoints.1.name: 'home' is not unique"),
+        ('[[endpoints]]\nname = "a:b"\nbase_url = "http://x"', {}, "endpoints.0.name"),
+        ('[[endpoints]]\nname = "a"\nbase_url = "ftp://x"', {}, "expected an http(s):// URL"),
+        ('[[endpoints]]\nname = "a"\nbase_url = "http://x"\nwire_api = "grpc"', {},
+         "endpoints.0.wire_api"),
+        ('[[endpoints]]\nname = "a"\nbase_url = "http://x"\ncolour = 1', {},
+         "endpoints.0.colour: unknown key"),
+        ("endpoints = []", {}, "endpoints"),
+        ("[[endpoints]", {}, "not valid TOML"),
+    ],
+)  # fmt: skip
+def test_mistakes_are_one_clear_line(
+    tmp_path: Path, text: str, env: dict[str, str], message: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_acp_config(path, env)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_main_exits_2_with_one_line_on_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, '[[endpoints]]\nname = "a"\nbase_url = "nope"')
+    assert main(str(path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("helexa acp: config error: ")
