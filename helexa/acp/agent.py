@@ -500,6 +500,9 @@ class HelexaAgent:
     ) -> bool:
         """Run the calls in order, recording each result; False if cancelled midway."""
         for i, call in enumerate(calls):
+            if cancel.is_set():
+                await self._cancel_calls(live, calls[i:])
+                return False
             await self._send(live.id, update_tool_call(call.id, status="in_progress"))
 
             async def progress(content: list[ToolContent], call_id: str = call.id) -> None:
@@ -508,16 +511,9 @@ class HelexaAgent:
             try:
                 result = await host.run(call, cancel, progress)
             except Cancelled:
-                result = None
-            if result is None or cancel.is_set():
-                for rest in calls[i:]:
-                    live.record.messages.append(
-                        Message(
-                            "tool", "cancelled by the user", tool_call_id=rest.id, is_error=True
-                        )
-                    )
-                await self._fail_announced(live, [c.id for c in calls[i:]])
+                await self._cancel_calls(live, calls[i:])
                 return False
+            # Recorded even if a cancel raced in: the call did take effect.
             live.record.messages.append(
                 Message("tool", result.text, tool_call_id=call.id, is_error=not result.ok)
             )
@@ -530,7 +526,15 @@ class HelexaAgent:
                     raw_output=result.text if len(result.text) < 4_000 else None,
                 ),
             )
-        return True
+        return not cancel.is_set()
+
+    async def _cancel_calls(self, live: LiveSession, calls: list[ToolCall]) -> None:
+        """Every call needs a result in the history, or the next request is malformed."""
+        for call in calls:
+            live.record.messages.append(
+                Message("tool", "cancelled by the user", tool_call_id=call.id, is_error=True)
+            )
+        await self._fail_announced(live, [c.id for c in calls])
 
     async def _fail_announced(self, live: LiveSession, ids: list[str]) -> None:
         for call_id in ids:

@@ -391,8 +391,8 @@ class ToolHost:
         return "".join(lines[start : start + limit if limit else None])
 
     async def _existing_text(self, path: Path, cancel: asyncio.Event) -> str | None:
-        if not path.is_file() and not self.caps.read:
-            return None
+        if not path.is_file():
+            return None  # a new file: nothing to diff against
         try:
             return await self._read_text(path, cancel)
         except ToolError:

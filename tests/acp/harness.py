@@ -202,7 +202,7 @@ class Editor:
     """An ACP client double with real file and process access."""
 
     def __init__(self, permission: str = "allow_once", fs: bool = True, terminal: bool = False):
-        self.permission = permission  # option id to pick, or "cancelled"
+        self.permission = permission  # option id to pick, "cancelled", or "never" (hang)
         self.fs = fs
         self.terminal = terminal
         self.updates: list[Any] = []
@@ -216,10 +216,10 @@ class Editor:
         fs = FileSystemCapabilities(read_text_file=self.fs, write_text_file=self.fs)
         return ClientCapabilities(fs=fs, terminal=self.terminal)
 
-    async def wait_for(self, predicate: Callable[[list[Any]], bool]) -> None:
+    async def wait_for(self, predicate: Callable[[Editor], bool]) -> None:
         async def waiting() -> None:
             async with self._changed:
-                await self._changed.wait_for(lambda: predicate(self.updates))
+                await self._changed.wait_for(lambda: predicate(self))
 
         await asyncio.wait_for(waiting(), WAIT_S)
 
@@ -256,7 +256,11 @@ class Editor:
     async def request_permission(
         self, session_id: str, tool_call: Any, options: list[Any], **kwargs: Any
     ) -> RequestPermissionResponse:
-        self.permission_requests.append(tool_call)
+        async with self._changed:
+            self.permission_requests.append(tool_call)
+            self._changed.notify_all()
+        if self.permission == "never":
+            await asyncio.Event().wait()
         if self.permission == "cancelled":
             return RequestPermissionResponse(outcome=DeniedOutcome(outcome="cancelled"))
         assert self.permission in {o.option_id for o in options}, options

@@ -217,7 +217,7 @@ async def test_cancel_mid_stream_closes_the_upstream(
         pending = asyncio.ensure_future(
             conn.prompt(session_id=session.session_id, prompt=[text_block("Go")])
         )
-        await editor.wait_for(lambda ups: any(isinstance(u, AgentMessageChunk) for u in ups))
+        await editor.wait_for(lambda e: any(isinstance(u, AgentMessageChunk) for u in e.updates))
         assert not pending.done()
         await conn.cancel(session_id=session.session_id)
         response = await asyncio.wait_for(pending, WAIT_S)
@@ -228,6 +228,35 @@ async def test_cancel_mid_stream_closes_the_upstream(
     assert response.stop_reason == "cancelled"
     assert again.stop_reason == "end_turn"
     assert "Working on it" in json.dumps(server.requests[1].body)
+
+
+async def test_cancel_while_asking_permission(workspace: Path, xdg: dict[str, str]) -> None:
+    calls = [
+        Call("w", "write_file", {"path": "a.txt", "content": "1"}),
+        Call("r", "read_file", {"path": "a.txt"}),
+    ]
+    editor = Editor(permission="never")
+    async with (
+        upstream([Turn(calls=calls), Turn(text=["ok"])]) as server,
+        agent_process(editor, env_for(xdg, server.url)) as (conn, _),
+    ):
+        session = await conn.new_session(cwd=str(workspace))
+        pending = asyncio.ensure_future(
+            conn.prompt(session_id=session.session_id, prompt=[text_block("Go")])
+        )
+        await editor.wait_for(lambda e: bool(e.permission_requests))
+        await conn.cancel(session_id=session.session_id)
+        response = await asyncio.wait_for(pending, WAIT_S)
+        await prompt(conn, session.session_id, "Never mind")
+
+    assert response.stop_reason == "cancelled"
+    assert not (workspace / "a.txt").exists() and editor.reads == []
+    assert editor.tool_statuses("w")[-1] == "failed" and editor.tool_statuses("r")[-1] == "failed"
+    # Both calls still have results, so the next request is well formed.
+    assert tool_results(server.requests[1]) == {
+        "w": "cancelled by the user",
+        "r": "cancelled by the user",
+    }
 
 
 # -- sessions ---------------------------------------------------------------------------------
@@ -296,7 +325,9 @@ api_key_env = "TEST_ANTHROPIC_KEY"
 
             switched = await prompt(conn, session.session_id, "/model claude:opus")
             assert switched.stop_reason == "end_turn" and server.requests == []
-            await editor.wait_for(lambda ups: any(isinstance(u, ConfigOptionUpdate) for u in ups))
+            await editor.wait_for(
+                lambda e: any(isinstance(u, ConfigOptionUpdate) for u in e.updates)
+            )
             await prompt(conn, session.session_id, "hi")
 
             changed = await conn.set_config_option(
