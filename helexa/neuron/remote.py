@@ -1,0 +1,193 @@
+"""A neuron on another host, reached over the neuron HTTP API (``server.py``).
+
+It implements the same :class:`Neuron` protocol as the in-process one, so cortex treats
+both alike. Failures come back as :class:`NeuronError`: the remote's own error body when it
+answered, or a 502 ``upstream_error`` when it could not be reached (``neuron_unreachable``)
+or its stream broke off (``stream_interrupted``), so the fleet can tell a sick node from a
+refused request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from helexa.neuron.interface import (
+    Discovery,
+    Health,
+    LoadRequest,
+    ModelState,
+    NeuronError,
+    UnloadRequest,
+)
+from helexa.wire.streams import SSEDecoder, SSEEvent
+
+
+def unreachable(name: str, exc: BaseException) -> NeuronError:
+    detail = str(exc) or type(exc).__name__
+    return NeuronError(
+        f"neuron {name!r} is unreachable: {detail}",
+        status=502,
+        type="upstream_error",
+        code="neuron_unreachable",
+    )
+
+
+def interrupted(name: str, detail: str) -> NeuronError:
+    return NeuronError(
+        f"stream from neuron {name!r} was interrupted: {detail}",
+        status=502,
+        type="upstream_error",
+        code="stream_interrupted",
+    )
+
+
+class RemoteNeuron:
+    """Client of one ``helexa neuron``; one aiohttp session, created in the running loop.
+
+    ``timeout_s`` bounds loads (which may download and copy gigabytes) and the wait for
+    each piece of a stream; ``poll_timeout_s`` bounds the quick calls the poller makes, so a
+    hung node is marked down promptly.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        endpoint: str,
+        token: str | None = None,
+        *,
+        timeout_s: float = 600,
+        poll_timeout_s: float = 10,
+    ) -> None:
+        self.name = name
+        self.endpoint = endpoint.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+        self.poll_timeout_s = poll_timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            self._session = aiohttp.ClientSession(headers=headers)
+        return self._session
+
+    async def _call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, timeout_s: float
+    ) -> Any:
+        """One request/response call; the decoded JSON body or a NeuronError."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        try:
+            async with self._client().request(
+                method, self.endpoint + path, json=body, timeout=timeout
+            ) as response:
+                text = await response.text()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise unreachable(self.name, exc) from exc
+        try:
+            payload = json.loads(text) if text else None
+        except ValueError:
+            payload = text
+        if status >= 400:
+            raise NeuronError.from_body(status, payload)
+        return payload
+
+    async def discovery(self) -> Discovery:
+        return Discovery.model_validate(
+            await self._call("GET", "/discovery", timeout_s=self.poll_timeout_s)
+        )
+
+    async def health(self) -> Health:
+        return Health.model_validate(
+            await self._call("GET", "/health", timeout_s=self.poll_timeout_s)
+        )
+
+    async def models(self) -> list[ModelState]:
+        payload = await self._call("GET", "/models", timeout_s=self.poll_timeout_s)
+        return [ModelState.model_validate(m) for m in payload or []]
+
+    async def load(self, request: LoadRequest) -> ModelState:
+        body = request.model_dump(exclude_none=True)
+        return ModelState.model_validate(
+            await self._call("POST", "/models/load", body, timeout_s=self.timeout_s)
+        )
+
+    async def unload(self, model_id: str) -> None:
+        body = UnloadRequest(model_id=model_id).model_dump()
+        await self._call("POST", "/models/unload", body, timeout_s=self.timeout_s)
+
+    async def count_tokens(self, request: dict[str, Any]) -> int:
+        payload = await self._call("POST", "/tokenize", request, timeout_s=self.timeout_s)
+        return int(payload["input_tokens"])
+
+    def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._stream("/v1/chat/completions", request)
+
+    def complete(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._stream("/v1/completions", request)
+
+    async def _stream(self, path: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Chunk dicts as the remote sends them; closing this closes the HTTP response,
+        which the remote sees as a hang-up and answers by cancelling generation."""
+        body = {**request, "stream": True, "stream_options": {"include_usage": True}}
+        # No total limit (a long answer is fine); a stall of timeout_s between bytes is not.
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout_s)
+        try:
+            response = await self._client().post(self.endpoint + path, json=body, timeout=timeout)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise unreachable(self.name, exc) from exc
+        done = False
+        try:
+            if response.status >= 400:
+                text = await response.text()
+                try:
+                    payload: Any = json.loads(text)
+                except ValueError:
+                    payload = text
+                raise NeuronError.from_body(response.status, payload)
+            try:
+                async for event in _events(response):  # to EOF, so the connection is reusable
+                    if event.data == "[DONE]":
+                        done = True
+                    elif not done:
+                        yield self._chunk(event)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise interrupted(self.name, str(exc) or type(exc).__name__) from exc
+            if not done:
+                raise interrupted(self.name, "it ended without [DONE]")
+        finally:
+            # A finished stream leaves the connection to the pool; anything else drops it,
+            # which is what tells the remote to stop generating.
+            if done:
+                response.release()
+            else:
+                response.close()
+
+    def _chunk(self, event: SSEEvent) -> dict[str, Any]:
+        try:
+            payload = event.json()
+        except ValueError as exc:
+            raise interrupted(self.name, f"undecodable event {event.data[:200]!r}") from exc
+        if isinstance(payload, dict) and "error" in payload:
+            raise NeuronError.from_body(500, payload)
+        if not isinstance(payload, dict):
+            raise interrupted(self.name, f"unexpected event {event.data[:200]!r}")
+        return payload
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+
+async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
+    decoder = SSEDecoder()
+    async for data in response.content.iter_any():
+        for event in decoder.feed(data):
+            yield event
+    for event in decoder.end():
+        yield event

@@ -1,0 +1,315 @@
+"""The neuron HTTP API: any :class:`Neuron` served over HTTP for a remote gateway.
+
+``helexa neuron`` runs this over the local engine; :class:`~helexa.neuron.remote.RemoteNeuron`
+is its client, so a gateway cannot tell a remote node from an in-process one. Generation
+routes speak OpenAI: the neuron's chunk dicts go out as SSE ``data:`` frames unchanged, or
+folded into one completion when the caller did not ask for a stream.
+
+Errors use the neuron API's one shape, ``{"error": {"type", "message", "code", ...}}``,
+with the status the neuron chose, so a preflight refusal (507 with ``needed_mb``) reaches
+the gateway intact. An error after the stream started rides the stream as a
+``data: {"error": ...}`` frame with no ``[DONE]`` after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from helexa.config import Settings, split_listen
+from helexa.neuron.interface import LoadRequest, ModelState, Neuron, NeuronError, UnloadRequest
+from helexa.wire.errors import WireError, validation_message
+from helexa.wire.openai import parse_chat_request, parse_completion_request
+from helexa.wire.streams import SSE_DONE, sse
+from helexa.wire.translate import ChatAccumulator, accumulate_completion
+
+NEURON = web.AppKey("neuron", Neuron)
+# Chat requests carry whole conversations; aiohttp's 1 MiB default is far too small.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+M = TypeVar("M", bound=BaseModel)
+
+
+# -- serving helpers shared with the gateway -------------------------------------------------
+
+
+class ListenError(Exception):
+    """The address could not be bound (in use, not ours, no permission)."""
+
+
+async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on ``host:port`` (0 picks a free port); return the runner and base URL.
+
+    Handler cancellation is on: when a client hangs up, its handler is cancelled where it
+    waits, which closes the neuron's stream and so stops generation mid-token-stream instead
+    of at the next write.
+    """
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException as exc:
+        await runner.cleanup()
+        if isinstance(exc, OSError):
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        raise
+    bound = runner.addresses[0][1]  # the real port when 0 was asked for
+    shown = f"[{host}]" if ":" in host else host
+    return runner, f"http://{shown}:{bound}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the API on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname or wildcard: reachable from elsewhere
+
+
+def token_ok(header: str | None, token: str) -> bool:
+    """Constant-time check of an ``Authorization: Bearer`` header against ``token``."""
+    scheme, _, presented = (header or "").partition(" ")
+    return hmac.compare_digest(
+        presented.strip().encode() if scheme.lower() == "bearer" else b"", token.encode()
+    )
+
+
+# -- responses -------------------------------------------------------------------------------
+
+
+def error_response(exc: NeuronError | WireError) -> web.Response:
+    if isinstance(exc, WireError):
+        body = {
+            "error": {
+                "type": "invalid_request_error",
+                "message": exc.message,
+                "code": exc.code,
+                "param": exc.param,
+            }
+        }
+        return web.json_response(body, status=exc.status)
+    return web.json_response(exc.to_body(), status=exc.status)
+
+
+def _dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json")
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except ValueError as exc:
+        raise WireError(400, f"request body is not valid JSON: {exc}") from None
+
+
+async def _parse(request: web.Request, model: type[M]) -> M:
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise WireError(400, "request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise WireError(400, validation_message(exc, body)) from None
+
+
+async def _first(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return None
+
+
+async def stream_sse(
+    request: web.Request, stream: AsyncIterator[dict[str, Any]]
+) -> web.StreamResponse:
+    """Relay chunk dicts as SSE. An error before the first chunk is a plain HTTP error."""
+    first = await _first(stream)  # NeuronError here becomes the HTTP status
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    try:
+        tail = SSE_DONE
+        try:
+            if first is not None:
+                await response.write(sse(first))
+                async for chunk in stream:
+                    await response.write(sse(chunk))
+        except NeuronError as exc:
+            tail = sse(exc.to_body())
+        await response.write(tail)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the caller hung up; the caller's aclosing stops generation
+    return response
+
+
+# -- handlers --------------------------------------------------------------------------------
+
+
+async def discovery(request: web.Request) -> web.Response:
+    return web.json_response(_dump(await request.app[NEURON].discovery()))
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response(_dump(await request.app[NEURON].health()))
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response([_dump(m) for m in await request.app[NEURON].models()])
+
+
+async def load(request: web.Request) -> web.Response:
+    body = await _parse(request, LoadRequest)
+    return web.json_response(_dump(await request.app[NEURON].load(body)))
+
+
+async def unload(request: web.Request) -> web.Response:
+    body = await _parse(request, UnloadRequest)
+    await request.app[NEURON].unload(body.model_id)
+    return web.json_response(_dump(ModelState(id=body.model_id, status="unloaded")))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    req = parse_chat_request(body)
+    async with aclosing(request.app[NEURON].chat(body)) as stream:
+        if req.stream:
+            return await stream_sse(request, stream)
+        acc = ChatAccumulator()
+        async for chunk in stream:
+            acc.add(chunk)
+        return web.json_response(acc.result())
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    req = parse_completion_request(body)
+    async with aclosing(request.app[NEURON].complete(body)) as stream:
+        if req.stream:
+            return await stream_sse(request, stream)
+        return web.json_response(accumulate_completion([c async for c in stream]))
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    parse_chat_request(body)
+    return web.json_response({"input_tokens": await request.app[NEURON].count_tokens(body)})
+
+
+# -- app -------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure in the neuron API's error shape, never aiohttp's text pages."""
+    try:
+        return await handler(request)
+    except (NeuronError, WireError) as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = NeuronError(exc.reason, status=exc.status, type="invalid_request_error")
+        return web.json_response(error.to_body(), status=exc.status)
+
+
+def _auth(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not token_ok(request.headers.get("Authorization"), token):
+            error = NeuronError(
+                "missing or invalid bearer token",
+                status=401,
+                type="authentication_error",
+                code="invalid_token",
+            )
+            return web.json_response(
+                error.to_body(), status=401, headers={"WWW-Authenticate": "Bearer"}
+            )
+        return await handler(request)
+
+    return check
+
+
+def make_neuron_app(neuron: Neuron, *, token: str | None = None) -> web.Application:
+    """The neuron HTTP API over ``neuron``; every route needs ``token`` when one is set."""
+    middlewares = [_errors] + ([_auth(token)] if token else [])
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app[NEURON] = neuron
+    app.router.add_get("/discovery", discovery)
+    app.router.add_get("/health", health)
+    app.router.add_get("/models", models)
+    app.router.add_post("/models/load", load)
+    app.router.add_post("/models/unload", unload)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/tokenize", tokenize)
+    return app
+
+
+# -- `helexa neuron` -------------------------------------------------------------------------
+
+
+async def until_signalled() -> None:
+    """Return on the first SIGINT or SIGTERM (the loop's handlers, not KeyboardInterrupt,
+    so cleanup runs inside the loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def serve_until_signalled(neuron: Neuron, host: str, port: int, token: str | None) -> None:
+    try:
+        runner, url = await start_server(make_neuron_app(neuron, token=token), host, port)
+    except BaseException:
+        await neuron.close()
+        raise
+    print(f"helexa neuron {neuron.name!r} serving on {url}", flush=True)
+    try:
+        await until_signalled()
+    finally:
+        await runner.cleanup()  # stop accepting, then cancel what is still streaming
+        await neuron.close()
+
+
+def run_neuron(settings: Settings) -> int:
+    """``helexa neuron``: serve this host's engine until SIGINT/SIGTERM."""
+    host, port = split_listen(settings.neuron.listen)
+    token = settings.neuron.token
+    if not token and not is_loopback(host):
+        print(
+            f"helexa: refusing to serve the neuron API on {settings.neuron.listen} without a "
+            "token; set --token or HELEXA_NEURON__TOKEN, or bind 127.0.0.1",
+            file=sys.stderr,
+        )
+        return 2
+    from helexa.neuron.local import LocalNeuron
+
+    try:
+        asyncio.run(serve_until_signalled(LocalNeuron(settings), host, port, token))
+    except ListenError as exc:
+        print(f"helexa: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""Test doubles and server helpers shared by the integration tests."""

@@ -1,0 +1,89 @@
+"""Real loopback servers for the integration tests: a neuron API over a test double, and
+a gateway whose fleet reaches that neuron through :class:`RemoteNeuron` over HTTP."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from helexa.config import LocalSettings, Settings
+from helexa.cortex.app import Observe, make_app
+from helexa.cortex.fleet import Fleet
+from helexa.neuron.interface import Neuron
+from helexa.neuron.remote import RemoteNeuron
+from helexa.neuron.server import make_neuron_app, start_server
+
+
+@asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on 127.0.0.1 at a free port for the block; yields its base URL."""
+    runner, url = await start_server(app, "127.0.0.1", 0)
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
+
+
+@dataclass
+class Gateway:
+    url: str
+    fleet: Fleet
+    remote: RemoteNeuron
+
+
+def gateway_settings(**gateway: object) -> Settings:
+    """Settings for a test gateway: no local engine, gateway keys as given."""
+    return Settings.model_validate({"gateway": gateway, "local": LocalSettings(enabled=False)})
+
+
+@asynccontextmanager
+async def gateway_over(
+    neuron: Neuron,
+    settings: Settings | None = None,
+    *,
+    neuron_token: str | None = None,
+    observe: Observe | None = None,
+) -> AsyncIterator[Gateway]:
+    """``neuron`` behind its HTTP API, and a gateway in front of that, both on loopback."""
+    async with serving(make_neuron_app(neuron, token=neuron_token)) as neuron_url:
+        remote = RemoteNeuron(neuron.name, neuron_url, neuron_token)
+        fleet = Fleet([remote])
+        await fleet.refresh()
+        app = make_app(fleet, settings or gateway_settings(), observe=observe)
+        try:
+            async with serving(app) as url:
+                yield Gateway(url, fleet, remote)
+        finally:
+            await fleet.close()
+
+
+@dataclass
+class Fetched:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def fetch(
+    method: str,
+    url: str,
+    *,
+    json_body: Any = None,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Fetched:
+    """One raw HTTP call with a fresh session: for checking exact bytes and status codes."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, url, json=json_body, data=data, headers=headers) as response,
+    ):
+        return Fetched(response.status, dict(response.headers), await response.read())
