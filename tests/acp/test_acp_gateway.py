@@ -1,0 +1,52 @@
+"""The agent against a real helexa gateway (in front of a ScriptedNeuron), in each dialect
+the gateway serves: the agent's encoders meet the gateway's parsers and translators."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from acp import text_block
+
+from tests.acp.harness import WAIT_S, WIRE_APIS, Editor, agent_process, env_for
+
+servers = pytest.importorskip("tests.support.servers")  # the gateway's own test harness
+scripted = pytest.importorskip("tests.support.scripted_neuron")
+
+
+def model_turns(request: dict[str, Any]) -> Any:
+    """Call read_file first; once its result is in the conversation, answer with it."""
+    results = [m["content"] for m in request["messages"] if m["role"] == "tool"]
+    if not results:
+        call = scripted.ToolCallScript("call_1", "read_file", ['{"path": ', '"notes.txt"}'])
+        return scripted.Reply(text=["Reading."], tool_calls=[call])
+    return scripted.Reply(text=["The file says: ", results[-1].strip()])
+
+
+@pytest.mark.parametrize("wire_api", WIRE_APIS)
+async def test_agent_through_the_helexa_gateway(
+    wire_api: str, workspace: Path, xdg: dict[str, str]
+) -> None:
+    (workspace / "notes.txt").write_text("pineapple\n")
+    neuron = scripted.ScriptedNeuron(models={"scripted": "loaded"}, script=model_turns)
+    editor = Editor()
+    async with (
+        servers.gateway_over(neuron) as gateway,
+        agent_process(editor, env_for(xdg, gateway.url, wire_api)) as (conn, _),
+    ):
+        session = await conn.new_session(cwd=str(workspace))
+        response = await asyncio.wait_for(
+            conn.prompt(session_id=session.session_id, prompt=[text_block("What's in notes?")]),
+            WAIT_S,
+        )
+
+    assert response.stop_reason == "end_turn"
+    assert editor.reads == [str(workspace / "notes.txt")]
+    assert editor.tool_statuses("call_1") == ["pending", "in_progress", "completed"]
+    assert editor.message_text() == "Reading.The file says: pineapple"
+    first, second = neuron.requests
+    assert [t["function"]["name"] for t in first["tools"]][:2] == ["read_file", "write_file"]
+    [result] = [m for m in second["messages"] if m["role"] == "tool"]
+    assert result["tool_call_id"] == "call_1" and result["content"] == "pineapple\n"
