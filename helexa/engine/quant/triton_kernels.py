@@ -32,8 +32,12 @@ SUPPORTED = (Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 MATVEC_MAX_ROWS = 4
 # Weights dequantized per prefill step: 64M bf16 = 128 MiB of scratch.
 DEQUANT_CHUNK_ELEMENTS = 1 << 26
-# The interpreter (TRITON_INTERPRET=1, for debugging on a CPU) gets one fixed config.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# One fixed matvec config instead of autotuning: under the interpreter (TRITON_INTERPRET=1,
+# for debugging on a CPU) and for tests (HELEXA_TRITON_AUTOTUNE=0), where tuning every tiny
+# shape would cost minutes of compiles.
+AUTOTUNE = (
+    os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("HELEXA_TRITON_AUTOTUNE") != "0"
+)
 
 _Q8_0, _Q4_K, _Q5_K, _Q6_K = int(Q.Q8_0), int(Q.Q4_K), int(Q.Q5_K), int(Q.Q6_K)
 
@@ -256,10 +260,10 @@ def matvec(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
     unit, unit_bytes, g = _unit(weight.qtype, k)
     args = (x, weight.data, y, n, x.stride(0), weight.data.stride(0), y.stride(0))
     meta = dict(N_UNITS=k // unit, QTYPE=int(weight.qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g)
-    if INTERPRET:
-        _matvec_kernel[(m, triton.cdiv(n, 4))](*args, **meta, BLOCK_N=4)
-    else:
+    if AUTOTUNE:
         _matvec_tuned[lambda c: (m, triton.cdiv(n, c["BLOCK_N"]))](*args, **meta)
+    else:
+        _matvec_kernel[(m, triton.cdiv(n, 8))](*args, **meta, BLOCK_N=8, num_warps=4)
     return y
 
 

@@ -1,0 +1,289 @@
+"""helexa vs llama.cpp on one GPU and one GGUF: a Qwen3-8B-shaped Q4_K_M with random blocks.
+
+Measures, for helexa: decode tok/s (batch 1, CUDA-graph step, argmax synced every token),
+eager decode tok/s, prefill tok/s at 512 and 4096 tokens, TTFT at 512, the device copy
+bandwidth and the decode floor it implies (weight bytes read per token / bandwidth), and
+each weight shape's matvec bandwidth. For llama.cpp: llama-bench on the same file
+(-p 512,4096 -n 128 -ngl 99 -fa 1). Prints one side-by-side table with ratios.
+
+Stages can run in separate invocations (the llama.cpp build overlaps other work):
+
+    python bench/llama_cpp.py --src .device/llama-src.tar.gz --work /tmp/llama &
+    python bench/gpu.py --gguf /tmp/hx/q8b.gguf --helexa --out $OUT
+    wait; python bench/gpu.py --gguf /tmp/hx/q8b.gguf --llama-work /tmp/llama --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.decode import PRESETS, synthetic_config  # noqa: E402
+from helexa.engine.cuda_graph import GraphDecoder  # noqa: E402
+from helexa.engine.loader_safetensors import load_checkpoint  # noqa: E402
+from helexa.engine.models.qwen3 import Qwen3  # noqa: E402
+from helexa.engine.quant import QuantizedTensor  # noqa: E402
+
+PROMPTS = (512, 4096)
+GEN = 128
+
+
+def synthetic_tensors(cfg: dict[str, Any], device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of the config's shapes, made on ``device`` (an 8B model's worth of
+    float32 takes minutes on a CPU and seconds on a GPU)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    h, f, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+
+    def w(rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, generator=gen, device=device) * cols**-0.5
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, device=device)
+
+    tensors = {"model.embed_tokens.weight": w(cfg["vocab_size"], h), "model.norm.weight": ones(h)}
+    if not cfg["tie_word_embeddings"]:
+        tensors["lm_head.weight"] = w(cfg["vocab_size"], h)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "self_attn.q_proj.weight": w(q, h),
+            p + "self_attn.k_proj.weight": w(kv, h),
+            p + "self_attn.v_proj.weight": w(kv, h),
+            p + "self_attn.o_proj.weight": w(h, q),
+            p + "self_attn.q_norm.weight": ones(hd),
+            p + "self_attn.k_norm.weight": ones(hd),
+            p + "input_layernorm.weight": ones(h),
+            p + "post_attention_layernorm.weight": ones(h),
+            p + "mlp.gate_proj.weight": w(f, h),
+            p + "mlp.up_proj.weight": w(f, h),
+            p + "mlp.down_proj.weight": w(h, f),
+        }
+    return tensors
+
+
+def write_model(path: Path, preset: str, quant: str, device: str = "cuda") -> float:
+    """Write the synthetic GGUF unless it exists; seconds taken."""
+    if path.exists():
+        return 0.0
+    from helexa.engine.gguf_write import write_gguf
+
+    start = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = synthetic_config(PRESETS[preset], max(PROMPTS) + GEN)
+    tmp = path.with_suffix(".partial")
+    write_gguf(tmp, config=cfg, tensors=synthetic_tensors(cfg, device), quant=quant)
+    tmp.rename(path)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return time.perf_counter() - start
+
+
+def cuda_ms(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
+    """Median milliseconds of ``fn`` between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_ms(lambda: dst.copy_(src), reps=10, warmup=2)
+    return 2 * nbytes / (ms / 1e3)
+
+
+def bytes_per_token(model: Qwen3) -> int:
+    """Weight bytes a decode step reads: all of them except the embedding table, of which
+    it reads one row (unless the table is also the output projection)."""
+    total = model.weight_bytes
+    if model.embed_tokens is not model.lm_head:
+        total -= model.embed_tokens.nbytes
+    return total
+
+
+def matvec_table(model: Qwen3) -> list[dict[str, Any]]:
+    """Per weight name: the Triton matvec over all layers' copies (so nothing sits in L2),
+    captured in one CUDA graph so launch overhead is out; plus its error vs dequant+matmul."""
+    from helexa.engine.quant.triton_kernels import dequantize_rows, matvec
+
+    groups: dict[str, list[QuantizedTensor]] = {}
+    for blk in model.layers:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            groups.setdefault(name, []).append(getattr(blk.attn, name))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            groups.setdefault(name, []).append(getattr(blk, name))
+    groups["lm_head"] = [model.lm_head]
+    rows = []
+    for name, weights in groups.items():
+        w0 = weights[0]
+        if not isinstance(w0, QuantizedTensor):
+            continue
+        x = torch.randn(1, w0.shape[1], device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ dequantize_rows(w0, dtype=torch.float32).double().T
+        err = float((matvec(x, w0).double() - ref).norm() / ref.norm())
+        for w in weights:  # compile + tune outside the capture
+            matvec(x, w)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for w in weights:
+                matvec(x, w)
+        ms = cuda_ms(graph.replay, reps=20, warmup=3)
+        nbytes = sum(w.nbytes for w in weights)
+        rows.append(
+            {
+                "weight": name,
+                "type": w0.qtype.name,
+                "shape": f"{w0.shape[0]}x{w0.shape[1]}",
+                "copies": len(weights),
+                "us each": ms * 1e3 / len(weights),
+                "GB/s": nbytes / (ms / 1e3) / 1e9,
+                "rel err": err,
+            }
+        )
+    return rows
+
+
+def bench_helexa(path: Path) -> dict[str, Any]:
+    device = torch.device("cuda")
+    start = time.perf_counter()
+    model = Qwen3.from_checkpoint(load_checkpoint(path, device), device, torch.bfloat16)
+    model.setup_cache(1, max(PROMPTS) + GEN)
+    torch.cuda.synchronize()
+    out: dict[str, Any] = {"load s": time.perf_counter() - start}
+    vocab = model.vocab_size
+    gen = torch.Generator().manual_seed(0)
+
+    for n in PROMPTS:
+        tokens = torch.randint(0, vocab, (1, n), generator=gen).to(device)
+        positions = torch.arange(n, device=device)
+        ms = cuda_ms(
+            lambda t=tokens, p=positions: model.forward(t, p, last_only=True),  # type: ignore[misc]
+            reps=3,
+        )
+        out[f"pp{n} tok/s"] = n / (ms / 1e3)
+        if n == 512:
+            ttft = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                int(model.forward(tokens, positions, last_only=True)[0, -1].argmax())
+                ttft.append(time.perf_counter() - t0)
+            out["TTFT512 ms"] = statistics.median(ttft) * 1e3
+
+    decoder = GraphDecoder(model)
+
+    def generate(step: Callable[[torch.Tensor, int], torch.Tensor], count: int) -> float:
+        token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for pos in range(count):
+            token = step(token, pos)[:, -1].argmax(-1, keepdim=True)
+            int(token)  # a host sync per token, as sampling does
+        return count / (time.perf_counter() - t0)
+
+    generate(decoder, GEN)  # captures the graph(s)
+    out[f"tg{GEN} tok/s"] = statistics.median(generate(decoder, GEN) for _ in range(3))
+
+    def eager(token: torch.Tensor, pos: int) -> torch.Tensor:
+        return model.forward(token, torch.tensor([pos], device=device), last_only=True)
+
+    generate(eager, 4)
+    out["eager tg tok/s"] = generate(eager, 32)
+    out["weight bytes/token"] = bytes_per_token(model)
+    out["matvec"] = matvec_table(model)
+    return out
+
+
+def table(helexa: dict[str, Any], llama: dict[str, float], bandwidth: float) -> str:
+    floor = bandwidth / helexa.get("weight bytes/token", float("nan"))
+    lines = [
+        f"{'metric':<18}{'helexa':>12}{'llama.cpp':>12}{'ratio':>8}",
+        "-" * 50,
+    ]
+    for key in [*(f"pp{n} tok/s" for n in PROMPTS), f"tg{GEN} tok/s"]:
+        ours, theirs = helexa.get(key, float("nan")), llama.get(key, float("nan"))
+        lines.append(f"{key:<18}{ours:>12.1f}{theirs:>12.1f}{ours / theirs:>8.2f}")
+    tg = helexa.get(f"tg{GEN} tok/s", float("nan"))
+    lines += [
+        f"{'eager tg tok/s':<18}{helexa.get('eager tg tok/s', float('nan')):>12.1f}",
+        f"{'TTFT512 ms':<18}{helexa.get('TTFT512 ms', float('nan')):>12.1f}",
+        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read+write); weights read per token "
+        f"{helexa.get('weight bytes/token', 0) / 1e9:.2f} GB; floor {floor:.0f} tok/s; "
+        f"helexa at {tg / floor:.0%} of it, llama.cpp at "
+        f"{llama.get(f'tg{GEN} tok/s', float('nan')) / floor:.0%}",
+    ]
+    if helexa.get("matvec"):
+        lines += ["", f"{'matvec':<10}{'type':>6}{'shape':>12}{'us':>8}{'GB/s':>8}{'err':>9}"]
+        for r in helexa["matvec"]:
+            lines.append(
+                f"{r['weight']:<10}{r['type']:>6}{r['shape']:>12}{r['us each']:>8.1f}"
+                f"{r['GB/s']:>8.0f}{r['rel err']:>9.1e}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--gguf", type=Path, required=True, help="written here unless it exists")
+    ap.add_argument("--preset", default="qwen3-8b", choices=sorted(PRESETS))
+    ap.add_argument("--quant", default="Q4_K_M")
+    ap.add_argument("--helexa", action="store_true", help="run helexa's side")
+    ap.add_argument("--llama-work", type=Path, help="llama.cpp build dir: run llama-bench")
+    ap.add_argument("--llama-src", type=Path, default=Path(".device/llama-src.tar.gz"))
+    ap.add_argument("--out", type=Path, default=Path("."), help="results.json goes here")
+    args = ap.parse_args(argv)
+
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    write_s = write_model(args.gguf, args.preset, args.quant)
+    if write_s:
+        results["gguf write s"] = write_s
+    results["device"] = torch.cuda.get_device_name()
+    results["torch"] = torch.__version__
+    results["gguf MB"] = args.gguf.stat().st_size / 2**20
+    if args.helexa:
+        results["copy B/s"] = copy_bandwidth()
+        results["helexa"] = bench_helexa(args.gguf)
+        results_path.write_text(json.dumps(results, indent=1))
+    if args.llama_work:
+        from bench.llama_cpp import build, run_bench, summarise
+
+        records = run_bench(build(args.llama_src, args.llama_work), args.gguf, prompts=PROMPTS)
+        results["llama.cpp"] = summarise(records)
+        results["llama.cpp records"] = records
+        results_path.write_text(json.dumps(results, indent=1))
+    print(f"# {results['device']}, torch {results['torch']}, {args.preset} {args.quant}, "
+          f"{results['gguf MB']:.0f} MiB GGUF")  # fmt: skip
+    print(
+        table(
+            results.get("helexa", {}),
+            results.get("llama.cpp", {}),
+            results.get("copy B/s", float("nan")),
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
