@@ -1,0 +1,139 @@
+"""The local engine served over the real neuron HTTP API on loopback: what `helexa neuron`
+serves to a remote gateway, driven by the OpenAI SDK and by RemoteNeuron."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from helexa.config import Settings
+from helexa.engine.generate import LoadedModel
+from helexa.neuron.interface import LoadRequest
+from helexa.neuron.local import LocalNeuron
+from helexa.neuron.remote import RemoteNeuron
+from helexa.neuron.server import make_neuron_app, start_server
+from tests.engine.factories import make_tiny_model_dir
+
+MESSAGES = [{"role": "user", "content": "def add(a, b):"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"), seed=41)
+
+
+@pytest.fixture
+async def served(model_dir: Path) -> AsyncIterator[tuple[LocalNeuron, str]]:
+    neuron = LocalNeuron(Settings())
+    runner, url = await start_server(make_neuron_app(neuron), "127.0.0.1", 0)
+    try:
+        yield neuron, url
+    finally:
+        await runner.cleanup()
+        await neuron.close()
+
+
+@pytest.fixture
+async def loaded(served: tuple[LocalNeuron, str], model_dir: Path) -> AsyncIterator[Any]:
+    """The tiny model loaded through the HTTP API; yields (neuron, url, model id, SDK)."""
+    neuron, url = served
+    remote = RemoteNeuron("local", url)
+    state = await remote.load(LoadRequest(model_id=str(model_dir), context_length=96))
+    assert (state.status, state.context_length) == ("loaded", 96)
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    try:
+        yield neuron, url, str(model_dir), client
+    finally:
+        await client.close()
+        await remote.close()
+
+
+async def test_sdk_stream_equals_the_in_process_stream(loaded: Any) -> None:
+    neuron, _, model_id, client = loaded
+    request = {"model": model_id, "messages": MESSAGES, "temperature": 0, "max_tokens": 12}
+    direct = [c async for c in neuron.chat(request)]
+    want = "".join(
+        (c["choices"][0]["delta"].get("content") or "")
+        + (c["choices"][0]["delta"].get("reasoning_content") or "")
+        for c in direct
+        if c["choices"]
+    )
+
+    stream = await client.chat.completions.create(
+        model=model_id,
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces: list[str] = []
+    usage = None
+    finish = None
+    async for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            extra = choice.delta.model_extra or {}
+            pieces.append((choice.delta.content or "") + (extra.get("reasoning_content") or ""))
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == want
+    assert usage is not None and usage.model_dump(
+        include={"prompt_tokens", "completion_tokens"}
+    ) == {k: direct[-1]["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
+    assert finish == direct[-2]["choices"][0]["finish_reason"]
+
+
+async def test_sdk_non_streaming_and_legacy_completions(loaded: Any) -> None:
+    _, _, model_id, client = loaded
+    reply = await client.chat.completions.create(
+        model=model_id, messages=MESSAGES, temperature=0, max_tokens=8
+    )
+    assert reply.usage is not None and 1 <= reply.usage.completion_tokens <= 8
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+    text = await client.completions.create(
+        model=model_id, prompt="def add(a, b):", temperature=0, max_tokens=5
+    )
+    assert text.usage is not None and text.usage.completion_tokens <= 5
+    assert text.choices[0].finish_reason in ("stop", "length")
+
+
+async def test_errors_reach_the_sdk_with_status_and_code(loaded: Any, tmp_path: Path) -> None:
+    _, _, model_id, client = loaded
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(
+            model=model_id, messages=MESSAGES, max_tokens=10_000, stream=True
+        )
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.ConflictError) as conflict:
+        await client.chat.completions.create(model="not-loaded", messages=MESSAGES)
+    assert conflict.value.code == "model_not_loaded"
+
+
+async def test_client_hang_up_cancels_generation(
+    loaded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, model_id, client = loaded
+    cancels: list[threading.Event] = []
+    real_stream_chat = LoadedModel.stream_chat
+
+    def spy(self: LoadedModel, request: dict, cancel: threading.Event):  # type: ignore[no-untyped-def]
+        cancels.append(cancel)
+        return real_stream_chat(self, request, cancel)
+
+    monkeypatch.setattr(LoadedModel, "stream_chat", spy)
+    stream = await client.chat.completions.create(
+        model=model_id, messages=MESSAGES, temperature=0, stream=True
+    )  # no max_tokens: it would fill the context
+    async for _ in stream:
+        break
+    await stream.close()
+    assert cancels
+    assert await asyncio.to_thread(cancels[0].wait, 30)
