@@ -291,10 +291,10 @@ class HelexaAgent:
     # -- model selection -------------------------------------------------------------------
 
     def _selection_for(self, record: SessionRecord) -> Selection:
-        try:
-            return resolve_selector(self.settings, record.selector)
-        except SelectorError:
+        """The stored selector, unless its endpoint has since left the config."""
+        if record.selector.partition(":")[0] not in self.settings.endpoints:
             return default_selection(self.settings)
+        return resolve_selector(self.settings, record.selector)
 
     def _select(self, live: LiveSession, selector: str) -> None:
         try:
@@ -304,7 +304,7 @@ class HelexaAgent:
         live.record.selector = live.selection.selector
         self.store.save(live.record)
 
-    def _options(self, live: LiveSession) -> list[Any]:
+    def _options(self, live: LiveSession) -> list[SessionConfigOptionSelect]:
         values = [
             Selection(ep, ep.default_model).selector for ep in self.settings.endpoints.values()
         ]
@@ -368,8 +368,9 @@ class HelexaAgent:
         if live.cancel is not None:
             raise RequestError(-32600, "a prompt is already running in this session")
         text = prompt_text(prompt)
-        if text.startswith("/model"):
-            await self._model_command(live, text.removeprefix("/model").strip())
+        command, _, argument = text.partition(" ")
+        if command.strip() == "/model":
+            await self._model_command(live, argument.strip())
             return PromptResponse(stop_reason="end_turn")
         cancel = live.cancel = asyncio.Event()
         try:
@@ -411,6 +412,14 @@ class HelexaAgent:
                 raise RequestError(
                     -32603, f"{endpoint.name} ({endpoint.wire_api}): {exc}"
                 ) from None
+            if reply.usage:
+                log.info(
+                    "session %s: %d input (%d cached), %d output tokens",
+                    live.id,
+                    reply.usage.input_tokens,
+                    reply.usage.cached_tokens,
+                    reply.usage.output_tokens,
+                )
             if cancel.is_set():
                 await self._fail_announced(live, reply.announced)
                 if reply.text:
@@ -440,7 +449,8 @@ class HelexaAgent:
 
     def _request(self, live: LiveSession, model: str) -> ProviderRequest:
         endpoint = live.selection.endpoint
-        system = (self.settings.system_prompt or SYSTEM_PROMPT).format(cwd=live.record.cwd)
+        # replace, not format: a user's prompt may well contain braces.
+        system = (self.settings.system_prompt or SYSTEM_PROMPT).replace("{cwd}", live.record.cwd)
         overhead = (len(system) + len(json.dumps([t.parameters for t in TOOL_SPECS]))) // 4
         budget = request_budget(endpoint.context_window, endpoint.max_tokens) - overhead
         messages = compact(live.record.messages, budget)

@@ -9,16 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from acp import RequestError, text_block
+from acp import RequestError, audio_block, image_block, text_block
 from acp.schema import (
     AgentMessageChunk,
     AgentThoughtChunk,
     ConfigOptionUpdate,
+    EmbeddedResourceContentBlock,
+    ResourceContentBlock,
     TerminalToolCallContent,
+    TextResourceContents,
     ToolCallProgress,
     UserMessageChunk,
 )
 
+from helexa.acp.agent import prompt_text
 from tests.acp.harness import (
     WAIT_S,
     WIRE_APIS,
@@ -301,6 +305,7 @@ async def test_model_selection_per_session(workspace: Path, xdg: dict[str, str])
         config.write_text(
             f"""
 default_endpoint = "chat"
+system_prompt = 'Work in {{cwd}}; reply as JSON like {{"a": 1}}.'
 
 [[endpoints]]
 name = "chat"
@@ -339,10 +344,15 @@ api_key_env = "TEST_ANTHROPIC_KEY"
                 await conn.set_config_option(
                     config_id="temperature", session_id=session.session_id, value="hot"
                 )
+            with pytest.raises(RequestError, match="image prompts are not supported"):
+                await conn.prompt(
+                    session_id=session.session_id, prompt=[image_block("aGk=", "image/png")]
+                )
 
     claude, chat = server.requests
     assert (claude.wire_api, claude.body["model"]) == ("anthropic-messages", "opus")
     assert claude.headers["x-api-key"] == "sekrit"
+    assert claude.body["system"] == f'Work in {workspace}; reply as JSON like {{"a": 1}}.'
     assert (chat.wire_api, chat.body["model"]) == ("openai-chat", "small")
     assert "Model: claude:opus" in editor.message_text()
 
@@ -355,3 +365,17 @@ async def test_model_discovered_when_none_configured(workspace: Path, xdg: dict[
             session = await conn.new_session(cwd=str(workspace))
             await prompt(conn, session.session_id, "hello")
     assert server.requests[0].body["model"] == "first-model"
+
+
+def test_prompt_text_labels_embedded_context_and_refuses_media() -> None:
+    resource = EmbeddedResourceContentBlock(
+        type="resource", resource=TextResourceContents(uri="file:///w/a.py", text="x = 1")
+    )
+    link = ResourceContentBlock(type="resource_link", name="b.py", uri="file:///w/b.py")
+    assert prompt_text([text_block("Fix"), resource, link]) == (
+        'Fix\n\n<context uri="file:///w/a.py">\nx = 1\n</context>\n\n[b.py](file:///w/b.py)'
+    )
+    with pytest.raises(RequestError, match="audio prompts are not supported"):
+        prompt_text([audio_block("aGk=", "audio/wav")])
+    with pytest.raises(RequestError, match="empty"):
+        prompt_text([text_block("  ")])

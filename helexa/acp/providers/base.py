@@ -144,7 +144,7 @@ class Decoder(Protocol):
 
 
 class Provider(Protocol):
-    async def stream(
+    def stream(
         self, request: ProviderRequest, cancel: asyncio.Event
     ) -> AsyncIterator[ProviderEvent]:
         """Stream one model turn; stop (closing the response) as soon as ``cancel`` is set."""
