@@ -1,0 +1,594 @@
+"""The gateway's HTTP surface: OpenAI chat/completions, Anthropic Messages and OpenAI
+Responses over the fleet, plus ``/v1/models``, ``/health`` and the admin routes.
+
+Every generation route follows one path (:func:`relay`): parse the body in the route's
+dialect, take a lease on the model, stream the neuron's OpenAI chunks through that
+dialect's :class:`StreamFormat` (or fold them into one answer), and release the lease
+whatever happens. Chunks are written as they arrive, never collected first, and a client
+that hangs up closes the neuron's stream so generation stops.
+
+Errors are rendered in the caller's dialect: Anthropic routes (``/v1/messages*``) get
+``{"type":"error","error":{...}}``, everything else OpenAI's ``{"error":{...}}``. Once a
+stream has started the status line is gone, so a failure rides the stream instead (an
+Anthropic ``error`` event, an OpenAI ``data: {"error":...}`` frame, a Responses
+``response.failed``) and the response ends cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from helexa.config import Settings
+from helexa.cortex.auth import KeyPolicy
+from helexa.cortex.fleet import Fleet, FleetError, Lease
+from helexa.neuron.interface import ModelState, NeuronError
+from helexa.wire.anthropic import parse_count_tokens_request, parse_messages_request
+from helexa.wire.errors import (
+    WireError,
+    anthropic_error_body,
+    anthropic_error_type,
+    openai_error_body,
+    openai_error_type,
+    validation_message,
+)
+from helexa.wire.openai import Model, ModelList, parse_chat_request, parse_completion_request
+from helexa.wire.responses import ResponsesRequest, parse_responses_request
+from helexa.wire.streams import (
+    SSE_DONE,
+    AnthropicStreamTranslator,
+    ResponsesStreamTranslator,
+    sse,
+    sse_events,
+)
+from helexa.wire.translate import (
+    ChatAccumulator,
+    accumulate_completion,
+    anthropic_to_openai,
+    openai_to_anthropic,
+    openai_to_responses,
+    responses_to_openai,
+)
+
+log = logging.getLogger("helexa.gateway")
+
+Dialect = Literal["openai", "anthropic"]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Conversations (with tool results) easily pass aiohttp's 1 MiB default.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+CLIENT_GONE = 499  # nginx's "client closed request": for hooks, never sent
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+@dataclass
+class Failure:
+    """Any refusal or error, reduced to what both dialects' error bodies need."""
+
+    status: int
+    message: str
+    code: str | None = None
+    type: str | None = None
+    param: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Failure:
+        if isinstance(exc, WireError):
+            return cls(exc.status, exc.message, exc.code, param=exc.param)
+        if isinstance(exc, FleetError):
+            return cls(exc.status, str(exc), exc.code, exc.type)
+        if isinstance(exc, NeuronError):
+            return cls(exc.status, exc.message, exc.code, exc.type, extra=exc.extra)
+        if isinstance(exc, web.HTTPException):
+            return cls(exc.status, exc.reason)
+        return cls(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+
+    def body(self, dialect: Dialect) -> dict[str, Any]:
+        """The error body in ``dialect``; structured extras (``needed_mb``) ride along."""
+        if dialect == "anthropic":
+            # Anthropic clients know a fixed set of types, chosen by status.
+            body = anthropic_error_body(self.status, self.message)
+        else:
+            kind = self.type or openai_error_type(self.status)
+            body = openai_error_body(self.message, type=kind, code=self.code, param=self.param)
+        body["error"].update({k: v for k, v in self.extra.items() if k not in body["error"]})
+        return body
+
+
+def dialect_of(path: str) -> Dialect:
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+
+def error_response(dialect: Dialect, failure: Failure) -> web.Response:
+    return web.json_response(failure.body(dialect), status=failure.status)
+
+
+# -- per-request hooks ------------------------------------------------------------------------
+
+
+class RequestObserver:
+    """The hook points of one generation request; this base ignores them all.
+
+    Metrics and traffic taps subclass it and hand :func:`make_app` a factory. Every route
+    reports through :func:`relay` in one order: ``routed`` (lease taken), ``chunk`` for
+    every upstream chunk (the first is time-to-first-token; the last carries usage, even
+    when the client did not ask to see it), then exactly one of ``finished`` or ``failed``.
+    A failure before routing (bad body, unknown model) reports ``failed`` alone.
+    """
+
+    def routed(self, lease: Lease) -> None:
+        pass
+
+    def chunk(self, chunk: dict[str, Any]) -> None:
+        pass
+
+    def finished(self) -> None:
+        pass
+
+    def failed(self, failure: Failure) -> None:
+        pass
+
+
+# (api: "chat" | "completions" | "messages" | "responses", requested model) -> observer
+Observe = Callable[[str, str], RequestObserver]
+
+
+def _ignore(api: str, model: str) -> RequestObserver:
+    return RequestObserver()
+
+
+# -- output formats ---------------------------------------------------------------------------
+
+
+class StreamFormat(Protocol):
+    """How one API writes the chunk stream: bytes per chunk, at the end, or on failure."""
+
+    def feed(self, chunk: dict[str, Any]) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+    def fail(self, failure: Failure) -> bytes: ...
+
+
+class OpenAIStream:
+    """OpenAI chat or completions chunks, re-serialised with the client's model name.
+
+    The neuron always reports usage; it is forwarded only when the client asked with
+    ``stream_options.include_usage``, as OpenAI does.
+    """
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.model = model
+        self.include_usage = include_usage
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        if "usage" in chunk and not self.include_usage:
+            if not chunk.get("choices"):
+                return b""
+            chunk = {k: v for k, v in chunk.items() if k != "usage"}
+        return sse({**chunk, "model": self.model})
+
+    def finish(self) -> bytes:
+        return SSE_DONE
+
+    def fail(self, failure: Failure) -> bytes:
+        return sse(failure.body("openai"))
+
+
+class AnthropicStream:
+    def __init__(self, model: str) -> None:
+        self.translator = AnthropicStreamTranslator(model)
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        return sse_events(self.translator.feed(chunk))
+
+    def finish(self) -> bytes:
+        return sse_events(self.translator.finish())
+
+    def fail(self, failure: Failure) -> bytes:
+        kind = anthropic_error_type(failure.status)
+        return sse_events(self.translator.error(failure.message, kind))
+
+
+class ResponsesStream:
+    def __init__(self, req: ResponsesRequest) -> None:
+        self.translator = ResponsesStreamTranslator(req)
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        return sse_events(self.translator.feed(chunk))
+
+    def finish(self) -> bytes:
+        return sse_events(self.translator.finish())
+
+    def fail(self, failure: Failure) -> bytes:
+        code = failure.code or "server_error"
+        return sse_events(self.translator.fail(failure.message, code))
+
+
+@dataclass
+class Job:
+    """One generation request, parsed: what to send upstream and how to answer.
+
+    ``upstream`` is the OpenAI body for the neuron; its ``model`` is replaced by the
+    lease's model id, while everything the client sees keeps ``model`` as it was asked.
+    ``answer`` turns the folded upstream completion into the response body.
+    """
+
+    api: str
+    model: str
+    upstream: dict[str, Any]
+    stream: StreamFormat | None
+    answer: Callable[[dict[str, Any]], dict[str, Any]]
+    kind: Literal["chat", "completion"] = "chat"
+
+
+# -- app state --------------------------------------------------------------------------------
+
+FLEET = web.AppKey("fleet", Fleet)
+SETTINGS = web.AppKey("settings", Settings)
+OBSERVE = web.AppKey("observe", Observe)
+STREAMS = web.AppKey("streams", set[asyncio.Task[Any]])
+
+
+# -- the relay --------------------------------------------------------------------------------
+
+
+async def _next(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return None
+
+
+async def relay(request: web.Request, job: Job) -> web.StreamResponse:
+    """Route ``job`` to a neuron and answer it; the one path every generation takes."""
+    observer = request.app[OBSERVE](job.api, job.model)
+    streams = request.app[STREAMS]
+    task = asyncio.current_task()
+    assert task is not None  # aiohttp runs every handler in a task
+    streams.add(task)  # so a stopping gateway can cancel it
+    try:
+        try:
+            lease = await request.app[FLEET].acquire(job.model)
+        except BaseException as exc:
+            observer.failed(_failure(exc))
+            raise
+        try:
+            observer.routed(lease)
+            upstream = {**job.upstream, "model": lease.model_id}
+            generate = lease.neuron.chat if job.kind == "chat" else lease.neuron.complete
+            async with aclosing(generate(upstream)) as chunks:
+                if job.stream is None:
+                    return await _fold(chunks, job, observer)
+                return await _stream(request, chunks, job.stream, observer)
+        except BaseException as exc:
+            observer.failed(_failure(exc))
+            raise
+        finally:
+            lease.release()
+    finally:
+        streams.discard(task)
+
+
+def _failure(exc: BaseException) -> Failure:
+    if isinstance(exc, asyncio.CancelledError | ConnectionResetError):
+        return Failure(CLIENT_GONE, "client disconnected", "client_disconnected")
+    return Failure.of(exc)
+
+
+async def _fold(
+    chunks: AsyncIterator[dict[str, Any]], job: Job, observer: RequestObserver
+) -> web.Response:
+    if job.kind == "chat":
+        acc = ChatAccumulator()
+        async for chunk in chunks:
+            observer.chunk(chunk)
+            acc.add(chunk)
+        completion = acc.result()
+    else:
+        collected = []
+        async for chunk in chunks:
+            observer.chunk(chunk)
+            collected.append(chunk)
+        completion = accumulate_completion(collected)
+    observer.finished()
+    return web.json_response(job.answer(completion))
+
+
+async def _stream(
+    request: web.Request,
+    chunks: AsyncIterator[dict[str, Any]],
+    fmt: StreamFormat,
+    observer: RequestObserver,
+) -> web.StreamResponse:
+    # Wait for the first chunk before sending headers: a neuron that refuses the request
+    # outright (context too long, model gone) is then a proper HTTP error status.
+    first = await _next(chunks)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    failure: Failure | None = None
+    try:
+        if first is not None:
+            observer.chunk(first)
+            await _write(response, fmt.feed(first))
+            async for chunk in chunks:
+                observer.chunk(chunk)
+                await _write(response, fmt.feed(chunk))
+        tail = fmt.finish()
+    except ConnectionResetError as exc:
+        observer.failed(_failure(exc))
+        return response  # the caller's aclosing stops the neuron
+    except Exception as exc:  # headers are sent: the failure has to ride the stream
+        failure = Failure.of(exc)
+        tail = fmt.fail(failure)
+    try:
+        await _write(response, tail)
+        await response.write_eof()
+    except ConnectionResetError as exc:
+        failure = failure or _failure(exc)
+    if failure is None:
+        observer.finished()
+    else:
+        observer.failed(failure)
+    return response
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    if data:
+        await response.write(data)
+
+
+# -- generation routes -------------------------------------------------------------------------
+
+
+async def _body(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except ValueError as exc:
+        raise WireError(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _with_model(model: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda completion: {**completion, "model": model}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await _body(request)
+    req = parse_chat_request(body)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    job = Job(
+        api="chat",
+        model=req.model,
+        upstream=body,
+        stream=OpenAIStream(req.model, include_usage) if req.stream else None,
+        answer=_with_model(req.model),
+    )
+    return await relay(request, job)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body = await _body(request)
+    req = parse_completion_request(body)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    job = Job(
+        api="completions",
+        model=req.model,
+        upstream=body,
+        stream=OpenAIStream(req.model, include_usage) if req.stream else None,
+        answer=_with_model(req.model),
+        kind="completion",
+    )
+    return await relay(request, job)
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    req = parse_messages_request(await _body(request))
+    job = Job(
+        api="messages",
+        model=req.model,
+        upstream=anthropic_to_openai(req),
+        stream=AnthropicStream(req.model) if req.stream else None,
+        answer=lambda completion: openai_to_anthropic(completion, req.model),
+    )
+    return await relay(request, job)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    req = parse_responses_request(await _body(request))
+    job = Job(
+        api="responses",
+        model=req.model,
+        upstream=responses_to_openai(req),
+        stream=ResponsesStream(req) if req.stream else None,
+        answer=lambda completion: openai_to_responses(completion, req),
+    )
+    return await relay(request, job)
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    """Prompt tokens for an Anthropic request, from a node with the model's tokenizer.
+
+    A node that has the model loaded answers without a lease (counting holds no slot);
+    only when none has it does the request take the ordinary route, loading it.
+    """
+    req = parse_count_tokens_request(await _body(request))
+    fleet = request.app[FLEET]
+    model_id = fleet.resolve(req.model)
+    upstream = {**anthropic_to_openai(req), "model": model_id}
+    loaded = [n for n, s in fleet.known_models().get(model_id, []) if s.status == "loaded"]
+    if loaded:
+        count = await loaded[0].neuron.count_tokens(upstream)
+    else:
+        async with await fleet.acquire(model_id) as lease:
+            count = await lease.neuron.count_tokens({**upstream, "model": lease.model_id})
+    return web.json_response({"input_tokens": count})
+
+
+# -- catalogue routes --------------------------------------------------------------------------
+
+
+def _status(states: list[ModelState]) -> str:
+    for status in ("loaded", "loading", "unloaded", "failed"):
+        if any(s.status == status for s in states):
+            return status
+    return "unloaded"
+
+
+def _model_entry(model_id: str, served: list[tuple[Any, ModelState]]) -> Model:
+    return Model(
+        id=model_id,
+        status=_status([s for _, s in served]),
+        nodes=sorted(node.name for node, _ in served),
+    )
+
+
+def _anthropic_model(model: Model) -> dict[str, Any]:
+    return {
+        "type": "model",
+        "id": model.id,
+        "display_name": model.id,
+        "created_at": "1970-01-01T00:00:00Z",
+    }
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The models some up node serves, in OpenAI's list shape (Anthropic's for its SDK)."""
+    known = request.app[FLEET].known_models()
+    models = [_model_entry(m, known[m]) for m in sorted(known)]
+    if "anthropic-version" in request.headers:
+        data = [_anthropic_model(m) for m in models]
+        return web.json_response(
+            {
+                "data": data,
+                "has_more": False,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            }
+        )
+    return web.json_response(ModelList(data=models).model_dump())
+
+
+async def get_model(request: web.Request) -> web.Response:
+    fleet = request.app[FLEET]
+    model_id = fleet.resolve(request.match_info["model"])
+    model = _model_entry(model_id, fleet.known_models()[model_id])
+    if "anthropic-version" in request.headers:
+        return web.json_response(_anthropic_model(model))
+    return web.json_response(model.model_dump())
+
+
+async def health(request: web.Request) -> web.Response:
+    nodes = request.app[FLEET].nodes.values()
+    up = sum(1 for n in nodes if n.up)
+    return web.json_response({"status": "ok", "nodes_up": up, "nodes": len(nodes)})
+
+
+# -- admin routes ------------------------------------------------------------------------------
+
+
+class AdminModelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    node: str | None = None
+
+
+async def _admin_body(request: web.Request) -> AdminModelRequest:
+    body = await _body(request)
+    try:
+        return AdminModelRequest.model_validate(body)
+    except ValidationError as exc:
+        raise WireError(400, validation_message(exc, body)) from None
+
+
+async def admin_load(request: web.Request) -> web.Response:
+    req = await _admin_body(request)
+    state = await request.app[FLEET].load(req.model, req.node)
+    return web.json_response(state.model_dump(mode="json"))
+
+
+async def admin_unload(request: web.Request) -> web.Response:
+    req = await _admin_body(request)
+    nodes = await request.app[FLEET].unload(req.model, req.node)
+    return web.json_response({"model": req.model, "status": "unloaded", "nodes": nodes})
+
+
+async def admin_fleet(request: web.Request) -> web.Response:
+    return web.json_response(request.app[FLEET].snapshot())
+
+
+# -- app ---------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every refusal in the route's dialect, including aiohttp's own (404, 405, 413)."""
+    try:
+        return await handler(request)
+    except (WireError, FleetError, NeuronError) as exc:
+        return error_response(dialect_of(request.path), Failure.of(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(dialect_of(request.path), Failure.of(exc))
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(dialect_of(request.path), Failure.of(exc))
+
+
+def _auth(policy: KeyPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        refusal = policy.refusal(request.path, request.headers)
+        if refusal is not None:
+            failure = Failure(401, refusal, "invalid_api_key", "authentication_error")
+            return error_response(dialect_of(request.path), failure)
+        return await handler(request)
+
+    return check
+
+
+async def _cancel_streams(app: web.Application) -> None:
+    """On shutdown, end generations now instead of waiting for them to finish."""
+    for task in list(app[STREAMS]):
+        task.cancel()
+
+
+def make_app(
+    fleet: Fleet, settings: Settings, *, observe: Observe | None = None
+) -> web.Application:
+    """The gateway app over ``fleet``; ``observe`` builds each request's hooks (metrics)."""
+    app = web.Application(
+        middlewares=[_errors, _auth(KeyPolicy.from_settings(settings.gateway))],
+        client_max_size=MAX_BODY_BYTES,
+    )
+    app[FLEET] = fleet
+    app[SETTINGS] = settings
+    app[OBSERVE] = observe or _ignore
+    app[STREAMS] = set()
+    app.on_shutdown.append(_cancel_streams)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/admin/models/load", admin_load)
+    app.router.add_post("/admin/models/unload", admin_unload)
+    app.router.add_get("/admin/fleet", admin_fleet)
+    return app
