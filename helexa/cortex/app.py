@@ -87,7 +87,7 @@ class Failure:
         if isinstance(exc, WireError):
             return cls(exc.status, exc.message, exc.code, param=exc.param)
         if isinstance(exc, FleetError):
-            return cls(exc.status, str(exc), exc.code, exc.type)
+            return cls(exc.status, str(exc), exc.code, exc.type, extra=exc.extra)
         if isinstance(exc, NeuronError):
             return cls(exc.status, exc.message, exc.code, exc.type, extra=exc.extra)
         if isinstance(exc, web.HTTPException):
@@ -264,19 +264,19 @@ async def relay(request: web.Request, job: Job) -> web.StreamResponse:
         except BaseException as exc:
             observer.failed(_failure(exc))
             raise
-        try:
-            observer.routed(lease)
-            upstream = {**job.upstream, "model": lease.model_id}
-            generate = lease.neuron.chat if job.kind == "chat" else lease.neuron.complete
-            async with aclosing(generate(upstream)) as chunks:
-                if job.stream is None:
-                    return await _fold(chunks, job, observer)
-                return await _stream(request, chunks, job.stream, observer)
-        except BaseException as exc:
-            observer.failed(_failure(exc))
-            raise
-        finally:
-            lease.release()
+        # Leaving the lease releases it, and tells the fleet when the node was unreachable.
+        async with lease:
+            try:
+                observer.routed(lease)
+                upstream = {**job.upstream, "model": lease.model_id}
+                generate = lease.neuron.chat if job.kind == "chat" else lease.neuron.complete
+                async with aclosing(generate(upstream)) as chunks:
+                    if job.stream is None:
+                        return await _fold(chunks, job, observer)
+                    return await _stream(request, chunks, job.stream, observer)
+            except BaseException as exc:
+                observer.failed(_failure(exc))
+                raise
     finally:
         streams.discard(task)
 
@@ -427,10 +427,11 @@ async def count_tokens(request: web.Request) -> web.Response:
     req = parse_count_tokens_request(await _body(request))
     fleet = request.app[FLEET]
     model_id = fleet.resolve(req.model)
-    upstream = {**anthropic_to_openai(req), "model": model_id}
-    loaded = [n for n, s in fleet.known_models().get(model_id, []) if s.status == "loaded"]
+    upstream = anthropic_to_openai(req)
+    loaded = [(n, s) for n, s in fleet.known_models().get(model_id, []) if s.status == "loaded"]
     if loaded:
-        count = await loaded[0].neuron.count_tokens(upstream)
+        node, state = loaded[0]  # state.id: the name this node knows the model by
+        count = await node.neuron.count_tokens({**upstream, "model": state.id})
     else:
         async with await fleet.acquire(model_id) as lease:
             count = await lease.neuron.count_tokens({**upstream, "model": lease.model_id})
@@ -516,8 +517,8 @@ async def _admin_body(request: web.Request) -> AdminModelRequest:
 
 async def admin_load(request: web.Request) -> web.Response:
     req = await _admin_body(request)
-    state = await request.app[FLEET].load(req.model, req.node)
-    return web.json_response(state.model_dump(mode="json"))
+    node = await request.app[FLEET].load(req.model, req.node)
+    return web.json_response({"model": req.model, "status": "loaded", "node": node})
 
 
 async def admin_unload(request: web.Request) -> web.Response:

@@ -28,12 +28,13 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
 
 
 def matches(presented: str | None, keys: Sequence[str]) -> bool:
-    """Constant-time membership: every key is compared, whatever matched first."""
+    """Constant-time membership: every key is compared, whatever matched first. An empty
+    key never matches, so a blank entry in the config cannot open the gateway."""
     candidate = (presented or "").encode()
     found = False
     for key in keys:
         found |= hmac.compare_digest(candidate, key.encode())
-    return found and presented is not None
+    return found and bool(presented)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,345 @@
+"""The gateway at the byte level: error bodies per dialect, auth, admin routes, streaming
+without buffering, per-request hooks, and the Service lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from helexa.cortex.app import Failure, RequestObserver
+from helexa.cortex.auth import KeyPolicy, matches, presented_key
+from helexa.cortex.fleet import Lease
+from helexa.cortex.service import Service
+from helexa.wire.streams import SSEDecoder, SSEEvent
+from tests.conftest import COLD_MODEL, MODEL
+from tests.support.scripted_neuron import Reply, ScriptedNeuron
+from tests.support.servers import Gateway, fetch, gateway_over, gateway_settings
+
+USER = [{"role": "user", "content": "hi"}]
+CHAT = {"model": MODEL, "messages": USER}
+MESSAGES = {"model": MODEL, "max_tokens": 8, "messages": USER}
+RESPONSES = {"model": MODEL, "input": "hi"}
+
+
+def openai_error(body: dict[str, Any]) -> dict[str, Any]:
+    assert set(body) == {"error"}
+    assert {"message", "type", "code", "param"} <= set(body["error"])
+    return body["error"]
+
+
+def anthropic_error(body: dict[str, Any]) -> dict[str, Any]:
+    assert body["type"] == "error"
+    assert {"type", "message"} <= set(body["error"])
+    return body["error"]
+
+
+# -- error bodies in the route's dialect --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "read"),
+    [
+        ("/v1/chat/completions", openai_error),
+        ("/v1/completions", openai_error),
+        ("/v1/responses", openai_error),
+        ("/v1/messages", anthropic_error),
+        ("/v1/messages/count_tokens", anthropic_error),
+    ],
+)
+async def test_invalid_json_is_400_in_dialect(gateway: Gateway, path: str, read: Any) -> None:
+    response = await fetch("POST", gateway.url + path, data=b'{"model": "x", ')
+    assert response.status == 400
+    error = read(response.json())
+    assert error["type"] == "invalid_request_error"
+    assert "not valid JSON" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "read"),
+    [
+        ("/v1/chat/completions", [1, 2], openai_error),
+        ("/v1/messages", {"model": MODEL, "messages": USER}, anthropic_error),
+        ("/v1/responses", {"model": MODEL}, openai_error),
+    ],
+)
+async def test_schema_errors_name_the_field(
+    gateway: Gateway, path: str, body: Any, read: Any
+) -> None:
+    response = await fetch("POST", gateway.url + path, json_body=body)
+    assert response.status == 400
+    message = read(response.json())["message"]
+    assert message  # one readable line, e.g. "max_tokens: Field required"
+    if isinstance(body, dict):
+        missing = {"/v1/messages": "max_tokens", "/v1/responses": "input"}[path]
+        assert missing in message
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "read"),
+    [
+        ("/v1/chat/completions", {**CHAT, "model": "nope"}, openai_error),
+        ("/v1/messages", {**MESSAGES, "model": "nope"}, anthropic_error),
+        ("/v1/responses", {**RESPONSES, "model": "nope"}, openai_error),
+    ],
+)
+async def test_unknown_model_is_404_in_dialect(
+    gateway: Gateway, path: str, body: Any, read: Any
+) -> None:
+    response = await fetch("POST", gateway.url + path, json_body=body)
+    assert response.status == 404
+    error = read(response.json())
+    assert error["type"] == "not_found_error"
+    assert "'nope'" in error["message"]
+
+
+async def test_unknown_route_and_method_are_json(gateway: Gateway) -> None:
+    missing = await fetch("GET", f"{gateway.url}/v1/nothing")
+    assert missing.status == 404
+    openai_error(missing.json())
+    wrong_method = await fetch("GET", f"{gateway.url}/v1/messages")
+    assert wrong_method.status == 405
+    anthropic_error(wrong_method.json())
+
+
+async def test_large_conversations_are_accepted(gateway: Gateway, scripted: ScriptedNeuron) -> None:
+    big = "word " * 400_000  # 2 MB, past aiohttp's 1 MiB default
+    response = await fetch(
+        "POST",
+        f"{gateway.url}/v1/chat/completions",
+        json_body={"model": MODEL, "messages": [{"role": "user", "content": big}]},
+    )
+    assert response.status == 200
+    assert scripted.requests[0]["messages"][0]["content"] == big
+
+
+# -- streaming -----------------------------------------------------------------------------
+
+
+async def read_events(response: aiohttp.ClientResponse, decoder: SSEDecoder) -> list[SSEEvent]:
+    """The next events to arrive (at least one), as the client sees them."""
+    events: list[SSEEvent] = []
+    while not events:
+        data = await response.content.readany()
+        assert data, "stream ended"
+        events = decoder.feed(data)
+    return events
+
+
+async def test_stream_is_passed_through_as_it_is_generated(
+    gateway: Gateway, scripted: ScriptedNeuron
+) -> None:
+    """Chunks reach the client while the neuron is still generating (here: blocked after
+    three chunks), so nothing waits for the whole answer."""
+    scripted.script = Reply(text=["one", "two", "three"], block_after=3)
+    received: list[str] = []
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{gateway.url}/v1/chat/completions", json={**CHAT, "stream": True}) as r,
+    ):
+        assert r.status == 200
+        decoder = SSEDecoder()
+        while received != ["", "one", "two"]:
+            for event in await asyncio.wait_for(read_events(r, decoder), timeout=5):
+                received.append(event.json()["choices"][0]["delta"]["content"])
+        assert not scripted.cancelled.is_set()
+    await asyncio.wait_for(scripted.cancelled.wait(), timeout=5)
+
+
+async def test_anthropic_stream_wire_format(gateway: Gateway, scripted: ScriptedNeuron) -> None:
+    scripted.script = Reply(text=["ok"])
+    response = await fetch(
+        "POST", f"{gateway.url}/v1/messages", json_body={**MESSAGES, "stream": True}
+    )
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events = SSEDecoder().feed(response.body)
+    assert all(e.event == e.json()["type"] for e in events)
+    assert events[-1].event == "message_stop"
+
+
+async def test_openai_mid_stream_error_frame(gateway: Gateway, scripted: ScriptedNeuron) -> None:
+    scripted.script = Reply(text=["a", "b"], fail_after=1)
+    response = await fetch(
+        "POST", f"{gateway.url}/v1/chat/completions", json_body={**CHAT, "stream": True}
+    )
+    assert response.status == 200
+    events = SSEDecoder().feed(response.body)
+    error = openai_error(events[-1].json())
+    assert (error["message"], error["code"]) == ("scripted failure", "generation_failed")
+    assert all(e.data != "[DONE]" for e in events)
+
+
+# -- auth ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def keyed(scripted: ScriptedNeuron) -> AsyncIterator[Gateway]:
+    settings = gateway_settings(api_keys=["user-key"], admin_key="admin-key")
+    async with gateway_over(scripted, settings) as gw:
+        yield gw
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "read"),
+    [("/v1/chat/completions", CHAT, openai_error), ("/v1/messages", MESSAGES, anthropic_error)],
+)
+async def test_auth_errors_in_dialect(keyed: Gateway, path: str, body: Any, read: Any) -> None:
+    for headers in ({}, {"x-api-key": "bad"}, {"Authorization": "Bearer bad"}):
+        response = await fetch("POST", keyed.url + path, json_body=body, headers=headers)
+        assert response.status == 401
+        assert read(response.json())["type"] == "authentication_error"
+    for headers in ({"x-api-key": "user-key"}, {"Authorization": "Bearer user-key"}):
+        response = await fetch("POST", keyed.url + path, json_body=body, headers=headers)
+        assert response.status == 200
+
+
+async def test_health_is_open_and_admin_needs_the_admin_key(keyed: Gateway) -> None:
+    health = await fetch("GET", f"{keyed.url}/health")
+    assert health.status == 200
+    assert health.json()["nodes_up"] == 1
+    for key in (None, "user-key", "wrong"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        response = await fetch("GET", f"{keyed.url}/admin/fleet", headers=headers)
+        assert response.status == 401
+    admin = {"Authorization": "Bearer admin-key"}
+    assert (await fetch("GET", f"{keyed.url}/admin/fleet", headers=admin)).status == 200
+
+
+def test_presented_key() -> None:
+    assert presented_key({"x-api-key": " k1 "}) == "k1"
+    assert presented_key({"Authorization": "Bearer k2"}) == "k2"
+    assert presented_key({"Authorization": "bearer k3"}) == "k3"
+    assert presented_key({"Authorization": "Basic abc"}) is None
+    assert presented_key({"Authorization": "Bearer "}) is None
+    assert presented_key({}) is None
+
+
+def test_matches_and_policy() -> None:
+    assert matches("b", ["a", "b", "c"])
+    assert not matches("d", ["a", "b"])
+    assert not matches(None, ["a"])
+    assert not matches("", [""])
+    open_policy = KeyPolicy()
+    assert open_policy.refusal("/v1/messages", {}) is None
+    keyed = KeyPolicy(("api",), "adm")
+    assert keyed.refusal("/health", {}) is None
+    assert keyed.refusal("/v1/models", {"x-api-key": "api"}) is None
+    assert keyed.refusal("/admin/fleet", {"x-api-key": "api"}) == "invalid admin key"
+    assert "missing" in (keyed.refusal("/v1/models", {}) or "")
+    # Without an admin key the admin routes take the API keys, never nothing.
+    assert KeyPolicy(("api",)).keys_for("/admin/fleet") == ("api",)
+
+
+# -- admin ---------------------------------------------------------------------------------
+
+
+async def test_admin_load_unload_and_fleet(gateway: Gateway, scripted: ScriptedNeuron) -> None:
+    loaded = await fetch(
+        "POST", f"{gateway.url}/admin/models/load", json_body={"model": COLD_MODEL}
+    )
+    assert loaded.status == 200
+    assert loaded.json()["status"] == "loaded"
+    assert [r.model_id for r in scripted.loads] == [COLD_MODEL]
+
+    snapshot = (await fetch("GET", f"{gateway.url}/admin/fleet")).json()
+    [node] = snapshot["nodes"]
+    assert (node["name"], node["up"]) == ("node-a", True)
+    assert node["devices"][0]["vram_total_mb"] == 24576
+    statuses = {m["id"]: m["status"] for m in snapshot["models"]}
+    assert statuses == {MODEL: "loaded", COLD_MODEL: "loaded"}
+
+    unloaded = await fetch(
+        "POST", f"{gateway.url}/admin/models/unload", json_body={"model": COLD_MODEL}
+    )
+    assert unloaded.json() == {"model": COLD_MODEL, "status": "unloaded", "nodes": ["node-a"]}
+    assert scripted.unloads == [COLD_MODEL]
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"model": "nope"}, 404),
+        ({"modle": MODEL}, 400),
+        ({"model": MODEL, "node": "elsewhere"}, 404),
+    ],
+)
+async def test_admin_errors(gateway: Gateway, body: Any, status: int) -> None:
+    response = await fetch("POST", f"{gateway.url}/admin/models/load", json_body=body)
+    assert response.status == status
+    openai_error(response.json())
+
+
+# -- per-request hooks ---------------------------------------------------------------------
+
+
+class Recorder(RequestObserver):
+    def __init__(self, log: list[tuple[str, Any]], api: str, model: str) -> None:
+        self.log = log
+        self.log.append(("start", (api, model)))
+
+    def routed(self, lease: Lease) -> None:
+        self.log.append(("routed", (lease.node.name, lease.model_id)))
+
+    def chunk(self, chunk: dict[str, Any]) -> None:
+        if chunk.get("usage"):
+            self.log.append(("usage", chunk["usage"]))
+
+    def finished(self) -> None:
+        self.log.append(("finished", None))
+
+    def failed(self, failure: Failure) -> None:
+        self.log.append(("failed", failure.status))
+
+
+async def test_hooks_see_every_request(scripted: ScriptedNeuron) -> None:
+    log: list[tuple[str, Any]] = []
+
+    def observe(api: str, model: str) -> RequestObserver:
+        return Recorder(log, api, model)
+
+    async with gateway_over(scripted, observe=observe) as gw:
+        # Streamed without include_usage: the client gets no usage, the hooks do.
+        await fetch("POST", f"{gw.url}/v1/chat/completions", json_body={**CHAT, "stream": True})
+        assert log == [
+            ("start", ("chat", MODEL)),
+            ("routed", ("node-a", MODEL)),
+            ("usage", scripted.script.usage()),
+            ("finished", None),
+        ]
+        log.clear()
+        await fetch("POST", f"{gw.url}/v1/messages", json_body={**MESSAGES, "model": "nope"})
+        assert log == [("start", ("messages", "nope")), ("failed", 404)]
+        log.clear()
+        scripted.script = Reply(text=["a", "b"], fail_after=1)
+        await fetch("POST", f"{gw.url}/v1/responses", json_body={**RESPONSES, "stream": True})
+        assert log[-1] == ("failed", 500)
+
+
+# -- Service -------------------------------------------------------------------------------
+
+
+async def test_service_serves_and_stops_gracefully(scripted: ScriptedNeuron) -> None:
+    settings = gateway_settings(listen="127.0.0.1:0")
+    service = Service(settings, [scripted])
+    await service.start()
+    try:
+        assert service.url.startswith("http://127.0.0.1:") and not service.url.endswith(":0")
+        models = (await fetch("GET", f"{service.url}/v1/models")).json()
+        assert {m["id"] for m in models["data"]} == {MODEL, COLD_MODEL}
+
+        scripted.script = Reply(text=["a", "b"], block_after=1)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{service.url}/v1/chat/completions", json={**CHAT, "stream": True}) as r,
+        ):
+            await asyncio.wait_for(read_events(r, SSEDecoder()), timeout=5)
+            await asyncio.wait_for(service.stop(), timeout=10)  # with a stream in flight
+            assert scripted.cancelled.is_set()
+            assert scripted.closed
+    finally:
+        await service.stop()
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await fetch("GET", f"{service.url}/health")
