@@ -236,7 +236,6 @@ class Job:
 # -- app state --------------------------------------------------------------------------------
 
 FLEET = web.AppKey("fleet", Fleet)
-SETTINGS = web.AppKey("settings", Settings)
 OBSERVE = web.AppKey("observe", Observe)
 STREAMS = web.AppKey("streams", set[asyncio.Task[Any]])
 
@@ -577,7 +576,6 @@ def make_app(
         client_max_size=MAX_BODY_BYTES,
     )
     app[FLEET] = fleet
-    app[SETTINGS] = settings
     app[OBSERVE] = observe or _ignore
     app[STREAMS] = set()
     app.on_shutdown.append(_cancel_streams)

@@ -4,7 +4,12 @@ without buffering, per-request hooks, and the Service lifecycle."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -343,3 +348,33 @@ async def test_service_serves_and_stops_gracefully(scripted: ScriptedNeuron) -> 
         await service.stop()
     with pytest.raises(aiohttp.ClientConnectionError):
         await fetch("GET", f"{service.url}/health")
+
+
+async def test_serve_headless_until_sigterm(tmp_path: Path) -> None:
+    """``helexa --serve`` prints where it listens, serves, and exits 0 on SIGTERM."""
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "helexa.cli",
+        "--serve",
+        "--no-local",
+        "--listen",
+        "127.0.0.1:0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
+        url = re.search(r"http://127\.0\.0\.1:\d+", line)
+        assert url, line
+        health = await fetch("GET", f"{url.group()}/health")
+        assert health.json()["nodes"] == 0
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

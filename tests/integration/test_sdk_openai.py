@@ -281,3 +281,13 @@ async def test_keyed_gateway_needs_a_valid_key(scripted: ScriptedNeuron) -> None
             completion = await client.chat.completions.create(model=MODEL, messages=USER)
         assert completion.choices[0].message.content == "".join(scripted.script.text)
     assert len(scripted.requests) == 1
+
+
+async def test_model_ids_with_slashes() -> None:
+    slashed = "Qwen/Qwen3-0.6B-GGUF:Q8_0"
+    async with gateway_over(ScriptedNeuron("node-b", models={slashed: "loaded"})) as gw:
+        client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+        async with client:
+            assert (await client.models.retrieve(slashed)).id == slashed
+            completion = await client.chat.completions.create(model=slashed, messages=USER)
+    assert completion.model == slashed
