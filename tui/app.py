@@ -4,7 +4,7 @@ The app runs the same :class:`helexa.cortex.service.Service` that ``helexa --ser
 inside Textual's event loop, and reads the gateway's own state: every refresh renders
 ``service.fleet.snapshot()``, and every admin key calls the fleet's admin operations in a
 worker, so the screen never blocks and never keeps a second copy of the truth. Token
-rates and TTFT come from :mod:`tui.traffic`, which watches the neurons' streams.
+rates and TTFT come from :mod:`tui.traffic`, fed by the gateway's per-request hooks.
 
 Quitting (q / Ctrl-C) stops the service first: streams are cancelled, local models
 unloaded and neurons closed before the terminal is handed back.
@@ -16,36 +16,24 @@ import asyncio
 import contextlib
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Footer, Header
 
-from helexa.config import NeuronEndpoint, Settings
+from helexa.config import LocalSettings, NeuronEndpoint, Settings
+from helexa.cortex.fleet import NodeState
+from helexa.cortex.service import Service, build_neurons
+from helexa.neuron.interface import Neuron
 from tui.fleetview import FleetView, ModelRow, fleet_view
-from tui.traffic import TappedNeuron, Traffic, tap_fleet
+from tui.traffic import Traffic
 from tui.widgets.attach_dialog import AttachDialog
 from tui.widgets.devices import DevicesPanel
 from tui.widgets.model_picker import ModelPicker
 from tui.widgets.models import ModelsTable
 from tui.widgets.request_log import RequestLog
 from tui.widgets.throughput import ThroughputPanel
-
-
-class ServiceLike(Protocol):
-    """What the dashboard needs from ``helexa.cortex.service.Service``."""
-
-    fleet: Any
-    settings: Settings
-
-    @property
-    def url(self) -> str: ...
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
 
 
 class HelexaApp(App[int]):
@@ -63,14 +51,14 @@ class HelexaApp(App[int]):
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
     ]
 
-    def __init__(self, service: ServiceLike, *, refresh_s: float = 1.0) -> None:
+    def __init__(self, service: Service, traffic: Traffic, *, refresh_s: float = 1.0) -> None:
+        """``traffic`` must be the one whose ``observer`` the service's gateway calls."""
         super().__init__()
         self.service = service
         self.refresh_s = refresh_s
-        self.traffic = Traffic()
+        self.traffic = traffic
         self.view = FleetView()
         self.pending: dict[str, str] = {}  # model row key -> admin op in flight
-        self.started = False
         self._stopped = False
 
     # -- layout ---------------------------------------------------------------------
@@ -103,7 +91,6 @@ class HelexaApp(App[int]):
         except Exception as exc:
             self.exit(1, 1, f"helexa: the gateway could not start: {exc}")
             return
-        self.started = True
         self.sub_title = f"gateway {self.service.url}"
         self.refresh_view()
 
@@ -142,9 +129,7 @@ class HelexaApp(App[int]):
     # -- refresh --------------------------------------------------------------------
     def refresh_view(self) -> None:
         """Re-read the fleet snapshot and the traffic record and push them to the widgets."""
-        fleet = self.service.fleet
-        tap_fleet(fleet, self.traffic)
-        self.view = fleet_view(fleet.snapshot())
+        self.view = fleet_view(self.service.fleet.snapshot())
         self.query_one(DevicesPanel).show(self.view.nodes)
         self.query_one(ModelsTable).show(self.view.models, self.pending)
         traffic = self.traffic
@@ -257,15 +242,20 @@ class HelexaApp(App[int]):
         self.push_screen(AttachDialog(), chosen)
 
     async def attach(self, endpoint: NeuronEndpoint) -> None:
-        """Add a remote neuron to the running fleet; refuse one that does not answer."""
-        from helexa.cortex.fleet import NodeState
-        from helexa.neuron.remote import RemoteNeuron
+        """Add a remote neuron to the running fleet; refuse one that does not answer.
 
+        The client is built by the service's own ``build_neurons`` from a one-entry
+        ``[[neurons]]`` list, so it gets the same timeouts a configured neuron gets.
+        """
+        settings = self.service.settings
         fleet = self.service.fleet
         if endpoint.name in fleet.nodes:
             raise ValueError(f"a node named {endpoint.name!r} is already in the fleet")
-        neuron = RemoteNeuron(endpoint.name, endpoint.endpoint, endpoint.token)
-        node = NodeState(endpoint.name, TappedNeuron(neuron, self.traffic))
+        only = settings.model_copy(
+            update={"neurons": [endpoint], "local": LocalSettings(enabled=False)}
+        )
+        (neuron,) = build_neurons(only)
+        node = NodeState(endpoint.name, neuron)
         await fleet.refresh_node(node)
         if not node.up:
             await neuron.close()
@@ -281,10 +271,24 @@ class HelexaApp(App[int]):
         )
 
 
-async def _run(settings: Settings) -> int:
-    from helexa.cortex.service import Service
+def build_app(
+    settings: Settings,
+    neurons: list[Neuron] | None = None,
+    *,
+    refresh_s: float = 1.0,
+    traffic: Traffic | None = None,
+) -> HelexaApp:
+    """The dashboard over a new Service whose gateway reports every request to the app.
 
-    app = HelexaApp(Service(settings))
+    ``neurons`` replaces the ones the settings describe (tests, the screenshot script).
+    """
+    traffic = traffic or Traffic()
+    service = Service(settings, neurons, observe=traffic.observer)
+    return HelexaApp(service, traffic, refresh_s=refresh_s)
+
+
+async def _run(settings: Settings) -> int:
+    app = build_app(settings)  # inside the loop: neurons may bind loop resources
     try:
         await app.run_async()
     finally:

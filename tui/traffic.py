@@ -2,28 +2,23 @@
 
 The fleet snapshot says what is loaded where; it does not say how fast tokens are flowing
 right now. Prometheus counters only move when a request finishes, which turns a live
-tokens/s sparkline into a comb. So the TUI watches the streams themselves: it wraps each
-fleet node's neuron in a :class:`TappedNeuron` that passes every chunk through untouched
-and tells :class:`Traffic` when a request starts, when its first token arrives, how many
-tokens each chunk carried and how it ended. Both are plain objects with an injectable
-clock, so the arithmetic is tested without a terminal or a server.
+tokens/s sparkline into a comb. So the TUI listens on the gateway's own per-request hooks
+(:class:`helexa.cortex.app.RequestObserver`, the ones metrics use): every chunk the gateway
+relays tells :class:`Traffic` when the first token arrived and how many tokens came, and
+the request's end says how it went. Traffic has an injectable clock, so the arithmetic is
+tested without a terminal or a server.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from helexa.neuron.interface import (
-    Discovery,
-    Health,
-    LoadRequest,
-    ModelState,
-    Neuron,
-)
+from helexa.cortex.app import CLIENT_GONE, Failure, RequestObserver
+from helexa.cortex.fleet import Lease
 
 RequestStatus = Literal["streaming", "ok", "error", "cancelled"]
 
@@ -34,7 +29,8 @@ class RequestRecord:
 
     id: int
     model: str
-    node: str
+    node: str  # "" until routed
+    api: str  # chat | completions | messages | responses
     started: float
     wall_started: float  # time.time(), for the log's clock column
     first_token: float | None = None
@@ -101,11 +97,15 @@ class Traffic:
         self._done_seq = 0
 
     # -- feeding ------------------------------------------------------------------
-    def begin(self, model: str, node: str) -> RequestRecord:
-        record = RequestRecord(self._next_id, model, node, self.clock(), self.wall_clock())
+    def begin(self, model: str, node: str = "", api: str = "") -> RequestRecord:
+        record = RequestRecord(self._next_id, model, node, api, self.clock(), self.wall_clock())
         self._next_id += 1
         self.records.append(record)
         return record
+
+    def observer(self, api: str, model: str) -> RequestObserver:
+        """The gateway's ``observe`` factory (``Service(..., observe=traffic.observer)``)."""
+        return TrafficObserver(self, self.begin(model, api=api))
 
     def observe(self, record: RequestRecord, chunk: dict[str, Any]) -> None:
         tokens = chunk_tokens(chunk)
@@ -123,6 +123,8 @@ class Traffic:
     def finish(
         self, record: RequestRecord, status: RequestStatus = "ok", error: str | None = None
     ) -> None:
+        if record.finished is not None:  # one ending per request, whoever reports it twice
+            return
         record.finished = self.clock()
         record.status = status
         record.error = error
@@ -170,69 +172,25 @@ def recent_rate(series: Sequence[float], over_s: int = 5) -> float:
     return sum(window) / len(window) if window else 0.0
 
 
-class TappedNeuron:
-    """A Neuron that forwards everything to ``inner`` and reports its streams to Traffic.
+class TrafficObserver(RequestObserver):
+    """The gateway's per-request hooks, feeding one RequestRecord."""
 
-    Every protocol method is delegated explicitly; only ``chat``/``complete`` streams are
-    observed, chunk by chunk, and closing the tapped stream closes the inner one so
-    cancellation still reaches the generation loop.
-    """
-
-    def __init__(self, inner: Neuron, traffic: Traffic) -> None:
-        self.inner = inner
+    def __init__(self, traffic: Traffic, record: RequestRecord) -> None:
         self.traffic = traffic
-        self.name = inner.name
+        self.record = record
 
-    async def discovery(self) -> Discovery:
-        return await self.inner.discovery()
+    def routed(self, lease: Lease) -> None:
+        self.record.node = lease.node.name
+        self.record.model = lease.model or self.record.model  # the catalogue's name
 
-    async def health(self) -> Health:
-        return await self.inner.health()
+    def chunk(self, chunk: dict[str, Any]) -> None:
+        self.traffic.observe(self.record, chunk)
 
-    async def models(self) -> list[ModelState]:
-        return await self.inner.models()
+    def finished(self) -> None:
+        self.traffic.finish(self.record)
 
-    async def load(self, request: LoadRequest) -> ModelState:
-        return await self.inner.load(request)
-
-    async def unload(self, model_id: str) -> None:
-        await self.inner.unload(model_id)
-
-    async def count_tokens(self, request: dict[str, Any]) -> int:
-        return await self.inner.count_tokens(request)
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        return self._tap(self.inner.chat(request), request)
-
-    def complete(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        return self._tap(self.inner.complete(request), request)
-
-    async def _tap(
-        self, stream: AsyncIterator[dict[str, Any]], request: dict[str, Any]
-    ) -> AsyncIterator[dict[str, Any]]:
-        record = self.traffic.begin(str(request.get("model", "")), self.name)
-        status: RequestStatus = "cancelled"
-        error: str | None = None
-        try:
-            async for chunk in stream:
-                self.traffic.observe(record, chunk)
-                yield chunk
-            status = "ok"
-        except Exception as exc:
-            status, error = "error", str(exc) or type(exc).__name__
-            raise
-        finally:
-            self.traffic.finish(record, status, error)
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-
-def tap_fleet(fleet: Any, traffic: Traffic) -> None:
-    """Wrap every node's neuron in a TappedNeuron (idempotent: already tapped nodes stay)."""
-    for node in fleet.nodes.values():
-        if not isinstance(node.neuron, TappedNeuron):
-            node.neuron = TappedNeuron(node.neuron, traffic)
+    def failed(self, failure: Failure) -> None:
+        if failure.status == CLIENT_GONE:
+            self.traffic.finish(self.record, "cancelled")
+        else:
+            self.traffic.finish(self.record, "error", f"{failure.status} {failure.message}")

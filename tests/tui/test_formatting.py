@@ -42,7 +42,7 @@ def test_status_cell_shows_progress_and_pending_ops() -> None:
 
 
 def test_log_line_carries_the_request_facts() -> None:
-    r = RequestRecord(7, "qwen", "gpu1", started=10.0, wall_started=0.0)
+    r = RequestRecord(7, "qwen", "gpu1", "chat", started=10.0, wall_started=0.0)
     r.first_token, r.finished = 10.125, 12.125
     r.prompt_tokens, r.completion_tokens, r.status = 11, 21, "ok"
     line = format_record(r).plain

@@ -1,14 +1,16 @@
-"""Traffic arithmetic (rates, TTFT, finishing order) and the stream tap, without a terminal."""
+"""Traffic arithmetic (rates, TTFT, finishing order), and the gateway hooks that feed it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
+import openai
 import pytest
 
-from helexa.neuron.interface import NeuronError
-from tui.traffic import TappedNeuron, Traffic, chunk_tokens, recent_rate
+from helexa.config import GatewaySettings, Settings
+from helexa.cortex.service import Service
+from tests.support.scripted_neuron import Reply, ScriptedNeuron
+from tui.traffic import Traffic, chunk_tokens, recent_rate
 
 
 class Clock:
@@ -96,51 +98,45 @@ def test_log_follows_finishing_order() -> None:
     assert first.status == "error" and first.error == "boom"
 
 
-class StreamNeuron:
-    """Just enough of a Neuron to feed the tap: a fixed stream, optionally failing."""
+async def test_gateway_hooks_feed_traffic() -> None:
+    """Requests through the real gateway land in Traffic: ok, failed mid-stream, unknown."""
 
-    name = "double"
+    def script(request: dict[str, Any]) -> Reply:
+        if request["messages"][0]["content"] == "fail":
+            return Reply(text=["a", "b", "c"], fail_after=2)
+        return Reply(text=["one", " two", " three"], prompt_tokens=4)
 
-    def __init__(self, chunks: list[dict[str, Any]], fail_after: int | None = None) -> None:
-        self.chunks = chunks
-        self.fail_after = fail_after
-        self.closed = False
-
-    async def _stream(self) -> AsyncIterator[dict[str, Any]]:
-        try:
-            for i, chunk in enumerate(self.chunks):
-                if i == self.fail_after:
-                    raise NeuronError("device lost", status=502)
-                yield chunk
-        finally:
-            self.closed = True
-
-    def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        return self._stream()
-
-
-async def test_tap_passes_chunks_through_and_records_them() -> None:
-    chunks = [delta("a"), delta("b"), usage(2, 2)]
+    neuron = ScriptedNeuron("gpu", models={"m": "loaded"}, script=script)
     traffic = Traffic()
-    tapped = TappedNeuron(StreamNeuron(chunks), traffic)  # type: ignore[arg-type]
-    got = [c async for c in tapped.chat({"model": "m"})]
-    assert got == chunks
-    (record,) = traffic.done
-    assert (record.model, record.node, record.status) == ("m", "double", "ok")
-    assert record.completion_tokens == 2
+    settings = Settings(gateway=GatewaySettings(listen="127.0.0.1:0"))
+    service = Service(settings, [neuron], observe=traffic.observer)
+    await service.start()
+    client = openai.AsyncOpenAI(base_url=f"{service.url}/v1", api_key="-", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        with pytest.raises(openai.APIError):
+            failing = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "fail"}], stream=True
+            )
+            async for _ in failing:
+                pass
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(
+                model="nope", messages=[{"role": "user", "content": "hi"}]
+            )
+    finally:
+        await client.close()
+        await service.stop()
 
-
-async def test_tap_records_errors_and_early_close() -> None:
-    traffic = Traffic()
-    failing = TappedNeuron(StreamNeuron([delta("a"), delta("b")], fail_after=1), traffic)  # type: ignore[arg-type]
-    with pytest.raises(NeuronError):
-        async for _ in failing.chat({"model": "m"}):
-            pass
-    assert traffic.done[-1].status == "error" and traffic.done[-1].error == "device lost"
-
-    inner = StreamNeuron([delta("a"), delta("b")])
-    stream = TappedNeuron(inner, traffic).chat({"model": "m"})  # type: ignore[arg-type]
-    await anext(stream)
-    await stream.aclose()  # type: ignore[attr-defined]
-    assert inner.closed, "closing the tap must close the neuron's stream (cancellation)"
-    assert traffic.done[-1].status == "cancelled"
+    ok, failed, unknown = traffic.finished_since(0)
+    assert text == "one two three"
+    assert (ok.model, ok.node, ok.api, ok.status) == ("m", "gpu", "chat", "ok")
+    assert (ok.prompt_tokens, ok.completion_tokens) == (4, 3)
+    assert ok.ttft_s is not None and ok.ttft_s >= 0
+    assert sum(traffic.series("m")) == 3 + failed.completion_tokens
+    assert failed.status == "error" and "scripted failure" in (failed.error or "")
+    assert (unknown.model, unknown.node, unknown.status) == ("nope", "", "error")
+    assert (unknown.error or "").startswith("404")

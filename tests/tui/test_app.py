@@ -1,0 +1,246 @@
+"""The dashboard driven by Textual's pilot over a real Service whose neurons are doubles.
+
+Each test presses the keys an operator would and then checks the fleet itself (and the
+doubles' records), not the screen alone: the TUI must change the gateway's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import openai
+from textual.pilot import Pilot
+from textual.widgets import Input, OptionList
+
+from helexa.config import GatewaySettings, LocalSettings, ModelProfile, Settings
+from helexa.neuron.server import make_neuron_app
+from tests.support.scripted_neuron import Reply, ScriptedNeuron
+from tests.support.servers import serving
+from tui.app import HelexaApp, build_app
+from tui.widgets.attach_dialog import AttachDialog
+from tui.widgets.model_picker import ModelPicker
+from tui.widgets.models import ModelsTable
+from tui.widgets.request_log import RequestLog
+from tui.widgets.throughput import ThroughputPanel
+
+SIZE = (150, 42)
+
+
+def settings() -> Settings:
+    return Settings(
+        gateway=GatewaySettings(listen="127.0.0.1:0"),
+        local=LocalSettings(enabled=False),
+        models=[ModelProfile(id="small", vram_mb=512), ModelProfile(id="big", vram_mb=2048)],
+    )
+
+
+@asynccontextmanager
+async def dashboard(*neurons: ScriptedNeuron) -> AsyncIterator[tuple[HelexaApp, Pilot[int]]]:
+    app = build_app(settings(), list(neurons), refresh_s=60)  # tests refresh explicitly
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)  # the service's start worker
+        yield app, pilot
+
+
+async def settle(app: HelexaApp, pilot: Pilot[int]) -> None:
+    """Wait for every worker (service start, admin ops), then render what they changed."""
+    await app.workers.wait_for_complete()
+    app.refresh_view()
+    await pilot.pause()
+
+
+def select(app: HelexaApp, key: str) -> None:
+    table = app.query_one(ModelsTable)
+    table.move_cursor(row=table.get_row_index(key))
+    assert table.selected is not None and table.selected.key == key
+
+
+def status(app: HelexaApp, node: str, model: str) -> str:
+    (row,) = [
+        m for m in app.service.fleet.snapshot()["models"] if m["node"] == node and m["id"] == model
+    ]
+    return str(row["status"])
+
+
+def gpu() -> ScriptedNeuron:
+    return ScriptedNeuron("gpu", models={"small": "loaded", "big": "unloaded"})
+
+
+async def test_main_screen_shows_the_fleet() -> None:
+    """Snapshot-style: the exported SVG carries every panel and the fleet's facts."""
+    async with dashboard(gpu()) as (app, pilot):
+        table = app.query_one(ModelsTable)
+        keys = [m["node"] + "/" + m["id"] for m in app.service.fleet.snapshot()["models"]]
+        assert sorted(table.rows_by_key) == sorted(keys) and table.row_count == len(keys)
+        svg = app.export_screenshot()
+    discovery = await gpu().discovery()
+    expected = [
+        "Devices",
+        "Throughput",
+        "Models",
+        "Requests",
+        "gpu",
+        discovery.devices[0].name,
+        "small",
+        "big",
+        "loaded",
+        "unloaded",
+        "all models",
+        "TTFT",
+        "Load",
+        "Unload",
+        "Pin/unpin",
+        "Evict",
+        "Attach neuron",
+        "Copy URL",
+        app.service.url.removeprefix("http://"),
+    ]
+    # SVG text escapes spaces as &#160;: compare on the unescaped text.
+    text = svg.replace("&#160;", " ")
+    missing = [t for t in expected if t not in text]
+    assert not missing, f"not on the main screen: {missing}"
+
+
+async def test_unload_key_unloads_the_selected_model() -> None:
+    neuron = gpu()
+    async with dashboard(neuron) as (app, pilot):
+        select(app, "gpu/small")
+        await pilot.press("u")
+        await settle(app, pilot)
+        assert neuron.unloads == ["small"]
+        assert status(app, "gpu", "small") == "unloaded"
+        # the table follows the fleet
+        assert app.query_one(ModelsTable).rows_by_key["gpu/small"].status == "unloaded"
+
+
+async def test_pin_key_toggles_the_pin_in_the_fleet() -> None:
+    async with dashboard(gpu()) as (app, pilot):
+        catalogue = app.service.fleet.catalogue
+        select(app, "gpu/small")
+        await pilot.press("p")
+        await settle(app, pilot)
+        assert catalogue.is_pinned("small", "gpu")
+        assert app.query_one(ModelsTable).rows_by_key["gpu/small"].pinned
+        await pilot.press("p")
+        await settle(app, pilot)
+        assert not catalogue.is_pinned("small", "gpu")
+
+
+async def test_evict_key_evicts_even_a_pinned_model() -> None:
+    neuron = gpu()
+    async with dashboard(neuron) as (app, pilot):
+        app.service.fleet.pin("small", "gpu")
+        select(app, "gpu/small")
+        await pilot.press("e")
+        await settle(app, pilot)
+        assert neuron.unloads == ["small"]
+        assert status(app, "gpu", "small") == "unloaded"
+
+
+async def test_load_key_opens_the_picker_and_loads_the_choice() -> None:
+    neuron = gpu()
+    async with dashboard(neuron) as (app, pilot):
+        await pilot.press("l")
+        assert isinstance(app.screen, ModelPicker)
+        options = app.screen.query_one(OptionList)
+        ids = [options.get_option_at_index(i).id for i in range(options.option_count)]
+        assert {"small", "big"} <= set(ids)
+        options.highlighted = ids.index("big")
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert not isinstance(app.screen, ModelPicker)
+        assert [r.model_id for r in neuron.loads] == ["big"]
+        assert status(app, "gpu", "big") == "loaded"
+
+
+async def test_escape_leaves_the_picker_without_loading() -> None:
+    neuron = gpu()
+    async with dashboard(neuron) as (app, pilot):
+        await pilot.press("l")
+        await pilot.press("u")  # dashboard keys do not reach through the dialog
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert not isinstance(app.screen, ModelPicker)
+        assert neuron.loads == [] and neuron.unloads == []
+
+
+async def test_attach_adds_a_remote_neuron_by_url() -> None:
+    remote = ScriptedNeuron("far", models={"remote-model": "loaded"})
+    async with serving(make_neuron_app(remote)) as url, dashboard(gpu()) as (app, pilot):
+        await pilot.press("a")
+        assert isinstance(app.screen, AttachDialog)
+        await pilot.press("x", "enter")
+        assert isinstance(app.screen, AttachDialog), "a bad URL keeps the dialog open"
+        assert "http" in str(app.screen.query_one("#attach-error").render())
+        app.screen.query_one("#attach-url", Input).value = url
+        app.screen.query_one("#attach-name", Input).value = "far"
+        await pilot.press("enter")
+        await settle(app, pilot)
+        node = app.service.fleet.nodes["far"]
+        assert node.up
+        assert "far/remote-model" in app.query_one(ModelsTable).rows_by_key
+
+
+async def test_attach_refuses_a_url_nothing_answers_on() -> None:
+    async with serving(make_neuron_app(gpu())) as url:
+        pass  # the port is closed again
+    async with dashboard(gpu()) as (app, pilot):
+        await pilot.press("a")
+        app.screen.query_one("#attach-url", Input).value = url
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert set(app.service.fleet.nodes) == {"gpu"}
+
+
+async def test_copy_url_puts_the_openai_base_url_on_the_clipboard() -> None:
+    async with dashboard(gpu()) as (app, pilot):
+        await pilot.press("c")
+        assert app.clipboard == f"{app.service.url}/v1"
+
+
+async def test_requests_show_up_in_throughput_and_log() -> None:
+    neuron = ScriptedNeuron("gpu", script=Reply(text=["a", "b", "c", "d"]))
+    async with dashboard(neuron) as (app, pilot):
+        async with openai.AsyncOpenAI(
+            base_url=f"{app.service.url}/v1", api_key="-", max_retries=0
+        ) as client:
+            for _ in range(2):
+                await client.chat.completions.create(
+                    model="test-model", messages=[{"role": "user", "content": "hi"}]
+                )
+        app.refresh_view()
+        await pilot.pause()
+        panel = app.query_one(ThroughputPanel)
+        assert list(panel.per_model) == ["test-model"]
+        assert sum(panel.per_model["test-model"].spark.data or []) == 8
+        log = app.query_one(RequestLog)
+        assert log.last_seq == 2
+        assert all("test-model@gpu" in line.text for line in log.lines)
+
+
+async def test_quit_stops_the_service_and_cancels_streams() -> None:
+    neuron = ScriptedNeuron("gpu", script=Reply(text=["a", "b", "c"], block_after=2))
+    app = build_app(settings(), [neuron], refresh_s=60)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        client = openai.AsyncOpenAI(base_url=f"{app.service.url}/v1", api_key="-", max_retries=0)
+        stream = await client.chat.completions.create(
+            model="test-model", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        reading = asyncio.ensure_future(consume(stream))
+        await asyncio.wait_for(neuron.started.wait(), 5)
+        await pilot.press("ctrl+c")
+        await asyncio.wait_for(neuron.cancelled.wait(), 5)
+        await app.workers.wait_for_complete()
+        assert neuron.closed
+        await asyncio.wait_for(asyncio.gather(reading, return_exceptions=True), 5)
+        await client.close()
+    assert app.return_code == 0
+
+
+async def consume(stream: Any) -> None:
+    async for _ in stream:
+        pass
