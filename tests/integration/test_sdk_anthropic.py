@@ -11,7 +11,10 @@ import asyncio
 import anthropic
 import pytest
 
-from helexa.neuron.interface import NeuronError
+from helexa.config import ModelProfile
+from helexa.cortex.catalogue import Catalogue
+from helexa.cortex.fleet import Fleet
+from helexa.neuron.interface import Neuron, NeuronError
 from tests.conftest import MODEL
 from tests.support.scripted_neuron import Reply, ScriptedNeuron, ToolCallScript, word_count
 from tests.support.servers import Gateway, gateway_over, gateway_settings
@@ -321,3 +324,23 @@ async def test_keyed_gateway_takes_x_api_key(scripted: ScriptedNeuron) -> None:
         async with right:
             message = await right.messages.create(model=MODEL, max_tokens=8, messages=USER)
         assert message.content[0].text == "".join(scripted.script.text)  # type: ignore[union-attr]
+
+
+async def test_alias_is_rewritten_for_the_neuron_and_kept_for_the_client() -> None:
+    profile = ModelProfile(id="qwen3-small", source="helexa", aliases=["small"])
+    neuron = ScriptedNeuron("node-q", models={"helexa:qwen3-small": "loaded"})
+
+    def with_catalogue(nodes: list[Neuron]) -> Fleet:
+        return Fleet(nodes, Catalogue([profile]))
+
+    async with gateway_over(neuron, make_fleet=with_catalogue) as gw:
+        client = anthropic.AsyncAnthropic(base_url=gw.url, api_key="unused", max_retries=0)
+        async with client:
+            message = await client.messages.create(model="small", max_tokens=8, messages=USER)
+            async with client.messages.stream(model="small", max_tokens=8, messages=USER) as s:
+                streamed = await s.get_final_message()
+            count = await client.messages.count_tokens(model="small", messages=USER)
+    assert message.model == streamed.model == "small"
+    assert [r["model"] for r in neuron.requests] == ["helexa:qwen3-small"] * 2
+    assert [r["model"] for r in neuron.count_requests] == ["helexa:qwen3-small"]
+    assert count.input_tokens == word_count(neuron.count_requests[0])

@@ -12,6 +12,10 @@ import json
 import openai
 import pytest
 
+from helexa.config import ModelProfile
+from helexa.cortex.catalogue import Catalogue
+from helexa.cortex.fleet import Fleet
+from helexa.neuron.interface import Neuron
 from tests.conftest import COLD_MODEL, MODEL
 from tests.support.scripted_neuron import Reply, ScriptedNeuron, ToolCallScript
 from tests.support.servers import Gateway, gateway_over, gateway_settings
@@ -291,3 +295,21 @@ async def test_model_ids_with_slashes() -> None:
             assert (await client.models.retrieve(slashed)).id == slashed
             completion = await client.chat.completions.create(model=slashed, messages=USER)
     assert completion.model == slashed
+
+
+async def test_alias_is_rewritten_for_the_neuron_and_kept_for_the_client() -> None:
+    """The neuron gets the id it knows (source-qualified); the client sees its own name."""
+    profile = ModelProfile(id="qwen3-small", source="helexa", aliases=["small"])
+    neuron = ScriptedNeuron("node-q", models={"helexa:qwen3-small": "loaded"})
+
+    def with_catalogue(nodes: list[Neuron]) -> Fleet:
+        return Fleet(nodes, Catalogue([profile]))
+
+    async with gateway_over(neuron, make_fleet=with_catalogue) as gw:
+        client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+        async with client:
+            completion = await client.chat.completions.create(model="small", messages=USER)
+            stream = await client.chat.completions.create(model="small", messages=USER, stream=True)
+            models = {c.model async for c in stream}
+    assert completion.model == "small" and models == {"small"}
+    assert [r["model"] for r in neuron.requests] == ["helexa:qwen3-small"] * 2

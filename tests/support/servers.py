@@ -4,7 +4,7 @@ a gateway whose fleet reaches that neuron through :class:`RemoteNeuron` over HTT
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -49,11 +49,12 @@ async def gateway_over(
     *,
     neuron_token: str | None = None,
     observe: Observe | None = None,
+    make_fleet: Callable[[list[Neuron]], Fleet] = Fleet,
 ) -> AsyncIterator[Gateway]:
     """``neuron`` behind its HTTP API, and a gateway in front of that, both on loopback."""
     async with serving(make_neuron_app(neuron, token=neuron_token)) as neuron_url:
         remote = RemoteNeuron(neuron.name, neuron_url, neuron_token)
-        fleet = Fleet([remote])
+        fleet = make_fleet([remote])
         await fleet.refresh()
         app = make_app(fleet, settings or gateway_settings(), observe=observe)
         try:
