@@ -4,16 +4,37 @@ route requests to models on it.
 This is the single source of truth for the gateway's handlers, the poller, the evictor,
 ``/v1/models``, ``helexa status`` and the TUI. Handlers only ever call
 :meth:`Fleet.acquire` and use the returned :class:`Lease`; where and whether to load is
-decided behind it.
+decided behind it: :func:`helexa.cortex.router.place` picks the node (and what to evict
+there), and the fleet carries that out, loading each cold model once however many
+requests are waiting for it.
+
+Names: the catalogue's canonical id is the model's name everywhere in the gateway
+(``ModelUse`` keys, metrics labels, ``known_models``); ``Lease.model_id`` is the id the
+serving neuron knows the model by (the source-qualified id for a catalogue model with a
+``source``), which is what the gateway puts in the request it forwards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
+
+from helexa.config import Settings
+from helexa.cortex.catalogue import Catalogue
+from helexa.cortex.evictor import (
+    DeviceView,
+    ModelView,
+    NodeView,
+    Strategy,
+    idle_victims,
+)
+from helexa.cortex.router import Placement, candidates, place
 from helexa.neuron.interface import (
     Discovery,
     Health,
@@ -23,13 +44,43 @@ from helexa.neuron.interface import (
     NeuronError,
 )
 
+if TYPE_CHECKING:
+    from helexa.cortex.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+# NeuronError codes that mean "the node did not answer", not "the node refused".
+UNREACHABLE_CODES = frozenset({"neuron_unreachable"})
+
 
 class FleetError(Exception):
-    """A routing failure with the HTTP status and machine code the gateway reports."""
+    """A routing failure with the HTTP status and machine code the gateway reports.
+
+    ``extra`` carries structured fields from a neuron's refusal (a preflight error's
+    ``needed_mb``/``free_mb``) for the error body.
+    """
 
     status = 503
     code = "fleet_error"
     type = "api_error"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+        if type is not None:
+            self.type = type
+        self.extra: dict[str, Any] = dict(extra or {})
 
 
 class ModelNotFound(FleetError):
@@ -42,6 +93,27 @@ class NoCapacity(FleetError):
     status = 503
     code = "no_capacity"
     type = "overloaded_error"
+
+
+class LoadFailed(FleetError):
+    """Every node that could take the model refused it; carries the last refusal as is."""
+
+    @classmethod
+    def from_neuron(cls, model: str, node: str, exc: NeuronError) -> LoadFailed:
+        return cls(
+            f"loading {model!r} on {node!r} failed: {exc.message}",
+            status=exc.status,
+            code=exc.code or "load_failed",
+            type=exc.type,
+            extra=exc.extra,
+        )
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether a neuron call failed because the node is gone rather than because it refused."""
+    if isinstance(exc, NeuronError):
+        return exc.code in UNREACHABLE_CODES
+    return isinstance(exc, OSError | TimeoutError | aiohttp.ClientConnectionError)
 
 
 @dataclass
@@ -69,12 +141,17 @@ class ModelUse:
 
 @dataclass
 class Lease:
-    """A routed request's hold on a model: in-flight while held, so it is never evicted."""
+    """A routed request's hold on a model: in-flight while held, so it is never evicted.
+
+    Leaving ``async with lease:`` by an unreachable-node error marks the node down, so
+    the next request reroutes without waiting for the poller.
+    """
 
     node: NodeState
-    model_id: str
+    model_id: str  # as the serving neuron knows it: put this in the forwarded request
     cold: bool
     _fleet: Fleet
+    model: str = ""  # the catalogue's canonical id: labels, logs, /v1/models
     _released: bool = False
 
     @property
@@ -89,147 +166,468 @@ class Lease:
     async def __aenter__(self) -> Lease:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            self._fleet.node_failed(self.node, exc)
         self.release()
 
 
+@dataclass
+class _Load:
+    """One cold load in progress and how many acquirers wait on it."""
+
+    task: asyncio.Task[NodeState] | None = None
+    waiters: int = 0
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    model: str
+    devices: tuple[int, ...]
+    vram_mb: int
+
+
 class Fleet:
-    def __init__(self, nodes: list[Neuron]) -> None:
+    def __init__(
+        self,
+        nodes: list[Neuron],
+        catalogue: Catalogue | None = None,
+        *,
+        strategy: Strategy = "lru",
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self.nodes: dict[str, NodeState] = {n.name: NodeState(n.name, n) for n in nodes}
+        self.catalogue = catalogue if catalogue is not None else Catalogue([])
+        self.strategy: Strategy = strategy
+        self.metrics = metrics
         self.use: dict[tuple[str, str], ModelUse] = {}
-        self._loading: dict[str, asyncio.Task[tuple[NodeState, bool]]] = {}
+        self._loads: dict[str, _Load] = {}
+        # Memory promised to loads in flight, so two cold loads never count the same room.
+        self._reserved: dict[str, list[_Reservation]] = {}
+        # Waiters of a finished load not yet holding their lease: in-flight for eviction.
+        self._arriving: dict[tuple[str, str], int] = {}
+
+    @classmethod
+    def from_settings(
+        cls, nodes: list[Neuron], settings: Settings, metrics: GatewayMetrics | None = None
+    ) -> Fleet:
+        return cls(
+            nodes,
+            Catalogue.from_settings(settings),
+            strategy=settings.eviction.strategy,
+            metrics=metrics,
+        )
 
     # -- polling ---------------------------------------------------------------------
-    async def refresh_node(self, node: NodeState) -> None:
-        try:
-            if node.discovery is None or not node.up:
-                node.discovery = await node.neuron.discovery()
-            node.health = await node.neuron.health()
-            node.models = {m.id: m for m in await node.neuron.models()}
-        except Exception as exc:  # any failure means the node is unusable right now
-            node.up = False
-            node.error = str(exc) or type(exc).__name__
-            return
-        node.up, node.error, node.last_seen = True, None, time.monotonic()
 
-    async def refresh(self) -> None:
-        await asyncio.gather(*(self.refresh_node(n) for n in self.nodes.values()))
+    async def refresh_node(self, node: NodeState, timeout_s: float | None = None) -> None:
+        """Poll one node; any failure marks it down, an answer brings it (back) up."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                if node.discovery is None or not node.up:
+                    node.discovery = await node.neuron.discovery()
+                node.health = await node.neuron.health()
+                models = await node.neuron.models()
+        except Exception as exc:  # any failure means the node is unusable right now
+            self.mark_down(node, exc)
+            return
+        node.models = {m.id: m for m in models}
+        if not node.up:
+            log.info("node %s is up", node.name)
+        node.up, node.error, node.last_seen = True, None, time.monotonic()
+        for state in models:  # idle time of a model loaded elsewhere starts when we see it
+            if state.status == "loaded":
+                use = self._usage(node.name, self.catalogue.canonical(state.id))
+                use.last_used = use.last_used or node.last_seen
+
+    async def refresh(self, timeout_s: float | None = None) -> None:
+        await asyncio.gather(*(self.refresh_node(n, timeout_s) for n in list(self.nodes.values())))
+
+    def mark_down(self, node: NodeState, exc: BaseException | str) -> None:
+        reason = exc if isinstance(exc, str) else str(exc) or type(exc).__name__
+        if node.up:
+            log.warning("node %s is down: %s", node.name, reason)
+        node.up, node.error = False, reason
+
+    def node_failed(self, node: NodeState, exc: BaseException) -> bool:
+        """Mark ``node`` down when ``exc`` says it is unreachable; returns whether it did."""
+        if is_unreachable(exc):
+            self.mark_down(node, exc)
+            return True
+        return False
+
+    # -- views -----------------------------------------------------------------------
+
+    def view(self, node: NodeState) -> NodeView:
+        """The frozen picture placement and eviction reason about."""
+        totals = (
+            {d.index: d.vram_total_mb for d in node.discovery.devices} if node.discovery else {}
+        )
+        free: dict[int, int] = {}
+        for d in node.health.devices if node.health else ():
+            totals.setdefault(d.index, d.vram_used_mb + d.vram_free_mb)
+            free[d.index] = d.vram_free_mb
+        reserved = self._reserved.get(node.name, [])
+        for r in reserved:
+            for index in r.devices or tuple(free)[:1]:
+                if index in free:
+                    free[index] -= r.vram_mb // max(1, len(r.devices))
+        devices = tuple(DeviceView(i, totals[i], max(0, free.get(i, 0))) for i in sorted(totals))
+        models: dict[str, ModelView] = {}
+        for state in node.models.values():
+            model = self.catalogue.canonical(state.id)
+            use = self.use.get((node.name, model), ModelUse())
+            vram = state.vram_used_mb or (
+                self.catalogue.requirements(model).vram_mb if state.status == "loaded" else 0
+            )
+            models[model] = ModelView(
+                model,
+                state.status,
+                tuple(state.devices),
+                vram,
+                use.in_flight + self._arriving.get((node.name, model), 0),
+                use.last_used,
+            )
+        for r in reserved:
+            models[r.model] = ModelView(r.model, "loading", r.devices, r.vram_mb)
+        return NodeView(node.name, node.up, devices, tuple(models.values()))
+
+    def views(self) -> list[NodeView]:
+        return [self.view(n) for n in self.nodes.values()]
 
     # -- routing ---------------------------------------------------------------------
+
     def known_models(self) -> dict[str, list[tuple[NodeState, ModelState]]]:
+        """Every model an up node lists or could load (catalogue models it can hold),
+        by canonical id, with the state each node reports (``unloaded`` if unlisted)."""
         out: dict[str, list[tuple[NodeState, ModelState]]] = {}
         for node in self.nodes.values():
             if not node.up:
                 continue
             for state in node.models.values():
-                out.setdefault(state.id, []).append((node, state))
+                out.setdefault(self.catalogue.canonical(state.id), []).append((node, state))
+        views = self.views()
+        for profile in self.catalogue:
+            if profile.id in out:
+                continue
+            for view in candidates(profile.id, views, self.catalogue):
+                state = ModelState(id=self.catalogue.qualified_id(profile.id), status="unloaded")
+                out.setdefault(profile.id, []).append((self.nodes[view.name], state))
         return out
 
     def resolve(self, model: str) -> str:
-        if model in self.known_models():
-            return model
+        """The canonical id for a client's model name (id, alias or qualified id)."""
+        canonical = self.catalogue.canonical(model)
+        if canonical in self.catalogue or canonical in self.known_models():
+            return canonical
         raise ModelNotFound(f"model {model!r} is not served by any node")
 
     async def acquire(self, model: str) -> Lease:
         """Route to a node with ``model`` loaded, loading it (once) when it is cold."""
         model_id = self.resolve(model)
-        loaded = [n for n, s in self.known_models()[model_id] if s.status == "loaded"]
-        if loaded:
-            node = min(loaded, key=lambda n: self._usage(n.name, model_id).in_flight)
-            return self._lease(node, model_id, cold=False)
-        task = self._loading.get(model_id)
-        if task is None:
-            task = asyncio.ensure_future(self._load(model_id))
-            self._loading[model_id] = task
-            task.add_done_callback(lambda _t: self._loading.pop(model_id, None))
-        node, _ = await asyncio.shield(task)
+        placement = place(model_id, self.views(), self.catalogue, self.strategy)
+        if placement is not None and placement.loaded:
+            return self._lease(self.nodes[placement.node], model_id, cold=False)
+        node = await self._ensure_loaded(model_id)
+        if self.metrics is not None:
+            self.metrics.cold_start(model_id, node.name)
         return self._lease(node, model_id, cold=True)
 
-    async def _load(self, model_id: str) -> tuple[NodeState, bool]:
-        candidates = [n for n, _ in self.known_models().get(model_id, [])]
-        if not candidates:
-            raise ModelNotFound(f"model {model_id!r} is not served by any node")
-        last: Exception | None = None
-        for node in candidates:
+    async def _ensure_loaded(self, model_id: str) -> NodeState:
+        """Join the load of ``model_id`` in progress, or start it: one load per model."""
+        load = self._loads.get(model_id)
+        if load is None:
+            load = self._loads[model_id] = _Load()
+            load.task = asyncio.create_task(self._load(model_id, load))
+        task = load.task
+        assert task is not None
+        load.waiters += 1
+        try:
+            node = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self._arrived(task.result().name, model_id)  # it counted us: uncount
+            else:
+                load.waiters -= 1
+            raise
+        self._arrived(node.name, model_id)  # the caller leases before anything else runs
+        return node
+
+    async def _load(self, model_id: str, load: _Load) -> NodeState:
+        """Place, evict, load; on an unreachable or refusing node, the next placement."""
+        try:
+            node = await self._place_and_load(model_id)
+        finally:
+            self._loads.pop(model_id, None)
+        # Synchronously with completion: the waiters are in flight before anyone can evict.
+        key = (node.name, model_id)
+        self._arriving[key] = self._arriving.get(key, 0) + load.waiters
+        return node
+
+    async def _place_and_load(self, model_id: str) -> NodeState:
+        exclude: set[str] = set()
+        refused: tuple[str, NeuronError] | None = None
+        while True:
+            placement = place(model_id, self.views(), self.catalogue, self.strategy, exclude)
+            if placement is None:
+                break
+            node = self.nodes[placement.node]
+            if placement.loaded:  # a poll saw it loaded meanwhile
+                return node
             try:
-                state = await node.neuron.load(LoadRequest(model_id=model_id))
+                await self._load_on(node, model_id, placement)
             except NeuronError as exc:
-                last = exc
+                if not self.node_failed(node, exc):
+                    refused = (node.name, exc)
+                exclude.add(node.name)
                 continue
-            node.models[model_id] = state
-            return node, True
-        raise NoCapacity(f"no node could load {model_id!r}: {last}")
+            except Exception as exc:
+                if not self.node_failed(node, exc):
+                    raise
+                exclude.add(node.name)
+                continue
+            return node
+        if refused is not None:
+            raise LoadFailed.from_neuron(model_id, refused[0], refused[1])
+        raise NoCapacity(f"no up node has room for {model_id!r}, even after eviction")
+
+    async def _load_on(self, node: NodeState, model_id: str, placement: Placement) -> None:
+        need = self.catalogue.requirements(model_id)
+        reservation = _Reservation(model_id, placement.devices, need.vram_mb)
+        self._reserved.setdefault(node.name, []).append(reservation)
+        try:
+            for victim in placement.evict:
+                await self._unload_on(node, victim, reason="capacity")
+            if placement.loading:  # the neuron single-flights: this waits for its load
+                log.info("joining load of %s on %s", model_id, node.name)
+            state = await self._timed_load(node, model_id, placement)
+            node.models[state.id] = state
+            self._usage(node.name, model_id).last_used = time.monotonic()
+            await self.refresh_node(node)  # fresh free memory before the reservation goes
+        finally:
+            self._reserved[node.name].remove(reservation)
+
+    async def _timed_load(self, node: NodeState, model_id: str, placement: Placement) -> ModelState:
+        profile = self.catalogue.profile(model_id)
+        request = LoadRequest(
+            model_id=self.catalogue.qualified_id(model_id),
+            quant=profile.quant if profile else None,
+            # Evictions made room on particular devices: load there, not where preflight likes.
+            devices=list(placement.devices) if placement.evict else None,
+            context_length=profile.context_length if profile else None,
+        )
+        log.info("loading %s on %s", model_id, node.name)
+        started = time.monotonic()
+        try:
+            state = await node.neuron.load(request)
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.model_load(model_id, node.name, "failed")
+            raise
+        if self.metrics is not None:
+            self.metrics.model_load(model_id, node.name, "ok", time.monotonic() - started)
+        return state
+
+    async def _unload_on(self, node: NodeState, model_id: str, *, reason: str | None) -> None:
+        """Unload a canonical id from ``node``; ``reason`` records an eviction."""
+        states = [s for s in node.models.values() if self.catalogue.canonical(s.id) == model_id]
+        if not states:
+            return
+        try:
+            for state in states:
+                await node.neuron.unload(state.id)
+        except Exception as exc:
+            self.node_failed(node, exc)
+            raise
+        for state in states:
+            node.models[state.id] = state.model_copy(
+                update={"status": "unloaded", "devices": [], "vram_used_mb": 0}
+            )
+        log.info("unloaded %s from %s (%s)", model_id, node.name, reason or "admin")
+        if reason is not None and self.metrics is not None:
+            self.metrics.eviction(model_id, node.name, reason)
 
     def _usage(self, node: str, model_id: str) -> ModelUse:
         return self.use.setdefault((node, model_id), ModelUse())
+
+    def _arrived(self, node: str, model_id: str) -> None:
+        key = (node, model_id)
+        left = self._arriving.get(key, 0) - 1
+        if left > 0:
+            self._arriving[key] = left
+        else:
+            self._arriving.pop(key, None)
 
     def _lease(self, node: NodeState, model_id: str, *, cold: bool) -> Lease:
         use = self._usage(node.name, model_id)
         use.in_flight += 1
         use.requests += 1
         use.last_used = time.monotonic()
-        return Lease(node, model_id, cold, self)
+        served = next(
+            (s.id for s in node.models.values() if self.catalogue.canonical(s.id) == model_id),
+            self.catalogue.qualified_id(model_id),
+        )
+        return Lease(node, served, cold, self, model=model_id)
 
     def _release(self, lease: Lease) -> None:
-        use = self._usage(lease.node.name, lease.model_id)
+        use = self._usage(lease.node.name, lease.model)
         use.in_flight = max(0, use.in_flight - 1)
         use.last_used = time.monotonic()
 
-    async def close(self) -> None:
-        for task in list(self._loading.values()):
-            task.cancel()
-        for node in self.nodes.values():
-            with contextlib.suppress(Exception):
-                await node.neuron.close()
+    # -- admin -----------------------------------------------------------------------
 
-    # -- admin operations (added by the gateway for /admin/*, `helexa status`, the TUI) --
-    async def load(self, model: str, node: str | None = None) -> ModelState:
-        """Load ``model`` now, on ``node`` if named, else on the first node serving it."""
+    def _node(self, name: str) -> NodeState:
+        if name not in self.nodes:
+            raise FleetError(f"no node named {name!r}", status=404, code="node_not_found")
+        return self.nodes[name]
+
+    async def load(self, model: str, node: str | None = None) -> str:
+        """Load ``model`` (on ``node``, or wherever placement says); returns the node name."""
         model_id = self.resolve(model)
-        nodes = [n for n, _ in self.known_models()[model_id] if node in (None, n.name)]
-        if not nodes:
-            raise ModelNotFound(f"model {model_id!r} is not served by node {node!r}")
-        state = await nodes[0].neuron.load(LoadRequest(model_id=model_id))
-        nodes[0].models[model_id] = state
-        return state
+        if node is None:
+            return (await self._ensure_loaded(model_id)).name
+        target = self._node(node)
+        if not target.up:
+            raise NoCapacity(f"node {node!r} is down: {target.error}")
+        view = self.view(target)
+        placement = place(model_id, [view], self.catalogue, self.strategy)
+        if placement is None:
+            raise NoCapacity(f"{model_id!r} does not fit on {node!r}, even after eviction")
+        if not placement.loaded:
+            try:
+                await self._load_on(target, model_id, placement)
+            except NeuronError as exc:
+                if self.node_failed(target, exc):
+                    raise NoCapacity(f"node {node!r} is unreachable: {exc.message}") from exc
+                raise LoadFailed.from_neuron(model_id, node, exc) from exc
+        return node
 
     async def unload(self, model: str, node: str | None = None) -> list[str]:
-        """Unload ``model`` wherever it is loaded (or only on ``node``); the nodes it left."""
-        model_id = self.resolve(model)
-        left: list[str] = []
-        for n, state in self.known_models()[model_id]:
-            if node in (None, n.name) and state.status in ("loaded", "loading"):
-                await n.neuron.unload(model_id)
-                n.models[model_id] = ModelState(id=model_id, status="unloaded")
-                left.append(n.name)
-        return left
+        """Unload ``model`` from ``node`` (or every node); refuses while requests use it."""
+        model_id = self.catalogue.canonical(model)
+        targets = [self._node(node)] if node else [n for n in self.nodes.values() if n.up]
+        done = []
+        for target in targets:
+            view = self.view(target).model(model_id)
+            if view is None or view.status != "loaded":
+                continue
+            if view.in_flight:
+                raise FleetError(
+                    f"{model_id!r} on {target.name!r} is serving {view.in_flight} request(s)",
+                    status=409,
+                    code="model_busy",
+                    type="invalid_request_error",
+                )
+            await self._unload_on(target, model_id, reason=None)
+            done.append(target.name)
+            await self.refresh_node(target)
+        if not done:
+            where = f"on {node!r}" if node else "anywhere"
+            raise ModelNotFound(f"{model_id!r} is not loaded {where}")
+        return done
 
-    def snapshot(self) -> dict[str, object]:
-        """The fleet table as JSON-ready data: nodes with their devices, models per node."""
-        now = time.monotonic()
-        nodes: list[dict[str, object]] = []
-        models: list[dict[str, object]] = []
+    async def evict(self, model: str) -> list[str]:
+        """Unload ``model`` from every node where nothing is using it (pins included:
+        an operator's explicit eviction overrides a pin)."""
+        model_id = self.catalogue.canonical(model)
+        done = []
+        for target in [n for n in self.nodes.values() if n.up]:
+            view = self.view(target).model(model_id)
+            if view is None or view.status != "loaded" or view.in_flight:
+                continue
+            await self._unload_on(target, model_id, reason="admin")
+            done.append(target.name)
+            await self.refresh_node(target)
+        return done
+
+    def pin(self, model: str, node: str) -> None:
+        self._node(node)
+        self.catalogue.pin(model, node)
+
+    def unpin(self, model: str, node: str) -> None:
+        self._node(node)
+        self.catalogue.unpin(model, node)
+
+    async def evict_idle(self, ttl_s: float, now: float) -> list[tuple[str, str]]:
+        """Unload models idle for ``ttl_s`` (the Evictor's round); returns (node, model)."""
+        done = []
+        for target in [n for n in self.nodes.values() if n.up]:
+            victims = idle_victims(self.view(target), ttl_s, self.catalogue, now)
+            for model_id in victims:
+                try:
+                    await self._unload_on(target, model_id, reason="idle")
+                except Exception as exc:
+                    log.warning("idle unload of %s on %s failed: %s", model_id, target.name, exc)
+                    break
+                done.append((target.name, model_id))
+            if victims:
+                await self.refresh_node(target)
+        return done
+
+    # -- reporting -------------------------------------------------------------------
+
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        """The JSON-ready fleet table (``/admin/fleet``, ``helexa status``, the TUI)."""
+        now = time.monotonic() if now is None else now
+        nodes = []
+        models = []
         for node in self.nodes.values():
-            readings = {d.index: d for d in (node.health.devices if node.health else [])}
+            view = self.view(node)
+            readings = {d.index: d for d in node.health.devices} if node.health else {}
+            names = {d.index: d.name for d in node.discovery.devices} if node.discovery else {}
+            kinds = {d.index: d.kind for d in node.discovery.devices} if node.discovery else {}
             devices = []
-            for d in node.discovery.devices if node.discovery else []:
-                health = readings.get(d.index)
-                devices.append({**d.model_dump(), **(health.model_dump() if health else {})})
-            hostname = node.discovery.hostname if node.discovery else ""
+            for d in view.devices:
+                reading = readings.get(d.index)
+                devices.append(
+                    {
+                        "index": d.index,
+                        "name": names.get(d.index, ""),
+                        "kind": kinds.get(d.index, "cuda"),
+                        "vram_total_mb": d.total_mb,
+                        "vram_used_mb": reading.vram_used_mb if reading else None,
+                        "vram_free_mb": reading.vram_free_mb if reading else None,
+                        "utilization_pct": reading.utilization_pct if reading else None,
+                        "temp_c": reading.temp_c if reading else None,
+                    }
+                )
             nodes.append(
                 {
                     "name": node.name,
                     "up": node.up,
-                    "hostname": hostname,
                     "error": node.error,
+                    "hostname": node.discovery.hostname if node.discovery else None,
+                    "last_seen_s": round(now - node.last_seen, 1) if node.last_seen else None,
                     "devices": devices,
                 }
             )
-            for state in node.models.values():
-                use = self.use.get((node.name, state.id))
-                idle = now - use.last_used if use and use.last_used else None
-                in_flight = use.in_flight if use else 0
+            served = {self.catalogue.canonical(s.id): s for s in node.models.values()}
+            for m in view.models:  # the view also shows loads the neuron has not listed yet
+                state = served.get(m.id)
+                use = self.use.get((node.name, m.id), ModelUse())
                 models.append(
-                    state.model_dump() | {"node": node.name, "in_flight": in_flight, "idle_s": idle}
+                    {
+                        "id": m.id,
+                        "served_as": state.id if state else self.catalogue.qualified_id(m.id),
+                        "node": node.name,
+                        "status": m.status,
+                        "devices": list(m.devices),
+                        "vram_used_mb": state.vram_used_mb if state else 0,
+                        "progress": state.progress if state else None,
+                        "error": state.error if state else None,
+                        "pinned": self.catalogue.is_pinned(m.id, node.name),
+                        "in_flight": use.in_flight,
+                        "requests": use.requests,
+                        "idle_s": round(now - use.last_used, 1) if use.last_used else None,
+                    }
                 )
-        return {"nodes": nodes, "models": models}
+        loading = sorted(self._loads)
+        return {"nodes": nodes, "models": models, "loading": loading}
+
+    async def close(self) -> None:
+        for load in list(self._loads.values()):
+            if load.task is not None:
+                load.task.cancel()
+        for node in self.nodes.values():
+            with contextlib.suppress(Exception):
+                await node.neuron.close()

@@ -1,0 +1,244 @@
+"""Prometheus metrics for the gateway, served on their own port (``gateway.metrics_listen``).
+
+Every :class:`GatewayMetrics` owns its CollectorRegistry, so two gateways in one process
+(tests, the TUI) never share counters and nothing touches prometheus_client's global
+registry. Per-request numbers come from a :class:`RequestTimer` the gateway drives
+(start, first token, finish with usage, or error); fleet events (loads, evictions, cold
+starts) are recorded by the fleet itself; device and in-flight gauges are read from the
+fleet on every scrape, so they are never stale and need no background task.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+if TYPE_CHECKING:
+    from helexa.cortex.fleet import Fleet
+
+# Seconds: from a sub-millisecond proxy hop to a long agentic generation or a cold load.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 2, 5, 10, 30, 60, 120)
+TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500, 1000)
+LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        req = ["model", "node", "dialect"]
+        per_model = ["model", "node"]
+        self.requests = Counter(
+            "helexa_requests", "Requests by outcome (HTTP status)", [*req, "status"], registry=r
+        )
+        self.request_errors = Counter(
+            "helexa_request_errors", "Failed requests by error code", [*req, "code"], registry=r
+        )
+        self.request_duration = Histogram(
+            "helexa_request_duration_seconds",
+            "Request latency, arrival to last byte",
+            req,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "helexa_time_to_first_token_seconds",
+            "Arrival to first generated token (cold loads included)",
+            req,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tokens_per_second = Histogram(
+            "helexa_output_tokens_per_second",
+            "Decode rate per request: tokens after the first over the time after the first",
+            per_model,
+            buckets=TOKENS_PER_S_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "helexa_prompt_tokens", "Prompt tokens processed", per_model, registry=r
+        )
+        self.completion_tokens = Counter(
+            "helexa_completion_tokens", "Tokens generated", per_model, registry=r
+        )
+        self.cold_starts = Counter(
+            "helexa_cold_starts", "Requests that waited for a model load", per_model, registry=r
+        )
+        self.evictions = Counter(
+            "helexa_evictions",
+            "Models unloaded by the gateway (capacity, idle, admin)",
+            [*per_model, "reason"],
+            registry=r,
+        )
+        self.model_loads = Counter(
+            "helexa_model_loads", "Model loads by result", [*per_model, "result"], registry=r
+        )
+        self.model_load_duration = Histogram(
+            "helexa_model_load_duration_seconds",
+            "Successful model loads, request to loaded",
+            per_model,
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        device = ["node", "device"]
+        self.vram_used = Gauge(
+            "helexa_device_vram_used_mb", "Device memory in use", device, registry=r
+        )
+        self.vram_total = Gauge(
+            "helexa_device_vram_total_mb", "Device memory in total", device, registry=r
+        )
+        self.utilization = Gauge(
+            "helexa_device_utilization_pct", "Device utilization", device, registry=r
+        )
+        self.in_flight = Gauge(
+            "helexa_in_flight_requests", "Requests holding a model now", per_model, registry=r
+        )
+        self.node_up = Gauge(
+            "helexa_node_up", "1 when the node answers polls", ["node"], registry=r
+        )
+        self.model_loaded = Gauge(
+            "helexa_model_loaded", "1 per model loaded on a node", per_model, registry=r
+        )
+
+    # -- per request ---------------------------------------------------------------------
+
+    def start_request(
+        self, model: str, node: str, dialect: str, *, clock: Callable[[], float] = time.perf_counter
+    ) -> RequestTimer:
+        return RequestTimer(self, model, node, dialect, clock)
+
+    # -- fleet events --------------------------------------------------------------------
+
+    def cold_start(self, model: str, node: str) -> None:
+        self.cold_starts.labels(model, node).inc()
+
+    def model_load(self, model: str, node: str, result: str, seconds: float | None = None) -> None:
+        self.model_loads.labels(model, node, result).inc()
+        if result == "ok" and seconds is not None:
+            self.model_load_duration.labels(model, node).observe(seconds)
+
+    def eviction(self, model: str, node: str, reason: str) -> None:
+        self.evictions.labels(model, node, reason).inc()
+
+    # -- fleet state ---------------------------------------------------------------------
+
+    def update_from_fleet(self, fleet: Fleet) -> None:
+        """Set every gauge from the fleet as it is now (gone nodes and models disappear)."""
+        for gauge in (
+            self.vram_used,
+            self.vram_total,
+            self.utilization,
+            self.in_flight,
+            self.node_up,
+            self.model_loaded,
+        ):
+            gauge.clear()
+        for node in fleet.nodes.values():
+            self.node_up.labels(node.name).set(1 if node.up else 0)
+            totals = (
+                {d.index: d.vram_total_mb for d in node.discovery.devices} if node.discovery else {}
+            )
+            for d in node.health.devices if node.health else ():
+                device = str(d.index)
+                self.vram_used.labels(node.name, device).set(d.vram_used_mb)
+                total = totals.get(d.index, d.vram_used_mb + d.vram_free_mb)
+                self.vram_total.labels(node.name, device).set(total)
+                if d.utilization_pct is not None:
+                    self.utilization.labels(node.name, device).set(d.utilization_pct)
+            if node.up:
+                for state in node.models.values():
+                    if state.status == "loaded":
+                        model = fleet.catalogue.canonical(state.id)
+                        self.model_loaded.labels(model, node.name).set(1)
+        for (node_name, model), use in fleet.use.items():
+            if use.in_flight:
+                self.in_flight.labels(model, node_name).set(use.in_flight)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """One request's clock: TTFT at the first token, rate and usage at the end.
+
+    ``finish`` and ``error`` are each final and only the first of them counts, so a
+    handler may call ``error`` from an ``except`` after a partial stream without
+    double-counting.
+    """
+
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        model: str,
+        node: str,
+        dialect: str,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.metrics = metrics
+        self.labels = (model, node, dialect)
+        self.clock = clock
+        self.started = clock()
+        self.first: float | None = None
+        self.done = False
+
+    def route(self, node: str) -> None:
+        """The node became known after the timer started (routing happens after arrival)."""
+        self.labels = (self.labels[0], node, self.labels[2])
+
+    def first_token(self) -> None:
+        if self.first is None:
+            self.first = self.clock()
+            self.metrics.ttft.labels(*self.labels).observe(self.first - self.started)
+
+    def finish(self, usage: Mapping[str, Any] | None = None, status: int = 200) -> None:
+        if self.done:
+            return
+        self.done = True
+        end = self.clock()
+        m, (model, node, dialect) = self.metrics, self.labels
+        m.requests.labels(model, node, dialect, str(status)).inc()
+        m.request_duration.labels(model, node, dialect).observe(end - self.started)
+        prompt = int((usage or {}).get("prompt_tokens") or 0)
+        completion = int((usage or {}).get("completion_tokens") or 0)
+        if prompt:
+            m.prompt_tokens.labels(model, node).inc(prompt)
+        if completion:
+            m.completion_tokens.labels(model, node).inc(completion)
+        if self.first is not None and completion >= 2 and end > self.first:
+            m.tokens_per_second.labels(model, node).observe((completion - 1) / (end - self.first))
+
+    def error(self, status: int, code: str | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        m, (model, node, dialect) = self.metrics, self.labels
+        m.requests.labels(model, node, dialect, str(status)).inc()
+        m.request_errors.labels(model, node, dialect, code or "error").inc()
+        m.request_duration.labels(model, node, dialect).observe(self.clock() - self.started)
+
+
+def make_metrics_app(metrics: GatewayMetrics, fleet: Fleet | None = None) -> web.Application:
+    """``GET /metrics`` for the metrics port; with ``fleet``, gauges are refreshed per scrape."""
+
+    async def scrape(request: web.Request) -> web.Response:
+        if fleet is not None:
+            metrics.update_from_fleet(fleet)
+        return web.Response(
+            body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    return app
