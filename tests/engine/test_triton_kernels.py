@@ -113,6 +113,17 @@ def test_linear_prefill_path_chunks_and_bias(
     assert rel_err(got, ref) < 1e-5
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA + Triton (too big to interpret)")
+def test_matvec_row_tiles_beyond_one_grid_axis() -> None:
+    """An output dim with more row tiles than a CUDA grid's y/z axis holds (65535)."""
+    from helexa.engine.quant.triton_kernels import matvec
+
+    w = random_weight(Q.Q4_K, 600_001, 256, seed=4)
+    x = torch.randn(2, 256, device=DEVICE)
+    assert rel_err(matvec(x, w), x.double() @ w.dequantize(torch.float64).T) < 1e-5
+
+
 @needs_kernels
 def test_unsupported_type_is_refused() -> None:
     from helexa.engine.quant.triton_kernels import matvec

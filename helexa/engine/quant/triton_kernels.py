@@ -148,6 +148,7 @@ def _matvec_kernel(
     x_ptr,
     w_ptr,
     y_ptr,
+    M,
     N,
     stride_x,
     stride_w,
@@ -159,10 +160,13 @@ def _matvec_kernel(
     G: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """y[m, n] = sum_k x[m, k] * W[n, k] for BLOCK_N rows n over ``N_UNITS`` units; grid (M, cdiv(N, BLOCK_N)),
-    m fastest so the programs sharing a weight tile run together and share it in L2."""
-    m = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """y[m, n] = sum_k x[m, k] * W[n, k] for BLOCK_N rows n over ``N_UNITS`` units.
+
+    One grid axis (the others cap at 65535, fewer than an lm_head's row tiles), m fastest
+    so the programs sharing a weight tile run together and share it in L2."""
+    pid = tl.program_id(0)
+    m = pid % M
+    rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     # Rows past N read row N-1 (always valid memory) and are dropped at the store.
     safe = tl.minimum(rows, N - 1)
     row_ptr = (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None]
@@ -258,12 +262,12 @@ def matvec(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
         raise ValueError(f"matvec: x must be (M, {k}) with unit stride, got {tuple(x.shape)}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     unit, unit_bytes, g = _unit(weight.qtype, k)
-    args = (x, weight.data, y, n, x.stride(0), weight.data.stride(0), y.stride(0))
+    args = (x, weight.data, y, m, n, x.stride(0), weight.data.stride(0), y.stride(0))
     meta = dict(N_UNITS=k // unit, QTYPE=int(weight.qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g)
     if AUTOTUNE:
-        _matvec_tuned[lambda c: (m, triton.cdiv(n, c["BLOCK_N"]))](*args, **meta)
+        _matvec_tuned[lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
     else:
-        _matvec_kernel[(m, triton.cdiv(n, 8))](*args, **meta, BLOCK_N=8, num_warps=4)
+        _matvec_kernel[(m * triton.cdiv(n, 8),)](*args, **meta, BLOCK_N=8, num_warps=4)
     return y
 
 
