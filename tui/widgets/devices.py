@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 from textual.app import RenderResult
@@ -42,6 +43,29 @@ def device_cells(d: DeviceRow) -> tuple[Text, Text, str, str, str]:
     )
 
 
+def node_parts(node: NodeRow) -> list[RenderableType]:
+    """A node's heading line (and why it is down), then a grid of its devices."""
+    mark, style = ("●", "bold green") if node.up else ("○", "bold red")
+    head = Text(f"{mark} {node.name}", style=style, no_wrap=True, overflow="ellipsis")
+    if node.hostname and node.hostname != node.name:
+        head.append(f"  {node.hostname}", style="dim")
+    parts: list[RenderableType] = [head]
+    if not node.up:
+        reason = f"  down: {node.error or 'not answering'}"
+        parts.append(Text(reason, style="red", no_wrap=True, overflow="ellipsis"))
+    if node.devices:
+        grid = Table.grid(padding=(0, 1), expand=True)
+        grid.add_column(ratio=1, no_wrap=True)
+        grid.add_column(width=BAR_WIDTH)
+        grid.add_column(justify="right", no_wrap=True)
+        grid.add_column(justify="right", width=4)
+        grid.add_column(justify="right", width=5)
+        for device in node.devices:
+            grid.add_row(*device_cells(device))
+        parts.append(grid)
+    return parts
+
+
 class DevicesPanel(Widget):
     """Renders the nodes it was last shown; the app pushes new rows on each refresh."""
 
@@ -58,20 +82,4 @@ class DevicesPanel(Widget):
     def render(self) -> RenderResult:
         if not self.nodes:
             return Text("no nodes yet (waiting for the first poll)", style="dim")
-        table = Table.grid(padding=(0, 1), expand=True)
-        table.add_column(ratio=1, no_wrap=True)
-        table.add_column(width=BAR_WIDTH)
-        table.add_column(justify="right", no_wrap=True)
-        table.add_column(justify="right", width=4)
-        table.add_column(justify="right", width=5)
-        for node in self.nodes:
-            mark, style = ("●", "bold green") if node.up else ("○", "bold red")
-            head = Text(f"{mark} {node.name}", style=style)
-            if node.hostname and node.hostname != node.name:
-                head.append(f"  {node.hostname}", style="dim")
-            if not node.up:
-                head.append(f"  down: {node.error or 'not answering'}", style="red")
-            table.add_row(head)
-            for device in node.devices:
-                table.add_row(*device_cells(device))
-        return table
+        return Group(*(part for node in self.nodes for part in node_parts(node)))

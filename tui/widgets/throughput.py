@@ -12,6 +12,11 @@ from textual.widgets import Label, Sparkline
 from tui.traffic import recent_rate
 
 
+def short_name(model: str) -> str:
+    """``Qwen/Qwen3-8B-GGUF:Q4_K_M`` -> ``Qwen3-8B-GGUF:Q4_K_M``: the org eats the room."""
+    return model.rpartition("/")[2] or model
+
+
 def ttft_summary(ttfts_s: Sequence[float]) -> str:
     if not ttfts_s:
         return "TTFT  no requests yet"
@@ -36,7 +41,7 @@ class RateLine(Horizontal):
         yield self.spark
 
     def show(self, series: Sequence[float]) -> None:
-        self.label.update(f"{self.series_name:<20.20} {recent_rate(series):7.1f} tok/s")
+        self.label.update(f"{short_name(self.series_name):<26.26} {recent_rate(series):7.1f} tok/s")
         self.spark.data = list(series)
 
 

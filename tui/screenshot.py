@@ -1,0 +1,243 @@
+"""Render the dashboard under load to ``assets/screenshots/dashboard.svg`` (and ``.png``).
+
+    python -m tui.screenshot [--seconds 20] [--out assets/screenshots]
+
+A development script, run from the checkout: it drives the real app and the real gateway
+over scripted neurons (``tests/support``) dressed up as GPU nodes, sends streaming
+requests through the gateway with the OpenAI SDK for a while, and exports what the
+screen shows. The PNG is made with cairosvg when it is installed (``pip install
+cairosvg``); Textual's SVG names the Fira Code web font, which cairo cannot fetch, so the
+PNG copy asks for a local monospace font instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import re
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from helexa.config import GatewaySettings, LocalSettings, Settings
+from helexa.neuron.interface import (
+    DeviceHealth,
+    DeviceInfo,
+    Discovery,
+    Health,
+    LoadRequest,
+    ModelState,
+)
+from helexa.neuron.remote import RemoteNeuron
+from tui.app import HelexaApp, build_app
+from tui.traffic import Traffic
+
+SIZE = (160, 46)
+
+
+@dataclass
+class DemoModel:
+    id: str
+    device: int
+    vram_mb: int
+    tok_s: float  # decode speed of one stream
+    status: str = "loaded"
+    progress: float | None = None
+
+
+def demo_neuron_class() -> type:
+    """ScriptedNeuron with GPU-shaped health and paced streams (imported from the checkout)."""
+    from tests.support.scripted_neuron import Reply, ScriptedNeuron
+
+    class DemoNeuron(ScriptedNeuron):
+        def __init__(self, name: str, gpu: str, vram_mb: int, gpus: int, models: list[DemoModel]):
+            super().__init__(name, models={m.id: m.status for m in models})  # type: ignore[misc]
+            self.gpu, self.vram_mb, self.gpus = gpu, vram_mb, gpus
+            self.demo = {m.id: m for m in models}
+            self.active: dict[int, int] = {}
+            self.rng = random.Random(name)
+            self.script = lambda request: Reply(
+                text=["tok"] * self.rng.randint(60, 160), prompt_tokens=self.rng.randint(40, 900)
+            )
+
+        async def discovery(self) -> Discovery:
+            return Discovery(
+                hostname=f"{self.name}.lan",
+                os="Linux",
+                driver_version="570.86",
+                cuda_version="12.8",
+                devices=[
+                    DeviceInfo(index=i, name=self.gpu, vram_total_mb=self.vram_mb)
+                    for i in range(self.gpus)
+                ],
+            )
+
+        async def health(self) -> Health:
+            devices = []
+            for i in range(self.gpus):
+                used = 600 + sum(
+                    m.vram_mb * (m.progress or 1.0)
+                    for m in self.demo.values()
+                    if m.device == i and self.states.get(m.id) in ("loaded", "loading")
+                )
+                busy = self.active.get(i, 0)
+                devices.append(
+                    DeviceHealth(
+                        index=i,
+                        vram_used_mb=int(used),
+                        vram_free_mb=self.vram_mb - int(used),
+                        utilization_pct=min(99.0, 8 + 41 * busy + self.rng.random() * 4),
+                        temp_c=41 + 9 * min(busy, 3) + self.rng.random() * 2,
+                    )
+                )
+            return Health(uptime_secs=86_400.0, devices=devices)
+
+        async def models(self) -> list[ModelState]:
+            out = []
+            for model_id, status in self.states.items():
+                m = self.demo[model_id]
+                on = status in ("loaded", "loading")
+                out.append(
+                    ModelState(
+                        id=model_id,
+                        status=status,
+                        devices=[m.device] if on else [],
+                        vram_used_mb=int(m.vram_mb * (m.progress or 1.0)) if on else 0,
+                        progress=m.progress if status == "loading" else None,
+                    )
+                )
+            return out
+
+        async def load(self, request: LoadRequest) -> ModelState:
+            state = await super().load(request)
+            m = self.demo[request.model_id]
+            return state.model_copy(update={"devices": [m.device], "vram_used_mb": m.vram_mb})
+
+        def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+            return self._paced(super().chat(request), self.demo[str(request["model"])])
+
+        async def _paced(
+            self, stream: AsyncIterator[dict[str, Any]], model: DemoModel
+        ) -> AsyncIterator[dict[str, Any]]:
+            self.active[model.device] = self.active.get(model.device, 0) + 1
+            try:
+                await asyncio.sleep(self.rng.uniform(0.04, 0.35))  # prefill
+                async for chunk in stream:
+                    yield chunk
+                    await asyncio.sleep(1 / model.tok_s)
+            finally:
+                self.active[model.device] -= 1
+
+    return DemoNeuron
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+async def client_loop(base_url: str, model: str, stop: asyncio.Event, rng: random.Random) -> None:
+    """One user: a streaming request, a pause to read it, again, until ``stop``."""
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="-", max_retries=0) as client:
+        while not stop.is_set():
+            with contextlib.suppress(openai.APIError):
+                stream = await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                async with stream:  # closes the response when the loop breaks off
+                    async for _ in stream:
+                        if stop.is_set():
+                            break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), rng.uniform(0.2, 1.5))
+
+
+def png_ready_svg(svg: str) -> str:
+    """Point the SVG at a local monospace font so cairo lays columns out as the terminal did."""
+    svg = re.sub(r"@font-face\s*\{[^}]*\}", "", svg)
+    return svg.replace("Fira Code, monospace", "DejaVu Sans Mono, monospace")
+
+
+async def render(seconds: float, out: Path) -> list[Path]:
+    demo = demo_neuron_class()
+    local = demo(
+        "local",
+        "NVIDIA GeForce RTX 4090",
+        24564,
+        2,
+        [
+            DemoModel("Qwen/Qwen3-8B-GGUF:Q4_K_M", 0, 5870, tok_s=96),
+            DemoModel("Qwen/Qwen3-0.6B-GGUF:Q8_0", 1, 1130, tok_s=220),
+            DemoModel("Qwen/Qwen3-30B-A3B-GGUF:Q4_K_M", 1, 18630, 80, "loading", 0.63),
+        ],
+    )
+    rack = demo(
+        "rack-2",
+        "NVIDIA H100 80GB HBM3",
+        81559,
+        1,
+        [
+            DemoModel("Qwen/Qwen3-32B-GGUF:Q4_K_M", 0, 20210, tok_s=48),
+            DemoModel("Qwen/Qwen3-14B-GGUF:Q4_K_M", 0, 9300, 70, "unloaded"),
+        ],
+    )
+    laptop = RemoteNeuron("laptop", closed_port_url(), poll_timeout_s=1)
+    settings = Settings(
+        gateway=GatewaySettings(listen="127.0.0.1:0"), local=LocalSettings(enabled=False)
+    )
+    app: HelexaApp = build_app(
+        settings, [local, rack, laptop], refresh_s=0.5, traffic=Traffic(window_s=int(seconds))
+    )
+    async with app.run_test(size=SIZE) as pilot:
+        await app.workers.wait_for_complete()
+        app.service.fleet.pin("Qwen/Qwen3-8B-GGUF:Q4_K_M", "local")
+        base = f"{app.service.url}/v1"
+        stop = asyncio.Event()
+        rng = random.Random(7)
+        users = [
+            *(["Qwen/Qwen3-8B-GGUF:Q4_K_M"] * 3),
+            "Qwen/Qwen3-0.6B-GGUF:Q8_0",
+            *(["Qwen/Qwen3-32B-GGUF:Q4_K_M"] * 2),
+        ]
+        tasks = [asyncio.ensure_future(client_loop(base, m, stop, rng)) for m in users]
+        await asyncio.sleep(seconds)
+        app.refresh_view()
+        await pilot.pause()
+        svg = app.export_screenshot(title="helexa")
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await app.stop_service()
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "dashboard.svg"]
+    written[0].write_text(svg)
+    try:
+        import cairosvg
+    except ImportError:
+        print("cairosvg is not installed: wrote the SVG only", file=sys.stderr)
+    else:
+        png = out / "dashboard.png"
+        cairosvg.svg2png(bytestring=png_ready_svg(svg).encode(), write_to=str(png))
+        written.append(png)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="traffic before the shot")
+    parser.add_argument("--out", type=Path, default=Path("assets/screenshots"))
+    args = parser.parse_args(argv)
+    for path in asyncio.run(render(args.seconds, args.out)):
+        print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
