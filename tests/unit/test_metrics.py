@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -182,3 +185,25 @@ async def test_gauges_follow_the_fleet_on_every_scrape(aiohttp_client: Scrape) -
     assert samples[key("helexa_node_up", node="a")] == 0
     assert key("helexa_in_flight_requests", model="m", node="a") not in samples
     assert key("helexa_model_loaded", model="m", node="a") not in samples
+
+
+def test_grafana_dashboard_queries_only_metrics_that_exist() -> None:
+    dashboard = json.loads(
+        (Path(__file__).parents[2] / "assets" / "grafana-dashboard.json").read_text()
+    )
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        for name in re.findall(r"helexa_\w+", target["expr"])
+    }
+    exposed = set()
+    for family in GatewayMetrics().registry.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+        exposed |= {family.name + s for s in suffixes.get(family.type, [""])}
+    assert queried, "the dashboard queries helexa metrics"
+    assert queried <= exposed, f"unknown metrics in the dashboard: {sorted(queried - exposed)}"
+    variables = [
+        v["query"]["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"
+    ]
+    assert {n for v in variables for n in re.findall(r"helexa_\w+", v)} <= exposed
