@@ -59,27 +59,27 @@ class HelexaApp(App[int]):
         self.traffic = traffic
         self.view = FleetView()
         self.pending: dict[str, str] = {}  # model row key -> admin op in flight
+        self.devices = DevicesPanel(id="devices")
+        self.throughput = ThroughputPanel(id="throughput")
+        self.models = ModelsTable(id="models")
+        self.log_pane = RequestLog(id="log")
         self._stopped = False
 
     # -- layout ---------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="top"):
-            yield DevicesPanel(id="devices")
-            yield ThroughputPanel(id="throughput")
-        yield ModelsTable(id="models")
-        yield RequestLog(id="log")
+            yield self.devices
+            yield self.throughput
+        yield self.models
+        yield self.log_pane
         yield Footer()
 
     def on_mount(self) -> None:
-        titles = {
-            "#devices": "Devices",
-            "#throughput": "Throughput",
-            "#models": "Models",
-            "#log": "Requests",
-        }
-        for selector, title in titles.items():
-            self.query_one(selector).border_title = title
+        self.devices.border_title = "Devices"
+        self.throughput.border_title = "Throughput"
+        self.models.border_title = "Models"
+        self.log_pane.border_title = "Requests"
         self.sub_title = "starting gateway…"
         self.run_worker(self._start_service(), group="service", exclusive=True)
         self.set_interval(self.refresh_s, self.refresh_view)
@@ -130,32 +130,32 @@ class HelexaApp(App[int]):
     def refresh_view(self) -> None:
         """Re-read the fleet snapshot and the traffic record and push them to the widgets."""
         self.view = fleet_view(self.service.fleet.snapshot())
-        self.query_one(DevicesPanel).show(self.view.nodes)
-        self.query_one(ModelsTable).show(self.view.models, self.pending)
+        self.devices.show(self.view.nodes)
+        self.models.show(self.view.models, self.pending)
         traffic = self.traffic
-        self.query_one(ThroughputPanel).show(
+        self.throughput.show(
             traffic.series(),
             {m: traffic.series(m) for m in traffic.models()},
             [r.ttft_s for r in traffic.recent_ttft(20) if r.ttft_s is not None],
         )
-        log = self.query_one(RequestLog)
-        log.show(traffic.finished_since(log.last_seq))
+        self.log_pane.show(traffic.finished_since(self.log_pane.last_seq))
 
     def action_refresh(self) -> None:
         async def poll() -> None:
             await self.service.fleet.refresh()
 
-        self._admin("refreshed fleet", poll)
+        self._admin("poll every node", poll)
 
     # -- admin operations -----------------------------------------------------------
     def _admin(
         self,
-        done: str,
+        what: str,
         op: Callable[[], Awaitable[object] | object],
         row: ModelRow | None = None,
         doing: str | None = None,
     ) -> None:
-        """Run ``op`` as a worker; the row shows ``doing`` until it ends, then a toast."""
+        """Run ``op`` (``what`` it does, for the toast) as a worker; ``row`` shows ``doing``
+        until it ends, so the operator sees the op in flight without blocking the screen."""
 
         async def work() -> None:
             if row is not None and doing:
@@ -168,9 +168,9 @@ class HelexaApp(App[int]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.notify(f"{done}: failed: {exc}", severity="error", timeout=8)
+                self.notify(f"{what} failed: {exc}", severity="error", timeout=8)
             else:
-                self.notify(done)
+                self.notify(f"{what}: done")
             finally:
                 if row is not None:
                     self.pending.pop(row.key, None)
@@ -179,7 +179,7 @@ class HelexaApp(App[int]):
         self.run_worker(work(), group="admin")
 
     def _selected(self) -> ModelRow | None:
-        row = self.query_one(ModelsTable).selected
+        row = self.models.selected
         if row is None:
             self.notify("no model selected", severity="warning")
         return row
@@ -201,7 +201,7 @@ class HelexaApp(App[int]):
     def action_load(self) -> None:
         def chosen(model: str | None) -> None:
             if model:
-                self._admin(f"loaded {model}", lambda: self.service.fleet.load(model))
+                self._admin(f"load {model}", lambda: self.service.fleet.load(model))
                 self.notify(f"loading {model}…")
 
         self.push_screen(ModelPicker(self.load_choices()), chosen)
@@ -209,7 +209,7 @@ class HelexaApp(App[int]):
     def action_unload(self) -> None:
         if row := self._selected():
             self._admin(
-                f"unloaded {row.id} from {row.node}",
+                f"unload {row.id} from {row.node}",
                 lambda: self.service.fleet.unload(row.id, row.node),
                 row,
                 "unloading",
@@ -219,23 +219,21 @@ class HelexaApp(App[int]):
         if row := self._selected():
             fleet = self.service.fleet
             if row.pinned:
-                self._admin(f"unpinned {row.id}", lambda: fleet.unpin(row.id, row.node), row)
+                self._admin(f"unpin {row.id}", lambda: fleet.unpin(row.id, row.node), row)
             else:
-                self._admin(
-                    f"pinned {row.id} on {row.node}", lambda: fleet.pin(row.id, row.node), row
-                )
+                self._admin(f"pin {row.id} on {row.node}", lambda: fleet.pin(row.id, row.node), row)
 
     def action_evict(self) -> None:
         if row := self._selected():
             self._admin(
-                f"evicted {row.id}", lambda: self.service.fleet.evict(row.id), row, "evicting"
+                f"evict {row.id}", lambda: self.service.fleet.evict(row.id), row, "evicting"
             )
 
     def action_attach(self) -> None:
         def chosen(endpoint: NeuronEndpoint | None) -> None:
             if endpoint is not None:
                 self._admin(
-                    f"attached {endpoint.name} ({endpoint.endpoint})",
+                    f"attach {endpoint.name} ({endpoint.endpoint})",
                     lambda: self.attach(endpoint),
                 )
 

@@ -7,6 +7,7 @@ doubles' records), not the screen alone: the TUI must change the gateway's state
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -160,6 +161,7 @@ async def test_escape_leaves_the_picker_without_loading() -> None:
     neuron = gpu()
     async with dashboard(neuron) as (app, pilot):
         await pilot.press("l")
+        app.refresh_view()  # the interval keeps refreshing the dashboard under the dialog
         await pilot.press("u")  # dashboard keys do not reach through the dialog
         await pilot.press("escape")
         await settle(app, pilot)
@@ -244,3 +246,25 @@ async def test_quit_stops_the_service_and_cancels_streams() -> None:
 async def consume(stream: Any) -> None:
     async for _ in stream:
         pass
+
+
+async def test_leaving_the_app_any_way_stops_the_service() -> None:
+    neuron = gpu()
+    async with dashboard(neuron) as (app, pilot):
+        app.exit()
+        await pilot.pause()
+    assert neuron.closed
+
+
+async def test_a_gateway_that_cannot_listen_ends_the_app_with_an_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = settings().model_copy(
+            update={"gateway": GatewaySettings(listen=f"127.0.0.1:{port}")}
+        )
+        app = build_app(busy, [gpu()], refresh_s=60)
+        async with app.run_test(size=SIZE):
+            await app.workers.wait_for_complete()
+    assert app.return_code == 1
