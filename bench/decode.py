@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from helexa.engine.cuda_graph import GraphDecoder  # noqa: E402
 from helexa.engine.loader_safetensors import load_checkpoint  # noqa: E402
 from helexa.engine.models.qwen3 import Qwen3  # noqa: E402
 
@@ -135,11 +136,17 @@ def run(
         logits = model.forward(tokens, torch.arange(prompt, device=device), last_only=True)
         return int(logits[0, -1].argmax())
 
+    # Decode steps as generation runs them: CUDA-graph replays on CUDA, forward elsewhere.
+    graphs = GraphDecoder(model) if device.type == "cuda" else None
+
     def decode() -> int:
         token = first
         for pos in range(prompt, prompt + new - 1):
             step = torch.tensor([[token]], device=device)
-            logits = model.forward(step, torch.tensor([pos], device=device), last_only=True)
+            if graphs is not None:
+                logits = graphs(step, pos)
+            else:
+                logits = model.forward(step, torch.tensor([pos], device=device), last_only=True)
             token = int(logits[0, -1].argmax())  # a host sync per token, as in generation
         return token
 

@@ -163,6 +163,11 @@ class LoadedModel:
         ckpt.tensors.clear()  # the model holds what it needs; drop the loader's references
         context = context_length or min(model.config.max_position_embeddings, DEFAULT_CONTEXT)
         model.setup_cache(1, context)
+        decode = None
+        if device.type == "cuda":  # replay decode steps from CUDA graphs
+            from helexa.engine.cuda_graph import GraphDecoder
+
+            decode = GraphDecoder(model)
         return cls(
             model=model,
             tokenizer=tokenizer,
@@ -170,6 +175,7 @@ class LoadedModel:
             defaults=generation_defaults(ckpt.generation_config, sampling_defaults),
             eos_token_ids=eos_ids(tokenizer, ckpt.generation_config),
             name=name or path.name,
+            decode=decode,
         )
 
     @property
