@@ -24,8 +24,10 @@ from prometheus_client import (
     generate_latest,
 )
 
+from helexa.cortex.app import Failure, RequestObserver
+
 if TYPE_CHECKING:
-    from helexa.cortex.fleet import Fleet
+    from helexa.cortex.fleet import Fleet, Lease
 
 # Seconds: from a sub-millisecond proxy hop to a long agentic generation or a cold load.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -119,6 +121,10 @@ class GatewayMetrics:
     ) -> RequestTimer:
         return RequestTimer(self, model, node, dialect, clock)
 
+    def observe(self, api: str, model: str) -> MetricsObserver:
+        """The gateway's per-request hook factory (``make_app(..., observe=metrics.observe)``)."""
+        return MetricsObserver(self.start_request(model, "", api))
+
     # -- fleet events --------------------------------------------------------------------
 
     def cold_start(self, model: str, node: str) -> None:
@@ -193,9 +199,9 @@ class RequestTimer:
         self.first: float | None = None
         self.done = False
 
-    def route(self, node: str) -> None:
-        """The node became known after the timer started (routing happens after arrival)."""
-        self.labels = (self.labels[0], node, self.labels[2])
+    def route(self, node: str, model: str | None = None) -> None:
+        """Routing happened after arrival: now the node (and the canonical model) are known."""
+        self.labels = (model or self.labels[0], node, self.labels[2])
 
     def first_token(self) -> None:
         if self.first is None:
@@ -227,6 +233,42 @@ class RequestTimer:
         m.requests.labels(model, node, dialect, str(status)).inc()
         m.request_errors.labels(model, node, dialect, code or "error").inc()
         m.request_duration.labels(model, node, dialect).observe(self.clock() - self.started)
+
+
+def carries_token(chunk: Mapping[str, Any]) -> bool:
+    """Whether an OpenAI chunk holds generated output (not just a role or the usage)."""
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta")
+        if delta is None and choice.get("text"):  # legacy completions
+            return True
+        if delta and (
+            delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")
+        ):
+            return True
+    return False
+
+
+class MetricsObserver(RequestObserver):
+    """Feeds one gateway request's hooks into a :class:`RequestTimer`."""
+
+    def __init__(self, timer: RequestTimer) -> None:
+        self.timer = timer
+        self.usage: Mapping[str, Any] | None = None
+
+    def routed(self, lease: Lease) -> None:
+        self.timer.route(lease.node.name, lease.model or None)
+
+    def chunk(self, chunk: dict[str, Any]) -> None:
+        if self.timer.first is None and carries_token(chunk):
+            self.timer.first_token()
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+
+    def finished(self) -> None:
+        self.timer.finish(self.usage)
+
+    def failed(self, failure: Failure) -> None:
+        self.timer.error(failure.status, failure.code)
 
 
 def make_metrics_app(metrics: GatewayMetrics, fleet: Fleet | None = None) -> web.Application:
