@@ -23,7 +23,7 @@ from tests.support.servers import serving
 from tui.app import HelexaApp, build_app
 from tui.widgets.attach_dialog import AttachDialog
 from tui.widgets.model_picker import ModelPicker
-from tui.widgets.models import ModelsTable
+from tui.widgets.models import COLUMNS, ModelsTable
 from tui.widgets.request_log import RequestLog
 from tui.widgets.throughput import ThroughputPanel
 
@@ -113,8 +113,11 @@ async def test_unload_key_unloads_the_selected_model() -> None:
         await settle(app, pilot)
         assert neuron.unloads == ["small"]
         assert status(app, "gpu", "small") == "unloaded"
-        # the table follows the fleet
-        assert app.query_one(ModelsTable).rows_by_key["gpu/small"].status == "unloaded"
+        # the table follows the fleet: the row's data and the cell on screen
+        table = app.query_one(ModelsTable)
+        assert table.rows_by_key["gpu/small"].status == "unloaded"
+        status_column = table.ordered_columns[COLUMNS.index("Status")].key
+        assert str(table.get_cell("gpu/small", status_column)) == "unloaded"
 
 
 async def test_pin_key_toggles_the_pin_in_the_fleet() -> None:

@@ -77,13 +77,29 @@ class ModelsTable(DataTable[str | Text]):
         return self.rows_by_key.get(key or "")
 
     def show(self, models: Sequence[ModelRow], pending: Mapping[str, str] | None = None) -> None:
+        """Update changed cells in place; rebuild only when rows come, go or move (so the
+        cursor and scroll position survive the once-a-second refresh)."""
         pending = pending or {}
         shown = tuple((m, pending.get(m.key)) for m in models)
         if shown == self._shown:
             return
-        keep = self.selected.key if self.selected else None
+        before = {m.key: row_cells(m, op) for m, op in self._shown}
+        same_rows = [m.key for m, _ in self._shown] == [m.key for m in models]
         self._shown = shown
         self.rows_by_key = {m.key: m for m in models}
+        if same_rows:
+            for model, op in shown:
+                for column, (old, new) in enumerate(
+                    zip(before[model.key], row_cells(model, op), strict=True)
+                ):
+                    if old != new:
+                        self.update_cell(model.key, self.ordered_columns[column].key, new)
+            return
+        keep = (
+            self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+            if self.row_count
+            else None
+        )
         self.clear()
         for model, op in shown:
             self.add_row(*row_cells(model, op), key=model.key)
