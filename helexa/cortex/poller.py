@@ -31,8 +31,10 @@ class Poller:
         return cls(fleet, settings.poller.interval_s, settings.poller.timeout_s)
 
     async def poll_once(self) -> None:
-        await self.fleet.refresh(self.timeout_s)
-        self.polled.set()
+        try:
+            await self.fleet.refresh(self.timeout_s)
+        finally:  # even a failed round is a look: start-up must not wait forever
+            self.polled.set()
 
     async def _run(self) -> None:
         while True:
