@@ -148,6 +148,36 @@ def _ignore(api: str, model: str) -> RequestObserver:
     return RequestObserver()
 
 
+class _Fanout(RequestObserver):
+    def __init__(self, observers: list[RequestObserver]) -> None:
+        self.observers = observers
+
+    def routed(self, lease: Lease) -> None:
+        for o in self.observers:
+            o.routed(lease)
+
+    def chunk(self, chunk: dict[str, Any]) -> None:
+        for o in self.observers:
+            o.chunk(chunk)
+
+    def finished(self) -> None:
+        for o in self.observers:
+            o.finished()
+
+    def failed(self, failure: Failure) -> None:
+        for o in self.observers:
+            o.failed(failure)
+
+
+def observe_all(*factories: Observe) -> Observe:
+    """One ``observe`` factory feeding several (metrics and the TUI's traffic tap)."""
+
+    def observe(api: str, model: str) -> RequestObserver:
+        return _Fanout([factory(api, model) for factory in factories])
+
+    return observe
+
+
 # -- output formats ---------------------------------------------------------------------------
 
 

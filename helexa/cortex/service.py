@@ -1,22 +1,24 @@
-"""The gateway as one object: neurons, fleet, HTTP app, listener and poller.
+"""The gateway as one object: neurons, fleet, HTTP app, listeners, poller and evictor.
 
 ``helexa --serve`` runs it headless; the TUI runs the same object in its own loop and
 reads ``service.fleet``. Tests and the TUI may pass their own neurons instead of the ones
-the settings describe.
+the settings describe, and an ``observe`` hook factory that runs beside the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 
 from aiohttp import web
 
 from helexa.config import Settings, split_listen
-from helexa.cortex.app import Observe, make_app
+from helexa.cortex.app import Observe, make_app, observe_all
+from helexa.cortex.evictor import Evictor
 from helexa.cortex.fleet import Fleet
+from helexa.cortex.metrics import GatewayMetrics, make_metrics_app
+from helexa.cortex.poller import Poller
 from helexa.neuron.interface import Neuron
 from helexa.neuron.remote import RemoteNeuron
 from helexa.neuron.server import ListenError, is_loopback, start_server, until_signalled
@@ -44,6 +46,10 @@ def build_neurons(settings: Settings) -> list[Neuron]:
     return neurons
 
 
+def _url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 class Service:
     def __init__(
         self,
@@ -53,48 +59,55 @@ class Service:
         observe: Observe | None = None,
     ) -> None:
         self.settings = settings
-        self.fleet = Fleet(build_neurons(settings) if neurons is None else neurons)
-        self.app: web.Application = make_app(self.fleet, settings, observe=observe)
-        self._runner: web.AppRunner | None = None
-        self._poller: asyncio.Task[None] | None = None
+        self.metrics = GatewayMetrics()
+        nodes = build_neurons(settings) if neurons is None else neurons
+        self.fleet = Fleet.from_settings(nodes, settings, self.metrics)
+        hooks = (
+            self.metrics.observe if observe is None else observe_all(self.metrics.observe, observe)
+        )
+        self.app: web.Application = make_app(self.fleet, settings, observe=hooks)
+        self.poller = Poller.from_settings(self.fleet, settings)
+        self.evictor = Evictor(self.fleet, settings)
+        self.metrics_url: str | None = None  # None until bound (or when it could not be)
+        self._runners: list[web.AppRunner] = []
         self._url: str | None = None
 
     @property
     def url(self) -> str:
         """The gateway's base URL: the bound one once started (port 0 resolved)."""
-        if self._url is not None:
-            return self._url
-        host, port = split_listen(self.settings.gateway.listen)
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        return self._url or _url(*split_listen(self.settings.gateway.listen))
 
     async def start(self) -> None:
-        """Listen, take a first look at every node, then keep looking every interval."""
-        host, port = split_listen(self.settings.gateway.listen)
-        self._runner, self._url = await start_server(self.app, host, port)
-        await self.fleet.refresh()
-        self._poller = asyncio.create_task(self._poll(), name="helexa-poller")
+        """Listen, wait for a first look at every node, then keep polling and evicting.
 
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.poller.interval_s)
-            try:
-                await self.fleet.refresh()
-            except Exception:  # the poller must outlive any one bad round
-                log.exception("fleet refresh failed")
+        The metrics listener is best-effort: a taken metrics port is logged, not fatal,
+        because serving requests matters more than exporting numbers about them.
+        """
+        runner, self._url = await start_server(
+            self.app, *split_listen(self.settings.gateway.listen)
+        )
+        self._runners.append(runner)
+        try:
+            metrics_app = make_metrics_app(self.metrics, self.fleet)
+            listen = split_listen(self.settings.gateway.metrics_listen)
+            metrics_runner, self.metrics_url = await start_server(metrics_app, *listen)
+            self._runners.append(metrics_runner)
+        except ListenError as exc:
+            log.warning("metrics are not exported: %s", exc)
+        self.poller.start()
+        await self.poller.polled.wait()
+        self.evictor.start()
 
     async def stop(self) -> None:
         """Stop accepting, cancel streams in flight, unload local models, close neurons.
 
         Safe to call more than once, and after a failed start.
         """
-        poller, self._poller = self._poller, None
-        if poller is not None:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()  # its shutdown hook cancels the streaming handlers
+        await self.evictor.stop()
+        await self.poller.stop()
+        runners, self._runners = self._runners, []
+        for runner in runners:
+            await runner.cleanup()  # the gateway's shutdown hook cancels streaming handlers
         await self.fleet.close()  # LocalNeuron.close unloads its models
 
 
@@ -109,9 +122,10 @@ async def _headless(settings: Settings) -> None:
                 "anyone who can reach it can use it",
                 file=sys.stderr,
             )
+        metrics = f", metrics {service.metrics_url}/metrics" if service.metrics_url else ""
         print(
             f"helexa gateway on {service.url} (OpenAI base URL {service.url}/v1, "
-            f"Anthropic base URL {service.url})",
+            f"Anthropic base URL {service.url}{metrics})",
             flush=True,
         )
         await until_signalled()

@@ -327,13 +327,21 @@ async def test_hooks_see_every_request(scripted: ScriptedNeuron) -> None:
 
 
 async def test_service_serves_and_stops_gracefully(scripted: ScriptedNeuron) -> None:
-    settings = gateway_settings(listen="127.0.0.1:0")
+    settings = gateway_settings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0")
     service = Service(settings, [scripted])
     await service.start()
     try:
         assert service.url.startswith("http://127.0.0.1:") and not service.url.endswith(":0")
         models = (await fetch("GET", f"{service.url}/v1/models")).json()
         assert {m["id"] for m in models["data"]} == {MODEL, COLD_MODEL}
+
+        await fetch("POST", f"{service.url}/v1/chat/completions", json_body=CHAT)
+        scraped = (await fetch("GET", f"{service.metrics_url}/metrics")).body.decode()
+        [requests] = [
+            line for line in scraped.splitlines() if line.startswith("helexa_requests_total{")
+        ]
+        assert f'model="{MODEL}"' in requests and 'status="200"' in requests
+        assert requests.endswith(" 1.0")
 
         scripted.script = Reply(text=["a", "b"], block_after=1)
         async with (
@@ -352,7 +360,12 @@ async def test_service_serves_and_stops_gracefully(scripted: ScriptedNeuron) -> 
 
 async def test_serve_headless_until_sigterm(tmp_path: Path) -> None:
     """``helexa --serve`` prints where it listens, serves, and exits 0 on SIGTERM."""
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path)}
+    env = {
+        **os.environ,
+        "XDG_CONFIG_HOME": str(tmp_path),
+        "XDG_CACHE_HOME": str(tmp_path),
+        "HELEXA_GATEWAY__METRICS_LISTEN": "127.0.0.1:0",
+    }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -368,10 +381,12 @@ async def test_serve_headless_until_sigterm(tmp_path: Path) -> None:
     try:
         assert process.stdout is not None
         line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
-        url = re.search(r"http://127\.0\.0\.1:\d+", line)
-        assert url, line
-        health = await fetch("GET", f"{url.group()}/health")
+        found = re.findall(r"http://127\.0\.0\.1:\d+", line)
+        url, metrics = found[0], found[-1]  # the gateway first, its metrics port last
+        assert url != metrics, line
+        health = await fetch("GET", f"{url}/health")
         assert health.json()["nodes"] == 0
+        assert (await fetch("GET", f"{metrics}/metrics")).status == 200
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), timeout=30) == 0
     finally:
