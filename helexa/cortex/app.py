@@ -283,13 +283,14 @@ async def _next(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
 async def relay(request: web.Request, job: Job) -> web.StreamResponse:
     """Route ``job`` to a neuron and answer it; the one path every generation takes."""
     observer = request.app[OBSERVE](job.api, job.model)
+    fleet = request.app[FLEET]
     streams = request.app[STREAMS]
     task = asyncio.current_task()
     assert task is not None  # aiohttp runs every handler in a task
     streams.add(task)  # so a stopping gateway can cancel it
     try:
         try:
-            lease = await request.app[FLEET].acquire(job.model)
+            lease = await fleet.acquire(job.model)
         except BaseException as exc:
             observer.failed(_failure(exc))
             raise
@@ -297,7 +298,10 @@ async def relay(request: web.Request, job: Job) -> web.StreamResponse:
         async with lease:
             try:
                 observer.routed(lease)
-                upstream = {**job.upstream, "model": lease.model_id}
+                # The catalogue's sampling defaults go under whatever the client sent.
+                upstream = fleet.catalogue.apply_sampling(
+                    lease.model or job.model, {**job.upstream, "model": lease.model_id}
+                )
                 generate = lease.neuron.chat if job.kind == "chat" else lease.neuron.complete
                 async with aclosing(generate(upstream)) as chunks:
                     if job.stream is None:

@@ -12,7 +12,7 @@ import json
 import openai
 import pytest
 
-from helexa.config import ModelProfile
+from helexa.config import ModelProfile, SamplingDefaults
 from helexa.cortex.catalogue import Catalogue
 from helexa.cortex.fleet import Fleet
 from helexa.neuron.interface import Neuron
@@ -313,3 +313,29 @@ async def test_alias_is_rewritten_for_the_neuron_and_kept_for_the_client() -> No
             models = {c.model async for c in stream}
     assert completion.model == "small" and models == {"small"}
     assert [r["model"] for r in neuron.requests] == ["helexa:qwen3-small"] * 2
+
+
+async def test_catalogue_sampling_defaults_go_under_the_clients_values() -> None:
+    profile = ModelProfile(
+        id=MODEL, sampling=SamplingDefaults(temperature=0.6, top_p=0.95, max_tokens=512)
+    )
+    neuron = ScriptedNeuron("node-q", models={MODEL: "loaded"})
+
+    def with_catalogue(nodes: list[Neuron]) -> Fleet:
+        return Fleet(nodes, Catalogue([profile]))
+
+    async with gateway_over(neuron, make_fleet=with_catalogue) as gw:
+        client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+        async with client:
+            await client.chat.completions.create(model=MODEL, messages=USER)
+            await client.chat.completions.create(
+                model=MODEL, messages=USER, temperature=0, max_completion_tokens=9
+            )
+    defaulted, explicit = neuron.requests
+    assert (defaulted["temperature"], defaulted["top_p"], defaulted["max_tokens"]) == (
+        0.6,
+        0.95,
+        512,
+    )
+    assert (explicit["temperature"], explicit["top_p"]) == (0, 0.95)
+    assert "max_tokens" not in explicit and explicit["max_completion_tokens"] == 9
