@@ -72,6 +72,26 @@ def synthetic_tensors(cfg: dict[str, Any], device: str, seed: int = 0) -> dict[s
     return tensors
 
 
+def byte_level_vocab(size: int) -> dict[str, Any]:
+    """``tokenizer.ggml.*`` fields of a placeholder GPT-2-style vocab llama.cpp can load:
+    the 256 byte tokens, one merge, then filler tokens up to ``size``. Benchmarks feed
+    token ids, so what the tokens spell does not matter; that there is a vocab does."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = iter(range(0x100, 0x200))
+    byte_chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    tokens = [*byte_chars, "\u0120\u0120"]
+    tokens += [f"<|filler{i}|>" for i in range(size - len(tokens))]
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "qwen2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [1] * size,
+        "tokenizer.ggml.merges": ["\u0120 \u0120"],
+        "tokenizer.ggml.eos_token_id": size - 1,
+        "tokenizer.ggml.padding_token_id": size - 1,
+    }
+
+
 def write_model(path: Path, preset: str, quant: str, device: str = "cuda") -> float:
     """Write the synthetic GGUF unless it exists; seconds taken."""
     if path.exists():
@@ -82,7 +102,9 @@ def write_model(path: Path, preset: str, quant: str, device: str = "cuda") -> fl
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = synthetic_config(PRESETS[preset], max(PROMPTS) + GEN)
     tmp = path.with_suffix(".partial")
-    write_gguf(tmp, config=cfg, tensors=synthetic_tensors(cfg, device), quant=quant)
+    tensors = synthetic_tensors(cfg, device)
+    vocab = byte_level_vocab(cfg["vocab_size"])
+    write_gguf(tmp, config=cfg, tensors=tensors, quant=quant, tokenizer_fields=vocab)
     tmp.rename(path)
     if device == "cuda":
         torch.cuda.empty_cache()

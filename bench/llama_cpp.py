@@ -73,7 +73,12 @@ def run_bench(
     cmd += ["-r", str(reps), *extra, "-o", "json"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
-        raise RuntimeError(f"llama-bench failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        # llama-bench hides the loader's log unless verbose: rerun a tiny test to show why.
+        probe = [str(binary), "-m", str(model), "-p", "8", "-n", "0", "-r", "1", "-v"]
+        why = subprocess.run(probe, capture_output=True, text=True, check=False)
+        lines = [ln for ln in why.stderr.splitlines() if "error" in ln.lower() or "fail" in ln]
+        detail = "\n".join(lines[-20:]) or why.stderr[-3000:]
+        raise RuntimeError(f"llama-bench failed ({done.returncode}):\n{detail}")
     return json.loads(done.stdout)
 
 

@@ -120,7 +120,7 @@ class GraphDecoder:
         self._graphs: dict[tuple[int, int], _Captured] = {}
         self._inputs: dict[int, _Inputs] = {}
         self._pool: tuple[int, int] | None = None
-        self._cache_ptr = 0
+        self._buffers: tuple[int, ...] = ()
 
     @property
     def enabled(self) -> bool:
@@ -151,12 +151,19 @@ class GraphDecoder:
         return captured.logits.clone()
 
     def _drop_stale(self) -> None:
-        """Graphs hold the addresses of the cache they were captured with."""
-        cache = self.model.layers[0].attn.cache if self.model.layers else None
-        ptr = cache.k.data_ptr() if cache is not None else 0
-        if ptr != self._cache_ptr:
+        """Graphs hold the addresses of the buffers they were captured with: a new cache
+        (even one reusing some of the old addresses) needs new graphs."""
+        model = self.model
+        buffers = tuple(
+            t.data_ptr()
+            for blk in model.layers
+            if blk.attn.cache is not None
+            for t in (blk.attn.cache.k, blk.attn.cache.v)
+        ) + tuple(t.data_ptr() for t in (model.cos, model.sin) if t is not None)
+        if buffers != self._buffers:
             self._graphs.clear()
-            self._cache_ptr = ptr
+            self._pool = None
+            self._buffers = buffers
 
     def _capture(self, inputs: _Inputs, kv_len: int) -> _Captured:
         model = self.model

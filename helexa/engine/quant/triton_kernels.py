@@ -62,9 +62,9 @@ def _scale_min_k4(sp, s):
 
 @triton.jit
 def _q8_0(blk, G: tl.constexpr):
-    """``G`` consecutive Q8_0 blocks (34 bytes: d, 32 x int8) -> one [BN, G, 32] tile."""
-    g = tl.arange(0, G)[None, :, None]
-    i = tl.arange(0, 32)[None, None, :]
+    """``G`` consecutive Q8_0 blocks (34 bytes: d, 32 x int8) -> one [BN, U, G, 32] tile."""
+    g = tl.arange(0, G)[None, None, :, None]
+    i = tl.arange(0, 32)[None, None, None, :]
     d = _f16_at(blk + 34 * g)
     q = tl.load((blk + 34 * g + 2 + i).to(tl.pointer_type(tl.int8))).to(tl.float32)
     return d * q, 32 * g + i
@@ -72,7 +72,7 @@ def _q8_0(blk, G: tl.constexpr):
 
 @triton.jit
 def _k4_tiles(blk, q_lo, q_hi, j):
-    """Q4_K/Q5_K affine decode of the low- and high-nibble tiles ([BN, 4, 32], j = 64-group)."""
+    """Q4_K/Q5_K affine decode of the low- and high-nibble tiles ([BN, U, 4, 32], j = 64-group)."""
     d = _f16_at(blk)
     dmin = _f16_at(blk + 2)
     sc_lo, mn_lo = _scale_min_k4(blk + 4, 2 * j)
@@ -86,8 +86,8 @@ def _k4_tiles(blk, q_lo, q_hi, j):
 def _q4_k(blk):
     """One Q4_K super-block (d, dmin, scales[12], qs[128]): byte ``32j + i`` of qs holds
     element ``64j + i`` (low nibble, sub-block 2j) and ``64j + 32 + i`` (high, 2j + 1)."""
-    j = tl.arange(0, 4)[None, :, None]
-    i = tl.arange(0, 32)[None, None, :]
+    j = tl.arange(0, 4)[None, None, :, None]
+    i = tl.arange(0, 32)[None, None, None, :]
     qs = tl.load(blk + 16 + 32 * j + i).to(tl.int32)
     w_lo, w_hi = _k4_tiles(blk, qs & 15, qs >> 4, j)
     e = 64 * j + i
@@ -98,8 +98,8 @@ def _q4_k(blk):
 def _q5_k(blk):
     """Q5_K: Q4_K plus qh[32] at byte 16, whose bit ``s`` of byte ``i`` is the fifth bit
     of element ``32s + i``; qs moves to byte 48."""
-    j = tl.arange(0, 4)[None, :, None]
-    i = tl.arange(0, 32)[None, None, :]
+    j = tl.arange(0, 4)[None, None, :, None]
+    i = tl.arange(0, 32)[None, None, None, :]
     qs = tl.load(blk + 48 + 32 * j + i).to(tl.int32)
     qh = tl.load(blk + 16 + i).to(tl.int32)
     q_lo = (qs & 15) | (((qh >> (2 * j)) & 1) << 4)
@@ -113,13 +113,13 @@ def _q5_k(blk):
 def _q6_k(blk):
     """One Q6_K super-block (ql[128], qh[64], int8 scales[16], d).
 
-    Tiles are [BN, 8, 16]: row ``g`` = (half h = g // 4, column c = g % 4), so ql byte
+    Tiles are [BN, U, 8, 16]: row ``g`` = (half h = g // 4, column c = g % 4), so ql byte
     ``64h + b`` (b = 16c + r) carries element ``128h + b`` (low nibble) and
     ``128h + 64 + b`` (high); their top two bits sit in qh byte ``32h + b % 32`` at bit
     ``2 * (b // 32)`` (+4 for the high one), and each 16 elements share one scale.
     """
-    g = tl.arange(0, 8)[None, :, None]
-    r = tl.arange(0, 16)[None, None, :]
+    g = tl.arange(0, 8)[None, None, :, None]
+    r = tl.arange(0, 16)[None, None, None, :]
     h = g // 4
     c = g % 4
     b = 16 * c + r
@@ -137,10 +137,10 @@ def _q6_k(blk):
 
 
 @triton.jit
-def _dot(w, x_unit, e):
-    """Per-row sum of ``w * x[e]`` over a [BN, A, B] tile."""
-    x = tl.load(x_unit + e).to(tl.float32)
-    return tl.sum(tl.sum(w * x, axis=2), axis=1)
+def _dot(w, x_unit, e, valid):
+    """Per-row sum of ``w * x[e]`` over a [BN, U, A, B] tile; units not ``valid`` add 0."""
+    x = tl.load(x_unit + e, mask=valid, other=0.0).to(tl.float32)
+    return tl.sum(tl.sum(tl.sum(w * x, axis=3), axis=2), axis=1)
 
 
 @triton.jit
@@ -159,6 +159,7 @@ def _matvec_kernel(
     UNIT_BYTES: tl.constexpr,
     G: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    U: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * W[n, k] for BLOCK_N rows n over ``N_UNITS`` units.
 
@@ -167,17 +168,22 @@ def _matvec_kernel(
     pid = tl.program_id(0)
     m = pid % M
     rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Rows past N read row N-1 (always valid memory) and are dropped at the store.
+    # Rows past N read row N-1 (always valid memory) and are dropped at the store; units
+    # past N_UNITS likewise re-read the last unit and are zeroed through x.
     safe = tl.minimum(rows, N - 1)
-    row_ptr = (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None]
+    row_ptr = (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None, None]
     x_row = x_ptr + m.to(tl.int64) * stride_x
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for u in range(0, N_UNITS):
-        blk = row_ptr + u * UNIT_BYTES
-        x_unit = x_row + u * UNIT
+    # U units per step: enough bytes in flight per program to cover memory latency.
+    for u0 in range(0, N_UNITS, U):
+        units = u0 + tl.arange(0, U)
+        valid = (units < N_UNITS)[None, :, None, None]
+        units = tl.minimum(units, N_UNITS - 1)[None, :, None, None]
+        blk = row_ptr + units * UNIT_BYTES
+        x_unit = x_row + units * UNIT
         if QTYPE == 8:
             w, e = _q8_0(blk, G)
-            acc += _dot(w, x_unit, e)
+            acc += _dot(w, x_unit, e, valid)
         else:
             if QTYPE == 12:
                 w_a, e_a, w_b, e_b = _q4_k(blk)
@@ -185,7 +191,7 @@ def _matvec_kernel(
                 w_a, e_a, w_b, e_b = _q5_k(blk)
             else:
                 w_a, e_a, w_b, e_b = _q6_k(blk)
-            acc += _dot(w_a, x_unit, e_a) + _dot(w_b, x_unit, e_b)
+            acc += _dot(w_a, x_unit, e_a, valid) + _dot(w_b, x_unit, e_b, valid)
     y = y_ptr + m.to(tl.int64) * stride_y + rows
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
 
@@ -207,9 +213,9 @@ def _dequant_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     u = tl.program_id(1)
     safe = tl.minimum(rows, N - 1)
-    blk = (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None] + u * UNIT_BYTES
-    out = (out_ptr + rows.to(tl.int64) * stride_o)[:, None, None] + u * UNIT
-    keep = (rows < N)[:, None, None]
+    blk = (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None, None] + u * UNIT_BYTES
+    out = (out_ptr + rows.to(tl.int64) * stride_o)[:, None, None, None] + u * UNIT
+    keep = (rows < N)[:, None, None, None]
     dtype = out_ptr.dtype.element_ty
     if QTYPE == 8:
         w, e = _q8_0(blk, G)
@@ -228,8 +234,17 @@ def _dequant_kernel(
 # Decode shapes differ a lot (1024 to 151936 rows, 4096 to 12288 columns): let Triton pick
 # per shape once, at the first call (before any CUDA graph capture, which replays it).
 _MATVEC_CONFIGS = [
-    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bn, w, s in [(2, 2, 3), (4, 2, 3), (4, 4, 3), (8, 4, 3), (8, 4, 4), (16, 4, 3), (16, 8, 3)]
+    triton.Config({"BLOCK_N": bn, "U": u}, num_warps=w)
+    for bn, u, w in [
+        (1, 8, 2),
+        (1, 16, 4),
+        (2, 8, 4),
+        (2, 16, 8),
+        (4, 4, 4),
+        (4, 8, 8),
+        (8, 4, 8),
+        (16, 2, 8),
+    ]
 ]
 _matvec_tuned = triton.autotune(_MATVEC_CONFIGS, key=["N", "N_UNITS", "QTYPE"])(_matvec_kernel)
 
@@ -267,7 +282,7 @@ def matvec(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
     if AUTOTUNE:
         _matvec_tuned[lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
     else:
-        _matvec_kernel[(m * triton.cdiv(n, 8),)](*args, **meta, BLOCK_N=8, num_warps=4)
+        _matvec_kernel[(m * triton.cdiv(n, 2),)](*args, **meta, BLOCK_N=2, U=8, num_warps=4)
     return y
 
 
