@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from helexa.engine.models.qwen3 import Attention, Qwen3, apply_rope, rms_norm
+from helexa.engine.models.qwen3 import Attention, Qwen3, apply_rope
 from helexa.engine.quant import embedding, linear
 
 MIN_KV_LEN = 256
@@ -46,6 +46,12 @@ def masked_attention(
     scores = (qg @ k.transpose(-1, -2)).float() * dim**-0.5
     probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
     return (probs.to(v.dtype) @ v).reshape(batch, heads, 1, dim)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm (normalise in float32, round, then scale) in one fused kernel
+    instead of seven: at ~140 norms a token, launches are a visible share of decode."""
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def _attention(
