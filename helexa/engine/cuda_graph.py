@@ -16,6 +16,7 @@ would call ``model.forward(tokens, torch.tensor([pos]), last_only=True)`` for on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ from helexa.engine.models.qwen3 import Attention, Qwen3, apply_rope
 from helexa.engine.quant import embedding, linear
 
 MIN_KV_LEN = 256
+# Sums a row-parallel partial result across tensor-parallel ranks (see parallel.py).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def kv_bucket(pos: int, max_seq: int, minimum: int = MIN_KV_LEN) -> int:
@@ -63,6 +66,7 @@ def _attention(
     input_pos: torch.Tensor,
     visible: torch.Tensor,
     kv_len: int,
+    reduce: Reduce | None,
 ) -> torch.Tensor:
     cfg = model.config
     batch = x.shape[0]
@@ -75,16 +79,23 @@ def _attention(
     assert attn.cache is not None
     keys, values = attn.cache.update(input_pos, k, v.transpose(1, 2), kv_len)
     y = masked_attention(q, keys, values, visible)
-    return linear(y.transpose(1, 2).reshape(batch, 1, -1), attn.o_proj, attn.o_bias)
+    out = linear(y.transpose(1, 2).reshape(batch, 1, -1), attn.o_proj, attn.o_bias)
+    return out if reduce is None else reduce(out)
 
 
 @torch.inference_mode()
 def decode_step(
-    model: Qwen3, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int
+    model: Qwen3,
+    tokens: torch.Tensor,
+    input_pos: torch.Tensor,
+    kv_len: int,
+    *,
+    reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """Logits [B, 1, vocab] (float32) for one token per sequence at ``input_pos`` [1]
     (a device tensor), attending to cache positions ``0..input_pos`` out of the first
-    ``kv_len``. No host syncs, so it can be captured."""
+    ``kv_len``. No host syncs, so it can be captured. ``reduce`` (tensor parallelism)
+    sums the attention and MLP outputs of a sharded model across ranks."""
     if model.cos is None or model.sin is None:
         raise RuntimeError("call setup_cache(max_batch, max_seq) before decoding")
     cfg = model.config
@@ -93,9 +104,10 @@ def decode_step(
     x = embedding(tokens, model.embed_tokens).to(model.dtype)
     for blk in model.layers:
         h = rms_norm(x, blk.input_layernorm, cfg.rms_norm_eps)
-        x = x + _attention(model, blk.attn, h, cos, sin, input_pos, visible, kv_len)
+        x = x + _attention(model, blk.attn, h, cos, sin, input_pos, visible, kv_len, reduce)
         h = rms_norm(x, blk.post_attention_layernorm, cfg.rms_norm_eps)
-        x = x + linear(F.silu(linear(h, blk.gate_proj)) * linear(h, blk.up_proj), blk.down_proj)
+        mlp = linear(F.silu(linear(h, blk.gate_proj)) * linear(h, blk.up_proj), blk.down_proj)
+        x = x + (mlp if reduce is None else reduce(mlp))
     x = rms_norm(x, model.norm, cfg.rms_norm_eps)
     return linear(x, model.lm_head).float()
 
