@@ -10,6 +10,7 @@ wire_api = "openai-chat"            # openai-chat | openai-responses | anthropic
 default_model = "Qwen/Qwen3-8B-GGUF:Q4_K_M"
 api_key_env = "HELEXA_KEY"          # or api_key = "..."
 context_window = 32768              # compaction starts near this many tokens
+max_tokens = 2048                   # answer limit (default: context_window/4, <= 8192)
 ```
 
 Without a file the agent runs on one endpoint described by ``HELEXA_ACP_BASE_URL``,
@@ -33,6 +34,8 @@ from helexa.config import DEFAULT_GATEWAY_PORT, ConfigError, _first_error, _read
 WireApi = Literal["openai-chat", "openai-responses", "anthropic-messages"]
 DEFAULT_BASE_URL = f"http://127.0.0.1:{DEFAULT_GATEWAY_PORT}"
 DEFAULT_ENDPOINT = "default"
+DEFAULT_CONTEXT_WINDOW = 32768
+MAX_ANSWER_RESERVE = 8192
 ENV_SOURCE = "environment (HELEXA_ACP_*)"
 
 
@@ -45,7 +48,7 @@ class EndpointConfig(BaseModel):
     default_model: str | None = None  # None: the first model the endpoint lists
     api_key: str | None = None
     api_key_env: str | None = None
-    context_window: int = Field(default=32768, ge=1024)
+    context_window: int = Field(default=DEFAULT_CONTEXT_WINDOW, ge=1024)
     max_tokens: int | None = Field(default=None, ge=1)
 
     @field_validator("name")
@@ -72,6 +75,17 @@ class AcpFile(BaseModel):
     max_iterations: int = Field(default=50, ge=1)
 
 
+def answer_reserve(context_window: int, max_tokens: int | None) -> int:
+    """Tokens kept free for the model's answer: ``max_tokens`` when configured, else a
+    quarter of the window, at most 8192.
+
+    One number serves both sides of a request: compaction fits the conversation into the
+    window less this, and APIs that require ``max_tokens`` (Anthropic) ask for exactly
+    this, so prompt plus answer stay within a small-context model's limit.
+    """
+    return max_tokens or min(MAX_ANSWER_RESERVE, context_window // 4)
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """An endpoint with its API key resolved, ready to build a provider from."""
@@ -83,6 +97,10 @@ class Endpoint:
     api_key: str | None
     context_window: int
     max_tokens: int | None
+
+    @property
+    def answer_reserve(self) -> int:
+        return answer_reserve(self.context_window, self.max_tokens)
 
 
 @dataclass(frozen=True)

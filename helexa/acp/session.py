@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
+from helexa.acp.config import answer_reserve
 from helexa.acp.providers.base import Message
 
 log = logging.getLogger("helexa.acp.session")
@@ -113,5 +114,4 @@ def compact(messages: list[Message], budget: int) -> list[Message]:
 
 def request_budget(context_window: int, max_tokens: int | None) -> int:
     """Tokens the conversation may take: the window less room for the answer."""
-    reserve = max_tokens or min(8192, context_window // 4)
-    return max(context_window - reserve, context_window // 4)
+    return max(context_window - answer_reserve(context_window, max_tokens), context_window // 4)

@@ -44,6 +44,7 @@ from helexa.acp.providers.openai_chat import OpenAIChatDecoder
 from helexa.acp.providers.openai_chat import encode as encode_chat
 from helexa.acp.providers.openai_responses import OpenAIResponsesDecoder
 from helexa.acp.providers.openai_responses import encode as encode_responses
+from helexa.acp.session import request_budget
 from helexa.wire.anthropic import parse_messages_request
 from helexa.wire.openai import parse_chat_request
 from helexa.wire.responses import parse_responses_request
@@ -376,6 +377,26 @@ def test_anthropic_encoder_shapes() -> None:
         ],
     }
     assert reply == {"role": "assistant", "content": [{"type": "text", "text": "You're welcome."}]}
+
+
+@pytest.mark.parametrize(
+    ("context_window", "configured", "expected"),
+    [(32768, None, 8192), (200_000, None, 8192), (4096, None, 1024), (4096, 300, 300)],
+)
+async def test_anthropic_max_tokens_fits_the_endpoint(
+    context_window: int, configured: int | None, expected: int
+) -> None:
+    """The API requires max_tokens; a fixed 8192 overflowed a 4096-token model (HTTP 400
+    "maximum context length is 4096 tokens ... requested 9787"), so it is the endpoint's
+    answer reserve: the very room compaction leaves free."""
+    ep = Endpoint("t", "http://h", "anthropic-messages", "m", None, context_window, configured)
+    request = ProviderRequest("m", [Message("user", "hi")], max_tokens=ep.max_tokens)
+    async with aiohttp.ClientSession() as http:
+        body = build_provider(ep, http).encode(request)
+    parse_messages_request(body)
+    assert body["max_tokens"] == expected
+    assert request_budget(context_window, configured) + expected <= context_window
+    assert encode_anthropic(request)["max_tokens"] == (configured or 8192)  # no endpoint
 
 
 def test_anthropic_decoder_streams_blocks() -> None:

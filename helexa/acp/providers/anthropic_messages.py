@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from helexa.acp.config import DEFAULT_CONTEXT_WINDOW, answer_reserve
 from helexa.acp.providers.base import (
     Finish,
     FinishReason,
@@ -33,7 +34,8 @@ from helexa.acp.providers.base import (
 from helexa.wire.streams import SSEEvent
 
 ANTHROPIC_VERSION = "2023-06-01"
-DEFAULT_MAX_TOKENS = 8192  # the API requires one
+# The API requires max_tokens; without an endpoint to size it by, assume the default window.
+DEFAULT_MAX_TOKENS = answer_reserve(DEFAULT_CONTEXT_WINDOW, None)
 
 
 def _tool_input(arguments: str) -> dict[str, Any]:
@@ -49,7 +51,14 @@ def _tool_input(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"value": value}
 
 
-def encode(request: ProviderRequest) -> dict[str, Any]:
+def encode(
+    request: ProviderRequest, default_max_tokens: int = DEFAULT_MAX_TOKENS
+) -> dict[str, Any]:
+    """The Messages body; ``default_max_tokens`` applies when the request sets no limit.
+
+    The provider passes its endpoint's answer reserve there, so a 4096-token model is not
+    asked for an 8192-token answer (which a server rejects as over its context length).
+    """
     messages: list[dict[str, Any]] = []
 
     def push(role: str, blocks: list[dict[str, Any]]) -> None:
@@ -77,7 +86,7 @@ def encode(request: ProviderRequest) -> dict[str, Any]:
             push("assistant", text + calls)
     body: dict[str, Any] = {
         "model": request.model,
-        "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS,
+        "max_tokens": request.max_tokens or default_max_tokens,
         "messages": messages,
         "stream": True,
     }
@@ -239,7 +248,7 @@ class AnthropicMessagesProvider(HttpProvider):
         return headers
 
     def encode(self, request: ProviderRequest) -> dict[str, Any]:
-        return encode(request)
+        return encode(request, self.endpoint.answer_reserve)
 
     def decoder(self) -> AnthropicMessagesDecoder:
         return AnthropicMessagesDecoder()
