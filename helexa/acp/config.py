@@ -15,21 +15,34 @@ max_tokens = 2048                   # answer limit (default: context_window/4, <
 
 Without a file the agent runs on one endpoint described by ``HELEXA_ACP_BASE_URL``,
 ``HELEXA_ACP_MODEL``, ``HELEXA_ACP_WIRE_API`` and ``HELEXA_ACP_API_KEY``, defaulting to the
-local helexa gateway. Every mistake is one :class:`~helexa.config.ConfigError` line at
-start-up, before the editor has even sent ``initialize``.
+local helexa gateway: wherever helexa.toml's ``[gateway] listen`` puts it. Every mistake in
+acp.toml or HELEXA_ACP_* is one :class:`~helexa.config.ConfigError` line at start-up,
+before the editor has even sent ``initialize``; a broken helexa.toml is only a warning
+(see :func:`gateway_base_url`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from helexa.config import DEFAULT_GATEWAY_PORT, ConfigError, _first_error, _read_toml, config_dir
+from helexa.config import (
+    DEFAULT_GATEWAY_PORT,
+    ConfigError,
+    _check_listen,
+    _first_error,
+    _read_toml,
+    config_dir,
+    split_listen,
+)
+
+log = logging.getLogger("helexa.acp.config")
 
 WireApi = Literal["openai-chat", "openai-responses", "anthropic-messages"]
 DEFAULT_BASE_URL = f"http://127.0.0.1:{DEFAULT_GATEWAY_PORT}"
@@ -182,6 +195,91 @@ def _from_file(file: Path, environ: Mapping[str, str]) -> AcpSettings:
     return AcpSettings(endpoints, default, parsed.system_prompt, parsed.max_iterations, where)
 
 
+# -- where the local gateway is ------------------------------------------------------------
+
+
+class GatewayTable(BaseModel):
+    """The one key of helexa.toml's ``[gateway]`` the agent reads; the rest is the
+    gateway's business, so unknown keys are ignored rather than rejected."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _connectable(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _check_listen(value)
+        if split_listen(value)[1] == 0:
+            raise ValueError("port 0 is a random port; there is nothing to connect to")
+        return value
+
+
+class _HelexaToml(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    gateway: GatewayTable = Field(default_factory=GatewayTable)
+
+
+_ANY_V4 = frozenset({"", "0.0.0.0", "*"})
+_ANY_V6 = frozenset({"::", "0:0:0:0:0:0:0:0"})
+
+
+def listen_url(listen: str) -> str:
+    """The URL that reaches a server bound to ``listen`` from this host.
+
+    A wildcard bind (``0.0.0.0``, ``::``) accepts on every interface but is no address to
+    dial, so it becomes the matching loopback; IPv6 literals get their URL brackets.
+    """
+    host, port = split_listen(listen)
+    if host in _ANY_V4:
+        host = "127.0.0.1"
+    elif host in _ANY_V6:
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _gateway_listen(environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """``[gateway] listen`` and where it came from, as ``helexa --serve`` would read it:
+    HELEXA_GATEWAY__LISTEN over HELEXA_CONFIG's file (or helexa.toml in the config dir)."""
+    if environ.get("HELEXA_GATEWAY__LISTEN"):
+        where = "HELEXA_GATEWAY__LISTEN"
+        raw: dict[str, Any] = {"gateway": {"listen": environ["HELEXA_GATEWAY__LISTEN"]}}
+    else:
+        explicit = environ.get("HELEXA_CONFIG")
+        file = Path(explicit) if explicit else config_dir() / "helexa.toml"
+        where = str(file)
+        if not explicit and not file.exists():
+            return None, where
+        raw = _read_toml(file)
+    try:
+        return _HelexaToml.model_validate(raw).gateway.listen, where
+    except ValidationError as exc:
+        raise _first_error(where, exc) from None
+
+
+def gateway_base_url(environ: Mapping[str, str]) -> str:
+    """The local gateway's URL, following helexa.toml; the built-in default otherwise.
+
+    A broken helexa.toml is the gateway's mistake to report (``helexa --serve`` exits on
+    it with the same line), so here it is a warning on stderr, which Zed shows in its
+    agent log, and the agent falls back to the default address rather than refusing to
+    start over a file it only reads one key of.
+    """
+    try:
+        listen, where = _gateway_listen(environ)
+    except ConfigError as exc:
+        log.warning("%s; using the default gateway address %s", exc, DEFAULT_BASE_URL)
+        return DEFAULT_BASE_URL
+    if listen is None:
+        return DEFAULT_BASE_URL
+    url = listen_url(listen)
+    log.info("gateway address %s from %s", url, where)
+    return url
+
+
 def _from_env(environ: Mapping[str, str]) -> AcpSettings:
     fields = {
         "base_url": "HELEXA_ACP_BASE_URL",
@@ -189,8 +287,10 @@ def _from_env(environ: Mapping[str, str]) -> AcpSettings:
         "wire_api": "HELEXA_ACP_WIRE_API",
         "api_key": "HELEXA_ACP_API_KEY",
     }
-    raw: dict[str, str] = {"name": DEFAULT_ENDPOINT, "base_url": DEFAULT_BASE_URL}
-    raw.update({key: environ[var] for key, var in fields.items() if environ.get(var)})
+    raw = {key: environ[var] for key, var in fields.items() if environ.get(var)}
+    raw["name"] = DEFAULT_ENDPOINT
+    if "base_url" not in raw:  # only then is helexa.toml any of our business
+        raw["base_url"] = gateway_base_url(environ)
     try:
         ep = EndpointConfig.model_validate(raw)
     except ValidationError as exc:

@@ -367,6 +367,25 @@ async def test_model_discovered_when_none_configured(workspace: Path, xdg: dict[
     assert server.requests[0].body["model"] == "first-model"
 
 
+async def test_default_endpoint_is_the_gateway_helexa_toml_names(
+    workspace: Path, xdg: dict[str, str]
+) -> None:
+    """No acp.toml, no HELEXA_ACP_BASE_URL: the agent dials helexa.toml's [gateway] listen
+    (a wildcard bind reached on loopback), not a hard-coded port."""
+    async with upstream([Turn(text=["via helexa.toml"])]) as server:
+        port = server.url.rpartition(":")[2]
+        config = Path(xdg["XDG_CONFIG_HOME"]) / "helexa" / "helexa.toml"
+        config.parent.mkdir(parents=True)
+        config.write_text(f'[gateway]\nlisten = "0.0.0.0:{port}"\n')
+        editor = Editor()
+        env = {**xdg, "HELEXA_ACP_MODEL": "scripted"}
+        async with agent_process(editor, env) as (conn, _):
+            session = await conn.new_session(cwd=str(workspace))
+            response = await prompt(conn, session.session_id, "hello")
+    assert response.stop_reason == "end_turn" and len(server.requests) == 1
+    assert editor.message_text() == "via helexa.toml"
+
+
 def test_prompt_text_labels_embedded_context_and_refuses_media() -> None:
     resource = EmbeddedResourceContentBlock(
         type="resource", resource=TextResourceContents(uri="file:///w/a.py", text="x = 1")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from helexa.acp.config import (
     DEFAULT_BASE_URL,
     SelectorError,
     default_selection,
+    gateway_base_url,
     load_acp_config,
     resolve_selector,
 )
@@ -89,6 +91,84 @@ def test_env_fallback_defaults_to_the_local_gateway(
     assert (endpoint.wire_api, endpoint.default_model, endpoint.api_key) == (
         "openai-responses", "gpt", "sk",
     )  # fmt: skip
+
+
+def helexa_toml(config_home: Path, text: str) -> Path:
+    path = config_home / "helexa" / "helexa.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def base_url(environ: dict[str, str] | None = None) -> str:
+    [endpoint] = load_acp_config(environ=environ or {}).endpoints.values()
+    return endpoint.base_url
+
+
+@pytest.mark.parametrize(
+    ("listen", "url"),
+    [
+        ("0.0.0.0:4242", "http://127.0.0.1:4242"),
+        ("[::]:4243", "http://[::1]:4243"),
+        (":::4244", "http://[::1]:4244"),
+        ("10.1.2.3:5000", "http://10.1.2.3:5000"),
+        ("[fe80::1]:7", "http://[fe80::1]:7"),
+        ("localhost:8080", "http://localhost:8080"),
+    ],
+)
+def test_default_endpoint_follows_the_gateway_listen(
+    listen: str, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    helexa_toml(tmp_path, f'[gateway]\nlisten = "{listen}"\napi_keys = []\n\n[local]\n')
+    assert base_url() == url
+
+
+def test_gateway_address_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert base_url() == DEFAULT_BASE_URL  # no helexa.toml
+    helexa_toml(tmp_path, "[eviction]\nstrategy = 'lru'\n")
+    assert base_url() == DEFAULT_BASE_URL  # no [gateway] listen
+    helexa_toml(tmp_path, '[gateway]\nlisten = "0.0.0.0:1111"\n')
+    other = tmp_path / "elsewhere.toml"
+    other.write_text('[gateway]\nlisten = "127.0.0.2:2222"\n')
+    assert base_url() == "http://127.0.0.1:1111"
+    assert base_url({"HELEXA_CONFIG": str(other)}) == "http://127.0.0.2:2222"
+    env = {"HELEXA_CONFIG": str(other), "HELEXA_GATEWAY__LISTEN": "127.0.0.3:3333"}
+    assert base_url(env) == "http://127.0.0.3:3333"
+    assert base_url({**env, "HELEXA_ACP_BASE_URL": "http://h:9/v1"}) == "http://h:9/v1"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[gateway", "not valid TOML"),
+        ("gateway = 5", "gateway: "),
+        ('[gateway]\nlisten = "nope"', "gateway.listen: Value error, expected HOST:PORT"),
+        ("[gateway]\nlisten = 31313", "gateway.listen: Input should be a valid string"),
+        ('[gateway]\nlisten = "0.0.0.0:0"', "port 0 is a random port"),
+    ],
+)
+def test_a_broken_helexa_toml_falls_back_with_a_warning(
+    text: str,
+    problem: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The agent reads one key of the gateway's file; a mistake there is the gateway's to
+    report, so the agent starts anyway, on the default address, and says why."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    path = helexa_toml(tmp_path, text)
+    with caplog.at_level(logging.WARNING, "helexa.acp.config"):
+        assert base_url() == DEFAULT_BASE_URL
+    [warning] = caplog.records
+    assert str(path) in warning.message and problem in warning.message
+    assert DEFAULT_BASE_URL in warning.message
+    caplog.clear()
+    assert base_url({"HELEXA_ACP_BASE_URL": "http://h:1"}) == "http://h:1"
+    assert caplog.records == []  # not even read when the address is given
+    assert gateway_base_url({"HELEXA_CONFIG": str(tmp_path / "missing.toml")}) == DEFAULT_BASE_URL
 
 
 @pytest.mark.parametrize(
