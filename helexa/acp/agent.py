@@ -7,7 +7,8 @@ model answers without calling a tool. ``session/cancel`` sets the session's canc
 which every await in the loop races, so the upstream response is closed at once and the
 prompt answers ``cancelled``. Sessions persist as JSON, so ``session/load`` survives
 restarts; the model is chosen per session through the ``model`` config option or the
-``/model endpoint:model`` command.
+``/model endpoint:model`` command. ``update_plan`` calls are not shown as tool calls:
+the editor gets the ``plan`` update they stand for instead.
 """
 
 from __future__ import annotations
@@ -97,7 +98,16 @@ from helexa.acp.session import (
     new_session_id,
     request_budget,
 )
-from helexa.acp.tools import TOOL_SPECS, TOOLS, ClientCaps, ToolContent, ToolHost, Workspace
+from helexa.acp.tools import (
+    TOOL_SPECS,
+    TOOLS,
+    ClientCaps,
+    ToolContent,
+    ToolError,
+    ToolHost,
+    Workspace,
+    plan_update,
+)
 from helexa.config import ConfigError, data_dir
 
 log = logging.getLogger("helexa.acp")
@@ -106,7 +116,8 @@ SYSTEM_PROMPT = """\
 You are helexa, a coding agent working inside the user's project at {cwd}.
 Use the tools to read, search and change files and to run commands; paths are relative to
 the project root and cannot leave it. Read a file before editing it, and give edit_file an
-old_string that occurs exactly once. If the user denies a tool, respect that and continue
+old_string that occurs exactly once. For a task of several steps, show your plan with
+update_plan and keep it current. If the user denies a tool, respect that and continue
 without it. Answer concisely."""
 
 PromptBlock = (
@@ -342,9 +353,14 @@ class HelexaAgent:
                 if m.content:
                     await self._send(live.id, update_agent_message_text(m.content))
                 for call in m.tool_calls:
-                    info = host.describe(call.name, call.arguments)
                     result = results.get(call.id)
                     failed = result is None or result.is_error
+                    if not _shown(call.name):
+                        if not failed:
+                            with contextlib.suppress(ToolError):
+                                await self._send(live.id, plan_update(call.arguments))
+                        continue
+                    info = host.describe(call.name, call.arguments)
                     content = [_text_content(result.content)] if result else None
                     await self._send(
                         live.id,
@@ -478,6 +494,8 @@ class HelexaAgent:
                 reply.reasoning.append(event.text)
                 await self._send(live.id, update_agent_thought_text(event.text))
             elif isinstance(event, ToolCallStart):
+                if not _shown(event.name):
+                    continue
                 tool = TOOLS.get(event.name)
                 reply.announced.append(event.id)
                 await self._send(
@@ -488,6 +506,8 @@ class HelexaAgent:
                 )
             elif isinstance(event, ToolCallComplete):
                 reply.calls.append(ToolCall(event.id, event.name, event.arguments))
+                if not _shown(event.name):
+                    continue
                 info = host.describe(event.name, event.arguments)
                 details = {
                     "kind": info.kind,
@@ -513,7 +533,9 @@ class HelexaAgent:
             if cancel.is_set():
                 await self._cancel_calls(live, calls[i:])
                 return False
-            await self._send(live.id, update_tool_call(call.id, status="in_progress"))
+            shown = _shown(call.name)
+            if shown:
+                await self._send(live.id, update_tool_call(call.id, status="in_progress"))
 
             async def progress(content: list[ToolContent], call_id: str = call.id) -> None:
                 await self._send(live.id, update_tool_call(call_id, content=content))
@@ -527,6 +549,8 @@ class HelexaAgent:
             live.record.messages.append(
                 Message("tool", result.text, tool_call_id=call.id, is_error=not result.ok)
             )
+            if not shown:
+                continue
             await self._send(
                 live.id,
                 update_tool_call(
@@ -544,7 +568,7 @@ class HelexaAgent:
             live.record.messages.append(
                 Message("tool", "cancelled by the user", tool_call_id=call.id, is_error=True)
             )
-        await self._fail_announced(live, [c.id for c in calls])
+        await self._fail_announced(live, [c.id for c in calls if _shown(c.name)])
 
     async def _fail_announced(self, live: LiveSession, ids: list[str]) -> None:
         for call_id in ids:
@@ -555,6 +579,12 @@ class HelexaAgent:
         return ToolHost(
             self.client, live.id, Workspace(live.record.cwd), self._caps, live.always_allowed
         )
+
+
+def _shown(name: str) -> bool:
+    """Whether the editor sees this call as a tool call (unknown tools are, as failures)."""
+    tool = TOOLS.get(name)
+    return tool is None or tool.shown
 
 
 def _check_cwd(cwd: str) -> str:

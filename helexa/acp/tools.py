@@ -1,4 +1,4 @@
-"""The agent's tools: read, write, edit, list, search files and run commands.
+"""The agent's tools: read, write, edit, list, search files, run commands, keep a plan.
 
 Files go through the editor when it offers ``fs/read_text_file`` / ``fs/write_text_file``
 (so the model sees unsaved buffers and edits land in them) and commands through its
@@ -6,6 +6,10 @@ Files go through the editor when it offers ``fs/read_text_file`` / ``fs/write_te
 the same job. Writes, edits and commands first ask ``session/request_permission``; a refusal
 becomes the tool's result and the model carries on. Every path is resolved (``..`` and
 symlinks included) and must stay inside the session's working directory.
+
+``update_plan`` touches nothing: the model sends its whole to-do list each time (as with
+Codex's ``update_plan`` and Claude Code's ``TodoWrite``) and the editor gets it as a
+``plan`` session update, which replaces the plan it shows.
 """
 
 from __future__ import annotations
@@ -21,14 +25,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from acp import RequestError, text_block, tool_content, tool_diff_content, tool_terminal_ref
+from acp import (
+    RequestError,
+    plan_entry,
+    text_block,
+    tool_content,
+    tool_diff_content,
+    tool_terminal_ref,
+    update_plan,
+)
 from acp.interfaces import Client
 from acp.schema import (
+    AgentPlanUpdate,
     AllowedOutcome,
     ClientCapabilities,
     ContentToolCallContent,
     FileEditToolCallContent,
     PermissionOption,
+    PlanEntryPriority,
+    PlanEntryStatus,
     TerminalToolCallContent,
     ToolCallLocation,
     ToolCallUpdate,
@@ -150,13 +165,30 @@ class RunCommandArgs(_Args):
     timeout_s: float = Field(120.0, gt=0, le=3600, description="Kill it after this many seconds")
 
 
+class PlanEntryArgs(_Args):
+    content: str = Field(min_length=1, description="The step, in a short imperative sentence")
+    priority: PlanEntryPriority = Field("medium", description="high, medium or low")
+    status: PlanEntryStatus = Field("pending", description="pending, in_progress or completed")
+
+
+class UpdatePlanArgs(_Args):
+    entries: list[PlanEntryArgs] = Field(
+        description="Every step of the plan, in order (not just the changed ones); it "
+        "replaces the previous plan, and an empty list clears it"
+    )
+
+
 @dataclass(frozen=True)
 class Tool:
+    """``shown`` False: the editor sees the call's effect (the plan) instead of a tool-call
+    card, which for a to-do list would only repeat it."""
+
     name: str
     description: str
     args: type[_Args]
     kind: ToolKind
     needs_permission: bool = False
+    shown: bool = True
 
 
 TOOLS: dict[str, Tool] = {
@@ -191,6 +223,15 @@ TOOLS: dict[str, Tool] = {
             "execute",
             needs_permission=True,
         ),
+        Tool(
+            "update_plan",
+            "Show the user your plan for a task of several steps, and keep it current: send "
+            "the whole list each time, with one step in_progress while you work on it and "
+            "each step completed once it is done.",
+            UpdatePlanArgs,
+            "think",
+            shown=False,
+        ),
     ]
 }
 
@@ -204,10 +245,26 @@ def _strip_titles(schema: Any) -> Any:
     return schema
 
 
-TOOL_SPECS = [
-    ToolSpec(t.name, t.description, _strip_titles(t.args.model_json_schema()))
-    for t in TOOLS.values()
-]
+def _inline_refs(schema: Any, defs: dict[str, Any]) -> Any:
+    """Nested models become ``$ref``s into ``$defs``; not every server's tool-call grammar
+    follows those, so each is replaced by the definition it names."""
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline_refs(v, defs) for k, v in schema.items() if k != "$defs"}
+    if isinstance(schema, list):
+        return [_inline_refs(v, defs) for v in schema]
+    return schema
+
+
+def tool_schema(args: type[_Args]) -> dict[str, Any]:
+    """The arguments' JSON schema as a model should see it: self-contained, untitled."""
+    schema = args.model_json_schema()
+    return _strip_titles(_inline_refs(schema, schema.get("$defs", {})))
+
+
+TOOL_SPECS = [ToolSpec(t.name, t.description, tool_schema(t.args)) for t in TOOLS.values()]
 
 
 def parse_args(tool: Tool, arguments: str) -> _Args:
@@ -223,6 +280,32 @@ def parse_args(tool: Tool, arguments: str) -> _Args:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "arguments"
         raise ToolError(f"{tool.name}: {where}: {err['msg']}") from None
+
+
+def plan_from(args: UpdatePlanArgs) -> AgentPlanUpdate:
+    return update_plan(
+        plan_entry(e.content, priority=e.priority, status=e.status) for e in args.entries
+    )
+
+
+def plan_update(arguments: str) -> AgentPlanUpdate:
+    """A recorded ``update_plan`` call as the ``plan`` update it sent (ToolError if its
+    arguments do not parse), so a loaded session shows the plan it left off with."""
+    args = parse_args(TOOLS["update_plan"], arguments)
+    assert isinstance(args, UpdatePlanArgs)
+    return plan_from(args)
+
+
+def plan_summary(update: AgentPlanUpdate) -> str:
+    """The model's confirmation: short, but enough to notice a step it lost."""
+    if not update.entries:
+        return "Plan cleared."
+    counts = {s: sum(e.status == s for e in update.entries) for s in ("completed", "in_progress")}
+    pending = len(update.entries) - sum(counts.values())
+    return (
+        f"Plan updated: {len(update.entries)} steps ({counts['completed']} completed, "
+        f"{counts['in_progress']} in progress, {pending} pending)."
+    )
 
 
 def truncate(text: str, limit: int = MAX_OUTPUT_CHARS) -> str:
@@ -306,13 +389,14 @@ class ToolHost:
             "list_files": "List",
             "search_files": "Search",
             "run_command": "Run",
+            "update_plan": "Update plan",
         }[name]
         if name == "search_files" and isinstance(args.get("query"), str):
             subject = f"{args['query']!r} in {subject or '.'}"
         elif name == "run_command":
             subject = f"`{subject}`"
         locations: list[ToolCallLocation] = []
-        if name != "run_command" and isinstance(args.get("path"), str):
+        if name not in ("run_command", "update_plan") and isinstance(args.get("path"), str):
             with contextlib.suppress(ToolError):
                 locations = [ToolCallLocation(path=str(self.workspace.resolve(args["path"])))]
         title = f"{verb} {subject}".strip()
@@ -514,6 +598,15 @@ class ToolHost:
             return "\n".join(found) or f"No matches for {args.query!r}."
 
         return ToolResult(await asyncio.to_thread(search))
+
+    # -- the plan --------------------------------------------------------------------------
+
+    async def _update_plan(
+        self, args: UpdatePlanArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
+    ) -> ToolResult:
+        update = plan_from(args)
+        await self.client.session_update(session_id=self.session_id, update=update)
+        return ToolResult(plan_summary(update))
 
     # -- commands --------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import pytest
 from acp import RequestError, audio_block, image_block, text_block
 from acp.schema import (
     AgentMessageChunk,
+    AgentPlanUpdate,
     AgentThoughtChunk,
     ConfigOptionUpdate,
     EmbeddedResourceContentBlock,
@@ -203,6 +204,61 @@ async def test_run_command_and_local_files(
         for c in u.content
     ]
     assert any(isinstance(c, TerminalToolCallContent) for c in shown) is terminal
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+
+def plan_call(call_id: str, *steps: tuple[str, str, str]) -> Call:
+    entries = [{"content": c, "priority": p, "status": s} for c, p, s in steps]
+    return Call(call_id, "update_plan", {"entries": entries})
+
+
+@pytest.mark.parametrize("wire_api", WIRE_APIS)
+async def test_update_plan_becomes_a_plan_session_update(
+    wire_api: str, workspace: Path, xdg: dict[str, str]
+) -> None:
+    first = [
+        ("Find the bug", "high", "in_progress"),
+        ("Fix it", "medium", "pending"),
+        ("Run the tests", "low", "pending"),
+    ]
+    done = [(c, p, "completed") for c, p, _ in first]
+    turns = [
+        Turn(text=["Planning. "], calls=[plan_call("plan_1", *first)]),
+        Turn(calls=[plan_call("plan_2", *done), Call("ls", "list_files", {})]),
+        Turn(text=["All done."]),
+    ]
+    editor = Editor()
+    async with upstream(turns) as server:
+        env = env_for(xdg, server.url, wire_api)
+        async with agent_process(editor, env) as (conn, _):
+            session = await conn.new_session(cwd=str(workspace))
+            response = await prompt(conn, session.session_id, "Fix the bug")
+
+        reloaded = Editor()
+        async with agent_process(reloaded, env) as (conn, _):
+            await conn.load_session(cwd=str(workspace), session_id=session.session_id)
+
+    assert response.stop_reason == "end_turn"
+    plans = [u for u in editor.updates if isinstance(u, AgentPlanUpdate)]
+    assert [[(e.content, e.priority, e.status) for e in p.entries] for p in plans] == [first, done]
+    assert editor.permission_requests == []  # a plan changes nothing: nothing to ask
+    # Shown as the plan itself, not also as tool-call cards; other tools still are.
+    assert editor.tool_statuses("plan_1") == [] and editor.tool_statuses("plan_2") == []
+    assert editor.tool_statuses("ls") == ["pending", "in_progress", "completed"]
+    assert editor.message_text() == "Planning. All done."
+    assert "update_plan" in tool_names(server.requests[0])
+    confirmation = tool_results(server.requests[1])["plan_1"]
+    assert confirmation == "Plan updated: 3 steps (0 completed, 1 in progress, 2 pending)."
+    assert tool_results(server.requests[2])["plan_2"].startswith("Plan updated: 3 steps (3 co")
+    # session/load replays the plans too, so the editor ends on the latest one.
+    replayed = [u for u in reloaded.updates if isinstance(u, AgentPlanUpdate)]
+    assert [[e.status for e in p.entries] for p in replayed] == [
+        [s for _, _, s in first],
+        [s for _, _, s in done],
+    ]
+    assert reloaded.tool_statuses("plan_1") == [] and reloaded.tool_statuses("ls") == ["completed"]
 
 
 # -- cancellation -----------------------------------------------------------------------------

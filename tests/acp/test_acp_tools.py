@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from acp.schema import AgentPlanUpdate
 
 from helexa.acp.providers.base import Cancelled, ToolCall
 from helexa.acp.tools import TOOL_SPECS, ClientCaps, ToolError, ToolHost, ToolResult, Workspace
@@ -63,10 +64,43 @@ def test_tool_schemas_are_plain_json_schema() -> None:
         "list_files",
         "search_files",
         "run_command",
+        "update_plan",
     }
     edit = specs["edit_file"].parameters
     assert edit["type"] == "object" and edit["required"] == ["path", "old_string", "new_string"]
     assert "title" not in json.dumps(edit)
+    plan = specs["update_plan"].parameters
+    assert "$ref" not in json.dumps(plan) and "$defs" not in plan  # self-contained
+    entry = plan["properties"]["entries"]["items"]
+    assert entry["required"] == ["content"]
+    assert entry["properties"]["status"]["enum"] == ["pending", "in_progress", "completed"]
+    assert entry["properties"]["priority"]["enum"] == ["high", "medium", "low"]
+
+
+async def test_update_plan_sends_the_whole_plan_and_confirms(workspace: Path) -> None:
+    editor = Editor()
+    tools = host(workspace, editor)
+    entries = [
+        {"content": "Read the code", "status": "completed", "priority": "high"},
+        {"content": "Fix the bug", "status": "in_progress"},
+        {"content": "Run the tests", "priority": "low"},
+    ]
+    result = await call(tools, "update_plan", entries=entries)
+    assert result.ok
+    assert result.text == "Plan updated: 3 steps (1 completed, 1 in progress, 1 pending)."
+    [update] = editor.updates
+    assert isinstance(update, AgentPlanUpdate) and update.session_update == "plan"
+    assert [(e.content, e.priority, e.status) for e in update.entries] == [
+        ("Read the code", "high", "completed"),
+        ("Fix the bug", "medium", "in_progress"),
+        ("Run the tests", "low", "pending"),
+    ]
+    assert editor.permission_requests == []
+    cleared = await call(tools, "update_plan", entries=[])
+    assert cleared.text == "Plan cleared." and editor.updates[-1].entries == []
+    bad = await call(tools, "update_plan", entries=[{"content": "x", "status": "done"}])
+    assert not bad.ok and "update_plan: entries.0.status" in bad.text
+    assert len(editor.updates) == 2  # a plan that does not parse is never shown
 
 
 async def test_read_locally_with_offset_and_limit(workspace: Path) -> None:
