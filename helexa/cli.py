@@ -11,9 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from helexa import __version__
 from helexa.config import ConfigError, Settings, load_settings
+from helexa.engine.demo import with_demo
+
+_Listener = TypeVar("_Listener", bound=BaseModel)
 
 EPILOG = """\
 examples:
@@ -29,9 +35,14 @@ any key can be overridden with HELEXA_<SECTION>__<KEY> (e.g. HELEXA_GATEWAY__LIS
 """
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="PATH", help="helexa.toml (default: user config dir)")
-    p.add_argument("--models", metavar="PATH", help="models.toml catalogue")
+def _common(p: argparse.ArgumentParser, *, sub: bool = True) -> None:
+    """--config/--models, accepted before or after a subcommand. A subcommand's copies
+    default to SUPPRESS so they never overwrite a value given before the subcommand."""
+    default = argparse.SUPPRESS if sub else None
+    p.add_argument(
+        "--config", metavar="PATH", default=default, help="helexa.toml (default: user config dir)"
+    )
+    p.add_argument("--models", metavar="PATH", default=default, help="models.toml catalogue")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--serve", action="store_true", help="run headless (no TUI)")
     parser.add_argument("--listen", metavar="HOST:PORT", help="gateway address (127.0.0.1:31313)")
     parser.add_argument("--no-local", action="store_true", help="do not run the local neuron")
-    _common(parser)
+    _common(parser, sub=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     neuron = sub.add_parser("neuron", help="serve this host's devices over the neuron HTTP API")
-    neuron.add_argument("--listen", metavar="HOST:PORT", help="bind address (127.0.0.1:13131)")
+    neuron.add_argument(
+        "--listen", dest="neuron_listen", metavar="HOST:PORT", help="bind address (127.0.0.1:13131)"
+    )
     neuron.add_argument(
         "--token", help="bearer token required by the API (env HELEXA_NEURON__TOKEN)"
     )
@@ -70,18 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_listen(target: _Listener, listen: str) -> _Listener:
+    try:
+        return type(target).model_validate({**target.model_dump(), "listen": listen})
+    except ValidationError as exc:
+        raise ConfigError("--listen", "", exc.errors()[0]["msg"]) from None
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings(args.config, args.models)
-    listen = getattr(args, "listen", None)
-    if listen:
-        target = settings.neuron if args.command == "neuron" else settings.gateway
-        data = target.model_dump()
-        data["listen"] = listen
-        validated = type(target).model_validate(data)
-        if args.command == "neuron":
-            settings.neuron = validated
-        else:
-            settings.gateway = validated
+    settings = with_demo(load_settings(args.config, args.models))
+    if args.command == "neuron" and args.neuron_listen:
+        settings.neuron = _with_listen(settings.neuron, args.neuron_listen)
+    elif args.command != "neuron" and args.listen:
+        settings.gateway = _with_listen(settings.gateway, args.listen)
     if getattr(args, "no_local", False):
         settings.local.enabled = False
     if args.command == "neuron" and args.token:

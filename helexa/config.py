@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 APP = "helexa"
 DEFAULT_GATEWAY_PORT = 31313
@@ -133,10 +140,15 @@ class SamplingDefaults(_Strict):
 
 
 class ModelProfile(_Strict):
-    """One ``[[models]]`` entry of models.toml: how to serve a model, not where."""
+    """One ``[[models]]`` entry of models.toml: how to serve a model, not where.
+
+    ``path`` is the exception: a GGUF file or HF directory already on the serving host,
+    served under ``id`` (a friendly name) instead of being resolved through a source.
+    """
 
     id: str
     source: str | None = None
+    path: str | None = None
     quant: str | None = None
     vram_mb: int = 0
     min_devices: int = 1
@@ -146,6 +158,19 @@ class ModelProfile(_Strict):
     aliases: list[str] = Field(default_factory=list)
     context_length: int | None = None
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> ModelProfile:
+        if self.path and self.source:
+            raise ValueError("give either source or path, not both")
+        return self
+
+    @property
+    def qualified_id(self) -> str:
+        """The id a neuron is asked to load: the source prefixed when there is one (an
+        empty ``source`` counts as none, so blanking it never yields ``:org/name``). A
+        ``path`` profile keeps its own id; the neuron finds the file in its catalogue."""
+        return f"{self.source}:{self.id}" if self.source else self.id
 
 
 class Settings(_Strict):
@@ -207,6 +232,19 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def _override_of(overrides: Mapping[str, Any], loc: tuple[int | str, ...]) -> str | None:
+    """The ``HELEXA_*`` variable that set the value at ``loc``, if one did, so an error
+    in an override is never blamed on the file."""
+    node: Any = overrides
+    for depth, part in enumerate(loc):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+        if not isinstance(node, Mapping):
+            return "HELEXA_" + "__".join(str(p).upper() for p in loc[: depth + 1])
+    return None
+
+
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in over.items():
@@ -236,7 +274,8 @@ def load_settings(
     try:
         settings = Settings.model_validate(_merge(raw, overrides))
     except ValidationError as exc:
-        where = str(cfg_file) if raw else "environment (HELEXA_*)"
+        variable = _override_of(overrides, exc.errors()[0]["loc"])
+        where = variable or (str(cfg_file) if raw else "environment (HELEXA_*)")
         raise _first_error(where, exc) from None
 
     if explicit_models or models_file.exists():

@@ -26,21 +26,12 @@ class Requirements:
     min_device_vram_mb: int = 0
 
 
-def qualified_id(profile: ModelProfile) -> str:
-    """The id sent to a neuron's ``/models/load``: the source prefixed when there is one.
-
-    An empty ``source`` counts as none, so blanking a previously set value never yields
-    a scheme-less ``:org/name``.
-    """
-    return f"{profile.source}:{profile.id}" if profile.source else profile.id
-
-
 class Catalogue:
     def __init__(self, profiles: list[ModelProfile]) -> None:
         self._profiles: dict[str, ModelProfile] = {p.id: p for p in profiles}
         self._names: dict[str, str] = {}
         for p in profiles:
-            for name in (qualified_id(p), *p.aliases, p.id):
+            for name in (p.qualified_id, *p.aliases, p.id):
                 self._names[name] = p.id
         self._pins: set[tuple[str, str]] = set()
         self._unpins: set[tuple[str, str]] = set()
@@ -66,9 +57,9 @@ class Catalogue:
         return self._profiles.get(self.canonical(name))
 
     def qualified_id(self, name: str) -> str:
-        """The id a neuron knows ``name`` by (see :func:`qualified_id`)."""
+        """The id a neuron knows ``name`` by (see :attr:`ModelProfile.qualified_id`)."""
         profile = self.profile(name)
-        return qualified_id(profile) if profile else name
+        return profile.qualified_id if profile else name
 
     def requirements(self, name: str) -> Requirements:
         p = self.profile(name)

@@ -42,9 +42,11 @@ class Placement:
 
 def candidates(model_id: str, nodes: Sequence[NodeView], catalogue: Catalogue) -> list[NodeView]:
     """Up nodes that could serve ``model_id``: they list it, or it is a catalogue model
-    and their devices are big enough to hold it."""
+    and their devices are big enough to hold it. A catalogue model served from a ``path``
+    is only where that file is, on the nodes that list it."""
     need = catalogue.requirements(model_id)
-    known = catalogue.profile(model_id) is not None
+    profile = catalogue.profile(model_id)
+    known = profile is not None and not profile.path
     return [
         n
         for n in nodes

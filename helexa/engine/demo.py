@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from helexa.config import ModelProfile, Settings
+
 DEMO_MODEL_ID = "helexa-demo"
 _DEMO_GGUF = Path(__file__).resolve().parents[2] / "assets" / f"{DEMO_MODEL_ID}.gguf"
 
@@ -17,3 +19,13 @@ _DEMO_GGUF = Path(__file__).resolve().parents[2] / "assets" / f"{DEMO_MODEL_ID}.
 def demo_model_path() -> Path | None:
     """The demo GGUF when this is a repository checkout that has it, else None."""
     return _DEMO_GGUF if _DEMO_GGUF.is_file() else None
+
+
+def with_demo(settings: Settings) -> Settings:
+    """``settings`` with the demo as its catalogue when no catalogue was given at all (no
+    models.toml read, no ``[[models]]`` in helexa.toml); an empty models.toml stays empty."""
+    path = demo_model_path()
+    if settings.models or settings.models_file is not None or path is None:
+        return settings
+    demo = ModelProfile(id=DEMO_MODEL_ID, path=str(path))
+    return settings.model_copy(update={"models": [demo]})

@@ -127,8 +127,10 @@ def _profile(settings: Settings, model_id: str) -> ModelProfile | None:
 def ref_for(model_id: str, settings: Settings) -> ModelRef:
     """The ref a model id means here: catalogue ids and aliases bring their source and quant."""
     profile = _profile(settings, model_id)
+    if profile is not None and profile.path:
+        return ModelRef(FILE, path=Path(profile.path).expanduser())
     if profile is not None:
-        model_id = f"{profile.source}:{profile.id}" if profile.source else profile.id
+        model_id = profile.qualified_id
     ref = parse_model_id(model_id, settings.default_source)
     if ref.quant is None and not ref.is_file:
         profile = profile or _profile(settings, ref.repo)

@@ -6,14 +6,22 @@ regenerated file that grew, lost its template or stopped answering fails here.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
+import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from anthropic import AsyncAnthropic
+from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk
 
-from helexa.engine.demo import DEMO_MODEL_ID, demo_model_path
+from helexa.config import load_settings
+from helexa.engine.demo import DEMO_MODEL_ID, demo_model_path, with_demo
 from helexa.engine.generate import LoadedModel
 from helexa.engine.loader_gguf import load_gguf, read_gguf_info
 from helexa.engine.tokenizer import Tokenizer
@@ -93,3 +101,55 @@ def test_without_thinking_answer_is_the_same(demo_model: LoadedModel) -> None:
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
     assert content(off) == content(plain)
+
+
+def test_with_demo_fills_only_an_absent_catalogue(tmp_path: Path) -> None:
+    empty = load_settings(environ={"XDG_CONFIG_HOME": str(tmp_path)}, config_path=None)
+    served = with_demo(empty)
+    assert [(m.id, m.path) for m in served.models] == [(DEMO_MODEL_ID, str(demo_model_path()))]
+    assert empty.models == []  # the given settings are not changed
+    catalogue = tmp_path / "models.toml"
+    catalogue.write_text("")  # an operator's (empty) catalogue is theirs: no demo added
+    assert with_demo(load_settings(None, catalogue, environ={})).models == []
+    catalogue.write_text('[[models]]\nid = "Qwen/Qwen3-0.6B-GGUF:Q8_0"\n')
+    assert [m.id for m in with_demo(load_settings(None, catalogue, environ={})).models] == [
+        "Qwen/Qwen3-0.6B-GGUF:Q8_0"
+    ]
+
+
+async def test_serve_answers_out_of_the_box(tmp_path: Path) -> None:
+    """README's first command on a fresh machine: no config, no network, no GPU, and the
+    openai and anthropic SDKs get an answer from the demo model."""
+    env = {
+        **os.environ,
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HELEXA_GATEWAY__METRICS_LISTEN": "127.0.0.1:0",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "helexa.cli", "--serve", "--listen", "127.0.0.1:0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
+        url = re.findall(r"http://127\.0\.0\.1:\d+", line)[0]
+        openai = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
+        assert [m.id for m in (await openai.models.list()).data] == [DEMO_MODEL_ID]
+        reply = await openai.chat.completions.create(
+            model=DEMO_MODEL_ID, messages=[{"role": "user", "content": "hello"}], max_tokens=24
+        )
+        assert reply.choices[0].message.content
+        anthropic = AsyncAnthropic(base_url=url, api_key="unused")
+        message = await anthropic.messages.create(
+            model=DEMO_MODEL_ID, max_tokens=100_000, messages=[{"role": "user", "content": "hello"}]
+        )  # a budget past the demo's context is a ceiling on this route, as Claude Code needs
+        assert message.content[0].type == "text" and message.content[0].text
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from helexa.config import ModelProfile, SamplingDefaults, load_settings
-from helexa.cortex.catalogue import Catalogue, Requirements, qualified_id
+from helexa.cortex.catalogue import Catalogue, Requirements
 
 PROFILES = [
     ModelProfile(
@@ -40,7 +40,7 @@ def catalogue() -> Catalogue:
     ],
 )
 def test_qualified_id(profile: ModelProfile, expected: str) -> None:
-    assert qualified_id(profile) == expected
+    assert profile.qualified_id == expected
 
 
 @pytest.mark.parametrize(

@@ -101,3 +101,49 @@ def test_cli_version_and_help() -> None:
         parser.parse_args(["--version"])
     assert info.value.code == 0
     assert __version__ == "0.1.0"
+
+
+def test_an_env_override_error_names_the_variable(tmp_path: Path) -> None:
+    cfg = tmp_path / "helexa.toml"
+    cfg.write_text('[gateway]\nlisten = "127.0.0.1:1000"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={"HELEXA_EVICTION__STRATEGY": "fifo"})
+    assert info.value.file == "HELEXA_EVICTION__STRATEGY"
+    assert info.value.key == "eviction.strategy"
+    cfg.write_text('[eviction]\nstrategy = "fifo"\n')  # the file's own mistake stays the file's
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={"HELEXA_GATEWAY__LISTEN": "127.0.0.1:2000"})
+    assert info.value.file == str(cfg)
+
+
+def test_a_profile_comes_from_a_source_or_a_path(tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text('[[models]]\nid = "mine"\npath = "/models/mine.gguf"\n')
+    (profile,) = load_settings(None, models, environ={}).models
+    assert (profile.path, profile.qualified_id) == ("/models/mine.gguf", "mine")
+    models.write_text('[[models]]\nid = "mine"\npath = "/m.gguf"\nsource = "helexa"\n')
+    with pytest.raises(ConfigError, match="either source or path"):
+        load_settings(None, models, environ={})
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("helexa")
+    cmd = [exe] if exe else [sys.executable, "-m", "helexa.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_cli_options_before_a_subcommand_count(tmp_path: Path) -> None:
+    bad = tmp_path / "helexa.toml"
+    bad.write_text("[gateway]\nlisen = 1\n")
+    for args in (("--config", str(bad), "status"), ("status", "--config", str(bad))):
+        proc = run_cli(*args, cwd=tmp_path)
+        assert proc.returncode == 2, args
+        assert "gateway.lisen: unknown key" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [("--serve", "--listen", "bogus"), ("neuron", "--listen", "x:y")])
+def test_cli_bad_listen_is_a_one_line_config_error(tmp_path: Path, args: tuple[str, ...]) -> None:
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("helexa: config error: --listen:") and "HOST:PORT" in line
