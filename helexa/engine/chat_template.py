@@ -36,6 +36,7 @@ def render_chat(
     *,
     tools: list[dict[str, Any]] | None = None,
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
     enable_thinking: bool | None = None,
     bos_token: str | None = None,
     eos_token: str | None = None,
@@ -43,11 +44,16 @@ def render_chat(
     """Render ``messages`` (OpenAI chat shape) with ``template``.
 
     ``enable_thinking`` is passed only when given, so templates that test ``is defined``
-    see what they would under transformers. Bad messages raise ValueError; template
-    errors (including its own ``raise_exception``) raise jinja2.TemplateError.
+    see what they would under transformers. ``continue_final_message`` ends the prompt
+    inside the last (assistant) message, so the model continues it (Anthropic prefill),
+    cut as transformers cuts it. Bad messages raise ValueError; template errors
+    (including its own ``raise_exception``) raise jinja2.TemplateError.
     """
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt exclude each other")
+    normalized = normalize_messages(messages)
     variables: dict[str, Any] = {
-        "messages": normalize_messages(messages),
+        "messages": normalized,
         "tools": tools,
         "documents": None,
         "add_generation_prompt": add_generation_prompt,
@@ -58,7 +64,29 @@ def render_chat(
         variables["eos_token"] = eos_token
     if enable_thinking is not None:
         variables["enable_thinking"] = enable_thinking
-    return _compile(template).render(**variables)
+    if continue_final_message:
+        if not normalized or not normalized[-1]["content"].strip():
+            raise ValueError("continue_final_message needs a final message with text to continue")
+        last = normalized[-1]
+        normalized[-1] = {**last, "content": last["content"] + _CONTINUE_TAG}
+    rendered = _compile(template).render(**variables)
+    return _cut_at_tag(rendered) if continue_final_message else rendered
+
+
+# transformers' marker: appended to the final message, rendered, then cut away with all
+# that follows it (the end-of-turn), wherever the template put the message.
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _cut_at_tag(rendered: str) -> str:
+    """``rendered`` up to the tag. A template that strips messages also strips the tag's
+    trailing space; then the message's own trailing whitespace went too (transformers)."""
+    at = rendered.rfind(_CONTINUE_TAG.strip())
+    if at < 0:
+        raise ValueError("continue_final_message: the chat template dropped the final message")
+    if rendered[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return rendered[:at]
+    return rendered[:at].rstrip()
 
 
 def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -68,6 +96,8 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
       a missing or null content becomes "" (templates concatenate it; transformers would
       drop the key and most templates then fail on an undefined value).
     - keys whose value is null are dropped, as transformers does.
+    - ``developer`` (OpenAI's newer name for the system role, which Codex and current SDKs
+      send) becomes ``system``: templates know only the latter and drop what they do not.
     - ``reasoning`` / ``thinking`` fill ``reasoning_content`` (and the reverse), as
       transformers aliases them.
     - tool call ``arguments`` that are a JSON object in a string become that object: the
@@ -88,6 +118,8 @@ def _normalize_message(index: int, message: Any) -> dict[str, Any]:
     out = {k: v for k, v in message.items() if v is not None}
     if not isinstance(out.get("role"), str):
         raise ValueError(f"messages[{index}] needs a string 'role'")
+    if out["role"] == "developer":
+        out["role"] = "system"
     out["content"] = _text(index, out.get("content"))
     reasoning = next((out[k] for k in _REASONING_KEYS if out.get(k) is not None), None)
     if reasoning is not None:

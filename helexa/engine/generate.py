@@ -8,9 +8,11 @@ so a closed client stream stops the GPU work within one decode step.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
@@ -88,13 +90,49 @@ def eos_ids(tokenizer: Tokenizer, generation_config: dict[str, Any]) -> frozense
 
 
 def thinking_requested(request: dict[str, Any]) -> bool:
-    """``chat_template_kwargs.enable_thinking`` (vLLM/SGLang style) or a top-level
-    ``enable_thinking``; Qwen3 thinks unless told not to."""
+    """``chat_template_kwargs.enable_thinking`` (vLLM/SGLang style), a top-level
+    ``enable_thinking``, else OpenAI's ``reasoning_effort`` ("none"/"minimal" mean no
+    thinking: Qwen3 has no levels in between); Qwen3 thinks unless told not to."""
     kwargs = request.get("chat_template_kwargs") or {}
     for value in (kwargs.get("enable_thinking"), request.get("enable_thinking")):
         if value is not None:
             return bool(value)
-    return True
+    effort = request.get("reasoning_effort")
+    return effort not in ("none", "minimal")
+
+
+def forced_tool_prefix(request: dict[str, Any]) -> str:
+    """What the model is made to have written first so that it calls a tool: ``tool_choice``
+    "required" opens a Qwen3 ``<tool_call>``, a named function also writes its name. The
+    text is fed to the output parser as if generated, so the call streams as usual."""
+    choice = request.get("tool_choice")
+    if choice == "required":
+        return "<tool_call>\n"
+    if not isinstance(choice, dict):
+        return ""
+    name = (choice.get("function") or {}).get("name")
+    known = {(t.get("function") or {}).get("name") for t in request.get("tools") or []}
+    if not isinstance(name, str) or name not in known:
+        raise RequestError(
+            f"tool_choice names {name!r}, which is not among the request's tools",
+            code="invalid_value",
+        )
+    return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": '
+
+
+def _check_supported(request: dict[str, Any]) -> None:
+    """Refuse, rather than silently ignore, what this engine cannot do yet."""
+    fmt = request.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        raise RequestError(
+            f"response_format {fmt.get('type')!r} is not supported by this engine yet "
+            "(only 'text')",
+            code="unsupported_parameter",
+        )
+    if request.get("logprobs") or request.get("top_logprobs"):
+        raise RequestError(
+            "logprobs are not supported by this engine yet", code="unsupported_parameter"
+        )
 
 
 def _check_text_only(messages: list[Any]) -> None:
@@ -190,18 +228,26 @@ class LoadedModel:
     # -- prompts ----------------------------------------------------------------------------
 
     def render(self, request: dict[str, Any]) -> str:
-        """The prompt text an OpenAI chat request renders to."""
+        """The prompt text an OpenAI chat request renders to, ending in the forced start
+        of a tool call when ``tool_choice`` demands one (see :func:`forced_tool_prefix`).
+
+        ``continue_final_message`` (vLLM's name; Anthropic prefill arrives as it) ends the
+        prompt inside the last assistant message instead of opening a new turn."""
         messages = request.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError("'messages' must be a non-empty list")
         _check_text_only(messages)
+        forced = forced_tool_prefix(request) if self._tools(request) else ""
+        continuing = bool(request.get("continue_final_message"))
         try:
-            return render_chat(
+            text = render_chat(
                 self.chat_template,
                 messages,
                 tools=self._tools(request),
-                add_generation_prompt=True,
-                enable_thinking=thinking_requested(request),
+                add_generation_prompt=request.get("add_generation_prompt", not continuing),
+                continue_final_message=continuing,
+                # A forced call starts the answer: no room for thinking before it.
+                enable_thinking=thinking_requested(request) and not forced,
                 bos_token=self.tokenizer.bos_token,
                 eos_token=self.tokenizer.eos_token,
             )
@@ -209,6 +255,7 @@ class LoadedModel:
             raise
         except Exception as exc:  # jinja2 errors, raise_exception() in the template
             raise RequestError(f"cannot render the chat template: {exc}") from exc
+        return text + forced
 
     @staticmethod
     def _tools(request: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -233,6 +280,7 @@ class LoadedModel:
         """Sampling parameters and the completion budget, or a RequestError."""
         if (request.get("n") or 1) != 1:
             raise RequestError("only n=1 is supported", code="unsupported_parameter")
+        _check_supported(request)
         try:
             params = SamplingParams.from_request(request, self.defaults)
         except (TypeError, ValueError) as exc:
@@ -244,6 +292,10 @@ class LoadedModel:
             raise RequestError("max_tokens must be at least 1", code="invalid_value")
         room = context - prompt_tokens
         wanted = room if params.max_tokens is None else params.max_tokens
+        if request.get("clamp_max_tokens"):
+            # helexa's extension (the Anthropic route sets it): a budget past the context
+            # is a ceiling, not an error, so Claude Code's large max_tokens fit a 32k model.
+            wanted = min(wanted, room)
         if room < 1 or wanted > room:
             raise RequestError(
                 f"This model's maximum context length is {context} tokens. However, you "
@@ -330,18 +382,29 @@ class LoadedModel:
         prompt = self.tokenizer.encode(prompt_text)
         params, max_tokens = self._params(request, len(prompt))
         tools = self._tools(request) is not None
+        forced = forced_tool_prefix(request) if tools else ""
+        # One call only: asked for, or implied by naming the function to call.
+        named = isinstance(request.get("tool_choice"), dict)
+        single_call = tools and (request.get("parallel_tool_calls") is False or named)
         parser = OutputParser(
             tools=tools,
             thinking=True,
             starts_in_thinking=prompt_text.rstrip().endswith("<think>"),
+            continues_content=bool(request.get("continue_final_message")),
         )
         chunks = _Chunks("chat.completion.chunk", "chatcmpl", request.get("model") or self.name)
         outcome = _Outcome()
 
         yield chunks.chat({"role": "assistant", "content": ""})
-        for text in self._texts(prompt, params, max_tokens, cancel, outcome):
-            for delta in parser.feed(text):
-                yield chunks.chat(delta)
+        for delta in parser.feed(forced):  # a forced call start: held until the call closes
+            yield chunks.chat(delta)
+        with closing(self._texts(prompt, params, max_tokens, cancel, outcome)) as texts:
+            for text in texts:
+                for delta in parser.feed(text):
+                    yield chunks.chat(delta)
+                if single_call and parser.tool_calls:
+                    outcome.finish_reason = "stop"  # the one call is complete: stop here
+                    break
         if outcome.cancelled:
             return
         for delta in parser.finish():

@@ -35,6 +35,8 @@ class OutputParser:
     ``thinking``: a leading ``<think>`` opens reasoning. ``starts_in_thinking``: the prompt
     already opened it (templates that end the generation prompt with ``<think>\\n``), so the
     text up to ``</think>`` is reasoning. ``tools``: ``<tool_call>`` blocks become tool calls.
+    ``continues_content``: the prompt ends inside an answer (a continued assistant message),
+    so the text is content from its first character, leading whitespace included.
     ``seed`` makes the generated call ids reproducible.
     """
 
@@ -44,16 +46,19 @@ class OutputParser:
         tools: bool,
         thinking: bool,
         starts_in_thinking: bool = False,
+        continues_content: bool = False,
         seed: int | None = None,
     ) -> None:
         self.tools = tools
         self.tool_calls = 0
         self._ids = random.Random(seed)
         self._buf = ""
-        self._lstrip = True  # drop whitespace before the next emitted text
+        self._lstrip = not continues_content  # drop whitespace before the next emitted text
         self._gap = ""  # whitespace dropped before the open <tool_call>, restored if it fails
         if starts_in_thinking:
             self._state = _State.THINK
+        elif continues_content:
+            self._state = _State.CONTENT
         elif thinking:
             self._state = _State.START
         else:

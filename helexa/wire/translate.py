@@ -168,6 +168,9 @@ def anthropic_to_openai(req: MessagesRequest | CountTokensRequest) -> dict[str, 
 
     if isinstance(req, MessagesRequest):
         out["max_tokens"] = req.max_tokens
+        # Anthropic clients (Claude Code) ask for large budgets whatever the model's window:
+        # the neuron treats this one as a ceiling, not an error (helexa's extension).
+        out["clamp_max_tokens"] = True
         optional = {
             "stop": req.stop_sequences,
             "temperature": req.temperature,

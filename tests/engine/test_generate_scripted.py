@@ -16,7 +16,6 @@ from openai.types.completion import Completion
 from helexa.engine.chat_template import QWEN3_TEMPLATE
 from helexa.engine.generate import LoadedModel, RequestError
 from helexa.engine.tokenizer import Tokenizer
-from tests.engine.tiny_tokenizer import make_tiny_tokenizer_config, make_tiny_tokenizer_json
 
 WEATHER_TOOL = {
     "type": "function",
@@ -53,16 +52,6 @@ class ScriptedLM:
         if step < len(self.script):
             logits[0, 0, self.script[step]] = 0.0
         return logits
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_checkpoint(
-        {
-            "tokenizer_json": make_tiny_tokenizer_json(),
-            "tokenizer_config": make_tiny_tokenizer_config(),
-        }
-    )
 
 
 def scripted(tokenizer: Tokenizer, text: str, *, eos: bool = True, **kw: Any) -> LoadedModel:

@@ -152,6 +152,47 @@ def test_render_without_generation_prompt_matches_transformers(
     )
 
 
+@pytest.mark.parametrize("prefill", ["Hello! I am", "  spaced out  ", "line\n"])
+def test_continue_final_message_matches_transformers(
+    reference: PreTrainedTokenizerFast, prefill: str
+) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": prefill},
+    ]
+    expected = reference.apply_chat_template(
+        copy.deepcopy(messages), tokenize=False, continue_final_message=True
+    )
+    ours = render_chat(
+        QWEN3_TEMPLATE, messages, add_generation_prompt=False, continue_final_message=True
+    )
+    assert ours == expected
+    assert ours.rstrip().endswith(prefill.strip())
+    assert "<|im_end|>" not in ours.split("<|im_start|>assistant")[-1]
+
+
+def test_continue_final_message_needs_text_and_no_generation_prompt() -> None:
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]
+    with pytest.raises(ValueError, match="final message with text"):
+        render_chat(
+            QWEN3_TEMPLATE, messages, add_generation_prompt=False, continue_final_message=True
+        )
+    with pytest.raises(ValueError, match="exclude each other"):
+        render_chat(QWEN3_TEMPLATE, messages, continue_final_message=True)
+
+
+def test_developer_role_renders_as_system() -> None:
+    as_developer = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]
+    as_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rendered = render_chat(QWEN3_TEMPLATE, as_developer)
+    assert rendered == render_chat(QWEN3_TEMPLATE, as_system)
+    assert "Be brief." in rendered
+
+
 # -- the Qwen3 format, spelled out --------------------------------------------------------------
 
 

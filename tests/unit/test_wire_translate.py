@@ -176,7 +176,7 @@ def test_sampling_tools_and_streaming_fields() -> None:
     assert out["tool_choice"] == "auto" and out["parallel_tool_calls"] is False
     assert out["stop"] == ["END", "STOP"]
     assert (out["temperature"], out["top_p"], out["top_k"]) == (0.2, 0.9, 20)
-    assert out["max_tokens"] == 64
+    assert out["max_tokens"] == 64 and out["clamp_max_tokens"] is True
     assert out["stream"] is True and out["stream_options"] == {"include_usage": True}
     assert out["user"] == "u1"
 
@@ -232,7 +232,7 @@ def test_count_tokens_request_maps_the_prompt_only() -> None:
         {"role": "system", "content": "sys"},
         {"role": "user", "content": "hi"},
     ]
-    assert "max_tokens" not in out and "stream" not in out
+    assert "max_tokens" not in out and "stream" not in out and "clamp_max_tokens" not in out
 
 
 @pytest.mark.parametrize(
