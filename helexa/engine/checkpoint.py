@@ -6,6 +6,7 @@ Loaders translate their format's names and metadata into HF conventions here, so
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,21 @@ import torch
 from helexa.engine.quant import QuantizedTensor
 
 Weight = torch.Tensor | QuantizedTensor
+# Called by a loader with the fraction (0..1) of weight bytes placed so far: a cold load of
+# a large model takes long enough that the fleet and the dashboard should show how far it is.
+Progress = Callable[[float], None]
+
+
+class ByteProgress:
+    """Counts bytes placed against a total and reports the fraction to ``report``."""
+
+    def __init__(self, total: int, report: Progress | None) -> None:
+        self.total, self.done, self.report = max(total, 1), 0, report
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.report is not None:
+            self.report(min(1.0, self.done / self.total))
 
 
 @dataclass

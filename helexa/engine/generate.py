@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from helexa.engine.chat_template import QWEN3_TEMPLATE, render_chat
+from helexa.engine.checkpoint import Progress
 from helexa.engine.parsers import OutputParser
 from helexa.engine.sampling import Sampler, SamplingParams, StopMatcher
 from helexa.engine.tokenizer import Tokenizer
@@ -183,6 +184,7 @@ class LoadedModel:
         *,
         sampling_defaults: dict[str, Any] | None = None,
         name: str = "",
+        progress: Progress | None = None,
     ) -> LoadedModel:
         """Load a GGUF file or HF directory onto ``device`` (bfloat16 on CUDA, float32 on
         CPU unless ``dtype`` says otherwise) with a KV cache of ``context_length``."""
@@ -195,7 +197,7 @@ class LoadedModel:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if not is_gguf(path):  # GGUF's loader checks its own metadata first
             check_architecture(read_config(path), str(path))
-        ckpt = load_checkpoint(path, device)
+        ckpt = load_checkpoint(path, device, progress)
         tokenizer = Tokenizer.from_checkpoint(ckpt.tokenizer)
         model = Qwen3.from_checkpoint(ckpt, device, dtype)
         ckpt.tensors.clear()  # the model holds what it needs; drop the loader's references

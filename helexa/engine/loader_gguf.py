@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from helexa.engine.checkpoint import Checkpoint, Weight
+from helexa.engine.checkpoint import ByteProgress, Checkpoint, Progress, Weight
 from helexa.engine.errors import CheckpointError, UnsupportedArchitecture
 from helexa.engine.gguf_header import GGUFHeader, GGUFTensorInfo, read_gguf_header
 from helexa.engine.quant import QuantizedTensor, block_format
@@ -159,7 +159,9 @@ def require_loadable(architecture: str, source: str = "") -> None:
         )
 
 
-def load_gguf(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+def load_gguf(
+    path: str | Path, device: str | torch.device = "cpu", progress: Progress | None = None
+) -> Checkpoint:
     """Load a Qwen3 GGUF onto ``device``: one copy per tensor, quantized ones as blocks."""
     header = _open(path)
     arch = _architecture(header, path)
@@ -172,7 +174,11 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu") -> Checkpoin
     # without ever writing to, or reading ahead of, the file.
     data = np.memmap(path, np.uint8, "c", header.data_offset) if header.tensors else np.empty(0)
     target = torch.device(device)
-    tensors = {names[t.name]: _to_torch(t, data, target) for t in header.tensors}
+    placed = ByteProgress(sum(t.n_bytes for t in header.tensors), progress)
+    tensors: dict[str, Weight] = {}
+    for t in header.tensors:
+        tensors[names[t.name]] = _to_torch(t, data, target)
+        placed.add(t.n_bytes)
     return Checkpoint(
         config=config,
         tensors=tensors,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from helexa.engine.checkpoint import Checkpoint, Weight
+from helexa.engine.checkpoint import ByteProgress, Checkpoint, Progress, Weight
 from helexa.engine.errors import CheckpointError
 
 CONFIG = "config.json"
@@ -24,13 +24,15 @@ def is_gguf(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".gguf"
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", progress: Progress | None = None
+) -> Checkpoint:
     """A ``.gguf`` file or an HF directory, tensors placed on ``device``."""
     if is_gguf(path):
         from helexa.engine.loader_gguf import load_gguf
 
-        return load_gguf(path, device=device)
-    return load_safetensors_dir(path, device=device)
+        return load_gguf(path, device=device, progress=progress)
+    return load_safetensors_dir(path, device=device, progress=progress)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -82,16 +84,20 @@ def _chat_template(root: Path, tokenizer_config: dict[str, Any]) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def load_safetensors_dir(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+def load_safetensors_dir(
+    path: str | Path, device: str | torch.device = "cpu", progress: Progress | None = None
+) -> Checkpoint:
     root = Path(path)
     config = read_config(root)
     files = safetensors_files(root)
     tensors: dict[str, Weight] = {}
+    placed = ByteProgress(sum(f.stat().st_size for f in files), progress)
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                     tensors[name] = f.get_tensor(name)
+                    placed.add(tensors[name].nbytes)
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from helexa.config import ModelProfile, Settings
+from helexa.engine.checkpoint import Progress
 from helexa.engine.errors import CheckpointError
 from helexa.engine.generate import LoadedModel, RequestError
 from helexa.engine.worker import DeviceWorker
@@ -54,6 +55,7 @@ class _Entry:
     device: torch.device | None = None
     error: str | None = None
     task: asyncio.Future[None] | None = None  # the load in flight, shared by its callers
+    progress: float = 0.0  # weight bytes placed, 0..1, written by the loading worker thread
 
     def state(self) -> ModelState:
         loaded, device = self.loaded, self.device
@@ -63,8 +65,12 @@ class _Entry:
             devices=[] if device is None else [device.index or 0],
             vram_used_mb=loaded.memory_bytes // MB if loaded else 0,
             context_length=loaded.context_length if loaded else None,
+            progress=self.progress if self.status == "loading" else None,
             error=self.error,
         )
+
+    def report(self, fraction: float) -> None:
+        self.progress = fraction
 
 
 def _profile(settings: Settings, model_id: str) -> ModelProfile | None:
@@ -188,12 +194,12 @@ class LocalNeuron:
         profile = _profile(self.settings, entry.model_id)
         context = request.context_length or (profile.context_length if profile else None)
         sampling = profile.sampling.model_dump(exclude_none=True) if profile else {}
-        entry.status, entry.error = "loading", None
+        entry.status, entry.error, entry.progress = "loading", None, 0.0
         try:
             device = await self._place(path, request, context)
             entry.device = device
             entry.loaded = await self._worker(device).submit(
-                _load, path, device, context, sampling, entry.model_id
+                _load, path, device, context, sampling, entry.model_id, entry.report
             )
         except Exception as exc:
             failed_on, entry.device = entry.device, None
@@ -281,6 +287,13 @@ class LocalNeuron:
 
 
 def _load(
-    path: Path, device: torch.device, context: int | None, sampling: dict[str, Any], name: str
+    path: Path,
+    device: torch.device,
+    context: int | None,
+    sampling: dict[str, Any],
+    name: str,
+    progress: Progress,
 ) -> LoadedModel:
-    return LoadedModel.load(path, device, None, context, sampling_defaults=sampling, name=name)
+    return LoadedModel.load(
+        path, device, None, context, sampling_defaults=sampling, name=name, progress=progress
+    )

@@ -272,3 +272,18 @@ def test_tensor_names_map_both_ways() -> None:
     assert gguf_tensor_name("lm_head.weight") == "output.weight"
     with pytest.raises(CheckpointError):
         hf_tensor_name("blk.0.ffn_gate_exps.weight")
+
+
+def test_load_reports_progress_by_bytes(tmp_path: Path) -> None:
+    from helexa.engine.loader_safetensors import load_checkpoint
+    from tests.engine.factories import make_tiny_model_dir
+
+    gguf = write_model_gguf(
+        tmp_path / "m.gguf", make_tiny_hf_model(128), tokenizer_fields=TOKENIZER_FIELDS
+    )
+    for path in (gguf, make_tiny_model_dir(tmp_path / "hf")):
+        seen: list[float] = []
+        ckpt = load_checkpoint(path, progress=seen.append)
+        assert len(seen) == len(ckpt.tensors) > 1  # one report per tensor placed
+        assert seen == sorted(seen) and 0 < seen[0] < 1
+        assert seen[-1] == pytest.approx(1.0, abs=0.01)  # safetensors headers are not weights

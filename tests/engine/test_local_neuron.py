@@ -115,6 +115,30 @@ async def test_concurrent_loads_load_once(
     assert calls == [model_dir]
 
 
+async def test_a_load_reports_its_progress_until_it_is_loaded(
+    neuron: LocalNeuron, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    halfway, release = threading.Event(), threading.Event()
+    real_load = local._load
+
+    def paused_load(path: Path, *args: Any) -> LoadedModel:
+        report = args[-1]
+        report(0.5)  # as the loader does after placing half the weight bytes
+        halfway.set()
+        release.wait(timeout=30)
+        return real_load(path, *args)
+
+    monkeypatch.setattr(local, "_load", paused_load)
+    load = asyncio.ensure_future(neuron.load(LoadRequest(model_id=str(model_dir))))
+    assert await asyncio.to_thread(halfway.wait, 30)
+    (state,) = await neuron.models()
+    assert (state.status, state.progress) == ("loading", 0.5)
+    release.set()
+    assert (await load).status == "loaded"
+    (state,) = await neuron.models()
+    assert (state.status, state.progress) == ("loaded", None)
+
+
 async def test_a_cancelled_load_request_still_loads_once(
     neuron: LocalNeuron, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
