@@ -283,12 +283,24 @@ def load_settings(
             catalogue = _Catalogue.model_validate(_read_toml(models_file))
         except ValidationError as exc:
             raise _first_error(str(models_file), exc) from None
-        settings.models = [*settings.models, *catalogue.models]
+        here = models_file.parent
+        settings.models = [*settings.models, *(_anchored(p, here) for p in catalogue.models)]
         settings.models_file = str(models_file)
     if raw:
         settings.config_file = str(cfg_file)
     _check_unique(settings)
     return settings
+
+
+def _anchored(profile: ModelProfile, directory: Path) -> ModelProfile:
+    """A relative ``path`` means relative to the file that names it, not to wherever
+    helexa was started from."""
+    if profile.path is None:
+        return profile
+    path = Path(profile.path).expanduser()
+    return profile.model_copy(
+        update={"path": str(path if path.is_absolute() else directory / path)}
+    )
 
 
 def _check_unique(settings: Settings) -> None:

@@ -121,6 +121,9 @@ def test_a_profile_comes_from_a_source_or_a_path(tmp_path: Path) -> None:
     models.write_text('[[models]]\nid = "mine"\npath = "/models/mine.gguf"\n')
     (profile,) = load_settings(None, models, environ={}).models
     assert (profile.path, profile.qualified_id) == ("/models/mine.gguf", "mine")
+    models.write_text('[[models]]\nid = "mine"\npath = "weights/mine.gguf"\n')
+    (profile,) = load_settings(None, models, environ={}).models
+    assert profile.path == str(tmp_path / "weights" / "mine.gguf")  # relative to models.toml
     models.write_text('[[models]]\nid = "mine"\npath = "/m.gguf"\nsource = "helexa"\n')
     with pytest.raises(ConfigError, match="either source or path"):
         load_settings(None, models, environ={})
