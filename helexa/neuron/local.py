@@ -40,7 +40,7 @@ from helexa.neuron.interface import (
     ModelStatus,
     NeuronError,
 )
-from helexa.neuron.sources import resolve_local
+from helexa.neuron.sources import ModelRef, downloaded, ref_for, resolve_local
 
 MB = 1 << 20
 
@@ -99,6 +99,14 @@ def _load_error(model_id: str, exc: Exception) -> NeuronError:
     )
 
 
+def _ref(model_id: str, settings: Settings) -> ModelRef | None:
+    """What ``model_id`` names on disk, to tell two spellings of one model apart."""
+    try:
+        return ref_for(model_id, settings)
+    except ValueError:
+        return None
+
+
 def _retrieve(task: asyncio.Future[None]) -> None:
     """Mark a load's failure as seen: its callers may all have been cancelled."""
     if not task.cancelled():
@@ -131,7 +139,15 @@ class LocalNeuron:
         return await asyncio.to_thread(read_health, self._started)
 
     async def models(self) -> list[ModelState]:
-        return [entry.state() for entry in self._entries.values()]
+        """Every model this node has an entry for, then what was pulled into its caches
+        and is not one of them (listed unloaded, so cortex can route to it by name)."""
+        states = [entry.state() for entry in self._entries.values()]
+        on_disk = await asyncio.to_thread(downloaded, self.settings)
+        refs = {_ref(model_id, self.settings) for model_id in self._entries}
+        for model_id in on_disk:
+            if model_id not in self._entries and _ref(model_id, self.settings) not in refs:
+                states.append(ModelState(id=model_id, status="unloaded"))
+        return states
 
     # -- lifecycle --------------------------------------------------------------------------
 

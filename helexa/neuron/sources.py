@@ -254,6 +254,45 @@ def resolve_local(model_id: str, settings: Settings) -> Path | None:
     return None
 
 
+def downloaded(settings: Settings) -> list[str]:
+    """The models already in the sources' caches, by the ids that serve them: one
+    ``org/name:QUANT`` per complete GGUF quant, ``org/name`` for a safetensors snapshot,
+    prefixed with the source unless it is the default one. So ``helexa pull X`` makes X
+    servable by name at once, catalogued or not (as ``ollama pull`` does)."""
+    ids: list[str] = []
+    for source in sources(settings).values():
+        prefix = "" if source.name == settings.default_source else f"{source.name}:"
+        for folder in sorted(source.cache_dir.glob("models--*--*")):
+            repo = folder.name[len("models--") :].replace("--", "/", 1)
+            for spec in _servable(source.cache_dir, repo):
+                ids.append(f"{prefix}{spec}")
+    return ids
+
+
+def _servable(cache: Path, repo: str) -> list[str]:
+    snapshot = snapshot_dir(cache, repo)
+    if snapshot is None:
+        return []
+    files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+    ggufs = _model_ggufs(files)
+    if ggufs:
+        quants = sorted({q for f in ggufs if (q := quant_of(f))})
+        if not quants:
+            return [repo] if len(ggufs) == 1 else []
+        complete = [q for q in quants if _complete(files, q)]
+        return [f"{repo}:{q}" for q in complete]
+    has_weights = any(f.endswith(".safetensors") for f in files)
+    return [repo] if has_weights and "config.json" in files else []
+
+
+def _complete(files: list[str], quant: str) -> bool:
+    try:
+        first = pick_gguf(files, quant)
+    except ValueError:
+        return False
+    return all(part in files for part in split_files(first))
+
+
 # -- downloading -----------------------------------------------------------------------------
 
 

@@ -252,3 +252,21 @@ async def test_unload_of_an_unloaded_model_is_a_no_op(neuron: LocalNeuron, model
     await neuron.unload(str(model_dir))
     await neuron.unload("never-heard-of-it")
     assert [m.status for m in await neuron.models()] == ["unloaded"]
+
+
+async def test_pulled_models_are_listed_once_beside_the_catalogue(tmp_path: Path) -> None:
+    from helexa.config import SourceSettings
+    from tests.unit.test_sources import write_snapshot
+
+    cache = tmp_path / "hf"
+    write_snapshot(cache, "Qwen/Q-GGUF", {"Q-Q4_K_M.gguf": b"4", "Q-Q8_0.gguf": b"8"})
+    settings = Settings(
+        sources=[SourceSettings(name="huggingface", cache_dir=str(cache))],
+        models=[ModelProfile(id="Qwen/Q-GGUF", quant="Q8_0", aliases=["q"])],  # the Q8_0 one
+    )
+    n = LocalNeuron(settings)
+    try:
+        states = {s.id: s.status for s in await n.models()}
+        assert states == {"Qwen/Q-GGUF": "unloaded", "Qwen/Q-GGUF:Q4_K_M": "unloaded"}
+    finally:
+        await n.close()

@@ -19,6 +19,7 @@ from aiohttp import web
 from helexa.config import ModelProfile, Settings, SourceSettings
 from helexa.neuron.sources import (
     ModelRef,
+    downloaded,
     parse_model_id,
     pick_gguf,
     pull,
@@ -254,6 +255,25 @@ def test_resolve_local_files(tmp_path: Path, hub_settings: Settings) -> None:
     assert resolve_local(str(model), hub_settings) == model
     assert resolve_local(f"file:{model}", hub_settings) == model
     assert resolve_local(f"file:{tmp_path / 'absent.gguf'}", hub_settings) is None
+
+
+def test_downloaded_lists_what_resolves_by_its_serving_id(
+    tmp_path: Path, hub_settings: Settings
+) -> None:
+    write_snapshot(
+        tmp_path / "hf", "Qwen/Q-GGUF", {"Q-Q4_K_M.gguf": b"4", "Q-Q8_0.gguf": b"8", "x.md": b""}
+    )
+    write_snapshot(
+        tmp_path / "hf",
+        "org/big",  # a split quant with a part missing is not servable yet
+        {"big-Q8_0-00001-of-00002.gguf": b"1", "mmproj-big-f16.gguf": b"p"},
+    )
+    write_snapshot(tmp_path / "hf", "org/dense", {"config.json": b"{}", "model.safetensors": b"w"})
+    write_snapshot(tmp_path / "hf", "org/docs", {"README.md": b"no weights"})
+    write_snapshot(tmp_path / "mirror", "org/m", {"m-Q6_K.gguf": b"6"})
+    ids = downloaded(hub_settings)
+    assert ids == ["Qwen/Q-GGUF:Q4_K_M", "Qwen/Q-GGUF:Q8_0", "org/dense", "helexa:org/m:Q6_K"]
+    assert all(resolve_local(i, hub_settings) is not None for i in ids)
 
 
 def test_resolve_local_bad_ids_are_none(hub_settings: Settings) -> None:
