@@ -3,8 +3,13 @@
 It implements the same :class:`Neuron` protocol as the in-process one, so cortex treats
 both alike. Failures come back as :class:`NeuronError`: the remote's own error body when it
 answered, or a 502 ``upstream_error`` when it could not be reached (``neuron_unreachable``)
-or its stream broke off (``stream_interrupted``), so the fleet can tell a sick node from a
-refused request.
+or its connection broke mid-stream (``stream_interrupted``), both of which the fleet takes
+as the node being down, so it can tell a sick node from a refused request. A stream that
+sends nonsense is ``stream_malformed``: the node answered, so it is not down.
+
+A stream whose HTTP response ends completely but without ``[DONE]`` ends normally: what
+arrived is the whole answer, and the gateway closes the client's event sequence (a
+truncated payload or dropped connection is what aiohttp reports as an error).
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ def interrupted(name: str, detail: str) -> NeuronError:
         status=502,
         type="upstream_error",
         code="stream_interrupted",
+    )
+
+
+def malformed(name: str, detail: str) -> NeuronError:
+    return NeuronError(
+        f"stream from neuron {name!r} is malformed: {detail}",
+        status=502,
+        type="upstream_error",
+        code="stream_malformed",
     )
 
 
@@ -140,7 +154,8 @@ class RemoteNeuron:
             response = await self._client().post(self.endpoint + path, json=body, timeout=timeout)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise unreachable(self.name, exc) from exc
-        done = False
+        done = False  # [DONE] seen
+        complete = False  # read to the end of a whole response: the connection is reusable
         try:
             if response.status >= 400:
                 text = await response.text()
@@ -156,13 +171,13 @@ class RemoteNeuron:
                     elif not done:
                         yield self._chunk(event)
             except (aiohttp.ClientError, TimeoutError) as exc:
+                # A payload cut short, a reset, a stall: the node went away mid-answer.
                 raise interrupted(self.name, str(exc) or type(exc).__name__) from exc
-            if not done:
-                raise interrupted(self.name, "it ended without [DONE]")
+            complete = True  # with or without [DONE]: the response ended as sent
         finally:
             # A finished stream leaves the connection to the pool; anything else drops it,
             # which is what tells the remote to stop generating.
-            if done:
+            if complete:
                 response.release()
             else:
                 response.close()
@@ -171,11 +186,11 @@ class RemoteNeuron:
         try:
             payload = event.json()
         except ValueError as exc:
-            raise interrupted(self.name, f"undecodable event {event.data[:200]!r}") from exc
+            raise malformed(self.name, f"undecodable event {event.data[:200]!r}") from exc
         if isinstance(payload, dict) and "error" in payload:
             raise NeuronError.from_body(500, payload)
         if not isinstance(payload, dict):
-            raise interrupted(self.name, f"unexpected event {event.data[:200]!r}")
+            raise malformed(self.name, f"unexpected event {event.data[:200]!r}")
         return payload
 
     async def close(self) -> None:

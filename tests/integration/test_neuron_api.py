@@ -135,16 +135,36 @@ async def test_closing_the_stream_cancels_generation(
     await asyncio.wait_for(neuron.cancelled.wait(), timeout=5)
 
 
-async def test_stream_cut_off_without_done_is_interrupted() -> None:
+async def test_complete_stream_without_done_ends_normally() -> None:
+    """A whole HTTP response that lacks [DONE] is still the whole answer (issue 2)."""
+
     async def truncated(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(sse({"id": "x", "choices": []}))
-        await response.write_eof()  # no [DONE]
+        await response.write_eof()  # no [DONE], but the response is complete
         return response
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", truncated)
+    async with serving(app) as base:
+        client = RemoteNeuron("cut", base)
+        seen = await collect(client.chat(CHAT))
+        await client.close()
+    assert seen == [{"id": "x", "choices": []}]
+
+
+async def test_connection_dropped_mid_stream_is_interrupted() -> None:
+    async def dropped(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(sse({"id": "x", "choices": []}))
+        assert request.transport is not None
+        request.transport.close()  # chunked body never terminated: a node that died
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", dropped)
     async with serving(app) as base:
         client = RemoteNeuron("cut", base)
         seen: list[dict] = []
@@ -155,6 +175,24 @@ async def test_stream_cut_off_without_done_is_interrupted() -> None:
     assert seen == [{"id": "x", "choices": []}]
     err = info.value
     assert (err.status, err.type, err.code) == (502, "upstream_error", "stream_interrupted")
+
+
+async def test_undecodable_event_is_malformed_not_a_dead_node() -> None:
+    async def garbage(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(sse("not json"))
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", garbage)
+    async with serving(app) as base:
+        client = RemoteNeuron("odd", base)
+        with pytest.raises(NeuronError) as info:
+            await collect(client.chat(CHAT))
+        await client.close()
+    assert (info.value.status, info.value.code) == (502, "stream_malformed")
 
 
 async def test_unreachable_neuron_is_a_502() -> None:
