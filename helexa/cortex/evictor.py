@@ -44,7 +44,7 @@ class ModelView:
     """One model on one node: ``id`` is the catalogue's canonical name."""
 
     id: str
-    status: str  # loaded | loading | unloaded | failed
+    status: str  # loaded | loading | unloaded | failed | evicting (being unloaded)
     devices: tuple[int, ...] = ()
     vram_mb: int = 0
     in_flight: int = 0

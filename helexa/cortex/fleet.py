@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +94,14 @@ class NoCapacity(FleetError):
     status = 503
     code = "no_capacity"
     type = "overloaded_error"
+
+
+class ModelBusy(FleetError):
+    """An unload refused because the model is serving requests (never unloaded under one)."""
+
+    status = 409
+    code = "model_busy"
+    type = "invalid_request_error"
 
 
 class LoadFailed(FleetError):
@@ -206,6 +215,9 @@ class Fleet:
         self._reserved: dict[str, list[_Reservation]] = {}
         # Waiters of a finished load not yet holding their lease: in-flight for eviction.
         self._arriving: dict[tuple[str, str], int] = {}
+        # (node, model) being unloaded, or chosen to be: shown as "evicting", never routed
+        # to; the event is set when that unload is over (done, failed or called off).
+        self._evicting: dict[tuple[str, str], asyncio.Event] = {}
 
     @classmethod
     def from_settings(
@@ -280,9 +292,12 @@ class Fleet:
             vram = state.vram_used_mb or (
                 self.catalogue.requirements(model).vram_mb if state.status == "loaded" else 0
             )
+            status = state.status
+            if status == "loaded" and (node.name, model) in self._evicting:
+                status = "evicting"  # placement neither routes to it nor picks it again
             models[model] = ModelView(
                 model,
-                state.status,
+                status,
                 tuple(state.devices),
                 vram,
                 use.in_flight + self._arriving.get((node.name, model), 0),
@@ -370,12 +385,17 @@ class Fleet:
         while True:
             placement = place(model_id, self.views(), self.catalogue, self.strategy, exclude)
             if placement is None:
+                if await self._wait_for_eviction(model_id):
+                    continue  # it is unloaded now: its room may be free to load it again
                 break
             node = self.nodes[placement.node]
             if placement.loaded:  # a poll saw it loaded meanwhile
                 return node
             try:
                 await self._load_on(node, model_id, placement)
+            except ModelBusy:  # a victim took a request after all: plan again around it
+                await self.refresh_node(node)
+                continue
             except NeuronError as exc:
                 if not self.node_failed(node, exc):
                     refused = (node.name, exc)
@@ -391,10 +411,26 @@ class Fleet:
             raise LoadFailed.from_neuron(model_id, refused[0], refused[1])
         raise NoCapacity(f"no up node has room for {model_id!r}, even after eviction")
 
+    async def _wait_for_eviction(self, model_id: str) -> bool:
+        """Wait for an unload of ``model_id`` in progress anywhere; whether there was one.
+
+        A request for a model being evicted cannot use it, but once it is gone its room may
+        take it again (an idle unload), so the request waits rather than failing at once.
+        """
+        pending = [(n, event) for (n, m), event in self._evicting.items() if m == model_id]
+        if not pending:
+            return False
+        name, event = pending[0]
+        await event.wait()
+        await self.refresh_node(self.nodes[name])  # the memory it freed, for placement
+        return True
+
     async def _load_on(self, node: NodeState, model_id: str, placement: Placement) -> None:
         need = self.catalogue.requirements(model_id)
         reservation = _Reservation(model_id, placement.devices, need.vram_mb)
         self._reserved.setdefault(node.name, []).append(reservation)
+        # Before the first await: no request may lease a victim while an earlier one unloads.
+        held = self._hold_for_eviction(node.name, placement.evict)
         try:
             for victim in placement.evict:
                 await self._unload_on(node, victim, reason="capacity")
@@ -405,6 +441,7 @@ class Fleet:
             self._usage(node.name, model_id).last_used = time.monotonic()
             await self.refresh_node(node)  # fresh free memory before the reservation goes
         finally:
+            self._end_eviction(node.name, held)
             self._reserved[node.name].remove(reservation)
 
     async def _timed_load(self, node: NodeState, model_id: str, placement: Placement) -> ModelState:
@@ -428,17 +465,54 @@ class Fleet:
             self.metrics.model_load(model_id, node.name, "ok", time.monotonic() - started)
         return state
 
+    def _busy(self, node: str, model_id: str) -> int:
+        """Requests using ``model_id`` on ``node``, leased or about to be (load waiters)."""
+        key = (node, model_id)
+        return self.use.get(key, ModelUse()).in_flight + self._arriving.get(key, 0)
+
+    def evicting(self, node: str, model_id: str) -> bool:
+        """Whether ``model_id`` on ``node`` is being (or about to be) unloaded."""
+        return (node, model_id) in self._evicting
+
+    def _hold_for_eviction(self, node: str, models: Iterable[str]) -> list[str]:
+        """Mark ``models`` evicting now, before any await, so that while the first of them
+        unloads no request leases the next; returns the ones this call marked."""
+        held = [m for m in dict.fromkeys(models) if (node, m) not in self._evicting]
+        for model_id in held:
+            self._evicting[(node, model_id)] = asyncio.Event()
+        return held
+
+    def _end_eviction(self, node: str, models: Iterable[str]) -> None:
+        """Unmark ``models`` (unloaded, failed or spared) and wake requests waiting on them."""
+        for model_id in models:
+            event = self._evicting.pop((node, model_id), None)
+            if event is not None:
+                event.set()
+
     async def _unload_on(self, node: NodeState, model_id: str, *, reason: str | None) -> None:
-        """Unload a canonical id from ``node``; ``reason`` records an eviction."""
+        """Unload a canonical id from ``node``; ``reason`` records an eviction.
+
+        The one place models are unloaded, so the rule lives here: a model with a request
+        in flight is never unloaded (:class:`ModelBusy`), and one being unloaded is marked
+        evicting for the duration, so nothing is routed to it meanwhile.
+        """
         states = [s for s in node.models.values() if self.catalogue.canonical(s.id) == model_id]
         if not states:
+            self._end_eviction(node.name, [model_id])
             return
+        busy = self._busy(node.name, model_id)
+        if busy:
+            self._end_eviction(node.name, [model_id])
+            raise ModelBusy(f"{model_id!r} on {node.name!r} is serving {busy} request(s)")
+        self._hold_for_eviction(node.name, [model_id])
         try:
             for state in states:
                 await node.neuron.unload(state.id)
         except Exception as exc:
             self.node_failed(node, exc)
             raise
+        finally:
+            self._end_eviction(node.name, [model_id])
         for state in states:
             node.models[state.id] = state.model_copy(
                 update={"status": "unloaded", "devices": [], "vram_used_mb": 0}
@@ -511,14 +585,7 @@ class Fleet:
             view = self.view(target).model(model_id)
             if view is None or view.status != "loaded":
                 continue
-            if view.in_flight:
-                raise FleetError(
-                    f"{model_id!r} on {target.name!r} is serving {view.in_flight} request(s)",
-                    status=409,
-                    code="model_busy",
-                    type="invalid_request_error",
-                )
-            await self._unload_on(target, model_id, reason=None)
+            await self._unload_on(target, model_id, reason=None)  # ModelBusy while in use
             done.append(target.name)
             await self.refresh_node(target)
         if not done:
@@ -553,13 +620,22 @@ class Fleet:
         done = []
         for target in [n for n in self.nodes.values() if n.up]:
             victims = idle_victims(self.view(target), ttl_s, self.catalogue, now)
-            for model_id in victims:
-                try:
-                    await self._unload_on(target, model_id, reason="idle")
-                except Exception as exc:
-                    log.warning("idle unload of %s on %s failed: %s", model_id, target.name, exc)
-                    break
-                done.append((target.name, model_id))
+            # All of them before the first await: none is leased while another unloads.
+            held = self._hold_for_eviction(target.name, victims)
+            try:
+                for model_id in victims:
+                    try:
+                        await self._unload_on(target, model_id, reason="idle")
+                    except ModelBusy:
+                        continue  # it took a request after all: not idle any more
+                    except Exception as exc:
+                        log.warning(
+                            "idle unload of %s on %s failed: %s", model_id, target.name, exc
+                        )
+                        break
+                    done.append((target.name, model_id))
+            finally:
+                self._end_eviction(target.name, held)
             if victims:
                 await self.refresh_node(target)
         return done

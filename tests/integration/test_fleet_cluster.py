@@ -21,7 +21,14 @@ from aiohttp import web
 from helexa.config import ModelProfile, Settings
 from helexa.cortex.catalogue import Catalogue
 from helexa.cortex.evictor import Evictor
-from helexa.cortex.fleet import Fleet, FleetError, LoadFailed, ModelNotFound, NoCapacity
+from helexa.cortex.fleet import (
+    Fleet,
+    FleetError,
+    LoadFailed,
+    ModelBusy,
+    ModelNotFound,
+    NoCapacity,
+)
 from helexa.cortex.metrics import GatewayMetrics
 from helexa.cortex.poller import Poller
 from helexa.neuron.interface import (
@@ -49,6 +56,8 @@ class BudgetNeuron:
         self.unloads: list[str] = []
         self.load_started = asyncio.Event()
         self.release_loads: asyncio.Event | None = None  # set: loads wait for it
+        self.unload_started = asyncio.Event()
+        self.release_unloads: asyncio.Event | None = None  # set: unloads wait for it
 
     @property
     def free_mb(self) -> int:
@@ -93,6 +102,9 @@ class BudgetNeuron:
         return self._state(model)
 
     async def unload(self, model_id: str) -> None:
+        self.unload_started.set()
+        if self.release_unloads is not None:
+            await self.release_unloads.wait()
         self.unloads.append(model_id)
         self.loaded.pop(model_id, None)
 
@@ -290,6 +302,68 @@ async def test_a_model_in_use_is_never_evicted(cluster: Any) -> None:
     async with await fleet.acquire("m1"), await fleet.acquire("m3"):
         with pytest.raises(NoCapacity):  # both residents busy: no room without breaking one
             await fleet.acquire("m2")
+
+
+def statuses(fleet: Fleet, node: str) -> dict[str, str]:
+    return {m["id"]: m["status"] for m in fleet.snapshot()["models"] if m["node"] == node}
+
+
+async def test_a_capacity_victim_is_not_leased_while_an_earlier_one_unloads(
+    cluster: Any,
+) -> None:
+    """big needs m1 and m2 gone; while m1 unloads, m2 is already off limits (audit, issue 4)."""
+    fleet, nodes = await cluster(a=24000)
+    neuron = nodes["a"].neuron
+    await use(fleet, "m1")
+    await use(fleet, "m2")  # 4000 free: big (16000) needs both evicted
+    neuron.release_unloads = asyncio.Event()
+    big = asyncio.create_task(fleet.acquire("big"))
+    async with asyncio.timeout(10):
+        await neuron.unload_started.wait()  # m1 is unloading now
+    assert statuses(fleet, "a")["m1"] == statuses(fleet, "a")["m2"] == "evicting"
+    m2 = asyncio.create_task(fleet.acquire("m2"))  # must not get a lease on m2 at a
+    neuron.release_unloads.set()
+    async with asyncio.timeout(10):
+        lease = await big
+        with pytest.raises(NoCapacity):  # m2's room went to big; nothing else can go
+            await m2
+    assert neuron.unloads == ["m1", "m2"] and set(neuron.loaded) == {"big"}
+    assert (lease.node.name, lease.model) == ("a", "big")
+    lease.release()
+    assert "evicting" not in statuses(fleet, "a").values()
+
+
+async def test_an_idle_victim_is_not_leased_while_another_unloads(cluster: Any) -> None:
+    """A request for a model the idle round is unloading waits, then loads it again."""
+    fleet, nodes = await cluster(a=24000)
+    neuron = nodes["a"].neuron
+    await use(fleet, "m1")
+    await use(fleet, "m2")
+    neuron.release_unloads = asyncio.Event()
+    now = fleet.use[("a", "m2")].last_used + 120
+    idle = asyncio.create_task(fleet.evict_idle(60, now))
+    async with asyncio.timeout(10):
+        await neuron.unload_started.wait()  # m1 (least recently used) is unloading now
+    assert statuses(fleet, "a")["m2"] == "evicting"
+    m2 = asyncio.create_task(fleet.acquire("m2"))
+    neuron.release_unloads.set()
+    async with asyncio.timeout(10):
+        assert await idle == [("a", "m1"), ("a", "m2")]
+        lease = await m2
+    assert lease.cold and neuron.loads == ["m1", "m2", "m2"]  # unloaded, then loaded again
+    assert neuron.loaded == {"m2": 10000}  # not unloaded under the lease
+    lease.release()
+
+
+async def test_unload_refuses_a_model_in_use_whatever_the_path(cluster: Any) -> None:
+    fleet, nodes = await cluster(a=24000)
+    await use(fleet, "m1")
+    async with await fleet.acquire("m1"):
+        assert await fleet.evict_idle(60, fleet.use[("a", "m1")].last_used + 120) == []
+        assert await fleet.evict("m1") == []
+        with pytest.raises(ModelBusy):
+            await fleet.unload("m1")
+    assert nodes["a"].neuron.unloads == []
 
 
 async def test_refusal_on_one_node_tries_the_next(cluster: Any) -> None:
