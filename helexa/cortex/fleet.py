@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# NeuronError codes that mean "the node did not answer", not "the node refused".
-UNREACHABLE_CODES = frozenset({"neuron_unreachable"})
+# NeuronError codes that mean "the node did not answer" (or stopped answering mid-stream),
+# not "the node refused": evidence the node is down until the poller hears from it again.
+UNREACHABLE_CODES = frozenset({"neuron_unreachable", "stream_interrupted"})
 
 
 class FleetError(Exception):
@@ -177,8 +178,14 @@ class Lease:
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if exc is not None:
-            self._fleet.node_failed(self.node, exc)
+            self.failed(exc)
         self.release()
+
+    def failed(self, exc: BaseException) -> bool:
+        """Report a failure of the request (one the caller handled itself, such as a stream
+        broken after its headers went out): marks the node down when it says the node is
+        gone. Returns whether it did."""
+        return self._fleet.node_failed(self.node, exc)
 
 
 @dataclass
@@ -194,6 +201,14 @@ class _Reservation:
     model: str
     devices: tuple[int, ...]
     vram_mb: int
+
+
+def _shown_status(node: NodeState, status: str) -> str:
+    """A model's status as the fleet table shows it: on a down node, what it last said is
+    loaded cannot be served, so it reads ``down`` (unloaded and failed stay as they are)."""
+    if not node.up and status in ("loaded", "loading", "evicting"):
+        return "down"
+    return status
 
 
 class Fleet:
@@ -453,7 +468,7 @@ class Fleet:
             devices=list(placement.devices) if placement.evict else None,
             context_length=profile.context_length if profile else None,
         )
-        log.info("loading %s on %s", model_id, node.name)
+        log.info("loading %s on node %s", model_id, node.name)
         started = time.monotonic()
         try:
             state = await node.neuron.load(request)
@@ -607,13 +622,30 @@ class Fleet:
             await self.refresh_node(target)
         return done
 
-    def pin(self, model: str, node: str) -> None:
-        self._node(node)
-        self.catalogue.pin(model, node)
+    def pin(self, model: str, node: str) -> str:
+        """Never evict ``model`` from ``node`` (until unpinned); returns the canonical id.
 
-    def unpin(self, model: str, node: str) -> None:
+        The model must be one the fleet knows (the catalogue's, or listed by some node, down
+        ones included: a pin may be set for when a node comes back).
+        """
         self._node(node)
-        self.catalogue.unpin(model, node)
+        model_id = self.catalogue.canonical(model)
+        listed = any(
+            self.catalogue.canonical(s.id) == model_id
+            for n in self.nodes.values()
+            for s in n.models.values()
+        )
+        if model_id not in self.catalogue and not listed:
+            raise ModelNotFound(f"model {model!r} is not served by any node")
+        self.catalogue.pin(model_id, node)
+        return model_id
+
+    def unpin(self, model: str, node: str) -> str:
+        """Lift a pin (run-time or models.toml); any name, so a stale pin can always go."""
+        self._node(node)
+        model_id = self.catalogue.canonical(model)
+        self.catalogue.unpin(model_id, node)
+        return model_id
 
     async def evict_idle(self, ttl_s: float, now: float) -> list[tuple[str, str]]:
         """Unload models idle for ``ttl_s`` (the Evictor's round); returns (node, model)."""
@@ -686,7 +718,7 @@ class Fleet:
                         "id": m.id,
                         "served_as": state.id if state else self.catalogue.qualified_id(m.id),
                         "node": node.name,
-                        "status": m.status,
+                        "status": _shown_status(node, m.status),
                         "devices": list(m.devices),
                         "vram_used_mb": state.vram_used_mb if state else 0,
                         "progress": state.progress if state else None,

@@ -441,6 +441,15 @@ async def test_poller_marks_a_dead_node_down_and_it_rejoins(cluster: Any) -> Non
     assert await use(fleet, "big") == "a"  # a is back and the roomiest
 
 
+async def test_a_down_nodes_models_do_not_show_as_loaded(cluster: Any) -> None:
+    fleet, nodes = await cluster(a=24000)
+    await use(fleet, "m1")
+    await nodes["a"].kill()
+    await fleet.refresh()
+    assert statuses(fleet, "a")["m1"] == "down"  # what it said last is not servable now
+    assert statuses(fleet, "a")["m2"] == "unloaded"
+
+
 async def test_poller_task_starts_and_stops(cluster: Any) -> None:
     fleet, nodes = await cluster(a=24000)
     nodes["a"].neuron.loaded["m1"] = 10000  # loaded behind the gateway's back
