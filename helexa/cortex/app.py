@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from helexa.config import Settings
 from helexa.cortex.auth import KeyPolicy
-from helexa.cortex.fleet import Fleet, FleetError, Lease
+from helexa.cortex.fleet import Fleet, FleetError, Lease, ModelNotFound, NoCapacity
 from helexa.neuron.interface import ModelState, NeuronError
 from helexa.wire.anthropic import parse_count_tokens_request, parse_messages_request
 from helexa.wire.errors import (
@@ -43,8 +43,10 @@ from helexa.wire.errors import (
 from helexa.wire.openai import Model, ModelList, parse_chat_request, parse_completion_request
 from helexa.wire.responses import ResponsesRequest, parse_responses_request
 from helexa.wire.streams import (
+    PING,
     SSE_DONE,
     AnthropicStreamTranslator,
+    Event,
     ResponsesStreamTranslator,
     sse,
     sse_events,
@@ -124,7 +126,9 @@ class RequestObserver:
     reports through :func:`relay` in one order: ``routed`` (lease taken), ``chunk`` for
     every upstream chunk (the first is time-to-first-token; the last carries usage, even
     when the client did not ask to see it), then exactly one of ``finished`` or ``failed``.
-    A failure before routing (bad body, unknown model) reports ``failed`` alone.
+    A failure before routing (bad body, unknown model) reports ``failed`` alone. A request
+    whose node fails before its first chunk is rerouted: ``routed`` comes again, with the
+    new lease, before any ``chunk``.
     """
 
     def routed(self, lease: Lease) -> None:
@@ -217,18 +221,42 @@ class OpenAIStream:
 
 
 class AnthropicStream:
+    """Anthropic Messages events, framed as Anthropic sends them: a ``ping`` right after
+    ``message_start``, and on a failure the open content block closed before ``error``,
+    so a client that tracks blocks sees every one it was shown end."""
+
     def __init__(self, model: str) -> None:
         self.translator = AnthropicStreamTranslator(model)
+        self._block_open = False
+
+    def _frame(self, events: list[Event]) -> bytes:
+        out: list[Event] = []
+        for event in events:
+            out.append(event)
+            if event[0] == "message_start":
+                out.append(PING)
+            elif event[0] == "content_block_start":
+                self._block_open = True
+            elif event[0] == "content_block_stop":
+                self._block_open = False
+        return sse_events(out)
 
     def feed(self, chunk: dict[str, Any]) -> bytes:
-        return sse_events(self.translator.feed(chunk))
+        return self._frame(self.translator.feed(chunk))
 
     def finish(self) -> bytes:
-        return sse_events(self.translator.finish())
+        return self._frame(self.translator.finish())
 
     def fail(self, failure: Failure) -> bytes:
         kind = anthropic_error_type(failure.status)
-        return sse_events(self.translator.error(failure.message, kind))
+        # A choice with a finish reason is the translator's public way to close the open
+        # block (and only that: message_delta waits for finish(), which never comes).
+        closing = self.translator.feed(_END_BLOCK) if self._block_open else []
+        return self._frame(closing + self.translator.error(failure.message, kind))
+
+
+# Fed to a translator to close its open content block before an error event.
+_END_BLOCK: dict[str, Any] = {"choices": [{"index": 0, "delta": {}, "finish_reason": "error"}]}
 
 
 class ResponsesStream:
@@ -281,7 +309,12 @@ async def _next(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 async def relay(request: web.Request, job: Job) -> web.StreamResponse:
-    """Route ``job`` to a neuron and answer it; the one path every generation takes."""
+    """Route ``job`` to a neuron and answer it; the one path every generation takes.
+
+    When the node fails before its first chunk (refused connection, dropped stream) nothing
+    has reached the client yet, so the node is marked down and the request is routed once
+    more, to another node; after the first chunk a failure can only ride the stream.
+    """
     observer = request.app[OBSERVE](job.api, job.model)
     fleet = request.app[FLEET]
     streams = request.app[STREAMS]
@@ -289,29 +322,57 @@ async def relay(request: web.Request, job: Job) -> web.StreamResponse:
     assert task is not None  # aiohttp runs every handler in a task
     streams.add(task)  # so a stopping gateway can cancel it
     try:
-        try:
-            lease = await fleet.acquire(job.model)
-        except BaseException as exc:
-            observer.failed(_failure(exc))
-            raise
-        # Leaving the lease releases it, and tells the fleet when the node was unreachable.
-        async with lease:
-            try:
-                observer.routed(lease)
-                # The catalogue's sampling defaults go under whatever the client sent.
-                upstream = fleet.catalogue.apply_sampling(
-                    lease.model or job.model, {**job.upstream, "model": lease.model_id}
-                )
-                generate = lease.neuron.chat if job.kind == "chat" else lease.neuron.complete
-                async with aclosing(generate(upstream)) as chunks:
-                    if job.stream is None:
-                        return await _fold(chunks, job, observer)
-                    return await _stream(request, chunks, job.stream, observer)
-            except BaseException as exc:
-                observer.failed(_failure(exc))
-                raise
+        gone: BaseException | None = None  # the first node's failure, when rerouting
+        while True:
+            lease = await _acquire(fleet, job, observer, gone)
+            # Leaving the lease releases it, and tells the fleet when the node was unreachable.
+            async with lease:
+                try:
+                    observer.routed(lease)
+                    # The catalogue's sampling defaults go under whatever the client sent.
+                    upstream = fleet.catalogue.apply_sampling(
+                        lease.model or job.model, {**job.upstream, "model": lease.model_id}
+                    )
+                    generate = lease.neuron.chat if job.kind == "chat" else lease.neuron.complete
+                    async with aclosing(generate(upstream)) as chunks:
+                        try:
+                            first = await _next(chunks)
+                        except Exception as exc:
+                            if gone is None and lease.failed(exc):
+                                log.warning(
+                                    "node %s failed before answering (%s); rerouting %s",
+                                    lease.node.name,
+                                    exc,
+                                    job.model,
+                                )
+                                gone = exc
+                                continue
+                            raise
+                        if job.stream is None:
+                            return await _fold(first, chunks, job, observer)
+                        return await _stream(request, first, chunks, job.stream, observer, lease)
+                except BaseException as exc:
+                    observer.failed(_failure(exc))
+                    raise
     finally:
         streams.discard(task)
+
+
+async def _acquire(
+    fleet: Fleet, job: Job, observer: RequestObserver, gone: BaseException | None
+) -> Lease:
+    """A lease for ``job``; when rerouting and no other node can take it, the first node's
+    failure is the reason the request fails (not "no capacity" or "not found")."""
+    try:
+        return await fleet.acquire(job.model)
+    except BaseException as exc:
+        failure: BaseException = exc
+        if gone is not None and isinstance(exc, ModelNotFound | NoCapacity):
+            failure = gone
+        observer.failed(_failure(failure))
+        if failure is exc:
+            raise
+        raise failure from exc
 
 
 def _failure(exc: BaseException) -> Failure:
@@ -320,18 +381,32 @@ def _failure(exc: BaseException) -> Failure:
     return Failure.of(exc)
 
 
+async def _rest(
+    first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]
+) -> AsyncIterator[dict[str, Any]]:
+    """The whole stream again, its first chunk already taken."""
+    if first is None:
+        return
+    yield first
+    async for chunk in chunks:
+        yield chunk
+
+
 async def _fold(
-    chunks: AsyncIterator[dict[str, Any]], job: Job, observer: RequestObserver
+    first: dict[str, Any] | None,
+    chunks: AsyncIterator[dict[str, Any]],
+    job: Job,
+    observer: RequestObserver,
 ) -> web.Response:
     if job.kind == "chat":
         acc = ChatAccumulator()
-        async for chunk in chunks:
+        async for chunk in _rest(first, chunks):
             observer.chunk(chunk)
             acc.add(chunk)
         completion = acc.result()
     else:
         collected = []
-        async for chunk in chunks:
+        async for chunk in _rest(first, chunks):
             observer.chunk(chunk)
             collected.append(chunk)
         completion = accumulate_completion(collected)
@@ -341,13 +416,14 @@ async def _fold(
 
 async def _stream(
     request: web.Request,
+    first: dict[str, Any] | None,
     chunks: AsyncIterator[dict[str, Any]],
     fmt: StreamFormat,
     observer: RequestObserver,
+    lease: Lease,
 ) -> web.StreamResponse:
-    # Wait for the first chunk before sending headers: a neuron that refuses the request
-    # outright (context too long, model gone) is then a proper HTTP error status.
-    first = await _next(chunks)
+    """Write the stream; ``first`` was awaited before the headers, so a neuron that refuses
+    the request outright (context too long, model gone) is a proper HTTP error status."""
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
@@ -365,6 +441,7 @@ async def _stream(
         observer.failed(_failure(exc))
         return response  # the caller's aclosing stops the neuron
     except Exception as exc:  # headers are sent: the failure has to ride the stream
+        lease.failed(exc)  # a dropped stream is a node gone: the next request reroutes
         failure = Failure.of(exc)
         tail = fmt.fail(failure)
     try:
@@ -461,7 +538,11 @@ async def count_tokens(request: web.Request) -> web.Response:
     fleet = request.app[FLEET]
     model_id = fleet.resolve(req.model)
     upstream = anthropic_to_openai(req)
-    loaded = [(n, s) for n, s in fleet.known_models().get(model_id, []) if s.status == "loaded"]
+    loaded = [
+        (n, s)
+        for n, s in fleet.known_models().get(model_id, [])
+        if s.status == "loaded" and not fleet.evicting(n.name, model_id)
+    ]
     if loaded:
         node, state = loaded[0]  # state.id: the name this node knows the model by
         count = await node.neuron.count_tokens({**upstream, "model": state.id})

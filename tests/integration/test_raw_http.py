@@ -162,6 +162,7 @@ async def test_anthropic_stream_wire_format(gateway: Gateway, scripted: Scripted
     assert response.headers["Content-Type"].startswith("text/event-stream")
     events = SSEDecoder().feed(response.body)
     assert all(e.event == e.json()["type"] for e in events)
+    assert [e.event for e in events[:2]] == ["message_start", "ping"]  # as Anthropic sends
     assert events[-1].event == "message_stop"
 
 

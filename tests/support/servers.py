@@ -3,10 +3,14 @@ a gateway whose fleet reaches that neuron through :class:`RemoteNeuron` over HTT
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,6 +32,63 @@ async def serving(app: web.Application) -> AsyncIterator[str]:
         yield url
     finally:
         await runner.cleanup()
+
+
+@dataclass
+class NeuronProcess:
+    """A ``helexa neuron``-style server in a child process (see ``neuron_process.py``)."""
+
+    url: str
+    process: asyncio.subprocess.Process
+
+    def kill(self) -> None:
+        """SIGKILL: the node dies as a crashed host does, its connections cut mid-byte."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+
+
+@asynccontextmanager
+async def neuron_process(name: str, *args: str) -> AsyncIterator[NeuronProcess]:
+    """Start ``tests.support.neuron_process NAME ARGS``; yield once it is serving."""
+    root = Path(__file__).resolve().parents[2]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.support.neuron_process",
+        name,
+        *args,
+        cwd=root,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(30):
+            line = (await process.stdout.readline()).decode()
+        if "serving on " not in line:
+            raise RuntimeError(f"neuron process {name!r} did not start: {line!r}")
+        yield NeuronProcess(line.rsplit("serving on ", 1)[1].strip(), process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def neuron_app_with_chat(neuron: Neuron, chat: Handler) -> web.Application:
+    """The neuron API over ``neuron``, its chat route answered by ``chat`` instead: for
+    upstream behaviour the real server never shows (truncation, a connection dropped)."""
+
+    @web.middleware
+    async def replace_chat(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/v1/chat/completions":
+            return await chat(request)
+        return await handler(request)
+
+    app = make_neuron_app(neuron)
+    app.middlewares.append(replace_chat)
+    return app
 
 
 @dataclass
