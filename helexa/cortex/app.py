@@ -108,8 +108,15 @@ class Failure:
         return body
 
 
-def dialect_of(path: str) -> Dialect:
-    return "anthropic" if path.startswith("/v1/messages") else "openai"
+def dialect_of(request: web.BaseRequest) -> Dialect:
+    """Anthropic for its routes, and for the shared model routes when an Anthropic client
+    (``anthropic-version`` header) asks, as the model list switches shape for it."""
+    path = request.path
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    if path.startswith("/v1/models") and "anthropic-version" in request.headers:
+        return "anthropic"
+    return "openai"
 
 
 def error_response(dialect: Dialect, failure: Failure) -> web.Response:
@@ -641,6 +648,33 @@ async def admin_unload(request: web.Request) -> web.Response:
     return web.json_response({"model": req.model, "status": "unloaded", "nodes": nodes})
 
 
+class AdminPinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    node: str  # a pin is per node: "never evict it from here"
+
+
+async def _pin_body(request: web.Request) -> AdminPinRequest:
+    body = await _body(request)
+    try:
+        return AdminPinRequest.model_validate(body)
+    except ValidationError as exc:
+        raise WireError(400, validation_message(exc, body)) from None
+
+
+async def admin_pin(request: web.Request) -> web.Response:
+    req = await _pin_body(request)
+    model = request.app[FLEET].pin(req.model, req.node)
+    return web.json_response({"model": model, "node": req.node, "pinned": True})
+
+
+async def admin_unpin(request: web.Request) -> web.Response:
+    req = await _pin_body(request)
+    model = request.app[FLEET].unpin(req.model, req.node)
+    return web.json_response({"model": model, "node": req.node, "pinned": False})
+
+
 async def admin_fleet(request: web.Request) -> web.Response:
     return web.json_response(request.app[FLEET].snapshot())
 
@@ -654,14 +688,14 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except (WireError, FleetError, NeuronError) as exc:
-        return error_response(dialect_of(request.path), Failure.of(exc))
+        return error_response(dialect_of(request), Failure.of(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(dialect_of(request.path), Failure.of(exc))
+        return error_response(dialect_of(request), Failure.of(exc))
     except Exception as exc:
         log.exception("%s %s failed", request.method, request.path)
-        return error_response(dialect_of(request.path), Failure.of(exc))
+        return error_response(dialect_of(request), Failure.of(exc))
 
 
 def _auth(policy: KeyPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -670,7 +704,7 @@ def _auth(policy: KeyPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
         refusal = policy.refusal(request.path, request.headers)
         if refusal is not None:
             failure = Failure(401, refusal, "invalid_api_key", "authentication_error")
-            return error_response(dialect_of(request.path), failure)
+            return error_response(dialect_of(request), failure)
         return await handler(request)
 
     return check
@@ -704,5 +738,7 @@ def make_app(
     app.router.add_post("/v1/responses", responses)
     app.router.add_post("/admin/models/load", admin_load)
     app.router.add_post("/admin/models/unload", admin_unload)
+    app.router.add_post("/admin/models/pin", admin_pin)
+    app.router.add_post("/admin/models/unpin", admin_unpin)
     app.router.add_get("/admin/fleet", admin_fleet)
     return app

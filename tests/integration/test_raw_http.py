@@ -101,6 +101,19 @@ async def test_unknown_model_is_404_in_dialect(
     assert "'nope'" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("headers", "read"),
+    [({}, openai_error), ({"anthropic-version": "2023-06-01"}, anthropic_error)],
+)
+async def test_unknown_model_route_is_404_in_the_callers_dialect(
+    gateway: Gateway, headers: dict[str, str], read: Any
+) -> None:
+    """``/v1/models/{id}`` serves both SDKs; an Anthropic one sends ``anthropic-version``."""
+    response = await fetch("GET", f"{gateway.url}/v1/models/nope", headers=headers)
+    assert response.status == 404
+    assert read(response.json())["type"] == "not_found_error"
+
+
 async def test_unknown_route_and_method_are_json(gateway: Gateway) -> None:
     missing = await fetch("GET", f"{gateway.url}/v1/nothing")
     assert missing.status == 404
@@ -276,6 +289,59 @@ async def test_admin_errors(gateway: Gateway, body: Any, status: int) -> None:
     response = await fetch("POST", f"{gateway.url}/admin/models/load", json_body=body)
     assert response.status == status
     openai_error(response.json())
+
+
+async def test_admin_pin_and_unpin(gateway: Gateway) -> None:
+    def pinned() -> bool:
+        return gateway.fleet.catalogue.is_pinned(MODEL, "node-a")
+
+    body = {"model": MODEL, "node": "node-a"}
+    response = await fetch("POST", f"{gateway.url}/admin/models/pin", json_body=body)
+    assert response.status == 200
+    assert response.json() == {"model": MODEL, "node": "node-a", "pinned": True}
+    snapshot = (await fetch("GET", f"{gateway.url}/admin/fleet")).json()
+    assert next(m for m in snapshot["models"] if m["id"] == MODEL)["pinned"]
+    assert pinned()
+    response = await fetch("POST", f"{gateway.url}/admin/models/unpin", json_body=body)
+    assert response.json() == {"model": MODEL, "node": "node-a", "pinned": False}
+    assert not pinned()
+
+
+@pytest.mark.parametrize("route", ["pin", "unpin"])
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"model": MODEL}, 400),  # a pin is per node
+        ({"model": MODEL, "node": "node-a", "extra": 1}, 400),
+        ({"model": MODEL, "node": "elsewhere"}, 404),
+    ],
+)
+async def test_admin_pin_errors(gateway: Gateway, route: str, body: Any, status: int) -> None:
+    response = await fetch("POST", f"{gateway.url}/admin/models/{route}", json_body=body)
+    assert response.status == status
+    openai_error(response.json())
+
+
+async def test_pinning_an_unknown_model_is_404(gateway: Gateway) -> None:
+    body = {"model": "nope", "node": "node-a"}
+    response = await fetch("POST", f"{gateway.url}/admin/models/pin", json_body=body)
+    assert response.status == 404
+    assert openai_error(response.json())["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("route", ["pin", "unpin"])
+async def test_admin_pin_routes_need_the_admin_key(keyed: Gateway, route: str) -> None:
+    url, body = f"{keyed.url}/admin/models/{route}", {"model": MODEL, "node": "node-a"}
+    for key in (None, "user-key", "wrong"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        response = await fetch("POST", url, json_body=body, headers=headers)
+        assert response.status == 401
+        assert openai_error(response.json())["type"] == "authentication_error"
+    assert not keyed.fleet.catalogue.is_pinned(MODEL, "node-a")
+    admin = {"Authorization": "Bearer admin-key"}
+    response = await fetch("POST", url, json_body=body, headers=admin)
+    assert response.status == 200
+    assert keyed.fleet.catalogue.is_pinned(MODEL, "node-a") == (route == "pin")
 
 
 # -- per-request hooks ---------------------------------------------------------------------
