@@ -133,8 +133,21 @@ async def _headless(settings: Settings) -> None:
         await service.stop()
 
 
+def configure_logging() -> None:
+    """INFO to stderr for ``helexa --serve``: loads, evictions, nodes going down and back
+    up are what an operator watching a headless gateway needs. aiohttp's per-request access
+    log stays quiet (the metrics count requests; a line per request would drown the rest)."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
 def run_headless(settings: Settings) -> int:
     """``helexa --serve``: the gateway without the TUI, until SIGINT/SIGTERM."""
+    configure_logging()
     try:
         asyncio.run(_headless(settings))
     except ListenError as exc:

@@ -18,6 +18,7 @@ import hmac
 import ipaddress
 import json
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -294,6 +295,15 @@ async def serve_until_signalled(neuron: Neuron, host: str, port: int, token: str
         await neuron.close()
 
 
+def node_name(settings: Settings) -> str:
+    """What ``helexa neuron`` calls itself in logs and errors: ``local.name`` when the user
+    set one, else this host's name (the gateway's operator knows hosts, and every remote
+    node calling itself 'local' would say nothing)."""
+    if "name" in settings.local.model_fields_set:
+        return settings.local.name
+    return socket.gethostname() or settings.local.name
+
+
 def run_neuron(settings: Settings) -> int:
     """``helexa neuron``: serve this host's engine until SIGINT/SIGTERM."""
     host, port = split_listen(settings.neuron.listen)
@@ -308,7 +318,8 @@ def run_neuron(settings: Settings) -> int:
     from helexa.neuron.local import LocalNeuron
 
     try:
-        asyncio.run(serve_until_signalled(LocalNeuron(settings), host, port, token))
+        neuron = LocalNeuron(settings, name=node_name(settings))
+        asyncio.run(serve_until_signalled(neuron, host, port, token))
     except ListenError as exc:
         print(f"helexa: {exc}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -16,7 +17,7 @@ from aiohttp import web
 from helexa.config import Settings
 from helexa.neuron.interface import LoadRequest, Neuron, NeuronError
 from helexa.neuron.remote import RemoteNeuron
-from helexa.neuron.server import is_loopback, make_neuron_app, run_neuron
+from helexa.neuron.server import is_loopback, make_neuron_app, node_name, run_neuron
 from helexa.wire.streams import SSEDecoder, sse
 from tests.support.scripted_neuron import Reply, ScriptedNeuron, ToolCallScript, word_count
 from tests.support.servers import fetch, serving
@@ -307,3 +308,10 @@ def test_sse_payloads_are_json(neuron: ScriptedNeuron) -> None:
     chunk = neuron.script.chat_chunks(MODEL, "id")[1]
     [event] = SSEDecoder().feed(sse(chunk))
     assert json.loads(event.data) == chunk
+
+
+def test_neuron_names_itself_after_its_host_unless_told() -> None:
+    """A remote node called 'local' in the gateway's logs and errors says nothing."""
+    assert node_name(Settings()) == socket.gethostname()
+    assert node_name(Settings.model_validate({"local": {"name": "gpu-box"}})) == "gpu-box"
+    assert node_name(Settings.model_validate({"local": {"name": "local"}})) == "local"

@@ -19,10 +19,11 @@ from helexa.cortex.app import Failure, RequestObserver
 from helexa.cortex.auth import KeyPolicy, matches, presented_key
 from helexa.cortex.fleet import Lease
 from helexa.cortex.service import Service
+from helexa.neuron.server import make_neuron_app
 from helexa.wire.streams import SSEDecoder, SSEEvent
 from tests.conftest import COLD_MODEL, MODEL
 from tests.support.scripted_neuron import Reply, ScriptedNeuron
-from tests.support.servers import Gateway, fetch, gateway_over, gateway_settings
+from tests.support.servers import Gateway, fetch, gateway_over, gateway_settings, serving
 
 USER = [{"role": "user", "content": "hi"}]
 CHAT = {"model": MODEL, "messages": USER}
@@ -426,11 +427,20 @@ async def test_service_serves_and_stops_gracefully(scripted: ScriptedNeuron) -> 
 
 
 async def test_serve_headless_until_sigterm(tmp_path: Path) -> None:
-    """``helexa --serve`` prints where it listens, serves, and exits 0 on SIGTERM."""
+    """``helexa --serve`` prints where it listens, serves, logs fleet events at INFO to
+    stderr, and exits 0 on SIGTERM."""
+    async with serving(make_neuron_app(ScriptedNeuron("n1"))) as neuron_url:
+        config = tmp_path / "helexa.toml"
+        config.write_text(f'[[neurons]]\nname = "n1"\nendpoint = "{neuron_url}"\n')
+        await _serve_headless(tmp_path, config)
+
+
+async def _serve_headless(tmp_path: Path, config: Path) -> None:
     env = {
         **os.environ,
         "XDG_CONFIG_HOME": str(tmp_path),
         "XDG_CACHE_HOME": str(tmp_path),
+        "HELEXA_CONFIG": str(config),
         "HELEXA_GATEWAY__METRICS_LISTEN": "127.0.0.1:0",
     }
     process = await asyncio.create_subprocess_exec(
@@ -452,10 +462,13 @@ async def test_serve_headless_until_sigterm(tmp_path: Path) -> None:
         url, metrics = found[0], found[-1]  # the gateway first, its metrics port last
         assert url != metrics, line
         health = await fetch("GET", f"{url}/health")
-        assert health.json()["nodes"] == 0
+        assert health.json() == {"status": "ok", "nodes_up": 1, "nodes": 1}
         assert (await fetch("GET", f"{metrics}/metrics")).status == 200
         process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+        assert process.stderr is not None
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+        assert process.returncode == 0
+        assert re.search(r"INFO helexa\.cortex\.fleet: node n1 is up", stderr.decode())
     finally:
         if process.returncode is None:
             process.kill()
