@@ -22,6 +22,7 @@ import torch
 
 from helexa.engine.chat_template import QWEN3_TEMPLATE, render_chat
 from helexa.engine.checkpoint import Progress
+from helexa.engine.json_mode import JsonConstraint
 from helexa.engine.parsers import OutputParser
 from helexa.engine.sampling import Sampler, SamplingParams, StopMatcher
 from helexa.engine.tokenizer import Tokenizer
@@ -121,15 +122,48 @@ def forced_tool_prefix(request: dict[str, Any]) -> str:
     return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": '
 
 
-def _check_supported(request: dict[str, Any]) -> None:
-    """Refuse, rather than silently ignore, what this engine cannot do yet."""
+def json_format(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``response_format`` when it asks for JSON (json_object or json_schema), else
+    None; anything else it could say is a RequestError."""
     fmt = request.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in ("json_object", "json_schema"):
         raise RequestError(
-            f"response_format {fmt.get('type')!r} is not supported by this engine yet "
-            "(only 'text')",
+            f"response_format type {kind!r} is not one of text, json_object, json_schema",
+            code="invalid_value",
+        )
+    if kind == "json_schema" and not isinstance((fmt.get("json_schema") or {}).get("schema"), dict):
+        raise RequestError("response_format json_schema needs json_schema.schema (an object)")
+    if request.get("tools") and request.get("tool_choice") != "none":
+        raise RequestError(
+            "response_format JSON together with tools is not supported: the answer is "
+            "constrained to one JSON value, so the model could not call a tool",
             code="unsupported_parameter",
         )
+    return fmt
+
+
+def _with_schema_instruction(messages: list[Any], fmt: dict[str, Any]) -> list[Any]:
+    """A json_schema format tells the model the schema in the system prompt: decoding
+    enforces JSON syntax; what the value says is the model's to get right."""
+    spec = fmt["json_schema"]
+    note = (
+        "Answer with a single JSON value that conforms to this JSON schema"
+        + (f" ({spec['name']})" if spec.get("name") else "")
+        + f":\n{json.dumps(spec['schema'], ensure_ascii=False)}"
+    )
+    first = messages[0] if messages else None
+    if isinstance(first, dict) and first.get("role") in ("system", "developer"):
+        content = first.get("content")
+        if isinstance(content, str):
+            return [{**first, "content": f"{content}\n\n{note}"}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
+
+
+def _check_supported(request: dict[str, Any]) -> None:
+    """Refuse, rather than silently ignore, what this engine cannot do yet."""
     if request.get("logprobs") or request.get("top_logprobs"):
         raise RequestError(
             "logprobs are not supported by this engine yet", code="unsupported_parameter"
@@ -241,6 +275,9 @@ class LoadedModel:
         _check_text_only(messages)
         forced = forced_tool_prefix(request) if self._tools(request) else ""
         continuing = bool(request.get("continue_final_message"))
+        fmt = json_format(request)
+        if fmt is not None and fmt["type"] == "json_schema":
+            messages = _with_schema_instruction(messages, fmt)
         try:
             text = render_chat(
                 self.chat_template,
@@ -248,8 +285,8 @@ class LoadedModel:
                 tools=self._tools(request),
                 add_generation_prompt=request.get("add_generation_prompt", not continuing),
                 continue_final_message=continuing,
-                # A forced call starts the answer: no room for thinking before it.
-                enable_thinking=thinking_requested(request) and not forced,
+                # A forced call or a JSON answer starts at once: no room for thinking first.
+                enable_thinking=thinking_requested(request) and not forced and fmt is None,
                 bos_token=self.tokenizer.bos_token,
                 eos_token=self.tokenizer.eos_token,
             )
@@ -310,10 +347,17 @@ class LoadedModel:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def tokens(self, prompt: list[int], params: SamplingParams, cancel: Event) -> Iterator[int]:
+    def tokens(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        cancel: Event,
+        constraint: JsonConstraint | None = None,
+    ) -> Iterator[int]:
         """Sampled token ids, one forward pass each, until cancelled: callers stop it at
         EOS, a stop string or their budget, and the last token is never fed back. ``prompt``
-        must fit the KV cache with room for the tokens taken."""
+        must fit the KV cache with room for the tokens taken. A ``constraint`` (JSON mode)
+        picks among the tokens it allows and is advanced by each one taken."""
         model, device = self.model, self.model.device
         sampler = Sampler(params, model.vocab_size, device, prompt=prompt)
         known = self.tokenizer.vocab_size  # a model's vocab is often padded past the tokenizer's
@@ -332,7 +376,11 @@ class LoadedModel:
             last = logits[0, -1]
             if known < last.shape[-1]:
                 last[known:] = float("-inf")
-            token = sampler.sample(last, generated)
+            if constraint is None:
+                token = sampler.sample(last, generated)
+            else:
+                token = constraint.pick(sampler.sample, last, generated)
+                constraint.advance(token)
             generated.append(token)
             yield token
             tokens = torch.tensor([[token]], dtype=torch.long, device=device)
@@ -349,11 +397,12 @@ class LoadedModel:
         max_tokens: int,
         cancel: Event,
         outcome: _Outcome,
+        constraint: JsonConstraint | None = None,
     ) -> Iterator[str]:
         """Decoded text safe to show (whole UTF-8 characters, no partial stop string)."""
         decoder = self.tokenizer.stream_decoder()
         stops = StopMatcher(list(params.stop or []))
-        for token in self.tokens(prompt, params, cancel):
+        for token in self.tokens(prompt, params, cancel, constraint):
             outcome.completion_tokens += 1
             if token in self.eos_token_ids:
                 outcome.finish_reason = "stop"
@@ -364,6 +413,9 @@ class LoadedModel:
             if matched is not None:
                 outcome.finish_reason, outcome.stop_sequence = "stop", matched
                 return
+            if constraint is not None and constraint.closed:
+                outcome.finish_reason = "stop"  # the JSON value is complete
+                break
             if outcome.completion_tokens >= max_tokens:
                 break
         else:
@@ -385,6 +437,14 @@ class LoadedModel:
         params, max_tokens = self._params(request, len(prompt))
         tools = self._tools(request) is not None
         forced = forced_tool_prefix(request) if tools else ""
+        fmt = json_format(request)
+        constraint = None
+        if fmt is not None:
+            constraint = JsonConstraint(
+                self.tokenizer.token_bytes,
+                self.eos_token_ids,
+                object_only=fmt["type"] == "json_object",
+            )
         # One call only: asked for, or implied by naming the function to call.
         named = isinstance(request.get("tool_choice"), dict)
         single_call = tools and (request.get("parallel_tool_calls") is False or named)
@@ -400,7 +460,8 @@ class LoadedModel:
         yield chunks.chat({"role": "assistant", "content": ""})
         for delta in parser.feed(forced):  # a forced call start: held until the call closes
             yield chunks.chat(delta)
-        with closing(self._texts(prompt, params, max_tokens, cancel, outcome)) as texts:
+        texts_of = self._texts(prompt, params, max_tokens, cancel, outcome, constraint)
+        with closing(texts_of) as texts:
             for text in texts:
                 for delta in parser.feed(text):
                     yield chunks.chat(delta)

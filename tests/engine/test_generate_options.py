@@ -143,14 +143,7 @@ def test_a_clamped_budget_stops_at_the_context(tokenizer: Tokenizer) -> None:
 
 
 @pytest.mark.parametrize(
-    "body",
-    [
-        {"response_format": {"type": "json_object"}},
-        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-        {"logprobs": True},
-        {"top_logprobs": 3},
-    ],
-    ids=["json_object", "json_schema", "logprobs", "top_logprobs"],
+    "body", [{"logprobs": True}, {"top_logprobs": 3}], ids=["logprobs", "top_logprobs"]
 )
 def test_unsupported_options_are_refused_not_ignored(tokenizer: Tokenizer, body: dict) -> None:
     model = scripted(tokenizer, "x")
@@ -163,3 +156,57 @@ def test_unsupported_options_are_refused_not_ignored(tokenizer: Tokenizer, body:
 def test_neutral_values_of_those_options_are_accepted(tokenizer: Tokenizer) -> None:
     chunks = chat(scripted(tokenizer, "ok"), response_format={"type": "text"}, logprobs=False)
     assert joined(chunks, "content") == "ok"
+
+
+# -- JSON mode ------------------------------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+def test_json_mode_ends_with_the_value(tokenizer: Tokenizer) -> None:
+    model = scripted(tokenizer, '{"city": "Oslo", "n": [1, 2.5e3]} and some chatter after it')
+    chunks = chat(model, response_format={"type": "json_object"})
+    assert json.loads(joined(chunks, "content")) == {"city": "Oslo", "n": [1, 2500.0]}
+    assert finish(chunks)["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] < len(model.model.script)
+
+
+def test_json_schema_is_given_to_the_model_and_thinking_is_off(tokenizer: Tokenizer) -> None:
+    model = scripted(tokenizer, "x")
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": SCHEMA}}
+    prompt = model.render(
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "hi"},
+            ],
+            "response_format": fmt,
+        }
+    )
+    system = prompt.split("<|im_end|>")[0]
+    assert system.startswith("<|im_start|>system\nBe brief.\n\nAnswer with a single JSON value")
+    assert json.dumps(SCHEMA) in system and "(place)" in system
+    assert prompt.endswith("<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"response_format": {"type": "xml"}}, "invalid_value"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "invalid_request",
+        ),
+        (
+            {"response_format": {"type": "json_object"}, "tools": [WEATHER_TOOL]},
+            "unsupported_parameter",
+        ),
+    ],
+    ids=["unknown type", "no schema", "with tools"],
+)
+def test_json_mode_refusals(tokenizer: Tokenizer, body: dict, code: str) -> None:
+    model = scripted(tokenizer, "x")
+    with pytest.raises(RequestError) as err:
+        chat(model, **body)
+    assert err.value.code == code
+    assert model.model.calls == []

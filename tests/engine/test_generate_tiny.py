@@ -16,6 +16,7 @@ from transformers import Qwen3ForCausalLM
 from helexa.engine.chat_template import QWEN3_TEMPLATE
 from helexa.engine.errors import UnsupportedArchitecture
 from helexa.engine.generate import DEFAULT_CONTEXT, LoadedModel, generation_defaults
+from helexa.engine.json_mode import JsonPrefix
 from helexa.engine.parsers import OutputParser
 from helexa.engine.sampling import SamplingParams
 from helexa.engine.tokenizer import Tokenizer
@@ -105,6 +106,29 @@ def test_chat_stream_matches_parsing_the_greedy_text(
         got = "".join(c["choices"][0]["delta"].get(key) or "" for c in chunks if c["choices"])
         assert got == "".join(d.get(key) or "" for d in want)
     assert usage["completion_tokens"] == (eos[0] + 1 if eos else NEW_TOKENS)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_json_mode_turns_a_random_model_into_json(model_dir: Path, seed: int) -> None:
+    """Random weights say nothing in particular; under JSON mode every answer is valid
+    JSON, or a valid start of it when the budget ran out."""
+    model = LoadedModel.load(model_dir)
+    request = {
+        "messages": MESSAGES,
+        "response_format": {"type": "json_object"},
+        "temperature": 1.0,
+        "seed": seed,
+        "max_tokens": 48,
+    }
+    chunks = list(model.stream_chat(request, threading.Event()))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    (done,) = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    prefix = JsonPrefix()
+    assert text.startswith("{") and prefix.feed_bytes(text.encode()), text
+    if done["finish_reason"] == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert done["finish_reason"] == "length" and not prefix.complete
 
 
 def test_gguf_loads_and_generates_like_the_hf_directory(

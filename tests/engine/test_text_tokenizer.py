@@ -4,6 +4,7 @@ stream decoding that never splits a character."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,18 @@ def test_stream_decoder_flushes_a_truncated_character(hf_tokenizer: Tokenizer) -
     assert emitted == "ok "
     assert decoder.flush().startswith("\ufffd")
     assert decoder.flush() == ""
+
+
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+def test_token_bytes_spell_the_text(
+    hf_tokenizer: Tokenizer, gguf_fields: dict, source: str
+) -> None:
+    tok = hf_tokenizer if source == "hf" else Tokenizer.from_checkpoint(gguf_fields)
+    for text in (t for t in TEXTS if "<" not in t):  # added tokens have no byte spelling
+        ids = tok.encode(text)
+        spelled = b"".join(tok.token_bytes(i) or b"?" for i in ids)
+        assert spelled == unicodedata.normalize("NFC", text).encode()
+    for special in ("<|im_end|>", "<|im_start|>", "<think>"):
+        (token_id,) = tok.encode(special)
+        assert tok.token_bytes(token_id) is None  # added tokens are never part of JSON text
+    assert tok.token_bytes(tok.vocab_size + 10) is None
