@@ -143,9 +143,10 @@ async def test_serve_answers_out_of_the_box(tmp_path: Path) -> None:
         )
         assert reply.choices[0].message.content
         anthropic = AsyncAnthropic(base_url=url, api_key="unused")
-        message = await anthropic.messages.create(
+        async with anthropic.messages.stream(
             model=DEMO_MODEL_ID, max_tokens=100_000, messages=[{"role": "user", "content": "hello"}]
-        )  # a budget past the demo's context is a ceiling on this route, as Claude Code needs
+        ) as stream:  # a budget past the demo's context is a ceiling here, as Claude Code needs
+            message = await stream.get_final_message()
         assert message.content[0].type == "text" and message.content[0].text
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), timeout=30) == 0
