@@ -229,12 +229,10 @@ class OpenAIStream:
 
 class AnthropicStream:
     """Anthropic Messages events, framed as Anthropic sends them: a ``ping`` right after
-    ``message_start``, and on a failure the open content block closed before ``error``,
-    so a client that tracks blocks sees every one it was shown end."""
+    ``message_start``."""
 
     def __init__(self, model: str) -> None:
         self.translator = AnthropicStreamTranslator(model)
-        self._block_open = False
 
     def _frame(self, events: list[Event]) -> bytes:
         out: list[Event] = []
@@ -242,10 +240,6 @@ class AnthropicStream:
             out.append(event)
             if event[0] == "message_start":
                 out.append(PING)
-            elif event[0] == "content_block_start":
-                self._block_open = True
-            elif event[0] == "content_block_stop":
-                self._block_open = False
         return sse_events(out)
 
     def feed(self, chunk: dict[str, Any]) -> bytes:
@@ -256,14 +250,7 @@ class AnthropicStream:
 
     def fail(self, failure: Failure) -> bytes:
         kind = anthropic_error_type(failure.status)
-        # A choice with a finish reason is the translator's public way to close the open
-        # block (and only that: message_delta waits for finish(), which never comes).
-        closing = self.translator.feed(_END_BLOCK) if self._block_open else []
-        return self._frame(closing + self.translator.error(failure.message, kind))
-
-
-# Fed to a translator to close its open content block before an error event.
-_END_BLOCK: dict[str, Any] = {"choices": [{"index": 0, "delta": {}, "finish_reason": "error"}]}
+        return self._frame(self.translator.error(failure.message, kind))
 
 
 class ResponsesStream:

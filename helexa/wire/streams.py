@@ -239,9 +239,14 @@ class AnthropicStreamTranslator:
         return events
 
     def error(self, message: str, type: str = "api_error") -> list[Event]:
-        """End the stream with an error event; later feed/finish calls emit nothing."""
+        """End the stream with an error event, after closing the open content block so a
+        client that tracks blocks sees each one it was shown end; later feed/finish calls
+        emit nothing."""
+        if self._state.finished:
+            return []
+        events = self._close()
         self._state.finished = True
-        return [error_event(message, type)]
+        return events + [error_event(message, type)]
 
     def _begin(self, kind: str, block: dict[str, Any]) -> list[Event]:
         events = self._close()

@@ -407,10 +407,11 @@ def test_anthropic_empty_stream_and_idempotence() -> None:
 def test_anthropic_error_ends_the_stream() -> None:
     translator = AnthropicStreamTranslator("m")
     translator.feed(chunk({"content": "x"}))
-    [(name, payload)] = translator.error("neuron went away", "overloaded_error")
+    closed, (name, payload) = translator.error("neuron went away", "overloaded_error")
+    assert closed == ("content_block_stop", {"type": "content_block_stop", "index": 0})
     assert name == "error"
     assert TypeAdapter(at.ErrorResponse).validate_python(payload).error.type == "overloaded_error"
-    assert translator.finish() == []
+    assert translator.finish() == [] and translator.error("again") == []
 
 
 # -- Responses translator ------------------------------------------------------------------
