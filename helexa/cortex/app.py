@@ -556,11 +556,17 @@ def _status(states: list[ModelState]) -> str:
     return "unloaded"
 
 
-def _model_entry(model_id: str, served: list[tuple[Any, ModelState]]) -> Model:
+def _model_entry(fleet: Fleet, model_id: str, served: list[tuple[Any, ModelState]]) -> Model:
+    """One model as clients see it; ``context_length`` (what a loaded copy has, else what the
+    catalogue will load it with) lets agents size their requests and compaction."""
+    loaded = [s.context_length for _, s in served if s.context_length]
+    profile = fleet.catalogue.profile(model_id)
+    context = max(loaded) if loaded else profile.context_length if profile else None
     return Model(
         id=model_id,
         status=_status([s for _, s in served]),
         nodes=sorted(node.name for node, _ in served),
+        context_length=context,
     )
 
 
@@ -576,7 +582,7 @@ def _anthropic_model(model: Model) -> dict[str, Any]:
 async def list_models(request: web.Request) -> web.Response:
     """The models some up node serves, in OpenAI's list shape (Anthropic's for its SDK)."""
     known = request.app[FLEET].known_models()
-    models = [_model_entry(m, known[m]) for m in sorted(known)]
+    models = [_model_entry(request.app[FLEET], m, known[m]) for m in sorted(known)]
     if "anthropic-version" in request.headers:
         data = [_anthropic_model(m) for m in models]
         return web.json_response(
@@ -593,7 +599,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     fleet = request.app[FLEET]
     model_id = fleet.resolve(request.match_info["model"])
-    model = _model_entry(model_id, fleet.known_models()[model_id])
+    model = _model_entry(fleet, model_id, fleet.known_models()[model_id])
     if "anthropic-version" in request.headers:
         return web.json_response(_anthropic_model(model))
     return web.json_response(model.model_dump())

@@ -142,6 +142,9 @@ async def test_serve_answers_out_of_the_box(tmp_path: Path) -> None:
             model=DEMO_MODEL_ID, messages=[{"role": "user", "content": "hello"}], max_tokens=24
         )
         assert reply.choices[0].message.content
+        (listed,) = (await openai.models.list()).data
+        context = (listed.model_extra or {})["context_length"]
+        assert isinstance(context, int) and context > 0  # the loaded copy's KV cache
         anthropic = AsyncAnthropic(base_url=url, api_key="unused")
         async with anthropic.messages.stream(
             model=DEMO_MODEL_ID, max_tokens=100_000, messages=[{"role": "user", "content": "hello"}]
