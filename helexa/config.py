@@ -58,7 +58,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _check_listen(value: str) -> str:
+def check_listen(value: str) -> str:
+    """``value`` unchanged when it reads ``HOST:PORT`` (port 0-65535); ValueError otherwise,
+    so it serves as a pydantic field validator."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
@@ -77,7 +79,7 @@ class GatewaySettings(_Strict):
     admin_key: str | None = None
     request_timeout_s: float = 600.0
 
-    _listen = field_validator("listen", "metrics_listen")(_check_listen)
+    _listen = field_validator("listen", "metrics_listen")(check_listen)
 
 
 class EvictionSettings(_Strict):
@@ -111,7 +113,7 @@ class NeuronServerSettings(_Strict):
     listen: str = f"127.0.0.1:{DEFAULT_NEURON_PORT}"
     token: str | None = None
 
-    _listen = field_validator("listen")(_check_listen)
+    _listen = field_validator("listen")(check_listen)
 
 
 class SourceSettings(_Strict):
@@ -192,7 +194,8 @@ class _Catalogue(_Strict):
     models: list[ModelProfile] = Field(default_factory=list)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
+    """The parsed file, or a :class:`ConfigError` naming it (unreadable, not TOML)."""
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
@@ -202,7 +205,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), "", f"cannot read ({exc.strerror})") from None
 
 
-def _first_error(file: str, exc: ValidationError) -> ConfigError:
+def first_error(file: str, exc: ValidationError) -> ConfigError:
+    """The first of ``exc``'s errors as one :class:`ConfigError` line blamed on ``file``."""
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"])
     msg = err["msg"]
@@ -269,20 +273,20 @@ def load_settings(
 
     raw: dict[str, Any] = {}
     if explicit_cfg or cfg_file.exists():
-        raw = _read_toml(cfg_file)
+        raw = read_toml(cfg_file)
     overrides = env_overrides(environ)
     try:
         settings = Settings.model_validate(_merge(raw, overrides))
     except ValidationError as exc:
         variable = _override_of(overrides, exc.errors()[0]["loc"])
         where = variable or (str(cfg_file) if raw else "environment (HELEXA_*)")
-        raise _first_error(where, exc) from None
+        raise first_error(where, exc) from None
 
     if explicit_models or models_file.exists():
         try:
-            catalogue = _Catalogue.model_validate(_read_toml(models_file))
+            catalogue = _Catalogue.model_validate(read_toml(models_file))
         except ValidationError as exc:
-            raise _first_error(str(models_file), exc) from None
+            raise first_error(str(models_file), exc) from None
         here = models_file.parent
         settings.models = [*settings.models, *(_anchored(p, here) for p in catalogue.models)]
         settings.models_file = str(models_file)

@@ -35,10 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from helexa.config import (
     DEFAULT_GATEWAY_PORT,
     ConfigError,
-    _check_listen,
-    _first_error,
-    _read_toml,
+    check_listen,
     config_dir,
+    first_error,
+    read_toml,
     split_listen,
 )
 
@@ -180,9 +180,9 @@ def load_acp_config(
 def _from_file(file: Path, environ: Mapping[str, str]) -> AcpSettings:
     where = str(file)
     try:
-        parsed = AcpFile.model_validate(_read_toml(file))
+        parsed = AcpFile.model_validate(read_toml(file))
     except ValidationError as exc:
-        raise _first_error(where, exc) from None
+        raise first_error(where, exc) from None
     endpoints: dict[str, Endpoint] = {}
     for i, ep in enumerate(parsed.endpoints):
         if ep.name in endpoints:
@@ -211,7 +211,7 @@ class GatewayTable(BaseModel):
     def _connectable(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        _check_listen(value)
+        check_listen(value)
         if split_listen(value)[1] == 0:
             raise ValueError("port 0 is a random port; there is nothing to connect to")
         return value
@@ -253,11 +253,11 @@ def _gateway_listen(environ: Mapping[str, str]) -> tuple[str | None, str]:
         where = str(file)
         if not explicit and not file.exists():
             return None, where
-        raw = _read_toml(file)
+        raw = read_toml(file)
     try:
         return _HelexaToml.model_validate(raw).gateway.listen, where
     except ValidationError as exc:
-        raise _first_error(where, exc) from None
+        raise first_error(where, exc) from None
 
 
 def gateway_base_url(environ: Mapping[str, str]) -> str:
