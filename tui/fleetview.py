@@ -41,7 +41,7 @@ class NodeRow:
 class ModelRow:
     id: str
     node: str
-    status: str  # loaded | loading | unloaded | failed | evicting ...
+    status: str  # loaded | loading | evicting | unloaded | failed | down ...
     devices: tuple[int, ...] = ()
     progress: float | None = None  # 0..1 while loading
     vram_mb: int = 0

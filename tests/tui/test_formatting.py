@@ -41,6 +41,18 @@ def test_status_cell_shows_progress_and_pending_ops() -> None:
     assert "out of memory" in status_cell(failed).plain
 
 
+def test_every_fleet_status_has_its_own_look() -> None:
+    """The fleet's statuses, an unknown one and a pending op never share a style."""
+    statuses = ("loaded", "loading", "evicting", "unloaded", "failed", "down")
+    cells = [status_cell(ModelRow(id="m", node="n", status=s)) for s in statuses]
+    assert [c.plain for c in cells] == list(statuses)
+    unknown = status_cell(ModelRow(id="m", node="n", status="defragmenting"))
+    pending = status_cell(ModelRow(id="m", node="n", status="loaded"), "evicting")
+    styles = [str(t.style) for t in [*cells, unknown]]
+    assert len(set(styles)) == len(styles)
+    assert str(pending.style) != str(cells[statuses.index("evicting")].style)
+
+
 def test_log_line_carries_the_request_facts() -> None:
     r = RequestRecord(7, "qwen", "gpu1", "chat", started=10.0, wall_started=0.0)
     r.first_token, r.finished = 10.125, 12.125
@@ -50,6 +62,12 @@ def test_log_line_carries_the_request_facts() -> None:
         assert fact in line
     r.status, r.error = "error", "device lost"
     assert "device lost" in format_record(r).plain
+
+
+def test_log_line_keeps_the_api_and_status_columns_apart() -> None:
+    r = RequestRecord(1, "qwen", "gpu1", "completions", started=0.0, wall_started=0.0)
+    r.status = "ok"
+    assert "completions ok" in format_record(r).plain
 
 
 def test_ttft_summary() -> None:
@@ -63,5 +81,6 @@ def test_attach_form_validates_like_the_config_file() -> None:
     assert (ep.name, ep.endpoint, ep.token) == ("gpu-box:13131", "http://gpu-box:13131", None)
     assert default_name("https://user@h:1") == "h:1"
     assert endpoint_from_form("http://h:1", "big", "s3cret").token == "s3cret"
-    with pytest.raises(ValueError, match="endpoint"):
+    with pytest.raises(ValueError, match="endpoint") as refused:
         endpoint_from_form("gpu-box:13131")
+    assert "Value error" not in str(refused.value)  # pydantic's prefix, not the reason

@@ -34,7 +34,9 @@ def endpoint_from_form(url: str, name: str = "", token: str = "") -> NeuronEndpo
         )
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise ValueError(f"{err['loc'][0]}: {err['msg']}") from None
+        # pydantic prefixes a validator's own ValueError with "Value error, ": noise here
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise ValueError(f"{err['loc'][0]}: {msg}") from None
 
 
 class AttachDialog(ModalScreen[NeuronEndpoint | None]):

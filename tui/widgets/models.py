@@ -14,7 +14,9 @@ COLUMNS = ("Model", "Node", "Devices", "Status", "VRAM", "Pinned", "Last used", 
 STATUS_STYLE = {
     "loaded": "green",
     "loading": "cyan",
+    "evicting": "bold medium_purple1",  # being unloaded (evictor or operator): going away
     "failed": "bold red",
+    "down": "red",  # listed by a node that stopped answering: not servable until it returns
     "unloaded": "dim",
 }
 

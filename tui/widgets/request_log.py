@@ -17,7 +17,7 @@ def format_record(r: RequestRecord) -> Text:
     line = Text(time.strftime("%H:%M:%S ", time.localtime(r.wall_started)), style="dim")
     line.append(f"#{r.id:<4} ")
     line.append(f"{r.model}@{r.node or '-'}".ljust(40) + " ", style="bold")
-    line.append(f"{r.api:<11}", style="dim")
+    line.append(f"{r.api:<11} ", style="dim")  # "completions" fills the column: keep a gap
     line.append(f"{r.status:<9}", style=STATUS_STYLE.get(r.status, ""))
     if r.ttft_s is not None:
         line.append(f" ttft {r.ttft_s * 1000:.0f} ms")
