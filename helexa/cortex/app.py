@@ -557,8 +557,9 @@ def _status(states: list[ModelState]) -> str:
 
 
 def _model_entry(fleet: Fleet, model_id: str, served: list[tuple[Any, ModelState]]) -> Model:
-    """One model as clients see it; ``context_length`` (what a loaded copy has, else what the
-    catalogue will load it with) lets agents size their requests and compaction."""
+    """One model as clients see it: the names it also answers to (catalogue aliases), and
+    ``context_length`` (what a loaded copy has, else what the catalogue will load it with)
+    so agents can size their requests and compaction."""
     loaded = [s.context_length for _, s in served if s.context_length]
     profile = fleet.catalogue.profile(model_id)
     context = max(loaded) if loaded else profile.context_length if profile else None
@@ -566,6 +567,7 @@ def _model_entry(fleet: Fleet, model_id: str, served: list[tuple[Any, ModelState
         id=model_id,
         status=_status([s for _, s in served]),
         nodes=sorted(node.name for node, _ in served),
+        aliases=list(profile.aliases) if profile else [],
         context_length=context,
     )
 

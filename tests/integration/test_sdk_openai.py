@@ -315,6 +315,22 @@ async def test_alias_is_rewritten_for_the_neuron_and_kept_for_the_client() -> No
     assert [r["model"] for r in neuron.requests] == ["helexa:qwen3-small"] * 2
 
 
+async def test_models_list_shows_aliases_and_context_length() -> None:
+    profile = ModelProfile(id="qwen3-small", aliases=["small", "s"], context_length=8192)
+    neuron = ScriptedNeuron("node-q", models={"qwen3-small": "unloaded"})
+
+    def with_catalogue(nodes: list[Neuron]) -> Fleet:
+        return Fleet(nodes, Catalogue([profile]))
+
+    async with gateway_over(neuron, make_fleet=with_catalogue) as gw:
+        client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+        async with client:
+            (model,) = [m async for m in client.models.list()]
+    assert model.id == "qwen3-small"
+    assert (model.model_extra or {})["aliases"] == ["small", "s"]
+    assert (model.model_extra or {})["context_length"] == 8192  # the catalogue's, until loaded
+
+
 async def test_catalogue_sampling_defaults_go_under_the_clients_values() -> None:
     profile = ModelProfile(
         id=MODEL, sampling=SamplingDefaults(temperature=0.6, top_p=0.95, max_tokens=512)
