@@ -71,7 +71,10 @@ def gpu() -> ScriptedNeuron:
 
 
 async def test_main_screen_shows_the_fleet() -> None:
-    """Snapshot-style: the exported SVG carries every panel and the fleet's facts."""
+    """A live service's screen carries every panel, the fleet's facts and the real URL.
+
+    Not a snapshot: the URL's port is free and the fleet unscripted. The stored pictures,
+    compared cell for cell and colour for colour, are test_snapshots.py's."""
     async with dashboard(gpu()) as (app, pilot):
         table = app.query_one(ModelsTable)
         keys = [m["node"] + "/" + m["id"] for m in app.service.fleet.snapshot()["models"]]
