@@ -130,11 +130,16 @@ class GraphDecoder:
     On CUDA each (B, kv_len) is captured on first use (after one eager warm-up step, which
     also compiles/tunes the Triton kernels) and replayed after; elsewhere it runs
     :func:`decode_step` eagerly. Re-allocating the cache (``setup_cache``) drops the graphs.
+    ``reduce`` is decode_step's, for a tensor-parallel shard: NCCL collectives are captured
+    into the graph with the rest (the warm-up step has set the communicator up by then).
     """
 
-    def __init__(self, model: Qwen3, *, min_kv_len: int = MIN_KV_LEN) -> None:
+    def __init__(
+        self, model: Qwen3, *, min_kv_len: int = MIN_KV_LEN, reduce: Reduce | None = None
+    ) -> None:
         self.model = model
         self.min_kv_len = min_kv_len
+        self.reduce = reduce
         self._graphs: dict[tuple[int, int], _Captured] = {}
         self._inputs: dict[int, _Inputs] = {}
         self._pool: tuple[int, int] | None = None
@@ -149,7 +154,7 @@ class GraphDecoder:
         kv_len = kv_bucket(pos, model.max_seq, self.min_kv_len)
         if not self.enabled:
             input_pos = torch.tensor([pos], device=model.device)
-            return decode_step(model, tokens, input_pos, kv_len)
+            return decode_step(model, tokens, input_pos, kv_len, reduce=self.reduce)
         self._drop_stale()
         batch = tokens.shape[0]
         inputs = self._inputs.get(batch)
@@ -191,10 +196,10 @@ class GraphDecoder:
         side = torch.cuda.Stream(model.device)
         side.wait_stream(torch.cuda.current_stream(model.device))
         with torch.cuda.stream(side):
-            decode_step(model, inputs.tokens, inputs.pos, kv_len)
+            decode_step(model, inputs.tokens, inputs.pos, kv_len, reduce=self.reduce)
         torch.cuda.current_stream(model.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = decode_step(model, inputs.tokens, inputs.pos, kv_len)
+            logits = decode_step(model, inputs.tokens, inputs.pos, kv_len, reduce=self.reduce)
         self._pool = graph.pool()
         return _Captured(graph, logits)

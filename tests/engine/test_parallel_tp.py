@@ -150,3 +150,17 @@ def test_layer_split_follows_budgets() -> None:
     assert plan_layer_split(layers, [0, 80]) == [range(0, 0), range(0, 8)]
     with pytest.raises(ValueError, match="layers need 80 bytes, devices offer 70"):
         plan_layer_split(layers, [35, 35])
+
+
+def test_tp_bench_reports_parity_on_two_gloo_ranks(tmp_path: Path) -> None:
+    """bench/tp.py at CI size, so the script the GPU run depends on keeps working."""
+    import json
+
+    from bench.tp import main
+
+    gguf = write_model_gguf(tmp_path / "m.gguf", make_tiny_hf_model(seed=5), quant="Q4_K_M")
+    args = ["--gguf", str(gguf), "--world", "2", "--device", "cpu", "--steps", "6"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())["tp"]
+    assert report["top-1 agree"] == 1.0 and report["rel err"] < 1e-5
+    assert report["tok/s world 1"] > 0 and report["tok/s world 2"] > 0
