@@ -22,7 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -623,26 +623,6 @@ class AdminModelRequest(BaseModel):
     node: str | None = None
 
 
-async def _admin_body(request: web.Request) -> AdminModelRequest:
-    body = await _body(request)
-    try:
-        return AdminModelRequest.model_validate(body)
-    except ValidationError as exc:
-        raise WireError(400, validation_message(exc, body)) from None
-
-
-async def admin_load(request: web.Request) -> web.Response:
-    req = await _admin_body(request)
-    node = await request.app[FLEET].load(req.model, req.node)
-    return web.json_response({"model": req.model, "status": "loaded", "node": node})
-
-
-async def admin_unload(request: web.Request) -> web.Response:
-    req = await _admin_body(request)
-    nodes = await request.app[FLEET].unload(req.model, req.node)
-    return web.json_response({"model": req.model, "status": "unloaded", "nodes": nodes})
-
-
 class AdminPinRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -650,22 +630,37 @@ class AdminPinRequest(BaseModel):
     node: str  # a pin is per node: "never evict it from here"
 
 
-async def _pin_body(request: web.Request) -> AdminPinRequest:
+_Admin = TypeVar("_Admin", AdminModelRequest, AdminPinRequest)
+
+
+async def _admin_body(request: web.Request, shape: type[_Admin]) -> _Admin:
     body = await _body(request)
     try:
-        return AdminPinRequest.model_validate(body)
+        return shape.model_validate(body)
     except ValidationError as exc:
         raise WireError(400, validation_message(exc, body)) from None
 
 
+async def admin_load(request: web.Request) -> web.Response:
+    req = await _admin_body(request, AdminModelRequest)
+    node = await request.app[FLEET].load(req.model, req.node)
+    return web.json_response({"model": req.model, "status": "loaded", "node": node})
+
+
+async def admin_unload(request: web.Request) -> web.Response:
+    req = await _admin_body(request, AdminModelRequest)
+    nodes = await request.app[FLEET].unload(req.model, req.node)
+    return web.json_response({"model": req.model, "status": "unloaded", "nodes": nodes})
+
+
 async def admin_pin(request: web.Request) -> web.Response:
-    req = await _pin_body(request)
+    req = await _admin_body(request, AdminPinRequest)
     model = request.app[FLEET].pin(req.model, req.node)
     return web.json_response({"model": model, "node": req.node, "pinned": True})
 
 
 async def admin_unpin(request: web.Request) -> web.Response:
-    req = await _pin_body(request)
+    req = await _admin_body(request, AdminPinRequest)
     model = request.app[FLEET].unpin(req.model, req.node)
     return web.json_response({"model": model, "node": req.node, "pinned": False})
 
