@@ -67,6 +67,7 @@ from acp.schema import (
 from helexa import __version__
 from helexa.acp.config import (
     AcpSettings,
+    Endpoint,
     Selection,
     SelectorError,
     default_selection,
@@ -88,7 +89,9 @@ from helexa.acp.providers.base import (
     ToolCall,
     ToolCallComplete,
     ToolCallStart,
+    Unreachable,
     Usage,
+    race_cancel,
 )
 from helexa.acp.session import (
     SessionRecord,
@@ -175,6 +178,8 @@ class LiveSession:
     selection: Selection
     always_allowed: set[str] = field(default_factory=set)
     cancel: asyncio.Event | None = None  # set while a prompt runs
+    # The window the endpoint reported for the model, and the selection it is for.
+    learned: tuple[Selection, int] | None = None
 
     @property
     def id(self) -> str:
@@ -416,15 +421,21 @@ class HelexaAgent:
     async def _loop(self, live: LiveSession, cancel: asyncio.Event) -> StopReason:
         provider = build_provider(live.selection.endpoint, self.http())
         model = await self._model(live, provider)
+        try:
+            learned = await race_cancel(self._learn_window(live, provider), cancel)
+        except Cancelled:
+            return "cancelled"
+        endpoint = live.selection.endpoint.sized(learned)
+        if endpoint is not live.selection.endpoint:
+            provider = build_provider(endpoint, self.http())
         host = self._tools(live)
         for _ in range(self.settings.max_iterations):
-            request = self._request(live, model)
+            request = self._request(live, endpoint, model)
             reply = _Reply()
             try:
                 await self._stream(live, provider.stream(request, cancel), host, reply)
             except ProviderError as exc:
                 await self._fail_announced(live, reply.announced)
-                endpoint = live.selection.endpoint
                 raise RequestError(
                     -32603, f"{endpoint.name} ({endpoint.wire_api}): {exc}"
                 ) from None
@@ -463,12 +474,40 @@ class HelexaAgent:
         live.record.selector = live.selection.selector
         return models[0]
 
-    def _request(self, live: LiveSession, model: str) -> ProviderRequest:
-        endpoint = live.selection.endpoint
+    async def _learn_window(self, live: LiveSession, provider: HttpProvider) -> int | None:
+        """The selected model's context window as its endpoint reports it, when no window
+        is configured; None leaves the configured (or default) one.
+
+        Asked once per session and selection: a window once learned is kept until the
+        model changes. No answer yet (a cold model the gateway knows no window for, an
+        endpoint that lists none, a failed request) is asked again on the next prompt, and
+        never fails this one.
+        """
+        endpoint, model = live.selection.endpoint, live.selection.model
+        if endpoint.context_window is not None or model is None:
+            return None
+        if live.learned is not None and live.learned[0] == live.selection:
+            return live.learned[1]
+        try:
+            window = await provider.context_length(model)
+        except ProviderError as exc:
+            level = logging.WARNING if isinstance(exc, Unreachable) else logging.INFO
+            log.log(level, "session %s: no context window for %s: %s", live.id, model, exc)
+            return None
+        if window is None:
+            log.info(
+                "session %s: %s reports no context window for %s", live.id, endpoint.name, model
+            )
+            return None
+        log.info("session %s: %s has a %d-token context window", live.id, model, window)
+        live.learned = (live.selection, window)
+        return window
+
+    def _request(self, live: LiveSession, endpoint: Endpoint, model: str) -> ProviderRequest:
         # replace, not format: a user's prompt may well contain braces.
         system = (self.settings.system_prompt or SYSTEM_PROMPT).replace("{cwd}", live.record.cwd)
         overhead = (len(system) + len(json.dumps([t.parameters for t in TOOL_SPECS]))) // 4
-        budget = request_budget(endpoint.context_window, endpoint.max_tokens) - overhead
+        budget = request_budget(endpoint.window, endpoint.max_tokens) - overhead
         messages = compact(live.record.messages, budget)
         if messages is not live.record.messages:
             log.info(

@@ -9,7 +9,8 @@ base_url = "http://127.0.0.1:31313" # with or without /v1
 wire_api = "openai-chat"            # openai-chat | openai-responses | anthropic-messages
 default_model = "Qwen/Qwen3-8B-GGUF:Q4_K_M"
 api_key_env = "HELEXA_KEY"          # or api_key = "..."
-context_window = 32768              # compaction starts near this many tokens
+context_window = 32768              # compaction starts near this many tokens (default:
+                                    # the model's context_length from GET /v1/models)
 max_tokens = 2048                   # answer limit (default: context_window/4, <= 8192)
 ```
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +62,7 @@ class EndpointConfig(BaseModel):
     default_model: str | None = None  # None: the first model the endpoint lists
     api_key: str | None = None
     api_key_env: str | None = None
-    context_window: int = Field(default=DEFAULT_CONTEXT_WINDOW, ge=1024)
+    context_window: int | None = Field(default=None, ge=1024)  # None: learned, else 32768
     max_tokens: int | None = Field(default=None, ge=1)
 
     @field_validator("name")
@@ -101,19 +102,34 @@ def answer_reserve(context_window: int, max_tokens: int | None) -> int:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """An endpoint with its API key resolved, ready to build a provider from."""
+    """An endpoint with its API key resolved, ready to build a provider from.
+
+    ``context_window`` is the configured window; None means the model's own, as the
+    endpoint lists it (see :meth:`sized`), else :data:`DEFAULT_CONTEXT_WINDOW`.
+    """
 
     name: str
     base_url: str
     wire_api: WireApi
     default_model: str | None
     api_key: str | None
-    context_window: int
+    context_window: int | None
     max_tokens: int | None
 
     @property
+    def window(self) -> int:
+        return self.context_window or DEFAULT_CONTEXT_WINDOW
+
+    @property
     def answer_reserve(self) -> int:
-        return answer_reserve(self.context_window, self.max_tokens)
+        return answer_reserve(self.window, self.max_tokens)
+
+    def sized(self, learned: int | None) -> Endpoint:
+        """This endpoint with the window its server reported for the model (``learned``),
+        unless one is configured: the configured window always wins."""
+        if self.context_window is not None or learned is None:
+            return self
+        return replace(self, context_window=learned)
 
 
 @dataclass(frozen=True)

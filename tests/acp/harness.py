@@ -121,9 +121,21 @@ class Recorded:
 
 
 class Upstream:
-    def __init__(self, turns: list[Turn] | None = None, models: list[str] | None = None) -> None:
+    """``context`` gives models a ``context_length`` in the listing (as helexa's gateway
+    does); ``listing_status`` other than 200 makes ``GET /v1/models`` fail."""
+
+    def __init__(
+        self,
+        turns: list[Turn] | None = None,
+        models: list[str] | None = None,
+        context: dict[str, int | None] | None = None,
+        listing_status: int = 200,
+    ) -> None:
         self.turns = list(turns or [])
         self.models = models or ["scripted"]
+        self.context = context or {}
+        self.listing_status = listing_status
+        self.listings: list[dict[str, str]] = []  # headers of each GET /v1/models
         self.requests: list[Recorded] = []
         self.streaming = asyncio.Event()  # a blocking turn has sent its content
         self.disconnected = asyncio.Event()  # ... and its client has hung up
@@ -149,7 +161,15 @@ class Upstream:
             await self._runner.cleanup()
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": m} for m in self.models]})
+        self.listings.append(dict(request.headers))
+        if self.listing_status != 200:
+            error = {"error": {"message": "listing broke"}}
+            return web.json_response(error, status=self.listing_status)
+        data = [
+            {"id": m, **({"context_length": self.context[m]} if m in self.context else {})}
+            for m in self.models
+        ]
+        return web.json_response({"object": "list", "data": data})
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         wire_api = PATHS[request.path]

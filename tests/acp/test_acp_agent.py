@@ -24,6 +24,7 @@ from acp.schema import (
 )
 
 from helexa.acp.agent import prompt_text
+from helexa.acp.session import ELIDED, request_budget
 from tests.acp.harness import (
     WAIT_S,
     WIRE_APIS,
@@ -440,6 +441,91 @@ async def test_default_endpoint_is_the_gateway_helexa_toml_names(
             response = await prompt(conn, session.session_id, "hello")
     assert response.stop_reason == "end_turn" and len(server.requests) == 1
     assert editor.message_text() == "via helexa.toml"
+
+
+# -- the context window ---------------------------------------------------------------------
+
+
+def message_chars(req: Recorded) -> int:
+    """What the conversation itself took in an Anthropic body, in characters."""
+    total = 0
+    for message in req.body["messages"]:
+        for block in message["content"]:
+            total += len(block.get("text") or block.get("content") or json.dumps(block))
+    return total
+
+
+async def test_context_window_learned_from_the_model_listing(
+    workspace: Path, xdg: dict[str, str]
+) -> None:
+    """No context_window configured: the model's context_length in GET /v1/models (4096)
+    sizes the Anthropic answer reserve and compaction alike, asked once per selection and
+    without anthropic-version (helexa's gateway lists no context_length in that shape)."""
+    (workspace / "big.txt").write_text("x" * 12_000 + "\n")  # ~3000 tokens: over a 4096 budget
+    turns = [
+        Turn(calls=[Call("c1", "read_file", {"path": "big.txt"})]),
+        Turn(text=["Read it."]),
+        Turn(text=["Done."]),
+    ]
+    editor = Editor()
+    async with upstream(turns, context={"scripted": 4096}) as server:
+        env = {**env_for(xdg, server.url, "anthropic-messages"), "HELEXA_ACP_API_KEY": "k"}
+        async with agent_process(editor, env) as (conn, _):
+            session = await conn.new_session(cwd=str(workspace))
+            await prompt(conn, session.session_id, "read big.txt")
+            await prompt(conn, session.session_id, "and now?")
+
+    assert [r.body["max_tokens"] for r in server.requests] == [1024, 1024, 1024]
+    [listing] = server.listings
+    assert listing["x-api-key"] == "k" and "anthropic-version" not in listing
+    first_turn, later = server.requests[1], server.requests[2]
+    assert tool_results(first_turn) == {"c1": "x" * 12_000 + "\n"}  # the last turn is whole
+    assert tool_results(later) == {"c1": ELIDED}  # a 32768 window would have kept it
+    assert message_chars(later) // 4 <= request_budget(4096, None)
+
+
+async def test_a_configured_context_window_wins(workspace: Path, xdg: dict[str, str]) -> None:
+    async with upstream([Turn(text=["ok"])], context={"scripted": 4096}) as server:
+        config = Path(xdg["XDG_CONFIG_HOME"]) / "helexa" / "acp.toml"
+        config.parent.mkdir(parents=True)
+        config.write_text(
+            f"""
+[[endpoints]]
+name = "local"
+base_url = "{server.url}"
+wire_api = "anthropic-messages"
+default_model = "scripted"
+context_window = 8192
+"""
+        )
+        async with agent_process(Editor(), xdg) as (conn, _):
+            session = await conn.new_session(cwd=str(workspace))
+            await prompt(conn, session.session_id, "hi")
+    assert server.requests[0].body["max_tokens"] == 2048
+    assert server.listings == []  # nothing to learn
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [{"listing_status": 500}, {"context": {"scripted": None}}, {"models": ["another-model"]}],
+    ids=["listing-fails", "context-null", "model-unlisted"],
+)
+async def test_no_listed_window_falls_back_and_asks_again(
+    listing: dict[str, Any], workspace: Path, xdg: dict[str, str]
+) -> None:
+    """A listing that fails, a null context_length (a cold model the gateway knows no window
+    for yet) or a model it does not list: the default window, the prompt unharmed, and
+    the next prompt asks again."""
+    editor = Editor()
+    async with upstream([Turn(text=["one"]), Turn(text=["two"])], **listing) as server:
+        env = env_for(xdg, server.url, "anthropic-messages")
+        async with agent_process(editor, env) as (conn, _):
+            session = await conn.new_session(cwd=str(workspace))
+            first = await prompt(conn, session.session_id, "hi")
+            await prompt(conn, session.session_id, "hi again")
+    assert first.stop_reason == "end_turn" and editor.message_text() == "onetwo"
+    assert [r.body["max_tokens"] for r in server.requests] == [8192, 8192]
+    assert len(server.listings) == 2
 
 
 def test_prompt_text_labels_embedded_context_and_refuses_media() -> None:

@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 from acp import text_block
 
+from helexa.config import ModelProfile
+from helexa.cortex.catalogue import Catalogue
+from helexa.cortex.fleet import Fleet
 from tests.acp.harness import WAIT_S, WIRE_APIS, Editor, agent_process, env_for
 
 servers = pytest.importorskip("tests.support.servers")  # the gateway's own test harness
@@ -50,3 +53,28 @@ async def test_agent_through_the_helexa_gateway(
     assert [t["function"]["name"] for t in first["tools"]][:2] == ["read_file", "write_file"]
     [result] = [m for m in second["messages"] if m["role"] == "tool"]
     assert result["tool_call_id"] == "call_1" and result["content"] == "pineapple\n"
+
+
+def with_catalogue(nodes: list[Any]) -> Any:
+    """A fleet whose catalogue gives "scripted" a 4096-token window and an alias."""
+    profile = ModelProfile(id="scripted", aliases=["small"], context_length=4096)
+    return Fleet(nodes, Catalogue([profile]))
+
+
+async def test_the_gateway_context_length_sizes_the_answer(
+    workspace: Path, xdg: dict[str, str]
+) -> None:
+    """The gateway lists the catalogue's context_length (4096) for the model the session
+    names by an alias; an Anthropic request then reserves 1024 tokens, not 8192."""
+    neuron = scripted.ScriptedNeuron(models={"scripted": "loaded"})
+    editor = Editor()
+    async with servers.gateway_over(neuron, make_fleet=with_catalogue) as gateway:
+        env = {**env_for(xdg, gateway.url, "anthropic-messages"), "HELEXA_ACP_MODEL": "small"}
+        async with agent_process(editor, env) as (conn, _):
+            session = await conn.new_session(cwd=str(workspace))
+            response = await asyncio.wait_for(
+                conn.prompt(session_id=session.session_id, prompt=[text_block("hi")]), WAIT_S
+            )
+    assert response.stop_reason == "end_turn" and editor.message_text() == "Hello world"
+    [request] = neuron.requests
+    assert request["max_tokens"] == 1024

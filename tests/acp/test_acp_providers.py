@@ -37,6 +37,7 @@ from helexa.acp.providers.base import (
     ToolCallComplete,
     ToolCallStart,
     ToolSpec,
+    Unreachable,
     Usage,
     api_root,
 )
@@ -537,3 +538,59 @@ async def test_cancel_before_headers_stops_without_error(aiohttp_server: Any) ->
         await asyncio.wait_for(arrived.wait(), 10)
         cancel.set()
         assert await asyncio.wait_for(task, 10) == []
+
+
+async def test_context_length_from_the_listing_then_the_model_route(aiohttp_server: Any) -> None:
+    """The listing's context_length for a listed model; a name it does not list (an alias)
+    through GET /v1/models/{model}; unknown, null or nonsense is None; no server at all
+    is Unreachable, so the agent asks again on the next prompt."""
+    listing = [
+        {"id": "big", "context_length": 131072},
+        {"id": "cold", "context_length": None},
+        {"id": "odd", "context_length": True},
+        {"id": "old"},
+    ]
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    async def models(request: web.Request) -> web.Response:
+        seen.append((request.path, dict(request.headers)))
+        return web.json_response({"object": "list", "data": listing})
+
+    async def model(request: web.Request) -> web.Response:
+        seen.append((request.path, dict(request.headers)))
+        if request.match_info["model"] != "org/small:Q4":
+            return web.json_response({"error": {"message": "no such model"}}, status=404)
+        return web.json_response({"id": "small", "context_length": 4096})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)
+    server = await aiohttp_server(app)
+    url = str(server.make_url(""))
+    async with aiohttp.ClientSession() as http:
+        chat = build_provider(endpoint(url, api_key="k"), http)
+        assert await chat.context_length("big") == 131072
+        for unknown in ("cold", "odd", "old"):
+            assert await chat.context_length(unknown) is None
+        assert seen[-1][0] == "/v1/models"  # listed, so not asked for by name
+        assert await chat.context_length("org/small:Q4") == 4096
+        assert await chat.context_length("nowhere") is None
+        assert [path for path, _ in seen[-4:]] == [
+            "/v1/models", "/v1/models/org/small:Q4", "/v1/models", "/v1/models/nowhere",
+        ]  # fmt: skip
+        assert seen[0][1]["Authorization"] == "Bearer k"
+        claude = build_provider(endpoint(url, "anthropic-messages", api_key="k"), http)
+        assert await claude.context_length("big") == 131072
+        assert seen[-1][1]["x-api-key"] == "k" and "anthropic-version" not in seen[-1][1]
+        await server.close()
+        with pytest.raises(Unreachable, match="cannot list models"):
+            await chat.context_length("big")
+
+
+def test_a_learned_window_sizes_only_an_unconfigured_endpoint() -> None:
+    learned = Endpoint("t", "http://h", "anthropic-messages", "m", None, None, None)
+    assert (learned.window, learned.answer_reserve) == (32768, 8192)
+    assert learned.sized(None) is learned
+    assert (learned.sized(4096).window, learned.sized(4096).answer_reserve) == (4096, 1024)
+    configured = Endpoint("t", "http://h", "anthropic-messages", "m", None, 8192, None)
+    assert configured.sized(4096) is configured and configured.answer_reserve == 2048

@@ -247,6 +247,11 @@ class AnthropicMessagesProvider(HttpProvider):
             headers["x-api-key"] = self.endpoint.api_key
         return headers
 
+    def lookup_headers(self) -> dict[str, str]:
+        # No anthropic-version: helexa's gateway answers /v1/models in Anthropic's shape
+        # for that header, and Anthropic's shape has no context_length.
+        return {"x-api-key": self.endpoint.api_key} if self.endpoint.api_key else {}
+
     def encode(self, request: ProviderRequest) -> dict[str, Any]:
         return encode(request, self.endpoint.answer_reserve)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
@@ -24,6 +25,7 @@ from helexa.wire.streams import SSEDecoder, SSEEvent
 log = logging.getLogger("helexa.acp.providers")
 
 T = TypeVar("T")
+LOOKUP_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 # -- the conversation ----------------------------------------------------------------------
 
@@ -131,6 +133,10 @@ class ProviderError(Exception):
     """The upstream refused, failed or broke the stream; the message is for a human."""
 
 
+class Unreachable(ProviderError):
+    """No answer at all (refused, dropped, timed out), as opposed to an error response."""
+
+
 class Cancelled(Exception):
     """The session's cancel event fired while we were waiting."""
 
@@ -151,6 +157,8 @@ class Provider(Protocol):
         ...
 
     async def list_models(self) -> list[str]: ...
+
+    async def context_length(self, model: str) -> int | None: ...
 
 
 # -- helpers shared by the decoders --------------------------------------------------------
@@ -188,6 +196,15 @@ def error_text(body: Any) -> str:
 
 def as_int(value: Any) -> int:
     return value if isinstance(value, int) else 0
+
+
+def listed_window(entry: Any) -> int | None:
+    """A model entry's ``context_length`` (helexa's gateway lists one per model, null when it
+    does not know), when it is a usable token count."""
+    value = entry.get("context_length") if isinstance(entry, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
 
 
 def api_root(base_url: str) -> str:
@@ -239,6 +256,10 @@ class HttpProvider:
         key = self.endpoint.api_key
         return {"authorization": f"Bearer {key}"} if key else {}
 
+    def lookup_headers(self) -> dict[str, str]:
+        """Headers for :meth:`context_length`'s requests: the key, in the dialect's header."""
+        return self.headers()
+
     def encode(self, request: ProviderRequest) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -261,16 +282,49 @@ class HttpProvider:
 
     async def list_models(self) -> list[str]:
         """Model ids from ``GET /v1/models`` (OpenAI and Anthropic share the shape)."""
-        url = api_root(self.endpoint.base_url) + "/models"
+        body = await self._get("/models", self.headers())
+        data = body.get("data") if isinstance(body, dict) else None
+        return [m["id"] for m in data or [] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    async def context_length(self, model: str) -> int | None:
+        """``model``'s context window as the endpoint reports it, None when it reports none.
+
+        The ``GET /v1/models`` entry for ``model`` first; a model the list does not name (an
+        alias, a source-qualified id) is asked for as ``GET /v1/models/{model}``, which the
+        gateway resolves; no such model is None, not an error. Each request gets
+        :data:`LOOKUP_TIMEOUT`, so a silent server cannot hold a prompt up for long.
+        """
+        body = await self._get("/models", self.lookup_headers(), LOOKUP_TIMEOUT)
+        data = body.get("data") if isinstance(body, dict) else None
+        for entry in data if isinstance(data, list) else []:
+            if isinstance(entry, dict) and entry.get("id") == model:
+                return listed_window(entry)
+        path = "/models/" + urllib.parse.quote(model, safe="/:")
         try:
-            async with self.http.get(url, headers=self.headers()) as resp:
+            entry = await self._get(path, self.lookup_headers(), LOOKUP_TIMEOUT)
+        except Unreachable:
+            raise
+        except ProviderError:  # a 404, or a server without the route
+            return None
+        return listed_window(entry)
+
+    async def _get(
+        self, path: str, headers: dict[str, str], timeout: aiohttp.ClientTimeout | None = None
+    ) -> Any:
+        url = api_root(self.endpoint.base_url) + path
+        extra = {"timeout": timeout} if timeout else {}
+        try:
+            async with self.http.get(url, headers=headers, **extra) as resp:
                 body = await resp.json(content_type=None)
                 if resp.status >= 400:
                     raise ProviderError(f"{url}: HTTP {resp.status}: {error_text(body)}")
-        except (aiohttp.ClientError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unreachable(
+                f"cannot list models at {url}: {str(exc) or type(exc).__name__}"
+            ) from None
+        except ValueError as exc:
             raise ProviderError(f"cannot list models at {url}: {exc}") from None
-        data = body.get("data") if isinstance(body, dict) else None
-        return [m["id"] for m in data or [] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        return body
 
     async def _sse(self, body: dict[str, Any], cancel: asyncio.Event) -> AsyncIterator[SSEEvent]:
         headers = {"accept": "text/event-stream", **self.headers()}
