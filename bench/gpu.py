@@ -146,6 +146,7 @@ def bytes_per_token(model: Qwen3) -> int:
 def matvec_table(model: Qwen3) -> list[dict[str, Any]]:
     """Per weight name: the Triton matvec over all layers' copies (so nothing sits in L2),
     captured in one CUDA graph so launch overhead is out; plus its error vs dequant+matmul."""
+    from helexa.engine.quant import triton_kernels
     from helexa.engine.quant.triton_kernels import dequantize_rows, matvec
 
     groups: dict[str, list[QuantizedTensor]] = {}
@@ -165,6 +166,8 @@ def matvec_table(model: Qwen3) -> list[dict[str, Any]]:
         err = float((matvec(x, w0).double() - ref).norm() / ref.norm())
         for w in weights:  # compile + tune outside the capture
             matvec(x, w)
+        best = getattr(triton_kernels._matvec_tuned, "best_config", None)
+        picked = {**best.kwargs, "num_warps": best.num_warps} if best is not None else {}
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for w in weights:
@@ -180,6 +183,11 @@ def matvec_table(model: Qwen3) -> list[dict[str, Any]]:
                 "us each": ms * 1e3 / len(weights),
                 "GB/s": nbytes / (ms / 1e3) / 1e9,
                 "rel err": err,
+                "config": "{BLOCK_N}x{U}{d} w{num_warps}".format(
+                    d=" defer" if picked.get("DEFER") else "", **picked
+                )
+                if picked
+                else "fixed",
             }
         )
     return rows
@@ -254,11 +262,14 @@ def table(helexa: dict[str, Any], llama: dict[str, float], bandwidth: float) -> 
         f"{llama.get(f'tg{GEN} tok/s', float('nan')) / floor:.0%}",
     ]
     if helexa.get("matvec"):
-        lines += ["", f"{'matvec':<10}{'type':>6}{'shape':>12}{'us':>8}{'GB/s':>8}{'err':>9}"]
+        lines += [
+            "",
+            f"{'matvec':<10}{'type':>6}{'shape':>12}{'us':>8}{'GB/s':>8}{'err':>9}  autotuned",
+        ]
         for r in helexa["matvec"]:
             lines.append(
                 f"{r['weight']:<10}{r['type']:>6}{r['shape']:>12}{r['us each']:>8.1f}"
-                f"{r['GB/s']:>8.0f}{r['rel err']:>9.1e}"
+                f"{r['GB/s']:>8.0f}{r['rel err']:>9.1e}  {r.get('config', '')}"
             )
     return "\n".join(lines)
 

@@ -83,6 +83,28 @@ def test_matvec_matches_float64(
     assert rel_err(got, ref) < tol, rel_err(got, ref)
 
 
+VARIANTS = [
+    {"BLOCK_N": 2, "U": 8, "DEFER": False, "num_warps": 4},
+    {"BLOCK_N": 2, "U": 8, "DEFER": True, "num_warps": 4},
+    {"BLOCK_N": 4, "U": 4, "DEFER": True, "num_warps": 8},
+    {"BLOCK_N": 1, "U": 16, "DEFER": True, "num_warps": 2},
+]
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("config", VARIANTS, ids=lambda c: "{BLOCK_N}x{U}-defer{DEFER}".format(**c))
+@needs_kernels
+def test_every_autotuned_variant_is_correct(qtype: GGMLQuantizationType, config: dict) -> None:
+    """The autotuner may pick any config on a GPU: each must give the same sums, including
+    unit counts that do not divide U (k = 1280: 5 super-blocks, 40 Q8_0 blocks)."""
+    from helexa.engine.quant.triton_kernels import matvec
+
+    w = random_weight(qtype, 13, 1280, seed=5)
+    x = torch.randn(2, 1280, device=DEVICE) / 1280
+    ref = x.double() @ w.dequantize(torch.float64).T
+    assert rel_err(matvec(x, w, config=config), ref) < 1e-5
+
+
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K], ids=lambda q: q.name)
 @needs_kernels
 def test_q8_0_and_short_rows(qtype: GGMLQuantizationType) -> None:

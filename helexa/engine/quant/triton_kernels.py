@@ -18,6 +18,7 @@ documented in :mod:`helexa.engine.quant.formats`; the arithmetic mirrors referen
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import triton
@@ -137,10 +138,17 @@ def _q6_k(blk):
 
 
 @triton.jit
-def _dot(w, x_unit, e, valid):
-    """Per-row sum of ``w * x[e]`` over a [BN, U, A, B] tile; units not ``valid`` add 0."""
+def _products(w, x_unit, e, valid):
+    """``w * x[e]`` over a [BN, U, A, B] tile, as [BN, U, A * B]; units not ``valid`` are 0."""
     x = tl.load(x_unit + e, mask=valid, other=0.0).to(tl.float32)
-    return tl.sum(tl.sum(tl.sum(w * x, axis=3), axis=2), axis=1)
+    p = w * x
+    return tl.reshape(p, (p.shape[0], p.shape[1], p.shape[2] * p.shape[3]))
+
+
+@triton.jit
+def _row_sums(t):
+    """Per-row sum of a [BN, U, E] tile."""
+    return tl.sum(tl.sum(t, axis=2), axis=1)
 
 
 @triton.jit
@@ -160,11 +168,15 @@ def _matvec_kernel(
     G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     U: tl.constexpr,
+    DEFER: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * W[n, k] for BLOCK_N rows n over ``N_UNITS`` units.
 
     One grid axis (the others cap at 65535, fewer than an lm_head's row tiles), m fastest
-    so the programs sharing a weight tile run together and share it in L2."""
+    so the programs sharing a weight tile run together and share it in L2. ``DEFER`` keeps
+    the products of every step in a register tile and sums rows once at the end, instead
+    of a cross-thread reduction (and, over several warps, a barrier) at every step; which
+    is faster depends on the shape, so the autotuner tries both."""
     pid = tl.program_id(0)
     m = pid % M
     rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -173,7 +185,10 @@ def _matvec_kernel(
     safe = tl.minimum(rows, N - 1)
     row_ptr = (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None, None]
     x_row = x_ptr + m.to(tl.int64) * stride_x
+    # A k-quant unit decodes to two tiles of 128, a Q8_0 unit to one of 32 * G.
+    TILE: tl.constexpr = 32 * G if QTYPE == 8 else 128
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    tile = tl.zeros([BLOCK_N, U, TILE], dtype=tl.float32)
     # U units per step: enough bytes in flight per program to cover memory latency.
     for u0 in range(0, N_UNITS, U):
         units = u0 + tl.arange(0, U)
@@ -183,7 +198,7 @@ def _matvec_kernel(
         x_unit = x_row + units * UNIT
         if QTYPE == 8:
             w, e = _q8_0(blk, G)
-            acc += _dot(w, x_unit, e, valid)
+            step = _products(w, x_unit, e, valid)
         else:
             if QTYPE == 12:
                 w_a, e_a, w_b, e_b = _q4_k(blk)
@@ -191,7 +206,13 @@ def _matvec_kernel(
                 w_a, e_a, w_b, e_b = _q5_k(blk)
             else:
                 w_a, e_a, w_b, e_b = _q6_k(blk)
-            acc += _dot(w_a, x_unit, e_a, valid) + _dot(w_b, x_unit, e_b, valid)
+            step = _products(w_a, x_unit, e_a, valid) + _products(w_b, x_unit, e_b, valid)
+        if DEFER:
+            tile += step
+        else:
+            acc += _row_sums(step)
+    if DEFER:
+        acc = _row_sums(tile)
     y = y_ptr + m.to(tl.int64) * stride_y + rows
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
 
@@ -234,7 +255,7 @@ def _dequant_kernel(
 # Decode shapes differ a lot (1024 to 151936 rows, 4096 to 12288 columns): let Triton pick
 # per shape once, at the first call (before any CUDA graph capture, which replays it).
 _MATVEC_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "U": u}, num_warps=w)
+    triton.Config({"BLOCK_N": bn, "U": u, "DEFER": defer}, num_warps=w)
     for bn, u, w in [
         (1, 8, 2),
         (1, 16, 4),
@@ -245,7 +266,10 @@ _MATVEC_CONFIGS = [
         (8, 4, 8),
         (16, 2, 8),
     ]
+    for defer in (False, True)
 ]
+# Without autotuning (interpreter, tests): the config the first kernels were tested with.
+FIXED_CONFIG = {"BLOCK_N": 2, "U": 8, "DEFER": False, "num_warps": 4}
 _matvec_tuned = triton.autotune(_MATVEC_CONFIGS, key=["N", "N_UNITS", "QTYPE"])(_matvec_kernel)
 
 
@@ -267,9 +291,12 @@ def _check(weight: QuantizedTensor) -> None:
         raise ValueError("quantized weight data must be contiguous")
 
 
-def matvec(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
+def matvec(
+    x: torch.Tensor, weight: QuantizedTensor, config: dict[str, Any] | None = None
+) -> torch.Tensor:
     """``x @ W.T`` for a few rows ``x`` (M, K) straight from the blocks; out (M, N) in
-    ``x.dtype``."""
+    ``x.dtype``. ``config`` (BLOCK_N, U, DEFER, num_warps) skips the autotuner: for tests
+    and benchmarks that compare kernel variants."""
     _check(weight)
     n, k = weight.shape
     m = x.shape[0]
@@ -279,10 +306,12 @@ def matvec(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
     unit, unit_bytes, g = _unit(weight.qtype, k)
     args = (x, weight.data, y, m, n, x.stride(0), weight.data.stride(0), y.stride(0))
     meta = dict(N_UNITS=k // unit, QTYPE=int(weight.qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g)
-    if AUTOTUNE:
+    if AUTOTUNE and config is None:
         _matvec_tuned[lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
     else:
-        _matvec_kernel[(m * triton.cdiv(n, 2),)](*args, **meta, BLOCK_N=2, U=8, num_warps=4)
+        fixed = FIXED_CONFIG if config is None else config
+        grid = (m * triton.cdiv(n, fixed["BLOCK_N"]),)
+        _matvec_kernel[grid](*args, **meta, **fixed)
     return y
 
 
