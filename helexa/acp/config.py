@@ -16,10 +16,11 @@ max_tokens = 2048                   # answer limit (default: context_window/4, <
 
 Without a file the agent runs on one endpoint described by ``HELEXA_ACP_BASE_URL``,
 ``HELEXA_ACP_MODEL``, ``HELEXA_ACP_WIRE_API`` and ``HELEXA_ACP_API_KEY``, defaulting to the
-local helexa gateway: wherever helexa.toml's ``[gateway] listen`` puts it. Every mistake in
-acp.toml or HELEXA_ACP_* is one :class:`~helexa.config.ConfigError` line at start-up,
-before the editor has even sent ``initialize``; a broken helexa.toml is only a warning
-(see :func:`gateway_base_url`).
+local helexa gateway: wherever helexa.toml's ``[gateway] listen`` puts it, with the first of
+its ``api_keys`` unless HELEXA_ACP_API_KEY gives one. Every mistake in acp.toml or
+HELEXA_ACP_* is one :class:`~helexa.config.ConfigError` line at start-up, before the editor
+has even sent ``initialize``; a broken helexa.toml is only a warning (see
+:func:`local_gateway`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from helexa.config import (
     ConfigError,
     check_listen,
     config_dir,
+    env_overrides,
     first_error,
     read_toml,
     split_listen,
@@ -215,12 +217,13 @@ def _from_file(file: Path, environ: Mapping[str, str]) -> AcpSettings:
 
 
 class GatewayTable(BaseModel):
-    """The one key of helexa.toml's ``[gateway]`` the agent reads; the rest is the
-    gateway's business, so unknown keys are ignored rather than rejected."""
+    """The keys of helexa.toml's ``[gateway]`` the agent reads; the rest is the gateway's
+    business, so unknown keys are ignored rather than rejected."""
 
     model_config = ConfigDict(extra="ignore")
 
     listen: str | None = None
+    api_keys: list[str] = Field(default_factory=list)
 
     @field_validator("listen")
     @classmethod
@@ -257,43 +260,66 @@ def listen_url(listen: str) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _gateway_listen(environ: Mapping[str, str]) -> tuple[str | None, str]:
-    """``[gateway] listen`` and where it came from, as ``helexa --serve`` would read it:
-    HELEXA_GATEWAY__LISTEN over HELEXA_CONFIG's file (or helexa.toml in the config dir)."""
-    if environ.get("HELEXA_GATEWAY__LISTEN"):
-        where = "HELEXA_GATEWAY__LISTEN"
-        raw: dict[str, Any] = {"gateway": {"listen": environ["HELEXA_GATEWAY__LISTEN"]}}
-    else:
-        explicit = environ.get("HELEXA_CONFIG")
-        file = Path(explicit) if explicit else config_dir() / "helexa.toml"
-        where = str(file)
-        if not explicit and not file.exists():
-            return None, where
+_GATEWAY_VARS = {"listen": "HELEXA_GATEWAY__LISTEN", "api_keys": "HELEXA_GATEWAY__API_KEYS"}
+
+
+def _gateway_table(
+    environ: Mapping[str, str], keys: tuple[str, ...]
+) -> tuple[GatewayTable, dict[str, str]]:
+    """``[gateway]``'s ``keys`` (of listen, api_keys) as ``helexa --serve`` would read them,
+    and where each came from: HELEXA_GATEWAY__<KEY> over HELEXA_CONFIG's file (or
+    helexa.toml in the config dir). The file is read only for keys the environment leaves
+    unset, and only those keys of it are checked."""
+    explicit = environ.get("HELEXA_CONFIG")
+    file = Path(explicit) if explicit else config_dir() / "helexa.toml"
+    from_env = {key: _GATEWAY_VARS[key] for key in keys if environ.get(_GATEWAY_VARS[key])}
+    raw: dict[str, Any] = {}
+    if set(keys) - set(from_env) and (explicit or file.exists()):
         raw = read_toml(file)
+    section: Any = raw.get("gateway", {})
+    if isinstance(section, dict):  # anything else is the file's mistake, reported below
+        section = {k: v for k, v in section.items() if k in keys and k not in from_env}
+        overrides = env_overrides({var: environ[var] for var in from_env.values()})
+        section.update(overrides.get("gateway", {}))
     try:
-        return _HelexaToml.model_validate(raw).gateway.listen, where
+        table = _HelexaToml.model_validate({"gateway": section}).gateway
     except ValidationError as exc:
-        raise first_error(where, exc) from None
+        loc = exc.errors()[0]["loc"]
+        key = str(loc[1]) if len(loc) > 1 else ""
+        raise first_error(from_env.get(key, str(file)), exc) from None
+    return table, {key: from_env.get(key, str(file)) for key in keys}
 
 
-def gateway_base_url(environ: Mapping[str, str]) -> str:
-    """The local gateway's URL, following helexa.toml; the built-in default otherwise.
+@dataclass(frozen=True)
+class LocalGateway:
+    url: str = DEFAULT_BASE_URL
+    api_key: str | None = None  # the first of [gateway] api_keys
+
+
+def local_gateway(environ: Mapping[str, str], *, want_key: bool = True) -> LocalGateway:
+    """The local gateway's URL, following helexa.toml (the built-in default otherwise), and,
+    when ``want_key``, the first of its ``api_keys``, so a keyed gateway needs no ACP config.
 
     A broken helexa.toml is the gateway's mistake to report (``helexa --serve`` exits on
     it with the same line), so here it is a warning on stderr, which Zed shows in its
-    agent log, and the agent falls back to the default address rather than refusing to
-    start over a file it only reads one key of.
+    agent log, and the agent falls back to the default address (and no key) rather than
+    refusing to start over a file it only reads two keys of.
     """
     try:
-        listen, where = _gateway_listen(environ)
+        table, sources = _gateway_table(
+            environ, ("listen", "api_keys") if want_key else ("listen",)
+        )
     except ConfigError as exc:
         log.warning("%s; using the default gateway address %s", exc, DEFAULT_BASE_URL)
-        return DEFAULT_BASE_URL
-    if listen is None:
-        return DEFAULT_BASE_URL
-    url = listen_url(listen)
-    log.info("gateway address %s from %s", url, where)
-    return url
+        return LocalGateway()
+    url = DEFAULT_BASE_URL
+    if table.listen is not None:
+        url = listen_url(table.listen)
+        log.info("gateway address %s from %s", url, sources["listen"])
+    api_key = next((key for key in table.api_keys if key), None)
+    if api_key:
+        log.info("gateway API key from %s (the first of its api_keys)", sources["api_keys"])
+    return LocalGateway(url, api_key)
 
 
 def _from_env(environ: Mapping[str, str]) -> AcpSettings:
@@ -306,7 +332,10 @@ def _from_env(environ: Mapping[str, str]) -> AcpSettings:
     raw = {key: environ[var] for key, var in fields.items() if environ.get(var)}
     raw["name"] = DEFAULT_ENDPOINT
     if "base_url" not in raw:  # only then is helexa.toml any of our business
-        raw["base_url"] = gateway_base_url(environ)
+        gateway = local_gateway(environ, want_key="api_key" not in raw)
+        raw["base_url"] = gateway.url
+        if gateway.api_key:
+            raw["api_key"] = gateway.api_key
     try:
         ep = EndpointConfig.model_validate(raw)
     except ValidationError as exc:

@@ -10,8 +10,8 @@ from helexa.acp.config import (
     DEFAULT_BASE_URL,
     SelectorError,
     default_selection,
-    gateway_base_url,
     load_acp_config,
+    local_gateway,
     resolve_selector,
 )
 from helexa.config import ConfigError
@@ -147,6 +147,7 @@ def test_gateway_address_sources_in_order(tmp_path: Path, monkeypatch: pytest.Mo
         ('[gateway]\nlisten = "nope"', "gateway.listen: Value error, expected HOST:PORT"),
         ("[gateway]\nlisten = 31313", "gateway.listen: Input should be a valid string"),
         ('[gateway]\nlisten = "0.0.0.0:0"', "port 0 is a random port"),
+        ('[gateway]\napi_keys = "k"', "gateway.api_keys: Input should be a valid list"),
     ],
 )
 def test_a_broken_helexa_toml_falls_back_with_a_warning(
@@ -156,7 +157,7 @@ def test_a_broken_helexa_toml_falls_back_with_a_warning(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The agent reads one key of the gateway's file; a mistake there is the gateway's to
+    """The agent reads two keys of the gateway's file; a mistake there is the gateway's to
     report, so the agent starts anyway, on the default address, and says why."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     path = helexa_toml(tmp_path, text)
@@ -168,7 +169,53 @@ def test_a_broken_helexa_toml_falls_back_with_a_warning(
     caplog.clear()
     assert base_url({"HELEXA_ACP_BASE_URL": "http://h:1"}) == "http://h:1"
     assert caplog.records == []  # not even read when the address is given
-    assert gateway_base_url({"HELEXA_CONFIG": str(tmp_path / "missing.toml")}) == DEFAULT_BASE_URL
+    missing = {"HELEXA_CONFIG": str(tmp_path / "missing.toml")}
+    assert local_gateway(missing).url == DEFAULT_BASE_URL
+
+
+def endpoint_key(environ: dict[str, str] | None = None) -> str | None:
+    [endpoint] = load_acp_config(environ=environ or {}).endpoints.values()
+    return endpoint.api_key
+
+
+def test_the_local_gateway_key_comes_from_helexa_toml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defaulting to the local gateway, the agent sends the first of its api_keys, unless
+    HELEXA_ACP_API_KEY gives a key; another endpoint never gets the gateway's key."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert endpoint_key() is None  # no helexa.toml
+    helexa_toml(tmp_path, '[gateway]\nlisten = "127.0.0.1:4000"\napi_keys = []\n')
+    assert endpoint_key() is None
+    helexa_toml(tmp_path, '[gateway]\napi_keys = ["", "key-one", "key-two"]\nadmin_key = "adm"\n')
+    with caplog.at_level(logging.INFO, "helexa.acp.config"):
+        assert endpoint_key() == "key-one"
+    assert base_url() == DEFAULT_BASE_URL  # a key without a listen: the default address
+    assert "key-one" not in caplog.text and "api_keys" in caplog.text  # says where, not what
+    assert endpoint_key({"HELEXA_ACP_API_KEY": "mine"}) == "mine"
+    assert endpoint_key({"HELEXA_ACP_BASE_URL": "http://elsewhere:1"}) is None
+    assert endpoint_key({"HELEXA_GATEWAY__API_KEYS": '["from-env"]'}) == "from-env"
+    env = {"HELEXA_GATEWAY__LISTEN": "127.0.0.5:5555"}
+    assert (base_url(env), endpoint_key(env)) == ("http://127.0.0.5:5555", "key-one")
+    assert local_gateway(env, want_key=False).api_key is None
+
+
+def test_a_key_given_leaves_the_file_keys_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the keys the agent needs are checked: with HELEXA_ACP_API_KEY set, a bad
+    api_keys does not cost it the gateway's address."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    helexa_toml(tmp_path, '[gateway]\nlisten = "127.0.0.1:4001"\napi_keys = "not a list"\n')
+    with caplog.at_level(logging.WARNING, "helexa.acp.config"):
+        assert base_url({"HELEXA_ACP_API_KEY": "mine"}) == "http://127.0.0.1:4001"
+        assert caplog.records == []
+        assert (base_url(), endpoint_key()) == (DEFAULT_BASE_URL, None)
+    assert "gateway.api_keys" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "helexa.acp.config"):
+        assert endpoint_key({"HELEXA_GATEWAY__API_KEYS": "oops"}) is None
+    assert "HELEXA_GATEWAY__API_KEYS: gateway.api_keys" in caplog.text
 
 
 @pytest.mark.parametrize(

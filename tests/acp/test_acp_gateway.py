@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from acp import text_block
+from acp import RequestError, text_block
 
 from helexa.config import ModelProfile
 from helexa.cortex.catalogue import Catalogue
@@ -78,3 +78,34 @@ async def test_the_gateway_context_length_sizes_the_answer(
     assert response.stop_reason == "end_turn" and editor.message_text() == "Hello world"
     [request] = neuron.requests
     assert request["max_tokens"] == 1024
+
+
+async def prompt_once(editor: Editor, env: dict[str, str], cwd: Path) -> Any:
+    async with agent_process(editor, env) as (conn, _):
+        session = await conn.new_session(cwd=str(cwd))
+        return await asyncio.wait_for(
+            conn.prompt(session_id=session.session_id, prompt=[text_block("hi")]), WAIT_S
+        )
+
+
+@pytest.mark.parametrize("wire_api", WIRE_APIS)
+async def test_a_keyed_local_gateway_needs_no_acp_config(
+    wire_api: str, workspace: Path, xdg: dict[str, str]
+) -> None:
+    """helexa.toml names the gateway's address and keys; with no acp.toml, base URL or key
+    of its own the agent sends the first key (in its dialect's header) and is let in. A
+    key it is given explicitly wins, and this gateway refuses a wrong one."""
+    neuron = scripted.ScriptedNeuron(models={"scripted": "loaded"})
+    settings = servers.gateway_settings(api_keys=["key-one"])
+    async with servers.gateway_over(neuron, settings) as gateway:
+        config = Path(xdg["XDG_CONFIG_HOME"]) / "helexa" / "helexa.toml"
+        config.parent.mkdir(parents=True)
+        listen = gateway.url.removeprefix("http://")
+        config.write_text(f'[gateway]\nlisten = "{listen}"\napi_keys = ["key-one", "key-two"]\n')
+        env = {**xdg, "HELEXA_ACP_MODEL": "scripted", "HELEXA_ACP_WIRE_API": wire_api}
+        editor = Editor()
+        response = await prompt_once(editor, env, workspace)
+        assert response.stop_reason == "end_turn" and editor.message_text() == "Hello world"
+        with pytest.raises(RequestError, match="401"):
+            await prompt_once(Editor(), {**env, "HELEXA_ACP_API_KEY": "key-two"}, workspace)
+    assert len(neuron.requests) == 1
