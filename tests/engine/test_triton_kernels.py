@@ -172,3 +172,27 @@ def test_quant_linear_routes_cuda_weights_to_triton() -> None:
     assert cuda_linear(x, random_weight(Q.Q5_0, 8, 64, seed=2), None) is None
     ref = x.double() @ w.dequantize(torch.float64).T
     assert rel_err(linear(x, w), ref) < 1e-5
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (compiles ahead of time, no GPU)")
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> None:
+    """The interpreter accepts code the compiler may not: every config the autotuner can
+    pick on an H100/H200 must build to sm_90 machine code (checked on a CPU-only host)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from helexa.engine.quant import triton_kernels as tk
+
+    unit, unit_bytes, g = tk._unit(qtype, 4096)
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "y_ptr": "*bf16"}
+    ints = dict.fromkeys(("M", "N", "stride_x", "stride_w", "stride_y"), "i32")
+    for config in tk._MATVEC_CONFIGS:
+        constants = dict(N_UNITS=4096 // unit, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, **config.kwargs)  # fmt: skip
+        signature = {**pointers, **ints, **dict.fromkeys(constants, "constexpr")}
+        source = ASTSource(fn=tk._matvec_kernel, signature=signature, constexprs=constants)
+        kernel = triton.compile(
+            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
+        )
+        assert kernel.asm["cubin"], config

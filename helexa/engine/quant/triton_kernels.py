@@ -139,16 +139,15 @@ def _q6_k(blk):
 
 @triton.jit
 def _products(w, x_unit, e, valid):
-    """``w * x[e]`` over a [BN, U, A, B] tile, as [BN, U, A * B]; units not ``valid`` are 0."""
+    """``w * x[e]`` over a [BN, U, A, B] tile; units not ``valid`` are 0."""
     x = tl.load(x_unit + e, mask=valid, other=0.0).to(tl.float32)
-    p = w * x
-    return tl.reshape(p, (p.shape[0], p.shape[1], p.shape[2] * p.shape[3]))
+    return w * x
 
 
 @triton.jit
 def _row_sums(t):
-    """Per-row sum of a [BN, U, E] tile."""
-    return tl.sum(tl.sum(t, axis=2), axis=1)
+    """Per-row sum of a [BN, U, A, B] tile."""
+    return tl.sum(tl.sum(tl.sum(t, axis=3), axis=2), axis=1)
 
 
 @triton.jit
@@ -185,10 +184,18 @@ def _matvec_kernel(
     safe = tl.minimum(rows, N - 1)
     row_ptr = (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None, None]
     x_row = x_ptr + m.to(tl.int64) * stride_x
-    # A k-quant unit decodes to two tiles of 128, a Q8_0 unit to one of 32 * G.
-    TILE: tl.constexpr = 32 * G if QTYPE == 8 else 128
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    tile = tl.zeros([BLOCK_N, U, TILE], dtype=tl.float32)
+    # DEFER's running products, shaped as the decoders' tiles: Q8_0 one [G, 32] per unit,
+    # Q4_K/Q5_K two [4, 32], Q6_K two [8, 16] (see the decoders).
+    if QTYPE == 8:
+        tile_a = tl.zeros([BLOCK_N, U, G, 32], dtype=tl.float32)
+        tile_b = tile_a
+    elif QTYPE == 14:
+        tile_a = tl.zeros([BLOCK_N, U, 8, 16], dtype=tl.float32)
+        tile_b = tl.zeros([BLOCK_N, U, 8, 16], dtype=tl.float32)
+    else:
+        tile_a = tl.zeros([BLOCK_N, U, 4, 32], dtype=tl.float32)
+        tile_b = tl.zeros([BLOCK_N, U, 4, 32], dtype=tl.float32)
     # U units per step: enough bytes in flight per program to cover memory latency.
     for u0 in range(0, N_UNITS, U):
         units = u0 + tl.arange(0, U)
@@ -198,7 +205,10 @@ def _matvec_kernel(
         x_unit = x_row + units * UNIT
         if QTYPE == 8:
             w, e = _q8_0(blk, G)
-            step = _products(w, x_unit, e, valid)
+            if DEFER:
+                tile_a += _products(w, x_unit, e, valid)
+            else:
+                acc += _row_sums(_products(w, x_unit, e, valid))
         else:
             if QTYPE == 12:
                 w_a, e_a, w_b, e_b = _q4_k(blk)
@@ -206,13 +216,14 @@ def _matvec_kernel(
                 w_a, e_a, w_b, e_b = _q5_k(blk)
             else:
                 w_a, e_a, w_b, e_b = _q6_k(blk)
-            step = _products(w_a, x_unit, e_a, valid) + _products(w_b, x_unit, e_b, valid)
-        if DEFER:
-            tile += step
-        else:
-            acc += _row_sums(step)
+            p_a, p_b = _products(w_a, x_unit, e_a, valid), _products(w_b, x_unit, e_b, valid)
+            if DEFER:
+                tile_a += p_a
+                tile_b += p_b
+            else:
+                acc += _row_sums(p_a) + _row_sums(p_b)
     if DEFER:
-        acc = _row_sums(tile)
+        acc = _row_sums(tile_a) if QTYPE == 8 else _row_sums(tile_a) + _row_sums(tile_b)
     y = y_ptr + m.to(tl.int64) * stride_y + rows
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
 
