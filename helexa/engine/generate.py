@@ -136,30 +136,45 @@ def json_format(request: dict[str, Any]) -> dict[str, Any] | None:
         )
     if kind == "json_schema" and not isinstance((fmt.get("json_schema") or {}).get("schema"), dict):
         raise RequestError("response_format json_schema needs json_schema.schema (an object)")
-    if request.get("tools") and request.get("tool_choice") != "none":
-        raise RequestError(
-            "response_format JSON together with tools is not supported: the answer is "
-            "constrained to one JSON value, so the model could not call a tool",
-            code="unsupported_parameter",
-        )
     return fmt
 
 
-def _with_schema_instruction(messages: list[Any], fmt: dict[str, Any]) -> list[Any]:
-    """A json_schema format tells the model the schema in the system prompt: decoding
-    enforces JSON syntax; what the value says is the model's to get right."""
+def _json_instruction(fmt: dict[str, Any], *, tools: bool) -> str | None:
+    """What the system prompt says about the JSON answer: a json_schema's schema (decoding
+    enforces the syntax; what the value says is the model's to get right), and with tools,
+    where nothing is enforced (the model may call one instead), the format itself."""
+    when = "When you answer rather than call a tool, answer" if tools else "Answer"
+    if fmt["type"] == "json_object":
+        return f"{when} with a single JSON object." if tools else None
     spec = fmt["json_schema"]
-    note = (
-        "Answer with a single JSON value that conforms to this JSON schema"
+    return (
+        f"{when} with a single JSON value that conforms to this JSON schema"
         + (f" ({spec['name']})" if spec.get("name") else "")
         + f":\n{json.dumps(spec['schema'], ensure_ascii=False)}"
     )
+
+
+def _with_system_note(messages: list[Any], note: str) -> list[Any]:
+    """``note`` appended to the leading system message, or as one."""
     first = messages[0] if messages else None
     if isinstance(first, dict) and first.get("role") in ("system", "developer"):
         content = first.get("content")
         if isinstance(content, str):
             return [{**first, "content": f"{content}\n\n{note}"}, *messages[1:]]
     return [{"role": "system", "content": note}, *messages]
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A chat request as the generation loop runs it, worked out once: the prompt text
+    (ending in any forced tool-call start) and what shapes decoding and parsing."""
+
+    text: str
+    tools: bool  # <tool_call> blocks become tool calls
+    forced: str  # the forced start of a call, already in ``text``; fed to the parser first
+    single_call: bool  # stop once one call is complete
+    json: dict[str, Any] | None  # the response_format whose syntax decoding enforces
+    continuing: bool  # the prompt ends inside the last assistant message
 
 
 def _check_supported(request: dict[str, Any]) -> None:
@@ -263,30 +278,35 @@ class LoadedModel:
 
     # -- prompts ----------------------------------------------------------------------------
 
-    def render(self, request: dict[str, Any]) -> str:
-        """The prompt text an OpenAI chat request renders to, ending in the forced start
-        of a tool call when ``tool_choice`` demands one (see :func:`forced_tool_prefix`).
+    def prepare(self, request: dict[str, Any]) -> ChatPrompt:
+        """An OpenAI chat request, rendered and read once for the loop (or a RequestError).
 
-        ``continue_final_message`` (vLLM's name; Anthropic prefill arrives as it) ends the
-        prompt inside the last assistant message instead of opening a new turn."""
+        ``tool_choice`` "required" or a named function ends the prompt in the forced start
+        of a call (:func:`forced_tool_prefix`); ``continue_final_message`` (vLLM's name;
+        Anthropic prefill arrives as it) ends it inside the last assistant message; a JSON
+        ``response_format`` constrains decoding, unless tools are offered (the model may
+        call one instead), and then it is only an instruction."""
         messages = request.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError("'messages' must be a non-empty list")
         _check_text_only(messages)
-        forced = forced_tool_prefix(request) if self._tools(request) else ""
+        tools = None if request.get("tool_choice") == "none" else request.get("tools") or None
+        forced = forced_tool_prefix(request) if tools else ""
         continuing = bool(request.get("continue_final_message"))
         fmt = json_format(request)
-        if fmt is not None and fmt["type"] == "json_schema":
-            messages = _with_schema_instruction(messages, fmt)
+        note = None if fmt is None else _json_instruction(fmt, tools=tools is not None)
+        if note is not None:
+            messages = _with_system_note(messages, note)
+        constrained = fmt if fmt is not None and tools is None else None
         try:
             text = render_chat(
                 self.chat_template,
                 messages,
-                tools=self._tools(request),
+                tools=tools,
                 add_generation_prompt=request.get("add_generation_prompt", not continuing),
                 continue_final_message=continuing,
                 # A forced call or a JSON answer starts at once: no room for thinking first.
-                enable_thinking=thinking_requested(request) and not forced and fmt is None,
+                enable_thinking=thinking_requested(request) and not forced and not constrained,
                 bos_token=self.tokenizer.bos_token,
                 eos_token=self.tokenizer.eos_token,
             )
@@ -294,13 +314,21 @@ class LoadedModel:
             raise
         except Exception as exc:  # jinja2 errors, raise_exception() in the template
             raise RequestError(f"cannot render the chat template: {exc}") from exc
-        return text + forced
+        # One call only: asked for, or implied by naming the function to call.
+        named = isinstance(request.get("tool_choice"), dict)
+        return ChatPrompt(
+            text=text + forced,
+            tools=tools is not None,
+            forced=forced,
+            single_call=tools is not None
+            and (request.get("parallel_tool_calls") is False or named),
+            json=constrained,
+            continuing=continuing,
+        )
 
-    @staticmethod
-    def _tools(request: dict[str, Any]) -> list[dict[str, Any]] | None:
-        if request.get("tool_choice") == "none":
-            return None
-        return request.get("tools") or None
+    def render(self, request: dict[str, Any]) -> str:
+        """The prompt text an OpenAI chat request renders to (see :meth:`prepare`)."""
+        return self.prepare(request).text
 
     def count_tokens(self, request: dict[str, Any]) -> int:
         return len(self.tokenizer.encode(self.render(request)))
@@ -432,40 +460,34 @@ class LoadedModel:
     def stream_chat(self, request: dict[str, Any], cancel: Event) -> Iterator[dict[str, Any]]:
         """``chat.completion.chunk`` dicts: the role, content/reasoning/tool-call deltas, a
         finish chunk, then a usage chunk. Nothing more once ``cancel`` is set."""
-        prompt_text = self.render(request)
-        prompt = self.tokenizer.encode(prompt_text)
+        chat = self.prepare(request)
+        prompt = self.tokenizer.encode(chat.text)
         params, max_tokens = self._params(request, len(prompt))
-        tools = self._tools(request) is not None
-        forced = forced_tool_prefix(request) if tools else ""
-        fmt = json_format(request)
         constraint = None
-        if fmt is not None:
+        if chat.json is not None:
             constraint = JsonConstraint(
                 self.tokenizer.token_bytes,
                 self.eos_token_ids,
-                object_only=fmt["type"] == "json_object",
+                object_only=chat.json["type"] == "json_object",
             )
-        # One call only: asked for, or implied by naming the function to call.
-        named = isinstance(request.get("tool_choice"), dict)
-        single_call = tools and (request.get("parallel_tool_calls") is False or named)
         parser = OutputParser(
-            tools=tools,
+            tools=chat.tools,
             thinking=True,
-            starts_in_thinking=prompt_text.rstrip().endswith("<think>"),
-            continues_content=bool(request.get("continue_final_message")),
+            starts_in_thinking=chat.text.rstrip().endswith("<think>"),
+            continues_content=chat.continuing,
         )
         chunks = _Chunks("chat.completion.chunk", "chatcmpl", request.get("model") or self.name)
         outcome = _Outcome()
 
         yield chunks.chat({"role": "assistant", "content": ""})
-        for delta in parser.feed(forced):  # a forced call start: held until the call closes
+        for delta in parser.feed(chat.forced):  # a forced call start: held until it closes
             yield chunks.chat(delta)
         texts_of = self._texts(prompt, params, max_tokens, cancel, outcome, constraint)
         with closing(texts_of) as texts:
             for text in texts:
                 for delta in parser.feed(text):
                     yield chunks.chat(delta)
-                if single_call and parser.tool_calls:
+                if chat.single_call and parser.tool_calls:
                     outcome.finish_reason = "stop"  # the one call is complete: stop here
                     break
         if outcome.cancelled:

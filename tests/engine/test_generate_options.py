@@ -197,12 +197,8 @@ def test_json_schema_is_given_to_the_model_and_thinking_is_off(tokenizer: Tokeni
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
             "invalid_request",
         ),
-        (
-            {"response_format": {"type": "json_object"}, "tools": [WEATHER_TOOL]},
-            "unsupported_parameter",
-        ),
     ],
-    ids=["unknown type", "no schema", "with tools"],
+    ids=["unknown type", "no schema"],
 )
 def test_json_mode_refusals(tokenizer: Tokenizer, body: dict, code: str) -> None:
     model = scripted(tokenizer, "x")
@@ -210,3 +206,17 @@ def test_json_mode_refusals(tokenizer: Tokenizer, body: dict, code: str) -> None
         chat(model, **body)
     assert err.value.code == code
     assert model.model.calls == []
+
+
+def test_json_with_tools_is_an_instruction_not_a_constraint(tokenizer: Tokenizer) -> None:
+    """Codex (--output-schema) and agent SDKs send a schema with their tools: the model
+    may still call a tool, so only the instruction goes in; decoding stays free."""
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    model = scripted(tokenizer, call, max_seq=2048)  # room for the tools' system prompt
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": SCHEMA}}
+    chunks = chat(model, tools=[WEATHER_TOOL], response_format=fmt)
+    assert calls(chunks) == [("get_weather", {"city": "Oslo"})]
+    request = {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER_TOOL]}
+    prompt = model.render({**request, "response_format": fmt})
+    assert "When you answer rather than call a tool, answer with a single JSON value" in prompt
+    assert not prompt.endswith("<think>\n\n</think>\n\n")  # thinking as the model likes
