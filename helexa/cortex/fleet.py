@@ -315,7 +315,7 @@ class Fleet:
                 status,
                 tuple(state.devices),
                 vram,
-                use.in_flight + self._arriving.get((node.name, model), 0),
+                self._busy(node.name, model),
                 use.last_used,
             )
         for r in reserved:

@@ -61,8 +61,15 @@ def place(
     strategy: Strategy = "lru",
     exclude: Collection[str] = (),
 ) -> Placement | None:
-    """Where ``model_id`` (canonical) should run; ``exclude`` names nodes that just failed."""
-    usable = [n for n in candidates(model_id, nodes, catalogue) if n.name not in exclude]
+    """Where ``model_id`` (canonical) should run; ``exclude`` names nodes that just failed.
+
+    A node where the model is being evicted is no place to load it again: the load would
+    race the unload. The caller waits for that unload, then asks again."""
+    usable = [
+        n
+        for n in candidates(model_id, nodes, catalogue)
+        if n.name not in exclude and getattr(n.model(model_id), "status", None) != "evicting"
+    ]
 
     listed = {n.name: m for n in usable if (m := n.model(model_id)) is not None}
     loaded = sorted((m.in_flight, name) for name, m in listed.items() if m.status == "loaded")

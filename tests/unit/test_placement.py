@@ -130,5 +130,13 @@ def test_excluded_nodes_are_skipped() -> None:
     assert place("small", nodes, CATALOGUE, exclude={"a", "b"}) is None
 
 
+def test_a_node_evicting_the_model_is_no_place_to_load_it() -> None:
+    """It has room for a second copy while the first unloads, but a load there would race
+    the unload: another node, else None (the fleet waits for the unload and asks again)."""
+    evicting = node("a", gpu(0, 20000), models=(model("small", "evicting", vram=4000),))
+    assert place("small", [evicting, node("b", gpu(0, 6000))], CATALOGUE) == Placement("b", (0,))
+    assert place("small", [evicting], CATALOGUE) is None
+
+
 def test_too_big_everywhere_is_none() -> None:
     assert place("big", [node("a", gpu(0, 16000, total=16000))], CATALOGUE) is None
