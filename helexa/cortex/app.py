@@ -558,11 +558,11 @@ def _status(states: list[ModelState]) -> str:
 
 def _model_entry(fleet: Fleet, model_id: str, served: list[tuple[Any, ModelState]]) -> Model:
     """One model as clients see it: the names it also answers to (catalogue aliases), and
-    ``context_length`` (what a loaded copy has, else what the catalogue will load it with)
-    so agents can size their requests and compaction."""
+    ``context_length`` (the smallest loaded copy's, since a request may go to any of them;
+    else what the catalogue will load it with) so agents can size requests and compaction."""
     loaded = [s.context_length for _, s in served if s.context_length]
     profile = fleet.catalogue.profile(model_id)
-    context = max(loaded) if loaded else profile.context_length if profile else None
+    context = min(loaded) if loaded else profile.context_length if profile else None
     return Model(
         id=model_id,
         status=_status([s for _, s in served]),
