@@ -171,9 +171,13 @@ class RemoteNeuron:
                     elif not done:
                         yield self._chunk(event)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                # A payload cut short, a reset, a stall: the node went away mid-answer.
-                raise interrupted(self.name, str(exc) or type(exc).__name__) from exc
-            complete = True  # with or without [DONE]: the response ended as sent
+                if not done:
+                    # A payload cut short, a reset, a stall: the node went away mid-answer.
+                    raise interrupted(self.name, str(exc) or type(exc).__name__) from exc
+                # After [DONE] the answer is whole: a connection lost then is no failure
+                # (nor evidence of a dead node); it just is not reused.
+            else:
+                complete = True  # with or without [DONE]: the response ended as sent
         finally:
             # A finished stream leaves the connection to the pool; anything else drops it,
             # which is what tells the remote to stop generating.

@@ -154,9 +154,9 @@ def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
     return {"id": "c1", "object": "chat.completion.chunk", "created": 0, "choices": [choice]}
 
 
-def raw_chat(dropped: bool) -> Handler:
-    """A chat route that sends two text chunks and no [DONE]: ending the response
-    completely (``dropped=False``) or cutting the connection (``dropped=True``)."""
+def raw_chat(dropped: bool, done: bool = False) -> Handler:
+    """A chat route that sends two text chunks, and [DONE] only when ``done``: ending the
+    response completely (``dropped=False``) or cutting the connection (``dropped=True``)."""
 
     async def chat(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -164,6 +164,8 @@ def raw_chat(dropped: bool) -> Handler:
         await response.write(sse(chunk({"role": "assistant", "content": ""})))
         await response.write(sse(chunk({"content": "Hel"})))
         await response.write(sse(chunk({"content": "lo"})))
+        if done:
+            await response.write(b"data: [DONE]\n\n")
         if dropped:
             assert request.transport is not None
             request.transport.close()  # the chunked body never ends: a node that died
@@ -175,8 +177,8 @@ def raw_chat(dropped: bool) -> Handler:
 
 
 @asynccontextmanager
-async def raw_gateway(dropped: bool) -> AsyncIterator[tuple[str, Fleet]]:
-    app = neuron_app_with_chat(ScriptedNeuron("a"), raw_chat(dropped))
+async def raw_gateway(dropped: bool, done: bool = False) -> AsyncIterator[tuple[str, Fleet]]:
+    app = neuron_app_with_chat(ScriptedNeuron("a"), raw_chat(dropped, done))
     async with serving(app) as a_url, gateway({"a": a_url}) as gw:
         yield gw
 
@@ -231,6 +233,13 @@ async def test_complete_upstream_without_done_ends_the_stream_normally(
     async with raw_gateway(dropped=False) as (url, fleet):
         check(await stream(url, path))
         assert fleet.nodes["a"].up  # a short answer is no sign of a dead node
+
+
+async def test_a_connection_lost_after_done_is_a_whole_answer() -> None:
+    async with raw_gateway(dropped=True, done=True) as (url, fleet):
+        anthropic_closed(await stream(url, "/v1/messages"))
+        openai_done(await stream(url, "/v1/chat/completions"))
+        assert fleet.nodes["a"].up  # the answer was whole: no sign of a dead node
 
 
 async def test_dropped_upstream_is_an_error_after_closing_the_open_block() -> None:
