@@ -281,6 +281,7 @@ def load_settings(
         variable = _override_of(overrides, exc.errors()[0]["loc"])
         where = variable or (str(cfg_file) if raw else "environment (HELEXA_*)")
         raise first_error(where, exc) from None
+    settings.models = [_anchored(p, cfg_file.parent) for p in settings.models]
 
     if explicit_models or models_file.exists():
         try:

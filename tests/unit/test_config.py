@@ -124,6 +124,11 @@ def test_a_profile_comes_from_a_source_or_a_path(tmp_path: Path) -> None:
     models.write_text('[[models]]\nid = "mine"\npath = "weights/mine.gguf"\n')
     (profile,) = load_settings(None, models, environ={}).models
     assert profile.path == str(tmp_path / "weights" / "mine.gguf")  # relative to models.toml
+    elsewhere = tmp_path / "etc"
+    elsewhere.mkdir()
+    (elsewhere / "helexa.toml").write_text('[[models]]\nid = "own"\npath = "own.gguf"\n')
+    (profile,) = load_settings(elsewhere / "helexa.toml", environ={}).models
+    assert profile.path == str(elsewhere / "own.gguf")  # or to helexa.toml, if it is there
     models.write_text('[[models]]\nid = "mine"\npath = "/m.gguf"\nsource = "helexa"\n')
     with pytest.raises(ConfigError, match="either source or path"):
         load_settings(None, models, environ={})
