@@ -12,6 +12,7 @@ downloads.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -30,6 +31,7 @@ _QUANT_TOKEN = re.compile(
 )
 _SPLIT = re.compile(r"(?i)-(\d{5})-of-(\d{5})\.gguf$")
 # What a safetensors model needs; never pickles (*.bin, *.pt): a download must not run code.
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 
@@ -218,13 +220,6 @@ def snapshot_dir(cache: Path, repo: str) -> Path | None:
     return max(snapshots, key=lambda p: p.stat().st_mtime) if snapshots else None
 
 
-def _cached(cache: Path, repo: str, filename: str) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo, filename, cache_dir=cache)
-    return Path(found) if isinstance(found, str) else None
-
-
 def resolve_local(model_id: str, settings: Settings) -> Path | None:
     """The GGUF file or HF directory for ``model_id`` already on this host, else None.
 
@@ -240,18 +235,7 @@ def resolve_local(model_id: str, settings: Settings) -> Path | None:
     snapshot = snapshot_dir(source.cache_dir, ref.repo)
     if snapshot is None:
         return None
-    files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
-    if _model_ggufs(files):
-        try:
-            first = pick_gguf(files, ref.quant)
-        except ValueError:
-            return None
-        parts = [_cached(source.cache_dir, ref.repo, f) for f in split_files(first)]
-        return parts[0] if parts and all(parts) else None
-    has_weights = any(f.endswith(".safetensors") for f in files)
-    if ref.quant is None and has_weights and _cached(source.cache_dir, ref.repo, "config.json"):
-        return snapshot
-    return None
+    return _serving_path(snapshot, _snapshot_files(snapshot), ref.quant)
 
 
 def downloaded(settings: Settings) -> list[str]:
@@ -264,33 +248,43 @@ def downloaded(settings: Settings) -> list[str]:
         prefix = "" if source.name == settings.default_source else f"{source.name}:"
         for folder in sorted(source.cache_dir.glob("models--*--*")):
             repo = folder.name[len("models--") :].replace("--", "/", 1)
-            for spec in _servable(source.cache_dir, repo):
-                ids.append(f"{prefix}{spec}")
+            snapshot = snapshot_dir(source.cache_dir, repo)
+            if snapshot is None:
+                continue
+            files = _snapshot_files(snapshot)
+            quants = sorted({q for f in _model_ggufs(files) if (q := quant_of(f))})
+            for quant in quants or [None]:
+                if _serving_path(snapshot, files, quant) is not None:
+                    ids.append(f"{prefix}{repo}" + (f":{quant}" if quant else ""))
     return ids
 
 
-def _servable(cache: Path, repo: str) -> list[str]:
-    snapshot = snapshot_dir(cache, repo)
-    if snapshot is None:
-        return []
-    files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
-    ggufs = _model_ggufs(files)
-    if ggufs:
-        quants = sorted({q for f in ggufs if (q := quant_of(f))})
-        if not quants:
-            return [repo] if len(ggufs) == 1 else []
-        complete = [q for q in quants if _complete(files, q)]
-        return [f"{repo}:{q}" for q in complete]
-    has_weights = any(f.endswith(".safetensors") for f in files)
-    return [repo] if has_weights and "config.json" in files else []
+def _snapshot_files(snapshot: Path) -> list[str]:
+    """The snapshot's files, relative: huggingface_hub links a file in only once it is
+    whole, so a download in progress shows as missing files."""
+    return [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
 
 
-def _complete(files: list[str], quant: str) -> bool:
-    try:
-        first = pick_gguf(files, quant)
-    except ValueError:
-        return False
-    return all(part in files for part in split_files(first))
+def _serving_path(snapshot: Path, files: list[str], quant: str | None) -> Path | None:
+    """What serves ``quant`` (None: the only one) from a snapshot holding ``files``: the
+    first part of a GGUF with every part there, or the directory of a safetensors model
+    with its config and every shard; None when it is not (all) there."""
+    if _model_ggufs(files):
+        try:
+            first = pick_gguf(files, quant)
+        except ValueError:
+            return None
+        return snapshot / first if all(p in files for p in split_files(first)) else None
+    if quant is not None or "config.json" not in files:
+        return None
+    if SAFETENSORS_INDEX in files:
+        try:
+            index = json.loads((snapshot / SAFETENSORS_INDEX).read_text(encoding="utf-8"))
+            shards = set((index.get("weight_map") or {}).values())
+        except (OSError, ValueError, AttributeError):
+            return None
+        return snapshot if shards and shards <= set(files) else None
+    return snapshot if any(f.endswith(".safetensors") for f in files) else None
 
 
 # -- downloading -----------------------------------------------------------------------------

@@ -270,10 +270,21 @@ def test_downloaded_lists_what_resolves_by_its_serving_id(
     )
     write_snapshot(tmp_path / "hf", "org/dense", {"config.json": b"{}", "model.safetensors": b"w"})
     write_snapshot(tmp_path / "hf", "org/docs", {"README.md": b"no weights"})
+    index = b'{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}'
+    write_snapshot(  # a sharded download still in progress: one shard of two
+        tmp_path / "hf",
+        "org/sharded",
+        {
+            "config.json": b"{}",
+            "model.safetensors.index.json": index,
+            "model-00001-of-00002.safetensors": b"w",
+        },
+    )
     write_snapshot(tmp_path / "mirror", "org/m", {"m-Q6_K.gguf": b"6"})
     ids = downloaded(hub_settings)
     assert ids == ["Qwen/Q-GGUF:Q4_K_M", "Qwen/Q-GGUF:Q8_0", "org/dense", "helexa:org/m:Q6_K"]
     assert all(resolve_local(i, hub_settings) is not None for i in ids)
+    assert resolve_local("org/sharded", hub_settings) is None
 
 
 def test_resolve_local_bad_ids_are_none(hub_settings: Settings) -> None:
