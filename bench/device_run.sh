@@ -34,7 +34,10 @@ elif [ "$stage" = 2 ]; then
       tee "$OUT/tp.log" | tail -8
   fi
   # The build was started in stage 1; bench/llama_cpp.py's build() reuses it when done.
-  while pgrep -f "bench/llama_cpp.py --src" >/dev/null; do sleep 5; done
+  for _ in $(seq 60); do  # at most 5 minutes more: a hung build must not eat the call
+    pgrep -f "bench/llama_cpp.py --src" >/dev/null || break
+    sleep 5
+  done
   cp /tmp/llama-build.log /tmp/llama/build.log "$OUT/" 2>/dev/null
   timeout 300 python3 bench/gpu.py --gguf "$GGUF" --llama-work /tmp/llama --out "$OUT" 2>&1 |
     tee "$OUT/gpu-llama.log" | tail -30
