@@ -72,6 +72,29 @@ def split_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def http_url(host: str, port: int) -> str:
+    """``http://host:port``, an IPv6 literal in its brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+_ANY_V4 = frozenset({"", "0.0.0.0", "*"})
+_ANY_V6 = frozenset({"::", "0:0:0:0:0:0:0:0"})
+
+
+def listen_url(listen: str) -> str:
+    """The URL that reaches a server bound to ``listen`` from this host.
+
+    A wildcard bind (``0.0.0.0``, ``::``) accepts on every interface but is no address to
+    dial, so it becomes the matching loopback.
+    """
+    host, port = split_listen(listen)
+    if host in _ANY_V4:
+        host = "127.0.0.1"
+    elif host in _ANY_V6:
+        host = "::1"
+    return http_url(host, port)
+
+
 class GatewaySettings(_Strict):
     listen: str = f"127.0.0.1:{DEFAULT_GATEWAY_PORT}"
     metrics_listen: str = f"127.0.0.1:{DEFAULT_METRICS_PORT}"

@@ -41,6 +41,7 @@ from helexa.config import (
     config_dir,
     env_overrides,
     first_error,
+    listen_url,
     read_toml,
     split_listen,
 )
@@ -240,24 +241,6 @@ class _HelexaToml(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     gateway: GatewayTable = Field(default_factory=GatewayTable)
-
-
-_ANY_V4 = frozenset({"", "0.0.0.0", "*"})
-_ANY_V6 = frozenset({"::", "0:0:0:0:0:0:0:0"})
-
-
-def listen_url(listen: str) -> str:
-    """The URL that reaches a server bound to ``listen`` from this host.
-
-    A wildcard bind (``0.0.0.0``, ``::``) accepts on every interface but is no address to
-    dial, so it becomes the matching loopback; IPv6 literals get their URL brackets.
-    """
-    host, port = split_listen(listen)
-    if host in _ANY_V4:
-        host = "127.0.0.1"
-    elif host in _ANY_V6:
-        host = "::1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 _GATEWAY_VARS = {"listen": "HELEXA_GATEWAY__LISTEN", "api_keys": "HELEXA_GATEWAY__API_KEYS"}

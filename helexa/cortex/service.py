@@ -13,7 +13,7 @@ import sys
 
 from aiohttp import web
 
-from helexa.config import Settings, split_listen
+from helexa.config import Settings, http_url, split_listen
 from helexa.cortex.app import Observe, make_app, observe_all
 from helexa.cortex.evictor import Evictor
 from helexa.cortex.fleet import Fleet
@@ -46,10 +46,6 @@ def build_neurons(settings: Settings) -> list[Neuron]:
     return neurons
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
-
-
 class Service:
     def __init__(
         self,
@@ -75,7 +71,7 @@ class Service:
     @property
     def url(self) -> str:
         """The gateway's base URL: the bound one once started (port 0 resolved)."""
-        return self._url or _url(*split_listen(self.settings.gateway.listen))
+        return self._url or http_url(*split_listen(self.settings.gateway.listen))
 
     async def start(self) -> None:
         """Listen, wait for a first look at every node, then keep polling and evicting.

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from helexa.config import Settings, split_listen
+from helexa.config import Settings, listen_url
 
 
 def _gib(mb: float | None) -> str:
@@ -82,9 +82,7 @@ def format_fleet_table(snapshot: Mapping[str, Any]) -> str:
 
 def gateway_url(settings: Settings) -> str:
     """Where the configured gateway listens, as a client reaches it (wildcards -> loopback)."""
-    host, port = split_listen(settings.gateway.listen)
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return listen_url(settings.gateway.listen)
 
 
 class GatewayRefused(Exception):
