@@ -17,8 +17,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +117,9 @@ from helexa.config import ConfigError, data_dir
 
 log = logging.getLogger("helexa.acp")
 
+# A context window the endpoint did not report (a cold model, a server that did not
+# answer) is asked for again after this long, not on every prompt.
+ASK_AGAIN_S = 60.0
 SYSTEM_PROMPT = """\
 You are helexa, a coding agent working inside the user's project at {cwd}.
 Use the tools to read, search and change files and to run commands; paths are relative to
@@ -178,8 +183,9 @@ class LiveSession:
     selection: Selection
     always_allowed: set[str] = field(default_factory=set)
     cancel: asyncio.Event | None = None  # set while a prompt runs
-    # The window the endpoint reported for the model, and the selection it is for.
-    learned: tuple[Selection, int] | None = None
+    # What the endpoint said of the model's window: the selection it is for, the window
+    # (None: it gave none), and until when (monotonic) a None stands before asking again.
+    learned: tuple[Selection, int | None, float] | None = None
 
     @property
     def id(self) -> str:
@@ -479,28 +485,34 @@ class HelexaAgent:
         is configured; None leaves the configured (or default) one.
 
         Asked once per session and selection: a window once learned is kept until the
-        model changes. No answer yet (a cold model the gateway knows no window for, an
-        endpoint that lists none, a failed request) is asked again on the next prompt, and
-        never fails this one.
+        model changes, and so is a refusal (an endpoint without the route). No answer yet
+        (a cold model the gateway knows no window for, a server that did not answer) is
+        asked again after :data:`ASK_AGAIN_S`, not on every prompt; it never fails one.
         """
         endpoint, model = live.selection.endpoint, live.selection.model
         if endpoint.context_window is not None or model is None:
             return None
+        now = time.monotonic()
         if live.learned is not None and live.learned[0] == live.selection:
-            return live.learned[1]
+            _, known, until = live.learned
+            if known is not None or now < until:
+                return known
         try:
             window = await provider.context_length(model)
         except ProviderError as exc:
-            level = logging.WARNING if isinstance(exc, Unreachable) else logging.INFO
+            unreachable = isinstance(exc, Unreachable)
+            level = logging.WARNING if unreachable else logging.INFO
             log.log(level, "session %s: no context window for %s: %s", live.id, model, exc)
+            live.learned = (live.selection, None, now + ASK_AGAIN_S if unreachable else math.inf)
             return None
         if window is None:
             log.info(
                 "session %s: %s reports no context window for %s", live.id, endpoint.name, model
             )
+            live.learned = (live.selection, None, now + ASK_AGAIN_S)
             return None
         log.info("session %s: %s has a %d-token context window", live.id, model, window)
-        live.learned = (live.selection, window)
+        live.learned = (live.selection, window, math.inf)
         return window
 
     def _request(self, live: LiveSession, endpoint: Endpoint, model: str) -> ProviderRequest:

@@ -23,8 +23,10 @@ from acp.schema import (
     UserMessageChunk,
 )
 
-from helexa.acp.agent import prompt_text
-from helexa.acp.session import ELIDED, request_budget
+from helexa.acp.agent import HelexaAgent, LiveSession, prompt_text
+from helexa.acp.config import Endpoint, Selection
+from helexa.acp.providers.base import ProviderError, Unreachable
+from helexa.acp.session import ELIDED, SessionRecord, request_budget
 from tests.acp.harness import (
     WAIT_S,
     WIRE_APIS,
@@ -510,12 +512,13 @@ context_window = 8192
     [{"listing_status": 500}, {"context": {"scripted": None}}, {"models": ["another-model"]}],
     ids=["listing-fails", "context-null", "model-unlisted"],
 )
-async def test_no_listed_window_falls_back_and_asks_again(
+async def test_no_listed_window_falls_back_and_is_not_asked_every_prompt(
     listing: dict[str, Any], workspace: Path, xdg: dict[str, str]
 ) -> None:
     """A listing that fails, a null context_length (a cold model the gateway knows no window
     for yet) or a model it does not list: the default window, the prompt unharmed, and
-    the next prompt asks again."""
+    the next prompt does not ask again (a refusal stands; no answer is retried only after
+    ASK_AGAIN_S), so a slow or silent /models costs one lookup, not one per prompt."""
     editor = Editor()
     async with upstream([Turn(text=["one"]), Turn(text=["two"])], **listing) as server:
         env = env_for(xdg, server.url, "anthropic-messages")
@@ -525,7 +528,7 @@ async def test_no_listed_window_falls_back_and_asks_again(
             await prompt(conn, session.session_id, "hi again")
     assert first.stop_reason == "end_turn" and editor.message_text() == "onetwo"
     assert [r.body["max_tokens"] for r in server.requests] == [8192, 8192]
-    assert len(server.listings) == 2
+    assert len(server.listings) == 1
 
 
 def test_prompt_text_labels_embedded_context_and_refuses_media() -> None:
@@ -540,3 +543,46 @@ def test_prompt_text_labels_embedded_context_and_refuses_media() -> None:
         prompt_text([audio_block("aGk=", "audio/wav")])
     with pytest.raises(RequestError, match="empty"):
         prompt_text([text_block("  ")])
+
+
+class WindowLookups:
+    """A provider double answering context_length lookups from a list, counting them."""
+
+    def __init__(self, *answers: int | None | Exception) -> None:
+        self.answers = list(answers)
+        self.asked = 0
+
+    async def context_length(self, model: str) -> int | None:
+        self.asked += 1
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+@pytest.mark.parametrize(
+    ("first", "retried"),
+    [(None, True), (Unreachable("timed out"), True), (ProviderError("HTTP 400"), False)],
+    ids=["no window yet", "no answer", "refused"],
+)
+async def test_a_missing_window_is_asked_again_only_after_a_while(
+    first: int | None | Exception, retried: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from helexa.acp import agent as agent_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(agent_module.time, "monotonic", lambda: clock[0])
+    endpoint = Endpoint("gw", "http://127.0.0.1:1", "openai-chat", None, None, None, None)
+    live = LiveSession(SessionRecord("s", "/w", "gw:m"), Selection(endpoint, "m"))
+    lookups = WindowLookups(first, 4096)
+    learn = HelexaAgent._learn_window
+    assert await learn(None, live, lookups) is None  # type: ignore[arg-type]
+    assert await learn(None, live, lookups) is None  # type: ignore[arg-type]
+    assert lookups.asked == 1  # not on every prompt
+    clock[0] += agent_module.ASK_AGAIN_S + 1
+    expected = 4096 if retried else None
+    assert await learn(None, live, lookups) == expected  # type: ignore[arg-type]
+    assert lookups.asked == (2 if retried else 1)
+    if retried:  # once learned, it stands
+        assert await learn(None, live, lookups) == 4096  # type: ignore[arg-type]
+        assert lookups.asked == 2
