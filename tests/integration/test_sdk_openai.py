@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 import openai
 import pytest
@@ -297,15 +298,17 @@ async def test_model_ids_with_slashes() -> None:
     assert completion.model == slashed
 
 
+def with_catalogue(*profiles: ModelProfile) -> Callable[[list[Neuron]], Fleet]:
+    """A make_fleet for gateway_over: the fleet over these catalogue profiles."""
+    return lambda nodes: Fleet(nodes, Catalogue(list(profiles)))
+
+
 async def test_alias_is_rewritten_for_the_neuron_and_kept_for_the_client() -> None:
     """The neuron gets the id it knows (source-qualified); the client sees its own name."""
     profile = ModelProfile(id="qwen3-small", source="helexa", aliases=["small"])
     neuron = ScriptedNeuron("node-q", models={"helexa:qwen3-small": "loaded"})
 
-    def with_catalogue(nodes: list[Neuron]) -> Fleet:
-        return Fleet(nodes, Catalogue([profile]))
-
-    async with gateway_over(neuron, make_fleet=with_catalogue) as gw:
+    async with gateway_over(neuron, make_fleet=with_catalogue(profile)) as gw:
         client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
         async with client:
             completion = await client.chat.completions.create(model="small", messages=USER)
@@ -319,10 +322,7 @@ async def test_models_list_shows_aliases_and_context_length() -> None:
     profile = ModelProfile(id="qwen3-small", aliases=["small", "s"], context_length=8192)
     neuron = ScriptedNeuron("node-q", models={"qwen3-small": "unloaded"})
 
-    def with_catalogue(nodes: list[Neuron]) -> Fleet:
-        return Fleet(nodes, Catalogue([profile]))
-
-    async with gateway_over(neuron, make_fleet=with_catalogue) as gw:
+    async with gateway_over(neuron, make_fleet=with_catalogue(profile)) as gw:
         client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
         async with client:
             (model,) = [m async for m in client.models.list()]
@@ -337,10 +337,7 @@ async def test_catalogue_sampling_defaults_go_under_the_clients_values() -> None
     )
     neuron = ScriptedNeuron("node-q", models={MODEL: "loaded"})
 
-    def with_catalogue(nodes: list[Neuron]) -> Fleet:
-        return Fleet(nodes, Catalogue([profile]))
-
-    async with gateway_over(neuron, make_fleet=with_catalogue) as gw:
+    async with gateway_over(neuron, make_fleet=with_catalogue(profile)) as gw:
         client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
         async with client:
             await client.chat.completions.create(model=MODEL, messages=USER)
