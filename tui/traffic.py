@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from helexa.cortex.app import CLIENT_GONE, Failure, RequestObserver
+from helexa.cortex.app import CLIENT_GONE, RequestObserver
 from helexa.cortex.fleet import Lease
+from helexa.errors import ApiError
 
 RequestStatus = Literal["streaming", "ok", "error", "cancelled"]
 
@@ -189,7 +190,7 @@ class TrafficObserver(RequestObserver):
     def finished(self) -> None:
         self.traffic.finish(self.record)
 
-    def failed(self, failure: Failure) -> None:
+    def failed(self, failure: ApiError) -> None:
         if failure.status == CLIENT_GONE:
             self.traffic.finish(self.record, "cancelled")
         else:

@@ -21,7 +21,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 from aiohttp import web
@@ -29,15 +29,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from helexa.config import Settings
 from helexa.cortex.auth import KeyPolicy
-from helexa.cortex.fleet import Fleet, FleetError, Lease, ModelNotFound, NoCapacity
-from helexa.neuron.interface import ModelState, NeuronError
+from helexa.cortex.fleet import Fleet, Lease, ModelNotFound, NoCapacity
+from helexa.errors import ApiError
+from helexa.neuron.interface import ModelState
 from helexa.wire.anthropic import parse_count_tokens_request, parse_messages_request
 from helexa.wire.errors import (
+    Dialect,
     WireError,
-    anthropic_error_body,
     anthropic_error_type,
-    openai_error_body,
-    openai_error_type,
+    error_body,
     validation_message,
 )
 from helexa.wire.openai import Model, ModelList, parse_chat_request, parse_completion_request
@@ -62,7 +62,6 @@ from helexa.wire.translate import (
 
 log = logging.getLogger("helexa.gateway")
 
-Dialect = Literal["openai", "anthropic"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Conversations (with tool results) easily pass aiohttp's 1 MiB default.
@@ -73,39 +72,16 @@ CLIENT_GONE = 499  # nginx's "client closed request": for hooks, never sent
 # -- failures --------------------------------------------------------------------------------
 
 
-@dataclass
-class Failure:
-    """Any refusal or error, reduced to what both dialects' error bodies need."""
-
-    status: int
-    message: str
-    code: str | None = None
-    type: str | None = None
-    param: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, exc: BaseException) -> Failure:
-        if isinstance(exc, WireError):
-            return cls(exc.status, exc.message, exc.code, param=exc.param)
-        if isinstance(exc, FleetError):
-            return cls(exc.status, str(exc), exc.code, exc.type, extra=exc.extra)
-        if isinstance(exc, NeuronError):
-            return cls(exc.status, exc.message, exc.code, exc.type, extra=exc.extra)
-        if isinstance(exc, web.HTTPException):
-            return cls(exc.status, exc.reason)
-        return cls(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
-
-    def body(self, dialect: Dialect) -> dict[str, Any]:
-        """The error body in ``dialect``; structured extras (``needed_mb``) ride along."""
-        if dialect == "anthropic":
-            # Anthropic clients know a fixed set of types, chosen by status.
-            body = anthropic_error_body(self.status, self.message)
-        else:
-            kind = self.type or openai_error_type(self.status)
-            body = openai_error_body(self.message, type=kind, code=self.code, param=self.param)
-        body["error"].update({k: v for k, v in self.extra.items() if k not in body["error"]})
-        return body
+def api_error(exc: BaseException) -> ApiError:
+    """Any exception as the refusal a client is sent: an ApiError as it is, aiohttp's own
+    HTTP errors by status, anything else a 500 that names it."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, web.HTTPException):
+        return ApiError(exc.reason, status=exc.status)
+    return ApiError(
+        f"internal error: {type(exc).__name__}: {exc}", status=500, code="internal_error"
+    )
 
 
 def dialect_of(request: web.BaseRequest) -> Dialect:
@@ -119,8 +95,8 @@ def dialect_of(request: web.BaseRequest) -> Dialect:
     return "openai"
 
 
-def error_response(dialect: Dialect, failure: Failure) -> web.Response:
-    return web.json_response(failure.body(dialect), status=failure.status)
+def error_response(dialect: Dialect, error: ApiError) -> web.Response:
+    return web.json_response(error_body(dialect, error), status=error.status)
 
 
 # -- per-request hooks ------------------------------------------------------------------------
@@ -147,7 +123,7 @@ class RequestObserver:
     def finished(self) -> None:
         pass
 
-    def failed(self, failure: Failure) -> None:
+    def failed(self, failure: ApiError) -> None:
         pass
 
 
@@ -175,7 +151,7 @@ class _Fanout(RequestObserver):
         for o in self.observers:
             o.finished()
 
-    def failed(self, failure: Failure) -> None:
+    def failed(self, failure: ApiError) -> None:
         for o in self.observers:
             o.failed(failure)
 
@@ -199,7 +175,7 @@ class StreamFormat(Protocol):
 
     def finish(self) -> bytes: ...
 
-    def fail(self, failure: Failure) -> bytes: ...
+    def fail(self, failure: ApiError) -> bytes: ...
 
 
 class OpenAIStream:
@@ -223,8 +199,8 @@ class OpenAIStream:
     def finish(self) -> bytes:
         return SSE_DONE
 
-    def fail(self, failure: Failure) -> bytes:
-        return sse(failure.body("openai"))
+    def fail(self, failure: ApiError) -> bytes:
+        return sse(error_body("openai", failure))
 
 
 class AnthropicStream:
@@ -248,7 +224,7 @@ class AnthropicStream:
     def finish(self) -> bytes:
         return self._frame(self.translator.finish())
 
-    def fail(self, failure: Failure) -> bytes:
+    def fail(self, failure: ApiError) -> bytes:
         kind = anthropic_error_type(failure.status)
         return self._frame(self.translator.error(failure.message, kind))
 
@@ -263,7 +239,7 @@ class ResponsesStream:
     def finish(self) -> bytes:
         return sse_events(self.translator.finish())
 
-    def fail(self, failure: Failure) -> bytes:
+    def fail(self, failure: ApiError) -> bytes:
         code = failure.code or "server_error"
         return sse_events(self.translator.fail(failure.message, code))
 
@@ -369,10 +345,10 @@ async def _acquire(
         raise failure from exc
 
 
-def _failure(exc: BaseException) -> Failure:
+def _failure(exc: BaseException) -> ApiError:
     if isinstance(exc, asyncio.CancelledError | ConnectionResetError):
-        return Failure(CLIENT_GONE, "client disconnected", "client_disconnected")
-    return Failure.of(exc)
+        return ApiError("client disconnected", status=CLIENT_GONE, code="client_disconnected")
+    return api_error(exc)
 
 
 async def _rest(
@@ -422,7 +398,7 @@ async def _stream(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
-    failure: Failure | None = None
+    failure: ApiError | None = None
     try:
         if first is not None:
             observer.chunk(first)
@@ -436,7 +412,7 @@ async def _stream(
         return response  # the caller's aclosing stops the neuron
     except Exception as exc:  # headers are sent: the failure has to ride the stream
         lease.failed(exc)  # a dropped stream is a node gone: the next request reroutes
-        failure = Failure.of(exc)
+        failure = api_error(exc)
         tail = fmt.fail(failure)
     try:
         await _write(response, tail)
@@ -677,15 +653,15 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every refusal in the route's dialect, including aiohttp's own (404, 405, 413)."""
     try:
         return await handler(request)
-    except (WireError, FleetError, NeuronError) as exc:
-        return error_response(dialect_of(request), Failure.of(exc))
+    except ApiError as exc:
+        return error_response(dialect_of(request), api_error(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(dialect_of(request), Failure.of(exc))
+        return error_response(dialect_of(request), api_error(exc))
     except Exception as exc:
         log.exception("%s %s failed", request.method, request.path)
-        return error_response(dialect_of(request), Failure.of(exc))
+        return error_response(dialect_of(request), api_error(exc))
 
 
 def _auth(policy: KeyPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -693,7 +669,9 @@ def _auth(policy: KeyPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         refusal = policy.refusal(request.path, request.headers)
         if refusal is not None:
-            failure = Failure(401, refusal, "invalid_api_key", "authentication_error")
+            failure = ApiError(
+                refusal, status=401, code="invalid_api_key", type="authentication_error"
+            )
             return error_response(dialect_of(request), failure)
         return await handler(request)
 

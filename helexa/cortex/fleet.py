@@ -36,6 +36,7 @@ from helexa.cortex.evictor import (
     idle_victims,
 )
 from helexa.cortex.router import Placement, candidates, place
+from helexa.errors import ApiError
 from helexa.neuron.interface import (
     Discovery,
     Health,
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 UNREACHABLE_CODES = frozenset({"neuron_unreachable", "stream_interrupted"})
 
 
-class FleetError(Exception):
+class FleetError(ApiError):
     """A routing failure with the HTTP status and machine code the gateway reports.
 
     ``extra`` carries structured fields from a neuron's refusal (a preflight error's
@@ -65,24 +66,6 @@ class FleetError(Exception):
     status = 503
     code = "fleet_error"
     type = "api_error"
-
-    def __init__(
-        self,
-        message: str = "",
-        *,
-        status: int | None = None,
-        code: str | None = None,
-        type: str | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        if status is not None:
-            self.status = status
-        if code is not None:
-            self.code = code
-        if type is not None:
-            self.type = type
-        self.extra: dict[str, Any] = dict(extra or {})
 
 
 class ModelNotFound(FleetError):

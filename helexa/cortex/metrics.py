@@ -24,7 +24,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from helexa.cortex.app import Failure, RequestObserver
+from helexa.cortex.app import RequestObserver
+from helexa.errors import ApiError
 
 if TYPE_CHECKING:
     from helexa.cortex.fleet import Fleet, Lease
@@ -267,7 +268,7 @@ class MetricsObserver(RequestObserver):
     def finished(self) -> None:
         self.timer.finish(self.usage)
 
-    def failed(self, failure: Failure) -> None:
+    def failed(self, failure: ApiError) -> None:
         self.timer.error(failure.status, failure.code)
 
 

@@ -19,6 +19,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
+from helexa.errors import ApiError
+
 ModelStatus = Literal["loaded", "loading", "unloaded", "failed"]
 
 
@@ -82,7 +84,7 @@ class UnloadRequest(BaseModel):
     model_id: str
 
 
-class NeuronError(Exception):
+class NeuronError(ApiError):
     """A failure a neuron reports in the neuron API's error shape.
 
     ``status`` is the HTTP status the neuron API uses for it; ``extra`` carries structured
@@ -90,21 +92,8 @@ class NeuronError(Exception):
     reach the gateway's client unchanged.
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int = 500,
-        type: str = "neuron_error",
-        code: str | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.type = type
-        self.code = code
-        self.extra = dict(extra or {})
+    status = 500
+    type = "neuron_error"
 
     def to_body(self) -> dict[str, Any]:
         return {

@@ -1,16 +1,21 @@
-"""Error envelopes per dialect, and the one exception the parsers and translators raise.
+"""Error envelopes per dialect, and the exception the parsers and translators raise.
 
 Parsers and translators never know which HTTP route they serve, so they raise
-:class:`WireError` with a status and a plain message; the gateway renders it in the
-caller's dialect with :meth:`WireError.openai_body` or :meth:`WireError.anthropic_body`.
+:class:`WireError` with a status and a plain message; whoever answers renders any
+:class:`~helexa.errors.ApiError` (this one included) in the caller's dialect with
+:func:`error_body`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
+
+from helexa.errors import ApiError
+
+Dialect = Literal["openai", "anthropic"]
 
 # Anthropic names its error types after the status; anything unlisted falls back by class.
 _ANTHROPIC_TYPES: dict[int, str] = {
@@ -70,11 +75,23 @@ def anthropic_error_body(status: int, message: str, type: str | None = None) -> 
     }
 
 
-class WireError(Exception):
+def error_body(dialect: Dialect, error: ApiError) -> dict[str, Any]:
+    """``error`` as ``dialect``'s error body; structured extras (``needed_mb``) ride along."""
+    if dialect == "anthropic":
+        # Anthropic clients know a fixed set of types, chosen by status.
+        body = anthropic_error_body(error.status, error.message)
+    else:
+        kind = error.type or openai_error_type(error.status)
+        body = openai_error_body(error.message, type=kind, code=error.code, param=error.param)
+    body["error"].update({k: v for k, v in error.extra.items() if k not in body["error"]})
+    return body
+
+
+class WireError(ApiError):
     """A client mistake (or an unsupported feature) found while reading or mapping a request.
 
     ``param`` names the offending field as a dotted path (``messages.0.content.1``) so the
-    caller can find it without reading our code.
+    caller can find it without reading our code. Its type is left to the dialect.
     """
 
     def __init__(
@@ -84,24 +101,7 @@ class WireError(Exception):
         code: str | None = None,
         param: str | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
-
-    def openai_body(self) -> dict[str, Any]:
-        return openai_error_body(
-            self.message, type=openai_error_type(self.status), code=self.code, param=self.param
-        )
-
-    def anthropic_body(self) -> dict[str, Any]:
-        return anthropic_error_body(self.status, self.message)
-
-    def __repr__(self) -> str:
-        return (
-            f"WireError({self.status}, {self.message!r}, code={self.code!r}, param={self.param!r})"
-        )
+        super().__init__(message, status=status, code=code, param=param)
 
 
 # Segments pydantic inserts into ``loc`` for union branches ("str", "list[...]",

@@ -15,10 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from helexa.cortex.app import Failure, RequestObserver
+from helexa.cortex.app import RequestObserver
 from helexa.cortex.auth import KeyPolicy, matches, presented_key
 from helexa.cortex.fleet import Lease
 from helexa.cortex.service import Service
+from helexa.errors import ApiError
 from helexa.neuron.server import make_neuron_app
 from helexa.wire.streams import SSEDecoder, SSEEvent
 from tests.conftest import COLD_MODEL, MODEL
@@ -363,7 +364,7 @@ class Recorder(RequestObserver):
     def finished(self) -> None:
         self.log.append(("finished", None))
 
-    def failed(self, failure: Failure) -> None:
+    def failed(self, failure: ApiError) -> None:
         self.log.append(("failed", failure.status))
 
 

@@ -9,6 +9,7 @@ import openai.types as ot
 import pytest
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from helexa.errors import ApiError
 from helexa.wire.anthropic import (
     MessagesRequest,
     ThinkingAdaptive,
@@ -20,6 +21,7 @@ from helexa.wire.anthropic import (
 from helexa.wire.errors import (
     WireError,
     anthropic_error_body,
+    error_body,
     openai_error_body,
     validation_message,
 )
@@ -391,12 +393,27 @@ def test_anthropic_error_type_can_be_forced() -> None:
 
 def test_wire_error_renders_in_both_dialects() -> None:
     err = WireError(404, "no such model", code="model_not_found", param="model")
-    assert err.openai_body() == openai_error_body(
+    assert error_body("openai", err) == openai_error_body(
         "no such model", type="not_found_error", code="model_not_found", param="model"
     )
-    assert set(err.openai_body()["error"]) == {"message", "type", "param", "code"}
-    assert _ERRORS.validate_python(err.anthropic_body()).error.type == "not_found_error"
-    assert WireError(502, "x").openai_body()["error"]["type"] == "server_error"
+    assert set(error_body("openai", err)["error"]) == {"message", "type", "param", "code"}
+    assert _ERRORS.validate_python(error_body("anthropic", err)).error.type == "not_found_error"
+    assert error_body("openai", WireError(502, "x"))["error"]["type"] == "server_error"
+
+
+def test_any_api_error_renders_with_its_type_and_extras() -> None:
+    err = ApiError("too big", status=507, code="insufficient_vram", extra={"needed_mb": 9})
+    assert error_body("openai", err)["error"] == {
+        "message": "too big",
+        "type": "server_error",
+        "param": None,
+        "code": "insufficient_vram",
+        "needed_mb": 9,
+    }
+    forced = ApiError("x", status=503, type="overloaded_error")
+    assert error_body("openai", forced)["error"]["type"] == "overloaded_error"
+    # Anthropic clients know a fixed set of types: the status chooses, not ours.
+    assert error_body("anthropic", err)["error"]["type"] == "api_error"
 
 
 def test_validation_message_without_body_drops_type_labels() -> None:
