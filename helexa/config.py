@@ -101,8 +101,25 @@ class GatewaySettings(_Strict):
     api_keys: list[str] = Field(default_factory=list)
     admin_key: str | None = None
     request_timeout_s: float = 600.0
+    # Web pages allowed to call the gateway and read its answers (CORS); "*" for any.
+    cors_origins: list[str] = Field(default_factory=list)
+    # Host names accepted besides loopback ones on a loopback bind (DNS rebinding guard).
+    allowed_hosts: list[str] = Field(default_factory=list)
 
     _listen = field_validator("listen", "metrics_listen")(check_listen)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            scheme, sep, rest = origin.partition("://")
+            if origin != "*" and (
+                scheme not in ("http", "https") or not sep or not rest or "/" in rest.rstrip("/")
+            ):
+                raise ValueError(
+                    f"expected an origin like 'http://localhost:3000' or '*', got {origin!r}"
+                )
+        return value
 
 
 class EvictionSettings(_Strict):

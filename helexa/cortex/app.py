@@ -27,11 +27,12 @@ from typing import Any, Literal, Protocol, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from helexa.config import Settings
+from helexa.config import Settings, split_listen
 from helexa.cortex.auth import KeyPolicy
 from helexa.cortex.fleet import Fleet, Lease, ModelNotFound, NoCapacity
 from helexa.errors import ApiError
 from helexa.neuron.interface import ModelState
+from helexa.origins import BrowserPolicy, browser_guard, install_cors
 from helexa.wire.anthropic import parse_count_tokens_request, parse_messages_request
 from helexa.wire.errors import (
     Dialect,
@@ -688,10 +689,15 @@ def make_app(
     fleet: Fleet, settings: Settings, *, observe: Observe | None = None
 ) -> web.Application:
     """The gateway app over ``fleet``; ``observe`` builds each request's hooks (metrics)."""
+    gateway = settings.gateway
+    browsers = BrowserPolicy.for_bind(
+        split_listen(gateway.listen)[0], gateway.cors_origins, gateway.allowed_hosts
+    )
     app = web.Application(
-        middlewares=[_errors, _auth(KeyPolicy.from_settings(settings.gateway))],
+        middlewares=[_errors, browser_guard(browsers), _auth(KeyPolicy.from_settings(gateway))],
         client_max_size=MAX_BODY_BYTES,
     )
+    install_cors(app, browsers)
     app[FLEET] = fleet
     app[OBSERVE] = observe or _ignore
     app[STREAMS] = set()

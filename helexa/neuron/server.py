@@ -28,7 +28,9 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from helexa.config import Settings, split_listen
+from helexa.errors import ApiError
 from helexa.neuron.interface import LoadRequest, ModelState, Neuron, NeuronError, UnloadRequest
+from helexa.origins import BrowserPolicy, browser_guard
 from helexa.wire.errors import WireError, validation_message
 from helexa.wire.openai import parse_chat_request, parse_completion_request
 from helexa.wire.streams import SSE_DONE, sse
@@ -92,11 +94,11 @@ def token_ok(header: str | None, token: str) -> bool:
 # -- responses -------------------------------------------------------------------------------
 
 
-def error_response(exc: NeuronError | WireError) -> web.Response:
-    if isinstance(exc, WireError):
+def error_response(exc: ApiError) -> web.Response:
+    if not isinstance(exc, NeuronError):
         body = {
             "error": {
-                "type": "invalid_request_error",
+                "type": exc.type or "invalid_request_error",
                 "message": exc.message,
                 "code": exc.code,
                 "param": exc.param,
@@ -220,7 +222,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure in the neuron API's error shape, never aiohttp's text pages."""
     try:
         return await handler(request)
-    except (NeuronError, WireError) as exc:
+    except ApiError as exc:
         return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -247,9 +249,15 @@ def _auth(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
     return check
 
 
-def make_neuron_app(neuron: Neuron, *, token: str | None = None) -> web.Application:
-    """The neuron HTTP API over ``neuron``; every route needs ``token`` when one is set."""
-    middlewares = [_errors] + ([_auth(token)] if token else [])
+def make_neuron_app(
+    neuron: Neuron, *, token: str | None = None, browsers: BrowserPolicy | None = None
+) -> web.Application:
+    """The neuron HTTP API over ``neuron``; every route needs ``token`` when one is set.
+
+    ``browsers`` guards it from web pages (no page is ever given CORS access to a node);
+    without one, Host names are not checked (the bind is not known here)."""
+    guard = browser_guard(browsers or BrowserPolicy(check_host=False))
+    middlewares = [_errors, guard] + ([_auth(token)] if token else [])
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[NEURON] = neuron
     app.router.add_get("/discovery", discovery)
@@ -283,7 +291,8 @@ async def until_signalled() -> None:
 
 async def serve_until_signalled(neuron: Neuron, host: str, port: int, token: str | None) -> None:
     try:
-        runner, url = await start_server(make_neuron_app(neuron, token=token), host, port)
+        app = make_neuron_app(neuron, token=token, browsers=BrowserPolicy.for_bind(host))
+        runner, url = await start_server(app, host, port)
     except BaseException:
         await neuron.close()
         raise
