@@ -16,7 +16,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from helexa import __version__
-from helexa.config import ConfigError, Settings, load_settings
+from helexa.config import ConfigError, Settings, check_local_paths, config_dir, load_settings
 from helexa.engine.demo import with_demo
 
 _Listener = TypeVar("_Listener", bound=BaseModel)
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="helexa",
         description="Self-hosted LLM serving: OpenAI + Anthropic APIs over GPUs you own.",
-        epilog=EPILOG,
+        epilog=f"{EPILOG}config dir here: {config_dir()}\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"helexa {__version__}")
@@ -98,6 +98,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         settings.gateway = _with_listen(settings.gateway, args.listen)
     if getattr(args, "no_local", False):
         settings.local.enabled = False
+    if settings.local.enabled and args.command in (None, "neuron"):
+        check_local_paths(settings)  # this process serves them
     if args.command == "neuron" and args.token:
         settings.neuron.token = args.token
     return settings

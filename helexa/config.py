@@ -12,21 +12,24 @@ taken as strings. ``HELEXA_CONFIG`` and ``HELEXA_MODELS`` point at the two files
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import platformdirs
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 APP = "helexa"
 DEFAULT_GATEWAY_PORT = 31313
@@ -200,6 +203,8 @@ class ModelProfile(_Strict):
     aliases: list[str] = Field(default_factory=list)
     context_length: int | None = None
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    # Which file declared it, as (file, 1-based entry), for messages about it.
+    _declared: tuple[str, int] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _one_origin(self) -> ModelProfile:
@@ -245,13 +250,78 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), "", f"cannot read ({exc.strerror})") from None
 
 
-def first_error(file: str, exc: ValidationError) -> ConfigError:
-    """The first of ``exc``'s errors as one :class:`ConfigError` line blamed on ``file``."""
-    err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"])
+_MESSAGE_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def _key_of(loc: tuple[int | str, ...], data: Any) -> str:
+    """pydantic's ``("models", 0, "path")`` as people count and name things:
+    ``models[1] (qwen3-8b).path``, the entry's id (or name) beside its number."""
+    key, node = "", data
+    for part in loc:
+        if isinstance(part, int):
+            item = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
+            key += f"[{part + 1}]"
+            name = (item.get("id") or item.get("name")) if isinstance(item, Mapping) else None
+            if isinstance(name, str) and name:
+                key += f" ({name})"
+            node = item
+        else:
+            key += f".{part}" if key else str(part)
+            node = node.get(part) if isinstance(node, Mapping) else None
+    return key
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the table at ``loc`` may hold, for 'did you mean' (none when unknown)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = field.annotation
+        while get_args(current) and not (
+            isinstance(current, type) and issubclass(current, BaseModel)
+        ):
+            inner = [
+                a for a in get_args(current) if isinstance(a, type) and issubclass(a, BaseModel)
+            ]
+            if not inner:
+                return []
+            current = inner[0]
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _reported(exc: ValidationError) -> ErrorDetails:
+    """The error worth one line: an unknown key first (a misspelt ``idd`` also makes ``id``
+    missing, and the misspelling is the news), else the first."""
+    errors = exc.errors()
+    return next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+
+
+def first_error(
+    file: str, exc: ValidationError, data: Any = None, model: type[BaseModel] | None = None
+) -> ConfigError:
+    """One of ``exc``'s errors as one :class:`ConfigError` line blamed on ``file``.
+
+    An unknown key comes with the nearest known key when ``model`` is given; ``data`` (what was validated) lets list entries be named by their id."""
+    err = _reported(exc)
+    loc = tuple(err["loc"])
+    key = _key_of(loc, data)
     msg = err["msg"]
+    for prefix in _MESSAGE_PREFIXES:
+        msg = msg.removeprefix(prefix)
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
+        known = _fields_at(model, loc[:-1]) if model is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        if close:
+            msg += f" (did you mean {close[0]!r}?)"
     return ConfigError(file, key, msg)
 
 
@@ -318,18 +388,25 @@ def load_settings(
     try:
         settings = Settings.model_validate(_merge(raw, overrides))
     except ValidationError as exc:
-        variable = _override_of(overrides, exc.errors()[0]["loc"])
+        merged = _merge(raw, overrides)
+        variable = _override_of(overrides, _reported(exc)["loc"])
         where = variable or (str(cfg_file) if raw else "environment (HELEXA_*)")
-        raise first_error(where, exc) from None
-    settings.models = [_anchored(p, cfg_file.parent) for p in settings.models]
+        raise first_error(where, exc, merged, Settings) from None
+    settings.models = [
+        _anchored(p, cfg_file.parent, (str(cfg_file), i + 1)) for i, p in enumerate(settings.models)
+    ]
 
     if explicit_models or models_file.exists():
+        table = read_toml(models_file)
         try:
-            catalogue = _Catalogue.model_validate(read_toml(models_file))
+            catalogue = _Catalogue.model_validate(table)
         except ValidationError as exc:
-            raise first_error(str(models_file), exc) from None
+            raise first_error(str(models_file), exc, table, _Catalogue) from None
         here = models_file.parent
-        settings.models = [*settings.models, *(_anchored(p, here) for p in catalogue.models)]
+        declared = [
+            _anchored(p, here, (str(models_file), i + 1)) for i, p in enumerate(catalogue.models)
+        ]
+        settings.models = [*settings.models, *declared]
         settings.models_file = str(models_file)
     if raw:
         settings.config_file = str(cfg_file)
@@ -337,15 +414,26 @@ def load_settings(
     return settings
 
 
-def _anchored(profile: ModelProfile, directory: Path) -> ModelProfile:
+def _anchored(profile: ModelProfile, directory: Path, declared: tuple[str, int]) -> ModelProfile:
     """A relative ``path`` means relative to the file that names it, not to wherever
     helexa was started from."""
-    if profile.path is None:
-        return profile
-    path = Path(profile.path).expanduser()
-    return profile.model_copy(
-        update={"path": str(path if path.is_absolute() else directory / path)}
-    )
+    if profile.path is not None:
+        path = Path(profile.path).expanduser()
+        path = path if path.is_absolute() else directory / path
+        profile = profile.model_copy(update={"path": str(path)})
+    profile._declared = declared
+    return profile
+
+
+def check_local_paths(settings: Settings) -> None:
+    """A ``path`` that names nothing, found at start-up instead of at the first request
+    (which would blame a missing download). Only where this process serves the paths."""
+    for profile in settings.models:
+        if profile.path is None or Path(profile.path).exists():
+            continue
+        file, entry = profile._declared or (settings.models_file or "config", 0)
+        key = f"models[{entry}] ({profile.id}).path" if entry else f"{profile.id}.path"
+        raise ConfigError(file, key, f"{profile.path} does not exist")
 
 
 def _check_unique(settings: Settings) -> None:
@@ -354,11 +442,14 @@ def _check_unique(settings: Settings) -> None:
     for i, profile in enumerate(settings.models):
         for name in (profile.id, *profile.aliases):
             if name in seen:
-                raise ConfigError(where, f"models.{i}.id", f"{name!r} is declared twice")
+                key = f"models[{i + 1}] ({profile.id})"
+                raise ConfigError(where, key, f"{name!r} is declared twice")
             seen.add(name)
     names = [n.name for n in settings.neurons]
     for i, name in enumerate(names):
         if name in names[:i] or name == settings.local.name and settings.local.enabled:
             raise ConfigError(
-                settings.config_file or "config", f"neurons.{i}.name", f"{name!r} is not unique"
+                settings.config_file or "config",
+                f"neurons[{i + 1}].name",
+                f"{name!r} is not unique",
             )

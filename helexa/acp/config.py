@@ -198,10 +198,11 @@ def load_acp_config(
 
 def _from_file(file: Path, environ: Mapping[str, str]) -> AcpSettings:
     where = str(file)
+    data = read_toml(file)
     try:
-        parsed = AcpFile.model_validate(read_toml(file))
+        parsed = AcpFile.model_validate(data)
     except ValidationError as exc:
-        raise first_error(where, exc) from None
+        raise first_error(where, exc, data, AcpFile) from None
     endpoints: dict[str, Endpoint] = {}
     for i, ep in enumerate(parsed.endpoints):
         if ep.name in endpoints:

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from helexa.config import ConfigError, env_overrides, load_settings, split_listen
+from helexa.config import (
+    ConfigError,
+    check_local_paths,
+    config_dir,
+    env_overrides,
+    load_settings,
+    split_listen,
+)
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
@@ -49,7 +56,7 @@ def test_env_wins_over_file(tmp_path: Path) -> None:
         ('[gateway]\nlisten = "nope"\n', "gateway.listen", "HOST:PORT"),
         ("[gateway]\nlisen = 1\n", "gateway.lisen", "unknown key"),
         ('[eviction]\nstrategy = "fifo"\n', "eviction.strategy", "'lru' or 'priority'"),
-        ('[[neurons]]\nname = "a"\nendpoint = "beast:13131"\n', "neurons.0.endpoint", "http"),
+        ('[[neurons]]\nname = "a"\nendpoint = "beast:13131"\n', "neurons[1] (a).endpoint", "http"),
     ],
 )
 def test_bad_config_names_file_key_problem(
@@ -62,6 +69,7 @@ def test_bad_config_names_file_key_problem(
     assert info.value.file == str(cfg)
     assert info.value.key == key
     assert problem in info.value.problem
+    assert not info.value.problem.startswith("Value error")
 
 
 def test_invalid_toml_and_duplicate_models(tmp_path: Path) -> None:
@@ -155,3 +163,41 @@ def test_cli_bad_listen_is_a_one_line_config_error(tmp_path: Path, args: tuple[s
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("helexa: config error: --listen:") and "HOST:PORT" in line
+
+
+def test_an_unknown_key_is_named_before_what_it_leaves_missing(tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text('[[models]]\nid = "a"\n[[models]]\nidd = "b"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, models, environ={})
+    assert (info.value.file, info.value.key) == (str(models), "models[2].idd")
+    assert info.value.problem == "unknown key (did you mean 'id'?)"
+
+
+def test_a_missing_local_path_is_found_at_start_up(tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text('[[models]]\nid = "ok"\n[[models]]\nid = "broken"\npath = "gone.gguf"\n')
+    settings = load_settings(models_path=models, environ={})
+    with pytest.raises(ConfigError) as info:
+        check_local_paths(settings)
+    assert (info.value.file, info.value.key) == (str(models), "models[2] (broken).path")
+    assert info.value.problem == f"{tmp_path / 'gone.gguf'} does not exist"
+    (tmp_path / "gone.gguf").write_bytes(b"")
+    check_local_paths(settings)
+
+
+def test_the_cli_exits_2_on_a_missing_path(tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text('[[models]]\nid = "broken"\npath = "/nonexistent/x.gguf"\n')
+    proc = run_cli("--models", str(models), "--serve", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"helexa: config error: {models}: models[1] (broken).path: /nonexistent/x.gguf"
+        " does not exist"
+    ]
+
+
+def test_help_prints_the_config_dir(tmp_path: Path) -> None:
+    proc = run_cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert f"config dir here: {config_dir()}" in proc.stdout
