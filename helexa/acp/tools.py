@@ -753,6 +753,12 @@ TOOLS: dict[str, Tool[Any]] = {
 TOOL_SPECS = [ToolSpec(t.name, t.description, tool_schema(t.args)) for t in TOOLS.values()]
 
 
+def is_shown(name: str) -> bool:
+    """Whether the editor sees this call as a tool call (unknown tools are, as failures)."""
+    tool = TOOLS.get(name)
+    return tool is None or tool.shown
+
+
 def _exit_text(code: int | None, sig: str | None) -> str:
     if code is not None and code >= 0:
         return f"exit code {code}"
