@@ -46,6 +46,9 @@ _RECORD = TypeAdapter(SessionRecord)
 
 @dataclass
 class LiveSession:
+    """A session the agent serves: its record, and what is not saved with it (permissions
+    granted for the session, the running prompt, the window learned this run)."""
+
     record: SessionRecord
     selection: Selection
     always_allowed: set[str] = field(default_factory=set)

@@ -679,6 +679,9 @@ class ToolHost:
         return ToolResult(f"{status}\n{text}", ok=proc.returncode == 0)
 
 
+# -- the tools -----------------------------------------------------------------------------
+
+
 TOOLS: dict[str, Tool[Any]] = {
     t.name: t
     for t in [

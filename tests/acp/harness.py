@@ -7,6 +7,8 @@ gateway translators from the same OpenAI chunks, so one script drives all three 
 
 ``Editor`` is the client side of ACP: it records every ``session/update``, answers
 permission requests as told, and serves ``fs/*`` and ``terminal/*`` from the real disk.
+``tool_results`` and its neighbours read a recorded request whatever its dialect, and
+``prompt_once`` is the common test body: one agent process, one session, one prompt.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""What the agent loop sees of a model, whatever wire API carries it.
+"""What a prompt turn (:mod:`helexa.acp.turn`) sees of a model, whatever wire API carries it.
 
-The loop builds a :class:`ProviderRequest` (conversation, tools, system prompt) and reads
+A turn builds a :class:`ProviderRequest` (conversation, tools, system prompt) and reads
 :data:`ProviderEvent` values back; each wire module turns the one into a request body and
 the server's SSE stream into the other. Decoders (each a :class:`Decoder`) are pure state
 machines fed one :class:`~helexa.wire.streams.SSEEvent` at a time, so every shape is testable without I/O;
