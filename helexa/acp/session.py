@@ -1,13 +1,16 @@
-"""Sessions on disk, and fitting a long conversation into the model's context window.
+"""Sessions on disk and in memory, and fitting a long conversation into the model's context
+window.
 
 A session is one JSON file under ``data_dir()/acp/sessions`` holding the whole history,
 written after every model turn and tool round, so ``session/load`` works after the agent
 (or the editor) restarts. Compaction never edits that history: it derives the view sent
-upstream, so a reloaded session still replays everything the user saw.
+upstream, so a reloaded session still replays everything the user saw. A
+:class:`LiveSession` is what the agent holds besides the record while it serves one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
-from helexa.acp.config import answer_reserve
+from helexa.acp.config import Selection, answer_reserve
 from helexa.acp.providers.base import Message
 
 log = logging.getLogger("helexa.acp.session")
@@ -39,6 +42,24 @@ class SessionRecord:
 
 
 _RECORD = TypeAdapter(SessionRecord)
+
+
+@dataclass
+class LiveSession:
+    """A session the agent serves: its record, and what is not saved with it (permissions
+    granted for the session, the running prompt, the window learned this run)."""
+
+    record: SessionRecord
+    selection: Selection
+    always_allowed: set[str] = field(default_factory=set)
+    cancel: asyncio.Event | None = None  # set while a prompt runs
+    # What the endpoint said of the model's window: the selection it is for, the window
+    # (None: it gave none), and until when (monotonic) a None stands before asking again.
+    learned: tuple[Selection, int | None, float] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.record.id
 
 
 def new_session_id() -> str:

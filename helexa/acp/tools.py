@@ -23,7 +23,7 @@ import signal
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from acp import (
     RequestError,
@@ -51,7 +51,7 @@ from acp.schema import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from helexa.acp.providers.base import Cancelled, ToolCall, ToolSpec, race_cancel
+from helexa.acp.providers.base import Cancelled, ToolCall, ToolSpec, race_cancel, text_field
 
 ToolContent = ContentToolCallContent | FileEditToolCallContent | TerminalToolCallContent
 Progress = Callable[[list[ToolContent]], Awaitable[None]]
@@ -178,62 +178,51 @@ class UpdatePlanArgs(_Args):
     )
 
 
+A = TypeVar("A", bound=_Args)
+Run = Callable[["ToolHost", A, ToolCall, asyncio.Event, Progress], Awaitable["ToolResult"]]
+
+
+# What a call's editor title names after the verb; arguments are unvalidated here.
+
+
+def _path_subject(args: dict[str, Any]) -> str:
+    return text_field(args, "path")
+
+
+def _search_subject(args: dict[str, Any]) -> str:
+    path = _path_subject(args)
+    query = args.get("query")
+    return f"{query!r} in {path or '.'}" if isinstance(query, str) else path
+
+
+def _command_subject(args: dict[str, Any]) -> str:
+    return f"`{text_field(args, 'command')}`"
+
+
 @dataclass(frozen=True)
-class Tool:
-    """``shown`` False: the editor sees the call's effect (the plan) instead of a tool-call
-    card, which for a to-do list would only repeat it."""
+class Tool(Generic[A]):
+    """One tool: what the model is told of it, how the editor shows a call, and its ``run``
+    (a :class:`ToolHost` method, given the parsed ``args``).
+
+    The editor's title is ``verb`` and the ``subject`` read from the call's arguments;
+    ``located`` calls point the editor at their ``path``. ``shown`` False: the editor sees
+    the call's effect (the plan) instead of a tool-call card, which for a to-do list would
+    only repeat it.
+    """
 
     name: str
     description: str
-    args: type[_Args]
+    args: type[A]
     kind: ToolKind
+    verb: str
+    run: Run[A]
     needs_permission: bool = False
     shown: bool = True
+    subject: Callable[[dict[str, Any]], str] = _path_subject
+    located: bool = True
 
-
-TOOLS: dict[str, Tool] = {
-    t.name: t
-    for t in [
-        Tool("read_file", "Read a text file from the workspace.", ReadFileArgs, "read"),
-        Tool(
-            "write_file",
-            "Create or overwrite a file with the given content.",
-            WriteFileArgs,
-            "edit",
-            needs_permission=True,
-        ),
-        Tool(
-            "edit_file",
-            "Replace an exact string in a file (read it first; old_string must match once).",
-            EditFileArgs,
-            "edit",
-            needs_permission=True,
-        ),
-        Tool("list_files", "List a directory of the workspace.", ListFilesArgs, "search"),
-        Tool(
-            "search_files",
-            "Search file contents for text or a regex; prints path:line: text.",
-            SearchFilesArgs,
-            "search",
-        ),
-        Tool(
-            "run_command",
-            "Run a shell command in the workspace root and return its output and exit code.",
-            RunCommandArgs,
-            "execute",
-            needs_permission=True,
-        ),
-        Tool(
-            "update_plan",
-            "Show the user your plan for a task of several steps, and keep it current: send "
-            "the whole list each time, with one step in_progress while you work on it and "
-            "each step completed once it is done.",
-            UpdatePlanArgs,
-            "think",
-            shown=False,
-        ),
-    ]
-}
+    def title(self, args: dict[str, Any]) -> str:
+        return f"{self.verb} {self.subject(args)}".strip()
 
 
 def _strip_titles(schema: Any) -> Any:
@@ -264,10 +253,7 @@ def tool_schema(args: type[_Args]) -> dict[str, Any]:
     return _strip_titles(_inline_refs(schema, schema.get("$defs", {})))
 
 
-TOOL_SPECS = [ToolSpec(t.name, t.description, tool_schema(t.args)) for t in TOOLS.values()]
-
-
-def parse_args(tool: Tool, arguments: str) -> _Args:
+def parse_args(tool: Tool[A], arguments: str) -> A:
     try:
         raw = json.loads(arguments or "{}")
     except ValueError:
@@ -380,27 +366,11 @@ class ToolHost:
         if tool is None:
             return Description(name, "other", [], raw)
         args = raw if isinstance(raw, dict) else {}
-        subject = args.get("command") if name == "run_command" else args.get("path")
-        subject = subject if isinstance(subject, str) else ""
-        verb = {
-            "read_file": "Read",
-            "write_file": "Write",
-            "edit_file": "Edit",
-            "list_files": "List",
-            "search_files": "Search",
-            "run_command": "Run",
-            "update_plan": "Update plan",
-        }[name]
-        if name == "search_files" and isinstance(args.get("query"), str):
-            subject = f"{args['query']!r} in {subject or '.'}"
-        elif name == "run_command":
-            subject = f"`{subject}`"
         locations: list[ToolCallLocation] = []
-        if name not in ("run_command", "update_plan") and isinstance(args.get("path"), str):
+        if tool.located and isinstance(args.get("path"), str):
             with contextlib.suppress(ToolError):
                 locations = [ToolCallLocation(path=str(self.workspace.resolve(args["path"])))]
-        title = f"{verb} {subject}".strip()
-        return Description(title, tool.kind, locations, raw)
+        return Description(tool.title(args), tool.kind, locations, raw)
 
     async def run(self, call: ToolCall, cancel: asyncio.Event, progress: Progress) -> ToolResult:
         """Run one call; a ToolError becomes a failed result, Cancelled propagates."""
@@ -409,9 +379,7 @@ class ToolHost:
             known = ", ".join(TOOLS)
             return ToolResult(f"unknown tool {call.name!r}; available: {known}", ok=False)
         try:
-            args = parse_args(tool, call.arguments)
-            handler = getattr(self, f"_{tool.name}")
-            return await handler(args, call, cancel, progress)
+            return await tool.run(self, parse_args(tool, call.arguments), call, cancel, progress)
         except ToolError as exc:
             return ToolResult(str(exc), ok=False)
 
@@ -518,11 +486,8 @@ class ToolHost:
         path = self.workspace.resolve(args.path)
         rel = self.workspace.relative(path)
         old = await self._existing_text(path, cancel)
-        diff: list[ToolContent] = [tool_diff_content(str(path), args.content, old)]
-        if not await self._permitted(call, diff, cancel):
-            return ToolResult(f"The user denied permission; {rel} was not written.", False, diff)
-        await self._write_text(path, args.content, cancel)
-        return ToolResult(f"Wrote {len(args.content)} characters to {rel}.", content=diff)
+        done = f"Wrote {len(args.content)} characters to {rel}."
+        return await self._change(call, path, args.content, old, cancel, done, "written")
 
     async def _edit_file(
         self, args: EditFileArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
@@ -539,13 +504,28 @@ class ToolHost:
                 "or set replace_all"
             )
         new = old.replace(args.old_string, args.new_string, -1 if args.replace_all else 1)
+        done = f"Replaced {count if args.replace_all else 1} occurrence(s) in {rel}."
+        return await self._change(call, path, new, old, cancel, done, "changed")
+
+    async def _change(
+        self,
+        call: ToolCall,
+        path: Path,
+        new: str,
+        old: str | None,
+        cancel: asyncio.Event,
+        done: str,
+        verb: str,
+    ) -> ToolResult:
+        """Show the change as a diff, ask, then write it: write_file and edit_file differ
+        only in how they arrive at the new text. ``done`` is the model's result; ``verb``
+        says what a refusal left undone to ``path``."""
         diff: list[ToolContent] = [tool_diff_content(str(path), new, old)]
         if not await self._permitted(call, diff, cancel):
-            return ToolResult(f"The user denied permission; {rel} was not changed.", False, diff)
+            rel = self.workspace.relative(path)
+            return ToolResult(f"The user denied permission; {rel} was not {verb}.", False, diff)
         await self._write_text(path, new, cancel)
-        return ToolResult(
-            f"Replaced {count if args.replace_all else 1} occurrence(s) in {rel}.", content=diff
-        )
+        return ToolResult(done, content=diff)
 
     async def _list_files(
         self, args: ListFilesArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
@@ -697,6 +677,89 @@ class ToolHost:
                 f"[... {len(text) - MAX_OUTPUT_CHARS} characters cut]\n" + text[-MAX_OUTPUT_CHARS:]
             )
         return ToolResult(f"{status}\n{text}", ok=proc.returncode == 0)
+
+
+# -- the tools -----------------------------------------------------------------------------
+
+
+TOOLS: dict[str, Tool[Any]] = {
+    t.name: t
+    for t in [
+        Tool(
+            "read_file",
+            "Read a text file from the workspace.",
+            ReadFileArgs,
+            "read",
+            "Read",
+            ToolHost._read_file,
+        ),
+        Tool(
+            "write_file",
+            "Create or overwrite a file with the given content.",
+            WriteFileArgs,
+            "edit",
+            "Write",
+            ToolHost._write_file,
+            needs_permission=True,
+        ),
+        Tool(
+            "edit_file",
+            "Replace an exact string in a file (read it first; old_string must match once).",
+            EditFileArgs,
+            "edit",
+            "Edit",
+            ToolHost._edit_file,
+            needs_permission=True,
+        ),
+        Tool(
+            "list_files",
+            "List a directory of the workspace.",
+            ListFilesArgs,
+            "search",
+            "List",
+            ToolHost._list_files,
+        ),
+        Tool(
+            "search_files",
+            "Search file contents for text or a regex; prints path:line: text.",
+            SearchFilesArgs,
+            "search",
+            "Search",
+            ToolHost._search_files,
+            subject=_search_subject,
+        ),
+        Tool(
+            "run_command",
+            "Run a shell command in the workspace root and return its output and exit code.",
+            RunCommandArgs,
+            "execute",
+            "Run",
+            ToolHost._run_command,
+            needs_permission=True,
+            subject=_command_subject,
+            located=False,
+        ),
+        Tool(
+            "update_plan",
+            "Show the user your plan for a task of several steps, and keep it current: send "
+            "the whole list each time, with one step in_progress while you work on it and "
+            "each step completed once it is done.",
+            UpdatePlanArgs,
+            "think",
+            "Update plan",
+            ToolHost._update_plan,
+            shown=False,
+            located=False,
+        ),
+    ]
+}
+TOOL_SPECS = [ToolSpec(t.name, t.description, tool_schema(t.args)) for t in TOOLS.values()]
+
+
+def is_shown(name: str) -> bool:
+    """Whether the editor sees this call as a tool call (unknown tools are, as failures)."""
+    tool = TOOLS.get(name)
+    return tool is None or tool.shown
 
 
 def _exit_text(code: int | None, sig: str | None) -> str:

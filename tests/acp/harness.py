@@ -7,6 +7,8 @@ gateway translators from the same OpenAI chunks, so one script drives all three 
 
 ``Editor`` is the client side of ACP: it records every ``session/update``, answers
 permission requests as told, and serves ``fs/*`` and ``terminal/*`` from the real disk.
+``tool_results`` and its neighbours read a recorded request whatever its dialect, and
+``prompt_once`` is the common test body: one agent process, one session, one prompt.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from acp import PROTOCOL_VERSION, spawn_agent_process
+from acp import PROTOCOL_VERSION, spawn_agent_process, text_block
 from acp.core import ClientSideConnection
 from acp.schema import (
     AgentMessageChunk,
@@ -118,6 +120,39 @@ class Recorded:
     wire_api: str
     body: dict[str, Any]
     headers: dict[str, str]
+
+
+# -- reading what the agent sent upstream, per dialect --------------------------------------
+
+
+def tool_results(req: Recorded) -> dict[str, str]:
+    body = req.body
+    if req.wire_api == "openai-chat":
+        return {m["tool_call_id"]: m["content"] for m in body["messages"] if m["role"] == "tool"}
+    if req.wire_api == "openai-responses":
+        return {
+            i["call_id"]: i["output"] for i in body["input"] if i["type"] == "function_call_output"
+        }
+    return {
+        b["tool_use_id"]: b["content"]
+        for m in body["messages"]
+        if m["role"] == "user"
+        for b in m["content"]
+        if b["type"] == "tool_result"
+    }
+
+
+def tool_names(req: Recorded) -> list[str]:
+    tools = req.body["tools"]
+    if req.wire_api == "openai-chat":
+        return [t["function"]["name"] for t in tools]
+    return [t["name"] for t in tools]
+
+
+def system_prompt(req: Recorded) -> str:
+    if req.wire_api == "openai-chat":
+        return req.body["messages"][0]["content"]
+    return req.body["instructions" if req.wire_api == "openai-responses" else "system"]
 
 
 class Upstream:
@@ -394,3 +429,16 @@ async def agent_process(
             WAIT_S,
         )
         yield conn, init
+
+
+async def prompt(conn: ClientSideConnection, session_id: str, text: str) -> Any:
+    return await asyncio.wait_for(
+        conn.prompt(session_id=session_id, prompt=[text_block(text)]), WAIT_S
+    )
+
+
+async def prompt_once(editor: Editor, env: dict[str, str], cwd: Path, text: str = "hi") -> Any:
+    """A fresh agent process, one new session in ``cwd``, one prompt: its response."""
+    async with agent_process(editor, env) as (conn, _):
+        session = await conn.new_session(cwd=str(cwd))
+        return await prompt(conn, session.session_id, text)

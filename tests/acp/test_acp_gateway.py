@@ -3,17 +3,16 @@ the gateway serves: the agent's encoders meet the gateway's parsers and translat
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
-from acp import RequestError, text_block
+from acp import RequestError
 
 from helexa.config import ModelProfile
 from helexa.cortex.catalogue import Catalogue
 from helexa.cortex.fleet import Fleet
-from tests.acp.harness import WAIT_S, WIRE_APIS, Editor, agent_process, env_for
+from tests.acp.harness import WIRE_APIS, Editor, env_for, prompt_once
 
 servers = pytest.importorskip("tests.support.servers")  # the gateway's own test harness
 scripted = pytest.importorskip("tests.support.scripted_neuron")
@@ -35,15 +34,9 @@ async def test_agent_through_the_helexa_gateway(
     (workspace / "notes.txt").write_text("pineapple\n")
     neuron = scripted.ScriptedNeuron(models={"scripted": "loaded"}, script=model_turns)
     editor = Editor()
-    async with (
-        servers.gateway_over(neuron) as gateway,
-        agent_process(editor, env_for(xdg, gateway.url, wire_api)) as (conn, _),
-    ):
-        session = await conn.new_session(cwd=str(workspace))
-        response = await asyncio.wait_for(
-            conn.prompt(session_id=session.session_id, prompt=[text_block("What's in notes?")]),
-            WAIT_S,
-        )
+    async with servers.gateway_over(neuron) as gateway:
+        env = env_for(xdg, gateway.url, wire_api)
+        response = await prompt_once(editor, env, workspace, "What's in notes?")
 
     assert response.stop_reason == "end_turn"
     assert editor.reads == [str(workspace / "notes.txt")]
@@ -70,22 +63,10 @@ async def test_the_gateway_context_length_sizes_the_answer(
     editor = Editor()
     async with servers.gateway_over(neuron, make_fleet=with_catalogue) as gateway:
         env = {**env_for(xdg, gateway.url, "anthropic-messages"), "HELEXA_ACP_MODEL": "small"}
-        async with agent_process(editor, env) as (conn, _):
-            session = await conn.new_session(cwd=str(workspace))
-            response = await asyncio.wait_for(
-                conn.prompt(session_id=session.session_id, prompt=[text_block("hi")]), WAIT_S
-            )
+        response = await prompt_once(editor, env, workspace)
     assert response.stop_reason == "end_turn" and editor.message_text() == "Hello world"
     [request] = neuron.requests
     assert request["max_tokens"] == 1024
-
-
-async def prompt_once(editor: Editor, env: dict[str, str], cwd: Path) -> Any:
-    async with agent_process(editor, env) as (conn, _):
-        session = await conn.new_session(cwd=str(cwd))
-        return await asyncio.wait_for(
-            conn.prompt(session_id=session.session_id, prompt=[text_block("hi")]), WAIT_S
-        )
 
 
 @pytest.mark.parametrize("wire_api", WIRE_APIS)

@@ -10,28 +10,27 @@ is named events: ``message_start`` → per block ``content_block_start`` / ``_de
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from helexa.acp.config import DEFAULT_CONTEXT_WINDOW, answer_reserve
 from helexa.acp.providers.base import (
+    Decoder,
     Finish,
     FinishReason,
     HttpProvider,
+    PendingCall,
     ProviderError,
     ProviderEvent,
     ProviderRequest,
     ReasoningDelta,
     TextDelta,
     ToolCallArgsDelta,
-    ToolCallComplete,
     ToolCallStart,
     Usage,
     as_int,
     error_text,
-    parse_json,
+    text_field,
 )
-from helexa.wire.streams import SSEEvent
 
 ANTHROPIC_VERSION = "2023-06-01"
 # The API requires max_tokens; without an endpoint to size it by, assume the default window.
@@ -111,29 +110,26 @@ _STOP: dict[str, FinishReason] = {
 }
 
 
-@dataclass
-class _Call:
-    id: str
-    name: str
-    arguments: str = ""
-    complete: bool = False
+def _text(obj: dict[str, Any], kind: Any, suffix: str) -> list[ProviderEvent]:
+    """Text or thinking in a content block (``suffix`` "") or in a delta to one ("_delta"):
+    both carry it under the same key, ``text`` or ``thinking``."""
+    if kind == f"text{suffix}" and (text := text_field(obj, "text")):
+        return [TextDelta(text)]
+    if kind == f"thinking{suffix}" and (thinking := text_field(obj, "thinking")):
+        return [ReasoningDelta(thinking)]
+    return []
 
 
-class AnthropicMessagesDecoder:
+class AnthropicMessagesDecoder(Decoder):
+    truncated = "the upstream ended the stream before message_stop"
+
     def __init__(self) -> None:
-        self._calls: dict[int, _Call] = {}  # tool_use blocks by content block index
+        super().__init__()
+        self._calls: dict[int, PendingCall] = {}  # tool_use blocks by content block index
         self._input_tokens = 0
         self._cached_tokens = 0
-        self._reason: FinishReason | None = None
-        self._done = False
 
-    def feed(self, event: SSEEvent) -> list[ProviderEvent]:
-        if self._done:
-            return []
-        payload = parse_json(event)
-        if payload is None:
-            return []
-        kind = payload.get("type") or event.event
+    def _decode(self, payload: dict[str, Any], kind: Any) -> list[ProviderEvent]:
         if kind == "message_start":
             message = payload.get("message")
             usage = message.get("usage") if isinstance(message, dict) else None
@@ -145,7 +141,8 @@ class AnthropicMessagesDecoder:
         if kind == "content_block_delta":
             return self._block_delta(payload)
         if kind == "content_block_stop":
-            return self._complete(self._call_at(payload))
+            call = self._call_at(payload)
+            return call.completed() if call is not None else []
         if kind == "message_delta":
             delta = payload.get("delta")
             reason = delta.get("stop_reason") if isinstance(delta, dict) else None
@@ -163,13 +160,6 @@ class AnthropicMessagesDecoder:
             raise ProviderError(error_text(payload))
         return []  # ping, and whatever Anthropic adds next
 
-    def end(self) -> list[ProviderEvent]:
-        if self._done:
-            return []
-        if self._reason is None:
-            raise ProviderError("the upstream ended the stream before message_stop")
-        return self._finish()
-
     def _usage_in(self, usage: dict[str, Any]) -> None:
         if "input_tokens" not in usage:
             return
@@ -183,13 +173,9 @@ class AnthropicMessagesDecoder:
         if not isinstance(block, dict):
             return []
         kind = block.get("type")
-        if kind == "text" and isinstance(block.get("text"), str) and block["text"]:
-            return [TextDelta(block["text"])]
-        if kind == "thinking" and isinstance(block.get("thinking"), str) and block["thinking"]:
-            return [ReasoningDelta(block["thinking"])]
         if kind != "tool_use" or not isinstance(payload.get("index"), int):
-            return []
-        call = _Call(block.get("id") or f"toolu_{payload['index']}", block.get("name") or "")
+            return _text(block, kind, "")
+        call = PendingCall(block.get("id") or f"toolu_{payload['index']}", block.get("name") or "")
         self._calls[payload["index"]] = call
         out: list[ProviderEvent] = [ToolCallStart(call.id, call.name)]
         if isinstance(block.get("input"), dict) and block["input"]:
@@ -202,44 +188,31 @@ class AnthropicMessagesDecoder:
         if not isinstance(delta, dict):
             return []
         kind = delta.get("type")
-        if kind == "text_delta" and isinstance(delta.get("text"), str) and delta["text"]:
-            return [TextDelta(delta["text"])]
-        if (
-            kind == "thinking_delta"
-            and isinstance(delta.get("thinking"), str)
-            and delta["thinking"]
-        ):
-            return [ReasoningDelta(delta["thinking"])]
-        if kind == "input_json_delta":
-            call = self._call_at(payload)
-            part = delta.get("partial_json")
-            if call is None or call.complete or not isinstance(part, str) or not part:
-                return []
-            call.arguments += part
-            return [ToolCallArgsDelta(call.id, part)]
-        return []
+        if kind != "input_json_delta":
+            return _text(delta, kind, "_delta")
+        call = self._call_at(payload)
+        part = delta.get("partial_json")
+        if call is None or call.complete or not isinstance(part, str) or not part:
+            return []
+        call.arguments += part
+        return [ToolCallArgsDelta(call.id, part)]
 
-    def _call_at(self, payload: dict[str, Any]) -> _Call | None:
+    def _call_at(self, payload: dict[str, Any]) -> PendingCall | None:
         index = payload.get("index")
         return self._calls.get(index) if isinstance(index, int) else None
-
-    def _complete(self, call: _Call | None) -> list[ProviderEvent]:
-        if call is None or call.complete:
-            return []
-        call.complete = True
-        return [ToolCallComplete(call.id, call.name, call.arguments or "{}")]
 
     def _finish(self) -> list[ProviderEvent]:
         self._done = True
         out: list[ProviderEvent] = []
         for call in self._calls.values():
-            out += self._complete(call)
+            out += call.completed()
         reason = self._reason or ("tool_calls" if self._calls else "stop")
         return [*out, Finish(reason)]
 
 
 class AnthropicMessagesProvider(HttpProvider):
     path = "/messages"
+    decoder = AnthropicMessagesDecoder
 
     def headers(self) -> dict[str, str]:
         headers = {"anthropic-version": ANTHROPIC_VERSION}
@@ -254,6 +227,3 @@ class AnthropicMessagesProvider(HttpProvider):
 
     def encode(self, request: ProviderRequest) -> dict[str, Any]:
         return encode(request, self.endpoint.answer_reserve)
-
-    def decoder(self) -> AnthropicMessagesDecoder:
-        return AnthropicMessagesDecoder()

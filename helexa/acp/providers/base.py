@@ -1,9 +1,9 @@
-"""What the agent loop sees of a model, whatever wire API carries it.
+"""What a prompt turn (:mod:`helexa.acp.turn`) sees of a model, whatever wire API carries it.
 
-The loop builds a :class:`ProviderRequest` (conversation, tools, system prompt) and reads
+A turn builds a :class:`ProviderRequest` (conversation, tools, system prompt) and reads
 :data:`ProviderEvent` values back; each wire module turns the one into a request body and
-the server's SSE stream into the other. Decoders are pure state machines fed one
-:class:`~helexa.wire.streams.SSEEvent` at a time, so every shape is testable without I/O;
+the server's SSE stream into the other. Decoders (each a :class:`Decoder`) are pure state
+machines fed one :class:`~helexa.wire.streams.SSEEvent` at a time, so every shape is testable without I/O;
 :class:`HttpProvider` is the only place that touches the network.
 """
 
@@ -141,14 +141,6 @@ class Cancelled(Exception):
     """The session's cancel event fired while we were waiting."""
 
 
-class Decoder(Protocol):
-    def feed(self, event: SSEEvent) -> list[ProviderEvent]: ...
-
-    def end(self) -> list[ProviderEvent]:
-        """The byte stream ended: flush what is pending, or raise if it was cut short."""
-        ...
-
-
 class Provider(Protocol):
     def stream(
         self, request: ProviderRequest, cancel: asyncio.Event
@@ -198,19 +190,79 @@ def as_int(value: Any) -> int:
     return value if isinstance(value, int) else 0
 
 
-def listed_window(entry: Any) -> int | None:
-    """A model entry's ``context_length`` (helexa's gateway lists one per model, null when it
-    does not know), when it is a usable token count."""
-    value = entry.get("context_length") if isinstance(entry, dict) else None
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    return None
+def text_field(obj: dict[str, Any], key: str) -> str:
+    """``obj[key]`` when it is a string, else "": servers send nulls where text would go."""
+    value = obj.get(key)
+    return value if isinstance(value, str) else ""
 
 
-def api_root(base_url: str) -> str:
-    """``http://host:port`` and ``http://host:port/v1`` both mean the same API root."""
-    base = base_url.rstrip("/")
-    return base if base.endswith("/v1") else f"{base}/v1"
+def openai_usage(usage: dict[str, Any], input_key: str, output_key: str) -> Usage:
+    """OpenAI's usage object under either API's names (chat: ``prompt_tokens`` /
+    ``completion_tokens``, Responses: ``input_tokens`` / ``output_tokens``); both put the
+    cached count in ``<input_key>_details``."""
+    details = usage.get(f"{input_key}_details")
+    cached = as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    return Usage(as_int(usage.get(input_key)), as_int(usage.get(output_key)), cached)
+
+
+# -- decoders ------------------------------------------------------------------------------
+
+
+@dataclass
+class PendingCall:
+    """A tool call still streaming: its arguments gather until the server says it is whole."""
+
+    id: str
+    name: str = ""
+    arguments: str = ""
+    complete: bool = False
+
+    def completed(self) -> list[ProviderEvent]:
+        """Its :class:`ToolCallComplete`, the first time only: a server may end a call twice
+        (its own done event, then the end of the answer)."""
+        if self.complete:
+            return []
+        self.complete = True
+        return [ToolCallComplete(self.id, self.name, self.arguments or "{}")]
+
+
+class Decoder:
+    """One wire's SSE stream as :data:`ProviderEvent` values, one event at a time.
+
+    A subclass reads each JSON payload in :meth:`_decode` and sets ``_reason`` once the server
+    says how the answer ended; after :meth:`_finish` (``_done``) further events are ignored,
+    and a stream that stops with no reason yet was cut short.
+    """
+
+    truncated: ClassVar[str]  # the error for a stream that stopped before its end
+
+    def __init__(self) -> None:
+        self._reason: FinishReason | None = None
+        self._done = False
+
+    def feed(self, event: SSEEvent) -> list[ProviderEvent]:
+        if self._done:
+            return []
+        payload = parse_json(event)
+        if payload is None:
+            return []
+        return self._decode(payload, payload.get("type") or event.event)
+
+    def end(self) -> list[ProviderEvent]:
+        """The byte stream ended: flush what is pending, or raise if it was cut short."""
+        if self._done:
+            return []
+        if self._reason is None:
+            raise ProviderError(self.truncated)
+        return self._finish()
+
+    def _decode(self, payload: dict[str, Any], kind: Any) -> list[ProviderEvent]:
+        """One payload; ``kind`` is its ``type``, else the SSE event name."""
+        raise NotImplementedError
+
+    def _finish(self) -> list[ProviderEvent]:
+        """The answer is over: complete what is pending and say why it ended."""
+        raise NotImplementedError
 
 
 # -- cancellation --------------------------------------------------------------------------
@@ -242,10 +294,26 @@ async def race_cancel(awaitable: Awaitable[T], cancel: asyncio.Event) -> T:
 # -- HTTP ----------------------------------------------------------------------------------
 
 
+def listed_window(entry: Any) -> int | None:
+    """A model entry's ``context_length`` (helexa's gateway lists one per model, null when it
+    does not know), when it is a usable token count."""
+    value = entry.get("context_length") if isinstance(entry, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def api_root(base_url: str) -> str:
+    """``http://host:port`` and ``http://host:port/v1`` both mean the same API root."""
+    base = base_url.rstrip("/")
+    return base if base.endswith("/v1") else f"{base}/v1"
+
+
 class HttpProvider:
     """One wire API over aiohttp; subclasses name the path, the encoder and the decoder."""
 
     path: ClassVar[str]
+    decoder: ClassVar[type[Decoder]]  # one per stream: it holds that stream's state
 
     def __init__(self, endpoint: Endpoint, http: aiohttp.ClientSession) -> None:
         self.endpoint = endpoint
@@ -261,9 +329,6 @@ class HttpProvider:
         return self.headers()
 
     def encode(self, request: ProviderRequest) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def decoder(self) -> Decoder:
         raise NotImplementedError
 
     async def stream(

@@ -11,21 +11,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from helexa.acp.providers.base import (
+    Decoder,
     Finish,
     FinishReason,
     HttpProvider,
+    PendingCall,
     ProviderError,
     ProviderEvent,
     ProviderRequest,
     ReasoningDelta,
     TextDelta,
     ToolCallArgsDelta,
-    ToolCallComplete,
     ToolCallStart,
-    Usage,
-    as_int,
     error_text,
-    parse_json,
+    openai_usage,
+    text_field,
 )
 from helexa.wire.streams import SSEEvent
 
@@ -86,27 +86,23 @@ _FINISH: dict[str, FinishReason] = {
 
 
 @dataclass
-class _Call:
-    id: str
-    name: str = ""
-    arguments: str = ""
-    started: bool = False
+class _Call(PendingCall):
+    started: bool = False  # announced: its name is known
 
 
-class OpenAIChatDecoder:
+class OpenAIChatDecoder(Decoder):
+    truncated = "the upstream ended the stream before the answer was finished"
+
     def __init__(self) -> None:
+        super().__init__()
         self._calls: dict[Any, _Call] = {}
-        self._reason: FinishReason | None = None
-        self._done = False
 
     def feed(self, event: SSEEvent) -> list[ProviderEvent]:
-        if self._done:
-            return []
-        if event.data.strip() == "[DONE]":
+        if not self._done and event.data.strip() == "[DONE]":
             return self._finish()
-        chunk = parse_json(event)
-        if chunk is None:
-            return []
+        return super().feed(event)
+
+    def _decode(self, chunk: dict[str, Any], kind: Any) -> list[ProviderEvent]:
         if chunk.get("error"):
             raise ProviderError(error_text(chunk))
         out: list[ProviderEvent] = []
@@ -119,8 +115,8 @@ class OpenAIChatDecoder:
             if isinstance(reasoning, str) and reasoning:
                 out.append(ReasoningDelta(reasoning))
             for key in ("content", "refusal"):
-                if isinstance(delta.get(key), str) and delta[key]:
-                    out.append(TextDelta(delta[key]))
+                if text := text_field(delta, key):
+                    out.append(TextDelta(text))
             for call in delta.get("tool_calls") or []:
                 if isinstance(call, dict):
                     out += self._tool(call)
@@ -130,23 +126,8 @@ class OpenAIChatDecoder:
                 out += self._complete()
         usage = chunk.get("usage")
         if isinstance(usage, dict):
-            details = usage.get("prompt_tokens_details")
-            cached = as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-            out.append(
-                Usage(
-                    as_int(usage.get("prompt_tokens")),
-                    as_int(usage.get("completion_tokens")),
-                    cached,
-                )
-            )
+            out.append(openai_usage(usage, "prompt_tokens", "completion_tokens"))
         return out
-
-    def end(self) -> list[ProviderEvent]:
-        if self._done:
-            return []
-        if self._reason is None:
-            raise ProviderError("the upstream ended the stream before the answer was finished")
-        return self._finish()
 
     def _tool(self, fragment: dict[str, Any]) -> list[ProviderEvent]:
         key = fragment.get("index")
@@ -174,11 +155,7 @@ class OpenAIChatDecoder:
         return out
 
     def _complete(self) -> list[ProviderEvent]:
-        out: list[ProviderEvent] = [
-            ToolCallComplete(c.id, c.name, c.arguments or "{}")
-            for c in self._calls.values()
-            if c.name
-        ]
+        out = [event for c in self._calls.values() if c.name for event in c.completed()]
         self._calls.clear()
         return out
 
@@ -192,9 +169,7 @@ class OpenAIChatDecoder:
 
 class OpenAIChatProvider(HttpProvider):
     path = "/chat/completions"
+    decoder = OpenAIChatDecoder
 
     def encode(self, request: ProviderRequest) -> dict[str, Any]:
         return encode(request)
-
-    def decoder(self) -> OpenAIChatDecoder:
-        return OpenAIChatDecoder()

@@ -9,27 +9,25 @@ names every event in its payload's ``type``; function call arguments are correla
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from helexa.acp.providers.base import (
+    Decoder,
     Finish,
     FinishReason,
     HttpProvider,
+    PendingCall,
     ProviderError,
     ProviderEvent,
     ProviderRequest,
     ReasoningDelta,
     TextDelta,
     ToolCallArgsDelta,
-    ToolCallComplete,
     ToolCallStart,
-    Usage,
-    as_int,
     error_text,
-    parse_json,
+    openai_usage,
+    text_field,
 )
-from helexa.wire.streams import SSEEvent
 
 
 def encode(request: ProviderRequest) -> dict[str, Any]:
@@ -74,28 +72,18 @@ def encode(request: ProviderRequest) -> dict[str, Any]:
 _INCOMPLETE: dict[str, FinishReason] = {"max_output_tokens": "length", "content_filter": "refusal"}
 
 
-@dataclass
-class _Call:
-    call_id: str
-    name: str
-    arguments: str = ""
-    complete: bool = False
+class OpenAIResponsesDecoder(Decoder):
+    # Only response.completed (or .incomplete) says how the answer ended, and it ends the
+    # stream too: _reason is never set early, so a stream without it was always cut short.
+    truncated = "the upstream ended the stream before response.completed"
 
-
-class OpenAIResponsesDecoder:
     def __init__(self) -> None:
-        self._calls: dict[Any, _Call] = {}  # keyed by item id and by output index
-        self._order: list[_Call] = []
+        super().__init__()
+        self._calls: dict[Any, PendingCall] = {}  # keyed by item id and by output index
+        self._order: list[PendingCall] = []
         self._refused = False
-        self._done = False
 
-    def feed(self, event: SSEEvent) -> list[ProviderEvent]:
-        if self._done:
-            return []
-        payload = parse_json(event)
-        if payload is None:
-            return []
-        kind = payload.get("type") or event.event
+    def _decode(self, payload: dict[str, Any], kind: Any) -> list[ProviderEvent]:
         if kind == "response.output_item.added":
             return self._added(payload)
         if kind == "response.function_call_arguments.delta":
@@ -104,7 +92,7 @@ class OpenAIResponsesDecoder:
             if call is None or call.complete or not isinstance(delta, str) or not delta:
                 return []
             call.arguments += delta
-            return [ToolCallArgsDelta(call.call_id, delta)]
+            return [ToolCallArgsDelta(call.id, delta)]
         if kind == "response.function_call_arguments.done":
             return self._complete(self._lookup(payload), payload.get("arguments"))
         if kind == "response.output_item.done":
@@ -114,13 +102,13 @@ class OpenAIResponsesDecoder:
             return []
         if kind in ("response.output_text.delta", "response.refusal.delta"):
             self._refused |= kind == "response.refusal.delta"
-            delta = payload.get("delta")
-            return [TextDelta(delta)] if isinstance(delta, str) and delta else []
+            delta = text_field(payload, "delta")
+            return [TextDelta(delta)] if delta else []
         if kind in ("response.reasoning_text.delta", "response.reasoning_summary_text.delta"):
-            delta = payload.get("delta")
-            return [ReasoningDelta(delta)] if isinstance(delta, str) and delta else []
+            delta = text_field(payload, "delta")
+            return [ReasoningDelta(delta)] if delta else []
         if kind in ("response.completed", "response.incomplete"):
-            return self._finish(payload.get("response"))
+            return self._response_end(payload.get("response"))
         if kind == "response.failed":
             response = payload.get("response")
             error = response.get("error") if isinstance(response, dict) else None
@@ -129,28 +117,23 @@ class OpenAIResponsesDecoder:
             raise ProviderError(error_text(payload))
         return []
 
-    def end(self) -> list[ProviderEvent]:
-        if self._done:
-            return []
-        raise ProviderError("the upstream ended the stream before response.completed")
-
     def _added(self, payload: dict[str, Any]) -> list[ProviderEvent]:
         item = payload.get("item")
         if not isinstance(item, dict) or item.get("type") != "function_call":
             return []
         call_id = item.get("call_id") or item.get("id") or f"call_{len(self._order)}"
-        call = _Call(call_id, item.get("name") or "")
+        call = PendingCall(call_id, item.get("name") or "")
         self._order.append(call)
         for key in (item.get("id"), payload.get("output_index")):
             if key is not None:
                 self._calls[key] = call
-        out: list[ProviderEvent] = [ToolCallStart(call.call_id, call.name)]
+        out: list[ProviderEvent] = [ToolCallStart(call.id, call.name)]
         if isinstance(item.get("arguments"), str) and item["arguments"]:
             call.arguments = item["arguments"]
-            out.append(ToolCallArgsDelta(call.call_id, call.arguments))
+            out.append(ToolCallArgsDelta(call.id, call.arguments))
         return out
 
-    def _lookup(self, payload: dict[str, Any]) -> _Call | None:
+    def _lookup(self, payload: dict[str, Any]) -> PendingCall | None:
         item = payload.get("item")
         item_id = item.get("id") if isinstance(item, dict) else None
         for key in (payload.get("item_id"), item_id, payload.get("output_index")):
@@ -158,15 +141,15 @@ class OpenAIResponsesDecoder:
                 return self._calls[key]
         return None
 
-    def _complete(self, call: _Call | None, arguments: Any) -> list[ProviderEvent]:
+    def _complete(self, call: PendingCall | None, arguments: Any) -> list[ProviderEvent]:
         if call is None or call.complete:
             return []
-        call.complete = True
         if isinstance(arguments, str) and arguments:
             call.arguments = arguments  # the server's final word beats our concatenation
-        return [ToolCallComplete(call.call_id, call.name, call.arguments or "{}")]
+        return call.completed()
 
-    def _finish(self, response: Any) -> list[ProviderEvent]:
+    def _response_end(self, response: Any) -> list[ProviderEvent]:
+        """``response.completed`` / ``.incomplete``: the answer, and the stream, are over."""
         self._done = True
         response = response if isinstance(response, dict) else {}
         out: list[ProviderEvent] = []
@@ -174,11 +157,7 @@ class OpenAIResponsesDecoder:
             out += self._complete(call, None)
         usage = response.get("usage")
         if isinstance(usage, dict):
-            details = usage.get("input_tokens_details")
-            cached = as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-            out.append(
-                Usage(as_int(usage.get("input_tokens")), as_int(usage.get("output_tokens")), cached)
-            )
+            out.append(openai_usage(usage, "input_tokens", "output_tokens"))
         reason: FinishReason = "tool_calls" if self._order else "stop"
         if response.get("status") == "incomplete":
             details = response.get("incomplete_details")
@@ -192,9 +171,7 @@ class OpenAIResponsesDecoder:
 
 class OpenAIResponsesProvider(HttpProvider):
     path = "/responses"
+    decoder = OpenAIResponsesDecoder
 
     def encode(self, request: ProviderRequest) -> dict[str, Any]:
         return encode(request)
-
-    def decoder(self) -> OpenAIResponsesDecoder:
-        return OpenAIResponsesDecoder()
