@@ -32,7 +32,9 @@ from helexa.cortex.auth import KeyPolicy
 from helexa.cortex.fleet import Fleet, Lease, ModelNotFound, NoCapacity
 from helexa.errors import ApiError
 from helexa.neuron.interface import ModelState
-from helexa.wire.anthropic import parse_count_tokens_request, parse_messages_request
+from helexa.wire.anthropic.envelopes import parse_count_tokens_request, parse_messages_request
+from helexa.wire.anthropic.stream import PING, AnthropicStreamTranslator
+from helexa.wire.anthropic.translate import anthropic_to_openai, openai_to_anthropic
 from helexa.wire.errors import (
     Dialect,
     WireError,
@@ -40,25 +42,17 @@ from helexa.wire.errors import (
     error_body,
     validation_message,
 )
-from helexa.wire.openai import Model, ModelList, parse_chat_request, parse_completion_request
-from helexa.wire.responses import ResponsesRequest, parse_responses_request
-from helexa.wire.streams import (
-    PING,
-    SSE_DONE,
-    AnthropicStreamTranslator,
-    Event,
-    ResponsesStreamTranslator,
-    sse,
-    sse_events,
+from helexa.wire.openai.envelopes import (
+    Model,
+    ModelList,
+    parse_chat_request,
+    parse_completion_request,
 )
-from helexa.wire.translate import (
-    ChatAccumulator,
-    accumulate_completion,
-    anthropic_to_openai,
-    openai_to_anthropic,
-    openai_to_responses,
-    responses_to_openai,
-)
+from helexa.wire.openai.translate import ChatAccumulator, accumulate_completion
+from helexa.wire.responses.envelopes import ResponsesRequest, parse_responses_request
+from helexa.wire.responses.stream import ResponsesStreamTranslator
+from helexa.wire.responses.translate import openai_to_responses, responses_to_openai
+from helexa.wire.sse import SSE_DONE, Event, sse, sse_events
 
 log = logging.getLogger("helexa.gateway")
 

@@ -43,13 +43,9 @@ from acp.schema import (
 )
 from aiohttp import web
 
-from helexa.wire.streams import (
-    SSE_DONE,
-    AnthropicStreamTranslator,
-    ResponsesStreamTranslator,
-    chat_chunk_to_sse,
-    sse_events,
-)
+from helexa.wire.anthropic.stream import AnthropicStreamTranslator
+from helexa.wire.responses.stream import ResponsesStreamTranslator
+from helexa.wire.sse import SSE_DONE, chat_chunk_to_sse, sse_events
 
 WIRE_APIS = ["openai-chat", "openai-responses", "anthropic-messages"]
 PATHS = {

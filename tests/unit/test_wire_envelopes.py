@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from helexa.errors import ApiError
-from helexa.wire.anthropic import (
+from helexa.wire.anthropic.envelopes import (
     MessagesRequest,
     ThinkingAdaptive,
     ThinkingDisabled,
@@ -25,7 +25,7 @@ from helexa.wire.errors import (
     openai_error_body,
     validation_message,
 )
-from helexa.wire.openai import (
+from helexa.wire.openai.envelopes import (
     AssistantMessage,
     Model,
     ModelList,
@@ -33,7 +33,7 @@ from helexa.wire.openai import (
     parse_chat_request,
     parse_completion_request,
 )
-from helexa.wire.responses import (
+from helexa.wire.responses.envelopes import (
     FunctionCallItem,
     MessageItem,
     ReasoningItem,

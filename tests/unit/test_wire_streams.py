@@ -20,26 +20,20 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from helexa.wire.responses import ResponsesRequest, parse_responses_request
-from helexa.wire.streams import (
-    PING,
+from helexa.wire.anthropic.stream import PING, AnthropicStreamTranslator, error_event
+from helexa.wire.anthropic.translate import openai_to_anthropic
+from helexa.wire.openai.translate import ChatAccumulator, accumulate_chat, accumulate_completion
+from helexa.wire.responses.envelopes import ResponsesRequest, parse_responses_request
+from helexa.wire.responses.stream import ResponsesStreamTranslator
+from helexa.wire.responses.translate import openai_to_responses
+from helexa.wire.sse import (
     SSE_DONE,
-    AnthropicStreamTranslator,
     Event,
-    ResponsesStreamTranslator,
     SSEDecoder,
     SSEEvent,
     chat_chunk_to_sse,
-    error_event,
     sse,
     sse_events,
-)
-from helexa.wire.translate import (
-    ChatAccumulator,
-    accumulate_chat,
-    accumulate_completion,
-    openai_to_anthropic,
-    openai_to_responses,
 )
 
 CREATED = 1_700_000_000

@@ -13,18 +13,17 @@ import anthropic.types as at
 import pytest
 from openai.types.responses import Response
 
-from helexa.wire.anthropic import parse_count_tokens_request, parse_messages_request
-from helexa.wire.errors import WireError
-from helexa.wire.openai import parse_chat_request
-from helexa.wire.responses import parse_responses_request
-from helexa.wire.translate import (
+from helexa.wire.anthropic.envelopes import parse_count_tokens_request, parse_messages_request
+from helexa.wire.anthropic.translate import (
     anthropic_to_openai,
     map_stop_reason,
     openai_to_anthropic,
-    openai_to_responses,
     parse_tool_arguments,
-    responses_to_openai,
 )
+from helexa.wire.errors import WireError
+from helexa.wire.openai.envelopes import parse_chat_request
+from helexa.wire.responses.envelopes import parse_responses_request
+from helexa.wire.responses.translate import openai_to_responses, responses_to_openai
 
 
 def user(content: Any) -> dict[str, Any]:

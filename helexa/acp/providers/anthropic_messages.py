@@ -31,7 +31,7 @@ from helexa.acp.providers.base import (
     error_text,
     parse_json,
 )
-from helexa.wire.streams import SSEEvent
+from helexa.wire.sse import SSEEvent
 
 ANTHROPIC_VERSION = "2023-06-01"
 # The API requires max_tokens; without an endpoint to size it by, assume the default window.

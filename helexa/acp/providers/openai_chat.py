@@ -27,7 +27,7 @@ from helexa.acp.providers.base import (
     error_text,
     parse_json,
 )
-from helexa.wire.streams import SSEEvent
+from helexa.wire.sse import SSEEvent
 
 
 def encode(request: ProviderRequest) -> dict[str, Any]:
