@@ -3,7 +3,8 @@ what a neuron or endpoint sends back.
 
 Every dialect streams SSE; OpenAI frames carry only ``data:``, Anthropic and Responses
 frames a named ``event:`` too. The decoder is incremental so a reader can act on each event
-as it arrives.
+as it arrives. :class:`StreamFormat` is what each dialect's stream writer offers the
+gateway, so one relay loop serves them all.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import codecs
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+from helexa.errors import ApiError
 
 # A named stream event as the dialect translators emit it: ``(event name, payload)``.
 Event = tuple[str, dict[str, Any]]
@@ -114,3 +117,17 @@ class SSEDecoder:
         elif name == "id" and "\0" not in value:
             self._id = value
         return None
+
+
+class StreamFormat(Protocol):
+    """How one API writes the chunk stream: bytes per chunk, at the end, or on failure.
+
+    Implemented by ``OpenAIStream``, ``AnthropicStream`` and ``ResponsesStream`` in each
+    dialect's ``stream`` module.
+    """
+
+    def feed(self, chunk: dict[str, Any]) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+    def fail(self, failure: ApiError) -> bytes: ...

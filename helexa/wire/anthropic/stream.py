@@ -1,5 +1,5 @@
 """The Anthropic Messages stream: OpenAI chunks in, Anthropic's events out, in Anthropic's
-order.
+order, and the bytes a gateway writes for them (:class:`AnthropicStream`).
 
 The translator is a pure state machine: ordered ``(event, payload)`` pairs out, framed by
 the caller; it buffers nothing beyond the block it is in, so a slow client back-pressures
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from helexa.errors import ApiError
 from helexa.wire.anthropic.translate import anthropic_usage, map_stop_reason
+from helexa.wire.errors import anthropic_error_type
 from helexa.wire.openai.stream import StreamState
 from helexa.wire.openai.translate import id_suffix, new_id
-from helexa.wire.sse import Event
+from helexa.wire.sse import Event, sse_events
 
 
 def error_event(message: str, type: str = "api_error") -> Event:
@@ -164,3 +166,29 @@ class AnthropicStreamTranslator:
 
 def _block_delta(index: int, delta: dict[str, Any]) -> Event:
     return ("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+
+
+class AnthropicStream:
+    """Anthropic Messages events, framed as Anthropic sends them: a ``ping`` right after
+    ``message_start``."""
+
+    def __init__(self, model: str) -> None:
+        self.translator = AnthropicStreamTranslator(model)
+
+    def _frame(self, events: list[Event]) -> bytes:
+        out: list[Event] = []
+        for event in events:
+            out.append(event)
+            if event[0] == "message_start":
+                out.append(PING)
+        return sse_events(out)
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        return self._frame(self.translator.feed(chunk))
+
+    def finish(self) -> bytes:
+        return self._frame(self.translator.finish())
+
+    def fail(self, failure: ApiError) -> bytes:
+        kind = anthropic_error_type(failure.status)
+        return self._frame(self.translator.error(failure.message, kind))

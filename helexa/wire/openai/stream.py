@@ -1,11 +1,16 @@
-"""Reading the OpenAI chunk stream every neuron sends: the state a dialect's stream
-translator keeps across chunks.
+"""The OpenAI chunk stream every neuron sends: the state a dialect's stream translator
+keeps while reading it, and how it is written back to an OpenAI client
+(:class:`OpenAIStream`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from helexa.errors import ApiError
+from helexa.wire.errors import error_body
+from helexa.wire.sse import SSE_DONE, sse
 
 
 @dataclass
@@ -29,3 +34,28 @@ class StreamState:
             if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
                 self.deltas += 1
         return choices
+
+
+class OpenAIStream:
+    """OpenAI chat or completions chunks, re-serialised with the client's model name.
+
+    The neuron always reports usage; it is forwarded only when the client asked with
+    ``stream_options.include_usage``, as OpenAI does.
+    """
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.model = model
+        self.include_usage = include_usage
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        if "usage" in chunk and not self.include_usage:
+            if not chunk.get("choices"):
+                return b""
+            chunk = {k: v for k, v in chunk.items() if k != "usage"}
+        return sse({**chunk, "model": self.model})
+
+    def finish(self) -> bytes:
+        return SSE_DONE
+
+    def fail(self, failure: ApiError) -> bytes:
+        return sse(error_body("openai", failure))

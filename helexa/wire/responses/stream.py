@@ -1,5 +1,5 @@
 """The OpenAI Responses stream: OpenAI chunks in, Responses events out, numbered by
-``sequence_number``.
+``sequence_number``, and the bytes a gateway writes for them (:class:`ResponsesStream`).
 
 The translator is a pure state machine: ordered ``(event, payload)`` pairs out, framed by
 the caller; it buffers nothing beyond the item it is in. It assumes what every engine
@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from helexa.errors import ApiError
 from helexa.wire.openai.stream import StreamState
 from helexa.wire.openai.translate import id_suffix, new_id
 from helexa.wire.responses.envelopes import ResponsesRequest
@@ -25,7 +26,7 @@ from helexa.wire.responses.translate import (
     responses_status,
     responses_usage,
 )
-from helexa.wire.sse import Event
+from helexa.wire.sse import Event, sse_events
 
 
 @dataclass
@@ -256,3 +257,21 @@ class ResponsesStreamTranslator:
 
 def _reasoning_part(text: str) -> dict[str, Any]:
     return {"type": "reasoning_text", "text": text}
+
+
+class ResponsesStream:
+    """Responses events framed for the client; a failure's code rides ``response.failed``
+    (``server_error`` when the refusal named none)."""
+
+    def __init__(self, req: ResponsesRequest) -> None:
+        self.translator = ResponsesStreamTranslator(req)
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        return sse_events(self.translator.feed(chunk))
+
+    def finish(self) -> bytes:
+        return sse_events(self.translator.finish())
+
+    def fail(self, failure: ApiError) -> bytes:
+        code = failure.code or "server_error"
+        return sse_events(self.translator.fail(failure.message, code))
