@@ -5,12 +5,34 @@ keeps while reading it, and how it is written back to an OpenAI client
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from helexa.errors import ApiError
 from helexa.wire.errors import error_body
 from helexa.wire.sse import SSE_DONE, sse
+
+
+def delta_carries_output(delta: Mapping[str, Any]) -> bool:
+    """Whether a chat delta holds generated output: text, reasoning or a tool-call fragment,
+    not just the role or nothing."""
+    return bool(delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"))
+
+
+def choice_carries_output(choice: Mapping[str, Any]) -> bool:
+    """Whether one chunk choice holds generated output; a legacy completions choice has no
+    ``delta``, its output is ``text``."""
+    delta = choice.get("delta")
+    if delta is None:
+        return bool(choice.get("text"))
+    return bool(delta) and delta_carries_output(delta)
+
+
+def carries_output(chunk: Mapping[str, Any]) -> bool:
+    """Whether a chunk holds generated output (not just a role or the usage): the first one
+    that does marks the first token."""
+    return any(choice_carries_output(choice) for choice in chunk.get("choices") or ())
 
 
 @dataclass
@@ -30,8 +52,8 @@ class StreamState:
             self.usage = chunk["usage"]
         choices = [c for c in chunk.get("choices") or [] if c.get("index", 0) == 0]
         for choice in choices:
-            delta = choice.get("delta") or {}
-            if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+            # Translators read chat chunks only, so a legacy ``text`` choice counts for nothing.
+            if delta_carries_output(choice.get("delta") or {}):
                 self.deltas += 1
         return choices
 
