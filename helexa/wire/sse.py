@@ -36,11 +36,6 @@ def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
 SSE_DONE = sse("[DONE]")
 
 
-def chat_chunk_to_sse(chunk: dict[str, Any]) -> bytes:
-    """An OpenAI chunk as its ``data:`` frame (OpenAI streams carry no ``event:`` names)."""
-    return sse(chunk)
-
-
 def sse_events(events: list[Event]) -> bytes:
     """Translator output framed as named events, ready to write."""
     return b"".join(sse(payload, name) for name, payload in events)

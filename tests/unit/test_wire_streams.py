@@ -22,7 +22,7 @@ from pydantic import TypeAdapter
 
 from helexa.wire.anthropic.stream import PING, AnthropicStreamTranslator, error_event
 from helexa.wire.anthropic.translate import openai_to_anthropic
-from helexa.wire.openai.translate import ChatAccumulator, accumulate_chat, accumulate_completion
+from helexa.wire.openai.translate import ChatAccumulator, accumulate_completion
 from helexa.wire.responses.envelopes import ResponsesRequest, parse_responses_request
 from helexa.wire.responses.stream import ResponsesStreamTranslator
 from helexa.wire.responses.translate import openai_to_responses
@@ -31,7 +31,6 @@ from helexa.wire.sse import (
     Event,
     SSEDecoder,
     SSEEvent,
-    chat_chunk_to_sse,
     sse,
     sse_events,
 )
@@ -96,6 +95,14 @@ def script(
     return chunks
 
 
+def folded(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The completion the gateway answers with for a whole stream of chunks."""
+    acc = ChatAccumulator()
+    for c in chunks:
+        acc.add(c)
+    return acc.result()
+
+
 REASONING = ["Let me ", "think."]
 TEXT = ["Hello", ", wörld", "!"]
 TOOLS = [("call_a", "weather", ['{"city":', ' "Oslo"}']), ("call_b", "clock", ["{}"])]
@@ -158,7 +165,7 @@ def test_sse_frames_round_trip() -> None:
     assert decode_all(sse("a\nb"), 1) == [SSEEvent(None, "a\nb")]
     assert decode_all(SSE_DONE, 1) == [SSEEvent(None, "[DONE]")]
     first = script(text=["hi"])[1]
-    assert [e.json() for e in decode_all(chat_chunk_to_sse(first), 4)] == [first]
+    assert [e.json() for e in decode_all(sse(first), 4)] == [first]
     framed = sse_events([PING, error_event("boom")])
     assert [(e.event, e.json()["type"]) for e in decode_all(framed, 3)] == [
         ("ping", "ping"),
@@ -169,9 +176,9 @@ def test_sse_frames_round_trip() -> None:
 # -- folding chunks ------------------------------------------------------------------------
 
 
-def test_accumulate_chat_rebuilds_the_completion() -> None:
+def test_accumulator_rebuilds_the_completion() -> None:
     chunks = script(reasoning=REASONING, text=TEXT, tools=TOOLS, finish="tool_calls")
-    done = accumulate_chat(chunks)
+    done = folded(chunks)
     parsed = ChatCompletion.model_validate(done)
     message = parsed.choices[0].message
     assert message.content == "".join(TEXT)
@@ -237,7 +244,7 @@ def test_interleaved_tool_call_fragments_merge_by_index() -> None:
         ),
         chunk(finish="tool_calls"),
     ]
-    calls = accumulate_chat(chunks)["choices"][0]["message"]["tool_calls"]
+    calls = folded(chunks)["choices"][0]["message"]["tool_calls"]
     assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
         ("c0", "f", "{}"),
         ("c1", "g", "[]"),
@@ -451,7 +458,7 @@ def test_responses_stream_items_and_final_object() -> None:
     assert events[-1][1]["response"]["output"] == done_items
     # Streaming and non-streaming answers are the same object.
     assert events[-1][1]["response"] == openai_to_responses(
-        accumulate_chat(chunks), req, response_id="resp_s1"
+        folded(chunks), req, response_id="resp_s1"
     )
 
 
@@ -527,7 +534,7 @@ async def test_anthropic_sdk_reads_the_stream(aiohttp_server: Any) -> None:
     ) as stream:
         streamed = await stream.get_final_message()
     await client.close()
-    expected = at.Message.model_validate(openai_to_anthropic(accumulate_chat(chunks), "claude-ish"))
+    expected = at.Message.model_validate(openai_to_anthropic(folded(chunks), "claude-ish"))
     assert streamed.model_dump(exclude={"id"}) == expected.model_dump(exclude={"id"})
 
 

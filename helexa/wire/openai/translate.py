@@ -139,14 +139,6 @@ class ChatAccumulator:
         return out
 
 
-def accumulate_chat(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """One ``chat.completion`` from a whole stream of chunks."""
-    acc = ChatAccumulator()
-    for chunk in chunks:
-        acc.add(chunk)
-    return acc.result()
-
-
 def accumulate_completion(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """One ``text_completion`` from a stream of legacy completion chunks."""
     head: dict[str, Any] = {}
