@@ -15,7 +15,7 @@ from typing import Any
 from helexa.errors import ApiError
 from helexa.wire.anthropic.translate import anthropic_usage, map_stop_reason
 from helexa.wire.errors import anthropic_error_type
-from helexa.wire.openai.stream import StreamState
+from helexa.wire.openai.stream import ChunkTranslator
 from helexa.wire.openai.translate import id_suffix, new_id
 from helexa.wire.sse import Event, sse_events
 
@@ -28,7 +28,7 @@ def error_event(message: str, type: str = "api_error") -> Event:
 PING: Event = ("ping", {"type": "ping"})
 
 
-class AnthropicStreamTranslator:
+class AnthropicStreamTranslator(ChunkTranslator):
     """OpenAI chunks in, Anthropic Messages stream events out, in Anthropic's order.
 
     ``message_start`` → per block ``content_block_start`` / ``content_block_delta`` /
@@ -36,20 +36,20 @@ class AnthropicStreamTranslator:
     the kind changes) → ``message_delta`` (stop reason, usage) → ``message_stop``.
     """
 
+    reasoning_kind = "thinking"
+    text_kind = "text"
+
     def __init__(self, model: str, message_id: str | None = None, input_tokens: int = 0) -> None:
+        super().__init__()
         self.model = model
         self.message_id = message_id or f"msg_{new_id()}"
         self.input_tokens = input_tokens
-        self._state = StreamState()
         self._blocks = 0  # blocks opened so far; the next block's index
         self._open: tuple[str, int] | None = None  # (kind, block index); kind "tool:<n>"
         self._tool_blocks: dict[int, int] = {}  # tool call index -> block index
 
-    def start(self) -> list[Event]:
-        """``message_start``, once; call early to get headers and first bytes out."""
-        if self._state.started:
-            return []
-        self._state.started = True
+    def _opening(self) -> list[Event]:
+        """``message_start``."""
         message = {
             "id": self.message_id,
             "type": "message",
@@ -61,24 +61,6 @@ class AnthropicStreamTranslator:
             "usage": {"input_tokens": self.input_tokens, "output_tokens": 0},
         }
         return [("message_start", {"type": "message_start", "message": message})]
-
-    def feed(self, chunk: dict[str, Any]) -> list[Event]:
-        if self._state.finished:
-            return []
-        events = self.start()
-        for choice in self._state.absorb(chunk):
-            delta = choice.get("delta") or {}
-            if delta.get("reasoning_content"):
-                events += self._text("thinking", delta["reasoning_content"])
-            if delta.get("content"):
-                events += self._text("text", delta["content"])
-            for call in delta.get("tool_calls") or []:
-                events += self._tool(call)
-            if choice.get("finish_reason"):
-                self._state.finish_reason = choice["finish_reason"]
-                self._state.stop_sequence = choice.get("stop_sequence")
-                events += self._close()
-        return events
 
     def finish(self) -> list[Event]:
         """Close whatever is open and end the message; idempotent, safe after truncation."""

@@ -5,13 +5,14 @@ keeps while reading it, and how it is written back to an OpenAI client
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from helexa.errors import ApiError
 from helexa.wire.errors import error_body
-from helexa.wire.sse import SSE_DONE, sse
+from helexa.wire.sse import SSE_DONE, Event, sse
 
 
 def delta_carries_output(delta: Mapping[str, Any]) -> bool:
@@ -56,6 +57,60 @@ class StreamState:
             if delta_carries_output(choice.get("delta") or {}):
                 self.deltas += 1
         return choices
+
+
+class ChunkTranslator(ABC):
+    """The walk over OpenAI chunks that every dialect's stream translator shares.
+
+    Per choice-0 delta: reasoning, then text, then each tool-call fragment, and a finish
+    reason closes the open block; the dialect says what each of those emits, and names its
+    reasoning and text blocks (``reasoning_kind``, ``text_kind``).
+    """
+
+    reasoning_kind: ClassVar[str]
+    text_kind: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._state = StreamState()
+
+    def start(self) -> list[Event]:
+        """The dialect's opening events, once; call early to get headers and first bytes out."""
+        if self._state.started:
+            return []
+        self._state.started = True
+        return self._opening()
+
+    def feed(self, chunk: dict[str, Any]) -> list[Event]:
+        if self._state.finished:
+            return []
+        events = self.start()
+        for choice in self._state.absorb(chunk):
+            delta = choice.get("delta") or {}
+            if delta.get("reasoning_content"):
+                events += self._text(self.reasoning_kind, delta["reasoning_content"])
+            if delta.get("content"):
+                events += self._text(self.text_kind, delta["content"])
+            for call in delta.get("tool_calls") or []:
+                events += self._tool(call)
+            if choice.get("finish_reason"):
+                self._state.finish_reason = choice["finish_reason"]
+                self._state.stop_sequence = choice.get("stop_sequence")
+                events += self._close()
+        return events
+
+    @abstractmethod
+    def _opening(self) -> list[Event]: ...
+
+    @abstractmethod
+    def _text(self, kind: str, text: str) -> list[Event]:
+        """Append ``text`` to the open block of ``kind``, opening one if needed."""
+
+    @abstractmethod
+    def _tool(self, call: dict[str, Any]) -> list[Event]: ...
+
+    @abstractmethod
+    def _close(self) -> list[Event]:
+        """Close the open block, if any."""
 
 
 class OpenAIStream:

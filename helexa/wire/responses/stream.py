@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from helexa.errors import ApiError
-from helexa.wire.openai.stream import StreamState
+from helexa.wire.openai.stream import ChunkTranslator
 from helexa.wire.openai.translate import id_suffix, new_id
 from helexa.wire.responses.envelopes import ResponsesRequest
 from helexa.wire.responses.translate import (
@@ -52,7 +52,7 @@ class _Item:
         return function_call_item(self.item_id, self.call_id, self.name, self.text, status)
 
 
-class ResponsesStreamTranslator:
+class ResponsesStreamTranslator(ChunkTranslator):
     """OpenAI chunks in, OpenAI Responses stream events out, numbered by ``sequence_number``.
 
     ``response.created`` → ``response.in_progress`` → per output item
@@ -60,6 +60,9 @@ class ResponsesStreamTranslator:
     → ``response.completed`` (or ``response.incomplete``) carrying the whole Response, built
     by the same code as the non-streaming answer.
     """
+
+    reasoning_kind = "reasoning"
+    text_kind = "message"
 
     def __init__(
         self,
@@ -69,6 +72,7 @@ class ResponsesStreamTranslator:
         created_at: float | None = None,
         input_tokens: int = 0,
     ) -> None:
+        super().__init__()
         self.req = (
             req if isinstance(req, ResponsesRequest) else ResponsesRequest(model=req, input="")
         )
@@ -76,40 +80,19 @@ class ResponsesStreamTranslator:
         self.created_at = created_at if created_at is not None else int(time.time())
         self.input_tokens = input_tokens
         self._suffix = id_suffix(self.response_id)
-        self._state = StreamState()
         self._sequence = 0
         self._items: list[_Item] = []
         self._output: dict[int, dict[str, Any]] = {}  # output index -> finished item
         self._open: _Item | None = None
         self._calls: dict[int, _Item] = {}  # tool call index -> its item
 
-    def start(self) -> list[Event]:
-        """``response.created`` and ``response.in_progress``, once."""
-        if self._state.started:
-            return []
-        self._state.started = True
+    def _opening(self) -> list[Event]:
+        """``response.created`` and ``response.in_progress``."""
         response = self._envelope("in_progress")
         return [
             self._event("response.created", response=response),
             self._event("response.in_progress", response=response),
         ]
-
-    def feed(self, chunk: dict[str, Any]) -> list[Event]:
-        if self._state.finished:
-            return []
-        events = self.start()
-        for choice in self._state.absorb(chunk):
-            delta = choice.get("delta") or {}
-            if delta.get("reasoning_content"):
-                events += self._text("reasoning", delta["reasoning_content"])
-            if delta.get("content"):
-                events += self._text("message", delta["content"])
-            for call in delta.get("tool_calls") or []:
-                events += self._tool(call)
-            if choice.get("finish_reason"):
-                self._state.finish_reason = choice["finish_reason"]
-                events += self._close()
-        return events
 
     def finish(self) -> list[Event]:
         """Close the open item and emit the final Response; idempotent."""
