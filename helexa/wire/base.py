@@ -1,4 +1,7 @@
-"""Pieces shared by the dialect envelopes: the lenient base model and parse plumbing."""
+"""Pieces shared by the dialect envelopes, so every dialect validates the same way: the
+lenient base model, the refusal of parts helexa cannot serve, and the parse that turns any
+validation failure into a readable 400.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
-"""The OpenAI chunk stream every neuron sends: the state a dialect's stream translator
-keeps while reading it, and how it is written back to an OpenAI client
-(:class:`OpenAIStream`).
+"""The OpenAI chunk stream every neuron sends, and every reader of it shares.
+
+Everyone who watches the stream asks whether a chunk carries output (metrics for the first
+token, the TUI for its live rate, the translators for their output-token fallback), so the
+rule lives here once (:func:`carries_output`). The Anthropic and Responses translators walk
+chunks the same way (:class:`ChunkTranslator`), and OpenAI clients get the chunks back
+nearly as they came (:class:`OpenAIStream`).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ def id_suffix(upstream_id: str | None) -> str:
 
 
 def first_choice(completion: dict[str, Any]) -> dict[str, Any]:
+    """Choice 0 of a completion, or ``{}``: the Anthropic and Responses answers have one."""
     choices = completion.get("choices") or []
     return choices[0] if choices else {}
 
@@ -44,6 +45,7 @@ def thinking_flags(enabled: bool) -> dict[str, Any]:
 
 
 def stream_flags(stream: bool | None) -> dict[str, Any]:
+    """What a streamed chat request needs; usage is asked for, as both streams end with it."""
     return {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
 
 
