@@ -20,6 +20,7 @@ from typing import Any, Literal
 from helexa.cortex.app import CLIENT_GONE, RequestObserver
 from helexa.cortex.fleet import Lease
 from helexa.errors import ApiError
+from helexa.wire.openai.stream import choice_carries_output
 
 RequestStatus = Literal["streaming", "ok", "error", "cancelled"]
 
@@ -65,16 +66,7 @@ def chunk_tokens(chunk: dict[str, Any]) -> int:
     Neurons emit one chunk per decoded token, so counting token-bearing choices tracks the
     rate live; the final usage chunk then corrects the total exactly.
     """
-    n = 0
-    for choice in chunk.get("choices") or ():
-        delta = choice.get("delta")
-        if delta is None:  # legacy completions chunk
-            n += bool(choice.get("text"))
-        else:
-            n += bool(
-                delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")
-            )
-    return n
+    return sum(choice_carries_output(choice) for choice in chunk.get("choices") or ())
 
 
 class Traffic:

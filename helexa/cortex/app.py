@@ -22,7 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -33,33 +33,22 @@ from helexa.cortex.fleet import Fleet, Lease, ModelNotFound, NoCapacity
 from helexa.errors import ApiError
 from helexa.neuron.interface import ModelState
 from helexa.origins import BrowserPolicy, browser_guard, install_cors
-from helexa.wire.anthropic import parse_count_tokens_request, parse_messages_request
-from helexa.wire.errors import (
-    Dialect,
-    WireError,
-    anthropic_error_type,
-    error_body,
-    validation_message,
+from helexa.wire.anthropic.envelopes import parse_count_tokens_request, parse_messages_request
+from helexa.wire.anthropic.stream import AnthropicStream
+from helexa.wire.anthropic.translate import anthropic_to_openai, openai_to_anthropic
+from helexa.wire.errors import Dialect, WireError, error_body, validation_message
+from helexa.wire.openai.envelopes import (
+    Model,
+    ModelList,
+    parse_chat_request,
+    parse_completion_request,
 )
-from helexa.wire.openai import Model, ModelList, parse_chat_request, parse_completion_request
-from helexa.wire.responses import ResponsesRequest, parse_responses_request
-from helexa.wire.streams import (
-    PING,
-    SSE_DONE,
-    AnthropicStreamTranslator,
-    Event,
-    ResponsesStreamTranslator,
-    sse,
-    sse_events,
-)
-from helexa.wire.translate import (
-    ChatAccumulator,
-    accumulate_completion,
-    anthropic_to_openai,
-    openai_to_anthropic,
-    openai_to_responses,
-    responses_to_openai,
-)
+from helexa.wire.openai.stream import OpenAIStream
+from helexa.wire.openai.translate import ChatAccumulator, accumulate_completion
+from helexa.wire.responses.envelopes import parse_responses_request
+from helexa.wire.responses.stream import ResponsesStream
+from helexa.wire.responses.translate import openai_to_responses, responses_to_openai
+from helexa.wire.sse import StreamFormat
 
 log = logging.getLogger("helexa.gateway")
 
@@ -164,85 +153,6 @@ def observe_all(*factories: Observe) -> Observe:
         return _Fanout([factory(api, model) for factory in factories])
 
     return observe
-
-
-# -- output formats ---------------------------------------------------------------------------
-
-
-class StreamFormat(Protocol):
-    """How one API writes the chunk stream: bytes per chunk, at the end, or on failure."""
-
-    def feed(self, chunk: dict[str, Any]) -> bytes: ...
-
-    def finish(self) -> bytes: ...
-
-    def fail(self, failure: ApiError) -> bytes: ...
-
-
-class OpenAIStream:
-    """OpenAI chat or completions chunks, re-serialised with the client's model name.
-
-    The neuron always reports usage; it is forwarded only when the client asked with
-    ``stream_options.include_usage``, as OpenAI does.
-    """
-
-    def __init__(self, model: str, include_usage: bool) -> None:
-        self.model = model
-        self.include_usage = include_usage
-
-    def feed(self, chunk: dict[str, Any]) -> bytes:
-        if "usage" in chunk and not self.include_usage:
-            if not chunk.get("choices"):
-                return b""
-            chunk = {k: v for k, v in chunk.items() if k != "usage"}
-        return sse({**chunk, "model": self.model})
-
-    def finish(self) -> bytes:
-        return SSE_DONE
-
-    def fail(self, failure: ApiError) -> bytes:
-        return sse(error_body("openai", failure))
-
-
-class AnthropicStream:
-    """Anthropic Messages events, framed as Anthropic sends them: a ``ping`` right after
-    ``message_start``."""
-
-    def __init__(self, model: str) -> None:
-        self.translator = AnthropicStreamTranslator(model)
-
-    def _frame(self, events: list[Event]) -> bytes:
-        out: list[Event] = []
-        for event in events:
-            out.append(event)
-            if event[0] == "message_start":
-                out.append(PING)
-        return sse_events(out)
-
-    def feed(self, chunk: dict[str, Any]) -> bytes:
-        return self._frame(self.translator.feed(chunk))
-
-    def finish(self) -> bytes:
-        return self._frame(self.translator.finish())
-
-    def fail(self, failure: ApiError) -> bytes:
-        kind = anthropic_error_type(failure.status)
-        return self._frame(self.translator.error(failure.message, kind))
-
-
-class ResponsesStream:
-    def __init__(self, req: ResponsesRequest) -> None:
-        self.translator = ResponsesStreamTranslator(req)
-
-    def feed(self, chunk: dict[str, Any]) -> bytes:
-        return sse_events(self.translator.feed(chunk))
-
-    def finish(self) -> bytes:
-        return sse_events(self.translator.finish())
-
-    def fail(self, failure: ApiError) -> bytes:
-        code = failure.code or "server_error"
-        return sse_events(self.translator.fail(failure.message, code))
 
 
 @dataclass

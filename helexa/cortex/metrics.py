@@ -26,6 +26,7 @@ from prometheus_client import (
 
 from helexa.cortex.app import RequestObserver
 from helexa.errors import ApiError
+from helexa.wire.openai.stream import carries_output
 
 if TYPE_CHECKING:
     from helexa.cortex.fleet import Fleet, Lease
@@ -236,19 +237,6 @@ class RequestTimer:
         m.request_duration.labels(model, node, dialect).observe(self.clock() - self.started)
 
 
-def carries_token(chunk: Mapping[str, Any]) -> bool:
-    """Whether an OpenAI chunk holds generated output (not just a role or the usage)."""
-    for choice in chunk.get("choices") or ():
-        delta = choice.get("delta")
-        if delta is None and choice.get("text"):  # legacy completions
-            return True
-        if delta and (
-            delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")
-        ):
-            return True
-    return False
-
-
 class MetricsObserver(RequestObserver):
     """Feeds one gateway request's hooks into a :class:`RequestTimer`."""
 
@@ -260,7 +248,7 @@ class MetricsObserver(RequestObserver):
         self.timer.route(lease.node.name, lease.model or None)
 
     def chunk(self, chunk: dict[str, Any]) -> None:
-        if self.timer.first is None and carries_token(chunk):
+        if self.timer.first is None and carries_output(chunk):
             self.timer.first_token()
         if chunk.get("usage"):
             self.usage = chunk["usage"]

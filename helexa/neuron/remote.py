@@ -28,7 +28,7 @@ from helexa.neuron.interface import (
     NeuronError,
     UnloadRequest,
 )
-from helexa.wire.streams import SSEDecoder, SSEEvent
+from helexa.wire.sse import SSEDecoder, SSEEvent
 
 
 def unreachable(name: str, exc: BaseException) -> NeuronError:

@@ -32,9 +32,9 @@ from helexa.errors import ApiError
 from helexa.neuron.interface import LoadRequest, ModelState, Neuron, NeuronError, UnloadRequest
 from helexa.origins import BrowserPolicy, browser_guard
 from helexa.wire.errors import WireError, validation_message
-from helexa.wire.openai import parse_chat_request, parse_completion_request
-from helexa.wire.streams import SSE_DONE, sse
-from helexa.wire.translate import ChatAccumulator, accumulate_completion
+from helexa.wire.openai.envelopes import parse_chat_request, parse_completion_request
+from helexa.wire.openai.translate import ChatAccumulator, accumulate_completion
+from helexa.wire.sse import SSE_DONE, sse
 
 NEURON = web.AppKey("neuron", Neuron)
 # Chat requests carry whole conversations; aiohttp's 1 MiB default is far too small.

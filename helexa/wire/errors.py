@@ -1,9 +1,11 @@
-"""Error envelopes per dialect, and the exception the parsers and translators raise.
+"""Error envelopes per dialect, the exception the parsers and translators raise, and the
+one-line message a pydantic failure becomes.
 
 Parsers and translators never know which HTTP route they serve, so they raise
 :class:`WireError` with a status and a plain message; whoever answers renders any
 :class:`~helexa.errors.ApiError` (this one included) in the caller's dialect with
-:func:`error_body`.
+:func:`error_body`. Validation messages name the caller's field as a dotted path of its own
+JSON, not of our models, so a client can find what it sent wrong.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pydantic_core import ErrorDetails
 
 from helexa.errors import ApiError
 
+# The error shapes clients parse; Responses clients are OpenAI SDKs and read OpenAI's.
 Dialect = Literal["openai", "anthropic"]
 
 # Anthropic names its error types after the status; anything unlisted falls back by class.
@@ -65,10 +68,12 @@ def openai_error_body(
     code: str | None = None,
     param: str | None = None,
 ) -> dict[str, Any]:
+    """OpenAI's error body; all four fields are always present, as the SDKs expect."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def anthropic_error_body(status: int, message: str, type: str | None = None) -> dict[str, Any]:
+    """Anthropic's error body; ``type`` follows ``status`` unless given."""
     return {
         "type": "error",
         "error": {"type": type or anthropic_error_type(status), "message": message},

@@ -45,13 +45,9 @@ from acp.schema import (
 )
 from aiohttp import web
 
-from helexa.wire.streams import (
-    SSE_DONE,
-    AnthropicStreamTranslator,
-    ResponsesStreamTranslator,
-    chat_chunk_to_sse,
-    sse_events,
-)
+from helexa.wire.anthropic.stream import AnthropicStreamTranslator
+from helexa.wire.responses.stream import ResponsesStreamTranslator
+from helexa.wire.sse import SSE_DONE, sse, sse_events
 
 WIRE_APIS = ["openai-chat", "openai-responses", "anthropic-messages"]
 PATHS = {
@@ -231,7 +227,7 @@ class Upstream:
 def _frames(wire_api: str, model: str, turn: Turn) -> list[bytes]:
     chunks = turn.chunks(model)
     if wire_api == "openai-chat":
-        return [chat_chunk_to_sse(c) for c in chunks] + ([] if turn.block else [SSE_DONE])
+        return [sse(c) for c in chunks] + ([] if turn.block else [SSE_DONE])
     translator = (
         ResponsesStreamTranslator(model)
         if wire_api == "openai-responses"

@@ -46,10 +46,10 @@ from helexa.acp.providers.openai_chat import encode as encode_chat
 from helexa.acp.providers.openai_responses import OpenAIResponsesDecoder
 from helexa.acp.providers.openai_responses import encode as encode_responses
 from helexa.acp.session import request_budget
-from helexa.wire.anthropic import parse_messages_request
-from helexa.wire.openai import parse_chat_request
-from helexa.wire.responses import parse_responses_request
-from helexa.wire.streams import SSEEvent, sse
+from helexa.wire.anthropic.envelopes import parse_messages_request
+from helexa.wire.openai.envelopes import parse_chat_request
+from helexa.wire.responses.envelopes import parse_responses_request
+from helexa.wire.sse import SSEEvent, sse
 
 TOOL = ToolSpec(
     "read_file",

@@ -20,7 +20,7 @@ from helexa.cortex.app import make_app
 from helexa.cortex.fleet import Fleet
 from helexa.neuron.remote import RemoteNeuron
 from helexa.neuron.server import make_neuron_app, start_server
-from helexa.wire.streams import SSEDecoder, SSEEvent, sse
+from helexa.wire.sse import SSEDecoder, SSEEvent, sse
 from tests.support.scripted_neuron import ScriptedNeuron
 from tests.support.servers import (
     Handler,

@@ -18,7 +18,7 @@ from helexa.config import Settings
 from helexa.neuron.interface import LoadRequest, Neuron, NeuronError
 from helexa.neuron.remote import RemoteNeuron
 from helexa.neuron.server import is_loopback, make_neuron_app, node_name, run_neuron
-from helexa.wire.streams import SSEDecoder, sse
+from helexa.wire.sse import SSEDecoder, sse
 from tests.support.scripted_neuron import Reply, ScriptedNeuron, ToolCallScript, word_count
 from tests.support.servers import fetch, serving
 

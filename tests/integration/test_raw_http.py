@@ -21,7 +21,7 @@ from helexa.cortex.fleet import Lease
 from helexa.cortex.service import Service
 from helexa.errors import ApiError
 from helexa.neuron.server import make_neuron_app
-from helexa.wire.streams import SSEDecoder, SSEEvent
+from helexa.wire.sse import SSEDecoder, SSEEvent
 from tests.conftest import COLD_MODEL, MODEL
 from tests.support.scripted_neuron import Reply, ScriptedNeuron
 from tests.support.servers import Gateway, fetch, gateway_over, gateway_settings, serving

@@ -3,7 +3,8 @@
 A turn builds a :class:`ProviderRequest` (conversation, tools, system prompt) and reads
 :data:`ProviderEvent` values back; each wire module turns the one into a request body and
 the server's SSE stream into the other. Decoders (each a :class:`Decoder`) are pure state
-machines fed one :class:`~helexa.wire.streams.SSEEvent` at a time, so every shape is testable without I/O;
+machines fed one :class:`~helexa.wire.sse.SSEEvent` at a time, so every shape is testable
+without I/O;
 :class:`HttpProvider` is the only place that touches the network.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, ClassVar, Literal, Protocol, TypeVar
 import aiohttp
 
 from helexa.acp.config import Endpoint
-from helexa.wire.streams import SSEDecoder, SSEEvent
+from helexa.wire.sse import SSEDecoder, SSEEvent
 
 log = logging.getLogger("helexa.acp.providers")
 

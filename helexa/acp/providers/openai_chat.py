@@ -27,7 +27,7 @@ from helexa.acp.providers.base import (
     openai_usage,
     text_field,
 )
-from helexa.wire.streams import SSEEvent
+from helexa.wire.sse import SSEEvent
 
 
 def encode(request: ProviderRequest) -> dict[str, Any]:

@@ -12,7 +12,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from helexa.wire.base import IMAGES_UNSUPPORTED, Unsupported, WireModel, parse_body
+from helexa.wire.base import (
+    FILES_UNSUPPORTED,
+    IMAGES_UNSUPPORTED,
+    Unsupported,
+    WireModel,
+    parse_body,
+)
 
 # -- content parts -------------------------------------------------------------------------
 
@@ -38,7 +44,7 @@ class InputAudioPart(Unsupported):
 
 
 class FilePart(Unsupported):
-    reason = "file inputs are not supported"
+    reason = FILES_UNSUPPORTED
     type: Literal["file"]
 
 
@@ -62,16 +68,20 @@ class ToolCall(WireModel):
     function: FunctionCall
 
 
-class SystemMessage(WireModel):
+class _Instructions(WireModel):
+    """What a system or developer message holds; two classes only so ``role`` can tag them."""
+
+    role: Literal["system", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class SystemMessage(_Instructions):
     role: Literal["system"]
-    content: str | list[TextPart]
-    name: str | None = None
 
 
-class DeveloperMessage(WireModel):
+class DeveloperMessage(_Instructions):
     role: Literal["developer"]
-    content: str | list[TextPart]
-    name: str | None = None
 
 
 class UserMessage(WireModel):

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator
 from pydantic_core import PydanticCustomError
 
-from helexa.wire.base import IMAGES_UNSUPPORTED, Unsupported, WireModel, parse_body
+from helexa.wire.base import (
+    FILES_UNSUPPORTED,
+    IMAGES_UNSUPPORTED,
+    Unsupported,
+    WireModel,
+    parse_body,
+    tag_of,
+)
+from helexa.wire.openai.envelopes import InputAudioPart, RefusalPart
 
 STATELESS = "helexa is stateless; send the whole conversation in input"
 
 # -- message content -----------------------------------------------------------------------
+# Refusals and audio parts are the same objects as in chat (``openai.envelopes``).
 
 
 class InputText(WireModel):
@@ -29,28 +38,18 @@ class OutputText(WireModel):
     text: str
 
 
-class Refusal(WireModel):
-    type: Literal["refusal"]
-    refusal: str
-
-
 class InputImage(Unsupported):
     reason = IMAGES_UNSUPPORTED
     type: Literal["input_image"]
 
 
 class InputFile(Unsupported):
-    reason = "file inputs are not supported"
+    reason = FILES_UNSUPPORTED
     type: Literal["input_file"]
 
 
-class InputAudio(Unsupported):
-    reason = "audio input is not supported"
-    type: Literal["input_audio"]
-
-
 MessagePart = Annotated[
-    InputText | OutputText | Refusal | InputImage | InputFile | InputAudio,
+    InputText | OutputText | RefusalPart | InputImage | InputFile | InputAudioPart,
     Field(discriminator="type"),
 ]
 
@@ -116,9 +115,7 @@ class ItemReference(Unsupported):
 
 
 def _item_type(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("type", "message")
-    return getattr(value, "type", None)
+    return tag_of(value, "message")  # a message item may leave out its type
 
 
 InputItem = Annotated[
@@ -149,23 +146,14 @@ class FunctionTool(WireModel):
     strict: bool | None = None
 
 
-class HostedTool(WireModel):
+class HostedTool(Unsupported):
     """Any non-function tool (web_search, file_search, ...): OpenAI runs those, we cannot."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _reject(cls, data: Any) -> Any:
-        kind = data.get("type") if isinstance(data, dict) else None
-        raise PydanticCustomError(
-            "unsupported_content",
-            "tool type '{kind}' is not supported; only function tools",
-            {"kind": kind},
-        )
+    reason = "tool type '{kind}' is not supported; only function tools"
 
 
 def _tool_kind(value: Any) -> str:
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return "function" if kind == "function" else "hosted"
+    return "function" if tag_of(value) == "function" else "hosted"
 
 
 AnyTool = Annotated[

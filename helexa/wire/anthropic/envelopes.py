@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Discriminator, Field, Tag
 
-from helexa.wire.base import IMAGES_UNSUPPORTED, Unsupported, WireModel, parse_body
+from helexa.wire.base import IMAGES_UNSUPPORTED, Unsupported, WireModel, parse_body, tag_of
 
 # -- content blocks ------------------------------------------------------------------------
 
@@ -95,23 +94,14 @@ class Tool(WireModel):
     type: Literal["custom"] | None = None
 
 
-class ServerTool(WireModel):
+class ServerTool(Unsupported):
     """A tool Anthropic runs server-side (web search, code execution); helexa has none."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _reject(cls, data: Any) -> Any:
-        kind = data.get("type") if isinstance(data, dict) else None
-        raise PydanticCustomError(
-            "unsupported_content",
-            "server tool '{kind}' is not supported; only client tools with an input_schema",
-            {"kind": kind},
-        )
+    reason = "server tool '{kind}' is not supported; only client tools with an input_schema"
 
 
 def _tool_kind(value: Any) -> str:
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return "client" if kind in (None, "custom") else "server"
+    return "client" if tag_of(value) in (None, "custom") else "server"
 
 
 AnyTool = Annotated[

@@ -1,0 +1,1 @@
+"""Anthropic Messages as a client dialect, translated to and from OpenAI chat."""

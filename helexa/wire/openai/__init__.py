@@ -1,0 +1,1 @@
+"""OpenAI chat and completions: helexa's internal lingua franca, and a client dialect."""

@@ -1,0 +1,1 @@
+"""OpenAI Responses as a client dialect, translated to and from OpenAI chat."""
