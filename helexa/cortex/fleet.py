@@ -4,7 +4,7 @@ route requests to models on it.
 This is the single source of truth for the gateway's handlers, the poller, the evictor,
 ``/v1/models``, ``helexa status`` and the TUI. Handlers only ever call
 :meth:`Fleet.acquire` and use the returned :class:`Lease`; where and whether to load is
-decided behind it: :func:`helexa.cortex.router.place` picks the node (and what to evict
+decided behind it: :func:`helexa.cortex.placement.place` picks the node (and what to evict
 there), and the fleet carries that out, loading each cold model once however many
 requests are waiting for it.
 
@@ -28,14 +28,16 @@ import aiohttp
 
 from helexa.config import Settings
 from helexa.cortex.catalogue import Catalogue
-from helexa.cortex.evictor import (
+from helexa.cortex.placement import (
     DeviceView,
     ModelView,
     NodeView,
+    Placement,
     Strategy,
+    candidates,
     idle_victims,
+    place,
 )
-from helexa.cortex.router import Placement, candidates, place
 from helexa.errors import ApiError
 from helexa.neuron.interface import (
     Discovery,

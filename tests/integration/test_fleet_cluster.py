@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 
 from helexa.config import ModelProfile, Settings
+from helexa.cortex.background import Evictor, Poller
 from helexa.cortex.catalogue import Catalogue
-from helexa.cortex.evictor import Evictor
 from helexa.cortex.fleet import (
     Fleet,
     FleetError,
@@ -30,7 +30,6 @@ from helexa.cortex.fleet import (
     NoCapacity,
 )
 from helexa.cortex.metrics import GatewayMetrics
-from helexa.cortex.poller import Poller
 from helexa.neuron.interface import (
     DeviceHealth,
     DeviceInfo,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from helexa.config import ModelProfile
 from helexa.cortex.catalogue import Catalogue
-from helexa.cortex.router import DeviceView, ModelView, NodeView, Placement, candidates, place
+from helexa.cortex.placement import DeviceView, ModelView, NodeView, Placement, candidates, place
 
 CATALOGUE = Catalogue(
     [

@@ -6,7 +6,7 @@ import pytest
 
 from helexa.config import ModelProfile
 from helexa.cortex.catalogue import Catalogue, Requirements
-from helexa.cortex.evictor import (
+from helexa.cortex.placement import (
     DeviceView,
     ModelView,
     NodeView,
