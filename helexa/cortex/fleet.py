@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -47,9 +47,6 @@ from helexa.neuron.interface import (
     Neuron,
     NeuronError,
 )
-
-if TYPE_CHECKING:
-    from helexa.cortex.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +108,19 @@ def is_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, OSError | TimeoutError | aiohttp.ClientConnectionError)
 
 
+class FleetEvents(Protocol):
+    """What the fleet reports as it happens (loads, cold starts, evictions); the gateway's
+    metrics implement it, so the fleet records them without depending on Prometheus."""
+
+    def cold_start(self, model: str, node: str) -> None: ...
+
+    def model_load(
+        self, model: str, node: str, result: str, seconds: float | None = None
+    ) -> None: ...
+
+    def eviction(self, model: str, node: str, reason: str) -> None: ...
+
+
 @dataclass
 class NodeState:
     """What the gateway last heard from one neuron."""
@@ -123,6 +133,16 @@ class NodeState:
     models: dict[str, ModelState] = field(default_factory=dict)
     last_seen: float = 0.0
     error: str | None = None
+
+    def vram_totals(self) -> dict[int, int]:
+        """Each device's memory in total: as discovery reported it, or, for a device only
+        health knows, its used plus free (placement and the metrics must agree on this)."""
+        totals = (
+            {d.index: d.vram_total_mb for d in self.discovery.devices} if self.discovery else {}
+        )
+        for d in self.health.devices if self.health else ():
+            totals.setdefault(d.index, d.vram_used_mb + d.vram_free_mb)
+        return totals
 
 
 @dataclass
@@ -203,7 +223,7 @@ class Fleet:
         catalogue: Catalogue | None = None,
         *,
         strategy: Strategy = "lru",
-        metrics: GatewayMetrics | None = None,
+        metrics: FleetEvents | None = None,
     ) -> None:
         self.nodes: dict[str, NodeState] = {n.name: NodeState(n.name, n) for n in nodes}
         self.catalogue = catalogue if catalogue is not None else Catalogue([])
@@ -221,7 +241,7 @@ class Fleet:
 
     @classmethod
     def from_settings(
-        cls, nodes: list[Neuron], settings: Settings, metrics: GatewayMetrics | None = None
+        cls, nodes: list[Neuron], settings: Settings, metrics: FleetEvents | None = None
     ) -> Fleet:
         return cls(
             nodes,
@@ -272,13 +292,8 @@ class Fleet:
 
     def view(self, node: NodeState) -> NodeView:
         """The frozen picture placement and eviction reason about."""
-        totals = (
-            {d.index: d.vram_total_mb for d in node.discovery.devices} if node.discovery else {}
-        )
-        free: dict[int, int] = {}
-        for d in node.health.devices if node.health else ():
-            totals.setdefault(d.index, d.vram_used_mb + d.vram_free_mb)
-            free[d.index] = d.vram_free_mb
+        totals = node.vram_totals()
+        free = {d.index: d.vram_free_mb for d in node.health.devices} if node.health else {}
         reserved = self._reserved.get(node.name, [])
         for r in reserved:
             for index in r.devices or tuple(free)[:1]:

@@ -154,14 +154,11 @@ class GatewayMetrics:
             gauge.clear()
         for node in fleet.nodes.values():
             self.node_up.labels(node.name).set(1 if node.up else 0)
-            totals = (
-                {d.index: d.vram_total_mb for d in node.discovery.devices} if node.discovery else {}
-            )
+            totals = node.vram_totals()
             for d in node.health.devices if node.health else ():
                 device = str(d.index)
                 self.vram_used.labels(node.name, device).set(d.vram_used_mb)
-                total = totals.get(d.index, d.vram_used_mb + d.vram_free_mb)
-                self.vram_total.labels(node.name, device).set(total)
+                self.vram_total.labels(node.name, device).set(totals[d.index])
                 if d.utilization_pct is not None:
                     self.utilization.labels(node.name, device).set(d.utilization_pct)
             if node.up:
