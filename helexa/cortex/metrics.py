@@ -24,7 +24,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from helexa.cortex.app import RequestObserver
+from helexa.cortex.observe import RequestObserver
 from helexa.errors import ApiError
 
 if TYPE_CHECKING:

@@ -15,9 +15,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from helexa.cortex.app import RequestObserver
 from helexa.cortex.auth import KeyPolicy, matches, presented_key
 from helexa.cortex.fleet import Lease
+from helexa.cortex.observe import RequestObserver
 from helexa.cortex.service import Service
 from helexa.errors import ApiError
 from helexa.neuron.server import make_neuron_app

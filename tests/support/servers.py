@@ -17,8 +17,9 @@ import aiohttp
 from aiohttp import web
 
 from helexa.config import LocalSettings, Settings
-from helexa.cortex.app import Observe, make_app
+from helexa.cortex.app import make_app
 from helexa.cortex.fleet import Fleet
+from helexa.cortex.observe import Observe
 from helexa.neuron.interface import Neuron
 from helexa.neuron.remote import RemoteNeuron
 from helexa.neuron.server import make_neuron_app, start_server
