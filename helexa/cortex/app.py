@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -171,33 +171,31 @@ def _with_model(model: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return lambda completion: {**completion, "model": model}
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def _openai(
+    request: web.Request, api: str, kind: Literal["chat", "completion"]
+) -> web.StreamResponse:
+    """Chat and legacy completions: the body goes upstream as the client sent it, and the
+    answer comes back under the model name it asked for."""
     body = await _body(request)
-    req = parse_chat_request(body)
+    req = parse_chat_request(body) if kind == "chat" else parse_completion_request(body)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     job = Job(
-        api="chat",
+        api=api,
         model=req.model,
         upstream=body,
         stream=OpenAIStream(req.model, include_usage) if req.stream else None,
         answer=_with_model(req.model),
+        kind=kind,
     )
     return await relay(request, job)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _openai(request, "chat", "chat")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = await _body(request)
-    req = parse_completion_request(body)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    job = Job(
-        api="completions",
-        model=req.model,
-        upstream=body,
-        stream=OpenAIStream(req.model, include_usage) if req.stream else None,
-        answer=_with_model(req.model),
-        kind="completion",
-    )
-    return await relay(request, job)
+    return await _openai(request, "completions", "completion")
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
@@ -422,17 +420,21 @@ def make_app(
     app[OBSERVE] = observe or ignore
     app[STREAMS] = set()
     app.on_shutdown.append(_cancel_streams)
-    app.router.add_get("/health", health)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model:.+}", get_model)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/messages", messages)
-    app.router.add_post("/v1/messages/count_tokens", count_tokens)
-    app.router.add_post("/v1/responses", responses)
-    app.router.add_post("/admin/models/load", admin_load)
-    app.router.add_post("/admin/models/unload", admin_unload)
-    app.router.add_post("/admin/models/pin", admin_pin)
-    app.router.add_post("/admin/models/unpin", admin_unpin)
-    app.router.add_get("/admin/fleet", admin_fleet)
+    app.add_routes(
+        [
+            web.get("/health", health),
+            web.get("/v1/models", list_models),
+            web.get("/v1/models/{model:.+}", get_model),
+            web.post("/v1/chat/completions", chat_completions),
+            web.post("/v1/completions", completions),
+            web.post("/v1/messages", messages),
+            web.post("/v1/messages/count_tokens", count_tokens),
+            web.post("/v1/responses", responses),
+            web.post("/admin/models/load", admin_load),
+            web.post("/admin/models/unload", admin_unload),
+            web.post("/admin/models/pin", admin_pin),
+            web.post("/admin/models/unpin", admin_unpin),
+            web.get("/admin/fleet", admin_fleet),
+        ]
+    )
     return app
