@@ -182,7 +182,7 @@ class TrafficObserver(RequestObserver):
 
     def routed(self, lease: Lease) -> None:
         self.record.node = lease.node.name
-        self.record.model = lease.model or self.record.model  # the catalogue's name
+        self.record.model = lease.canonical_id  # the catalogue's name
 
     def chunk(self, chunk: dict[str, Any]) -> None:
         self.traffic.observe(self.record, chunk)

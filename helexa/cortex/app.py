@@ -242,7 +242,7 @@ async def count_tokens(request: web.Request) -> web.Response:
         count = await node.neuron.count_tokens({**upstream, "model": state.id})
     else:
         async with await fleet.acquire(model_id) as lease:
-            count = await lease.neuron.count_tokens({**upstream, "model": lease.model_id})
+            count = await lease.neuron.count_tokens({**upstream, "model": lease.served_id})
     return web.json_response({"input_tokens": count})
 
 

@@ -9,9 +9,9 @@ there), and the fleet carries that out, loading each cold model once however man
 requests are waiting for it.
 
 Names: the catalogue's canonical id is the model's name everywhere in the gateway
-(``ModelUse`` keys, metrics labels, ``known_models``); ``Lease.model_id`` is the id the
-serving neuron knows the model by (the source-qualified id for a catalogue model with a
-``source``), which is what the gateway puts in the request it forwards.
+(``ModelUse`` keys, metrics labels, ``known_models``); a neuron may know the model by
+another (the source-qualified id for a catalogue model with a ``source``), and that is
+what the forwarded request must name. A :class:`Lease` carries both.
 """
 
 from __future__ import annotations
@@ -163,10 +163,10 @@ class Lease:
     """
 
     node: NodeState
-    model_id: str  # as the serving neuron knows it: put this in the forwarded request
+    canonical_id: str  # the catalogue's id: usage keys, metrics labels, logs, /v1/models
+    served_id: str  # the id the serving neuron knows it by: the forwarded request names it
     cold: bool
     _fleet: Fleet
-    model: str = ""  # the catalogue's canonical id: labels, logs, /v1/models
     _released: bool = False
 
     @property
@@ -556,10 +556,10 @@ class Fleet:
             (s.id for s in node.models.values() if self.catalogue.canonical(s.id) == model_id),
             self.catalogue.qualified_id(model_id),
         )
-        return Lease(node, served, cold, self, model=model_id)
+        return Lease(node, canonical_id=model_id, served_id=served, cold=cold, _fleet=self)
 
     def _release(self, lease: Lease) -> None:
-        use = self._usage(lease.node.name, lease.model)
+        use = self._usage(lease.node.name, lease.canonical_id)
         use.in_flight = max(0, use.in_flight - 1)
         use.last_used = time.monotonic()
 

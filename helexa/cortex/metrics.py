@@ -254,7 +254,7 @@ class MetricsObserver(RequestObserver):
         self.usage: Mapping[str, Any] | None = None
 
     def routed(self, lease: Lease) -> None:
-        self.timer.route(lease.node.name, lease.model or None)
+        self.timer.route(lease.node.name, lease.canonical_id)
 
     def chunk(self, chunk: dict[str, Any]) -> None:
         if self.timer.first is None and carries_token(chunk):

@@ -60,7 +60,7 @@ class Job:
     """One generation request, parsed: what to send upstream and how to answer.
 
     ``upstream`` is the OpenAI body for the neuron; its ``model`` is replaced by the
-    lease's model id, while everything the client sees keeps ``model`` as it was asked.
+    lease's served id, while everything the client sees keeps ``model`` as it was asked.
     ``answer`` turns the folded upstream completion into the response body.
     """
 
@@ -112,7 +112,7 @@ async def relay(request: web.Request, job: Job) -> web.StreamResponse:
                     observer.routed(lease)
                     # The catalogue's sampling defaults go under whatever the client sent.
                     upstream = fleet.catalogue.apply_sampling(
-                        lease.model or job.model, {**job.upstream, "model": lease.model_id}
+                        lease.canonical_id, {**job.upstream, "model": lease.served_id}
                     )
                     generate = lease.neuron.chat if job.kind == "chat" else lease.neuron.complete
                     async with aclosing(generate(upstream)) as chunks:

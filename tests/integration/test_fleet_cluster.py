@@ -203,7 +203,7 @@ async def cluster() -> AsyncIterator[Any]:
 
 async def chat(lease: Any) -> str:
     """One request through the lease, as the gateway forwards it."""
-    request = {"model": lease.model_id, "messages": [{"role": "user", "content": "hi"}]}
+    request = {"model": lease.served_id, "messages": [{"role": "user", "content": "hi"}]}
     text = ""
     async with aclosing(lease.neuron.chat(request)) as stream:
         async for chunk in stream:
@@ -226,7 +226,7 @@ async def test_cold_load_goes_to_the_node_with_room(cluster: Any) -> None:
     nodes["b"].neuron.loaded["small"] = 4000  # b: 20000 free, still the roomiest
     await fleet.refresh()
     async with await fleet.acquire("big") as lease:
-        assert (lease.node.name, lease.model_id, lease.model, lease.cold) == (
+        assert (lease.node.name, lease.served_id, lease.canonical_id, lease.cold) == (
             "b",
             "big",
             "big",
@@ -327,7 +327,7 @@ async def test_a_capacity_victim_is_not_leased_while_an_earlier_one_unloads(
         with pytest.raises(NoCapacity):  # m2's room went to big; nothing else can go
             await m2
     assert neuron.unloads == ["m1", "m2"] and set(neuron.loaded) == {"big"}
-    assert (lease.node.name, lease.model) == ("a", "big")
+    assert (lease.node.name, lease.canonical_id) == ("a", "big")
     lease.release()
     assert "evicting" not in statuses(fleet, "a").values()
 
@@ -403,7 +403,7 @@ async def test_aliases_and_qualified_ids_reach_the_neuron_as_it_knows_them(clust
     nodes["a"].neuron.sizes["mirror:org/m"] = 1000
     await fleet.refresh()
     async with await fleet.acquire("nick") as lease:
-        assert (lease.model, lease.model_id) == ("org/m", "mirror:org/m")
+        assert (lease.canonical_id, lease.served_id) == ("org/m", "mirror:org/m")
         assert await chat(lease) == "hello from a"
     assert nodes["a"].neuron.loads == ["mirror:org/m"]
     assert "org/m" in fleet.known_models() and "mirror:org/m" not in fleet.known_models()

@@ -355,7 +355,7 @@ class Recorder(RequestObserver):
         self.log.append(("start", (api, model)))
 
     def routed(self, lease: Lease) -> None:
-        self.log.append(("routed", (lease.node.name, lease.model_id)))
+        self.log.append(("routed", (lease.node.name, lease.served_id)))
 
     def chunk(self, chunk: dict[str, Any]) -> None:
         if chunk.get("usage"):
