@@ -281,6 +281,23 @@ class Fleet:
             log.warning("node %s is down: %s", node.name, reason)
         node.up, node.error = False, reason
 
+    async def attach(self, neuron: Neuron) -> NodeState:
+        """Add a node to the running fleet, once it has answered a poll.
+
+        One that does not answer (or whose name is taken) is closed and refused, so a
+        mistyped address never leaves a dead node in the table.
+        """
+        if neuron.name in self.nodes:
+            await neuron.close()
+            raise ValueError(f"a node named {neuron.name!r} is already in the fleet")
+        node = NodeState(neuron.name, neuron)
+        await self.refresh_node(node)
+        if not node.up:
+            await neuron.close()
+            raise ConnectionError(node.error or "it did not answer")
+        self.nodes[neuron.name] = node
+        return node
+
     def node_failed(self, node: NodeState, exc: BaseException) -> bool:
         """Mark ``node`` down when ``exc`` says it is unreachable; returns whether it did."""
         if is_unreachable(exc):
