@@ -30,17 +30,11 @@ from helexa.cortex.fleet import (
     NoCapacity,
 )
 from helexa.cortex.metrics import GatewayMetrics
-from helexa.neuron.interface import (
-    DeviceHealth,
-    DeviceInfo,
-    Discovery,
-    Health,
-    LoadRequest,
-    ModelState,
-    NeuronError,
-)
+from helexa.neuron.interface import Discovery, Health, LoadRequest, ModelState, NeuronError
 from helexa.neuron.remote import RemoteNeuron
 from helexa.neuron.server import make_neuron_app, start_server
+from tests.support import devices
+from tests.support.devices import Gpu
 
 
 class BudgetNeuron:
@@ -62,14 +56,14 @@ class BudgetNeuron:
     def free_mb(self) -> int:
         return self.total_mb - sum(self.loaded.values())
 
+    def gpu(self) -> Gpu:
+        return Gpu("Budget GPU", self.total_mb, used_mb=self.total_mb - self.free_mb)
+
     async def discovery(self) -> Discovery:
-        gpu = DeviceInfo(index=0, name="Budget GPU", vram_total_mb=self.total_mb)
-        return Discovery(hostname=f"{self.name}.test", os="test", devices=[gpu])
+        return devices.discovery(f"{self.name}.test", [self.gpu()])
 
     async def health(self) -> Health:
-        used = self.total_mb - self.free_mb
-        reading = DeviceHealth(index=0, vram_used_mb=used, vram_free_mb=self.free_mb)
-        return Health(uptime_secs=1.0, devices=[reading])
+        return devices.health([self.gpu()])
 
     def _state(self, model_id: str) -> ModelState:
         if model_id in self.loaded:
