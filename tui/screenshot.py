@@ -35,7 +35,6 @@ from helexa.neuron.interface import (
     LoadRequest,
     ModelState,
     ModelStatus,
-    NeuronError,
 )
 from helexa.neuron.remote import RemoteNeuron
 from tui.app import HelexaApp, build_app
@@ -119,14 +118,7 @@ class DemoNeuron:
         return out
 
     async def load(self, request: LoadRequest) -> ModelState:
-        m = self.demo.get(request.model_id)
-        if m is None:
-            raise NeuronError(
-                f"model {request.model_id!r} is not available on {self.name!r}",
-                status=404,
-                type="not_found_error",
-                code="model_not_available",
-            )
+        m = self.demo[request.model_id]  # the gateway only loads what a node lists
         self.states[m.id] = "loaded"
         return ModelState(id=m.id, status="loaded", devices=[m.device], vram_used_mb=m.vram_mb)
 
@@ -141,15 +133,9 @@ class DemoNeuron:
         return self._stream(request, "text_completion")
 
     async def _stream(self, request: dict[str, Any], kind: str) -> AsyncIterator[dict[str, Any]]:
-        """Filler tokens after a prefill pause, one per ``1 / tok_s``, then the usage."""
+        """Filler tokens after a prefill pause, one per ``1 / tok_s``, then the usage (the
+        gateway only routes to a model it saw loaded, so there is nothing to refuse)."""
         model_id = str(request.get("model"))
-        if self.states.get(model_id) != "loaded":
-            raise NeuronError(
-                f"model {model_id!r} is not loaded on {self.name!r}",
-                status=409,
-                type="invalid_request_error",
-                code="model_not_loaded",
-            )
         model = self.demo[model_id]
         self._streams += 1
         base = {"id": f"demo-{self.name}-{self._streams}", "object": kind, "model": model_id}
