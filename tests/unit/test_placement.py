@@ -1,4 +1,4 @@
-"""Placement rules: pure table tests of router.place over NodeView snapshots."""
+"""Placement rules: pure table tests of placement.place over NodeView snapshots."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Victim selection and idle eviction: pure table tests over NodeView snapshots."""
+"""Placement's eviction rules (fit arithmetic, victim selection, idle victims): pure
+table tests over NodeView snapshots."""
 
 from __future__ import annotations
 
