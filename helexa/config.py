@@ -219,6 +219,11 @@ class ModelProfile(_Strict):
         ``path`` profile keeps its own id; the neuron finds the file in its catalogue."""
         return f"{self.source}:{self.id}" if self.source else self.id
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """What a client or a load request may call this model: its id and its aliases."""
+        return (self.id, *self.aliases)
+
 
 class Settings(_Strict):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
@@ -233,6 +238,12 @@ class Settings(_Strict):
     # Where these settings came from, for messages and `helexa status`.
     config_file: str | None = None
     models_file: str | None = None
+
+    def profile(self, name: str) -> ModelProfile | None:
+        """The catalogue entry ``name`` is the id or an alias of (the first, should two
+        claim it), so a neuron and its source lookup agree on what a name means; the
+        gateway's Catalogue indexes the same :attr:`ModelProfile.names`."""
+        return next((p for p in self.models if name in p.names), None)
 
 
 class _Catalogue(_Strict):
@@ -440,7 +451,7 @@ def _check_unique(settings: Settings) -> None:
     where = settings.models_file or settings.config_file or "config"
     seen: set[str] = set()
     for i, profile in enumerate(settings.models):
-        for name in (profile.id, *profile.aliases):
+        for name in profile.names:
             if name in seen:
                 key = f"models[{i + 1}] ({profile.id})"
                 raise ConfigError(where, key, f"{name!r} is declared twice")

@@ -23,7 +23,6 @@ from textual.containers import Horizontal
 from textual.widgets import Footer, Header
 
 from helexa.config import LocalSettings, NeuronEndpoint, Settings
-from helexa.cortex.fleet import NodeState
 from helexa.cortex.service import Service, build_neurons
 from helexa.neuron.interface import Neuron
 from tui.fleetview import FleetView, ModelRow, fleet_view
@@ -245,20 +244,11 @@ class HelexaApp(App[int]):
         The client is built by the service's own ``build_neurons`` from a one-entry
         ``[[neurons]]`` list, so it gets the same timeouts a configured neuron gets.
         """
-        settings = self.service.settings
-        fleet = self.service.fleet
-        if endpoint.name in fleet.nodes:
-            raise ValueError(f"a node named {endpoint.name!r} is already in the fleet")
-        only = settings.model_copy(
+        only = self.service.settings.model_copy(
             update={"neurons": [endpoint], "local": LocalSettings(enabled=False)}
         )
         (neuron,) = build_neurons(only)
-        node = NodeState(endpoint.name, neuron)
-        await fleet.refresh_node(node)
-        if not node.up:
-            await neuron.close()
-            raise ConnectionError(node.error or "it did not answer")
-        fleet.nodes[endpoint.name] = node
+        await self.service.fleet.attach(neuron)
 
     def action_copy_url(self) -> None:
         base = self.service.url.rstrip("/")

@@ -3,7 +3,7 @@
     python -m tui.screenshot [--seconds 20] [--out assets/screenshots]
 
 A development script, run from the checkout: it drives the real app and the real gateway
-over scripted neurons (``tests/support``) dressed up as GPU nodes, sends streaming
+over demo neurons (:class:`DemoNeuron`, GPU nodes played without a GPU), sends streaming
 requests through the gateway with the OpenAI SDK for a while, and exports what the
 screen shows. The PNG is made with cairosvg when it is installed (``pip install
 cairosvg``); Textual's SVG names the Fira Code web font, which cairo cannot fetch, so the
@@ -34,6 +34,7 @@ from helexa.neuron.interface import (
     Health,
     LoadRequest,
     ModelState,
+    ModelStatus,
 )
 from helexa.neuron.remote import RemoteNeuron
 from tui.app import HelexaApp, build_app
@@ -48,94 +49,126 @@ class DemoModel:
     device: int
     vram_mb: int
     tok_s: float  # decode speed of one stream
-    status: str = "loaded"
+    status: ModelStatus = "loaded"
     progress: float | None = None
 
 
-def demo_neuron_class() -> type:
-    """ScriptedNeuron with GPU-shaped health and paced streams (imported from the checkout)."""
-    from tests.support.scripted_neuron import Reply, ScriptedNeuron
+class DemoNeuron:
+    """A GPU node without the GPU: fixed-size devices whose memory and load follow the
+    models on them, and chats answered with filler tokens at each model's decode speed,
+    so the dashboard shows a busy fleet on any machine."""
 
-    class DemoNeuron(ScriptedNeuron):
-        def __init__(self, name: str, gpu: str, vram_mb: int, gpus: int, models: list[DemoModel]):
-            super().__init__(name, models={m.id: m.status for m in models})  # type: ignore[misc]
-            self.gpu, self.vram_mb, self.gpus = gpu, vram_mb, gpus
-            self.demo = {m.id: m for m in models}
-            self.active: dict[int, int] = {}
-            self.rng = random.Random(name)
-            self.script = lambda request: Reply(
-                text=["tok"] * self.rng.randint(60, 160), prompt_tokens=self.rng.randint(40, 900)
+    def __init__(
+        self, name: str, gpu: str, vram_mb: int, gpus: int, models: list[DemoModel]
+    ) -> None:
+        self.name = name
+        self.gpu, self.vram_mb, self.gpus = gpu, vram_mb, gpus
+        self.demo = {m.id: m for m in models}
+        self.states: dict[str, ModelStatus] = {m.id: m.status for m in models}
+        self.active: dict[int, int] = {}
+        self.rng = random.Random(name)
+        self._streams = 0
+
+    async def discovery(self) -> Discovery:
+        return Discovery(
+            hostname=f"{self.name}.lan",
+            os="Linux",
+            driver_version="570.86",
+            cuda_version="12.8",
+            devices=[
+                DeviceInfo(index=i, name=self.gpu, vram_total_mb=self.vram_mb)
+                for i in range(self.gpus)
+            ],
+        )
+
+    async def health(self) -> Health:
+        devices = []
+        for i in range(self.gpus):
+            used = 600 + sum(
+                m.vram_mb * (m.progress or 1.0)
+                for m in self.demo.values()
+                if m.device == i and self.states.get(m.id) in ("loaded", "loading")
             )
-
-        async def discovery(self) -> Discovery:
-            return Discovery(
-                hostname=f"{self.name}.lan",
-                os="Linux",
-                driver_version="570.86",
-                cuda_version="12.8",
-                devices=[
-                    DeviceInfo(index=i, name=self.gpu, vram_total_mb=self.vram_mb)
-                    for i in range(self.gpus)
-                ],
+            busy = self.active.get(i, 0)
+            devices.append(
+                DeviceHealth(
+                    index=i,
+                    vram_used_mb=int(used),
+                    vram_free_mb=self.vram_mb - int(used),
+                    utilization_pct=min(99.0, 8 + 41 * busy + self.rng.random() * 4),
+                    temp_c=41 + 9 * min(busy, 3) + self.rng.random() * 2,
+                )
             )
+        return Health(uptime_secs=86_400.0, devices=devices)
 
-        async def health(self) -> Health:
-            devices = []
-            for i in range(self.gpus):
-                used = 600 + sum(
-                    m.vram_mb * (m.progress or 1.0)
-                    for m in self.demo.values()
-                    if m.device == i and self.states.get(m.id) in ("loaded", "loading")
+    async def models(self) -> list[ModelState]:
+        out = []
+        for model_id, status in self.states.items():
+            m = self.demo[model_id]
+            on = status in ("loaded", "loading")
+            out.append(
+                ModelState(
+                    id=model_id,
+                    status=status,
+                    devices=[m.device] if on else [],
+                    vram_used_mb=int(m.vram_mb * (m.progress or 1.0)) if on else 0,
+                    progress=m.progress if status == "loading" else None,
                 )
-                busy = self.active.get(i, 0)
-                devices.append(
-                    DeviceHealth(
-                        index=i,
-                        vram_used_mb=int(used),
-                        vram_free_mb=self.vram_mb - int(used),
-                        utilization_pct=min(99.0, 8 + 41 * busy + self.rng.random() * 4),
-                        temp_c=41 + 9 * min(busy, 3) + self.rng.random() * 2,
-                    )
-                )
-            return Health(uptime_secs=86_400.0, devices=devices)
+            )
+        return out
 
-        async def models(self) -> list[ModelState]:
-            out = []
-            for model_id, status in self.states.items():
-                m = self.demo[model_id]
-                on = status in ("loaded", "loading")
-                out.append(
-                    ModelState(
-                        id=model_id,
-                        status=status,
-                        devices=[m.device] if on else [],
-                        vram_used_mb=int(m.vram_mb * (m.progress or 1.0)) if on else 0,
-                        progress=m.progress if status == "loading" else None,
-                    )
-                )
-            return out
+    async def load(self, request: LoadRequest) -> ModelState:
+        m = self.demo[request.model_id]  # the gateway only loads what a node lists
+        self.states[m.id] = "loaded"
+        return ModelState(id=m.id, status="loaded", devices=[m.device], vram_used_mb=m.vram_mb)
 
-        async def load(self, request: LoadRequest) -> ModelState:
-            state = await super().load(request)
-            m = self.demo[request.model_id]
-            return state.model_copy(update={"devices": [m.device], "vram_used_mb": m.vram_mb})
+    async def unload(self, model_id: str) -> None:
+        if model_id in self.states:
+            self.states[model_id] = "unloaded"
 
-        def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-            return self._paced(super().chat(request), self.demo[str(request["model"])])
+    def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(request, "chat.completion.chunk")
 
-        async def _paced(
-            self, stream: AsyncIterator[dict[str, Any]], model: DemoModel
-        ) -> AsyncIterator[dict[str, Any]]:
-            self.active[model.device] = self.active.get(model.device, 0) + 1
-            try:
-                await asyncio.sleep(self.rng.uniform(0.04, 0.35))  # prefill
-                async for chunk in stream:
-                    yield chunk
-                    await asyncio.sleep(1 / model.tok_s)
-            finally:
-                self.active[model.device] -= 1
+    def complete(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(request, "text_completion")
 
-    return DemoNeuron
+    async def _stream(self, request: dict[str, Any], kind: str) -> AsyncIterator[dict[str, Any]]:
+        """Filler tokens after a prefill pause, one per ``1 / tok_s``, then the usage (the
+        gateway only routes to a model it saw loaded, so there is nothing to refuse)."""
+        model_id = str(request.get("model"))
+        model = self.demo[model_id]
+        self._streams += 1
+        base = {"id": f"demo-{self.name}-{self._streams}", "object": kind, "model": model_id}
+
+        def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+            if kind == "text_completion":
+                choice["text"] = text
+            else:
+                choice["delta"] = {"content": text} if text else {}
+            return {**base, "choices": [choice]}
+
+        self.active[model.device] = self.active.get(model.device, 0) + 1
+        try:
+            await asyncio.sleep(self.rng.uniform(0.04, 0.35))  # prefill
+            tokens, prompt = self.rng.randint(60, 160), self.rng.randint(40, 900)
+            usage = {"prompt_tokens": prompt, "completion_tokens": tokens}
+            usage["total_tokens"] = prompt + tokens
+            for out in [
+                *(chunk("tok") for _ in range(tokens)),
+                chunk("", "stop"),
+                {**base, "choices": [], "usage": usage},
+            ]:
+                yield out
+                await asyncio.sleep(1 / model.tok_s)
+        finally:
+            self.active[model.device] -= 1
+
+    async def count_tokens(self, request: dict[str, Any]) -> int:
+        return sum(len(str(m.get("content") or "").split()) for m in request.get("messages", []))
+
+    async def close(self) -> None:
+        pass
 
 
 def closed_port_url() -> str:
@@ -167,8 +200,7 @@ def png_ready_svg(svg: str) -> str:
 
 
 async def render(seconds: float, out: Path) -> list[Path]:
-    demo = demo_neuron_class()
-    local = demo(
+    local = DemoNeuron(
         "local",
         "NVIDIA GeForce RTX 4090",
         24564,
@@ -179,7 +211,7 @@ async def render(seconds: float, out: Path) -> list[Path]:
             DemoModel("Qwen/Qwen3-30B-A3B-GGUF:Q4_K_M", 1, 18630, 80, "loading", 0.63),
         ],
     )
-    rack = demo(
+    rack = DemoNeuron(
         "rack-2",
         "NVIDIA H100 80GB HBM3",
         81559,

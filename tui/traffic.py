@@ -3,7 +3,7 @@
 The fleet snapshot says what is loaded where; it does not say how fast tokens are flowing
 right now. Prometheus counters only move when a request finishes, which turns a live
 tokens/s sparkline into a comb. So the TUI listens on the gateway's own per-request hooks
-(:class:`helexa.cortex.app.RequestObserver`, the ones metrics use): every chunk the gateway
+(:class:`helexa.cortex.observe.RequestObserver`, the ones metrics use): every chunk the gateway
 relays tells :class:`Traffic` when the first token arrived and how many tokens came, and
 the request's end says how it went. Traffic has an injectable clock, so the arithmetic is
 tested without a terminal or a server.
@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from helexa.cortex.app import CLIENT_GONE, RequestObserver
 from helexa.cortex.fleet import Lease
+from helexa.cortex.observe import CLIENT_GONE, RequestObserver
 from helexa.errors import ApiError
 from helexa.wire.openai.stream import choice_carries_output
 
@@ -174,7 +174,7 @@ class TrafficObserver(RequestObserver):
 
     def routed(self, lease: Lease) -> None:
         self.record.node = lease.node.name
-        self.record.model = lease.model or self.record.model  # the catalogue's name
+        self.record.model = lease.canonical_id  # the catalogue's name
 
     def chunk(self, chunk: dict[str, Any]) -> None:
         self.traffic.observe(self.record, chunk)

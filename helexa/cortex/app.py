@@ -1,27 +1,19 @@
 """The gateway's HTTP surface: OpenAI chat/completions, Anthropic Messages and OpenAI
 Responses over the fleet, plus ``/v1/models``, ``/health`` and the admin routes.
 
-Every generation route follows one path (:func:`relay`): parse the body in the route's
-dialect, take a lease on the model, stream the neuron's OpenAI chunks through that
-dialect's :class:`StreamFormat` (or fold them into one answer), and release the lease
-whatever happens. Chunks are written as they arrive, never collected first, and a client
-that hangs up closes the neuron's stream so generation stops.
+Each generation route only parses its body into a :class:`~helexa.cortex.relay.Job` in
+its dialect (what to send upstream, how to stream or fold the answer) and hands it to
+:func:`~helexa.cortex.relay.relay`, the one path every generation takes.
 
 Errors are rendered in the caller's dialect: Anthropic routes (``/v1/messages*``) get
-``{"type":"error","error":{...}}``, everything else OpenAI's ``{"error":{...}}``. Once a
-stream has started the status line is gone, so a failure rides the stream instead (an
-Anthropic ``error`` event, an OpenAI ``data: {"error":...}`` frame, a Responses
-``response.failed``) and the response ends cleanly.
+``{"type":"error","error":{...}}``, everything else OpenAI's ``{"error":{...}}``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
 from aiohttp import web
@@ -29,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from helexa.config import Settings, split_listen
 from helexa.cortex.auth import KeyPolicy
-from helexa.cortex.fleet import Fleet, Lease, ModelNotFound, NoCapacity
+from helexa.cortex.fleet import Fleet
+from helexa.cortex.observe import Observe, ignore
+from helexa.cortex.relay import FLEET, OBSERVE, STREAMS, Job, api_error, relay
 from helexa.errors import ApiError
 from helexa.neuron.interface import ModelState
 from helexa.origins import BrowserPolicy, browser_guard, install_cors
@@ -44,11 +38,9 @@ from helexa.wire.openai.envelopes import (
     parse_completion_request,
 )
 from helexa.wire.openai.stream import OpenAIStream
-from helexa.wire.openai.translate import ChatAccumulator, accumulate_completion
 from helexa.wire.responses.envelopes import parse_responses_request
 from helexa.wire.responses.stream import ResponsesStream
 from helexa.wire.responses.translate import openai_to_responses, responses_to_openai
-from helexa.wire.sse import StreamFormat
 
 log = logging.getLogger("helexa.gateway")
 
@@ -56,22 +48,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Conversations (with tool results) easily pass aiohttp's 1 MiB default.
 MAX_BODY_BYTES = 64 * 1024 * 1024
-CLIENT_GONE = 499  # nginx's "client closed request": for hooks, never sent
 
 
-# -- failures --------------------------------------------------------------------------------
-
-
-def api_error(exc: BaseException) -> ApiError:
-    """Any exception as the refusal a client is sent: an ApiError as it is, aiohttp's own
-    HTTP errors by status, anything else a 500 that names it."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, web.HTTPException):
-        return ApiError(exc.reason, status=exc.status)
-    return ApiError(
-        f"internal error: {type(exc).__name__}: {exc}", status=500, code="internal_error"
-    )
+# -- errors ----------------------------------------------------------------------------------
 
 
 def dialect_of(request: web.BaseRequest) -> Dialect:
@@ -89,259 +68,6 @@ def error_response(dialect: Dialect, error: ApiError) -> web.Response:
     return web.json_response(error_body(dialect, error), status=error.status)
 
 
-# -- per-request hooks ------------------------------------------------------------------------
-
-
-class RequestObserver:
-    """The hook points of one generation request; this base ignores them all.
-
-    Metrics and traffic taps subclass it and hand :func:`make_app` a factory. Every route
-    reports through :func:`relay` in one order: ``routed`` (lease taken), ``chunk`` for
-    every upstream chunk (the first is time-to-first-token; the last carries usage, even
-    when the client did not ask to see it), then exactly one of ``finished`` or ``failed``.
-    A failure before routing (bad body, unknown model) reports ``failed`` alone. A request
-    whose node fails before its first chunk is rerouted: ``routed`` comes again, with the
-    new lease, before any ``chunk``.
-    """
-
-    def routed(self, lease: Lease) -> None:
-        pass
-
-    def chunk(self, chunk: dict[str, Any]) -> None:
-        pass
-
-    def finished(self) -> None:
-        pass
-
-    def failed(self, failure: ApiError) -> None:
-        pass
-
-
-# (api: "chat" | "completions" | "messages" | "responses", requested model) -> observer
-Observe = Callable[[str, str], RequestObserver]
-
-
-def _ignore(api: str, model: str) -> RequestObserver:
-    return RequestObserver()
-
-
-class _Fanout(RequestObserver):
-    def __init__(self, observers: list[RequestObserver]) -> None:
-        self.observers = observers
-
-    def routed(self, lease: Lease) -> None:
-        for o in self.observers:
-            o.routed(lease)
-
-    def chunk(self, chunk: dict[str, Any]) -> None:
-        for o in self.observers:
-            o.chunk(chunk)
-
-    def finished(self) -> None:
-        for o in self.observers:
-            o.finished()
-
-    def failed(self, failure: ApiError) -> None:
-        for o in self.observers:
-            o.failed(failure)
-
-
-def observe_all(*factories: Observe) -> Observe:
-    """One ``observe`` factory feeding several (metrics and the TUI's traffic tap)."""
-
-    def observe(api: str, model: str) -> RequestObserver:
-        return _Fanout([factory(api, model) for factory in factories])
-
-    return observe
-
-
-@dataclass
-class Job:
-    """One generation request, parsed: what to send upstream and how to answer.
-
-    ``upstream`` is the OpenAI body for the neuron; its ``model`` is replaced by the
-    lease's model id, while everything the client sees keeps ``model`` as it was asked.
-    ``answer`` turns the folded upstream completion into the response body.
-    """
-
-    api: str
-    model: str
-    upstream: dict[str, Any]
-    stream: StreamFormat | None
-    answer: Callable[[dict[str, Any]], dict[str, Any]]
-    kind: Literal["chat", "completion"] = "chat"
-
-
-# -- app state --------------------------------------------------------------------------------
-
-FLEET = web.AppKey("fleet", Fleet)
-OBSERVE = web.AppKey("observe", Observe)
-STREAMS = web.AppKey("streams", set[asyncio.Task[Any]])
-
-
-# -- the relay --------------------------------------------------------------------------------
-
-
-async def _next(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
-    try:
-        return await anext(stream)
-    except StopAsyncIteration:
-        return None
-
-
-async def relay(request: web.Request, job: Job) -> web.StreamResponse:
-    """Route ``job`` to a neuron and answer it; the one path every generation takes.
-
-    When the node fails before its first chunk (refused connection, dropped stream) nothing
-    has reached the client yet, so the node is marked down and the request is routed once
-    more, to another node; after the first chunk a failure can only ride the stream.
-    """
-    observer = request.app[OBSERVE](job.api, job.model)
-    fleet = request.app[FLEET]
-    streams = request.app[STREAMS]
-    task = asyncio.current_task()
-    assert task is not None  # aiohttp runs every handler in a task
-    streams.add(task)  # so a stopping gateway can cancel it
-    try:
-        gone: BaseException | None = None  # the first node's failure, when rerouting
-        while True:
-            lease = await _acquire(fleet, job, observer, gone)
-            # Leaving the lease releases it, and tells the fleet when the node was unreachable.
-            async with lease:
-                try:
-                    observer.routed(lease)
-                    # The catalogue's sampling defaults go under whatever the client sent.
-                    upstream = fleet.catalogue.apply_sampling(
-                        lease.model or job.model, {**job.upstream, "model": lease.model_id}
-                    )
-                    generate = lease.neuron.chat if job.kind == "chat" else lease.neuron.complete
-                    async with aclosing(generate(upstream)) as chunks:
-                        try:
-                            first = await _next(chunks)
-                        except Exception as exc:
-                            if gone is None and lease.failed(exc):
-                                log.warning(
-                                    "node %s failed before answering (%s); rerouting %s",
-                                    lease.node.name,
-                                    exc,
-                                    job.model,
-                                )
-                                gone = exc
-                                continue
-                            raise
-                        if job.stream is None:
-                            return await _fold(first, chunks, job, observer)
-                        return await _stream(request, first, chunks, job.stream, observer, lease)
-                except BaseException as exc:
-                    observer.failed(_failure(exc))
-                    raise
-    finally:
-        streams.discard(task)
-
-
-async def _acquire(
-    fleet: Fleet, job: Job, observer: RequestObserver, gone: BaseException | None
-) -> Lease:
-    """A lease for ``job``; when rerouting and no other node can take it, the first node's
-    failure is the reason the request fails (not "no capacity" or "not found")."""
-    try:
-        return await fleet.acquire(job.model)
-    except BaseException as exc:
-        failure: BaseException = exc
-        if gone is not None and isinstance(exc, ModelNotFound | NoCapacity):
-            failure = gone
-        observer.failed(_failure(failure))
-        if failure is exc:
-            raise
-        raise failure from exc
-
-
-def _failure(exc: BaseException) -> ApiError:
-    if isinstance(exc, asyncio.CancelledError | ConnectionResetError):
-        return ApiError("client disconnected", status=CLIENT_GONE, code="client_disconnected")
-    return api_error(exc)
-
-
-async def _rest(
-    first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]
-) -> AsyncIterator[dict[str, Any]]:
-    """The whole stream again, its first chunk already taken."""
-    if first is None:
-        return
-    yield first
-    async for chunk in chunks:
-        yield chunk
-
-
-async def _fold(
-    first: dict[str, Any] | None,
-    chunks: AsyncIterator[dict[str, Any]],
-    job: Job,
-    observer: RequestObserver,
-) -> web.Response:
-    if job.kind == "chat":
-        acc = ChatAccumulator()
-        async for chunk in _rest(first, chunks):
-            observer.chunk(chunk)
-            acc.add(chunk)
-        completion = acc.result()
-    else:
-        collected = []
-        async for chunk in _rest(first, chunks):
-            observer.chunk(chunk)
-            collected.append(chunk)
-        completion = accumulate_completion(collected)
-    observer.finished()
-    return web.json_response(job.answer(completion))
-
-
-async def _stream(
-    request: web.Request,
-    first: dict[str, Any] | None,
-    chunks: AsyncIterator[dict[str, Any]],
-    fmt: StreamFormat,
-    observer: RequestObserver,
-    lease: Lease,
-) -> web.StreamResponse:
-    """Write the stream; ``first`` was awaited before the headers, so a neuron that refuses
-    the request outright (context too long, model gone) is a proper HTTP error status."""
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
-    await response.prepare(request)
-    failure: ApiError | None = None
-    try:
-        if first is not None:
-            observer.chunk(first)
-            await _write(response, fmt.feed(first))
-            async for chunk in chunks:
-                observer.chunk(chunk)
-                await _write(response, fmt.feed(chunk))
-        tail = fmt.finish()
-    except ConnectionResetError as exc:
-        observer.failed(_failure(exc))
-        return response  # the caller's aclosing stops the neuron
-    except Exception as exc:  # headers are sent: the failure has to ride the stream
-        lease.failed(exc)  # a dropped stream is a node gone: the next request reroutes
-        failure = api_error(exc)
-        tail = fmt.fail(failure)
-    try:
-        await _write(response, tail)
-        await response.write_eof()
-    except ConnectionResetError as exc:
-        failure = failure or _failure(exc)
-    if failure is None:
-        observer.finished()
-    else:
-        observer.failed(failure)
-    return response
-
-
-async def _write(response: web.StreamResponse, data: bytes) -> None:
-    if data:
-        await response.write(data)
-
-
 # -- generation routes -------------------------------------------------------------------------
 
 
@@ -356,33 +82,31 @@ def _with_model(model: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return lambda completion: {**completion, "model": model}
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def _openai(
+    request: web.Request, api: str, kind: Literal["chat", "completion"]
+) -> web.StreamResponse:
+    """Chat and legacy completions: the body goes upstream as the client sent it, and the
+    answer comes back under the model name it asked for."""
     body = await _body(request)
-    req = parse_chat_request(body)
+    req = parse_chat_request(body) if kind == "chat" else parse_completion_request(body)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     job = Job(
-        api="chat",
+        api=api,
         model=req.model,
         upstream=body,
         stream=OpenAIStream(req.model, include_usage) if req.stream else None,
         answer=_with_model(req.model),
+        kind=kind,
     )
     return await relay(request, job)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _openai(request, "chat", "chat")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = await _body(request)
-    req = parse_completion_request(body)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    job = Job(
-        api="completions",
-        model=req.model,
-        upstream=body,
-        stream=OpenAIStream(req.model, include_usage) if req.stream else None,
-        answer=_with_model(req.model),
-        kind="completion",
-    )
-    return await relay(request, job)
+    return await _openai(request, "completions", "completion")
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
@@ -429,7 +153,7 @@ async def count_tokens(request: web.Request) -> web.Response:
         count = await node.neuron.count_tokens({**upstream, "model": state.id})
     else:
         async with await fleet.acquire(model_id) as lease:
-            count = await lease.neuron.count_tokens({**upstream, "model": lease.model_id})
+            count = await lease.neuron.count_tokens({**upstream, "model": lease.served_id})
     return web.json_response({"input_tokens": count})
 
 
@@ -609,20 +333,24 @@ def make_app(
     )
     install_cors(app, browsers)
     app[FLEET] = fleet
-    app[OBSERVE] = observe or _ignore
+    app[OBSERVE] = observe or ignore
     app[STREAMS] = set()
     app.on_shutdown.append(_cancel_streams)
-    app.router.add_get("/health", health)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model:.+}", get_model)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/messages", messages)
-    app.router.add_post("/v1/messages/count_tokens", count_tokens)
-    app.router.add_post("/v1/responses", responses)
-    app.router.add_post("/admin/models/load", admin_load)
-    app.router.add_post("/admin/models/unload", admin_unload)
-    app.router.add_post("/admin/models/pin", admin_pin)
-    app.router.add_post("/admin/models/unpin", admin_unpin)
-    app.router.add_get("/admin/fleet", admin_fleet)
+    app.add_routes(
+        [
+            web.get("/health", health),
+            web.get("/v1/models", list_models),
+            web.get("/v1/models/{model:.+}", get_model),
+            web.post("/v1/chat/completions", chat_completions),
+            web.post("/v1/completions", completions),
+            web.post("/v1/messages", messages),
+            web.post("/v1/messages/count_tokens", count_tokens),
+            web.post("/v1/responses", responses),
+            web.post("/admin/models/load", admin_load),
+            web.post("/admin/models/unload", admin_unload),
+            web.post("/admin/models/pin", admin_pin),
+            web.post("/admin/models/unpin", admin_unpin),
+            web.get("/admin/fleet", admin_fleet),
+        ]
+    )
     return app

@@ -31,7 +31,7 @@ class Catalogue:
         self._profiles: dict[str, ModelProfile] = {p.id: p for p in profiles}
         self._names: dict[str, str] = {}
         for p in profiles:
-            for name in (p.qualified_id, *p.aliases, p.id):
+            for name in (p.qualified_id, *p.names):
                 self._names[name] = p.id
         self._pins: set[tuple[str, str]] = set()
         self._unpins: set[tuple[str, str]] = set()

@@ -4,14 +4,14 @@ route requests to models on it.
 This is the single source of truth for the gateway's handlers, the poller, the evictor,
 ``/v1/models``, ``helexa status`` and the TUI. Handlers only ever call
 :meth:`Fleet.acquire` and use the returned :class:`Lease`; where and whether to load is
-decided behind it: :func:`helexa.cortex.router.place` picks the node (and what to evict
+decided behind it: :func:`helexa.cortex.placement.place` picks the node (and what to evict
 there), and the fleet carries that out, loading each cold model once however many
 requests are waiting for it.
 
 Names: the catalogue's canonical id is the model's name everywhere in the gateway
-(``ModelUse`` keys, metrics labels, ``known_models``); ``Lease.model_id`` is the id the
-serving neuron knows the model by (the source-qualified id for a catalogue model with a
-``source``), which is what the gateway puts in the request it forwards.
+(``ModelUse`` keys, metrics labels, ``known_models``); a neuron may know the model by
+another (the source-qualified id for a catalogue model with a ``source``), and that is
+what the forwarded request must name. A :class:`Lease` carries both.
 """
 
 from __future__ import annotations
@@ -22,20 +22,22 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aiohttp
 
 from helexa.config import Settings
 from helexa.cortex.catalogue import Catalogue
-from helexa.cortex.evictor import (
+from helexa.cortex.placement import (
     DeviceView,
     ModelView,
     NodeView,
+    Placement,
     Strategy,
+    candidates,
     idle_victims,
+    place,
 )
-from helexa.cortex.router import Placement, candidates, place
 from helexa.errors import ApiError
 from helexa.neuron.interface import (
     Discovery,
@@ -45,9 +47,6 @@ from helexa.neuron.interface import (
     Neuron,
     NeuronError,
 )
-
-if TYPE_CHECKING:
-    from helexa.cortex.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +108,19 @@ def is_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, OSError | TimeoutError | aiohttp.ClientConnectionError)
 
 
+class FleetEvents(Protocol):
+    """What the fleet reports as it happens (loads, cold starts, evictions); the gateway's
+    metrics implement it, so the fleet records them without depending on Prometheus."""
+
+    def cold_start(self, model: str, node: str) -> None: ...
+
+    def model_load(
+        self, model: str, node: str, result: str, seconds: float | None = None
+    ) -> None: ...
+
+    def eviction(self, model: str, node: str, reason: str) -> None: ...
+
+
 @dataclass
 class NodeState:
     """What the gateway last heard from one neuron."""
@@ -121,6 +133,16 @@ class NodeState:
     models: dict[str, ModelState] = field(default_factory=dict)
     last_seen: float = 0.0
     error: str | None = None
+
+    def vram_totals(self) -> dict[int, int]:
+        """Each device's memory in total: as discovery reported it, or, for a device only
+        health knows, its used plus free (placement and the metrics must agree on this)."""
+        totals = (
+            {d.index: d.vram_total_mb for d in self.discovery.devices} if self.discovery else {}
+        )
+        for d in self.health.devices if self.health else ():
+            totals.setdefault(d.index, d.vram_used_mb + d.vram_free_mb)
+        return totals
 
 
 @dataclass
@@ -141,10 +163,10 @@ class Lease:
     """
 
     node: NodeState
-    model_id: str  # as the serving neuron knows it: put this in the forwarded request
+    canonical_id: str  # the catalogue's id: usage keys, metrics labels, logs, /v1/models
+    served_id: str  # the id the serving neuron knows it by: the forwarded request names it
     cold: bool
     _fleet: Fleet
-    model: str = ""  # the catalogue's canonical id: labels, logs, /v1/models
     _released: bool = False
 
     @property
@@ -201,7 +223,7 @@ class Fleet:
         catalogue: Catalogue | None = None,
         *,
         strategy: Strategy = "lru",
-        metrics: GatewayMetrics | None = None,
+        metrics: FleetEvents | None = None,
     ) -> None:
         self.nodes: dict[str, NodeState] = {n.name: NodeState(n.name, n) for n in nodes}
         self.catalogue = catalogue if catalogue is not None else Catalogue([])
@@ -219,7 +241,7 @@ class Fleet:
 
     @classmethod
     def from_settings(
-        cls, nodes: list[Neuron], settings: Settings, metrics: GatewayMetrics | None = None
+        cls, nodes: list[Neuron], settings: Settings, metrics: FleetEvents | None = None
     ) -> Fleet:
         return cls(
             nodes,
@@ -259,6 +281,23 @@ class Fleet:
             log.warning("node %s is down: %s", node.name, reason)
         node.up, node.error = False, reason
 
+    async def attach(self, neuron: Neuron) -> NodeState:
+        """Add a node to the running fleet, once it has answered a poll.
+
+        One that does not answer (or whose name is taken) is closed and refused, so a
+        mistyped address never leaves a dead node in the table.
+        """
+        if neuron.name in self.nodes:
+            await neuron.close()
+            raise ValueError(f"a node named {neuron.name!r} is already in the fleet")
+        node = NodeState(neuron.name, neuron)
+        await self.refresh_node(node)
+        if not node.up:
+            await neuron.close()
+            raise ConnectionError(node.error or "it did not answer")
+        self.nodes[neuron.name] = node
+        return node
+
     def node_failed(self, node: NodeState, exc: BaseException) -> bool:
         """Mark ``node`` down when ``exc`` says it is unreachable; returns whether it did."""
         if is_unreachable(exc):
@@ -270,13 +309,8 @@ class Fleet:
 
     def view(self, node: NodeState) -> NodeView:
         """The frozen picture placement and eviction reason about."""
-        totals = (
-            {d.index: d.vram_total_mb for d in node.discovery.devices} if node.discovery else {}
-        )
-        free: dict[int, int] = {}
-        for d in node.health.devices if node.health else ():
-            totals.setdefault(d.index, d.vram_used_mb + d.vram_free_mb)
-            free[d.index] = d.vram_free_mb
+        totals = node.vram_totals()
+        free = {d.index: d.vram_free_mb for d in node.health.devices} if node.health else {}
         reserved = self._reserved.get(node.name, [])
         for r in reserved:
             for index in r.devices or tuple(free)[:1]:
@@ -539,10 +573,10 @@ class Fleet:
             (s.id for s in node.models.values() if self.catalogue.canonical(s.id) == model_id),
             self.catalogue.qualified_id(model_id),
         )
-        return Lease(node, served, cold, self, model=model_id)
+        return Lease(node, canonical_id=model_id, served_id=served, cold=cold, _fleet=self)
 
     def _release(self, lease: Lease) -> None:
-        use = self._usage(lease.node.name, lease.model)
+        use = self._usage(lease.node.name, lease.canonical_id)
         use.in_flight = max(0, use.in_flight - 1)
         use.last_used = time.monotonic()
 

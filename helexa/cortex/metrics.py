@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -24,7 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from helexa.cortex.app import RequestObserver
+from helexa.cortex.observe import RequestObserver
 from helexa.errors import ApiError
 from helexa.wire.openai.stream import carries_output
 
@@ -41,80 +42,64 @@ LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        # Every metric in this gateway's own registry, never prometheus_client's global one.
+        counter = partial(Counter, registry=self.registry)
+        gauge = partial(Gauge, registry=self.registry)
+        histogram = partial(Histogram, registry=self.registry)
         req = ["model", "node", "dialect"]
         per_model = ["model", "node"]
-        self.requests = Counter(
-            "helexa_requests", "Requests by outcome (HTTP status)", [*req, "status"], registry=r
+        self.requests = counter(
+            "helexa_requests", "Requests by outcome (HTTP status)", [*req, "status"]
         )
-        self.request_errors = Counter(
-            "helexa_request_errors", "Failed requests by error code", [*req, "code"], registry=r
+        self.request_errors = counter(
+            "helexa_request_errors", "Failed requests by error code", [*req, "code"]
         )
-        self.request_duration = Histogram(
+        self.request_duration = histogram(
             "helexa_request_duration_seconds",
             "Request latency, arrival to last byte",
             req,
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = histogram(
             "helexa_time_to_first_token_seconds",
             "Arrival to first generated token (cold loads included)",
             req,
             buckets=TTFT_BUCKETS,
-            registry=r,
         )
-        self.tokens_per_second = Histogram(
+        self.tokens_per_second = histogram(
             "helexa_output_tokens_per_second",
             "Decode rate per request: tokens after the first over the time after the first",
             per_model,
             buckets=TOKENS_PER_S_BUCKETS,
-            registry=r,
         )
-        self.prompt_tokens = Counter(
-            "helexa_prompt_tokens", "Prompt tokens processed", per_model, registry=r
+        self.prompt_tokens = counter("helexa_prompt_tokens", "Prompt tokens processed", per_model)
+        self.completion_tokens = counter("helexa_completion_tokens", "Tokens generated", per_model)
+        self.cold_starts = counter(
+            "helexa_cold_starts", "Requests that waited for a model load", per_model
         )
-        self.completion_tokens = Counter(
-            "helexa_completion_tokens", "Tokens generated", per_model, registry=r
-        )
-        self.cold_starts = Counter(
-            "helexa_cold_starts", "Requests that waited for a model load", per_model, registry=r
-        )
-        self.evictions = Counter(
+        self.evictions = counter(
             "helexa_evictions",
             "Models unloaded by the gateway (capacity, idle, admin)",
             [*per_model, "reason"],
-            registry=r,
         )
-        self.model_loads = Counter(
-            "helexa_model_loads", "Model loads by result", [*per_model, "result"], registry=r
+        self.model_loads = counter(
+            "helexa_model_loads", "Model loads by result", [*per_model, "result"]
         )
-        self.model_load_duration = Histogram(
+        self.model_load_duration = histogram(
             "helexa_model_load_duration_seconds",
             "Successful model loads, request to loaded",
             per_model,
             buckets=LOAD_BUCKETS,
-            registry=r,
         )
         device = ["node", "device"]
-        self.vram_used = Gauge(
-            "helexa_device_vram_used_mb", "Device memory in use", device, registry=r
+        self.vram_used = gauge("helexa_device_vram_used_mb", "Device memory in use", device)
+        self.vram_total = gauge("helexa_device_vram_total_mb", "Device memory in total", device)
+        self.utilization = gauge("helexa_device_utilization_pct", "Device utilization", device)
+        self.in_flight = gauge(
+            "helexa_in_flight_requests", "Requests holding a model now", per_model
         )
-        self.vram_total = Gauge(
-            "helexa_device_vram_total_mb", "Device memory in total", device, registry=r
-        )
-        self.utilization = Gauge(
-            "helexa_device_utilization_pct", "Device utilization", device, registry=r
-        )
-        self.in_flight = Gauge(
-            "helexa_in_flight_requests", "Requests holding a model now", per_model, registry=r
-        )
-        self.node_up = Gauge(
-            "helexa_node_up", "1 when the node answers polls", ["node"], registry=r
-        )
-        self.model_loaded = Gauge(
-            "helexa_model_loaded", "1 per model loaded on a node", per_model, registry=r
-        )
+        self.node_up = gauge("helexa_node_up", "1 when the node answers polls", ["node"])
+        self.model_loaded = gauge("helexa_model_loaded", "1 per model loaded on a node", per_model)
 
     # -- per request ---------------------------------------------------------------------
 
@@ -155,14 +140,11 @@ class GatewayMetrics:
             gauge.clear()
         for node in fleet.nodes.values():
             self.node_up.labels(node.name).set(1 if node.up else 0)
-            totals = (
-                {d.index: d.vram_total_mb for d in node.discovery.devices} if node.discovery else {}
-            )
+            totals = node.vram_totals()
             for d in node.health.devices if node.health else ():
                 device = str(d.index)
                 self.vram_used.labels(node.name, device).set(d.vram_used_mb)
-                total = totals.get(d.index, d.vram_used_mb + d.vram_free_mb)
-                self.vram_total.labels(node.name, device).set(total)
+                self.vram_total.labels(node.name, device).set(totals[d.index])
                 if d.utilization_pct is not None:
                     self.utilization.labels(node.name, device).set(d.utilization_pct)
             if node.up:
@@ -245,7 +227,7 @@ class MetricsObserver(RequestObserver):
         self.usage: Mapping[str, Any] | None = None
 
     def routed(self, lease: Lease) -> None:
-        self.timer.route(lease.node.name, lease.model or None)
+        self.timer.route(lease.node.name, lease.canonical_id)
 
     def chunk(self, chunk: dict[str, Any]) -> None:
         if self.timer.first is None and carries_output(chunk):

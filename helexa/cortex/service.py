@@ -14,11 +14,11 @@ import sys
 from aiohttp import web
 
 from helexa.config import Settings, http_url, split_listen
-from helexa.cortex.app import Observe, make_app, observe_all
-from helexa.cortex.evictor import Evictor
+from helexa.cortex.app import make_app
+from helexa.cortex.background import Evictor, Poller
 from helexa.cortex.fleet import Fleet
 from helexa.cortex.metrics import GatewayMetrics, make_metrics_app
-from helexa.cortex.poller import Poller
+from helexa.cortex.observe import Observe, observe_all
 from helexa.neuron.interface import Neuron
 from helexa.neuron.remote import RemoteNeuron
 from helexa.neuron.server import ListenError, is_loopback, start_server, until_signalled

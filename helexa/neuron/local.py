@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from helexa.config import ModelProfile, Settings
+from helexa.config import Settings
 from helexa.engine.checkpoint import Progress
 from helexa.engine.errors import CheckpointError
 from helexa.engine.generate import LoadedModel, RequestError
@@ -71,13 +71,6 @@ class _Entry:
 
     def report(self, fraction: float) -> None:
         self.progress = fraction
-
-
-def _profile(settings: Settings, model_id: str) -> ModelProfile | None:
-    for profile in settings.models:
-        if model_id == profile.id or model_id in profile.aliases:
-            return profile
-    return None
 
 
 def _load_error(model_id: str, exc: Exception) -> NeuronError:
@@ -207,7 +200,7 @@ class LocalNeuron:
         return entry.state()
 
     async def _load(self, entry: _Entry, path: Path, request: LoadRequest) -> None:
-        profile = _profile(self.settings, entry.model_id)
+        profile = self.settings.profile(entry.model_id)
         context = request.context_length or (profile.context_length if profile else None)
         sampling = profile.sampling.model_dump(exclude_none=True) if profile else {}
         entry.status, entry.error, entry.progress = "loading", None, 0.0

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from helexa.config import ModelProfile, Settings, cache_dir
+from helexa.config import Settings, cache_dir
 
 HUGGINGFACE = "huggingface"
 FILE = "file"
@@ -122,20 +122,16 @@ def source_for(ref: ModelRef, settings: Settings) -> Source:
     return known[ref.scheme]
 
 
-def _profile(settings: Settings, model_id: str) -> ModelProfile | None:
-    return next((p for p in settings.models if model_id in (p.id, *p.aliases)), None)
-
-
 def ref_for(model_id: str, settings: Settings) -> ModelRef:
     """The ref a model id means here: catalogue ids and aliases bring their source and quant."""
-    profile = _profile(settings, model_id)
+    profile = settings.profile(model_id)
     if profile is not None and profile.path:
         return ModelRef(FILE, path=Path(profile.path).expanduser())
     if profile is not None:
         model_id = profile.qualified_id
     ref = parse_model_id(model_id, settings.default_source)
     if ref.quant is None and not ref.is_file:
-        profile = profile or _profile(settings, ref.repo)
+        profile = profile or settings.profile(ref.repo)
         if profile is not None and profile.quant:
             ref = replace(ref, quant=profile.quant)
     return ref

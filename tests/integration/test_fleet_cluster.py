@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 
 from helexa.config import ModelProfile, Settings
+from helexa.cortex.background import Evictor, Poller
 from helexa.cortex.catalogue import Catalogue
-from helexa.cortex.evictor import Evictor
 from helexa.cortex.fleet import (
     Fleet,
     FleetError,
@@ -30,18 +30,11 @@ from helexa.cortex.fleet import (
     NoCapacity,
 )
 from helexa.cortex.metrics import GatewayMetrics
-from helexa.cortex.poller import Poller
-from helexa.neuron.interface import (
-    DeviceHealth,
-    DeviceInfo,
-    Discovery,
-    Health,
-    LoadRequest,
-    ModelState,
-    NeuronError,
-)
+from helexa.neuron.interface import Discovery, Health, LoadRequest, ModelState, NeuronError
 from helexa.neuron.remote import RemoteNeuron
 from helexa.neuron.server import make_neuron_app, start_server
+from tests.support import devices
+from tests.support.devices import Gpu
 
 
 class BudgetNeuron:
@@ -63,14 +56,14 @@ class BudgetNeuron:
     def free_mb(self) -> int:
         return self.total_mb - sum(self.loaded.values())
 
+    def gpu(self) -> Gpu:
+        return Gpu("Budget GPU", self.total_mb, used_mb=self.total_mb - self.free_mb)
+
     async def discovery(self) -> Discovery:
-        gpu = DeviceInfo(index=0, name="Budget GPU", vram_total_mb=self.total_mb)
-        return Discovery(hostname=f"{self.name}.test", os="test", devices=[gpu])
+        return devices.discovery(f"{self.name}.test", [self.gpu()])
 
     async def health(self) -> Health:
-        used = self.total_mb - self.free_mb
-        reading = DeviceHealth(index=0, vram_used_mb=used, vram_free_mb=self.free_mb)
-        return Health(uptime_secs=1.0, devices=[reading])
+        return devices.health([self.gpu()])
 
     def _state(self, model_id: str) -> ModelState:
         if model_id in self.loaded:
@@ -204,7 +197,7 @@ async def cluster() -> AsyncIterator[Any]:
 
 async def chat(lease: Any) -> str:
     """One request through the lease, as the gateway forwards it."""
-    request = {"model": lease.model_id, "messages": [{"role": "user", "content": "hi"}]}
+    request = {"model": lease.served_id, "messages": [{"role": "user", "content": "hi"}]}
     text = ""
     async with aclosing(lease.neuron.chat(request)) as stream:
         async for chunk in stream:
@@ -227,7 +220,7 @@ async def test_cold_load_goes_to_the_node_with_room(cluster: Any) -> None:
     nodes["b"].neuron.loaded["small"] = 4000  # b: 20000 free, still the roomiest
     await fleet.refresh()
     async with await fleet.acquire("big") as lease:
-        assert (lease.node.name, lease.model_id, lease.model, lease.cold) == (
+        assert (lease.node.name, lease.served_id, lease.canonical_id, lease.cold) == (
             "b",
             "big",
             "big",
@@ -328,7 +321,7 @@ async def test_a_capacity_victim_is_not_leased_while_an_earlier_one_unloads(
         with pytest.raises(NoCapacity):  # m2's room went to big; nothing else can go
             await m2
     assert neuron.unloads == ["m1", "m2"] and set(neuron.loaded) == {"big"}
-    assert (lease.node.name, lease.model) == ("a", "big")
+    assert (lease.node.name, lease.canonical_id) == ("a", "big")
     lease.release()
     assert "evicting" not in statuses(fleet, "a").values()
 
@@ -404,7 +397,7 @@ async def test_aliases_and_qualified_ids_reach_the_neuron_as_it_knows_them(clust
     nodes["a"].neuron.sizes["mirror:org/m"] = 1000
     await fleet.refresh()
     async with await fleet.acquire("nick") as lease:
-        assert (lease.model, lease.model_id) == ("org/m", "mirror:org/m")
+        assert (lease.canonical_id, lease.served_id) == ("org/m", "mirror:org/m")
         assert await chat(lease) == "hello from a"
     assert nodes["a"].neuron.loads == ["mirror:org/m"]
     assert "org/m" in fleet.known_models() and "mirror:org/m" not in fleet.known_models()

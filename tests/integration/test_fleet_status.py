@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +11,7 @@ from aiohttp import web
 
 from helexa.config import Settings
 from helexa.cortex.status import format_fleet_table, gateway_url, run_status, table
+from tests.support.servers import serving_in_thread
 
 SNAPSHOT: dict[str, Any] = {
     "nodes": [
@@ -112,19 +111,8 @@ def gateway() -> Iterator[tuple[Gateway, str]]:
     gw = Gateway(SNAPSHOT, "admin-secret")
     app = web.Application()
     app.router.add_get("/admin/fleet", gw.fleet)
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield gw, f"http://127.0.0.1:{port}"
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join()
-    loop.close()
+    with serving_in_thread(app) as url:
+        yield gw, url
 
 
 def test_run_status_prints_the_table(

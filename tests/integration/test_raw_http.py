@@ -15,9 +15,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from helexa.cortex.app import RequestObserver
 from helexa.cortex.auth import KeyPolicy, matches, presented_key
 from helexa.cortex.fleet import Lease
+from helexa.cortex.observe import RequestObserver
 from helexa.cortex.service import Service
 from helexa.errors import ApiError
 from helexa.neuron.server import make_neuron_app
@@ -355,7 +355,7 @@ class Recorder(RequestObserver):
         self.log.append(("start", (api, model)))
 
     def routed(self, lease: Lease) -> None:
-        self.log.append(("routed", (lease.node.name, lease.model_id)))
+        self.log.append(("routed", (lease.node.name, lease.served_id)))
 
     def chunk(self, chunk: dict[str, Any]) -> None:
         if chunk.get("usage"):

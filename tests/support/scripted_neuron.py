@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from helexa.neuron.interface import (
-    DeviceHealth,
-    DeviceInfo,
     Discovery,
     Health,
     LoadRequest,
@@ -22,8 +20,11 @@ from helexa.neuron.interface import (
     ModelStatus,
     NeuronError,
 )
+from tests.support import devices
+from tests.support.devices import Gpu
 
 CREATED = 1_700_000_000
+GPU = Gpu("Scripted GPU", 24576, used_mb=1024)
 
 
 @dataclass
@@ -150,12 +151,10 @@ class ScriptedNeuron:
 
     # -- node facts -------------------------------------------------------------------------
     async def discovery(self) -> Discovery:
-        device = DeviceInfo(index=0, name="Scripted GPU", vram_total_mb=24576)
-        return Discovery(hostname=f"{self.name}.test", os="Linux", devices=[device])
+        return devices.discovery(f"{self.name}.test", [GPU], os="Linux")
 
     async def health(self) -> Health:
-        device = DeviceHealth(index=0, vram_used_mb=1024, vram_free_mb=23552)
-        return Health(uptime_secs=1.0, devices=[device])
+        return devices.health([GPU])
 
     async def models(self) -> list[ModelState]:
         return [ModelState(id=m, status=s) for m, s in self.states.items()]

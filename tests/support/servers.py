@@ -7,8 +7,9 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ import aiohttp
 from aiohttp import web
 
 from helexa.config import LocalSettings, Settings
-from helexa.cortex.app import Observe, make_app
+from helexa.cortex.app import make_app
 from helexa.cortex.fleet import Fleet
+from helexa.cortex.observe import Observe
 from helexa.neuron.interface import Neuron
 from helexa.neuron.remote import RemoteNeuron
 from helexa.neuron.server import make_neuron_app, start_server
@@ -32,6 +34,27 @@ async def serving(app: web.Application) -> AsyncIterator[str]:
         yield url
     finally:
         await runner.cleanup()
+
+
+@contextmanager
+def serving_in_thread(app: web.Application) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1 from an event loop in its own thread, for a client that
+    blocks the test's thread (``helexa status``, huggingface_hub); yields its base URL."""
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
 
 
 @dataclass

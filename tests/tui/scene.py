@@ -25,14 +25,9 @@ from helexa.config import (
     Settings,
 )
 from helexa.cortex.fleet import Lease
-from helexa.neuron.interface import (
-    DeviceHealth,
-    DeviceInfo,
-    Discovery,
-    Health,
-    ModelState,
-    ModelStatus,
-)
+from helexa.neuron.interface import Discovery, Health, ModelState, ModelStatus
+from tests.support import devices
+from tests.support.devices import Gpu
 from tests.support.scripted_neuron import ScriptedNeuron
 from tui.app import HelexaApp, build_app
 from tui.traffic import RequestRecord, RequestStatus, Traffic
@@ -41,15 +36,6 @@ from tui.widgets.models import ModelsTable
 SIZE = (150, 36)
 GATEWAY_URL = "http://127.0.0.1:8080"  # shown instead of the free port the test binds
 WALL_START = 1_750_000_000.0  # 2025-06-15 15:06:40 UTC: the log's clock column, in UTC
-
-
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    total_mb: int
-    used_mb: int
-    utilization_pct: float
-    temp_c: float
 
 
 @dataclass(frozen=True)
@@ -79,24 +65,10 @@ class RackNeuron(ScriptedNeuron):
         self.release = asyncio.Event()
 
     async def discovery(self) -> Discovery:
-        devices = [
-            DeviceInfo(index=i, name=g.name, vram_total_mb=g.total_mb)
-            for i, g in enumerate(self.gpus)
-        ]
-        return Discovery(hostname=f"{self.name}.lan", os="Linux", devices=devices)
+        return devices.discovery(f"{self.name}.lan", self.gpus, os="Linux")
 
     async def health(self) -> Health:
-        devices = [
-            DeviceHealth(
-                index=i,
-                vram_used_mb=g.used_mb,
-                vram_free_mb=g.total_mb - g.used_mb,
-                utilization_pct=g.utilization_pct,
-                temp_c=g.temp_c,
-            )
-            for i, g in enumerate(self.gpus)
-        ]
-        return Health(uptime_secs=86_400.0, devices=devices)
+        return devices.health(self.gpus, uptime_secs=86_400.0)
 
     async def models(self) -> list[ModelState]:
         out = []

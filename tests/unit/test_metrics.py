@@ -13,14 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helexa.cortex.fleet import Fleet
 from helexa.cortex.metrics import GatewayMetrics, make_metrics_app
-from helexa.neuron.interface import (
-    DeviceHealth,
-    DeviceInfo,
-    Discovery,
-    Health,
-    LoadRequest,
-    ModelState,
-)
+from helexa.neuron.interface import Discovery, Health, LoadRequest, ModelState
+from tests.support import devices
+from tests.support.devices import Gpu
 
 Scrape = Callable[..., Any]
 
@@ -121,19 +116,15 @@ class StaticNeuron:
     def __init__(self, name: str) -> None:
         self.name = name
         self.fail = False
+        self.gpus = [Gpu("GPU", 24000, 10000, utilization_pct=55.0), Gpu("GPU", 24000)]
 
     async def discovery(self) -> Discovery:
-        devices = [DeviceInfo(index=i, name="GPU", vram_total_mb=24000) for i in (0, 1)]
-        return Discovery(hostname=self.name, os="test", devices=devices)
+        return devices.discovery(self.name, self.gpus)
 
     async def health(self) -> Health:
         if self.fail:
             raise ConnectionRefusedError("gone")
-        readings = [
-            DeviceHealth(index=0, vram_used_mb=10000, vram_free_mb=14000, utilization_pct=55.0),
-            DeviceHealth(index=1, vram_used_mb=0, vram_free_mb=24000),
-        ]
-        return Health(uptime_secs=1, devices=readings)
+        return devices.health(self.gpus)
 
     async def models(self) -> list[ModelState]:
         return [

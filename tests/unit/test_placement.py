@@ -1,10 +1,10 @@
-"""Placement rules: pure table tests of router.place over NodeView snapshots."""
+"""Placement rules: pure table tests of placement.place over NodeView snapshots."""
 
 from __future__ import annotations
 
 from helexa.config import ModelProfile
 from helexa.cortex.catalogue import Catalogue
-from helexa.cortex.router import DeviceView, ModelView, NodeView, Placement, candidates, place
+from helexa.cortex.placement import DeviceView, ModelView, NodeView, Placement, candidates, place
 
 CATALOGUE = Catalogue(
     [

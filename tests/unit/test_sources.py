@@ -7,9 +7,7 @@ so nothing here reaches the network.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from helexa.neuron.sources import (
     sources,
     split_files,
 )
+from tests.support.servers import serving_in_thread
 
 # -- parse_model_id ----------------------------------------------------------------------------
 
@@ -363,19 +362,8 @@ def fake_hub() -> Iterator[tuple[FakeHub, str]]:
             },
         }
     )
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(hub.app())
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield hub, f"http://127.0.0.1:{port}"
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join()
-    loop.close()
+    with serving_in_thread(hub.app()) as url:
+        yield hub, url
 
 
 def _pull_settings(tmp_path: Path, endpoint: str) -> Settings:

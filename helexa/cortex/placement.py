@@ -1,34 +1,32 @@
-"""Eviction: which models to unload to make room, and which have sat idle too long.
+"""Placement: which node serves a model, and what must be unloaded there first.
 
-The choice is pure: it reads :class:`NodeView` snapshots (plain dataclasses built from the
-fleet's state) and returns model ids, so every rule is a table test. Two rules are never
-broken: a model pinned on a node is never evicted from it, and a model serving a request
-(``in_flight > 0``) or still loading is never evicted at all.
+Pure: it reads :class:`NodeView` snapshots (plain dataclasses the fleet builds from its
+state) and the catalogue, and returns a :class:`Placement` or model ids, so every rule is
+a table test; the fleet performs what it decides. The placement rules, in order:
 
-Memory is accounted per device: unloading a model frees its share on the devices it sits
-on, and a placement fits only when enough devices have enough free memory, so evicting a
-model from the wrong GPU never counts as making room. :class:`Evictor` is the background
-task that unloads idle models past ``eviction.idle_ttl_s``.
+1. Loaded on an up node: route there (the least busy one when several have it).
+2. Loading on an up node: wait for that load rather than start a second copy.
+3. An up node that offers the model, or could hold a catalogue model, with room now:
+   a node the model is pinned on first, then the most free memory.
+4. Otherwise the node where the smallest eviction (per :func:`select_victims`) makes room.
+5. Nowhere: None.
+
+Two eviction rules are never broken: a model pinned on a node is never evicted from it,
+and a model serving a request (``in_flight > 0``) or still loading is never evicted at
+all. Memory is accounted per device: unloading a model frees its share on the devices it
+sits on, and a placement fits only when enough devices have enough free memory, so
+evicting a model from the wrong GPU never counts as making room.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import math
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from helexa.config import Settings
 from helexa.cortex.catalogue import Catalogue, Requirements
 
-if TYPE_CHECKING:
-    from helexa.cortex.fleet import Fleet
-
-log = logging.getLogger(__name__)
 Strategy = Literal["lru", "priority"]
 
 
@@ -151,39 +149,79 @@ def idle_victims(node: NodeView, ttl_s: float, catalogue: Catalogue, now: float)
     return [m.id for m in eviction_order(node, "lru", catalogue) if now - m.last_used >= ttl_s]
 
 
-# -- the background task ---------------------------------------------------------------------
+# -- placement -------------------------------------------------------------------------------
 
 
-class Evictor:
-    """Unloads models idle past ``eviction.idle_ttl_s``; does nothing when that is 0."""
+@dataclass(frozen=True)
+class Placement:
+    node: str
+    devices: tuple[int, ...] = ()  # where it will fit (empty when already loaded/loading)
+    evict: tuple[str, ...] = ()  # canonical ids to unload from ``node`` first
+    loaded: bool = False  # already loaded there: route, do not load
+    loading: bool = False  # already loading there: join that load
 
-    def __init__(self, fleet: Fleet, settings: Settings) -> None:
-        self.fleet = fleet
-        self.ttl_s = settings.eviction.idle_ttl_s
-        # Check often enough that a model outlives its TTL by at most a quarter of it.
-        self.interval_s = min(30.0, max(0.5, self.ttl_s / 4))
-        self._task: asyncio.Task[None] | None = None
 
-    async def run_once(self, now: float | None = None) -> list[tuple[str, str]]:
-        """Unload every idle model now; returns the (node, model) pairs unloaded."""
-        return await self.fleet.evict_idle(self.ttl_s, time.monotonic() if now is None else now)
+def candidates(model_id: str, nodes: Sequence[NodeView], catalogue: Catalogue) -> list[NodeView]:
+    """Up nodes that could serve ``model_id``: they list it, or it is a catalogue model
+    and their devices are big enough to hold it. A catalogue model served from a ``path``
+    is only where that file is, on the nodes that list it."""
+    need = catalogue.requirements(model_id)
+    profile = catalogue.profile(model_id)
+    known = profile is not None and not profile.path
+    return [
+        n
+        for n in nodes
+        if n.up and (n.model(model_id) is not None or known and can_host(n.devices, need))
+    ]
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                for node, model in await self.run_once():
-                    log.info("evicted idle model %s from %s", model, node)
-            except Exception:  # keep evicting next round; the fleet marks bad nodes down
-                log.exception("idle eviction failed")
 
-    def start(self) -> None:
-        if self.ttl_s > 0 and self._task is None:
-            self._task = asyncio.create_task(self._run(), name="helexa-evictor")
+def place(
+    model_id: str,
+    nodes: Sequence[NodeView],
+    catalogue: Catalogue,
+    strategy: Strategy = "lru",
+    exclude: Collection[str] = (),
+) -> Placement | None:
+    """Where ``model_id`` (canonical) should run; ``exclude`` names nodes that just failed.
 
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    A node where the model is being evicted is no place to load it again: the load would
+    race the unload. The caller waits for that unload, then asks again."""
+    usable = [
+        n
+        for n in candidates(model_id, nodes, catalogue)
+        if n.name not in exclude and getattr(n.model(model_id), "status", None) != "evicting"
+    ]
+
+    listed = {n.name: m for n in usable if (m := n.model(model_id)) is not None}
+    loaded = sorted((m.in_flight, name) for name, m in listed.items() if m.status == "loaded")
+    if loaded:
+        return Placement(loaded[0][1], loaded=True)
+    loading = sorted(name for name, m in listed.items() if m.status == "loading")
+    if loading:
+        return Placement(loading[0], loading=True)
+
+    need = catalogue.requirements(model_id)
+    pinned = catalogue.pinned_nodes(model_id)
+
+    def rank(n: NodeView, cost: int) -> tuple[bool, bool, int, str]:
+        # Pinned there first, then nodes that list the model (they know where its files are).
+        return (n.name not in pinned, n.name not in listed, cost, n.name)
+
+    room = [
+        (rank(n, -max(d.free_mb for d in n.devices)), Placement(n.name, tuple(devices)))
+        for n in usable
+        if (devices := fits(n.devices, need)) is not None
+    ]
+    if room:
+        return min(room, key=lambda r: r[0])[1]
+
+    plans = []
+    for n in usable:
+        victims = select_victims(n, need, strategy, catalogue)
+        if not victims:  # None: cannot fit even after eviction
+            continue
+        gone = [m for m in n.models if m.id in victims]
+        devices = fits(free_after(n.devices, gone), need) or []
+        freed = sum(m.vram_mb for m in gone)
+        plans.append((rank(n, freed), Placement(n.name, tuple(devices), tuple(victims))))
+    return min(plans, key=lambda p: p[0])[1] if plans else None

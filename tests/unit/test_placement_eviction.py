@@ -1,4 +1,5 @@
-"""Victim selection and idle eviction: pure table tests over NodeView snapshots."""
+"""Placement's eviction rules (fit arithmetic, victim selection, idle victims): pure
+table tests over NodeView snapshots."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 
 from helexa.config import ModelProfile
 from helexa.cortex.catalogue import Catalogue, Requirements
-from helexa.cortex.evictor import (
+from helexa.cortex.placement import (
     DeviceView,
     ModelView,
     NodeView,
