@@ -1,0 +1,220 @@
+"""What a request feels through the real server: ``helexa --serve`` over HTTP, beside
+llama.cpp's llama-bench on the same GGUF in the same run.
+
+For each prompt length (default 512, 4096, 16384): time to first token and decode tok/s of
+a streamed ``/v1/completions`` request (the prompt is that many byte tokens of the
+placeholder vocab bench/gpu.py writes, so tokens are exact); then a second turn that
+extends the first prompt by 200 tokens (what a coding agent sends: prefix reuse shows as
+``cached_tokens`` and a short TTFT); before all of it, the load and the first request after
+it (compile and graph capture show here). llama-bench runs ``-p N -n 0`` and ``-n 128 -d N``
+at the same lengths, so the ratios compare like with like::
+
+    python bench/serve.py --gguf /tmp/hx/q8b.gguf --out $OUT                 # helexa side
+    python bench/serve.py --gguf /tmp/hx/q8b.gguf --llama-work /tmp/llama --out $OUT
+
+Prints one table and writes ``serve.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib import request as urlrequest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODEL = "bench"
+LETTERS = string.ascii_letters + string.digits  # one byte token each, no merges
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _post(url: str, body: dict[str, Any], timeout: float = 900.0) -> Any:
+    data = json.dumps(body).encode()
+    req = urlrequest.Request(url, data=data, headers={"content-type": "application/json"})
+    with urlrequest.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _stream(url: str, prompt: str, max_tokens: int) -> dict[str, float]:
+    """One streamed completion: TTFT, decode tok/s over the tokens after the first, and
+    the usage the server reported (prompt, completion and cached tokens)."""
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    req = urlrequest.Request(
+        f"{url}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    start = time.perf_counter()
+    first = last = None
+    usage: dict[str, Any] = {}
+    with urlrequest.urlopen(req, timeout=900) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if any(c.get("text") for c in chunk.get("choices") or []):
+                last = time.perf_counter()
+                first = first or last
+    assert first is not None and last is not None, "no token streamed"
+    generated = int(usage.get("completion_tokens", 0))
+    details = usage.get("prompt_tokens_details") or {}
+    return {
+        "ttft ms": (first - start) * 1e3,
+        "decode tok/s": (generated - 1) / (last - first) if generated > 1 else float("nan"),
+        "prompt tokens": float(usage.get("prompt_tokens", 0)),
+        "cached tokens": float(details.get("cached_tokens", 0) or 0),
+    }
+
+
+def _letters(n: int, rng: random.Random) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(n))
+
+
+def bench_helexa(gguf: Path, lengths: list[int], gen: int, context: int) -> dict[str, Any]:
+    port = _free_port()
+    work = Path(tempfile.mkdtemp(prefix="helexa-serve-"))
+    (work / "models.toml").write_text(
+        f'[[models]]\nid = "{MODEL}"\npath = "{gguf.resolve()}"\ncontext_length = {context}\n'
+    )
+    (work / "helexa.toml").write_text(
+        f'[gateway]\nlisten = "127.0.0.1:{port}"\nmetrics_listen = "127.0.0.1:{_free_port()}"\n'
+    )
+    cmd = [sys.executable, "-m", "helexa.cli", "--config", str(work / "helexa.toml")]
+    cmd += ["--models", str(work / "models.toml"), "--serve"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = (work / "serve.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    out: dict[str, Any] = {}
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise RuntimeError((work / "serve.log").read_text()[-2000:])
+            try:
+                urlrequest.urlopen(f"{url}/health", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        start = time.perf_counter()
+        _post(f"{url}/admin/models/load", {"model": MODEL})
+        out["load s"] = time.perf_counter() - start
+        rng = random.Random(0)
+        first = _stream(url, _letters(64, rng), 8)
+        out["first request ttft ms"] = first["ttft ms"]
+        for n in lengths:
+            prompt = _letters(n, rng)
+            out[f"{n}"] = _stream(url, prompt, gen)
+            out[f"{n} turn 2"] = _stream(url, prompt + _letters(200, rng), 32)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        out["log tail"] = (work / "serve.log").read_text()[-2000:]
+    return out
+
+
+def bench_llama(work: Path, src: Path, gguf: Path, lengths: list[int], gen: int) -> dict:
+    from bench.llama_cpp import build, run_bench
+
+    binary = build(src, work)
+    records = run_bench(binary, gguf, prompts=tuple(lengths), gen=0, reps=3)
+    out: dict[str, float] = {f"pp{r['n_prompt']}": float(r["avg_ts"]) for r in records}
+    for n in (0, *lengths):
+        depth = ("-d", str(n)) if n else ()
+        for r in run_bench(
+            binary, gguf, prompts=(0,), gen=gen, reps=3, extra=("-ngl", "99", "-fa", "1", *depth)
+        ):
+            if r["n_gen"]:
+                out[f"tg{gen}@d{n}"] = float(r["avg_ts"])
+    return out
+
+
+def table(helexa: dict[str, Any], llama: dict[str, float], lengths: list[int], gen: int) -> str:
+    rows = ["| case | helexa | llama.cpp | ratio |", "|---|---:|---:|---:|"]
+
+    def row(name: str, ours: float | None, theirs: float | None, unit: str) -> None:
+        ratio = f"{ours / theirs:.2f}" if ours and theirs else ""
+        fmt = lambda v: "" if v is None else f"{v:,.1f} {unit}"  # noqa: E731
+        rows.append(f"| {name} | {fmt(ours)} | {fmt(theirs)} | {ratio} |")
+
+    row("load (admin, page-cached file)", helexa.get("load s"), None, "s")
+    row("first request after load: TTFT", helexa.get("first request ttft ms"), None, "ms")
+    row(
+        f"decode tg{gen} @ short prompt",
+        (helexa.get(str(lengths[0])) or {}).get("decode tok/s"),
+        llama.get(f"tg{gen}@d0"),
+        "tok/s",
+    )
+    for n in lengths:
+        one = helexa.get(str(n)) or {}
+        two = helexa.get(f"{n} turn 2") or {}
+        ttft = one.get("ttft ms")
+        rate = n / ttft * 1e3 if ttft else None
+        row(f"prefill {n}: tok/s (from TTFT)", rate, llama.get(f"pp{n}"), "tok/s")
+        row(f"decode after {n}", one.get("decode tok/s"), llama.get(f"tg{gen}@d{n}"), "tok/s")
+        cached = two.get("cached tokens")
+        row(
+            f"turn 2 on the {n} prefix: TTFT ({cached or 0:.0f} cached)",
+            two.get("ttft ms"),
+            None,
+            "ms",
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--gguf", type=Path, required=True, help="written (8B-shaped) unless it exists")
+    ap.add_argument("--lengths", default="512,4096,16384")
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--llama-work", type=Path, help="llama.cpp build dir: run llama-bench")
+    ap.add_argument("--llama-src", type=Path, default=Path(".device/llama-src.tar.gz"))
+    ap.add_argument("--out", type=Path, default=Path("."))
+    args = ap.parse_args(argv)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    if not args.gguf.exists():
+        from bench.gpu import write_model
+
+        write_model(args.gguf, "qwen3-8b", "Q4_K_M")
+    path = args.out / "serve.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if args.llama_work:
+        results["llama.cpp"] = bench_llama(
+            args.llama_work, args.llama_src, args.gguf, lengths, args.gen
+        )
+    else:
+        results["helexa"] = bench_helexa(args.gguf, lengths, args.gen, args.context)
+    path.write_text(json.dumps(results, indent=1))
+    print(table(results.get("helexa", {}), results.get("llama.cpp", {}), lengths, args.gen))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
