@@ -32,7 +32,7 @@ from bench.decode import PRESETS, synthetic_config  # noqa: E402
 from helexa.engine.cuda_graph import GraphDecoder  # noqa: E402
 from helexa.engine.loader_safetensors import load_checkpoint  # noqa: E402
 from helexa.engine.models.qwen3 import Qwen3  # noqa: E402
-from helexa.engine.quant import QuantizedTensor  # noqa: E402
+from helexa.engine.quant.tensor import QuantizedTensor  # noqa: E402
 
 PROMPTS = (512, 4096)
 GEN = 128

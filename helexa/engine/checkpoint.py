@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from helexa.engine.quant import QuantizedTensor
+from helexa.engine.quant.tensor import QuantizedTensor
 
 Weight = torch.Tensor | QuantizedTensor
 # Called by a loader with the fraction (0..1) of weight bytes placed so far: a cold load of

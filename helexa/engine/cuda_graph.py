@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from helexa.engine.models.qwen3 import Attention, Qwen3, apply_rope
-from helexa.engine.quant import embedding, linear
+from helexa.engine.quant.ops import embedding, linear
 
 MIN_KV_LEN = 256
 # Sums a row-parallel partial result across tensor-parallel ranks (see parallel.py).

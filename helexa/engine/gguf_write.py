@@ -24,7 +24,8 @@ from gguf import (
 
 from helexa.engine.errors import UnsupportedArchitecture
 from helexa.engine.loader_gguf import CONFIG_KEYS, SAMPLING_KEYS, gguf_tensor_name
-from helexa.engine.quant import block_format, quantize
+from helexa.engine.quant.formats import block_format
+from helexa.engine.quant.quantize import quantize
 
 Q = GGMLQuantizationType
 

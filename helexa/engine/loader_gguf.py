@@ -26,7 +26,8 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from helexa.engine.checkpoint import ByteProgress, Checkpoint, Progress, Weight
 from helexa.engine.errors import CheckpointError, UnsupportedArchitecture
 from helexa.engine.gguf_header import GGUFHeader, GGUFTensorInfo, read_gguf_header
-from helexa.engine.quant import QuantizedTensor, block_format
+from helexa.engine.quant.formats import block_format
+from helexa.engine.quant.tensor import QuantizedTensor
 
 Q = GGMLQuantizationType
 

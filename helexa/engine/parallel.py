@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from helexa.engine.checkpoint import Weight
 from helexa.engine.models.qwen3 import Attention, Block, Qwen3
-from helexa.engine.quant import QuantizedTensor, block_format
+from helexa.engine.quant.formats import block_format
+from helexa.engine.quant.tensor import QuantizedTensor
 
 EXIT_WEDGED = 70  # EX_SOFTWARE: the step watchdog gave up on a collective
 

@@ -16,7 +16,7 @@ from helexa.engine.loader_gguf import (
     load_gguf,
     read_gguf_info,
 )
-from helexa.engine.quant import QuantizedTensor
+from helexa.engine.quant.tensor import QuantizedTensor
 from tests.engine.factories import make_tiny_hf_model
 from tests.engine.gguf_factories import (
     make_kquant_hf_model,

@@ -27,7 +27,8 @@ from helexa.engine.parallel import (
     split_cols,
     split_rows,
 )
-from helexa.engine.quant import QuantizedTensor, quantize
+from helexa.engine.quant.quantize import quantize
+from helexa.engine.quant.tensor import QuantizedTensor
 from tests.engine.factories import make_tiny_hf_model
 from tests.engine.gguf_factories import write_model_gguf
 

@@ -11,7 +11,7 @@ import torch
 
 from helexa.engine.loader_safetensors import load_checkpoint
 from helexa.engine.models.qwen3 import Qwen3
-from helexa.engine.quant import QuantizedTensor
+from helexa.engine.quant.tensor import QuantizedTensor
 from tests.engine.factories import make_tiny_hf_model
 from tests.engine.gguf_factories import make_kquant_hf_model, write_model_gguf
 

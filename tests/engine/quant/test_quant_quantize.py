@@ -10,7 +10,9 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from helexa.engine.quant import block_format, dequantize, quantize
+from helexa.engine.quant.formats import block_format
+from helexa.engine.quant.quantize import quantize
+from helexa.engine.quant.reference import dequantize
 
 Q = GGMLQuantizationType
 LEGACY = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]

@@ -14,9 +14,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 
-from helexa.engine.quant import QuantizedTensor, block_format, dequantize, linear
-from helexa.engine.quant.dispatch import cuda_linear
-from tests.engine.test_quant_reference import random_blocks
+from helexa.engine.quant.formats import block_format
+from helexa.engine.quant.ops import cuda_linear, linear
+from helexa.engine.quant.reference import dequantize
+from helexa.engine.quant.tensor import QuantizedTensor
+from tests.engine.quant.blocks import random_blocks
 
 Q = GGMLQuantizationType
 KERNEL_TYPES = [Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -155,7 +157,7 @@ def test_unsupported_type_is_refused() -> None:
         matvec(torch.randn(1, 64, device=DEVICE), w)
 
 
-# -- dispatch: which path ``quant.linear`` takes ---------------------------------------------
+# -- dispatch: which path ``quant.ops.linear`` takes ----------------------------------------
 
 
 def test_cpu_weights_stay_on_the_torch_path() -> None:

@@ -6,8 +6,10 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from helexa.engine.quant import FORMATS, QK_K, block_format
 from helexa.engine.quant.formats import (
+    FORMATS,
+    QK_K,
+    block_format,
     pack_bits,
     pack_scale_min_k4,
     unpack_bits,
