@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decode import PRESETS, synthetic_config  # noqa: E402
+from helexa.engine.checkpoint.safetensors import load_checkpoint  # noqa: E402
 from helexa.engine.cuda_graph import GraphDecoder  # noqa: E402
-from helexa.engine.loader_safetensors import load_checkpoint  # noqa: E402
 from helexa.engine.models.qwen3 import Qwen3  # noqa: E402
 from helexa.engine.quant.tensor import QuantizedTensor  # noqa: E402
 
@@ -96,7 +96,7 @@ def write_model(path: Path, preset: str, quant: str, device: str = "cuda") -> fl
     """Write the synthetic GGUF unless it exists; seconds taken."""
     if path.exists():
         return 0.0
-    from helexa.engine.gguf_write import write_gguf
+    from helexa.engine.checkpoint.gguf_write import write_gguf
 
     start = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)

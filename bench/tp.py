@@ -27,8 +27,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from helexa.engine.checkpoint.safetensors import load_checkpoint  # noqa: E402
 from helexa.engine.cuda_graph import GraphDecoder, Reduce  # noqa: E402
-from helexa.engine.loader_safetensors import load_checkpoint  # noqa: E402
 from helexa.engine.models.qwen3 import Qwen3  # noqa: E402
 from helexa.engine.parallel import all_reduce, shard_qwen3  # noqa: E402
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from helexa.engine.chat_template import QWEN3_TEMPLATE, render_chat
-from helexa.engine.checkpoint import Progress
+from helexa.engine.checkpoint.types import Progress
 from helexa.engine.json_mode import JsonConstraint
 from helexa.engine.parsers import OutputParser
 from helexa.engine.sampling import Sampler, SamplingParams, StopMatcher
@@ -237,7 +237,7 @@ class LoadedModel:
     ) -> LoadedModel:
         """Load a GGUF file or HF directory onto ``device`` (bfloat16 on CUDA, float32 on
         CPU unless ``dtype`` says otherwise) with a KV cache of ``context_length``."""
-        from helexa.engine.loader_safetensors import is_gguf, load_checkpoint, read_config
+        from helexa.engine.checkpoint.safetensors import is_gguf, load_checkpoint, read_config
         from helexa.engine.models.qwen3 import Qwen3, check_architecture
 
         path = Path(path)

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from helexa.engine.checkpoint import Weight
+from helexa.engine.checkpoint.types import Weight
 from helexa.engine.models.qwen3 import Attention, Block, Qwen3
 from helexa.engine.quant.formats import block_format
 from helexa.engine.quant.tensor import QuantizedTensor

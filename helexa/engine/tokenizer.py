@@ -16,7 +16,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _RustTokenizer
 
-from helexa.engine.errors import CheckpointError
+from helexa.engine.checkpoint.errors import CheckpointError
 
 # Qwen2/Qwen3's split regex (tokenizer.json pre_tokenizer; llama.cpp pre "qwen2").
 QWEN2_PRE_TOKENIZER_REGEX = (

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from helexa.config import ModelProfile, Settings
-from helexa.engine.checkpoint import Progress
-from helexa.engine.errors import CheckpointError
+from helexa.engine.checkpoint.errors import CheckpointError
+from helexa.engine.checkpoint.types import Progress
 from helexa.engine.generate import LoadedModel, RequestError
 from helexa.engine.worker import DeviceWorker
 from helexa.neuron import preflight

@@ -1,4 +1,4 @@
-"""Tiny Qwen3 GGUF files for engine tests, written with helexa.engine.gguf_write.
+"""Tiny Qwen3 GGUF files for engine tests, written by helexa's own checkpoint.gguf_write.
 
 The k-quants work on 256-weight rows, so :data:`KQUANT_SHAPE` widens the tiny model just
 enough (hidden 256, ffn 512) for Q4_K/Q5_K/Q6_K to apply to every matrix; with the
@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 from transformers import Qwen3ForCausalLM
 
-from helexa.engine.gguf_write import write_gguf
+from helexa.engine.checkpoint.gguf_write import write_gguf
 from tests.engine.factories import make_tiny_hf_model
 
 KQUANT_SHAPE: dict[str, Any] = dict(hidden_size=256, intermediate_size=512, head_dim=64)

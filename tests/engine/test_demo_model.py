@@ -21,9 +21,9 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk
 
 from helexa.config import load_settings
+from helexa.engine.checkpoint.gguf import load_gguf, read_gguf_info
 from helexa.engine.demo import DEMO_MODEL_ID, demo_model_path, with_demo
 from helexa.engine.generate import LoadedModel
-from helexa.engine.loader_gguf import load_gguf, read_gguf_info
 from helexa.engine.tokenizer import Tokenizer
 
 MAX_BYTES = 3 * 1024 * 1024

@@ -14,7 +14,7 @@ from openai.types.chat import ChatCompletionChunk
 from transformers import Qwen3ForCausalLM
 
 from helexa.engine.chat_template import QWEN3_TEMPLATE
-from helexa.engine.errors import UnsupportedArchitecture
+from helexa.engine.checkpoint.errors import UnsupportedArchitecture
 from helexa.engine.generate import DEFAULT_CONTEXT, LoadedModel, generation_defaults
 from helexa.engine.json_mode import JsonPrefix
 from helexa.engine.parsers import OutputParser

@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from gguf import GGMLQuantizationType
 
+from helexa.engine.checkpoint.safetensors import load_checkpoint
 from helexa.engine.cuda_graph import decode_step, kv_bucket
-from helexa.engine.loader_safetensors import load_checkpoint
 from helexa.engine.models.qwen3 import Qwen3
 from helexa.engine.parallel import (
     EXIT_WEDGED,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helexa.engine.loader_safetensors import load_checkpoint
+from helexa.engine.checkpoint.safetensors import load_checkpoint
 from helexa.engine.models.qwen3 import Qwen3
 from helexa.engine.quant.tensor import QuantizedTensor
 from tests.engine.factories import make_tiny_hf_model

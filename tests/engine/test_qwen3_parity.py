@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helexa.engine.errors import UnsupportedArchitecture
-from helexa.engine.loader_safetensors import load_checkpoint, load_safetensors_dir
+from helexa.engine.checkpoint.errors import UnsupportedArchitecture
+from helexa.engine.checkpoint.safetensors import load_checkpoint, load_safetensors_dir
 from helexa.engine.models.qwen3 import Qwen3, Qwen3Config
 from tests.engine.factories import make_tiny_hf_model, save_model_dir
 

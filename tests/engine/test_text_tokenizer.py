@@ -11,8 +11,8 @@ import pytest
 from tokenizers import Tokenizer as RustTokenizer
 from transformers import PreTrainedTokenizerFast
 
-from helexa.engine.errors import CheckpointError
-from helexa.engine.loader_gguf import load_gguf
+from helexa.engine.checkpoint.errors import CheckpointError
+from helexa.engine.checkpoint.gguf import load_gguf
 from helexa.engine.tokenizer import (
     Tokenizer,
     TokenizerError,

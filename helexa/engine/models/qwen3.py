@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from helexa.engine.checkpoint import Checkpoint, Weight
-from helexa.engine.errors import CheckpointError, UnsupportedArchitecture
+from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
+from helexa.engine.checkpoint.types import Checkpoint, Weight
 from helexa.engine.kv_cache import KVCache
 from helexa.engine.quant.ops import embedding, linear
 from helexa.engine.quant.tensor import QuantizedTensor

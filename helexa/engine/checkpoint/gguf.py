@@ -1,9 +1,10 @@
 """GGUF file -> Checkpoint: HF config and names, weights still in their ggml encoding.
 
-The header is parsed by helexa.engine.gguf_header (gguf-py's GGUFReader spends seconds on
-a real tokenizer's metadata), the tensor data is memory-mapped with numpy, and each tensor
-is copied once, straight from the map to the target device; quantized tensors stay
-quantized (QuantizedTensor), so a Q4_K_M model takes about its file size in memory.
+The header is parsed by helexa.engine.checkpoint.gguf_header (gguf-py's GGUFReader
+spends seconds on a real tokenizer's metadata), the tensor data is memory-mapped with
+numpy, and each tensor is copied once, straight from the map to the target device;
+quantized tensors stay quantized (QuantizedTensor), so a Q4_K_M model takes about its
+file size in memory.
 Everything that can be refused (an architecture we cannot run, an unknown tensor name or
 type, a truncated file) is refused before the first copy, so preflight failures never
 cost device memory.
@@ -23,9 +24,9 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from helexa.engine.checkpoint import ByteProgress, Checkpoint, Progress, Weight
-from helexa.engine.errors import CheckpointError, UnsupportedArchitecture
-from helexa.engine.gguf_header import GGUFHeader, GGUFTensorInfo, read_gguf_header
+from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
+from helexa.engine.checkpoint.gguf_header import GGUFHeader, GGUFTensorInfo, read_gguf_header
+from helexa.engine.checkpoint.types import ByteProgress, Checkpoint, Progress, Weight
 from helexa.engine.quant.formats import block_format
 from helexa.engine.quant.tensor import QuantizedTensor
 

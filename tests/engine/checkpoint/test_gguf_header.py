@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
-from helexa.engine.errors import CheckpointError
-from helexa.engine.gguf_header import (
+from helexa.engine.checkpoint.errors import CheckpointError
+from helexa.engine.checkpoint.gguf import load_gguf, read_gguf_info
+from helexa.engine.checkpoint.gguf_header import (
     GGUFHeader,
     parse_gguf_header,
     read_gguf_header,
 )
-from helexa.engine.loader_gguf import load_gguf, read_gguf_info
 from tests.engine.gguf_factories import make_kquant_hf_model, write_model_gguf
 
 Q = GGMLQuantizationType

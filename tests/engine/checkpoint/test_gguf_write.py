@@ -9,9 +9,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
 
-from helexa.engine.errors import UnsupportedArchitecture
-from helexa.engine.gguf_write import tensor_qtype, write_gguf
-from helexa.engine.loader_gguf import gguf_tensor_name
+from helexa.engine.checkpoint.errors import UnsupportedArchitecture
+from helexa.engine.checkpoint.gguf import gguf_tensor_name
+from helexa.engine.checkpoint.gguf_write import tensor_qtype, write_gguf
 from helexa.engine.quant.quantize import quantize
 from tests.engine.factories import make_tiny_hf_model
 from tests.engine.gguf_factories import make_kquant_hf_model, write_model_gguf

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from helexa.engine.checkpoint import ByteProgress, Checkpoint, Progress, Weight
-from helexa.engine.errors import CheckpointError
+from helexa.engine.checkpoint.errors import CheckpointError
+from helexa.engine.checkpoint.types import ByteProgress, Checkpoint, Progress, Weight
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -29,7 +29,7 @@ def load_checkpoint(
 ) -> Checkpoint:
     """A ``.gguf`` file or an HF directory, tensors placed on ``device``."""
     if is_gguf(path):
-        from helexa.engine.loader_gguf import load_gguf
+        from helexa.engine.checkpoint.gguf import load_gguf
 
         return load_gguf(path, device=device, progress=progress)
     return load_safetensors_dir(path, device=device, progress=progress)

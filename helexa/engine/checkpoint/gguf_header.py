@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from helexa.engine.errors import CheckpointError
+from helexa.engine.checkpoint.errors import CheckpointError
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

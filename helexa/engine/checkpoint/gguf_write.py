@@ -22,8 +22,8 @@ from gguf import (
     LlamaFileType,
 )
 
-from helexa.engine.errors import UnsupportedArchitecture
-from helexa.engine.loader_gguf import CONFIG_KEYS, SAMPLING_KEYS, gguf_tensor_name
+from helexa.engine.checkpoint.errors import UnsupportedArchitecture
+from helexa.engine.checkpoint.gguf import CONFIG_KEYS, SAMPLING_KEYS, gguf_tensor_name
 from helexa.engine.quant.formats import block_format
 from helexa.engine.quant.quantize import quantize
 

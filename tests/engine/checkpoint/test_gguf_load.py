@@ -9,8 +9,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
-from helexa.engine.errors import CheckpointError, UnsupportedArchitecture
-from helexa.engine.loader_gguf import (
+from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
+from helexa.engine.checkpoint.gguf import (
     gguf_tensor_name,
     hf_tensor_name,
     load_gguf,
@@ -162,7 +162,7 @@ def test_loaded_tensors_own_their_memory(tmp_path: Path) -> None:
 
 
 def test_config_round_trips_rope_scaling_and_sampling(tmp_path: Path) -> None:
-    from helexa.engine.gguf_write import write_gguf
+    from helexa.engine.checkpoint.gguf_write import write_gguf
 
     hf = make_tiny_hf_model(128)
     yarn = {
@@ -275,7 +275,7 @@ def test_tensor_names_map_both_ways() -> None:
 
 
 def test_load_reports_progress_by_bytes(tmp_path: Path) -> None:
-    from helexa.engine.loader_safetensors import load_checkpoint
+    from helexa.engine.checkpoint.safetensors import load_checkpoint
     from tests.engine.factories import make_tiny_model_dir
 
     gguf = write_model_gguf(
