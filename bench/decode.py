@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helexa.engine.checkpoint.safetensors import load_checkpoint  # noqa: E402
-from helexa.engine.cuda_graph import GraphDecoder  # noqa: E402
+from helexa.engine.models.cuda_graph import GraphDecoder  # noqa: E402
 from helexa.engine.models.qwen3 import Qwen3  # noqa: E402
 
 PRESETS: dict[str, dict[str, int]] = {

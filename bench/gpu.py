@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decode import PRESETS, synthetic_config  # noqa: E402
 from helexa.engine.checkpoint.safetensors import load_checkpoint  # noqa: E402
-from helexa.engine.cuda_graph import GraphDecoder  # noqa: E402
+from helexa.engine.models.cuda_graph import GraphDecoder  # noqa: E402
 from helexa.engine.models.qwen3 import Qwen3  # noqa: E402
 from helexa.engine.quant.tensor import QuantizedTensor  # noqa: E402
 

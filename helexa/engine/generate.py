@@ -254,7 +254,7 @@ class LoadedModel:
         model.setup_cache(1, context)
         decode = None
         if device.type == "cuda":  # replay decode steps from CUDA graphs
-            from helexa.engine.cuda_graph import GraphDecoder
+            from helexa.engine.models.cuda_graph import GraphDecoder
 
             decode = GraphDecoder(model)
         return cls(

@@ -1,7 +1,7 @@
 """Qwen3 dense, in plain torch.
 
 Ported from transformers' ``modeling_qwen3.py`` and checked against it for logit parity on
-random weights (tests/engine/test_qwen3_parity.py). Weights are plain tensors or GGUF
+random weights (tests/engine/models/test_qwen3_parity.py). Weights are plain tensors or GGUF
 ``QuantizedTensor``s; every matmul goes through :func:`helexa.engine.quant.ops.linear`
 (and the token lookup through :func:`~helexa.engine.quant.ops.embedding`) so quantized
 weights stay quantized in memory and are dequantized on the fly.
@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
 from helexa.engine.checkpoint.types import Checkpoint, Weight
-from helexa.engine.kv_cache import KVCache
+from helexa.engine.models.kv_cache import KVCache
 from helexa.engine.quant.ops import embedding, linear
 from helexa.engine.quant.tensor import QuantizedTensor
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from helexa.engine.checkpoint.safetensors import load_checkpoint
-from helexa.engine.cuda_graph import GraphDecoder, decode_step, kv_bucket, masked_attention
+from helexa.engine.models.cuda_graph import GraphDecoder, decode_step, kv_bucket, masked_attention
 from helexa.engine.models.qwen3 import Qwen3
 from tests.engine.gguf_factories import make_kquant_hf_model, write_model_gguf
 

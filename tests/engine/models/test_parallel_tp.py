@@ -16,9 +16,8 @@ import torch.multiprocessing as mp
 from gguf import GGMLQuantizationType
 
 from helexa.engine.checkpoint.safetensors import load_checkpoint
-from helexa.engine.cuda_graph import decode_step, kv_bucket
-from helexa.engine.models.qwen3 import Qwen3
-from helexa.engine.parallel import (
+from helexa.engine.models.cuda_graph import decode_step, kv_bucket
+from helexa.engine.models.parallel import (
     EXIT_WEDGED,
     StepWatchdog,
     all_reduce,
@@ -27,13 +26,14 @@ from helexa.engine.parallel import (
     split_cols,
     split_rows,
 )
+from helexa.engine.models.qwen3 import Qwen3
 from helexa.engine.quant.quantize import quantize
 from helexa.engine.quant.tensor import QuantizedTensor
 from tests.engine.factories import make_tiny_hf_model
 from tests.engine.gguf_factories import write_model_gguf
 
 Q = GGMLQuantizationType
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 STEPS = 8
 
 
@@ -115,7 +115,7 @@ def test_watchdog_reports_the_wedged_step() -> None:
 WEDGED_RANK = textwrap.dedent(
     """
     import sys, threading, torch, torch.distributed as dist
-    from helexa.engine.parallel import StepWatchdog
+    from helexa.engine.models.parallel import StepWatchdog
     rank, rdzv = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=2)
     print("ready", flush=True)

@@ -5,7 +5,7 @@ and of the MLP. q/k/v and gate/up are split by output rows (column parallel: who
 whole MLP channels), o_proj and down_proj by input columns (row parallel), so each layer
 needs exactly two all-reduces, after o_proj and after down_proj. Quantized weights split
 along block boundaries and stay quantized. Embedding, norms and lm_head are replicated.
-:func:`helexa.engine.cuda_graph.decode_step` runs a sharded model given ``reduce``.
+:func:`helexa.engine.models.cuda_graph.decode_step` runs a sharded model given ``reduce``.
 
 A collective whose peer died or hung waits forever; :class:`StepWatchdog` turns that into
 a clear error and an exit, so the worker's supervisor sees a dead process, not a hang.
