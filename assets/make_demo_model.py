@@ -29,11 +29,15 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from helexa.engine.chat_template import QWEN3_TEMPLATE, render_chat
 from helexa.engine.checkpoint.gguf_write import write_gguf
 from helexa.engine.demo import DEMO_MODEL_ID
 from helexa.engine.generate import LoadedModel
-from helexa.engine.tokenizer import QWEN2_PRE_TOKENIZER_REGEX, Tokenizer, tokenizer_to_gguf_fields
+from helexa.engine.text.chat_template import QWEN3_TEMPLATE, render_chat
+from helexa.engine.text.tokenizer import (
+    QWEN2_PRE_TOKENIZER_REGEX,
+    Tokenizer,
+    tokenizer_to_gguf_fields,
+)
 
 OUTPUT = Path(__file__).resolve().parent / "helexa-demo.gguf"
 MAX_BYTES = 3 * 1024 * 1024

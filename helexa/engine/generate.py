@@ -20,12 +20,13 @@ from typing import Any, Protocol
 
 import torch
 
-from helexa.engine.chat_template import QWEN3_TEMPLATE, render_chat
 from helexa.engine.checkpoint.types import Progress
 from helexa.engine.json_mode import JsonConstraint
-from helexa.engine.parsers import OutputParser
-from helexa.engine.sampling import Sampler, SamplingParams, StopMatcher
-from helexa.engine.tokenizer import Tokenizer
+from helexa.engine.sampling import Sampler, SamplingParams
+from helexa.engine.text.chat_template import QWEN3_TEMPLATE, render_chat
+from helexa.engine.text.parsers import OutputParser
+from helexa.engine.text.stops import StopMatcher
+from helexa.engine.text.tokenizer import Tokenizer
 
 # Context allocated when neither the request to load nor the catalogue names one: the KV
 # cache is preallocated, and a model's full window (40k for Qwen3) would cost GBs unasked.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helexa.engine.tokenizer import Tokenizer
+from helexa.engine.text.tokenizer import Tokenizer
 from tests.engine.tiny_tokenizer import make_tiny_tokenizer_config, make_tiny_tokenizer_json
 
 

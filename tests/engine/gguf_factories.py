@@ -39,7 +39,7 @@ def write_model_gguf(
     """``model`` as a GGUF; ``tokenizer_json`` is converted with the engine's own
     tokenizer_to_gguf_fields, as a real llama.cpp conversion would carry it."""
     if tokenizer_json is not None:
-        from helexa.engine.tokenizer import tokenizer_to_gguf_fields
+        from helexa.engine.text.tokenizer import tokenizer_to_gguf_fields
 
         tokenizer_fields = tokenizer_to_gguf_fields(tokenizer_json)
     return write_gguf(

@@ -24,7 +24,7 @@ from helexa.config import load_settings
 from helexa.engine.checkpoint.gguf import load_gguf, read_gguf_info
 from helexa.engine.demo import DEMO_MODEL_ID, demo_model_path, with_demo
 from helexa.engine.generate import LoadedModel
-from helexa.engine.tokenizer import Tokenizer
+from helexa.engine.text.tokenizer import Tokenizer
 
 MAX_BYTES = 3 * 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from helexa.engine.generate import RequestError
-from helexa.engine.tokenizer import Tokenizer
+from helexa.engine.text.tokenizer import Tokenizer
 from tests.engine.test_generate_scripted import (
     WEATHER_TOOL,
     chat,

@@ -23,8 +23,8 @@ from tokenizers import (
     trainers,
 )
 
-from helexa.engine.chat_template import QWEN3_TEMPLATE
-from helexa.engine.tokenizer import QWEN2_PRE_TOKENIZER_REGEX
+from helexa.engine.text.chat_template import QWEN3_TEMPLATE
+from helexa.engine.text.tokenizer import QWEN2_PRE_TOKENIZER_REGEX
 
 # (content, special): special ones are control tokens; the others are plain added tokens
 # that still encode as one id, as in Qwen3's tokenizer.json.

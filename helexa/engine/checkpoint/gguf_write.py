@@ -76,7 +76,7 @@ def write_gguf(
     """Write ``tensors`` (HF names, e.g. a Qwen3ForCausalLM state_dict) as a qwen3 GGUF.
 
     ``tokenizer_fields`` are ``tokenizer.ggml.*`` keys (see
-    helexa.engine.tokenizer.tokenizer_to_gguf_fields). With ``tie_word_embeddings`` the
+    helexa.engine.text.tokenizer.tokenizer_to_gguf_fields). With ``tie_word_embeddings`` the
     lm_head is left out, as llama.cpp's converter does. ``generation_config`` (HF
     generation_config.json keys) becomes ``general.sampling.*``.
     """

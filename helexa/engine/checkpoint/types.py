@@ -40,7 +40,7 @@ class Checkpoint:
     config: dict[str, Any]
     # HF parameter names: model.embed_tokens.weight, model.layers.0.self_attn.q_proj.weight, ...
     tensors: dict[str, Weight]
-    # Everything helexa.engine.tokenizer needs: either {"tokenizer_json": str} or the GGUF
+    # Everything helexa.engine.text.tokenizer needs: either {"tokenizer_json": str} or the GGUF
     # tokenizer.ggml.* fields, plus special-token strings (bos/eos/pad).
     tokenizer: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None

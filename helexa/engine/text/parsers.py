@@ -18,6 +18,8 @@ import random
 from enum import Enum, auto
 from typing import Any
 
+from helexa.engine.text.stops import partial_suffix
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 
@@ -169,15 +171,6 @@ class OutputParser:
         start["function"] = {"name": name, "arguments": ""}
         args = {"index": index, "function": {"arguments": arguments}}
         return [{"tool_calls": [start]}, {"tool_calls": [args]}]
-
-
-def partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``: how
-    much to hold back because the next chunk may complete ``tag``."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
 
 
 def _parse_tool_call(raw: str) -> tuple[str, str] | None:

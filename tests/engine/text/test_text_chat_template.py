@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer as RustTokenizer
 from transformers import PreTrainedTokenizerFast
 
-from helexa.engine.chat_template import QWEN3_TEMPLATE, normalize_messages, render_chat
+from helexa.engine.text.chat_template import QWEN3_TEMPLATE, normalize_messages, render_chat
 from tests.engine.tiny_tokenizer import make_tiny_tokenizer_json
 
 WEATHER = {

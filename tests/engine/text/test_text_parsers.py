@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 
-from helexa.engine.parsers import OutputParser, partial_suffix
+from helexa.engine.text.parsers import OutputParser
 
 
 @dataclass
@@ -166,10 +166,3 @@ def test_tool_call_deltas_shape_and_ids() -> None:
     assert [d["tool_calls"][0]["id"] for d in (again.feed(text) + again.finish())[::2]] == [
         s["id"] for s in starts
     ]
-
-
-def test_partial_suffix() -> None:
-    assert partial_suffix("abc <tool_c", "<tool_call>") == 7
-    assert partial_suffix("abc <tool_call>", "<tool_call>") == 0  # a whole tag is not partial
-    assert partial_suffix("abc", "<tool_call>") == 0
-    assert partial_suffix("<<", "<tool_call>") == 1

@@ -1,5 +1,5 @@
 """Sampling: processors against transformers' logits processors, the sampler's greedy and
-seeded paths, request parameters, and stop strings across chunk boundaries."""
+seeded paths, and request parameters."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from transformers import (
 from helexa.engine.sampling import (
     Sampler,
     SamplingParams,
-    StopMatcher,
     apply_min_p,
     apply_presence_frequency,
     apply_repetition_penalty,
@@ -179,52 +178,6 @@ def test_params_request_wins_over_defaults() -> None:
 def test_bad_params_are_clear_errors(request_: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SamplingParams.from_request(request_)
-
-
-# -- stop strings -------------------------------------------------------------------------------
-
-
-def run_stops(stops: list[str], chunks: list[str]) -> tuple[str, str | None]:
-    matcher = StopMatcher(stops)
-    out = ""
-    for chunk in chunks:
-        text, matched = matcher.feed(chunk)
-        out += text
-        if matched is not None:
-            return out, matched
-    return out + matcher.flush(), None
-
-
-@pytest.mark.parametrize(
-    ("text", "stops", "expected"),
-    [
-        ("one two three four", ["three"], ("one two ", "three")),
-        ("one two three four", ["four", "two t"], ("one ", "two t")),
-        ("abababc", ["abc"], ("abab", "abc")),
-        ("no stop here, almost: thre", ["three"], ("no stop here, almost: thre", None)),
-        ("ends exactly STOP", ["STOP"], ("ends exactly ", "STOP")),
-        ("émoji 🌍 stop 🌍!", ["🌍!"], ("émoji 🌍 stop ", "🌍!")),
-        ("plain", [], ("plain", None)),
-    ],
-)
-def test_stop_matcher_at_every_split(text: str, stops: list[str], expected: tuple) -> None:
-    assert run_stops(stops, [text]) == expected
-    assert run_stops(stops, list(text)) == expected
-    for i in range(len(text) + 1):
-        for j in range(i, len(text) + 1):
-            assert run_stops(stops, [text[:i], text[i:j], text[j:]]) == expected, (i, j)
-
-
-def test_stop_matcher_holds_only_a_possible_start() -> None:
-    matcher = StopMatcher(["three", "</end>"])
-    assert matcher.feed("one two thr") == ("one two ", None)
-    assert matcher.feed("ee") == ("", "three")
-    assert matcher.feed("more") == ("", "three")  # done once matched
-    other = StopMatcher(["three"])
-    assert other.feed("one tw") == ("one tw", None)
-    assert other.feed("o th") == ("o ", None)
-    assert other.feed("en") == ("then", None)
-    assert other.flush() == ""
 
 
 def test_nan_free_with_tiny_temperature() -> None:

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.engine.checkpoint.gguf import load_gguf
-from helexa.engine.tokenizer import (
+from helexa.engine.text.tokenizer import (
     Tokenizer,
     TokenizerError,
     TokenType,
