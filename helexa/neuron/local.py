@@ -28,7 +28,8 @@ import torch
 from helexa.config import ModelProfile, Settings
 from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.engine.checkpoint.types import Progress
-from helexa.engine.generate import LoadedModel, RequestError
+from helexa.engine.generate import LoadedModel
+from helexa.engine.request import RequestError
 from helexa.engine.worker import DeviceWorker
 from helexa.neuron import preflight
 from helexa.neuron.discovery import discover, read_health

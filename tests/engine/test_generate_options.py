@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from helexa.engine.generate import RequestError
+from helexa.engine.request import RequestError
 from helexa.engine.text.tokenizer import Tokenizer
 from tests.engine.test_generate_scripted import (
     WEATHER_TOOL,
