@@ -29,8 +29,8 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from helexa.demo import DEMO_MODEL_ID
 from helexa.engine.checkpoint.gguf_write import write_gguf
-from helexa.engine.demo import DEMO_MODEL_ID
 from helexa.engine.generate import LoadedModel
 from helexa.engine.text.chat_template import QWEN3_TEMPLATE, render_chat
 from helexa.engine.text.tokenizer import (

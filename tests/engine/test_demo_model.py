@@ -21,8 +21,8 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk
 
 from helexa.config import load_settings
+from helexa.demo import DEMO_MODEL_ID, demo_model_path, with_demo
 from helexa.engine.checkpoint.gguf import load_gguf, read_gguf_info
-from helexa.engine.demo import DEMO_MODEL_ID, demo_model_path, with_demo
 from helexa.engine.generate import LoadedModel
 from helexa.engine.text.tokenizer import Tokenizer
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from helexa.config import ModelProfile, Settings
 
 DEMO_MODEL_ID = "helexa-demo"
-_DEMO_GGUF = Path(__file__).resolve().parents[2] / "assets" / f"{DEMO_MODEL_ID}.gguf"
+_DEMO_GGUF = Path(__file__).resolve().parents[1] / "assets" / f"{DEMO_MODEL_ID}.gguf"
 
 
 def demo_model_path() -> Path | None:
