@@ -17,6 +17,7 @@ from helexa.engine.checkpoint.gguf import (
     read_gguf_info,
 )
 from helexa.engine.quant.tensor import QuantizedTensor
+from tests.engine.devices import DEVICES
 from tests.engine.factories import make_tiny_hf_model
 from tests.engine.gguf_factories import (
     make_kquant_hf_model,
@@ -25,16 +26,6 @@ from tests.engine.gguf_factories import (
 )
 
 Q = GGMLQuantizationType
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-        ],
-    ),
-]
 TOKENIZER_FIELDS = {
     "tokenizer.ggml.model": "gpt2",
     "tokenizer.ggml.pre": "qwen2",

@@ -12,20 +12,11 @@ import torch
 from helexa.engine.checkpoint.safetensors import load_checkpoint
 from helexa.engine.models.qwen3 import Qwen3
 from helexa.engine.quant.tensor import QuantizedTensor
+from tests.engine.devices import DEVICES
 from tests.engine.factories import make_tiny_hf_model
 from tests.engine.gguf_factories import make_kquant_hf_model, write_model_gguf
 
 ATOL = 1e-4
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-        ],
-    ),
-]
 
 
 def logits(model: Qwen3, tokens: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -10,19 +11,10 @@ import torch
 from helexa.engine.checkpoint.errors import UnsupportedArchitecture
 from helexa.engine.checkpoint.safetensors import load_checkpoint, load_safetensors_dir
 from helexa.engine.models.qwen3 import Qwen3, Qwen3Config
+from tests.engine.devices import DEVICES
 from tests.engine.factories import make_tiny_hf_model, save_model_dir
 
 ATOL = 1e-4
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-        ],
-    ),
-]
 
 
 def reference_logits(hf_model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -40,13 +32,23 @@ def positions(start: int, stop: int, device: str) -> torch.Tensor:
     return torch.arange(start, stop, device=device)
 
 
+def ours_and_reference(
+    tmp_path: Path, device: str, shape: tuple[int, int], *, seed: int, tokens_seed: int, **hf: Any
+) -> tuple[Qwen3, torch.Tensor, torch.Tensor]:
+    """A random tiny Qwen3 (``seed``, ``hf`` overrides) as helexa loads it on ``device``,
+    random token ids of ``shape``, and transformers' logits for them on the CPU."""
+    hf_model = make_tiny_hf_model(seed=seed, **hf)
+    model = ours(save_model_dir(tmp_path, hf_model), device)
+    tokens = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(tokens_seed))
+    return model, tokens, reference_logits(hf_model, tokens)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tie", [True, False])
 def test_prefill_matches_transformers(tmp_path: Path, device: str, tie: bool) -> None:
-    hf = make_tiny_hf_model(tie=tie, seed=1)
-    model = ours(save_model_dir(tmp_path, hf), device)
-    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    expected = reference_logits(hf, tokens)
+    model, tokens, expected = ours_and_reference(
+        tmp_path, device, (2, 12), seed=1, tokens_seed=0, tie=tie
+    )
     got = model.forward(tokens.to(device), positions(0, 12, device)).cpu()
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
@@ -54,10 +56,7 @@ def test_prefill_matches_transformers(tmp_path: Path, device: str, tie: bool) ->
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_steps_with_kv_cache_match_full_forward(tmp_path: Path, device: str) -> None:
-    hf = make_tiny_hf_model(seed=2)
-    model = ours(save_model_dir(tmp_path, hf), device)
-    tokens = torch.randint(0, 128, (1, 14), generator=torch.Generator().manual_seed(1))
-    expected = reference_logits(hf, tokens)
+    model, tokens, expected = ours_and_reference(tmp_path, device, (1, 14), seed=2, tokens_seed=1)
 
     prefill = model.forward(tokens[:, :8].to(device), positions(0, 8, device), last_only=True)
     torch.testing.assert_close(prefill.cpu()[:, 0], expected[:, 7], atol=ATOL, rtol=0)
@@ -69,10 +68,7 @@ def test_decode_steps_with_kv_cache_match_full_forward(tmp_path: Path, device: s
 @pytest.mark.parametrize("device", DEVICES)
 def test_chunked_prefill_after_a_prefix(tmp_path: Path, device: str) -> None:
     """A multi-token step that starts past 0 takes the explicit-mask path."""
-    hf = make_tiny_hf_model(seed=3)
-    model = ours(save_model_dir(tmp_path, hf), device)
-    tokens = torch.randint(0, 128, (1, 11), generator=torch.Generator().manual_seed(2))
-    expected = reference_logits(hf, tokens)
+    model, tokens, expected = ours_and_reference(tmp_path, device, (1, 11), seed=3, tokens_seed=2)
     model.forward(tokens[:, :5].to(device), positions(0, 5, device))
     got = model.forward(tokens[:, 5:].to(device), positions(5, 11, device)).cpu()
     torch.testing.assert_close(got, expected[:, 5:], atol=ATOL, rtol=0)
@@ -92,11 +88,10 @@ def test_chunked_prefill_after_a_prefix(tmp_path: Path, device: str) -> None:
     ids=["linear", "yarn"],
 )
 def test_rope_scaling_matches_transformers(tmp_path: Path, rope: dict) -> None:
-    hf = make_tiny_hf_model(seed=4, rope_parameters=rope)
-    model = ours(save_model_dir(tmp_path, hf), "cpu")
-    tokens = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
     # Compare from a prefix so positions far from 0 (where scaling matters) are checked.
-    expected = reference_logits(hf, tokens)
+    model, tokens, expected = ours_and_reference(
+        tmp_path, "cpu", (1, 40), seed=4, tokens_seed=3, rope_parameters=rope
+    )
     got = model.forward(tokens, positions(0, 40, "cpu"))
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
