@@ -204,8 +204,10 @@ def prompt_and_answer(
 # -- tokenizer --------------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: list[str]) -> str:
-    """A Qwen-shaped byte-level BPE tokenizer.json (NFC, Qwen2 split regex, ByteLevel)."""
+def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> str:
+    """A Qwen-shaped byte-level BPE tokenizer.json (NFC, Qwen2 split regex, ByteLevel) of
+    at most ``vocab_size`` tokens, Qwen's added tokens last (tests/engine/tiny_tokenizer.py
+    trains its tokenizer with this too)."""
     tok = HFTokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -216,7 +218,7 @@ def train_tokenizer(texts: list[str]) -> str:
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - len(QWEN_ADDED_TOKENS),
+        vocab_size=vocab_size - len(QWEN_ADDED_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer as RustTokenizer
 from transformers import PreTrainedTokenizerFast
 
+from assets.make_demo_model import QWEN_ADDED_TOKENS
 from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.engine.checkpoint.gguf import load_gguf
 from helexa.engine.text.tokenizer import (
@@ -21,11 +22,7 @@ from helexa.engine.text.tokenizer import (
 )
 from tests.engine.factories import make_tiny_hf_model
 from tests.engine.gguf_factories import write_model_gguf
-from tests.engine.tiny_tokenizer import (
-    QWEN_ADDED_TOKENS,
-    make_tiny_tokenizer_config,
-    make_tiny_tokenizer_json,
-)
+from tests.engine.tiny_tokenizer import make_tiny_tokenizer_config, make_tiny_tokenizer_json
 
 TEXTS = [
     "Hello world",
