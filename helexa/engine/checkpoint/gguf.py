@@ -91,30 +91,39 @@ _HF_TO_GLOBAL = {hf: gguf for gguf, hf in GLOBAL_NAMES.items()}
 _HF_TO_LAYER = {hf: gguf for gguf, hf in LAYER_NAMES.items()}
 
 
+def _rename(
+    name: str,
+    layer: re.Pattern[str],
+    layer_names: dict[str, str],
+    global_names: dict[str, str],
+    layer_prefix: str,
+) -> str | None:
+    """``name`` in the other convention (one direction's tables), None if it has no match."""
+    if m := layer.fullmatch(name):
+        index, part, kind = m.groups()
+        if part in layer_names:
+            return f"{layer_prefix}.{index}.{layer_names[part]}.{kind}"
+    else:
+        stem, _, kind = name.rpartition(".")
+        if stem in global_names and kind in ("weight", "bias"):
+            return f"{global_names[stem]}.{kind}"
+    return None
+
+
 def hf_tensor_name(gguf_name: str) -> str:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
-    if m := _GGUF_LAYER.fullmatch(gguf_name):
-        layer, part, kind = m.groups()
-        if part in LAYER_NAMES:
-            return f"model.layers.{layer}.{LAYER_NAMES[part]}.{kind}"
-    else:
-        stem, _, kind = gguf_name.rpartition(".")
-        if stem in GLOBAL_NAMES and kind in ("weight", "bias"):
-            return f"{GLOBAL_NAMES[stem]}.{kind}"
-    raise CheckpointError(f"unexpected tensor {gguf_name!r} for a Qwen3 GGUF")
+    hf = _rename(gguf_name, _GGUF_LAYER, LAYER_NAMES, GLOBAL_NAMES, "model.layers")
+    if hf is None:
+        raise CheckpointError(f"unexpected tensor {gguf_name!r} for a Qwen3 GGUF")
+    return hf
 
 
 def gguf_tensor_name(hf_name: str) -> str:
     """Inverse of :func:`hf_tensor_name`."""
-    if m := _HF_LAYER.fullmatch(hf_name):
-        layer, part, kind = m.groups()
-        if part in _HF_TO_LAYER:
-            return f"blk.{layer}.{_HF_TO_LAYER[part]}.{kind}"
-    else:
-        stem, _, kind = hf_name.rpartition(".")
-        if stem in _HF_TO_GLOBAL and kind in ("weight", "bias"):
-            return f"{_HF_TO_GLOBAL[stem]}.{kind}"
-    raise ValueError(f"no GGUF name for tensor {hf_name!r}")
+    gguf = _rename(hf_name, _HF_LAYER, _HF_TO_LAYER, _HF_TO_GLOBAL, "blk")
+    if gguf is None:
+        raise ValueError(f"no GGUF name for tensor {hf_name!r}")
+    return gguf
 
 
 @dataclass
