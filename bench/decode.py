@@ -62,7 +62,7 @@ def synthetic_config(shape: dict[str, int], context: int) -> dict[str, Any]:
 
 
 def synthetic_tensors(
-    cfg: dict[str, Any], device: torch.device, seed: int = 0
+    cfg: dict[str, Any], device: str | torch.device, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     """Random weights made (and later quantized) on ``device``: an 8B shape takes seconds
     on a GPU and minutes on a CPU."""
