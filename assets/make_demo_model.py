@@ -29,11 +29,15 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from helexa.engine.chat_template import QWEN3_TEMPLATE, render_chat
-from helexa.engine.demo import DEMO_MODEL_ID
+from helexa.demo import DEMO_MODEL_ID
+from helexa.engine.checkpoint.gguf_write import write_gguf
 from helexa.engine.generate import LoadedModel
-from helexa.engine.gguf_write import write_gguf
-from helexa.engine.tokenizer import QWEN2_PRE_TOKENIZER_REGEX, Tokenizer, tokenizer_to_gguf_fields
+from helexa.engine.text.chat_template import QWEN3_TEMPLATE, render_chat
+from helexa.engine.text.tokenizer import (
+    QWEN2_PRE_TOKENIZER_REGEX,
+    Tokenizer,
+    tokenizer_to_gguf_fields,
+)
 
 OUTPUT = Path(__file__).resolve().parent / "helexa-demo.gguf"
 MAX_BYTES = 3 * 1024 * 1024
@@ -200,8 +204,10 @@ def prompt_and_answer(
 # -- tokenizer --------------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: list[str]) -> str:
-    """A Qwen-shaped byte-level BPE tokenizer.json (NFC, Qwen2 split regex, ByteLevel)."""
+def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> str:
+    """A Qwen-shaped byte-level BPE tokenizer.json (NFC, Qwen2 split regex, ByteLevel) of
+    at most ``vocab_size`` tokens, Qwen's added tokens last (tests/engine/tiny_tokenizer.py
+    trains its tokenizer with this too)."""
     tok = HFTokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -212,7 +218,7 @@ def train_tokenizer(texts: list[str]) -> str:
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - len(QWEN_ADDED_TOKENS),
+        vocab_size=vocab_size - len(QWEN_ADDED_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helexa.engine.cuda_graph import GraphDecoder  # noqa: E402
-from helexa.engine.loader_safetensors import load_checkpoint  # noqa: E402
+from helexa.engine.checkpoint.safetensors import load_checkpoint  # noqa: E402
+from helexa.engine.models.cuda_graph import GraphDecoder  # noqa: E402
 from helexa.engine.models.qwen3 import Qwen3  # noqa: E402
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -62,7 +62,7 @@ def synthetic_config(shape: dict[str, int], context: int) -> dict[str, Any]:
 
 
 def synthetic_tensors(
-    cfg: dict[str, Any], device: torch.device, seed: int = 0
+    cfg: dict[str, Any], device: str | torch.device, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     """Random weights made (and later quantized) on ``device``: an 8B shape takes seconds
     on a GPU and minutes on a CPU."""
@@ -100,7 +100,7 @@ def synthetic_tensors(
 def write_synthetic(
     path: Path, shape: dict[str, int], quant: str, context: int, device: torch.device
 ) -> Path:
-    from helexa.engine.gguf_write import write_gguf
+    from helexa.engine.checkpoint.gguf_write import write_gguf
 
     cfg = synthetic_config(shape, context)
     return write_gguf(path, config=cfg, tensors=synthetic_tensors(cfg, device), quant=quant)

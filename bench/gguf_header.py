@@ -27,8 +27,8 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helexa.engine.gguf_header import read_gguf_header  # noqa: E402
-from helexa.engine.loader_gguf import read_gguf_info  # noqa: E402
+from helexa.engine.checkpoint.gguf import read_gguf_info  # noqa: E402
+from helexa.engine.checkpoint.gguf_header import read_gguf_header  # noqa: E402
 
 N_TOKENS = 151_936  # Qwen3's padded vocabulary
 N_MERGES = 151_387

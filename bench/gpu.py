@@ -28,48 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.decode import PRESETS, synthetic_config  # noqa: E402
-from helexa.engine.cuda_graph import GraphDecoder  # noqa: E402
-from helexa.engine.loader_safetensors import load_checkpoint  # noqa: E402
+from bench.decode import PRESETS, synthetic_config, synthetic_tensors  # noqa: E402
+from helexa.engine.checkpoint.safetensors import load_checkpoint  # noqa: E402
+from helexa.engine.models.cuda_graph import GraphDecoder  # noqa: E402
 from helexa.engine.models.qwen3 import Qwen3  # noqa: E402
-from helexa.engine.quant import QuantizedTensor  # noqa: E402
+from helexa.engine.quant.tensor import QuantizedTensor  # noqa: E402
 
 PROMPTS = (512, 4096)
 GEN = 128
-
-
-def synthetic_tensors(cfg: dict[str, Any], device: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights of the config's shapes, made on ``device`` (an 8B model's worth of
-    float32 takes minutes on a CPU and seconds on a GPU)."""
-    gen = torch.Generator(device).manual_seed(seed)
-    h, f, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-
-    def w(rows: int, cols: int) -> torch.Tensor:
-        return torch.randn(rows, cols, generator=gen, device=device) * cols**-0.5
-
-    def ones(n: int) -> torch.Tensor:
-        return torch.ones(n, device=device)
-
-    tensors = {"model.embed_tokens.weight": w(cfg["vocab_size"], h), "model.norm.weight": ones(h)}
-    if not cfg["tie_word_embeddings"]:
-        tensors["lm_head.weight"] = w(cfg["vocab_size"], h)
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        tensors |= {
-            p + "self_attn.q_proj.weight": w(q, h),
-            p + "self_attn.k_proj.weight": w(kv, h),
-            p + "self_attn.v_proj.weight": w(kv, h),
-            p + "self_attn.o_proj.weight": w(h, q),
-            p + "self_attn.q_norm.weight": ones(hd),
-            p + "self_attn.k_norm.weight": ones(hd),
-            p + "input_layernorm.weight": ones(h),
-            p + "post_attention_layernorm.weight": ones(h),
-            p + "mlp.gate_proj.weight": w(f, h),
-            p + "mlp.up_proj.weight": w(f, h),
-            p + "mlp.down_proj.weight": w(h, f),
-        }
-    return tensors
 
 
 def byte_level_vocab(size: int) -> dict[str, Any]:
@@ -96,7 +62,7 @@ def write_model(path: Path, preset: str, quant: str, device: str = "cuda") -> fl
     """Write the synthetic GGUF unless it exists; seconds taken."""
     if path.exists():
         return 0.0
-    from helexa.engine.gguf_write import write_gguf
+    from helexa.engine.checkpoint.gguf_write import write_gguf
 
     start = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)

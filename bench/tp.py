@@ -5,7 +5,7 @@
 
 One device runs first, in this process: greedy decode from a fixed token, keeping the
 tokens and their logits. Then N ranks, one process each, every rank holding 1/N of every
-layer (``helexa.engine.parallel``), decode the same tokens (teacher forcing), so the logits
+layer (``helexa.engine.models.parallel``), decode the same tokens (teacher forcing), so the logits
 compare step by step. On CUDA both decode from CUDA graphs, the ranks' all-reduces captured
 in them. Prints tok/s per world size and the parity numbers; ``tp`` in results.json.
 """
@@ -27,10 +27,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helexa.engine.cuda_graph import GraphDecoder, Reduce  # noqa: E402
-from helexa.engine.loader_safetensors import load_checkpoint  # noqa: E402
+from helexa.engine.checkpoint.safetensors import load_checkpoint  # noqa: E402
+from helexa.engine.models.cuda_graph import GraphDecoder, Reduce  # noqa: E402
+from helexa.engine.models.parallel import all_reduce, shard_qwen3  # noqa: E402
 from helexa.engine.models.qwen3 import Qwen3  # noqa: E402
-from helexa.engine.parallel import all_reduce, shard_qwen3  # noqa: E402
 
 
 def load(path: Path, device: torch.device) -> Qwen3:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from helexa import __version__
 from helexa.config import ConfigError, Settings, check_local_paths, config_dir, load_settings
-from helexa.engine.demo import with_demo
+from helexa.demo import with_demo
 
 _Listener = TypeVar("_Listener", bound=BaseModel)
 

@@ -1,11 +1,17 @@
 """The in-process PyTorch inference engine behind the local neuron.
 
-Entry points (import them from their modules; this package imports nothing, so
-``import helexa.engine`` never pulls in torch):
+Entry points (import them from their modules; this package and its subpackages import
+nothing, so ``import helexa.engine`` never pulls in torch):
 
 - ``generate.LoadedModel.load(path, device, dtype, context_length)``: a GGUF file or HF
   directory, ready to ``stream_chat`` / ``stream_completion`` / ``count_tokens``.
 - ``worker.DeviceWorker(device)``: the one thread that runs all torch work for a device.
-- ``loader_safetensors.load_checkpoint(path, device)``: either format as a ``Checkpoint``.
+- ``checkpoint.safetensors.load_checkpoint(path, device)``: either format as a ``Checkpoint``.
 - ``models.qwen3.Qwen3.from_checkpoint(ckpt, device, dtype)``: the model itself.
+
+Layout: ``generate`` (the model and its token loop), ``request`` (an OpenAI request read
+into a prompt and a token budget), ``sampling``, ``json_mode`` and ``worker`` at the top;
+``checkpoint/`` (files on disk -> Checkpoint), ``quant/`` (quantized weights and matmuls),
+``models/`` (Qwen3, its KV cache, CUDA graphs, parallelism) and ``text/`` (tokenizer, chat
+templates, output parsing, stop strings) below.
 """

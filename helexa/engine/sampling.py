@@ -1,4 +1,4 @@
-"""Choosing the next token: sampling parameters, logits processors, the sampler, stop strings.
+"""Choosing the next token: sampling parameters, logits processors, the sampler.
 
 The processors are pure functions on ``[..., vocab]`` logits, each matching a reference:
 repetition penalty, temperature, top-k, top-p and min-p behave as transformers' logits
@@ -14,8 +14,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-
-from helexa.engine.parsers import partial_suffix
 
 # Below this a temperature is treated as 0: dividing by it would overflow float32 logits.
 GREEDY_BELOW = 1e-5
@@ -217,37 +215,3 @@ class Sampler:
             self._counts.scatter_add_(0, ids, torch.ones(len(ids), device=self.device))
             self._seen = len(generated)
         return self._counts
-
-
-class StopMatcher:
-    """Finds stop strings in streamed text, even when one is split across chunks.
-
-    ``feed`` returns the text that is safe to show and the stop string that matched (the
-    text before it is returned; the stop string itself and anything after it are not).
-    Text that might be the beginning of a stop string is held until it is decided.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self._held = ""
-        self.matched: str | None = None
-
-    def feed(self, text: str) -> tuple[str, str | None]:
-        if self.matched is not None:
-            return "", self.matched
-        if not self.stops:
-            return text, None
-        buf = self._held + text
-        found = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0]
-        if found:
-            index, stop = min(found, key=lambda hit: hit[0])
-            self._held, self.matched = "", stop
-            return buf[:index], stop
-        keep = max(partial_suffix(buf, s) for s in self.stops)
-        self._held = buf[len(buf) - keep :] if keep else ""
-        return buf[: len(buf) - keep], None
-
-    def flush(self) -> str:
-        """The held text, once no more will come (it did not complete a stop string)."""
-        held, self._held = self._held, ""
-        return held

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from helexa.config import Settings
-from helexa.engine.checkpoint import Progress
-from helexa.engine.errors import CheckpointError
-from helexa.engine.generate import LoadedModel, RequestError
+from helexa.engine.checkpoint.errors import CheckpointError
+from helexa.engine.checkpoint.types import Progress
+from helexa.engine.generate import LoadedModel
+from helexa.engine.request import RequestError
 from helexa.engine.worker import DeviceWorker
 from helexa.neuron import preflight
 from helexa.neuron.discovery import discover, read_health

@@ -165,19 +165,19 @@ def _architecture_error(exc: Exception) -> PreflightError:
 
 def read_facts(path: Path) -> ModelFacts:
     """Architecture, config and weight size of a GGUF file or HF directory; refuses early."""
-    from helexa.engine.errors import CheckpointError, UnsupportedArchitecture
+    from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
 
     if not path.exists():
         raise PreflightError(f"{path}: no such file or directory", code="missing_files", status=404)
     try:
         if path.is_file():
-            from helexa.engine.loader_gguf import read_gguf_info, require_loadable
+            from helexa.engine.checkpoint.gguf import read_gguf_info, require_loadable
 
             info = read_gguf_info(path)
             require_loadable(info.architecture, str(path))
             facts = ModelFacts(info.architecture, info.config, info.tensor_bytes, quantized=True)
         else:
-            from helexa.engine.loader_safetensors import read_config, safetensors_files
+            from helexa.engine.checkpoint.safetensors import read_config, safetensors_files
 
             config = read_config(path)
             _check(config, str(path))

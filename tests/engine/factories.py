@@ -86,7 +86,7 @@ def make_tiny_model_dir(path: Path, *, seed: int = 0, **generation_config: Any) 
     """A complete HF model directory: random tiny Qwen3 sized to the tiny tokenizer, its
     tokenizer.json / tokenizer_config.json (with the Qwen3 chat template) and, if given,
     a generation_config.json."""
-    from helexa.engine.tokenizer import Tokenizer
+    from helexa.engine.text.tokenizer import Tokenizer
     from tests.engine.tiny_tokenizer import make_tiny_tokenizer_config, make_tiny_tokenizer_json
 
     tokenizer_json = make_tiny_tokenizer_json()

@@ -1,4 +1,4 @@
-"""Tiny Qwen3 GGUF files for engine tests, written with helexa.engine.gguf_write.
+"""Tiny Qwen3 GGUF files for engine tests, written by helexa's own checkpoint.gguf_write.
 
 The k-quants work on 256-weight rows, so :data:`KQUANT_SHAPE` widens the tiny model just
 enough (hidden 256, ffn 512) for Q4_K/Q5_K/Q6_K to apply to every matrix; with the
@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 from transformers import Qwen3ForCausalLM
 
-from helexa.engine.gguf_write import write_gguf
+from helexa.engine.checkpoint.gguf_write import write_gguf
 from tests.engine.factories import make_tiny_hf_model
 
 KQUANT_SHAPE: dict[str, Any] = dict(hidden_size=256, intermediate_size=512, head_dim=64)
@@ -39,7 +39,7 @@ def write_model_gguf(
     """``model`` as a GGUF; ``tokenizer_json`` is converted with the engine's own
     tokenizer_to_gguf_fields, as a real llama.cpp conversion would carry it."""
     if tokenizer_json is not None:
-        from helexa.engine.tokenizer import tokenizer_to_gguf_fields
+        from helexa.engine.text.tokenizer import tokenizer_to_gguf_fields
 
         tokenizer_fields = tokenizer_to_gguf_fields(tokenizer_json)
     return write_gguf(

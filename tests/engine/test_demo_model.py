@@ -21,10 +21,10 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk
 
 from helexa.config import load_settings
-from helexa.engine.demo import DEMO_MODEL_ID, demo_model_path, with_demo
+from helexa.demo import DEMO_MODEL_ID, demo_model_path, with_demo
+from helexa.engine.checkpoint.gguf import load_gguf, read_gguf_info
 from helexa.engine.generate import LoadedModel
-from helexa.engine.loader_gguf import load_gguf, read_gguf_info
-from helexa.engine.tokenizer import Tokenizer
+from helexa.engine.text.tokenizer import Tokenizer
 
 MAX_BYTES = 3 * 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]

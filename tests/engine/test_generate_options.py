@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from helexa.engine.generate import RequestError
-from helexa.engine.tokenizer import Tokenizer
+from helexa.engine.request import RequestError
+from helexa.engine.text.tokenizer import Tokenizer
 from tests.engine.test_generate_scripted import (
     WEATHER_TOOL,
     chat,

@@ -13,9 +13,10 @@ import torch
 from openai.types.chat import ChatCompletionChunk
 from openai.types.completion import Completion
 
-from helexa.engine.chat_template import QWEN3_TEMPLATE
-from helexa.engine.generate import LoadedModel, RequestError
-from helexa.engine.tokenizer import Tokenizer
+from helexa.engine.generate import LoadedModel
+from helexa.engine.request import RequestError
+from helexa.engine.text.chat_template import QWEN3_TEMPLATE
+from helexa.engine.text.tokenizer import Tokenizer
 
 WEATHER_TOOL = {
     "type": "function",

@@ -13,28 +13,19 @@ import torch
 from openai.types.chat import ChatCompletionChunk
 from transformers import Qwen3ForCausalLM
 
-from helexa.engine.chat_template import QWEN3_TEMPLATE
-from helexa.engine.errors import UnsupportedArchitecture
+from helexa.engine.checkpoint.errors import UnsupportedArchitecture
 from helexa.engine.generate import DEFAULT_CONTEXT, LoadedModel, generation_defaults
 from helexa.engine.json_mode import JsonPrefix
-from helexa.engine.parsers import OutputParser
 from helexa.engine.sampling import SamplingParams
-from helexa.engine.tokenizer import Tokenizer
+from helexa.engine.text.chat_template import QWEN3_TEMPLATE
+from helexa.engine.text.parsers import OutputParser
+from helexa.engine.text.tokenizer import Tokenizer
+from tests.engine.devices import DEVICES
 from tests.engine.factories import make_tiny_hf_model, save_model_dir
 from tests.engine.gguf_factories import write_foreign_gguf, write_model_gguf
 from tests.engine.tiny_tokenizer import make_tiny_tokenizer_config, make_tiny_tokenizer_json
 
 NEW_TOKENS = 16
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-        ],
-    ),
-]
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "def add(a, b): return a + b  # what does it do?"},

@@ -227,16 +227,9 @@ async def test_bad_requests_are_400_in_the_neuron_error_shape(
 
 
 async def test_closing_a_stream_cancels_generation(
-    neuron: LocalNeuron, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    neuron: LocalNeuron, model_dir: Path, stream_chat_cancels: list[threading.Event]
 ) -> None:
-    cancels: list[threading.Event] = []
-    real_stream_chat = LoadedModel.stream_chat
-
-    def spy(self: LoadedModel, request: dict, cancel: threading.Event):  # type: ignore[no-untyped-def]
-        cancels.append(cancel)
-        return real_stream_chat(self, request, cancel)
-
-    monkeypatch.setattr(LoadedModel, "stream_chat", spy)
+    cancels = stream_chat_cancels
     await neuron.load(LoadRequest(model_id=str(model_dir)))
     request = {"model": str(model_dir), "messages": CHAT["messages"], "temperature": 0}
     stream = neuron.chat(request)  # no max_tokens: would fill the context

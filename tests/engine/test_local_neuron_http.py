@@ -13,7 +13,6 @@ import openai
 import pytest
 
 from helexa.config import Settings
-from helexa.engine.generate import LoadedModel
 from helexa.neuron.interface import LoadRequest
 from helexa.neuron.local import LocalNeuron
 from helexa.neuron.remote import RemoteNeuron
@@ -118,17 +117,10 @@ async def test_errors_reach_the_sdk_with_status_and_code(loaded: Any, tmp_path: 
 
 
 async def test_client_hang_up_cancels_generation(
-    loaded: Any, monkeypatch: pytest.MonkeyPatch
+    loaded: Any, stream_chat_cancels: list[threading.Event]
 ) -> None:
     _, _, model_id, client = loaded
-    cancels: list[threading.Event] = []
-    real_stream_chat = LoadedModel.stream_chat
-
-    def spy(self: LoadedModel, request: dict, cancel: threading.Event):  # type: ignore[no-untyped-def]
-        cancels.append(cancel)
-        return real_stream_chat(self, request, cancel)
-
-    monkeypatch.setattr(LoadedModel, "stream_chat", spy)
+    cancels = stream_chat_cancels
     stream = await client.chat.completions.create(
         model=model_id, messages=MESSAGES, temperature=0, stream=True
     )  # no max_tokens: it would fill the context

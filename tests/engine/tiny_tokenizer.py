@@ -2,7 +2,8 @@
 
 It is built the way Qwen2/Qwen3's tokenizer.json is (NFC normalizer, Qwen2 split regex,
 ByteLevel without its own regex, ByteLevel decoder, Qwen's added tokens), only with a few
-hundred merges, so code that handles the real tokenizer handles this one. The training
+hundred merges, so code that handles the real tokenizer handles this one. It is trained
+by the demo model's recipe (assets/make_demo_model.py), on text of its own. The training
 text deliberately leaves out CJK and most emoji: those stay split across several byte
 tokens, which is what the stream-decoding tests need.
 """
@@ -12,33 +13,8 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from tokenizers import (
-    AddedToken,
-    Regex,
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    trainers,
-)
-
-from helexa.engine.chat_template import QWEN3_TEMPLATE
-from helexa.engine.tokenizer import QWEN2_PRE_TOKENIZER_REGEX
-
-# (content, special): special ones are control tokens; the others are plain added tokens
-# that still encode as one id, as in Qwen3's tokenizer.json.
-QWEN_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
-    ("<|endoftext|>", True),
-    ("<|im_start|>", True),
-    ("<|im_end|>", True),
-    ("<think>", False),
-    ("</think>", False),
-    ("<tool_call>", False),
-    ("</tool_call>", False),
-    ("<tool_response>", False),
-    ("</tool_response>", False),
-)
+from assets.make_demo_model import TOKENIZER_CONFIG, train_tokenizer
+from helexa.engine.text.chat_template import QWEN3_TEMPLATE
 
 TINY_VOCAB_SIZE = 512
 
@@ -62,37 +38,9 @@ Café, naïve, résumé, über, straße. It's, I'm, we'll, they've, you'd, don't
 @cache
 def make_tiny_tokenizer_json() -> str:
     """The tokenizer.json string (cached: training is deterministic, tests share it)."""
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_PRE_TOKENIZER_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE - len(QWEN_ADDED_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_TRAINING_TEXT.splitlines(keepends=True) * 4, trainer=trainer)
-    # Added after training, so they take the ids after the BPE vocab, as in Qwen's file.
-    tok.add_tokens(
-        [
-            AddedToken(content, special=special, normalized=False)
-            for content, special in QWEN_ADDED_TOKENS
-        ]
-    )
-    return tok.to_str()
+    return train_tokenizer(_TRAINING_TEXT.splitlines(keepends=True) * 4, TINY_VOCAB_SIZE)
 
 
 def make_tiny_tokenizer_config() -> dict[str, Any]:
     """tokenizer_config.json as Qwen3's instruct models ship it (no BOS, EOS <|im_end|>)."""
-    return {
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "add_bos_token": False,
-        "chat_template": QWEN3_TEMPLATE,
-    }
+    return {**TOKENIZER_CONFIG, "chat_template": QWEN3_TEMPLATE}

@@ -10,7 +10,7 @@ import torch
 from gguf import GGUFWriter
 from safetensors.torch import save_file
 
-from helexa.engine.gguf_write import write_gguf
+from helexa.engine.checkpoint.gguf_write import write_gguf
 from helexa.neuron.interface import DeviceHealth, DeviceInfo
 from helexa.neuron.preflight import (
     MB,

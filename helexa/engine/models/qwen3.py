@@ -1,10 +1,10 @@
 """Qwen3 dense, in plain torch.
 
 Ported from transformers' ``modeling_qwen3.py`` and checked against it for logit parity on
-random weights (tests/engine/test_qwen3_parity.py). Weights are plain tensors or GGUF
-``QuantizedTensor``s; every matmul goes through :func:`helexa.engine.quant.linear` (and the
-token lookup through :func:`~helexa.engine.quant.embedding`) so quantized weights stay
-quantized in memory and are dequantized on the fly.
+random weights (tests/engine/models/test_qwen3_parity.py). Weights are plain tensors or GGUF
+``QuantizedTensor``s; every matmul goes through :func:`helexa.engine.quant.ops.linear`
+(and the token lookup through :func:`~helexa.engine.quant.ops.embedding`) so quantized
+weights stay quantized in memory and are dequantized on the fly.
 
 The model is a handful of weight records plus functions, not ``nn.Module``s: a quantized
 weight is not a Parameter, nothing here is trained, and the forward pass reads top to bottom.
@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from helexa.engine.checkpoint import Checkpoint, Weight
-from helexa.engine.errors import CheckpointError, UnsupportedArchitecture
-from helexa.engine.kv_cache import KVCache
-from helexa.engine.quant import QuantizedTensor, embedding, linear
+from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
+from helexa.engine.checkpoint.types import Checkpoint, Weight
+from helexa.engine.models.kv_cache import KVCache
+from helexa.engine.quant.ops import embedding, linear
+from helexa.engine.quant.tensor import QuantizedTensor
 
 ARCHITECTURE = "Qwen3ForCausalLM"
 MODEL_TYPE = "qwen3"

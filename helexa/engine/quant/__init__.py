@@ -1,22 +1,12 @@
-"""Quantized weights: ggml block layouts, torch reference dequant/matmul, quantizers.
+"""Quantized weights: ggml block layouts, what their bytes mean, and matmuls over them.
 
-Everything the model code needs comes from here, so the Triton kernels can later slot in
-behind ``linear``/``embedding`` without changing callers.
+- ``formats``: the block layouts (``BlockFormat``, ``block_format``, ``FORMATS``).
+- ``reference``: plain-torch ``dequantize``, the oracle everything else is checked against.
+- ``tensor``: ``QuantizedTensor``, a weight kept in its block encoding on the device.
+- ``ops``: ``linear`` and ``embedding``, what the model calls; they pick the Triton kernels
+  (``triton_kernels``) on CUDA and the reference elsewhere.
+- ``quantize``: encoders, the inverse of ``reference``, for writing GGUFs in tests and demos.
+
+Import from the modules: this package imports nothing, so loading one of them does not
+pull in the others (and none of them imports the package back).
 """
-
-from helexa.engine.quant.formats import FORMATS, QK_K, BlockFormat, block_format
-from helexa.engine.quant.quantize import quantize
-from helexa.engine.quant.reference import dequantize, embedding, linear
-from helexa.engine.quant.tensor import QuantizedTensor
-
-__all__ = [
-    "FORMATS",
-    "QK_K",
-    "BlockFormat",
-    "QuantizedTensor",
-    "block_format",
-    "dequantize",
-    "embedding",
-    "linear",
-    "quantize",
-]

@@ -1,22 +1,19 @@
-"""Plain-torch dequantization and the matmul/embedding paths built on it.
+"""Plain-torch dequantization: what ggml block bytes mean, as numbers.
 
-The reference path: correct on any device, vectorised over blocks, and the oracle the
-Triton kernels are tested against. Each decoder mirrors ggml's ``dequantize_row_*``
-arithmetic in float32 and in the same order, so results match ggml (and gguf-py)
-bit for bit. ``linear`` never keeps a dequantized copy of a weight: it expands a slice
-of rows at a time, so a quantized model costs about its file size in memory.
+The reference: correct on any device, vectorised over blocks, and the oracle the Triton
+kernels are tested against, so it imports neither them nor anything that picks between
+paths (that is helexa.engine.quant.ops). Each decoder mirrors ggml's
+``dequantize_row_*`` arithmetic in float32 and in the same order, so results match ggml
+(and gguf-py) bit for bit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
-from helexa.engine.quant.dispatch import cuda_linear
 from helexa.engine.quant.formats import (
     FORMATS,
     Q,
@@ -25,13 +22,6 @@ from helexa.engine.quant.formats import (
     unpack_bits,
     unpack_scale_min_k4,
 )
-
-if TYPE_CHECKING:
-    from helexa.engine.quant.tensor import QuantizedTensor
-
-# Weights expanded per step of ``linear``: 4M float32 = 16 MiB of scratch, big enough
-# for efficient matmuls, small enough not to matter next to the weights themselves.
-CHUNK_ELEMENTS = 1 << 22
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -145,53 +135,3 @@ def dequantize(
         )
     values = DECODERS[fmt.qtype](raw.reshape(-1, fmt.type_size))
     return values.reshape(shape).to(dtype)
-
-
-def linear(
-    x: torch.Tensor,
-    weight: torch.Tensor | QuantizedTensor,
-    bias: torch.Tensor | None = None,
-    *,
-    chunk_rows: int | None = None,
-) -> torch.Tensor:
-    """``x @ weight.T + bias`` where ``weight`` (out, in) may be quantized.
-
-    A quantized weight is expanded ``chunk_rows`` output rows at a time (default: about
-    :data:`CHUNK_ELEMENTS` weights) in ``x.dtype`` and discarded after use. On CUDA with
-    Triton the blocks go straight to a kernel instead (helexa.engine.quant.dispatch).
-    """
-    if isinstance(weight, torch.Tensor):
-        return F.linear(x, weight, bias)
-    fast = cuda_linear(x, weight, bias)
-    if fast is not None:
-        return fast
-    out_features, in_features = weight.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {in_features}")
-    step = chunk_rows or max(1, CHUNK_ELEMENTS // in_features)
-    out = x.new_empty(*x.shape[:-1], out_features)
-    for start in range(0, out_features, step):
-        rows = weight.data[start : start + step]
-        w = dequantize(rows, weight.qtype, (rows.shape[0], in_features), dtype=x.dtype)
-        out[..., start : start + rows.shape[0]] = x @ w.T
-    if bias is not None:
-        out += bias
-    return out
-
-
-def embedding(
-    ids: torch.Tensor,
-    weight: torch.Tensor | QuantizedTensor,
-    *,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Rows ``ids`` of an embedding table; a quantized table expands only those rows.
-
-    ``dtype`` defaults to the table's dtype (float32 for a quantized one).
-    """
-    if isinstance(weight, torch.Tensor):
-        out = F.embedding(ids, weight)
-        return out if dtype is None else out.to(dtype)
-    rows = weight.data.index_select(0, ids.reshape(-1))
-    shape = (*ids.shape, weight.shape[1])
-    return dequantize(rows, weight.qtype, shape, dtype=dtype or torch.float32)

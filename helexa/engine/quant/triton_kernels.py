@@ -138,6 +138,19 @@ def _q6_k(blk):
 
 
 @triton.jit
+def _k_quant(blk, QTYPE: tl.constexpr):
+    """The two tiles of one Q4_K (12), Q5_K (13) or Q6_K (14) super-block and their element
+    offsets, chosen at compile time: what both kernels need from a k-quant unit."""
+    if QTYPE == 12:
+        w_a, e_a, w_b, e_b = _q4_k(blk)
+    elif QTYPE == 13:
+        w_a, e_a, w_b, e_b = _q5_k(blk)
+    else:
+        w_a, e_a, w_b, e_b = _q6_k(blk)
+    return w_a, e_a, w_b, e_b
+
+
+@triton.jit
 def _products(w, x_unit, e, valid):
     """``w * x[e]`` over a [BN, U, A, B] tile; units not ``valid`` are 0."""
     x = tl.load(x_unit + e, mask=valid, other=0.0).to(tl.float32)
@@ -210,12 +223,7 @@ def _matvec_kernel(
             else:
                 acc += _row_sums(_products(w, x_unit, e, valid))
         else:
-            if QTYPE == 12:
-                w_a, e_a, w_b, e_b = _q4_k(blk)
-            elif QTYPE == 13:
-                w_a, e_a, w_b, e_b = _q5_k(blk)
-            else:
-                w_a, e_a, w_b, e_b = _q6_k(blk)
+            w_a, e_a, w_b, e_b = _k_quant(blk, QTYPE)
             p_a, p_b = _products(w_a, x_unit, e_a, valid), _products(w_b, x_unit, e_b, valid)
             if DEFER:
                 tile_a += p_a
@@ -253,12 +261,7 @@ def _dequant_kernel(
         w, e = _q8_0(blk, G)
         tl.store(out + e, w.to(dtype), mask=keep)
     else:
-        if QTYPE == 12:
-            w_a, e_a, w_b, e_b = _q4_k(blk)
-        elif QTYPE == 13:
-            w_a, e_a, w_b, e_b = _q5_k(blk)
-        else:
-            w_a, e_a, w_b, e_b = _q6_k(blk)
+        w_a, e_a, w_b, e_b = _k_quant(blk, QTYPE)
         tl.store(out + e_a, w_a.to(dtype), mask=keep)
         tl.store(out + e_b, w_b.to(dtype), mask=keep)
 

@@ -1,0 +1,176 @@
+"""Write a Qwen3 GGUF from an HF config and state dict, quantized with our own encoders.
+
+For tests and demos: any tiny random model becomes a real GGUF (F32 up to Q4_K_M) that
+load_gguf, gguf-py and llama.cpp can read, with no downloaded weights. The per-tensor
+type choice follows llama.cpp's llama_tensor_get_type in spirit: norms stay F32, the
+``_M`` mixes give attn_v, ffn_down and the output projection Q6_K, and rows too short for
+a block format fall back to the nearest format that fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from gguf import (
+    GGML_QUANT_VERSION,
+    GGMLQuantizationType,
+    GGUFValueType,
+    GGUFWriter,
+    LlamaFileType,
+)
+
+from helexa.engine.checkpoint.errors import UnsupportedArchitecture
+from helexa.engine.checkpoint.gguf import CONFIG_KEYS, SAMPLING_KEYS, gguf_tensor_name
+from helexa.engine.quant.formats import block_format
+from helexa.engine.quant.quantize import quantize
+
+Q = GGMLQuantizationType
+
+# File-level quant name -> (type of most 2-D weights, llama.cpp file type).
+QUANTS: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
+    "F32": (Q.F32, LlamaFileType.ALL_F32),
+    "F16": (Q.F16, LlamaFileType.MOSTLY_F16),
+    "BF16": (Q.BF16, LlamaFileType.MOSTLY_BF16),
+    "Q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "Q6_K": (Q.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+    "Q5_K_M": (Q.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
+    "Q4_K_M": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
+}
+# Tensors the _M mixes keep at Q6_K: the ones quantization error hurts most.
+_MORE_BITS = ("attn_v.weight", "ffn_down.weight")
+# What llama.cpp uses when a row is not a whole number of blocks of the wanted type.
+_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.Q8_0: Q.F16}
+
+
+def tensor_qtype(
+    gguf_name: str, shape: tuple[int, ...], quant: str, *, has_output: bool
+) -> GGMLQuantizationType:
+    """The type one tensor is stored as in a file written with ``quant``."""
+    if len(shape) < 2:
+        return Q.F32
+    qtype = QUANTS[quant][0]
+    is_output = gguf_name == "output.weight" or (
+        not has_output and gguf_name == "token_embd.weight"
+    )
+    if quant.endswith("_M") and (is_output or gguf_name.endswith(_MORE_BITS)):
+        qtype = Q.Q6_K
+    while shape[-1] % block_format(qtype).block_size:
+        qtype = _FALLBACK[qtype]
+    return qtype
+
+
+def write_gguf(
+    path: str | Path,
+    *,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    quant: str = "F32",
+    tokenizer_fields: Mapping[str, Any] | None = None,
+    chat_template: str | None = None,
+    name: str = "helexa-tiny",
+    generation_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``tensors`` (HF names, e.g. a Qwen3ForCausalLM state_dict) as a qwen3 GGUF.
+
+    ``tokenizer_fields`` are ``tokenizer.ggml.*`` keys (see
+    helexa.engine.text.tokenizer.tokenizer_to_gguf_fields). With ``tie_word_embeddings`` the
+    lm_head is left out, as llama.cpp's converter does. ``generation_config`` (HF
+    generation_config.json keys) becomes ``general.sampling.*``.
+    """
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    arch = _architecture(config)
+    tied = bool(config.get("tie_word_embeddings", False))
+    named = {
+        gguf_tensor_name(hf): tensor
+        for hf, tensor in tensors.items()
+        if not (tied and hf == "lm_head.weight")
+    }
+    has_output = "output.weight" in named
+
+    path = Path(path)
+    writer = GGUFWriter(path, arch)
+    writer.add_name(name)
+    writer.add_file_type(QUANTS[quant][1])
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    for key, value, vtype in _config_fields(config, arch):
+        writer.add_key_value(key, value, vtype)
+    sampling = generation_config or {}
+    for gguf_key, hf_key, vtype in SAMPLING_KEYS:
+        if sampling.get(hf_key) is not None:
+            writer.add_key_value(f"general.sampling.{gguf_key}", sampling[hf_key], vtype)
+    for key, value in (tokenizer_fields or {}).items():
+        writer.add_key_value(key, *_typed(value))
+    if chat_template:
+        writer.add_chat_template(chat_template)
+    for gguf_name, tensor in named.items():
+        qtype = tensor_qtype(gguf_name, tuple(tensor.shape), quant, has_output=has_output)
+        data = quantize(tensor, qtype).cpu().numpy()
+        writer.add_tensor(gguf_name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _architecture(config: Mapping[str, Any]) -> str:
+    arch = config.get("model_type") or ""
+    if arch != "qwen3" and "Qwen3ForCausalLM" not in (config.get("architectures") or ()):
+        raise UnsupportedArchitecture(
+            arch or str(config.get("architectures")), supported=("qwen3",)
+        )
+    return "qwen3"
+
+
+def _config_fields(config: Mapping[str, Any], arch: str) -> list[tuple[str, Any, GGUFValueType]]:
+    """``{arch}.*`` metadata from HF config keys, filling what HF leaves implicit."""
+    values = dict(config)
+    heads = config["num_attention_heads"]
+    values["head_dim"] = config.get("head_dim") or config["hidden_size"] // heads
+    values["num_key_value_heads"] = config.get("num_key_value_heads") or heads
+    # Older configs say rope_theta/rope_scaling, transformers 5 nests both in rope_parameters.
+    rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+    values["rope_theta"] = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    fields = [
+        (f"{arch}.{key}", values[hf_key], vtype)
+        for hf_key, key, vtype in CONFIG_KEYS
+        if values.get(hf_key) is not None
+    ]
+    fields.append((f"{arch}.attention.value_length", values["head_dim"], GGUFValueType.UINT32))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        fields.append((f"{arch}.rope.scaling.type", rope_type, GGUFValueType.STRING))
+        fields.append((f"{arch}.rope.scaling.factor", rope["factor"], GGUFValueType.FLOAT32))
+        if "original_max_position_embeddings" in rope:
+            original = rope["original_max_position_embeddings"]
+            key = f"{arch}.rope.scaling.original_context_length"
+            fields.append((key, original, GGUFValueType.UINT32))
+    return fields
+
+
+def _typed(value: Any) -> tuple[Any, GGUFValueType, GGUFValueType | None]:
+    """(value, type, array item type) as llama.cpp's converter writes tokenizer fields:
+    ids and counts uint32, token types int32, scores float32."""
+    if isinstance(value, bool):
+        return value, GGUFValueType.BOOL, None
+    if isinstance(value, int):
+        return value, GGUFValueType.UINT32, None
+    if isinstance(value, float):
+        return value, GGUFValueType.FLOAT32, None
+    if isinstance(value, str):
+        return value, GGUFValueType.STRING, None
+    items = list(value)
+    if not items:
+        raise ValueError("GGUF cannot store an empty array")
+    first = items[0]
+    if isinstance(first, str):
+        item_type = GGUFValueType.STRING
+    elif isinstance(first, float):
+        item_type = GGUFValueType.FLOAT32
+    else:
+        item_type = GGUFValueType.INT32
+    return items, GGUFValueType.ARRAY, item_type

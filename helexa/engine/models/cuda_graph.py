@@ -1,0 +1,205 @@
+"""The batch-1 (or batch-B) decode step as a replayable CUDA graph.
+
+A decode step of an 8B model is ~500 small kernels; launched from Python each costs more
+than it runs, so the step is captured once and replayed. Capture needs a step with no host
+syncs and fixed shapes: the position lives in a device tensor, the keys attended are a
+fixed-length prefix of the static KV cache (``kv_len``) and positions past the current
+one are masked out, so one graph serves every position below its ``kv_len``. Graphs are
+kept per (batch, kv_len) with kv_len rounded up to a power of two, so attention reads at
+most twice the live prefix and a long context needs only ~log2(max_seq) captures.
+
+:func:`decode_step` is that step in plain torch (also what CPUs run); it reuses the model's
+own pieces (rms_norm, apply_rope, linear) and differs from ``Qwen3.forward`` only in how
+attention sees the cache. The generation loop calls a :class:`GraphDecoder` where it
+would call ``model.forward(tokens, torch.tensor([pos]), last_only=True)`` for one token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from helexa.engine.models.qwen3 import Attention, Qwen3, apply_rope
+from helexa.engine.quant.ops import embedding, linear
+
+MIN_KV_LEN = 256
+# Sums a row-parallel partial result across tensor-parallel ranks (see parallel.py).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def kv_bucket(pos: int, max_seq: int, minimum: int = MIN_KV_LEN) -> int:
+    """Keys a step at ``pos`` attends to: the next power of two above ``pos`` (at least
+    ``minimum``), capped at the cache length."""
+    if not 0 <= pos < max_seq:
+        raise ValueError(f"position {pos} is outside the KV cache (0..{max_seq - 1})")
+    return min(max(minimum, 1 << pos.bit_length()), max_seq)
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
+) -> torch.Tensor:
+    """One query per head over a GQA cache: q [B, Hq, 1, D], k/v [B, Hkv, S, D], keys
+    where ``visible`` [S] is False ignored. Scores and softmax in float32."""
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = (qg @ k.transpose(-1, -2)).float() * dim**-0.5
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return (probs.to(v.dtype) @ v).reshape(batch, heads, 1, dim)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm (normalise in float32, round, then scale) in one fused kernel
+    instead of seven: at ~140 norms a token, launches are a visible share of decode."""
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def _attention(
+    model: Qwen3,
+    attn: Attention,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    input_pos: torch.Tensor,
+    visible: torch.Tensor,
+    kv_len: int,
+    reduce: Reduce | None,
+) -> torch.Tensor:
+    cfg = model.config
+    batch = x.shape[0]
+    q = linear(x, attn.q_proj, attn.q_bias).view(batch, 1, -1, cfg.head_dim)
+    k = linear(x, attn.k_proj, attn.k_bias).view(batch, 1, -1, cfg.head_dim)
+    v = linear(x, attn.v_proj, attn.v_bias).view(batch, 1, -1, cfg.head_dim)
+    q = rms_norm(q, attn.q_norm, cfg.rms_norm_eps).transpose(1, 2)
+    k = rms_norm(k, attn.k_norm, cfg.rms_norm_eps).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    assert attn.cache is not None
+    keys, values = attn.cache.update(input_pos, k, v.transpose(1, 2), kv_len)
+    y = masked_attention(q, keys, values, visible)
+    out = linear(y.transpose(1, 2).reshape(batch, 1, -1), attn.o_proj, attn.o_bias)
+    return out if reduce is None else reduce(out)
+
+
+@torch.inference_mode()
+def decode_step(
+    model: Qwen3,
+    tokens: torch.Tensor,
+    input_pos: torch.Tensor,
+    kv_len: int,
+    *,
+    reduce: Reduce | None = None,
+) -> torch.Tensor:
+    """Logits [B, 1, vocab] (float32) for one token per sequence at ``input_pos`` [1]
+    (a device tensor), attending to cache positions ``0..input_pos`` out of the first
+    ``kv_len``. No host syncs, so it can be captured. ``reduce`` (tensor parallelism)
+    sums the attention and MLP outputs of a sharded model across ranks."""
+    if model.cos is None or model.sin is None:
+        raise RuntimeError("call setup_cache(max_batch, max_seq) before decoding")
+    cfg = model.config
+    cos, sin = model.cos[input_pos], model.sin[input_pos]
+    visible = torch.arange(kv_len, device=input_pos.device) <= input_pos
+    x = embedding(tokens, model.embed_tokens).to(model.dtype)
+    for blk in model.layers:
+        h = rms_norm(x, blk.input_layernorm, cfg.rms_norm_eps)
+        x = x + _attention(model, blk.attn, h, cos, sin, input_pos, visible, kv_len, reduce)
+        h = rms_norm(x, blk.post_attention_layernorm, cfg.rms_norm_eps)
+        mlp = linear(F.silu(linear(h, blk.gate_proj)) * linear(h, blk.up_proj), blk.down_proj)
+        x = x + (mlp if reduce is None else reduce(mlp))
+    x = rms_norm(x, model.norm, cfg.rms_norm_eps)
+    return linear(x, model.lm_head).float()
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor
+
+
+@dataclass
+class _Inputs:
+    tokens: torch.Tensor  # [B, 1] int64
+    pos: torch.Tensor  # [1] int64
+
+
+class GraphDecoder:
+    """``decoder(tokens [B, 1], pos) -> logits [B, 1, vocab]`` for the token at ``pos``.
+
+    On CUDA each (B, kv_len) is captured on first use (after one eager warm-up step, which
+    also compiles/tunes the Triton kernels) and replayed after; elsewhere it runs
+    :func:`decode_step` eagerly. Re-allocating the cache (``setup_cache``) drops the graphs.
+    ``reduce`` is decode_step's, for a tensor-parallel shard: NCCL collectives are captured
+    into the graph with the rest (the warm-up step has set the communicator up by then).
+    """
+
+    def __init__(
+        self, model: Qwen3, *, min_kv_len: int = MIN_KV_LEN, reduce: Reduce | None = None
+    ) -> None:
+        self.model = model
+        self.min_kv_len = min_kv_len
+        self.reduce = reduce
+        self._graphs: dict[tuple[int, int], _Captured] = {}
+        self._inputs: dict[int, _Inputs] = {}
+        self._pool: tuple[int, int] | None = None
+        self._buffers: tuple[int, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.model.device.type == "cuda"
+
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        model = self.model
+        kv_len = kv_bucket(pos, model.max_seq, self.min_kv_len)
+        if not self.enabled:
+            input_pos = torch.tensor([pos], device=model.device)
+            return decode_step(model, tokens, input_pos, kv_len, reduce=self.reduce)
+        self._drop_stale()
+        batch = tokens.shape[0]
+        inputs = self._inputs.get(batch)
+        if inputs is None:
+            inputs = _Inputs(
+                tokens=torch.zeros(batch, 1, dtype=torch.long, device=model.device),
+                pos=torch.zeros(1, dtype=torch.long, device=model.device),
+            )
+            self._inputs[batch] = inputs
+        inputs.tokens.copy_(tokens)
+        inputs.pos.fill_(pos)
+        captured = self._graphs.get((batch, kv_len))
+        if captured is None:
+            captured = self._capture(inputs, kv_len)
+            self._graphs[(batch, kv_len)] = captured
+        captured.graph.replay()
+        return captured.logits.clone()
+
+    def _drop_stale(self) -> None:
+        """Graphs hold the addresses of the buffers they were captured with: a new cache
+        (even one reusing some of the old addresses) needs new graphs."""
+        model = self.model
+        buffers = tuple(
+            t.data_ptr()
+            for blk in model.layers
+            if blk.attn.cache is not None
+            for t in (blk.attn.cache.k, blk.attn.cache.v)
+        ) + tuple(t.data_ptr() for t in (model.cos, model.sin) if t is not None)
+        if buffers != self._buffers:
+            self._graphs.clear()
+            self._pool = None
+            self._buffers = buffers
+
+    def _capture(self, inputs: _Inputs, kv_len: int) -> _Captured:
+        model = self.model
+        # Warm up on a side stream, as torch.cuda.graphs asks: first-call work (Triton
+        # compile + autotune, cuBLAS handles) must not happen during capture. The step is
+        # the real one, so the cache entry it writes is the one the replay rewrites.
+        side = torch.cuda.Stream(model.device)
+        side.wait_stream(torch.cuda.current_stream(model.device))
+        with torch.cuda.stream(side):
+            decode_step(model, inputs.tokens, inputs.pos, kv_len, reduce=self.reduce)
+        torch.cuda.current_stream(model.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = decode_step(model, inputs.tokens, inputs.pos, kv_len, reduce=self.reduce)
+        self._pool = graph.pool()
+        return _Captured(graph, logits)

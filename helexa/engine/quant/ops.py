@@ -1,0 +1,107 @@
+"""``linear`` and ``embedding`` over weights that may be quantized: the one place that
+picks how a quantized matmul runs.
+
+On CUDA a block type with a Triton kernel goes straight to it; everywhere else the weight
+is expanded by the torch reference (helexa.engine.quant.reference) a slice of rows at a
+time and never kept dense, so a quantized model costs about its file size in memory. The
+kernels are imported on first use, so this module imports on machines without Triton: a
+failed import means "use torch". The model code calls these, so the kernels slot in
+without changing callers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from helexa.engine.quant.reference import dequantize
+
+if TYPE_CHECKING:
+    from helexa.engine.quant.tensor import QuantizedTensor
+
+# Weights expanded per step of ``linear``: 4M float32 = 16 MiB of scratch, big enough
+# for efficient matmuls, small enough not to matter next to the weights themselves.
+CHUNK_ELEMENTS = 1 << 22
+
+_kernels: ModuleType | None = None
+_available = importlib.util.find_spec("triton") is not None
+
+
+def kernels() -> ModuleType | None:
+    """helexa.engine.quant.triton_kernels, or None where Triton cannot be imported."""
+    global _kernels, _available
+    if _kernels is None and _available:
+        try:
+            from helexa.engine.quant import triton_kernels
+        except ImportError:
+            _available = False
+        else:
+            _kernels = triton_kernels
+    return _kernels
+
+
+def cuda_linear(
+    x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``x @ W.T + bias`` through a Triton kernel, or None when none applies (not on
+    CUDA, no Triton, or a block type without a kernel)."""
+    if not weight.data.is_cuda:
+        return None
+    k = kernels()
+    if k is None or weight.qtype not in k.SUPPORTED:
+        return None
+    return k.linear(x, weight, bias)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | QuantizedTensor,
+    bias: torch.Tensor | None = None,
+    *,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` where ``weight`` (out, in) may be quantized.
+
+    A quantized weight is expanded ``chunk_rows`` output rows at a time (default: about
+    :data:`CHUNK_ELEMENTS` weights) in ``x.dtype`` and discarded after use. On CUDA with
+    Triton the blocks go straight to a kernel instead (:func:`cuda_linear`).
+    """
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    fast = cuda_linear(x, weight, bias)
+    if fast is not None:
+        return fast
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {in_features}")
+    step = chunk_rows or max(1, CHUNK_ELEMENTS // in_features)
+    out = x.new_empty(*x.shape[:-1], out_features)
+    for start in range(0, out_features, step):
+        rows = weight.data[start : start + step]
+        w = dequantize(rows, weight.qtype, (rows.shape[0], in_features), dtype=x.dtype)
+        out[..., start : start + rows.shape[0]] = x @ w.T
+    if bias is not None:
+        out += bias
+    return out
+
+
+def embedding(
+    ids: torch.Tensor,
+    weight: torch.Tensor | QuantizedTensor,
+    *,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Rows ``ids`` of an embedding table; a quantized table expands only those rows.
+
+    ``dtype`` defaults to the table's dtype (float32 for a quantized one).
+    """
+    if isinstance(weight, torch.Tensor):
+        out = F.embedding(ids, weight)
+        return out if dtype is None else out.to(dtype)
+    rows = weight.data.index_select(0, ids.reshape(-1))
+    shape = (*ids.shape, weight.shape[1])
+    return dequantize(rows, weight.qtype, shape, dtype=dtype or torch.float32)

@@ -1,0 +1,231 @@
+"""An OpenAI request as the generation loop runs it: the prompt, what shapes decoding, and
+the token budget, worked out (or refused) before any device work.
+
+Everything here reads the request dict and nothing else of the model than its chat
+template, special tokens, defaults and context length, so a bad request is a
+:class:`RequestError` (the client's mistake, a 400) before a single forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from helexa.engine.sampling import SamplingParams
+from helexa.engine.text.chat_template import render_chat
+
+
+class RequestError(ValueError):
+    """A request this model cannot serve as asked; the client's mistake, reported as 400."""
+
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def thinking_requested(request: dict[str, Any]) -> bool:
+    """``chat_template_kwargs.enable_thinking`` (vLLM/SGLang style), a top-level
+    ``enable_thinking``, else OpenAI's ``reasoning_effort`` ("none"/"minimal" mean no
+    thinking: Qwen3 has no levels in between); Qwen3 thinks unless told not to."""
+    kwargs = request.get("chat_template_kwargs") or {}
+    for value in (kwargs.get("enable_thinking"), request.get("enable_thinking")):
+        if value is not None:
+            return bool(value)
+    effort = request.get("reasoning_effort")
+    return effort not in ("none", "minimal")
+
+
+def forced_tool_prefix(request: dict[str, Any]) -> str:
+    """What the model is made to have written first so that it calls a tool: ``tool_choice``
+    "required" opens a Qwen3 ``<tool_call>``, a named function also writes its name. The
+    text is fed to the output parser as if generated, so the call streams as usual."""
+    choice = request.get("tool_choice")
+    if choice == "required":
+        return "<tool_call>\n"
+    if not isinstance(choice, dict):
+        return ""
+    name = (choice.get("function") or {}).get("name")
+    known = {(t.get("function") or {}).get("name") for t in request.get("tools") or []}
+    if not isinstance(name, str) or name not in known:
+        raise RequestError(
+            f"tool_choice names {name!r}, which is not among the request's tools",
+            code="invalid_value",
+        )
+    return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": '
+
+
+def json_format(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``response_format`` when it asks for JSON (json_object or json_schema), else
+    None; anything else it could say is a RequestError."""
+    fmt = request.get("response_format")
+    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in ("json_object", "json_schema"):
+        raise RequestError(
+            f"response_format type {kind!r} is not one of text, json_object, json_schema",
+            code="invalid_value",
+        )
+    if kind == "json_schema" and not isinstance((fmt.get("json_schema") or {}).get("schema"), dict):
+        raise RequestError("response_format json_schema needs json_schema.schema (an object)")
+    return fmt
+
+
+def _json_instruction(fmt: dict[str, Any], *, tools: bool) -> str | None:
+    """What the system prompt says about the JSON answer: a json_schema's schema (decoding
+    enforces the syntax; what the value says is the model's to get right), and with tools,
+    where nothing is enforced (the model may call one instead), the format itself."""
+    when = "When you answer rather than call a tool, answer" if tools else "Answer"
+    if fmt["type"] == "json_object":
+        return f"{when} with a single JSON object." if tools else None
+    spec = fmt["json_schema"]
+    return (
+        f"{when} with a single JSON value that conforms to this JSON schema"
+        + (f" ({spec['name']})" if spec.get("name") else "")
+        + f":\n{json.dumps(spec['schema'], ensure_ascii=False)}"
+    )
+
+
+def _with_system_note(messages: list[Any], note: str) -> list[Any]:
+    """``note`` appended to the leading system message, or as one."""
+    first = messages[0] if messages else None
+    if isinstance(first, dict) and first.get("role") in ("system", "developer"):
+        content = first.get("content")
+        if isinstance(content, str):
+            return [{**first, "content": f"{content}\n\n{note}"}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A chat request as the generation loop runs it, worked out once: the prompt text
+    (ending in any forced tool-call start) and what shapes decoding and parsing."""
+
+    text: str
+    tools: bool  # <tool_call> blocks become tool calls
+    forced: str  # the forced start of a call, already in ``text``; fed to the parser first
+    single_call: bool  # stop once one call is complete
+    json: dict[str, Any] | None  # the response_format whose syntax decoding enforces
+    continuing: bool  # the prompt ends inside the last assistant message
+
+
+def _check_supported(request: dict[str, Any]) -> None:
+    """Refuse, rather than silently ignore, what this engine cannot do yet."""
+    if request.get("logprobs") or request.get("top_logprobs"):
+        raise RequestError(
+            "logprobs are not supported by this engine yet", code="unsupported_parameter"
+        )
+
+
+def _check_text_only(messages: list[Any]) -> None:
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{i}] must be an object")
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise RequestError(
+                        f"messages[{i}]: content part of type {kind!r} is not supported "
+                        "by this model (text only)",
+                        code="unsupported_content",
+                    )
+
+
+def chat_prompt(
+    request: dict[str, Any], template: str, *, bos_token: str | None, eos_token: str | None
+) -> ChatPrompt:
+    """An OpenAI chat request, rendered and read once for the loop (or a RequestError).
+
+    ``tool_choice`` "required" or a named function ends the prompt in the forced start
+    of a call (:func:`forced_tool_prefix`); ``continue_final_message`` (vLLM's name;
+    Anthropic prefill arrives as it) ends it inside the last assistant message; a JSON
+    ``response_format`` constrains decoding, unless tools are offered (the model may
+    call one instead), and then it is only an instruction."""
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list")
+    _check_text_only(messages)
+    tools = None if request.get("tool_choice") == "none" else request.get("tools") or None
+    forced = forced_tool_prefix(request) if tools else ""
+    continuing = bool(request.get("continue_final_message"))
+    fmt = json_format(request)
+    note = None if fmt is None else _json_instruction(fmt, tools=tools is not None)
+    if note is not None:
+        messages = _with_system_note(messages, note)
+    constrained = fmt if fmt is not None and tools is None else None
+    try:
+        text = render_chat(
+            template,
+            messages,
+            tools=tools,
+            add_generation_prompt=request.get("add_generation_prompt", not continuing),
+            continue_final_message=continuing,
+            # A forced call or a JSON answer starts at once: no room for thinking first.
+            enable_thinking=thinking_requested(request) and not forced and not constrained,
+            bos_token=bos_token,
+            eos_token=eos_token,
+        )
+    except RequestError:
+        raise
+    except Exception as exc:  # jinja2 errors, raise_exception() in the template
+        raise RequestError(f"cannot render the chat template: {exc}") from exc
+    # One call only: asked for, or implied by naming the function to call.
+    named = isinstance(request.get("tool_choice"), dict)
+    return ChatPrompt(
+        text=text + forced,
+        tools=tools is not None,
+        forced=forced,
+        single_call=tools is not None and (request.get("parallel_tool_calls") is False or named),
+        json=constrained,
+        continuing=continuing,
+    )
+
+
+def completion_prompt(request: dict[str, Any], encode: Callable[[str], list[int]]) -> list[int]:
+    """A legacy completions ``prompt``: one string (encoded) or one list of token ids."""
+    prompt = request.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return encode(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    raise RequestError("'prompt' must be a string or one list of token ids")
+
+
+def sampling_and_budget(
+    request: dict[str, Any], defaults: dict[str, Any], context: int, prompt_tokens: int
+) -> tuple[SamplingParams, int]:
+    """Sampling parameters (the request's over ``defaults``) and how many tokens the
+    completion may take in a ``context``-token window, or a RequestError."""
+    if (request.get("n") or 1) != 1:
+        raise RequestError("only n=1 is supported", code="unsupported_parameter")
+    _check_supported(request)
+    try:
+        params = SamplingParams.from_request(request, defaults)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(str(exc), code="invalid_value") from exc
+    if prompt_tokens == 0:
+        raise RequestError("the prompt is empty")
+    if params.max_tokens is not None and params.max_tokens < 1:
+        raise RequestError("max_tokens must be at least 1", code="invalid_value")
+    room = context - prompt_tokens
+    wanted = room if params.max_tokens is None else params.max_tokens
+    if request.get("clamp_max_tokens"):
+        # helexa's extension (the Anthropic route sets it): a budget past the context
+        # is a ceiling, not an error, so Claude Code's large max_tokens fit a 32k model.
+        wanted = min(wanted, room)
+    if room < 1 or wanted > room:
+        raise RequestError(
+            f"This model's maximum context length is {context} tokens. However, you "
+            f"requested {prompt_tokens + max(wanted, 1)} tokens ({prompt_tokens} in the "
+            f"prompt, {max(wanted, 1)} for the completion). Please reduce the length of "
+            "the prompt or max_tokens.",
+            code="context_length_exceeded",
+        )
+    return params, wanted

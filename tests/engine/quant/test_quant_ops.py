@@ -1,0 +1,61 @@
+"""linear and embedding over quantized weights on the torch path: the numbers of
+dequantizing first, without keeping the dense weight; dense weights go to torch as they are."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+from helexa.engine.quant.ops import embedding, linear
+from tests.engine.devices import DEVICES
+from tests.engine.quant.blocks import quantized_weight
+
+Q = GGMLQuantizationType
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q5_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+def test_linear_equals_dequantize_then_matmul(
+    qtype: GGMLQuantizationType, chunk_rows: int | None
+) -> None:
+    w = quantized_weight(qtype, 20, 512)
+    x = torch.randn(3, 5, 512, generator=torch.Generator().manual_seed(2))
+    bias = torch.randn(20, generator=torch.Generator().manual_seed(3))
+    expected = x @ w.dequantize().T + bias
+    got = linear(x, w, bias, chunk_rows=chunk_rows)
+    assert got.shape == (3, 5, 20)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_in_half_precision_dequantizes_to_the_input_dtype() -> None:
+    w = quantized_weight(Q.Q4_K, 8, 256)
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    got = linear(x, w)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, x @ w.dequantize(torch.bfloat16).T)
+
+
+def test_linear_passes_dense_weights_to_torch() -> None:
+    w = torch.randn(6, 16)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(linear(x, w), x @ w.T)
+    with pytest.raises(ValueError, match="input has 16 features, weight expects 256"):
+        linear(x, quantized_weight(Q.Q4_K, 2, 256))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_embedding_expands_only_the_selected_rows(device: str) -> None:
+    w = quantized_weight(Q.Q5_K, 50, 256).to(device)
+    ids = torch.tensor([[3, 49, 3], [0, 7, 12]], device=device)
+    got = embedding(ids, w)
+    assert got.shape == (2, 3, 256) and got.dtype == torch.float32
+    torch.testing.assert_close(got, w.dequantize()[ids], rtol=0, atol=0)
+    assert embedding(ids, w, dtype=torch.float16).dtype == torch.float16
+
+
+def test_embedding_of_a_dense_table() -> None:
+    table = torch.randn(10, 8)
+    ids = torch.tensor([1, 9])
+    assert torch.equal(embedding(ids, table), table[ids])
+    assert embedding(ids, table, dtype=torch.float16).dtype == torch.float16

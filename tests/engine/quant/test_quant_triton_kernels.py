@@ -1,0 +1,200 @@
+"""Triton matvec/dequant kernels against the torch reference on random blocks.
+
+Run on CUDA (marked ``cuda``); with ``TRITON_INTERPRET=1`` and Triton installed they also
+run on the CPU through Triton's interpreter, which is how the kernels were debugged
+without a GPU. CI has neither and skips them, except the dispatch checks at the end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+from helexa.engine.quant.formats import block_format
+from helexa.engine.quant.ops import cuda_linear, linear
+from helexa.engine.quant.reference import dequantize
+from helexa.engine.quant.tensor import QuantizedTensor
+from tests.engine.quant.blocks import random_blocks
+
+Q = GGMLQuantizationType
+KERNEL_TYPES = [Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if torch.cuda.is_available() and HAS_TRITON:
+    DEVICE = "cuda"
+elif HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"
+else:
+    DEVICE = ""
+
+
+def needs_kernels(test):  # type: ignore[no-untyped-def]
+    skip = pytest.mark.skipif(not DEVICE, reason="needs CUDA + Triton (or TRITON_INTERPRET=1)")
+    return pytest.mark.cuda(skip(test))
+
+
+def random_weight(qtype: GGMLQuantizationType, n: int, k: int, seed: int) -> QuantizedTensor:
+    fmt = block_format(qtype)
+    raw = torch.from_numpy(random_blocks(qtype, n * k // fmt.block_size, seed=seed))
+    return QuantizedTensor(raw.reshape(n, -1).to(DEVICE or "cpu"), qtype, (n, k))
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not got.isnan().any()
+    return float((got.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("k", [256, 768])
+@needs_kernels
+def test_dequantize_rows_is_exact(qtype: GGMLQuantizationType, k: int) -> None:
+    from helexa.engine.quant.triton_kernels import dequantize_rows
+
+    w = random_weight(qtype, 37, k, seed=k)  # 37: not a multiple of any row tile
+    expected = dequantize(w.data, qtype, w.shape)
+    assert torch.equal(dequantize_rows(w, dtype=torch.float32), expected)
+    assert torch.equal(dequantize_rows(w, 5, 20, dtype=torch.float32), expected[5:20])
+    # bf16 output: one rounding of the exact value (2**-8 relative when to nearest; Triton's
+    # interpreter truncates instead, 2**-7).
+    got = dequantize_rows(w, dtype=torch.bfloat16)
+    bound = 2**-7 if DEVICE == "cpu" else 2**-8
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - expected).abs() <= expected.abs() * bound).all()
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)]
+)
+@needs_kernels
+def test_matvec_matches_float64(
+    qtype: GGMLQuantizationType, rows: int, dtype: torch.dtype, tol: float
+) -> None:
+    from helexa.engine.quant.triton_kernels import matvec
+
+    n, k = 45, 1024
+    w = random_weight(qtype, n, k, seed=rows)
+    x = (torch.randn(rows, k, device=DEVICE) / k).to(dtype)  # k-quant weights reach ~3000
+    got = matvec(x, w)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    ref = x.double() @ w.dequantize(torch.float64).T
+    assert rel_err(got, ref) < tol, rel_err(got, ref)
+
+
+VARIANTS = [
+    {"BLOCK_N": 2, "U": 8, "DEFER": False, "num_warps": 4},
+    {"BLOCK_N": 2, "U": 8, "DEFER": True, "num_warps": 4},
+    {"BLOCK_N": 4, "U": 4, "DEFER": True, "num_warps": 8},
+    {"BLOCK_N": 1, "U": 16, "DEFER": True, "num_warps": 2},
+]
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("config", VARIANTS, ids=lambda c: "{BLOCK_N}x{U}-defer{DEFER}".format(**c))
+@needs_kernels
+def test_every_autotuned_variant_is_correct(qtype: GGMLQuantizationType, config: dict) -> None:
+    """The autotuner may pick any config on a GPU: each must give the same sums, including
+    unit counts that do not divide U (k = 1280: 5 super-blocks, 40 Q8_0 blocks)."""
+    from helexa.engine.quant.triton_kernels import matvec
+
+    w = random_weight(qtype, 13, 1280, seed=5)
+    x = torch.randn(2, 1280, device=DEVICE) / 1280
+    ref = x.double() @ w.dequantize(torch.float64).T
+    assert rel_err(matvec(x, w, config=config), ref) < 1e-5
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K], ids=lambda q: q.name)
+@needs_kernels
+def test_q8_0_and_short_rows(qtype: GGMLQuantizationType) -> None:
+    """Q8_0 rows of 3 blocks (unit of one block) and a single-super-block k-quant row."""
+    from helexa.engine.quant.triton_kernels import matvec
+
+    k = 96 if qtype == Q.Q8_0 else 256
+    w = random_weight(qtype, 7, k, seed=7)
+    x = torch.randn(2, k, device=DEVICE)
+    assert rel_err(matvec(x, w), x.double() @ w.dequantize(torch.float64).T) < 1e-5
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@needs_kernels
+def test_linear_prefill_path_chunks_and_bias(
+    qtype: GGMLQuantizationType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from helexa.engine.quant import triton_kernels
+
+    # Chunks of 16 rows, so the 40-row weight takes three dequantize + matmul steps.
+    monkeypatch.setattr(triton_kernels, "DEQUANT_CHUNK_ELEMENTS", 16 * 512)
+    w = random_weight(qtype, 40, 512, seed=11)
+    x = torch.randn(2, 9, 512, device=DEVICE)
+    bias = torch.randn(40, device=DEVICE)
+    got = triton_kernels.linear(x, w, bias)
+    assert got.shape == (2, 9, 40)
+    ref = x.double() @ w.dequantize(torch.float64).T + bias.double()
+    assert rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA + Triton (too big to interpret)")
+def test_matvec_row_tiles_beyond_one_grid_axis() -> None:
+    """An output dim with more row tiles than a CUDA grid's y/z axis holds (65535)."""
+    from helexa.engine.quant.triton_kernels import matvec
+
+    w = random_weight(Q.Q4_K, 600_001, 256, seed=4)
+    x = torch.randn(2, 256, device=DEVICE)
+    assert rel_err(matvec(x, w), x.double() @ w.dequantize(torch.float64).T) < 1e-5
+
+
+@needs_kernels
+def test_unsupported_type_is_refused() -> None:
+    from helexa.engine.quant.triton_kernels import matvec
+
+    w = random_weight(Q.Q5_0, 4, 64, seed=0)
+    with pytest.raises(ValueError, match="no Triton kernel for Q5_0"):
+        matvec(torch.randn(1, 64, device=DEVICE), w)
+
+
+# -- dispatch: which path ``quant.ops.linear`` takes ----------------------------------------
+
+
+def test_cpu_weights_stay_on_the_torch_path() -> None:
+    w = random_weight(Q.Q4_K, 4, 256, seed=1).to("cpu")
+    assert cuda_linear(torch.randn(1, 256), w, None) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA + Triton")
+def test_quant_linear_routes_cuda_weights_to_triton() -> None:
+    w = random_weight(Q.Q6_K, 8, 512, seed=2)
+    x = torch.randn(1, 512, device="cuda")
+    assert cuda_linear(x, w, None) is not None
+    assert cuda_linear(x, random_weight(Q.Q5_0, 8, 64, seed=2), None) is None
+    ref = x.double() @ w.dequantize(torch.float64).T
+    assert rel_err(linear(x, w), ref) < 1e-5
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (compiles ahead of time, no GPU)")
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> None:
+    """The interpreter accepts code the compiler may not: every config the autotuner can
+    pick on an H100/H200 must build to sm_90 machine code (checked on a CPU-only host)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from helexa.engine.quant import triton_kernels as tk
+
+    unit, unit_bytes, g = tk._unit(qtype, 4096)
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "y_ptr": "*bf16"}
+    ints = dict.fromkeys(("M", "N", "stride_x", "stride_w", "stride_y"), "i32")
+    for config in tk._MATVEC_CONFIGS:
+        constants = dict(N_UNITS=4096 // unit, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, **config.kwargs)  # fmt: skip
+        signature = {**pointers, **ints, **dict.fromkeys(constants, "constexpr")}
+        source = ASTSource(fn=tk._matvec_kernel, signature=signature, constexprs=constants)
+        kernel = triton.compile(
+            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
+        )
+        assert kernel.asm["cubin"], config
