@@ -116,7 +116,9 @@ class BrowserPolicy:
         origin = headers.get("Origin")
         if origin is None:
             return None
-        if not self.origin_allowed(origin):
+        # A preflight asks to read answers from a page: only cors_origins may.
+        preflight = method == "OPTIONS" and "Access-Control-Request-Method" in headers
+        if not (self.cors_allows(origin) if preflight else self.origin_allowed(origin)):
             return ApiError(
                 f"origin {origin!r} is not allowed: add it to [gateway] cors_origins to let"
                 " a web page call this server",
@@ -162,16 +164,7 @@ def browser_guard(policy: BrowserPolicy) -> Callable[..., Awaitable[web.StreamRe
         refusal = policy.refusal(request.method, request.headers)
         if refusal is not None:
             raise refusal
-        if _is_preflight(request):
-            origin = request.headers.get("Origin", "")
-            if not policy.cors_allows(origin):
-                raise ApiError(
-                    f"origin {origin!r} may not call this server from a web page: add it to"
-                    " [gateway] cors_origins",
-                    status=403,
-                    code="origin_not_allowed",
-                    type="permission_error",
-                )
+        if _is_preflight(request):  # from an origin refusal() let through
             return web.Response(
                 status=204, headers=policy.cors_headers(request.headers, preflight=True)
             )

@@ -15,11 +15,17 @@ from helexa.neuron.server import make_neuron_app
 from helexa.origins import BrowserPolicy, host_name, is_loopback_host, is_loopback_origin
 from tests.conftest import MODEL
 from tests.support.scripted_neuron import ScriptedNeuron
-from tests.support.servers import Gateway, fetch, gateway_over, gateway_settings, serving
+from tests.support.servers import Fetched, Gateway, fetch, gateway_over, gateway_settings, serving
 
 EVIL = "https://evil.example"
 NO_CORS = {"Origin": EVIL, "Content-Type": "text/plain"}
 UNLOAD = {"model": MODEL}
+
+
+async def preflight(url: str, origin: str) -> Fetched:
+    """The OPTIONS a browser sends before a cross-origin JSON POST."""
+    headers = {"Origin": origin, "Access-Control-Request-Method": "POST"}
+    return await fetch("OPTIONS", url, headers=headers)
 
 
 async def test_a_cross_origin_no_cors_post_does_not_unload(
@@ -105,7 +111,7 @@ async def test_allowed_hosts_and_cors_origins_are_configurable(scripted: Scripte
     async with gateway_over(scripted, settings) as gw:
         named = await fetch("GET", f"{gw.url}/v1/models", headers={"Host": "helexa.lan:31313"})
         assert named.status == 200
-        preflight = await fetch(
+        asked = await fetch(
             "OPTIONS",
             f"{gw.url}/v1/chat/completions",
             headers={
@@ -114,10 +120,10 @@ async def test_allowed_hosts_and_cors_origins_are_configurable(scripted: Scripte
                 "Access-Control-Request-Headers": "authorization, content-type",
             },
         )
-        assert preflight.status == 204
-        assert preflight.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
-        assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
-        assert preflight.headers["Access-Control-Allow-Headers"] == "authorization, content-type"
+        assert asked.status == 204
+        assert asked.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+        assert "POST" in asked.headers["Access-Control-Allow-Methods"]
+        assert asked.headers["Access-Control-Allow-Headers"] == "authorization, content-type"
         chat = await fetch(
             "POST",
             f"{gw.url}/v1/chat/completions",
@@ -126,11 +132,7 @@ async def test_allowed_hosts_and_cors_origins_are_configurable(scripted: Scripte
         )
         assert chat.status == 200
         assert chat.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
-        refused = await fetch(
-            "OPTIONS",
-            f"{gw.url}/v1/chat/completions",
-            headers={"Origin": "http://localhost:4000", "Access-Control-Request-Method": "POST"},
-        )
+        refused = await preflight(f"{gw.url}/v1/chat/completions", "http://localhost:4000")
         assert refused.status == 403
         assert "Access-Control-Allow-Origin" not in refused.headers
         error = await fetch(
@@ -146,13 +148,9 @@ async def test_allowed_hosts_and_cors_origins_are_configurable(scripted: Scripte
 async def test_a_preflight_needs_no_key(scripted: ScriptedNeuron) -> None:
     settings = gateway_settings(api_keys=["k"], cors_origins=["*"])
     async with gateway_over(scripted, settings) as gw:
-        preflight = await fetch(
-            "OPTIONS",
-            f"{gw.url}/v1/messages",
-            headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"},
-        )
-        assert preflight.status == 204
-        assert preflight.headers["Access-Control-Allow-Origin"] == EVIL
+        allowed = await preflight(f"{gw.url}/v1/messages", EVIL)
+        assert allowed.status == 204
+        assert allowed.headers["Access-Control-Allow-Origin"] == EVIL
         unkeyed = await fetch(
             "POST",
             f"{gw.url}/v1/messages",
@@ -163,11 +161,7 @@ async def test_a_preflight_needs_no_key(scripted: ScriptedNeuron) -> None:
 
 
 async def test_without_cors_origins_a_preflight_is_refused(gateway: Gateway) -> None:
-    response = await fetch(
-        "OPTIONS",
-        f"{gateway.url}/v1/chat/completions",
-        headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"},
-    )
+    response = await preflight(f"{gateway.url}/v1/chat/completions", "http://localhost:3000")
     assert response.status == 403
     assert "Access-Control-Allow-Origin" not in response.headers
 
