@@ -303,6 +303,18 @@ def _is_dir(entry: os.DirEntry[str], follow: bool) -> bool:
         return False  # a loop, say: not a directory to skip or enter
 
 
+R = TypeVar("R")
+
+
+async def _local(verb: str, rel: str, work: Callable[..., R], *args: Any) -> R:
+    """``work(*args)`` on a worker thread (the walk and the I/O block), what the OS refuses
+    worded as ``cannot <verb> <rel>: why``."""
+    try:
+        return await asyncio.to_thread(work, *args)
+    except OSError as exc:
+        raise ToolError(f"cannot {verb} {rel}: {os_reason(exc)}") from None
+
+
 def _shown(path: str) -> str:
     """A path for a message: one of 300 bytes, say, shortened."""
     return path if len(path) <= 100 else f"{path[:60]}...{path[-30:]}"
@@ -649,10 +661,7 @@ class ToolHost:
             except RequestError as exc:
                 raise ToolError(f"cannot read {rel}: {exc}") from None
             return response.content
-        try:
-            text = await asyncio.to_thread(self.workspace.read_text, path)
-        except OSError as exc:
-            raise ToolError(f"cannot read {rel}: {os_reason(exc)}") from None
+        text = await _local("read", rel, self.workspace.read_text, path)
         if line is None and limit is None:
             return text
         lines = text.splitlines(keepends=True)
@@ -685,10 +694,7 @@ class ToolHost:
             except RequestError as exc:
                 raise ToolError(f"cannot write {rel}: {exc}") from None
             return
-        try:
-            await asyncio.to_thread(self.workspace.write_text, path, content)
-        except OSError as exc:
-            raise ToolError(f"cannot write {rel}: {os_reason(exc)}") from None
+        await _local("write", rel, self.workspace.write_text, path, content)
 
     async def _read_file(
         self, args: ReadFileArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
@@ -765,10 +771,7 @@ class ToolHost:
             finally:
                 os.close(fd)
 
-        try:
-            return ToolResult(await asyncio.to_thread(listing))
-        except OSError as exc:
-            raise ToolError(f"cannot list {rel}: {os_reason(exc)}") from None
+        return ToolResult(await _local("list", rel, listing))
 
     async def _search_files(
         self, args: SearchFilesArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
@@ -791,11 +794,7 @@ class ToolHost:
                             return "\n".join([*found, f"[... stopped at {MAX_MATCHES} matches]"])
             return "\n".join(found) or f"No matches for {args.query!r}."
 
-        try:
-            return ToolResult(await asyncio.to_thread(search))
-        except OSError as exc:
-            rel = self.workspace.relative(top)
-            raise ToolError(f"cannot search {rel}: {os_reason(exc)}") from None
+        return ToolResult(await _local("search", self.workspace.relative(top), search))
 
     def _names(self, path: Path) -> list[str]:
         return list(path.relative_to(self.workspace.root).parts)
