@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -377,8 +378,57 @@ async def serve(settings: AcpSettings, store: SessionStore) -> None:
         await agent.aclose()
 
 
+ON_A_TERMINAL = (
+    "helexa acp: this is an Agent Client Protocol agent for editors: the editor starts it "
+    "and speaks JSON-RPC on its stdin/stdout, so there is nothing to type here. For Zed, "
+    'add to settings.json: "agent_servers": {"helexa": {"type": "custom", '
+    '"command": "helexa", "args": ["acp"]}} (see helexa/acp/README.md)'
+)
+_KINDS = [
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISBLK, "a block device"),
+]
+
+
+def stdio_problem() -> str | None:
+    """Why this process's stdin/stdout cannot carry the protocol, as the one line to print,
+    or None when they can.
+
+    A person at a terminal gets what this is and where it goes. Anything but a pipe or a
+    socket (a file, ``/dev/null``) is refused too: the agent asks the editor questions
+    mid-turn (permission, files, terminals) that a file cannot answer, and asyncio's pipe
+    transports take neither a regular file nor ``/dev/null``, so running on would only
+    end in a traceback.
+    """
+    if sys.stdin is not None and sys.stdin.isatty():
+        return ON_A_TERMINAL
+    for name, stream in [("stdin", sys.stdin), ("stdout", sys.stdout)]:
+        try:
+            mode = os.fstat(stream.fileno()).st_mode if stream is not None else None
+        except (OSError, ValueError):
+            mode = None
+        if mode is None:
+            kind = "closed"
+        elif stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or (name == "stdout" and stream.isatty()):
+            continue
+        else:
+            kind = next((k for test, k in _KINDS if test(mode)), "not a pipe")
+        return (
+            f"helexa acp: {name} is {kind}; the agent speaks JSON-RPC with the editor that "
+            "starts it, over pipes (or sockets) for stdin and stdout"
+        )
+    return None
+
+
 def main(acp_config: str | None = None) -> int:
-    """Run the agent on stdin/stdout; stdout carries only protocol frames, logs go to stderr."""
+    """Run the agent on stdin/stdout; stdout carries only protocol frames, logs go to stderr.
+
+    A config error, or stdio that cannot be the editor's (a terminal, a file), is one line
+    on stderr and exit status 2: the agent was started wrongly and did nothing, which is
+    what 2 says for a command-line mistake (0 would tell a script it had run).
+    """
     level = logging.getLevelNamesMapping().get(
         os.environ.get("HELEXA_ACP_LOG", "").upper(), logging.WARNING
     )
@@ -389,6 +439,10 @@ def main(acp_config: str | None = None) -> int:
         settings = load_acp_config(acp_config)
     except ConfigError as exc:
         print(f"helexa acp: config error: {exc}", file=sys.stderr)
+        return 2
+    problem = stdio_problem()
+    if problem is not None:
+        print(problem, file=sys.stderr)
         return 2
     store = SessionStore(data_dir() / "acp" / "sessions")
     with contextlib.suppress(KeyboardInterrupt):

@@ -4,8 +4,12 @@ Files go through the editor when it offers ``fs/read_text_file`` / ``fs/write_te
 (so the model sees unsaved buffers and edits land in them) and commands through its
 ``terminal/*`` methods (so the user watches them run); otherwise local implementations do
 the same job. Writes, edits and commands first ask ``session/request_permission``; a refusal
-becomes the tool's result and the model carries on. Every path is resolved (``..`` and
-symlinks included) and must stay inside the session's working directory.
+becomes the tool's result and the model carries on. Every path must stay inside the
+session's working directory: :class:`Workspace` walks it from the root itself, following
+only links that stay inside, and the local tools read and write the file that walk opened,
+so a link swapped in after the check cannot redirect them. (The editor opens the checked
+path by name, which is its own business.) What the OS refuses (a name too long, a link
+loop, no permission) fails that one call with the reason, never the turn.
 
 ``update_plan`` touches nothing: the model sends its whole to-do list each time (as with
 Codex's ``update_plan`` and Claude Code's ``TodoWrite``) and the editor gets it as a
@@ -16,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import re
 import signal
+import stat
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,47 +84,263 @@ class ToolError(Exception):
 
 # -- the workspace -------------------------------------------------------------------------
 
+# Directories are opened one component at a time, never letting the kernel follow a link.
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO in the tree opens at once (and is then refused) instead of hanging.
+READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+MAX_HOPS = 40  # symlinks followed (and races retried) in one path, as the kernel's limit
+
+
+def os_reason(exc: OSError) -> str:
+    """An OS refusal as the model reads it: the C library's words and the errno's name."""
+    text = exc.strerror or str(exc)
+    name = errno.errorcode.get(exc.errno or 0)
+    return text[:1].lower() + text[1:] + (f" ({name})" if name else "")
+
+
+def _os_error(code: int, path: str) -> OSError:
+    return OSError(code, os.strerror(code), path)
+
+
+def _fitting(name: str, dir_fd: int, path: str) -> str:
+    """``name``, if the file system holding ``dir_fd`` could create it: a path's missing
+    tail is refused here, before the editor is sent it or a parent is made for it."""
+    try:
+        limit = os.fpathconf(dir_fd, "PC_NAME_MAX")
+    except OSError:
+        limit = 255
+    if len(os.fsencode(name)) > limit:
+        raise _os_error(errno.ENAMETOOLONG, path)
+    return name
+
+
+def _readlink(name: str, dir_fd: int) -> str | None:
+    """The link's target, or None where ``name`` is not a link (or not there)."""
+    try:
+        return os.readlink(name, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOENT):
+            return None
+        raise
+
 
 class Workspace:
-    """The session's cwd: the only tree the tools may touch."""
+    """The session's cwd: the only tree the tools may touch.
+
+    A path is walked here, component by component, from a descriptor of the root: each
+    directory is opened relative to its parent with ``O_NOFOLLOW`` and each symlink is read
+    and followed by this code, not the kernel, so where the walk ends is inside the root by
+    construction (``..`` too is taken by the walk, not the kernel). The file a tool reads or writes is the
+    one the walk opened, so a link swapped in after a check changes nothing: there is no
+    check apart from the open. Links that stay inside work wherever they sit.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
+        self._bases = [self.root, Path(os.path.abspath(root))]
 
     def resolve(self, path: str) -> Path:
-        """The real path of ``path`` (relative to the root, or absolute inside it).
-
-        ``resolve()`` collapses ``..`` and follows symlinks, so a link pointing outside is
-        judged by where it lands, not by where it sits.
-        """
-        if not path or "\0" in path:
-            raise ToolError("a non-empty path is required")
-        candidate = Path(path)
-        resolved = (candidate if candidate.is_absolute() else self.root / candidate).resolve()
-        if resolved != self.root and self.root not in resolved.parents:
-            raise ToolError(f"{path!r} is outside the workspace {self.root}; access denied")
-        return resolved
+        """The real path of ``path`` (relative to the root, or absolute inside it): ``..``
+        collapsed and inside links followed; a missing tail (a file to create) is kept as
+        written. ToolError when it leaves the workspace, OSError when the OS refuses it."""
+        names, _ = self._walk(path, None)
+        return self.root.joinpath(*names)
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root)) if path != self.root else "."
 
-    def walk(self, top: Path, recursive: bool) -> Iterator[Path]:
-        """Entries under ``top`` in a stable order, skipping VCS/build dirs and never
-        descending through symlinks."""
-        entries = sorted(top.iterdir(), key=lambda p: p.name)
-        for entry in entries:
-            if entry.is_dir() and entry.name in SKIP_DIRS:
-                continue
-            yield entry
-            if recursive and entry.is_dir() and not entry.is_symlink():
-                yield from self.walk(entry, recursive)
+    def open(self, path: str | Path, flags: int, make_parents: bool = False) -> int:
+        """A descriptor of ``path`` opened with ``flags`` (READ, WRITE), by the walk."""
+        _, fd = self._walk(str(path), flags, make_parents)
+        assert fd is not None
+        return fd
 
-    def contains(self, path: Path) -> bool:
+    def read_text(self, path: str | Path) -> str:
+        fd = _regular(self.open(path, READ), str(path))
+        with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def write_text(self, path: str | Path, content: str) -> None:
+        """Writes in place (the file keeps its mode and links), making missing parents."""
+        fd = _regular(self.open(path, WRITE, make_parents=True), str(path))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(content)
+
+    def walk(self, fd: int, names: list[str], recursive: bool) -> Iterator[Entry]:
+        """Entries of the open directory ``fd`` (at ``names``) in a stable order, skipping
+        VCS/build dirs and never descending through symlinks: a subdirectory is opened from
+        its parent's descriptor with ``O_NOFOLLOW``, so one swapped for a link is skipped."""
+        with os.scandir(fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if entry.name in SKIP_DIRS and _is_dir(entry, follow=True):
+                continue
+            yield Entry([*names, entry.name], entry, fd)
+            if recursive and _is_dir(entry, follow=False):
+                try:
+                    sub = os.open(entry.name, _DIR, dir_fd=fd)
+                except OSError:
+                    continue  # gone, or a link by now
+                try:
+                    yield from self.walk(sub, [*names, entry.name], recursive)
+                finally:
+                    os.close(sub)
+
+    def _parts(self, path: str, asked: str) -> list[str]:
+        """``path``'s components below the root (``..`` left for the walk to take)."""
+        candidate = Path(path)
+        if not candidate.is_absolute():
+            return list(candidate.parts)
+        for base in self._bases:
+            if candidate.parts[: len(base.parts)] == base.parts:
+                return list(candidate.parts[len(base.parts) :])
+        # An absolute path reaching the workspace through a link elsewhere (a symlinked
+        # home): where it lands only names the place; the walk from the root still opens it.
         try:
-            self.resolve(str(path))
-        except ToolError:
-            return False
-        return True
+            real = Path(os.path.realpath(candidate))
+        except (OSError, ValueError):
+            real = candidate
+        if real == self.root or self.root in real.parents:
+            return list(real.relative_to(self.root).parts)
+        raise ToolError(f"{asked!r} is outside the workspace {self.root}; access denied")
+
+    def _walk(
+        self, path: str, flags: int | None, make_parents: bool = False
+    ) -> tuple[list[str], int | None]:
+        """Walk ``path`` from the root: its real components, and with ``flags`` its leaf
+        opened with them (without, a missing component and what follows stay as written,
+        and the leaf is not opened). ``names[i]`` is the directory ``fds[i + 1]`` holds,
+        while the walk is on disk; past a missing component it goes on lexically."""
+        if not path or "\0" in path:
+            raise ToolError("a non-empty path is required")
+        todo = self._parts(path, path)[::-1]  # the next component last
+        names: list[str] = []
+        fds = [os.open(self.root, _DIR)]
+        hops = 0
+        try:
+            while todo:
+                name = todo.pop()
+                on_disk = len(names) == len(fds) - 1
+                if name == "..":
+                    if not names:  # above the root, maybe to come back in (../ws/x)
+                        hops += 1
+                        rest = self.root.parent.joinpath(*reversed(todo))
+                        todo = self._parts(str(rest), path)[::-1]
+                    else:
+                        names.pop()
+                        if len(fds) > len(names) + 1:
+                            os.close(fds.pop())
+                    continue
+                if not on_disk:
+                    names.append(_fitting(name, fds[-1], path))
+                    continue
+                if hops > MAX_HOPS:
+                    raise _os_error(errno.ELOOP, path)
+                target = _readlink(name, fds[-1])
+                if target is not None:
+                    hops += 1
+                    if os.path.isabs(target):  # from the root again
+                        while len(fds) > 1:
+                            os.close(fds.pop())
+                        names.clear()
+                    todo.extend(reversed(self._parts(target, path)))
+                    continue
+                leaf = not todo
+                if leaf and flags is None:
+                    names.append(name)
+                    break
+                try:
+                    fd = os.open(name, flags if leaf and flags else _DIR, 0o666, dir_fd=fds[-1])
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _readlink(name, fds[-1]):
+                        hops += 1  # it became a link since it was read: walk it again
+                        todo.append(name)
+                        continue
+                    if exc.errno != errno.ENOENT or leaf:
+                        raise
+                    if make_parents:
+                        with contextlib.suppress(FileExistsError):
+                            os.mkdir(name, dir_fd=fds[-1])
+                        hops += 1
+                        todo.append(name)
+                        continue
+                    if flags is not None:
+                        raise
+                    names.append(_fitting(name, fds[-1], path))  # missing: the rest is a name
+                    continue
+                if leaf:
+                    return names + [name], fd
+                fds.append(fd)
+                names.append(name)
+            if flags is None:
+                return names, None
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                raise _os_error(errno.EISDIR, path)
+            return names, os.dup(fds[-1])  # the path named a directory (".", "sub/..")
+        finally:
+            for held in fds:
+                os.close(held)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry a walk met: its components below the root, and the directory holding it."""
+
+    names: list[str]
+    dirent: os.DirEntry[str]
+    dir_fd: int
+
+    @property
+    def rel(self) -> str:
+        return "/".join(self.names)
+
+
+def _is_dir(entry: os.DirEntry[str], follow: bool) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=follow)
+    except OSError:
+        return False  # a loop, say: not a directory to skip or enter
+
+
+R = TypeVar("R")
+
+
+async def _local(verb: str, rel: str, work: Callable[..., R], *args: Any) -> R:
+    """``work(*args)`` on a worker thread (the walk and the I/O block), what the OS refuses
+    worded as ``cannot <verb> <rel>: why``."""
+    try:
+        return await asyncio.to_thread(work, *args)
+    except OSError as exc:
+        raise ToolError(f"cannot {verb} {rel}: {os_reason(exc)}") from None
+
+
+def _shown(path: str) -> str:
+    """A path for a message: one of 300 bytes, say, shortened."""
+    return path if len(path) <= 100 else f"{path[:60]}...{path[-30:]}"
+
+
+def _small_file(fd: int) -> bytes | None:
+    """The bytes of the open ``fd`` (closed here) if it is a regular file small enough to
+    search, else None."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SEARCH_FILE_BYTES:
+        os.close(fd)
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_SEARCH_FILE_BYTES + 1)
+    return data if len(data) <= MAX_SEARCH_FILE_BYTES else None
+
+
+def _regular(fd: int, path: str) -> int:
+    """``fd`` if it holds a regular file; else it is closed and the OSError says why."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return fd
+    os.close(fd)
+    if stat.S_ISDIR(mode):
+        raise _os_error(errno.EISDIR, path)
+    raise OSError(errno.EINVAL, "not a regular file", path)
 
 
 # -- arguments -----------------------------------------------------------------------------
@@ -368,12 +590,13 @@ class ToolHost:
         args = raw if isinstance(raw, dict) else {}
         locations: list[ToolCallLocation] = []
         if tool.located and isinstance(args.get("path"), str):
-            with contextlib.suppress(ToolError):
+            with contextlib.suppress(ToolError, OSError):
                 locations = [ToolCallLocation(path=str(self.workspace.resolve(args["path"])))]
         return Description(tool.title(args), tool.kind, locations, raw)
 
     async def run(self, call: ToolCall, cancel: asyncio.Event, progress: Progress) -> ToolResult:
-        """Run one call; a ToolError becomes a failed result, Cancelled propagates."""
+        """Run one call; a ToolError becomes a failed result, and so does whatever the OS
+        refuses that a tool did not word itself; Cancelled propagates."""
         tool = TOOLS.get(call.name)
         if tool is None:
             known = ", ".join(TOOLS)
@@ -382,6 +605,8 @@ class ToolHost:
             return await tool.run(self, parse_args(tool, call.arguments), call, cancel, progress)
         except ToolError as exc:
             return ToolResult(str(exc), ok=False)
+        except OSError as exc:
+            return ToolResult(f"{call.name} failed: {os_reason(exc)}", ok=False)
 
     # -- permission ------------------------------------------------------------------------
 
@@ -415,6 +640,12 @@ class ToolHost:
 
     # -- files -----------------------------------------------------------------------------
 
+    def _resolve(self, path: str, verb: str) -> Path:
+        try:
+            return self.workspace.resolve(path)
+        except OSError as exc:
+            raise ToolError(f"cannot {verb} {_shown(path)}: {os_reason(exc)}") from None
+
     async def _read_text(
         self, path: Path, cancel: asyncio.Event, line: int | None = None, limit: int | None = None
     ) -> str:
@@ -430,12 +661,7 @@ class ToolHost:
             except RequestError as exc:
                 raise ToolError(f"cannot read {rel}: {exc}") from None
             return response.content
-        if not path.is_file():
-            raise ToolError(f"cannot read {rel}: no such file")
-        try:
-            text = await asyncio.to_thread(path.read_text, encoding="utf-8", errors="replace")
-        except OSError as exc:
-            raise ToolError(f"cannot read {rel}: {exc.strerror}") from None
+        text = await _local("read", rel, self.workspace.read_text, path)
         if line is None and limit is None:
             return text
         lines = text.splitlines(keepends=True)
@@ -443,8 +669,13 @@ class ToolHost:
         return "".join(lines[start : start + limit if limit else None])
 
     async def _existing_text(self, path: Path, cancel: asyncio.Event) -> str | None:
-        if not path.is_file():
-            return None  # a new file: nothing to diff against
+        if self.caps.read:
+            try:
+                exists = path.is_file()
+            except OSError:
+                exists = False
+            if not exists:
+                return None  # a new file: nothing to diff against
         try:
             return await self._read_text(path, cancel)
         except ToolError:
@@ -463,27 +694,19 @@ class ToolHost:
             except RequestError as exc:
                 raise ToolError(f"cannot write {rel}: {exc}") from None
             return
-
-        def write() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content, encoding="utf-8")
-
-        try:
-            await asyncio.to_thread(write)
-        except OSError as exc:
-            raise ToolError(f"cannot write {rel}: {exc.strerror}") from None
+        await _local("write", rel, self.workspace.write_text, path, content)
 
     async def _read_file(
         self, args: ReadFileArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
     ) -> ToolResult:
-        path = self.workspace.resolve(args.path)
+        path = self._resolve(args.path, "read")
         text = await self._read_text(path, cancel, args.offset, args.limit)
         return ToolResult(truncate(text) if text else f"({self.workspace.relative(path)} is empty)")
 
     async def _write_file(
         self, args: WriteFileArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
     ) -> ToolResult:
-        path = self.workspace.resolve(args.path)
+        path = self._resolve(args.path, "write")
         rel = self.workspace.relative(path)
         old = await self._existing_text(path, cancel)
         done = f"Wrote {len(args.content)} characters to {rel}."
@@ -492,7 +715,7 @@ class ToolHost:
     async def _edit_file(
         self, args: EditFileArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
     ) -> ToolResult:
-        path = self.workspace.resolve(args.path)
+        path = self._resolve(args.path, "edit")
         rel = self.workspace.relative(path)
         old = await self._read_text(path, cancel)
         count = old.count(args.old_string)
@@ -530,46 +753,40 @@ class ToolHost:
     async def _list_files(
         self, args: ListFilesArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
     ) -> ToolResult:
-        top = self.workspace.resolve(args.path)
-        if not top.is_dir():
-            raise ToolError(f"{self.workspace.relative(top)} is not a directory")
+        top = self._resolve(args.path, "list")
+        rel = self.workspace.relative(top)
 
         def listing() -> str:
-            lines: list[str] = []
-            for entry in self.workspace.walk(top, args.recursive):
-                if len(lines) == MAX_LIST_ENTRIES:
-                    lines.append(f"[... stopped after {MAX_LIST_ENTRIES} entries]")
-                    break
-                rel = str(entry.relative_to(self.workspace.root))
-                lines.append(rel + "/" if entry.is_dir() and not entry.is_symlink() else rel)
-            return "\n".join(lines) or "(empty directory)"
+            fd = self.workspace.open(top, READ)
+            try:
+                if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                    raise ToolError(f"{rel} is not a directory")
+                lines: list[str] = []
+                for entry in self.workspace.walk(fd, self._names(top), args.recursive):
+                    if len(lines) == MAX_LIST_ENTRIES:
+                        lines.append(f"[... stopped after {MAX_LIST_ENTRIES} entries]")
+                        break
+                    lines.append(entry.rel + "/" if _is_dir(entry.dirent, False) else entry.rel)
+                return "\n".join(lines) or "(empty directory)"
+            finally:
+                os.close(fd)
 
-        return ToolResult(await asyncio.to_thread(listing))
+        return ToolResult(await _local("list", rel, listing))
 
     async def _search_files(
         self, args: SearchFilesArgs, call: ToolCall, cancel: asyncio.Event, progress: Progress
     ) -> ToolResult:
-        top = self.workspace.resolve(args.path)
+        top = self._resolve(args.path, "search")
         try:
             pattern = re.compile(args.query if args.regex else re.escape(args.query))
         except re.error as exc:
             raise ToolError(f"invalid regular expression: {exc}") from None
-        files = [top] if top.is_file() else None
 
         def search() -> str:
             found: list[str] = []
-            for path in files or self.workspace.walk(top, recursive=True):
-                if not path.is_file() or not self.workspace.contains(path):
-                    continue
-                try:
-                    if path.stat().st_size > MAX_SEARCH_FILE_BYTES:
-                        continue
-                    data = path.read_bytes()
-                except OSError:
-                    continue
+            for rel, data in self._files(top):
                 if b"\0" in data[:8192]:
                     continue  # binary
-                rel = str(path.relative_to(self.workspace.root))
                 for n, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
                     if pattern.search(line):
                         found.append(f"{rel}:{n}: {line.strip()[:300]}")
@@ -577,7 +794,38 @@ class ToolHost:
                             return "\n".join([*found, f"[... stopped at {MAX_MATCHES} matches]"])
             return "\n".join(found) or f"No matches for {args.query!r}."
 
-        return ToolResult(await asyncio.to_thread(search))
+        return ToolResult(await _local("search", self.workspace.relative(top), search))
+
+    def _names(self, path: Path) -> list[str]:
+        return list(path.relative_to(self.workspace.root).parts)
+
+    def _files(self, top: Path) -> Iterator[tuple[str, bytes]]:
+        """The text worth searching under ``top`` (or ``top`` itself): each regular file's
+        name and bytes, read from the descriptor the walk opened. Links are followed only
+        to a target inside; what is gone, too big or not a file is passed over."""
+        fd = self.workspace.open(top, READ)
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode):
+                data = _small_file(os.dup(fd))
+                if data is not None:
+                    yield self.workspace.relative(top), data
+            elif stat.S_ISDIR(mode):
+                for entry in self.workspace.walk(fd, self._names(top), recursive=True):
+                    try:
+                        if entry.dirent.is_symlink():
+                            found = self.workspace.open(entry.rel, READ)
+                        elif entry.dirent.is_file(follow_symlinks=False):
+                            found = os.open(entry.dirent.name, READ, dir_fd=entry.dir_fd)
+                        else:
+                            continue
+                    except (OSError, ToolError):
+                        continue
+                    data = _small_file(found)
+                    if data is not None:
+                        yield entry.rel, data
+        finally:
+            os.close(fd)
 
     # -- the plan --------------------------------------------------------------------------
 

@@ -129,6 +129,46 @@ async def test_paths_outside_the_workspace_are_refused(
     assert "TOP SECRET" not in json.dumps(server.requests[1].body)
 
 
+@pytest.mark.parametrize("fs", [True, False], ids=["editor-fs", "local"])
+async def test_os_errors_fail_one_call_and_the_turn_goes_on(
+    fs: bool, workspace: Path, xdg: dict[str, str]
+) -> None:
+    """A name over 255 bytes, a symlink loop: the OS refuses them, and that refusal is the
+    call's result for the model to read, not the end of the prompt turn."""
+    (workspace / "loop_a").symlink_to("loop_b")
+    (workspace / "loop_b").symlink_to("loop_a")
+    (workspace / "f.txt").write_text("fine\n")
+    long = "x" * 300
+    calls = [
+        Call("long", "read_file", {"path": long}),
+        Call("loop", "read_file", {"path": "loop_a"}),
+        Call("write_long", "write_file", {"path": f"sub/{long}", "content": "x"}),
+        Call("write_loop", "write_file", {"path": "loop_b/new.txt", "content": "x"}),
+        Call("list_loop", "list_files", {"path": "loop_a"}),
+        Call("search_loop", "search_files", {"query": "x", "path": "loop_b"}),
+        Call("fine", "read_file", {"path": "f.txt"}),
+    ]
+    editor = Editor(permission="allow_always", fs=fs)
+    async with upstream([Turn(calls=calls), Turn(text=["Carried on."])]) as server:
+        response = await prompt_once(editor, env_for(xdg, server.url), workspace, "Break")
+
+    assert response.stop_reason == "end_turn"
+    assert editor.message_text() == "Carried on."
+    results = tool_results(server.requests[1])
+    for call_id in ["long", "write_long"]:
+        assert "file name too long (ENAMETOOLONG)" in results[call_id], results[call_id]
+    for call_id in ["loop", "write_loop", "list_loop", "search_loop"]:
+        assert "too many levels of symbolic links (ELOOP)" in results[call_id], results[call_id]
+    for call in calls[:-1]:
+        assert editor.tool_statuses(call.id)[-1] == "failed"
+    assert results["fine"] == "fine\n" and editor.tool_statuses("fine")[-1] == "completed"
+    assert editor.writes == [] and sorted(p.name for p in workspace.iterdir()) == [
+        "f.txt",
+        "loop_a",
+        "loop_b",
+    ]
+
+
 @pytest.mark.parametrize("terminal", [False, True], ids=["local", "editor-terminal"])
 async def test_run_command_and_local_files(
     terminal: bool, workspace: Path, xdg: dict[str, str]

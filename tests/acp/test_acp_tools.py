@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +18,7 @@ from acp.schema import AgentPlanUpdate
 
 from helexa.acp.providers.base import Cancelled, ToolCall
 from helexa.acp.tools import TOOL_SPECS, ClientCaps, ToolError, ToolHost, ToolResult, Workspace
-from tests.acp.harness import Editor
+from tests.acp.harness import WAIT_S, Editor
 
 
 def host(root: Path, editor: Editor | None = None, **caps: bool) -> ToolHost:
@@ -196,3 +201,248 @@ async def test_run_command_timeout_and_cancel(workspace: Path) -> None:
     with pytest.raises(Cancelled):
         await call(tools, "run_command", cancel, command="sleep 30")
     assert time.monotonic() - started < 20  # neither waited for its sleep
+
+
+# -- what the OS refuses -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("caps", [{}, {"read": True, "write": True}], ids=["local", "editor"])
+async def test_os_errors_become_failed_calls(workspace: Path, caps: dict[str, bool]) -> None:
+    (workspace / "f.txt").write_text("one\n")
+    (workspace / "sub").mkdir()
+    (workspace / "loop_a").symlink_to("loop_b")
+    (workspace / "loop_b").symlink_to("loop_a")
+    long = "n" * 300
+    tools = host(workspace, Editor(), **caps)
+    tools.always_allowed.update({"write_file", "edit_file"})
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("read_file", {"path": long}, "file name too long (ENAMETOOLONG)"),
+        ("read_file", {"path": f"sub/{long}/f.txt"}, "file name too long (ENAMETOOLONG)"),
+        ("read_file", {"path": "loop_a"}, "too many levels of symbolic links (ELOOP)"),
+        ("read_file", {"path": "loop_a/f.txt"}, "too many levels of symbolic links (ELOOP)"),
+        ("read_file", {"path": "f.txt/x"}, "not a directory (ENOTDIR)"),
+        ("write_file", {"path": long, "content": "x"}, "file name too long (ENAMETOOLONG)"),
+        ("write_file", {"path": "loop_b", "content": "x"}, "symbolic links (ELOOP)"),
+        ("write_file", {"path": "f.txt/new", "content": "x"}, "not a directory (ENOTDIR)"),
+        ("edit_file", {"path": "loop_a", "old_string": "a", "new_string": "b"}, "(ELOOP)"),
+        ("list_files", {"path": long}, "file name too long (ENAMETOOLONG)"),
+        ("list_files", {"path": "loop_a"}, "too many levels of symbolic links (ELOOP)"),
+        ("list_files", {"path": "f.txt"}, "f.txt is not a directory"),
+        ("search_files", {"query": "x", "path": "loop_b"}, "(ELOOP)"),
+        ("search_files", {"query": "x", "path": long}, "file name too long (ENAMETOOLONG)"),
+    ]
+    if not caps:  # the editor's own refusals are its business; these are the agent's
+        os.mkfifo(workspace / "fifo")  # opened without blocking, then refused
+        cases += [
+            ("read_file", {"path": "sub"}, "cannot read sub: is a directory (EISDIR)"),
+            ("write_file", {"path": "sub", "content": "x"}, "is a directory (EISDIR)"),
+            ("read_file", {"path": "nope.txt"}, "no such file or directory (ENOENT)"),
+            ("read_file", {"path": "fifo"}, "cannot read fifo: not a regular file (EINVAL)"),
+            ("write_file", {"path": "fifo", "content": "x"}, "cannot write fifo: no such dev"),
+        ]
+    for name, args, reason in cases:
+        tools.describe(name, json.dumps(args))  # the editor's card must not fail either
+        result = await call(tools, name, **args)
+        assert not result.ok and reason in result.text, (name, args, result.text)
+    assert (workspace / "f.txt").read_text() == "one\n"
+    made = ["f.txt", "loop_a", "loop_b", "sub"] + ([] if caps else ["fifo"])
+    assert sorted(p.name for p in workspace.iterdir()) == sorted(made)
+    # A loop (or a FIFO) among the entries is passed over, not a reason to fail them all.
+    assert (await call(tools, "search_files", query="one")).text == "f.txt:1: one"
+    listing = await call(tools, "list_files", recursive=True)
+    assert listing.ok and "loop_a" in listing.text.splitlines()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes whatever the mode says")
+async def test_permission_denied_becomes_a_failed_call(workspace: Path) -> None:
+    (workspace / "locked.txt").write_text("x")
+    (workspace / "locked.txt").chmod(0)
+    (workspace / "shut").mkdir()
+    (workspace / "shut" / "f.txt").write_text("x")
+    (workspace / "shut").chmod(0)
+    tools = host(workspace)
+    tools.always_allowed.add("write_file")
+    try:
+        for name, args in [
+            ("read_file", {"path": "locked.txt"}),
+            ("write_file", {"path": "locked.txt", "content": "y"}),
+            ("read_file", {"path": "shut/f.txt"}),
+            ("list_files", {"path": "shut"}),
+        ]:
+            result = await call(tools, name, **args)
+            assert not result.ok and "permission denied (EACCES)" in result.text, result.text
+    finally:
+        (workspace / "shut").chmod(0o755)
+
+
+async def test_symlinks_that_stay_inside_still_work(workspace: Path) -> None:
+    """Links are followed by the agent itself, one component at a time, so one that stays
+    inside works wherever it sits (leaf, directory, absolute, climbing out and back)."""
+    (workspace / "real").mkdir()
+    (workspace / "real" / "f.txt").write_text("inside\n")
+    (workspace / "rel_dir").symlink_to("real")
+    (workspace / "abs_dir").symlink_to(workspace / "real")
+    (workspace / "real" / "up").symlink_to("../real/f.txt")
+    (workspace / "round_trip").symlink_to(f"../{workspace.name}/real/f.txt")
+    ws = Workspace(workspace)
+    for path in [
+        "rel_dir/f.txt",
+        "abs_dir/f.txt",
+        "real/up",
+        "round_trip",
+        "rel_dir/../real/f.txt",
+    ]:
+        assert ws.resolve(path) == workspace / "real" / "f.txt", path
+        assert ws.read_text(ws.resolve(path)) == "inside\n"
+    assert ws.resolve("rel_dir/new/x.txt") == workspace / "real" / "new" / "x.txt"
+    ws.write_text(ws.resolve("abs_dir/new/x.txt"), "made")
+    assert (workspace / "real" / "new" / "x.txt").read_text() == "made"
+    tools = host(workspace)
+    found = await call(tools, "search_files", query="inside")
+    assert found.text.splitlines() == [  # linked files are searched; linked dirs not entered
+        "real/f.txt:1: inside",
+        "real/up:1: inside",
+        "round_trip:1: inside",
+    ]
+    assert (await call(tools, "search_files", query="inside", path="rel_dir")).ok
+    listing = await call(tools, "list_files", path="abs_dir", recursive=True)
+    assert listing.text.splitlines() == ["real/f.txt", "real/new/", "real/new/x.txt", "real/up"]
+
+
+# -- links swapped in while a tool works -----------------------------------------------------
+
+
+class Flipper:
+    """A thread that turns ``path`` into a symlink to ``outside`` and back, as fast as it
+    can, until stopped: the race an attacker (or a confused build script) would run between
+    the agent's check of a path and its open. A file is swapped atomically (``rename`` over
+    it of a fresh link, then of a hard link to the original); a directory is moved aside
+    and back, so it is also missing for a moment. Each state lasts about as many system
+    calls as the other, and the spares live in ``spare``, outside the workspace."""
+
+    def __init__(self, path: Path, outside: Path, spare: Path) -> None:
+        self.path = path
+        self.outside = outside
+        spare.mkdir(exist_ok=True)
+        self.parked = spare / f"{path.name}.parked"
+        self.link = spare / f"{path.name}.link"
+        self.tmp = spare / f"{path.name}.tmp"
+        self.is_dir = path.is_dir()
+        self.flips = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if not self.is_dir:
+            os.link(path, self.parked)  # the original, to link back in
+
+    def _flip(self) -> None:
+        if self.is_dir:
+            os.rename(self.path, self.parked)
+            os.rename(self.link, self.path)  # now a link
+            os.lstat(self.path)
+            os.rename(self.path, self.link)
+            os.rename(self.parked, self.path)  # the directory again
+            os.lstat(self.path)
+        else:
+            os.symlink(self.outside, self.link)
+            os.replace(self.link, self.path)  # now a link
+            os.link(self.parked, self.tmp)
+            os.replace(self.tmp, self.path)  # the file again
+
+    def _run(self) -> None:
+        for _ in range(10_000_000):
+            if self._stop.is_set():
+                return
+            try:
+                self._flip()
+                self.flips += 1
+            except OSError:  # a tool made the path while it was away (write_file's parents)
+                self._restore()
+
+    def _restore(self) -> None:
+        """Put the original back, whatever state a flip or a tool left the path in."""
+        with contextlib.suppress(OSError):
+            if self.is_dir:
+                if self.path.is_symlink():
+                    os.rename(self.path, self.link)
+                if self.parked.exists():
+                    if self.path.is_dir():
+                        shutil.rmtree(self.path)
+                    os.rename(self.parked, self.path)
+                if not self.link.is_symlink():
+                    os.symlink(self.outside, self.link)
+            elif self.path.is_symlink():
+                os.link(self.parked, self.tmp)
+                os.replace(self.tmp, self.path)
+
+    def __enter__(self) -> Flipper:
+        self._restore()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(WAIT_S)
+        assert not self._thread.is_alive()
+        self._restore()
+
+
+ATTEMPTS = 2_000
+
+
+@pytest.fixture
+def flip(tmp_path: Path, workspace: Path) -> Callable[[str], Flipper]:
+    """The workspace holds ``secret.txt`` and ``d/f.txt`` (both "inside"); outside it, the
+    same names say SECRET, and ``d`` there also holds ``outside_only.txt``. ``flip(name)``
+    is the Flipper for the workspace's ``name``."""
+    outside = tmp_path / "outside"
+    for root, text in [(workspace, "inside\n"), (outside, "SECRET\n")]:
+        (root / "d").mkdir(parents=True)
+        (root / "d" / "f.txt").write_text(text)
+        (root / "secret.txt").write_text(text)
+    (outside / "d" / "outside_only.txt").write_text("SECRET\n")
+    return lambda name: Flipper(workspace / name, outside / name, tmp_path / "spare")
+
+
+@pytest.mark.parametrize("path", ["secret.txt", "d/f.txt"], ids=["leaf", "directory"])
+async def test_a_swapped_in_symlink_never_reads_outside(
+    workspace: Path, flip: Callable[[str], Flipper], path: str
+) -> None:
+    tools = host(workspace)
+    read = 0
+    with flip(path.split("/")[0]) as flipper:
+        for _ in range(ATTEMPTS):
+            result = await call(tools, "read_file", path=path)
+            assert "SECRET" not in result.text, (flipper.flips, result.text)
+            read += result.text == "inside\n"
+    assert flipper.flips > 0 and read > 0
+
+
+@pytest.mark.parametrize("path", ["secret.txt", "d/f.txt"], ids=["leaf", "directory"])
+async def test_a_swapped_in_symlink_never_writes_outside(
+    tmp_path: Path, workspace: Path, flip: Callable[[str], Flipper], path: str
+) -> None:
+    tools = host(workspace)
+    tools.always_allowed.add("write_file")
+    written = 0
+    with flip(path.split("/")[0]) as flipper:
+        for n in range(ATTEMPTS):
+            result = await call(tools, "write_file", path=path, content=f"WRITTEN {n}\n")
+            assert (tmp_path / "outside" / path).read_text() == "SECRET\n", (flipper.flips, n)
+            shown = json.dumps([c.model_dump() for c in result.content])
+            assert "SECRET" not in shown  # nor is it read for the diff the editor shows
+            written += result.ok
+    assert flipper.flips > 0 and written > 0
+    assert [p.read_text() for p in (tmp_path / "outside").rglob("*.txt")] == ["SECRET\n"] * 3
+
+
+async def test_a_swapped_in_symlink_never_lists_or_searches_outside(
+    workspace: Path, flip: Callable[[str], Flipper]
+) -> None:
+    tools = host(workspace)
+    with flip("d") as dirs, flip("secret.txt") as files:
+        for _ in range(ATTEMPTS // 2):
+            listing = await call(tools, "list_files", recursive=True)
+            assert "outside_only" not in listing.text, (dirs.flips, listing.text)
+            found = await call(tools, "search_files", query="SECRET")
+            assert "SECRET\n" not in found.text and ": SECRET" not in found.text, found.text
+    assert dirs.flips > 0 and files.flips > 0
