@@ -143,12 +143,14 @@ async def test_a_cancelled_load_request_still_loads_once(
     neuron: LocalNeuron, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[Path] = []
-    started = threading.Event()
+    started, cancelled = threading.Event(), threading.Event()
     real_load = local._load
 
     def counting_load(path: Path, *args: Any) -> LoadedModel:
         calls.append(path)
         started.set()
+        # Held until the caller has given up, so a fast load cannot finish first.
+        assert cancelled.wait(30)
         return real_load(path, *args)
 
     monkeypatch.setattr(local, "_load", counting_load)
@@ -157,6 +159,7 @@ async def test_a_cancelled_load_request_still_loads_once(
     impatient.cancel()
     with pytest.raises(asyncio.CancelledError):
         await impatient
+    cancelled.set()
     state = await neuron.load(LoadRequest(model_id=str(model_dir)))
     assert state.status == "loaded"
     assert calls == [model_dir]
