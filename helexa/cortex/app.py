@@ -17,7 +17,6 @@ Anthropic ``error`` event, an OpenAI ``data: {"error":...}`` frame, a Responses
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -36,6 +35,7 @@ from helexa.origins import BrowserPolicy, browser_guard, install_cors
 from helexa.wire.anthropic.envelopes import parse_count_tokens_request, parse_messages_request
 from helexa.wire.anthropic.stream import AnthropicStream
 from helexa.wire.anthropic.translate import anthropic_to_openai, openai_to_anthropic
+from helexa.wire.base import parse_json
 from helexa.wire.errors import Dialect, WireError, error_body, validation_message
 from helexa.wire.openai.envelopes import (
     Model,
@@ -346,10 +346,7 @@ async def _write(response: web.StreamResponse, data: bytes) -> None:
 
 
 async def _body(request: web.Request) -> Any:
-    try:
-        return json.loads(await request.read())
-    except ValueError as exc:
-        raise WireError(400, f"request body is not valid JSON: {exc}") from None
+    return parse_json(await request.read())
 
 
 def _with_model(model: str) -> Callable[[dict[str, Any]], dict[str, Any]]:

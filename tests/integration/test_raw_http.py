@@ -4,6 +4,7 @@ without buffering, per-request hooks, and the Service lifecycle."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -63,6 +64,62 @@ async def test_invalid_json_is_400_in_dialect(gateway: Gateway, path: str, read:
     error = read(response.json())
     assert error["type"] == "invalid_request_error"
     assert "not valid JSON" in error["message"]
+
+
+POST_ROUTES = [
+    ("/v1/chat/completions", openai_error),
+    ("/v1/completions", openai_error),
+    ("/v1/responses", openai_error),
+    ("/v1/messages", anthropic_error),
+    ("/v1/messages/count_tokens", anthropic_error),
+    ("/admin/models/load", openai_error),
+]
+
+
+@pytest.mark.parametrize(("path", "read"), POST_ROUTES)
+@pytest.mark.parametrize(
+    "payload", [b"[" * 100_000, b"[" * 500 + b"]" * 500], ids=["unclosed", "closed"]
+)
+async def test_deep_nesting_is_400_in_dialect(
+    gateway: Gateway, path: str, read: Any, payload: bytes
+) -> None:
+    response = await fetch("POST", gateway.url + path, data=payload)
+    assert response.status == 400
+    error = read(response.json())
+    assert error["type"] == "invalid_request_error"
+    assert "nests deeper than" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "read", "body"),
+    [
+        ("/v1/chat/completions", openai_error, CHAT),
+        ("/v1/messages", anthropic_error, MESSAGES),
+        ("/v1/messages/count_tokens", anthropic_error, {"model": MODEL, "messages": USER}),
+    ],
+)
+async def test_lone_surrogate_is_400_before_any_node_sees_it(
+    gateway: Gateway, scripted: ScriptedNeuron, path: str, read: Any, body: dict[str, Any]
+) -> None:
+    raw = json.dumps({**body, "messages": [{"role": "user", "content": "hi \ud800"}]})
+    assert "\\ud800" in raw  # json.dumps escapes it: the bytes are valid UTF-8
+    response = await fetch("POST", gateway.url + path, data=raw.encode())
+    assert response.status == 400
+    error = read(response.json())
+    assert "messages.0.content: contains a lone surrogate (\\ud800)" in error["message"]
+    if read is openai_error:
+        assert error["param"] == "messages.0.content"
+    assert scripted.requests == [] and scripted.count_requests == []
+
+
+async def test_surrogate_pairs_reach_the_node_as_one_character(
+    gateway: Gateway, scripted: ScriptedNeuron
+) -> None:
+    raw = json.dumps({**CHAT, "messages": [{"role": "user", "content": "smile \U0001f600"}]})
+    assert "\\ud83d\\ude00" in raw
+    response = await fetch("POST", f"{gateway.url}/v1/chat/completions", data=raw.encode())
+    assert response.status == 200
+    assert scripted.requests[0]["messages"][0]["content"] == "smile \U0001f600"
 
 
 @pytest.mark.parametrize(
