@@ -123,6 +123,31 @@ async def test_surrogate_pairs_reach_the_node_as_one_character(
 
 
 @pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {**CHAT, "seed": 2**64}, "seed"),
+        ("/v1/completions", {"model": MODEL, "prompt": "p", "seed": 2**64}, "seed"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "response_format": {"type": "json_schema", "json_schema": "{}"}},
+            "response_format.json_schema",
+        ),
+        ("/v1/responses", {**RESPONSES, "text": {"format": "json"}}, "text.format"),
+        ("/v1/chat/completions", {**CHAT, "min_p": 10**400}, "min_p"),
+    ],
+)
+async def test_values_the_engine_cannot_take_are_400_naming_the_param(
+    gateway: Gateway, scripted: ScriptedNeuron, path: str, body: dict[str, Any], param: str
+) -> None:
+    response = await fetch("POST", gateway.url + path, json_body=body)
+    assert response.status == 400
+    error = openai_error(response.json())
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param and error["message"].startswith(f"{param}: ")
+    assert scripted.requests == []
+
+
+@pytest.mark.parametrize(
     ("path", "body", "read"),
     [
         ("/v1/chat/completions", [1, 2], openai_error),

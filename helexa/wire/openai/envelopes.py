@@ -138,57 +138,91 @@ class NamedToolChoice(WireModel):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
+# -- response formats ----------------------------------------------------------------------
+
+
+class JsonSchemaSpec(WireModel):
+    """A ``json_schema`` format's schema and name; Responses puts these fields flat in the
+    format, chat under ``json_schema``. The schema is what the engine constrains to, so it
+    is required (OpenAI leaves it optional, but then there is nothing to constrain)."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(WireModel):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(WireModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(WireModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")
+]
+
+
 # -- requests ------------------------------------------------------------------------------
+
+# The seeds torch.Generator.manual_seed takes (the engine seeds one per request with it):
+# int64 and uint64. Past them it raises, which would be a 500 after routing.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 
 class StreamOptions(WireModel):
     include_usage: bool | None = None
 
 
-class ChatCompletionRequest(WireModel):
+class _Generation(WireModel):
+    """What chat and completions requests share: the model, streaming and the sampling the
+    engine reads, vLLM's extensions (``top_k``, ``min_p``, ``repetition_penalty``) included,
+    each bounded so a value the engine cannot take is a 400 here."""
+
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     n: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
+    seed: Seed | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    logit_bias: dict[str, float] | None = None
     reasoning_effort: str | None = None
-    response_format: dict[str, Any] | None = None
-    user: str | None = None
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's, passed to the template
 
 
-class CompletionRequest(WireModel):
-    model: str
+class CompletionRequest(_Generation):
     prompt: str | list[str]
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    n: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
     echo: bool | None = None
     suffix: str | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     best_of: int | None = Field(default=None, ge=1)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:

@@ -20,7 +20,13 @@ from helexa.wire.base import (
     parse_body,
     tag_of,
 )
-from helexa.wire.openai.envelopes import InputAudioPart, RefusalPart
+from helexa.wire.openai.envelopes import (
+    InputAudioPart,
+    JsonObjectFormat,
+    JsonSchemaSpec,
+    RefusalPart,
+    TextFormat,
+)
 
 STATELESS = "helexa is stateless; send the whole conversation in input"
 
@@ -167,6 +173,21 @@ class FunctionToolChoice(WireModel):
     name: str
 
 
+# -- text format ---------------------------------------------------------------------------
+# Chat's formats (``openai.envelopes``), with a json_schema's fields flat in the format.
+
+
+class JsonSchemaTextFormat(JsonSchemaSpec):
+    type: Literal["json_schema"]
+
+
+class TextConfig(WireModel):
+    format: (
+        Annotated[TextFormat | JsonObjectFormat | JsonSchemaTextFormat, Field(discriminator="type")]
+        | None
+    ) = None
+
+
 class ReasoningConfig(WireModel):
     effort: str | None = None
     summary: str | None = None
@@ -187,7 +208,7 @@ class ResponsesRequest(WireModel):
     top_p: float | None = Field(default=None, ge=0, le=1)
     stream: bool | None = None
     reasoning: ReasoningConfig | None = None
-    text: dict[str, Any] | None = None
+    text: TextConfig | None = None
     store: bool | None = None
     previous_response_id: str | None = None
     conversation: Any = None

@@ -6,6 +6,7 @@ from typing import Any
 
 import openai.types as ot
 import pytest
+import torch
 
 from helexa.wire.openai.envelopes import (
     AssistantMessage,
@@ -96,6 +97,57 @@ def test_chat_request_errors_name_the_field(body: dict[str, Any], path: str, nee
     assert needle in err.message
     assert "\n" not in err.message
     assert "tagged-union" not in err.message and ".user." not in err.message
+
+
+CHAT_MIN: dict[str, Any] = {"model": "m", "messages": [user("x")]}
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "needle"),
+    [
+        ({"seed": 2**64}, "seed", "less than or equal to 18446744073709551615"),
+        ({"seed": -(2**63) - 1}, "seed", "greater than or equal to"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": "{}"}},
+            "response_format.json_schema",
+            "an object",
+        ),
+        ({"response_format": "json_object"}, "response_format", "an object"),
+        ({"response_format": {"type": "xml"}}, "response_format.type", "'xml' is not one of"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema.schema",
+            "Field required",
+        ),
+        ({"min_p": 10**400}, "min_p", "valid number"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty", "finite"),
+        ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+        ({"top_k": -2}, "top_k", "greater than or equal to -1"),
+        ({"chat_template_kwargs": "enable_thinking"}, "chat_template_kwargs", "an object"),
+        ({"stream_options": True}, "stream_options", "an object"),
+    ],
+)
+def test_values_the_engine_cannot_take_are_refused_naming_the_field(
+    change: dict[str, Any], path: str, needle: str
+) -> None:
+    """A 400 before routing; the engine failed on several of these with a 500 (seed,
+    min_p, a json_schema or chat_template_kwargs that is not an object)."""
+    err = wire_error(parse_chat_request, {**CHAT_MIN, **change})
+    assert err.param == path
+    assert err.message.startswith(f"{path}: ") and needle in err.message
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, -(2**63), 0])
+def test_seeds_in_range_are_what_torch_takes(seed: int) -> None:
+    assert parse_chat_request({**CHAT_MIN, "seed": seed}).seed == seed
+    assert parse_completion_request({"model": "m", "prompt": "p", "seed": seed}).seed == seed
+    torch.Generator().manual_seed(seed)  # the engine seeds its sampler so
+
+
+def test_json_schema_formats_parse_in_chat_shape() -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    req = parse_chat_request({**CHAT_MIN, "response_format": fmt})
+    assert req.model_dump(by_alias=True, exclude_unset=True)["response_format"] == fmt
 
 
 @pytest.mark.parametrize("body", [[], "text", None, 3])
