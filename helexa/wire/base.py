@@ -144,6 +144,31 @@ class Unsupported(WireModel):
         raise PydanticCustomError("unsupported_content", cls.reason, {"kind": kind})
 
 
+def unsupported_parameter(message: str) -> PydanticCustomError:
+    """The error a validator raises for a parameter helexa would otherwise ignore: README
+    promises a clear 400 rather than a silent no-op. The message says what is accepted."""
+    return PydanticCustomError("unsupported_parameter", message)
+
+
+def check_tool_choice(tools: list[str], forced: str | None, name: str | None) -> None:
+    """Refuse a ``tool_choice`` that makes the model call a tool the request does not give
+    (the engine would start a call to nothing): ``forced`` is the choice's own word when it
+    forces some call ("required", "any"), ``name`` the tool it names, ``tools`` the names
+    the request gives."""
+    if name is not None and name not in tools:
+        raise PydanticCustomError(
+            "invalid_value",
+            "names {name}, which is not among the request's tools",
+            {"name": repr(name)},
+        )
+    if forced is not None and not tools:
+        raise PydanticCustomError(
+            "invalid_value",
+            "{choice} needs tools to call, and the request has none",
+            {"choice": repr(forced)},
+        )
+
+
 M = TypeVar("M", bound=BaseModel)
 
 

@@ -195,7 +195,7 @@ def wire_error_from_validation(exc: ValidationError, body: Any = None) -> WireEr
     return WireError(
         400,
         f"{path}: {text}" if path else text,
-        code="unsupported_content" if kind == "unsupported_content" else None,
+        code=kind if kind in ("unsupported_content", "unsupported_parameter") else None,
         param=path or None,
     )
 

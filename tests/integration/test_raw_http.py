@@ -147,6 +147,55 @@ async def test_values_the_engine_cannot_take_are_400_naming_the_param(
     assert scripted.requests == []
 
 
+COMPLETION = {"model": MODEL, "prompt": "def add(a, b):"}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({**COMPLETION, "echo": True}, "echo"),
+        ({**COMPLETION, "suffix": "    return a + b"}, "suffix"),
+        ({**COMPLETION, "best_of": 2}, "best_of"),
+        ({**COMPLETION, "logit_bias": {"50256": -100}}, "logit_bias"),
+    ],
+)
+async def test_completion_params_helexa_cannot_honour_are_400_not_ignored(
+    gateway: Gateway, scripted: ScriptedNeuron, body: dict[str, Any], param: str
+) -> None:
+    response = await fetch("POST", f"{gateway.url}/v1/completions", json_body=body)
+    assert response.status == 400
+    error = openai_error(response.json())
+    assert (error["param"], error["code"]) == (param, "unsupported_parameter")
+    assert scripted.requests == []
+
+
+async def test_their_no_op_values_are_served(gateway: Gateway, scripted: ScriptedNeuron) -> None:
+    body = {**COMPLETION, "echo": False, "suffix": "", "best_of": 1, "logit_bias": {}}
+    response = await fetch("POST", f"{gateway.url}/v1/completions", json_body=body)
+    assert response.status == 200
+    assert scripted.requests[0]["best_of"] == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "read", "needle"),
+    [
+        ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, openai_error, "'required'"),
+        ("/v1/responses", {**RESPONSES, "tool_choice": "required"}, openai_error, "'required'"),
+        ("/v1/messages", {**MESSAGES, "tool_choice": {"type": "any"}}, anthropic_error, "'any'"),
+    ],
+)
+async def test_tool_choice_forcing_a_call_without_tools_is_400(
+    gateway: Gateway, scripted: ScriptedNeuron, path: str, body: Any, read: Any, needle: str
+) -> None:
+    response = await fetch("POST", gateway.url + path, json_body=body)
+    assert response.status == 400
+    error = read(response.json())
+    assert (
+        error["message"] == f"tool_choice: {needle} needs tools to call, and the request has none"
+    )
+    assert scripted.requests == []
+
+
 @pytest.mark.parametrize(
     ("path", "body", "read"),
     [

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from helexa.wire.base import (
     FILES_UNSUPPORTED,
     IMAGES_UNSUPPORTED,
     Unsupported,
     WireModel,
+    check_tool_choice,
     parse_body,
+    unsupported_parameter,
 )
 
 # -- content parts -------------------------------------------------------------------------
@@ -203,6 +205,13 @@ class _Generation(WireModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise unsupported_parameter("not supported; only an empty object")
+        return value
+
 
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -216,6 +225,15 @@ class ChatCompletionRequest(_Generation):
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's, passed to the template
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _callable(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        if "tools" in info.data:  # else the tools' own error is the one to report
+            named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+            forced = "required" if choice == "required" else None
+            check_tool_choice([t.function.name for t in info.data["tools"] or []], forced, named)
+        return choice
+
 
 class CompletionRequest(_Generation):
     prompt: str | list[str]
@@ -223,6 +241,29 @@ class CompletionRequest(_Generation):
     suffix: str | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
     best_of: int | None = Field(default=None, ge=1)
+
+    # Accepted only where they change nothing: the engine has no echo, insertion or
+    # best-of-n, and answering as if it had would hand back something else than asked.
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool | None) -> bool | None:
+        if value:
+            raise unsupported_parameter("not supported; only false")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise unsupported_parameter("not supported; only an empty string")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise unsupported_parameter("only 1 is supported")
+        return value
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:

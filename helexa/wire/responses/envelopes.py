@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from helexa.wire.base import (
@@ -17,6 +17,7 @@ from helexa.wire.base import (
     IMAGES_UNSUPPORTED,
     Unsupported,
     WireModel,
+    check_tool_choice,
     parse_body,
     tag_of,
 )
@@ -214,6 +215,15 @@ class ResponsesRequest(WireModel):
     conversation: Any = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _callable(cls, choice: Any, info: ValidationInfo) -> Any:
+        if "tools" in info.data:  # else the tools' own error is the one to report
+            named = choice.name if isinstance(choice, FunctionToolChoice) else None
+            forced = "required" if choice == "required" else None
+            check_tool_choice([t.name for t in info.data["tools"] or []], forced, named)
+        return choice
 
     @field_validator("previous_response_id", "conversation")
     @classmethod

@@ -172,10 +172,79 @@ def test_chat_media_parts_are_refused(part: dict[str, Any], needle: str) -> None
 
 
 def test_completion_request_accepts_text_prompts_only() -> None:
-    assert parse_completion_request({"model": "m", "prompt": "hi", "echo": True}).echo is True
+    assert parse_completion_request({"model": "m", "prompt": "hi", "echo": False}).echo is False
     assert parse_completion_request({"model": "m", "prompt": ["a", "b"]}).prompt == ["a", "b"]
     err = wire_error(parse_completion_request, {"model": "m", "prompt": [1, 2]})
     assert err.param is not None and err.param.startswith("prompt")
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "needle"),
+    [
+        ({"echo": True}, "echo", "only false"),
+        ({"suffix": "}"}, "suffix", "only an empty string"),
+        ({"best_of": 3}, "best_of", "only 1"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias", "only an empty object"),
+    ],
+)
+def test_completion_params_helexa_would_ignore_are_refused(
+    change: dict[str, Any], path: str, needle: str
+) -> None:
+    err = wire_error(parse_completion_request, {"model": "m", "prompt": "p", **change})
+    assert err.param == path and err.code == "unsupported_parameter"
+    assert (
+        err.message == f"{path}: not supported; {needle}"
+        or err.message == f"{path}: {needle} is supported"
+    )
+
+
+def test_no_op_values_of_those_params_are_accepted() -> None:
+    body = {
+        "model": "m",
+        "prompt": "p",
+        "echo": False,
+        "suffix": "",
+        "best_of": 1,
+        "logit_bias": {},
+    }
+    assert parse_completion_request(body).best_of == 1
+    assert parse_chat_request({**CHAT_MIN, "logit_bias": {}}).logit_bias == {}
+
+
+def test_chat_logit_bias_is_refused() -> None:
+    err = wire_error(parse_chat_request, {**CHAT_MIN, "logit_bias": {"1": 5}})
+    assert err.param == "logit_bias" and err.code == "unsupported_parameter"
+
+
+TOOLS = [{"type": "function", "function": {"name": "weather"}}]
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"tool_choice": "required"}, "'required' needs tools to call, and the request has none"),
+        ({"tool_choice": "required", "tools": []}, "'required' needs tools"),
+        (
+            {"tool_choice": {"type": "function", "function": {"name": "weather"}}},
+            "names 'weather', which is not among the request's tools",
+        ),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+            "names 'x'",
+        ),
+    ],
+)
+def test_tool_choice_must_have_a_tool_to_call(change: dict[str, Any], needle: str) -> None:
+    err = wire_error(parse_chat_request, {**CHAT_MIN, **change})
+    assert err.param == "tool_choice"
+    assert err.message.startswith("tool_choice: ") and needle in err.message
+
+
+@pytest.mark.parametrize("choice", ["none", "auto", "required"])
+def test_tool_choice_with_tools_is_accepted(choice: str) -> None:
+    assert parse_chat_request({**CHAT_MIN, "tools": TOOLS, "tool_choice": choice}).tool_choice
+    if choice != "required":
+        assert parse_chat_request({**CHAT_MIN, "tool_choice": choice}).tool_choice == choice
 
 
 def test_model_list_matches_openai_types() -> None:
