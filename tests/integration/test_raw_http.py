@@ -150,6 +150,30 @@ async def test_values_the_engine_cannot_take_are_400_naming_the_param(
 COMPLETION = {"model": MODEL, "prompt": "def add(a, b):"}
 
 
+@pytest.mark.parametrize("prompt", [[100, 200, 300], [[100, 200, 300]]])
+async def test_token_id_prompts_reach_the_node_unchanged(
+    gateway: Gateway, scripted: ScriptedNeuron, prompt: Any
+) -> None:
+    body = {**COMPLETION, "prompt": prompt}
+    response = await fetch("POST", f"{gateway.url}/v1/completions", json_body=body)
+    assert response.status == 200
+    assert response.json()["choices"][0]["text"] == "Hello world"
+    assert scripted.requests[0]["prompt"] == prompt
+
+
+@pytest.mark.parametrize("prompt", [["one", "two"], [[1, 2], [3]]])
+async def test_several_prompts_are_400(
+    gateway: Gateway, scripted: ScriptedNeuron, prompt: Any
+) -> None:
+    body = {**COMPLETION, "prompt": prompt}
+    response = await fetch("POST", f"{gateway.url}/v1/completions", json_body=body)
+    assert response.status == 400
+    error = openai_error(response.json())
+    assert (error["param"], error["code"]) == ("prompt", "unsupported_parameter")
+    assert "only one prompt per request" in error["message"]
+    assert scripted.requests == []
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

@@ -174,6 +174,17 @@ async def test_legacy_completions(
     assert "".join([c.choices[0].text async for c in stream if c.choices]) == "one two"
 
 
+async def test_legacy_completions_take_token_ids(
+    openai_client: openai.AsyncOpenAI, scripted: ScriptedNeuron
+) -> None:
+    completion = await openai_client.completions.create(model=MODEL, prompt=[100, 200, 300])
+    assert completion.choices[0].text == "".join(scripted.script.text)
+    assert scripted.requests[0]["prompt"] == [100, 200, 300]
+    with pytest.raises(openai.BadRequestError) as info:
+        await openai_client.completions.create(model=MODEL, prompt=["one", "two"])
+    assert info.value.param == "prompt"
+
+
 async def test_cold_model_is_loaded_then_served(
     openai_client: openai.AsyncOpenAI, scripted: ScriptedNeuron
 ) -> None:

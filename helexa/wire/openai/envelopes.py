@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import (
+    Field,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from helexa.wire.base import (
     FILES_UNSUPPORTED,
@@ -179,6 +187,14 @@ ResponseFormat = Annotated[
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 
+# A token id as the engine takes one: an integer (not 1.0, not true) a torch.long tensor
+# holds. Whether the model's vocabulary has it only the engine can tell.
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+# OpenAI's four prompt shapes; a list of several prompts (a batch) is refused below.
+Prompt = str | list[str] | TokenIds | list[TokenIds]
+
+
 class StreamOptions(WireModel):
     include_usage: bool | None = None
 
@@ -236,11 +252,35 @@ class ChatCompletionRequest(_Generation):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str]
+    prompt: Prompt
     echo: bool | None = None
     suffix: str | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
     best_of: int | None = Field(default=None, ge=1)
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_prompt(cls, value: Any, shapes: ValidatorFunctionWrapHandler) -> Prompt:
+        """One prompt, as text or token ids, reaches the engine unchanged; a batch of them
+        would need one answer per prompt, which the engine does not give. A shape that
+        fits none says what fits, not which of the four union branches failed where."""
+        try:
+            prompt: Prompt = shapes(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "prompt_type",
+                "must be a string, a list of token ids (integers 0 to 2147483647), or a list "
+                "holding one of those",
+            ) from None
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return prompt
+        if not prompt:
+            raise PydanticCustomError("too_short", "must hold a prompt")
+        if len(prompt) > 1:
+            raise unsupported_parameter(
+                f"only one prompt per request is supported, not a list of {len(prompt)}"
+            )
+        return prompt
 
     # Accepted only where they change nothing: the engine has no echo, insertion or
     # best-of-n, and answering as if it had would hand back something else than asked.

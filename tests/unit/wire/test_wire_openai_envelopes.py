@@ -171,11 +171,27 @@ def test_chat_media_parts_are_refused(part: dict[str, Any], needle: str) -> None
     assert needle in err.message and "not supported" in err.message
 
 
-def test_completion_request_accepts_text_prompts_only() -> None:
-    assert parse_completion_request({"model": "m", "prompt": "hi", "echo": False}).echo is False
-    assert parse_completion_request({"model": "m", "prompt": ["a", "b"]}).prompt == ["a", "b"]
-    err = wire_error(parse_completion_request, {"model": "m", "prompt": [1, 2]})
-    assert err.param is not None and err.param.startswith("prompt")
+@pytest.mark.parametrize("prompt", ["hi", "", ["hi"], [100, 200, 300], [7], [[100, 200]]])
+def test_one_prompt_as_text_or_token_ids_is_kept_as_sent(prompt: Any) -> None:
+    assert parse_completion_request({"model": "m", "prompt": prompt}).prompt == prompt
+
+
+@pytest.mark.parametrize("prompt", [["a", "b"], [[1], [2, 3]]])
+def test_several_prompts_are_refused(prompt: Any) -> None:
+    err = wire_error(parse_completion_request, {"model": "m", "prompt": prompt})
+    assert (err.param, err.code) == ("prompt", "unsupported_parameter")
+    assert err.message == "prompt: only one prompt per request is supported, not a list of 2"
+
+
+@pytest.mark.parametrize(
+    "prompt", [[], [[]], [1, "a"], [True], [1.0], [-1], [2**31], {"text": "x"}, 5]
+)
+def test_prompts_of_no_shape_say_which_shapes_fit(prompt: Any) -> None:
+    err = wire_error(parse_completion_request, {"model": "m", "prompt": prompt})
+    assert err.param == "prompt"
+    assert err.message == "prompt: must hold a prompt" or err.message.startswith(
+        "prompt: must be a string, a list of token ids"
+    )
 
 
 @pytest.mark.parametrize(
