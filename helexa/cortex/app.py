@@ -44,7 +44,12 @@ from helexa.wire.openai.envelopes import (
     parse_completion_request,
 )
 from helexa.wire.openai.stream import OpenAIStream
-from helexa.wire.openai.translate import ChatAccumulator, accumulate_completion
+from helexa.wire.openai.translate import (
+    ChatAccumulator,
+    accumulate_completion,
+    as_function_call,
+    functions_as_tools,
+)
 from helexa.wire.responses.envelopes import parse_responses_request
 from helexa.wire.responses.stream import ResponsesStream
 from helexa.wire.responses.translate import openai_to_responses, responses_to_openai
@@ -357,12 +362,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _body(request)
     req = parse_chat_request(body)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    legacy, answer = req.uses_functions, _with_model(req.model)
     job = Job(
         api="chat",
         model=req.model,
-        upstream=body,
-        stream=OpenAIStream(req.model, include_usage) if req.stream else None,
-        answer=_with_model(req.model),
+        upstream=functions_as_tools(body),
+        stream=OpenAIStream(req.model, include_usage, legacy) if req.stream else None,
+        answer=(lambda c: as_function_call(answer(c))) if legacy else answer,
     )
     return await relay(request, job)
 

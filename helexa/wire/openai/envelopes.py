@@ -107,6 +107,7 @@ class AssistantMessage(WireModel):
     reasoning_content: str | None = None
     refusal: str | None = None
     name: str | None = None
+    function_call: FunctionCall | None = None  # deprecated: a call made under ``functions``
 
 
 class ToolMessage(WireModel):
@@ -115,8 +116,22 @@ class ToolMessage(WireModel):
     tool_call_id: str
 
 
+class FunctionMessage(WireModel):
+    """Deprecated: a function's result, as sent under ``functions``; it names the function
+    rather than a call id."""
+
+    role: Literal["function"]
+    name: str
+    content: str | None = None
+
+
 ChatMessage = Annotated[
-    SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage,
+    SystemMessage
+    | DeveloperMessage
+    | UserMessage
+    | AssistantMessage
+    | ToolMessage
+    | FunctionMessage,
     Field(discriminator="role"),
 ]
 
@@ -241,6 +256,17 @@ class ChatCompletionRequest(_Generation):
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's, passed to the template
 
+    # Deprecated spellings of tools and tool_choice, still accepted by OpenAI: they are
+    # served as tools (see ``translate.functions_as_tools``), and answered as OpenAI
+    # answers them, with ``function_call``.
+    functions: list[FunctionDefinition] | None = None
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
+
+    @property
+    def uses_functions(self) -> bool:
+        """Whether the client asked in the deprecated terms, and so expects its answer so."""
+        return bool(self.functions)
+
     @field_validator("tool_choice")
     @classmethod
     def _callable(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
@@ -248,6 +274,27 @@ class ChatCompletionRequest(_Generation):
             named = choice.function.name if isinstance(choice, NamedToolChoice) else None
             forced = "required" if choice == "required" else None
             check_tool_choice([t.function.name for t in info.data["tools"] or []], forced, named)
+        return choice
+
+    @field_validator("functions")
+    @classmethod
+    def _not_with_tools(
+        cls, functions: list[FunctionDefinition] | None, info: ValidationInfo
+    ) -> list[FunctionDefinition] | None:
+        if functions is not None and info.data.get("tools") is not None:
+            raise PydanticCustomError("invalid_value", "give tools or functions, not both")
+        return functions
+
+    @field_validator("function_call")
+    @classmethod
+    def _legacy_callable(cls, choice: Any, info: ValidationInfo) -> Any:
+        if choice is not None and info.data.get("tool_choice") is not None:
+            raise PydanticCustomError(
+                "invalid_value", "give tool_choice or function_call, not both"
+            )
+        if "functions" in info.data:  # else the functions' own error is the one to report
+            named = choice.name if isinstance(choice, NamedFunction) else None
+            check_tool_choice([f.name for f in info.data["functions"] or []], None, named)
         return choice
 
 

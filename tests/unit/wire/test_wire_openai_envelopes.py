@@ -263,6 +263,42 @@ def test_tool_choice_with_tools_is_accepted(choice: str) -> None:
         assert parse_chat_request({**CHAT_MIN, "tool_choice": choice}).tool_choice == choice
 
 
+FUNCTIONS = [{"name": "weather", "parameters": {"type": "object"}}]
+
+
+def test_legacy_function_calling_parses() -> None:
+    messages = [
+        user("weather?"),
+        {"role": "assistant", "content": None, "function_call": {"name": "weather"}},
+        {"role": "function", "name": "weather", "content": "sunny"},
+    ]
+    body = {"model": "m", "messages": messages, "functions": FUNCTIONS, "function_call": "auto"}
+    req = parse_chat_request(body)
+    assert req.uses_functions and req.function_call == "auto"
+    assert not parse_chat_request(CHAT_MIN).uses_functions
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "needle"),
+    [
+        ({"functions": FUNCTIONS, "tools": TOOLS}, "functions", "tools or functions, not both"),
+        (
+            {"functions": FUNCTIONS, "function_call": "auto", "tool_choice": "auto"},
+            "function_call",
+            "tool_choice or function_call, not both",
+        ),
+        ({"functions": FUNCTIONS, "function_call": {"name": "x"}}, "function_call", "names 'x'"),
+        ({"function_call": {"name": "weather"}}, "function_call", "names 'weather'"),
+        ({"function_call": "required"}, "function_call", "'none' or 'auto'"),
+        ({"functions": [{"description": "no name"}]}, "functions.0.name", "Field required"),
+    ],
+)
+def test_legacy_function_calling_errors(change: dict[str, Any], path: str, needle: str) -> None:
+    err = wire_error(parse_chat_request, {**CHAT_MIN, **change})
+    assert err.param == path
+    assert needle in err.message
+
+
 def test_model_list_matches_openai_types() -> None:
     listing = ModelList(data=[Model(id="qwen3-8b", created=1)]).model_dump()
     for entry in listing["data"]:
