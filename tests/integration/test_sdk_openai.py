@@ -277,6 +277,7 @@ async def test_unknown_model_is_404(openai_client: openai.AsyncOpenAI, stream: b
             model="no-such-model", messages=USER, stream=stream
         )
     assert info.value.code == "model_not_found"
+    assert info.value.type == "invalid_request_error"  # OpenAI has no not_found_error type
     assert "no-such-model" in info.value.message
 
 
