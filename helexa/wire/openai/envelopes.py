@@ -214,6 +214,17 @@ class StreamOptions(WireModel):
     include_usage: bool | None = None
 
 
+# Parameters accepted only at the value that changes nothing, with what to say otherwise: the
+# engine has no logit bias, echo, insertion or best-of-n, and answering as if it had would
+# hand back something else than was asked for. (Chat has no echo, suffix or best_of.)
+_NO_OPS: dict[str, tuple[Any, str]] = {
+    "logit_bias": ({}, "not supported; only an empty object"),
+    "echo": (False, "not supported; only false"),
+    "suffix": ("", "not supported; only an empty string"),
+    "best_of": (1, "only 1 is supported"),
+}
+
+
 class _Generation(WireModel):
     """What chat and completions requests share: the model, streaming and the sampling the
     engine reads, vLLM's extensions (``top_k``, ``min_p``, ``repetition_penalty``) included,
@@ -236,11 +247,12 @@ class _Generation(WireModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
-    @field_validator("logit_bias")
+    @field_validator(*_NO_OPS, check_fields=False)
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise unsupported_parameter("not supported; only an empty object")
+    def _only_no_op(cls, value: Any, info: ValidationInfo) -> Any:
+        no_op, refusal = _NO_OPS[info.field_name or ""]
+        if value is not None and value != no_op:
+            raise unsupported_parameter(refusal)
         return value
 
 
@@ -328,29 +340,6 @@ class CompletionRequest(_Generation):
                 f"only one prompt per request is supported, not a list of {len(prompt)}"
             )
         return prompt
-
-    # Accepted only where they change nothing: the engine has no echo, insertion or
-    # best-of-n, and answering as if it had would hand back something else than asked.
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool | None) -> bool | None:
-        if value:
-            raise unsupported_parameter("not supported; only false")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> str | None:
-        if value:
-            raise unsupported_parameter("not supported; only an empty string")
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, value: int | None) -> int | None:
-        if value is not None and value != 1:
-            raise unsupported_parameter("only 1 is supported")
-        return value
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
