@@ -11,7 +11,6 @@ Errors are rendered in the caller's dialect: Anthropic routes (``/v1/messages*``
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
@@ -30,6 +29,7 @@ from helexa.origins import BrowserPolicy, browser_guard, install_cors
 from helexa.wire.anthropic.envelopes import parse_count_tokens_request, parse_messages_request
 from helexa.wire.anthropic.stream import AnthropicStream
 from helexa.wire.anthropic.translate import anthropic_to_openai, openai_to_anthropic
+from helexa.wire.base import parse_json
 from helexa.wire.errors import Dialect, WireError, error_body, validation_message
 from helexa.wire.openai.envelopes import (
     Model,
@@ -38,6 +38,10 @@ from helexa.wire.openai.envelopes import (
     parse_completion_request,
 )
 from helexa.wire.openai.stream import OpenAIStream
+from helexa.wire.openai.translate import (
+    as_function_call,
+    functions_as_tools,
+)
 from helexa.wire.responses.envelopes import parse_responses_request
 from helexa.wire.responses.stream import ResponsesStream
 from helexa.wire.responses.translate import openai_to_responses, responses_to_openai
@@ -72,10 +76,7 @@ def error_response(dialect: Dialect, error: ApiError) -> web.Response:
 
 
 async def _body(request: web.Request) -> Any:
-    try:
-        return json.loads(await request.read())
-    except ValueError as exc:
-        raise WireError(400, f"request body is not valid JSON: {exc}") from None
+    return parse_json(await request.read())
 
 
 def _with_model(model: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
@@ -85,17 +86,20 @@ def _with_model(model: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
 async def _openai(
     request: web.Request, api: str, kind: Literal["chat", "completion"]
 ) -> web.StreamResponse:
-    """Chat and legacy completions: the body goes upstream as the client sent it, and the
-    answer comes back under the model name it asked for."""
+    """Chat and legacy completions: the body goes upstream as the client sent it (OpenAI's
+    deprecated functions put in today's terms), and the answer comes back under the model
+    name it asked for (and in the deprecated terms when it asked in them)."""
     body = await _body(request)
     req = parse_chat_request(body) if kind == "chat" else parse_completion_request(body)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    legacy = kind == "chat" and req.uses_functions  # OpenAI's deprecated functions
+    answer = _with_model(req.model)
     job = Job(
         api=api,
         model=req.model,
-        upstream=body,
-        stream=OpenAIStream(req.model, include_usage) if req.stream else None,
-        answer=_with_model(req.model),
+        upstream=functions_as_tools(body) if kind == "chat" else body,
+        stream=OpenAIStream(req.model, include_usage, legacy) if req.stream else None,
+        answer=(lambda c: as_function_call(answer(c))) if legacy else answer,
         kind=kind,
     )
     return await relay(request, job)

@@ -70,7 +70,7 @@ class FleetError(ApiError):
 class ModelNotFound(FleetError):
     status = 404
     code = "model_not_found"
-    type = "not_found_error"
+    type = "invalid_request_error"  # as OpenAI types it; Anthropic types by status
 
 
 class NoCapacity(FleetError):

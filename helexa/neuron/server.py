@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
-import json
 import signal
 import socket
 import sys
@@ -31,6 +30,7 @@ from helexa.config import Settings, split_listen
 from helexa.errors import ApiError
 from helexa.neuron.interface import LoadRequest, ModelState, Neuron, NeuronError, UnloadRequest
 from helexa.origins import BrowserPolicy, browser_guard
+from helexa.wire.base import parse_json
 from helexa.wire.errors import WireError, validation_message
 from helexa.wire.openai.envelopes import parse_chat_request, parse_completion_request
 from helexa.wire.openai.translate import ChatAccumulator, accumulate_completion
@@ -113,10 +113,7 @@ def _dump(model: BaseModel) -> dict[str, Any]:
 
 
 async def _json_body(request: web.Request) -> Any:
-    try:
-        return json.loads(await request.read())
-    except ValueError as exc:
-        raise WireError(400, f"request body is not valid JSON: {exc}") from None
+    return parse_json(await request.read())
 
 
 async def _parse(request: web.Request, model: type[M]) -> M:

@@ -158,6 +158,11 @@ def _clean_loc(loc: tuple[int | str, ...], body: Any, missing: bool) -> list[int
     return out
 
 
+# A non-object where an object belongs, in pydantic's words ("a valid dictionary or instance
+# of StreamOptions" names our class); JSON calls them objects.
+_OBJECT_TYPE_ERRORS = {"model_type", "model_attributes_type", "dict_type"}
+
+
 def _error_text(err: ErrorDetails) -> tuple[str, str | None]:
     """Message and an extra trailing path segment for one pydantic error."""
     ctx = err.get("ctx") or {}
@@ -168,6 +173,8 @@ def _error_text(err: ErrorDetails) -> tuple[str, str | None]:
     if kind == "union_tag_not_found":
         field = str(ctx.get("discriminator", "")).strip("'")
         return "Field required", field or None
+    if kind in _OBJECT_TYPE_ERRORS:
+        return "Input should be an object", None
     return str(err["msg"]), None
 
 
@@ -188,7 +195,7 @@ def wire_error_from_validation(exc: ValidationError, body: Any = None) -> WireEr
     return WireError(
         400,
         f"{path}: {text}" if path else text,
-        code="unsupported_content" if kind == "unsupported_content" else None,
+        code=kind if kind in ("unsupported_content", "unsupported_parameter") else None,
         param=path or None,
     )
 

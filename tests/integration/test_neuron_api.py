@@ -241,6 +241,9 @@ async def test_streaming_chat_is_sse_ending_in_done(url: str, neuron: ScriptedNe
         ("/models/load", b"{}", "model_id"),
         ("/v1/chat/completions", b'{"model": "m", "messages": []}', "messages"),
         ("/tokenize", b"[1, 2]", "JSON object"),
+        pytest.param("/v1/chat/completions", b"[" * 100_000, "nests deeper", id="unclosed"),
+        pytest.param("/v1/completions", b"[" * 200 + b"]" * 200, "nests deeper", id="closed"),
+        ("/models/load", b'{"model_id": "m\\udfff"}', "lone surrogate"),
     ],
 )
 async def test_bad_input_is_a_400_in_the_error_shape(

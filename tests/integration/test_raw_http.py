@@ -4,6 +4,7 @@ without buffering, per-request hooks, and the Service lifecycle."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -65,6 +66,160 @@ async def test_invalid_json_is_400_in_dialect(gateway: Gateway, path: str, read:
     assert "not valid JSON" in error["message"]
 
 
+POST_ROUTES = [
+    ("/v1/chat/completions", openai_error),
+    ("/v1/completions", openai_error),
+    ("/v1/responses", openai_error),
+    ("/v1/messages", anthropic_error),
+    ("/v1/messages/count_tokens", anthropic_error),
+    ("/admin/models/load", openai_error),
+]
+
+
+@pytest.mark.parametrize(("path", "read"), POST_ROUTES)
+@pytest.mark.parametrize(
+    "payload", [b"[" * 100_000, b"[" * 500 + b"]" * 500], ids=["unclosed", "closed"]
+)
+async def test_deep_nesting_is_400_in_dialect(
+    gateway: Gateway, path: str, read: Any, payload: bytes
+) -> None:
+    response = await fetch("POST", gateway.url + path, data=payload)
+    assert response.status == 400
+    error = read(response.json())
+    assert error["type"] == "invalid_request_error"
+    assert "nests deeper than" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "read", "body"),
+    [
+        ("/v1/chat/completions", openai_error, CHAT),
+        ("/v1/messages", anthropic_error, MESSAGES),
+        ("/v1/messages/count_tokens", anthropic_error, {"model": MODEL, "messages": USER}),
+    ],
+)
+async def test_lone_surrogate_is_400_before_any_node_sees_it(
+    gateway: Gateway, scripted: ScriptedNeuron, path: str, read: Any, body: dict[str, Any]
+) -> None:
+    raw = json.dumps({**body, "messages": [{"role": "user", "content": "hi \ud800"}]})
+    assert "\\ud800" in raw  # json.dumps escapes it: the bytes are valid UTF-8
+    response = await fetch("POST", gateway.url + path, data=raw.encode())
+    assert response.status == 400
+    error = read(response.json())
+    assert "messages.0.content: contains a lone surrogate (\\ud800)" in error["message"]
+    if read is openai_error:
+        assert error["param"] == "messages.0.content"
+    assert scripted.requests == [] and scripted.count_requests == []
+
+
+async def test_surrogate_pairs_reach_the_node_as_one_character(
+    gateway: Gateway, scripted: ScriptedNeuron
+) -> None:
+    raw = json.dumps({**CHAT, "messages": [{"role": "user", "content": "smile \U0001f600"}]})
+    assert "\\ud83d\\ude00" in raw
+    response = await fetch("POST", f"{gateway.url}/v1/chat/completions", data=raw.encode())
+    assert response.status == 200
+    assert scripted.requests[0]["messages"][0]["content"] == "smile \U0001f600"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {**CHAT, "seed": 2**64}, "seed"),
+        ("/v1/completions", {"model": MODEL, "prompt": "p", "seed": 2**64}, "seed"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "response_format": {"type": "json_schema", "json_schema": "{}"}},
+            "response_format.json_schema",
+        ),
+        ("/v1/responses", {**RESPONSES, "text": {"format": "json"}}, "text.format"),
+        ("/v1/chat/completions", {**CHAT, "min_p": 10**400}, "min_p"),
+    ],
+)
+async def test_values_the_engine_cannot_take_are_400_naming_the_param(
+    gateway: Gateway, scripted: ScriptedNeuron, path: str, body: dict[str, Any], param: str
+) -> None:
+    response = await fetch("POST", gateway.url + path, json_body=body)
+    assert response.status == 400
+    error = openai_error(response.json())
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param and error["message"].startswith(f"{param}: ")
+    assert scripted.requests == []
+
+
+COMPLETION = {"model": MODEL, "prompt": "def add(a, b):"}
+
+
+@pytest.mark.parametrize("prompt", [[100, 200, 300], [[100, 200, 300]]])
+async def test_token_id_prompts_reach_the_node_unchanged(
+    gateway: Gateway, scripted: ScriptedNeuron, prompt: Any
+) -> None:
+    body = {**COMPLETION, "prompt": prompt}
+    response = await fetch("POST", f"{gateway.url}/v1/completions", json_body=body)
+    assert response.status == 200
+    assert response.json()["choices"][0]["text"] == "Hello world"
+    assert scripted.requests[0]["prompt"] == prompt
+
+
+@pytest.mark.parametrize("prompt", [["one", "two"], [[1, 2], [3]]])
+async def test_several_prompts_are_400(
+    gateway: Gateway, scripted: ScriptedNeuron, prompt: Any
+) -> None:
+    body = {**COMPLETION, "prompt": prompt}
+    response = await fetch("POST", f"{gateway.url}/v1/completions", json_body=body)
+    assert response.status == 400
+    error = openai_error(response.json())
+    assert (error["param"], error["code"]) == ("prompt", "unsupported_parameter")
+    assert "only one prompt per request" in error["message"]
+    assert scripted.requests == []
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({**COMPLETION, "echo": True}, "echo"),
+        ({**COMPLETION, "suffix": "    return a + b"}, "suffix"),
+        ({**COMPLETION, "best_of": 2}, "best_of"),
+        ({**COMPLETION, "logit_bias": {"50256": -100}}, "logit_bias"),
+    ],
+)
+async def test_completion_params_helexa_cannot_honour_are_400_not_ignored(
+    gateway: Gateway, scripted: ScriptedNeuron, body: dict[str, Any], param: str
+) -> None:
+    response = await fetch("POST", f"{gateway.url}/v1/completions", json_body=body)
+    assert response.status == 400
+    error = openai_error(response.json())
+    assert (error["param"], error["code"]) == (param, "unsupported_parameter")
+    assert scripted.requests == []
+
+
+async def test_their_no_op_values_are_served(gateway: Gateway, scripted: ScriptedNeuron) -> None:
+    body = {**COMPLETION, "echo": False, "suffix": "", "best_of": 1, "logit_bias": {}}
+    response = await fetch("POST", f"{gateway.url}/v1/completions", json_body=body)
+    assert response.status == 200
+    assert scripted.requests[0]["best_of"] == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "read", "needle"),
+    [
+        ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, openai_error, "'required'"),
+        ("/v1/responses", {**RESPONSES, "tool_choice": "required"}, openai_error, "'required'"),
+        ("/v1/messages", {**MESSAGES, "tool_choice": {"type": "any"}}, anthropic_error, "'any'"),
+    ],
+)
+async def test_tool_choice_forcing_a_call_without_tools_is_400(
+    gateway: Gateway, scripted: ScriptedNeuron, path: str, body: Any, read: Any, needle: str
+) -> None:
+    response = await fetch("POST", gateway.url + path, json_body=body)
+    assert response.status == 400
+    error = read(response.json())
+    assert (
+        error["message"] == f"tool_choice: {needle} needs tools to call, and the request has none"
+    )
+    assert scripted.requests == []
+
+
 @pytest.mark.parametrize(
     ("path", "body", "read"),
     [
@@ -99,8 +254,11 @@ async def test_unknown_model_is_404_in_dialect(
     response = await fetch("POST", gateway.url + path, json_body=body)
     assert response.status == 404
     error = read(response.json())
-    assert error["type"] == "not_found_error"
     assert "'nope'" in error["message"]
+    if read is anthropic_error:
+        assert error["type"] == "not_found_error"  # Anthropic's type for a 404
+    else:  # OpenAI's answer to an unknown model
+        assert (error["type"], error["code"]) == ("invalid_request_error", "model_not_found")
 
 
 @pytest.mark.parametrize(
@@ -113,7 +271,8 @@ async def test_unknown_model_route_is_404_in_the_callers_dialect(
     """``/v1/models/{id}`` serves both SDKs; an Anthropic one sends ``anthropic-version``."""
     response = await fetch("GET", f"{gateway.url}/v1/models/nope", headers=headers)
     assert response.status == 404
-    assert read(response.json())["type"] == "not_found_error"
+    kind = "not_found_error" if read is anthropic_error else "invalid_request_error"
+    assert read(response.json())["type"] == kind
 
 
 async def test_unknown_route_and_method_are_json(gateway: Gateway) -> None:

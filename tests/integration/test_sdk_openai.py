@@ -134,6 +134,67 @@ async def test_tool_call_stream_deltas(
     }
 
 
+WEATHER_FUNCTION = WEATHER_TOOL["function"]
+
+
+async def test_legacy_functions_are_served_as_tools_and_answered_as_function_call(
+    openai_client: openai.AsyncOpenAI, scripted: ScriptedNeuron
+) -> None:
+    arguments = ['{"city": ', '"Prague"}']
+    scripted.script = Reply(tool_calls=[ToolCallScript("call_7", "get_weather", arguments)])
+    completion = await openai_client.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        functions=[WEATHER_FUNCTION],
+        function_call={"name": "get_weather"},
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "function_call"
+    assert choice.message.tool_calls is None and choice.message.function_call is not None
+    assert choice.message.function_call.name == "get_weather"
+    assert json.loads(choice.message.function_call.arguments) == {"city": "Prague"}
+    sent = scripted.requests[0]
+    assert "functions" not in sent and "function_call" not in sent
+    assert sent["tools"] == [WEATHER_TOOL]
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert sent["parallel_tool_calls"] is False
+
+    scripted.script = Reply(text=["It is sunny."])
+    followup = [
+        *USER,
+        choice.message.model_dump(exclude_none=True),
+        {"role": "function", "name": "get_weather", "content": "22C, sunny"},
+    ]
+    answer = await openai_client.chat.completions.create(
+        model=MODEL, messages=followup, functions=[WEATHER_FUNCTION]
+    )
+    assert answer.choices[0].message.content == "It is sunny."
+    assert answer.choices[0].finish_reason == "stop"
+    turn, result = scripted.requests[1]["messages"][1:]
+    [call] = turn["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": "".join(arguments)}
+    assert result == {"role": "tool", "tool_call_id": call["id"], "content": "22C, sunny"}
+
+
+async def test_legacy_functions_stream_function_call_deltas(
+    openai_client: openai.AsyncOpenAI, scripted: ScriptedNeuron
+) -> None:
+    arguments = ['{"ci', 'ty": "Pra', 'gue"}']
+    scripted.script = Reply(tool_calls=[ToolCallScript("call_1", "get_weather", arguments)])
+    stream = await openai_client.chat.completions.create(
+        model=MODEL, messages=USER, functions=[WEATHER_FUNCTION], stream=True
+    )
+    name, pieces, finish = "", [], None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            assert not choice.delta.tool_calls
+            if choice.delta.function_call is not None:
+                name += choice.delta.function_call.name or ""
+                pieces.append(choice.delta.function_call.arguments or "")
+            finish = choice.finish_reason or finish
+    assert (name, "".join(pieces), finish) == ("get_weather", "".join(arguments), "function_call")
+
+
 async def test_reasoning_content(
     openai_client: openai.AsyncOpenAI, scripted: ScriptedNeuron
 ) -> None:
@@ -174,6 +235,17 @@ async def test_legacy_completions(
     assert "".join([c.choices[0].text async for c in stream if c.choices]) == "one two"
 
 
+async def test_legacy_completions_take_token_ids(
+    openai_client: openai.AsyncOpenAI, scripted: ScriptedNeuron
+) -> None:
+    completion = await openai_client.completions.create(model=MODEL, prompt=[100, 200, 300])
+    assert completion.choices[0].text == "".join(scripted.script.text)
+    assert scripted.requests[0]["prompt"] == [100, 200, 300]
+    with pytest.raises(openai.BadRequestError) as info:
+        await openai_client.completions.create(model=MODEL, prompt=["one", "two"])
+    assert info.value.param == "prompt"
+
+
 async def test_cold_model_is_loaded_then_served(
     openai_client: openai.AsyncOpenAI, scripted: ScriptedNeuron
 ) -> None:
@@ -205,6 +277,7 @@ async def test_unknown_model_is_404(openai_client: openai.AsyncOpenAI, stream: b
             model="no-such-model", messages=USER, stream=stream
         )
     assert info.value.code == "model_not_found"
+    assert info.value.type == "invalid_request_error"  # OpenAI has no not_found_error type
     assert "no-such-model" in info.value.message
 
 

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 
-from helexa.wire.base import IMAGES_UNSUPPORTED, Unsupported, WireModel, parse_body, tag_of
+from helexa.wire.base import (
+    IMAGES_UNSUPPORTED,
+    Unsupported,
+    WireModel,
+    check_tool_choice,
+    parse_body,
+    tag_of,
+)
 
 # -- content blocks ------------------------------------------------------------------------
 
@@ -172,6 +179,15 @@ class CountTokensRequest(WireModel):
     tools: list[AnyTool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _callable(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        if "tools" in info.data:  # else the tools' own error is the one to report
+            named = choice.name if isinstance(choice, ToolChoiceTool) else None
+            forced = "any" if isinstance(choice, ToolChoiceAny) else None
+            check_tool_choice([t.name for t in info.data["tools"] or []], forced, named)
+        return choice
 
 
 class MessagesRequest(CountTokensRequest):

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from helexa.errors import ApiError
 from helexa.wire.errors import error_body
+from helexa.wire.openai.translate import as_function_call
 from helexa.wire.sse import SSE_DONE, Event, sse
 
 
@@ -121,18 +122,22 @@ class OpenAIStream:
     """OpenAI chat or completions chunks, re-serialised with the client's model name.
 
     The neuron always reports usage; it is forwarded only when the client asked with
-    ``stream_options.include_usage``, as OpenAI does.
+    ``stream_options.include_usage``, as OpenAI does. A client that asked with the
+    deprecated ``functions`` gets its call as ``function_call`` deltas (``functions``).
     """
 
-    def __init__(self, model: str, include_usage: bool) -> None:
+    def __init__(self, model: str, include_usage: bool, functions: bool = False) -> None:
         self.model = model
         self.include_usage = include_usage
+        self.functions = functions
 
     def feed(self, chunk: dict[str, Any]) -> bytes:
         if "usage" in chunk and not self.include_usage:
             if not chunk.get("choices"):
                 return b""
             chunk = {k: v for k, v in chunk.items() if k != "usage"}
+        if self.functions:
+            chunk = as_function_call(chunk)
         return sse({**chunk, "model": self.model})
 
     def finish(self) -> bytes:

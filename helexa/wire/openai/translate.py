@@ -49,6 +49,94 @@ def stream_flags(stream: bool | None) -> dict[str, Any]:
     return {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
 
 
+# -- deprecated function calling -----------------------------------------------------------
+# OpenAI still accepts ``functions``/``function_call`` and the ``function`` role. The engine
+# knows tools only, so a request is rewritten in those terms, and the answer back in the
+# old ones: one call as ``message.function_call``, finish_reason "function_call".
+
+
+def _legacy_call_id(index: int) -> str:
+    return f"call_fn{index}"
+
+
+def _tool_messages(messages: list[Any]) -> list[Any]:
+    """Messages with assistant ``function_call``s as tool calls and ``function`` results as
+    tool results; each result answers the latest call (legacy calls carry no id)."""
+    out: list[Any] = []
+    call_id = _legacy_call_id(0)
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            out.append(message)
+        elif message.get("role") == "function":
+            content = message.get("content") or ""
+            out.append({"role": "tool", "tool_call_id": call_id, "content": content})
+        elif message.get("function_call") and not message.get("tool_calls"):
+            call_id = _legacy_call_id(i)
+            function = {"arguments": "", **message["function_call"]}
+            call = {"id": call_id, "type": "function", "function": function}
+            rest = {k: v for k, v in message.items() if k != "function_call"}
+            out.append({**rest, "tool_calls": [call]})
+        else:
+            out.append(message)
+    return out
+
+
+def _legacy_messages(messages: Any) -> bool:
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("role") == "function" or m.get("function_call"))
+        for m in messages
+    )
+
+
+def functions_as_tools(body: dict[str, Any]) -> dict[str, Any]:
+    """A validated chat body in today's terms: ``functions`` as ``tools``, ``function_call``
+    as ``tool_choice`` (one call at a time, as legacy answers hold one), and legacy turns in
+    ``messages`` as tool calls and results. A body without any of them comes back as it is."""
+    legacy_request = "functions" in body or "function_call" in body
+    if not legacy_request and not _legacy_messages(body.get("messages")):
+        return body
+    out = {k: v for k, v in body.items() if k not in ("functions", "function_call")}
+    out["messages"] = _tool_messages(body.get("messages") or [])
+    if body.get("functions"):
+        out["tools"] = [{"type": "function", "function": f} for f in body["functions"]]
+        out["parallel_tool_calls"] = False
+    choice = body.get("function_call")
+    if isinstance(choice, dict):
+        out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+    elif choice is not None:
+        out["tool_choice"] = choice
+    return out
+
+
+def _function_call_part(part: dict[str, Any]) -> dict[str, Any]:
+    """A message or delta with its first tool call as ``function_call``; a delta of a later
+    call has nothing to say in a legacy answer."""
+    calls = part.get("tool_calls")
+    if calls is None:
+        return part
+    out = {k: v for k, v in part.items() if k != "tool_calls"}
+    if calls and calls[0].get("index", 0) == 0:
+        function = calls[0].get("function") or {}
+        out["function_call"] = {k: function[k] for k in ("name", "arguments") if k in function}
+    return out
+
+
+def as_function_call(payload: dict[str, Any]) -> dict[str, Any]:
+    """A chat completion or chunk answered as OpenAI answers a ``functions`` request."""
+    if not payload.get("choices"):
+        return payload
+    choices = []
+    for choice in payload["choices"]:
+        choice = dict(choice)
+        for key in ("message", "delta"):
+            if isinstance(choice.get(key), dict):
+                choice[key] = _function_call_part(choice[key])
+        if choice.get("finish_reason") == "tool_calls":
+            choice["finish_reason"] = "function_call"
+        choices.append(choice)
+    return {**payload, "choices": choices}
+
+
 # -- folding streams -----------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from helexa.wire.base import (
@@ -17,10 +17,17 @@ from helexa.wire.base import (
     IMAGES_UNSUPPORTED,
     Unsupported,
     WireModel,
+    check_tool_choice,
     parse_body,
     tag_of,
 )
-from helexa.wire.openai.envelopes import InputAudioPart, RefusalPart
+from helexa.wire.openai.envelopes import (
+    InputAudioPart,
+    JsonObjectFormat,
+    JsonSchemaSpec,
+    RefusalPart,
+    TextFormat,
+)
 
 STATELESS = "helexa is stateless; send the whole conversation in input"
 
@@ -167,6 +174,21 @@ class FunctionToolChoice(WireModel):
     name: str
 
 
+# -- text format ---------------------------------------------------------------------------
+# Chat's formats (``openai.envelopes``), with a json_schema's fields flat in the format.
+
+
+class JsonSchemaTextFormat(JsonSchemaSpec):
+    type: Literal["json_schema"]
+
+
+class TextConfig(WireModel):
+    format: (
+        Annotated[TextFormat | JsonObjectFormat | JsonSchemaTextFormat, Field(discriminator="type")]
+        | None
+    ) = None
+
+
 class ReasoningConfig(WireModel):
     effort: str | None = None
     summary: str | None = None
@@ -187,12 +209,21 @@ class ResponsesRequest(WireModel):
     top_p: float | None = Field(default=None, ge=0, le=1)
     stream: bool | None = None
     reasoning: ReasoningConfig | None = None
-    text: dict[str, Any] | None = None
+    text: TextConfig | None = None
     store: bool | None = None
     previous_response_id: str | None = None
     conversation: Any = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _callable(cls, choice: Any, info: ValidationInfo) -> Any:
+        if "tools" in info.data:  # else the tools' own error is the one to report
+            named = choice.name if isinstance(choice, FunctionToolChoice) else None
+            forced = "required" if choice == "required" else None
+            check_tool_choice([t.name for t in info.data["tools"] or []], forced, named)
+        return choice
 
     @field_validator("previous_response_id", "conversation")
     @classmethod

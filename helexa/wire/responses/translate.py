@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from helexa.wire.openai.envelopes import JsonObjectFormat
 from helexa.wire.openai.translate import (
     PARAGRAPH,
     first_choice,
@@ -21,6 +22,7 @@ from helexa.wire.responses.envelopes import (
     FunctionCallOutputItem,
     FunctionToolChoice,
     InputItem,
+    JsonSchemaTextFormat,
     MessageItem,
     ReasoningItem,
     ResponsesRequest,
@@ -62,11 +64,11 @@ def responses_to_openai(req: ResponsesRequest) -> dict[str, Any]:
     if effort is not None:
         out["reasoning_effort"] = effort
         out.update(thinking_flags(effort not in ("none", "minimal")))
-    fmt = (req.text or {}).get("format") or {}
-    if fmt.get("type") == "json_object":
+    fmt = req.text.format if req.text else None
+    if isinstance(fmt, JsonObjectFormat):
         out["response_format"] = {"type": "json_object"}
-    elif fmt.get("type") == "json_schema":
-        schema = {k: v for k, v in fmt.items() if k != "type"}
+    elif isinstance(fmt, JsonSchemaTextFormat):
+        schema = fmt.model_dump(by_alias=True, exclude_unset=True, exclude={"type"})
         out["response_format"] = {"type": "json_schema", "json_schema": schema}
     optional = {
         "max_tokens": req.max_output_tokens,
@@ -219,6 +221,7 @@ def responses_envelope(
         tool_choice: Any = req.tool_choice.model_dump()
     else:
         tool_choice = req.tool_choice or "auto"
+    text = req.text.model_dump(by_alias=True, exclude_unset=True) if req.text else {}
     return {
         "id": response_id,
         "object": "response",
@@ -235,7 +238,7 @@ def responses_envelope(
         "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
         "store": False,
         "temperature": req.temperature,
-        "text": req.text or {"format": {"type": "text"}},
+        "text": text or {"format": {"type": "text"}},
         "tool_choice": tool_choice,
         "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
         "top_p": req.top_p,

@@ -129,6 +129,12 @@ def test_anthropic_images_are_refused(block: dict[str, Any], path: str) -> None:
         ),
         ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens", "required"),
         ({"tool_choice": {"type": "tool"}}, "tool_choice.name", "required"),
+        ({"tool_choice": {"type": "any"}}, "tool_choice", "'any' needs tools to call"),
+        (
+            {"tool_choice": {"type": "tool", "name": "f"}},
+            "tool_choice",
+            "names 'f', which is not among the request's tools",
+        ),
     ],
 )
 def test_messages_request_errors(change: dict[str, Any], path: str, needle: str) -> None:

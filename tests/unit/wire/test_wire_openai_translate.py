@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from openai.types import Completion
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from helexa.wire.openai.translate import ChatAccumulator, accumulate_completion
+from helexa.wire.openai.translate import (
+    ChatAccumulator,
+    accumulate_completion,
+    as_function_call,
+    functions_as_tools,
+)
 from tests.support.streams import CREATED, REASONING, TEXT, TOOLS, USAGE, chunk, folded, script
 
 
@@ -108,3 +113,83 @@ def test_accumulate_completion() -> None:
     done = Completion.model_validate(accumulate_completion(chunks))
     assert done.choices[0].text == "Once upon" and done.choices[0].finish_reason == "length"
     assert done.usage is not None and done.usage.total_tokens == USAGE["total_tokens"]
+
+
+# -- deprecated function calling -----------------------------------------------------------
+
+WEATHER = {"name": "weather", "parameters": {"type": "object"}}
+
+
+def test_bodies_without_legacy_function_calling_are_passed_as_they_are() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": []}
+    assert functions_as_tools(body) is body
+
+
+def test_functions_become_tools_and_function_call_a_tool_choice() -> None:
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "x"}],
+        "functions": [WEATHER],
+        "function_call": {"name": "weather"},
+        "temperature": 0,
+    }
+    assert functions_as_tools(body) == {
+        "model": "m",
+        "messages": [{"role": "user", "content": "x"}],
+        "tools": [{"type": "function", "function": WEATHER}],
+        "tool_choice": {"type": "function", "function": {"name": "weather"}},
+        "parallel_tool_calls": False,
+        "temperature": 0,
+    }
+    for word in ("none", "auto"):
+        assert functions_as_tools({**body, "function_call": word})["tool_choice"] == word
+
+
+def test_legacy_turns_become_tool_calls_and_results() -> None:
+    messages = [
+        {"role": "user", "content": "weather in Oslo and Bergen?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "weather"}},
+        {"role": "function", "name": "weather", "content": "sunny"},
+        {"role": "assistant", "function_call": {"name": "weather", "arguments": "{}"}},
+        {"role": "function", "name": "weather", "content": None},
+    ]
+    out = functions_as_tools({"model": "m", "messages": messages})["messages"]
+    first, second = out[1]["tool_calls"][0], out[3]["tool_calls"][0]
+    assert first["function"] == {"name": "weather", "arguments": ""}
+    assert second["function"] == {"name": "weather", "arguments": "{}"}
+    assert first["id"] != second["id"] and "function_call" not in out[1]
+    assert out[2] == {"role": "tool", "tool_call_id": first["id"], "content": "sunny"}
+    assert out[4] == {"role": "tool", "tool_call_id": second["id"], "content": ""}
+    assert out[0] == messages[0]
+
+
+def test_a_tool_call_answer_becomes_a_function_call() -> None:
+    chunks = script(tools=TOOLS, finish="tool_calls")
+    done = as_function_call(folded(chunks))
+    parsed = ChatCompletion.model_validate(done)
+    choice = parsed.choices[0]
+    assert choice.finish_reason == "function_call" and choice.message.tool_calls is None
+    call_id, name, pieces = TOOLS[0]  # a legacy answer holds one call: the first
+    assert choice.message.function_call is not None
+    assert (choice.message.function_call.name, choice.message.function_call.arguments) == (
+        name,
+        "".join(pieces),
+    )
+
+
+def test_tool_call_deltas_become_function_call_deltas() -> None:
+    chunks = [as_function_call(c) for c in script(tools=TOOLS, finish="tool_calls")]
+    for c in chunks:
+        ChatCompletionChunk.model_validate(c)
+        assert all("tool_calls" not in choice["delta"] for choice in c["choices"])
+    deltas = [
+        ch["delta"]["function_call"]
+        for c in chunks
+        for ch in c["choices"]
+        if "function_call" in ch["delta"]
+    ]
+    call_id, name, pieces = TOOLS[0]
+    assert deltas[0] == {"name": name, "arguments": ""}
+    assert [d["arguments"] for d in deltas[1:]] == pieces  # the second call's are dropped
+    assert chunks[-2]["choices"][0]["finish_reason"] == "function_call"
+    assert as_function_call(chunks[-1]) == chunks[-1]  # the usage chunk has no choices

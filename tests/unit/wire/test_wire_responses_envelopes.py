@@ -63,6 +63,20 @@ def test_responses_request_items() -> None:
         ({"tools": [{"type": "function"}]}, "tools.0.name", "required"),
         ({"input": [{"role": "user"}]}, "input.0.content", "required"),
         ({"input": []}, "input", "at least 1"),
+        ({"tool_choice": "required"}, "tool_choice", "'required' needs tools to call"),
+        (
+            {"tool_choice": {"type": "function", "name": "f"}},
+            "tool_choice",
+            "names 'f', which is not among",
+        ),
+        ({"text": {"format": "json"}}, "text.format", "an object"),
+        ({"text": {"format": {"type": "xml"}}}, "text.format.type", "'xml' is not one of"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": "{}"}}},
+            "text.format.schema",
+            "an object",
+        ),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema", ""),
     ],
 )
 def test_responses_request_errors(change: dict[str, Any], path: str, needle: str) -> None:
