@@ -311,7 +311,7 @@ class LoadedModel:
     def stream_completion(self, request: dict[str, Any], cancel: Event) -> Iterator[dict[str, Any]]:
         """``text_completion`` chunks for a legacy completions request (raw prompt, no
         template, no parsing), then a usage chunk."""
-        prompt = completion_prompt(request, self.tokenizer.encode)
+        prompt = completion_prompt(request, self.tokenizer.encode, self.model.vocab_size)
         params, max_tokens = sampling_and_budget(
             request, self.defaults, self.context_length, len(prompt)
         )

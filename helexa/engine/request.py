@@ -186,14 +186,25 @@ def chat_prompt(
     )
 
 
-def completion_prompt(request: dict[str, Any], encode: Callable[[str], list[int]]) -> list[int]:
-    """A legacy completions ``prompt``: one string (encoded) or one list of token ids."""
+def completion_prompt(
+    request: dict[str, Any], encode: Callable[[str], list[int]], vocab_size: int
+) -> list[int]:
+    """A legacy completions ``prompt``: one string (encoded) or one list of token ids, each
+    an id of this model's vocabulary (an id past it would index out of the embedding: on
+    CUDA a device-side assert that breaks every later request on the device)."""
     prompt = request.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         return encode(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise RequestError(
+                f"token id {bad} in 'prompt' is outside this model's vocabulary"
+                f" (0..{vocab_size - 1})",
+                code="invalid_value",
+            )
         return list(prompt)
     raise RequestError("'prompt' must be a string or one list of token ids")
 

@@ -16,6 +16,7 @@ from transformers import Qwen3ForCausalLM
 from helexa.engine.checkpoint.errors import UnsupportedArchitecture
 from helexa.engine.generate import DEFAULT_CONTEXT, LoadedModel, generation_defaults
 from helexa.engine.json_mode import JsonPrefix
+from helexa.engine.request import RequestError
 from helexa.engine.sampling import SamplingParams
 from helexa.engine.text.chat_template import QWEN3_TEMPLATE
 from helexa.engine.text.parsers import OutputParser
@@ -170,3 +171,19 @@ def test_generation_defaults() -> None:
         {"temperature": 0.6, "top_p": 0.95, "eos_token_id": [1, 2]},
         {"top_p": 0.8, "top_k": None, "max_tokens": 100},
     ) == {"temperature": 0.6, "top_p": 0.8, "max_tokens": 100}
+
+
+def test_a_token_id_prompt_is_served_only_inside_the_vocabulary(model_dir: Path) -> None:
+    model = LoadedModel.load(model_dir)
+    vocab = model.model.vocab_size
+
+    def completion(prompt: object) -> list[dict[str, object]]:
+        request = {"prompt": prompt, "max_tokens": 2, "temperature": 0}
+        return list(model.stream_completion(request, threading.Event()))
+
+    assert completion([3, 5, 7])[-1]["usage"]["prompt_tokens"] == 3
+    assert completion([7])[-1]["usage"]["prompt_tokens"] == 1  # one token, not a batch
+    assert completion([[3, 5]])[-1]["usage"]["prompt_tokens"] == 2  # a batch of one
+    for bad in ([3, vocab], [-1]):
+        with pytest.raises(RequestError, match="outside this model's vocabulary"):
+            completion(bad)
