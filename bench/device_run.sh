@@ -3,7 +3,8 @@
 # bench/device_prep.sh. Two stages, each one `run` call well inside its 10-minute limit;
 # call the second within the machine's warm window so the build and the GGUF are still there.
 #   bash bench/device_run.sh 1   start the llama.cpp build (detached), the CUDA tests, helexa's
-#                                side of bench/gpu.py (writes the 8B-shaped Q4_K_M GGUF)
+#                                side of bench/gpu.py (writes the 8B-shaped Q4_K_M GGUF) and
+#                                of bench/serve.py (the same file through helexa --serve)
 #   bash bench/device_run.sh 2   bench/tp.py over every GPU (when there are 2+), then wait
 #                                for the build and run llama.cpp on the same file; the table
 # Everything worth keeping lands in $OUT (logs, results.json).
@@ -28,6 +29,9 @@ if [ "$stage" = 1 ]; then
     tests/engine -rs 2>&1 | tee "$OUT/cuda-tests.log" | tail -15
   timeout 300 python3 bench/gpu.py --gguf "$GGUF" --helexa --out "$OUT" 2>&1 |
     tee "$OUT/gpu-helexa.log" | tail -25
+  # What a request feels: helexa --serve over HTTP on the same file (bench/serve.py).
+  timeout 360 python3 bench/serve.py --gguf "$GGUF" --out "$OUT" 2>&1 |
+    tee "$OUT/serve-helexa.log" | tail -20
 elif [ "$stage" = 2 ]; then
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     timeout 240 python3 bench/tp.py --gguf "$GGUF" --world 2 --out "$OUT" 2>&1 |
@@ -41,6 +45,8 @@ elif [ "$stage" = 2 ]; then
   cp /tmp/llama-build.log /tmp/llama/build.log "$OUT/" 2>/dev/null
   timeout 300 python3 bench/gpu.py --gguf "$GGUF" --llama-work /tmp/llama --out "$OUT" 2>&1 |
     tee "$OUT/gpu-llama.log" | tail -30
+  timeout 240 python3 bench/serve.py --gguf "$GGUF" --llama-work /tmp/llama --out "$OUT" 2>&1 |
+    tee "$OUT/serve-llama.log" | tail -20
 else
   echo "stage must be 1 or 2" >&2
   exit 2
