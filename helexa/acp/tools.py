@@ -57,7 +57,8 @@ from acp.schema import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from helexa.acp.providers.base import Cancelled, ToolCall, ToolSpec, race_cancel, text_field
+from helexa.acp.providers.base import Cancelled, ToolCall, ToolSpec, race_cancel
+from helexa.acp.providers.decoder import text_field
 
 ToolContent = ContentToolCallContent | FileEditToolCallContent | TerminalToolCallContent
 Progress = Callable[[list[ToolContent]], Awaitable[None]]

@@ -35,21 +35,23 @@ from helexa.acp.config import AcpSettings, Endpoint, Selection
 from helexa.acp.providers import build_provider
 from helexa.acp.providers.base import (
     Cancelled,
-    Finish,
-    FinishReason,
     HttpProvider,
     Message,
+    ProviderRequest,
+    ToolCall,
+    race_cancel,
+)
+from helexa.acp.providers.events import (
+    Finish,
+    FinishReason,
     ProviderError,
     ProviderEvent,
-    ProviderRequest,
     ReasoningDelta,
     TextDelta,
-    ToolCall,
     ToolCallComplete,
     ToolCallStart,
     Unreachable,
     Usage,
-    race_cancel,
 )
 from helexa.acp.session import LiveSession, SessionStore, compact, estimate_tokens, request_budget
 from helexa.acp.tools import TOOL_SPECS, TOOLS, ToolContent, ToolHost, is_shown

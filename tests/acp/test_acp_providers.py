@@ -24,22 +24,18 @@ from helexa.acp.config import Endpoint
 from helexa.acp.providers import build_provider
 from helexa.acp.providers.anthropic_messages import AnthropicMessagesDecoder
 from helexa.acp.providers.anthropic_messages import encode as encode_anthropic
-from helexa.acp.providers.base import (
+from helexa.acp.providers.base import Message, ProviderRequest, ToolCall, ToolSpec, api_root
+from helexa.acp.providers.events import (
     Finish,
-    Message,
     ProviderError,
     ProviderEvent,
-    ProviderRequest,
     ReasoningDelta,
     TextDelta,
-    ToolCall,
     ToolCallArgsDelta,
     ToolCallComplete,
     ToolCallStart,
-    ToolSpec,
     Unreachable,
     Usage,
-    api_root,
 )
 from helexa.acp.providers.openai_chat import OpenAIChatDecoder
 from helexa.acp.providers.openai_chat import encode as encode_chat

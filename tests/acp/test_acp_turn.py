@@ -15,7 +15,7 @@ from acp.schema import AgentMessageChunk
 
 from helexa.acp import turn as turn_module
 from helexa.acp.config import Endpoint, Selection
-from helexa.acp.providers.base import ProviderError, Unreachable
+from helexa.acp.providers.events import ProviderError, Unreachable
 from helexa.acp.session import ELIDED, LiveSession, SessionRecord, request_budget
 from helexa.acp.turn import learn_window
 from tests.acp.harness import (
