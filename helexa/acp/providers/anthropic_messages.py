@@ -176,11 +176,7 @@ class AnthropicMessagesDecoder(Decoder):
         if kind != "input_json_delta":
             return _text(delta, kind, "_delta")
         call = self._call_at(payload)
-        part = delta.get("partial_json")
-        if call is None or call.complete or not isinstance(part, str) or not part:
-            return []
-        call.arguments += part
-        return [events.ToolCallArgsDelta(call.id, part)]
+        return call.add_arguments(delta.get("partial_json")) if call else []
 
     def _call_at(self, payload: dict[str, Any]) -> PendingCall | None:
         index = payload.get("index")

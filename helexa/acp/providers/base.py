@@ -61,6 +61,10 @@ class ToolSpec:
     description: str
     parameters: dict[str, Any]
 
+    def function(self) -> dict[str, Any]:
+        """The tool as OpenAI's function object, which chat nests and Responses inlines."""
+        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+
 
 @dataclass
 class ProviderRequest:

@@ -16,6 +16,7 @@ from helexa.acp.providers.events import (
     FinishReason,
     ProviderError,
     ProviderEvent,
+    ToolCallArgsDelta,
     ToolCallComplete,
     Usage,
 )
@@ -86,6 +87,14 @@ class PendingCall:
     name: str = ""
     arguments: str = ""
     complete: bool = False
+
+    def add_arguments(self, part: Any) -> list[ProviderEvent]:
+        """A piece of the arguments as it streamed: its :class:`ToolCallArgsDelta`, or nothing
+        for an empty or non-text piece, or once the call is whole."""
+        if self.complete or not isinstance(part, str) or not part:
+            return []
+        self.arguments += part
+        return [ToolCallArgsDelta(self.id, part)]
 
     def completed(self) -> list[ProviderEvent]:
         """Its :class:`ToolCallComplete`, the first time only: a server may end a call twice

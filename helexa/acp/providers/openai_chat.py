@@ -46,17 +46,7 @@ def encode(request: ProviderRequest) -> dict[str, Any]:
         "stream_options": {"include_usage": True},
     }
     if request.tools:
-        body["tools"] = [
-            {
-                "type": "function",
-                "function": {
-                    "name": t.name,
-                    "description": t.description,
-                    "parameters": t.parameters,
-                },
-            }
-            for t in request.tools
-        ]
+        body["tools"] = [{"type": "function", "function": t.function()} for t in request.tools]
     if request.max_tokens:
         body["max_tokens"] = request.max_tokens
     return body

@@ -41,14 +41,7 @@ def encode(request: ProviderRequest) -> dict[str, Any]:
     if request.tools:
         # strict defaults to true on this API, which demands schemas we do not promise.
         body["tools"] = [
-            {
-                "type": "function",
-                "name": t.name,
-                "description": t.description,
-                "parameters": t.parameters,
-                "strict": False,
-            }
-            for t in request.tools
+            {"type": "function", **t.function(), "strict": False} for t in request.tools
         ]
     if request.max_tokens:
         body["max_output_tokens"] = request.max_tokens
@@ -77,11 +70,7 @@ class OpenAIResponsesDecoder(Decoder):
             return self._added(payload)
         if kind == "response.function_call_arguments.delta":
             call = self._lookup(payload)
-            delta = payload.get("delta")
-            if call is None or call.complete or not isinstance(delta, str) or not delta:
-                return []
-            call.arguments += delta
-            return [events.ToolCallArgsDelta(call.id, delta)]
+            return call.add_arguments(payload.get("delta")) if call else []
         if kind == "response.function_call_arguments.done":
             return self._complete(self._lookup(payload), payload.get("arguments"))
         if kind == "response.output_item.done":
