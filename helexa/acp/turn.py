@@ -92,26 +92,17 @@ class _Reply:
         return Message("assistant", "".join(self.text), "".join(self.reasoning), list(self.calls))
 
 
+@dataclass(eq=False)  # a live object, not a value: compared by identity
 class Turn:
     """One prompt of ``live``, already in its history as the last user message."""
 
-    def __init__(
-        self,
-        live: LiveSession,
-        settings: AcpSettings,
-        client: Client,
-        http: aiohttp.ClientSession,
-        store: SessionStore,
-        host: ToolHost,
-        cancel: asyncio.Event,
-    ) -> None:
-        self.live = live
-        self.settings = settings
-        self.client = client
-        self.http = http
-        self.store = store
-        self.host = host
-        self.cancel = cancel
+    live: LiveSession
+    settings: AcpSettings
+    client: Client
+    http: aiohttp.ClientSession
+    store: SessionStore
+    host: ToolHost
+    cancel: asyncio.Event
 
     async def run(self) -> StopReason:
         live, cancel = self.live, self.cancel
