@@ -20,7 +20,6 @@ from helexa.acp.session import ELIDED, LiveSession, SessionRecord, request_budge
 from helexa.acp.turn import learn_window
 from tests.acp.harness import (
     WAIT_S,
-    WIRE_APIS,
     Call,
     Editor,
     Recorded,
@@ -36,7 +35,6 @@ from tests.acp.harness import (
 # -- cancellation -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("wire_api", WIRE_APIS)
 async def test_cancel_mid_stream_closes_the_upstream(
     wire_api: str, workspace: Path, xdg: dict[str, str]
 ) -> None:
