@@ -70,6 +70,14 @@ def check_listen(value: str) -> str:
     return value
 
 
+def check_http_url(value: str) -> str:
+    """``value`` without a trailing slash when it is an ``http(s)://`` URL; ValueError
+    otherwise, so it serves as a pydantic field validator."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http(s):// URL, got {value!r}")
+    return value.rstrip("/")
+
+
 def split_listen(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)
@@ -136,12 +144,7 @@ class NeuronEndpoint(_Strict):
     endpoint: str
     token: str | None = None
 
-    @field_validator("endpoint")
-    @classmethod
-    def _http(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(f"expected an http(s):// URL, got {value!r}")
-        return value.rstrip("/")
+    _endpoint = field_validator("endpoint")(check_http_url)
 
 
 class LocalSettings(_Strict):

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from helexa.config import (
     DEFAULT_GATEWAY_PORT,
     ConfigError,
+    check_http_url,
     check_listen,
     config_dir,
     env_overrides,
@@ -75,12 +76,7 @@ class EndpointConfig(BaseModel):
             raise ValueError("must not contain ':' (selectors read endpoint:model)")
         return value
 
-    @field_validator("base_url")
-    @classmethod
-    def _http(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(f"expected an http(s):// URL, got {value!r}")
-        return value.rstrip("/")
+    _base_url = field_validator("base_url")(check_http_url)
 
 
 class AcpFile(BaseModel):

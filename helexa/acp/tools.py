@@ -57,7 +57,8 @@ from acp.schema import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from helexa.acp.providers.base import Cancelled, ToolCall, ToolSpec, race_cancel, text_field
+from helexa.acp.providers.base import Cancelled, ToolCall, ToolSpec, race_cancel
+from helexa.acp.providers.decoder import text_field
 
 ToolContent = ContentToolCallContent | FileEditToolCallContent | TerminalToolCallContent
 Progress = Callable[[list[ToolContent]], Awaitable[None]]
@@ -561,22 +562,15 @@ class Description:
     raw_input: Any
 
 
+@dataclass(eq=False)  # a live object, not a value: compared by identity
 class ToolHost:
     """One session's tools, bound to the editor connection and the session's workspace."""
 
-    def __init__(
-        self,
-        client: Client,
-        session_id: str,
-        workspace: Workspace,
-        caps: ClientCaps,
-        always_allowed: set[str],
-    ) -> None:
-        self.client = client
-        self.session_id = session_id
-        self.workspace = workspace
-        self.caps = caps
-        self.always_allowed = always_allowed
+    client: Client
+    session_id: str
+    workspace: Workspace
+    caps: ClientCaps
+    always_allowed: set[str]
 
     def describe(self, name: str, arguments: str) -> Description:
         """Title, kind and location for the editor; never fails (bad args show as raw)."""

@@ -35,21 +35,23 @@ from helexa.acp.config import AcpSettings, Endpoint, Selection
 from helexa.acp.providers import build_provider
 from helexa.acp.providers.base import (
     Cancelled,
-    Finish,
-    FinishReason,
     HttpProvider,
     Message,
+    ProviderRequest,
+    ToolCall,
+    race_cancel,
+)
+from helexa.acp.providers.events import (
+    Finish,
+    FinishReason,
     ProviderError,
     ProviderEvent,
-    ProviderRequest,
     ReasoningDelta,
     TextDelta,
-    ToolCall,
     ToolCallComplete,
     ToolCallStart,
     Unreachable,
     Usage,
-    race_cancel,
 )
 from helexa.acp.session import LiveSession, SessionStore, compact, estimate_tokens, request_budget
 from helexa.acp.tools import TOOL_SPECS, TOOLS, ToolContent, ToolHost, is_shown
@@ -90,26 +92,17 @@ class _Reply:
         return Message("assistant", "".join(self.text), "".join(self.reasoning), list(self.calls))
 
 
+@dataclass(eq=False)  # a live object, not a value: compared by identity
 class Turn:
     """One prompt of ``live``, already in its history as the last user message."""
 
-    def __init__(
-        self,
-        live: LiveSession,
-        settings: AcpSettings,
-        client: Client,
-        http: aiohttp.ClientSession,
-        store: SessionStore,
-        host: ToolHost,
-        cancel: asyncio.Event,
-    ) -> None:
-        self.live = live
-        self.settings = settings
-        self.client = client
-        self.http = http
-        self.store = store
-        self.host = host
-        self.cancel = cancel
+    live: LiveSession
+    settings: AcpSettings
+    client: Client
+    http: aiohttp.ClientSession
+    store: SessionStore
+    host: ToolHost
+    cancel: asyncio.Event
 
     async def run(self) -> StopReason:
         live, cancel = self.live, self.cancel

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.acp.harness import WIRE_APIS
+
 
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
@@ -20,3 +22,9 @@ def xdg(tmp_path: Path) -> dict[str, str]:
         "XDG_DATA_HOME": str(tmp_path / "data"),
         "HELEXA_ACP_LOG": "INFO",
     }
+
+
+@pytest.fixture(params=WIRE_APIS)
+def wire_api(request: pytest.FixtureRequest) -> str:
+    """Each wire API in turn: a test that takes ``wire_api`` runs once per wire."""
+    return str(request.param)

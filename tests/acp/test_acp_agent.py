@@ -23,7 +23,6 @@ from acp.schema import (
 
 from helexa.acp.agent import prompt_text
 from tests.acp.harness import (
-    WIRE_APIS,
     Call,
     Editor,
     Turn,
@@ -40,7 +39,6 @@ from tests.acp.harness import (
 # -- tools through the editor ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("wire_api", WIRE_APIS)
 async def test_read_file_goes_through_the_editor_fs(
     wire_api: str, workspace: Path, xdg: dict[str, str]
 ) -> None:
@@ -205,7 +203,6 @@ def plan_call(call_id: str, *steps: tuple[str, str, str]) -> Call:
     return Call(call_id, "update_plan", {"entries": entries})
 
 
-@pytest.mark.parametrize("wire_api", WIRE_APIS)
 async def test_update_plan_becomes_a_plan_session_update(
     wire_api: str, workspace: Path, xdg: dict[str, str]
 ) -> None:

@@ -12,7 +12,7 @@ from acp import RequestError
 from helexa.config import ModelProfile
 from helexa.cortex.catalogue import Catalogue
 from helexa.cortex.fleet import Fleet
-from tests.acp.harness import WIRE_APIS, Editor, env_for, prompt_once
+from tests.acp.harness import Editor, env_for, prompt_once
 
 servers = pytest.importorskip("tests.support.servers")  # the gateway's own test harness
 scripted = pytest.importorskip("tests.support.scripted_neuron")
@@ -27,7 +27,6 @@ def model_turns(request: dict[str, Any]) -> Any:
     return scripted.Reply(text=["The file says: ", results[-1].strip()])
 
 
-@pytest.mark.parametrize("wire_api", WIRE_APIS)
 async def test_agent_through_the_helexa_gateway(
     wire_api: str, workspace: Path, xdg: dict[str, str]
 ) -> None:
@@ -69,7 +68,6 @@ async def test_the_gateway_context_length_sizes_the_answer(
     assert request["max_tokens"] == 1024
 
 
-@pytest.mark.parametrize("wire_api", WIRE_APIS)
 async def test_a_keyed_local_gateway_needs_no_acp_config(
     wire_api: str, workspace: Path, xdg: dict[str, str]
 ) -> None:

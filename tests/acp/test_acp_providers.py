@@ -24,22 +24,18 @@ from helexa.acp.config import Endpoint
 from helexa.acp.providers import build_provider
 from helexa.acp.providers.anthropic_messages import AnthropicMessagesDecoder
 from helexa.acp.providers.anthropic_messages import encode as encode_anthropic
-from helexa.acp.providers.base import (
+from helexa.acp.providers.base import Message, ProviderRequest, ToolCall, ToolSpec, api_root
+from helexa.acp.providers.events import (
     Finish,
-    Message,
     ProviderError,
     ProviderEvent,
-    ProviderRequest,
     ReasoningDelta,
     TextDelta,
-    ToolCall,
     ToolCallArgsDelta,
     ToolCallComplete,
     ToolCallStart,
-    ToolSpec,
     Unreachable,
     Usage,
-    api_root,
 )
 from helexa.acp.providers.openai_chat import OpenAIChatDecoder
 from helexa.acp.providers.openai_chat import encode as encode_chat
@@ -84,6 +80,21 @@ def run(decoder: Any, events: list[SSEEvent], end: bool = True) -> list[Provider
     for event in events:
         out += decoder.feed(event)
     return out + (decoder.end() if end else [])
+
+
+def one_call_answer(call_id: str, first: str, rest: str, usage: Usage) -> list[ProviderEvent]:
+    """What each wire's streaming test decodes to, the same answer whatever the wire: a thought,
+    a text, one read_file call whose arguments came in two pieces, the usage, the end."""
+    return [
+        ReasoningDelta("hmm"),
+        TextDelta("Hi"),
+        ToolCallStart(call_id, "read_file"),
+        ToolCallArgsDelta(call_id, first),
+        ToolCallArgsDelta(call_id, rest),
+        ToolCallComplete(call_id, "read_file", '{"path": "a"}'),
+        usage,
+        Finish("tool_calls"),
+    ]
 
 
 # -- OpenAI chat ----------------------------------------------------------------------------
@@ -140,16 +151,9 @@ def test_chat_decoder_streams_text_reasoning_tools_and_usage() -> None:
         {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12,
                                   "prompt_tokens_details": {"cached_tokens": 3}}},
     ) + [SSEEvent(None, "[DONE]")]  # fmt: skip
-    assert run(OpenAIChatDecoder(), events) == [
-        ReasoningDelta("hmm"),
-        TextDelta("Hi"),
-        ToolCallStart("c1", "read_file"),
-        ToolCallArgsDelta("c1", '{"pa'),
-        ToolCallArgsDelta("c1", 'th": "a"}'),
-        ToolCallComplete("c1", "read_file", '{"path": "a"}'),
-        Usage(7, 5, 3),
-        Finish("tool_calls"),
-    ]
+    assert run(OpenAIChatDecoder(), events) == one_call_answer(
+        "c1", '{"pa', 'th": "a"}', Usage(7, 5, 3)
+    )
 
 
 def test_chat_decoder_waits_for_a_tool_name_and_keeps_early_arguments() -> None:
@@ -281,16 +285,9 @@ def test_responses_decoder_streams_items() -> None:
                    "input_tokens_details": {"cached_tokens": 2, "cache_write_tokens": 0},
                    "output_tokens_details": {"reasoning_tokens": 0}}}},
     )  # fmt: skip
-    assert run(OpenAIResponsesDecoder(), events) == [
-        ReasoningDelta("hmm"),
-        TextDelta("Hi"),
-        ToolCallStart("call_1", "read_file"),
-        ToolCallArgsDelta("call_1", '{"path":'),
-        ToolCallArgsDelta("call_1", ' "a"}'),
-        ToolCallComplete("call_1", "read_file", '{"path": "a"}'),
-        Usage(9, 4, 2),
-        Finish("tool_calls"),
-    ]
+    assert run(OpenAIResponsesDecoder(), events) == one_call_answer(
+        "call_1", '{"path":', ' "a"}', Usage(9, 4, 2)
+    )
 
 
 def test_responses_decoder_incomplete_failed_and_malformed() -> None:
@@ -422,16 +419,9 @@ def test_anthropic_decoder_streams_blocks() -> None:
          "usage": {"output_tokens": 15}},
         {"type": "message_stop"},
     )  # fmt: skip
-    assert run(AnthropicMessagesDecoder(), events) == [
-        ReasoningDelta("hmm"),
-        TextDelta("Hi"),
-        ToolCallStart("toolu_1", "read_file"),
-        ToolCallArgsDelta("toolu_1", '{"path": '),
-        ToolCallArgsDelta("toolu_1", '"a"}'),
-        ToolCallComplete("toolu_1", "read_file", '{"path": "a"}'),
-        Usage(25, 15, 5),
-        Finish("tool_calls"),
-    ]
+    assert run(AnthropicMessagesDecoder(), events) == one_call_answer(
+        "toolu_1", '{"path": ', '"a"}', Usage(25, 15, 5)
+    )
 
 
 def test_anthropic_decoder_stop_reasons_errors_and_malformed() -> None:

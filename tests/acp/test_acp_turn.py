@@ -15,12 +15,11 @@ from acp.schema import AgentMessageChunk
 
 from helexa.acp import turn as turn_module
 from helexa.acp.config import Endpoint, Selection
-from helexa.acp.providers.base import ProviderError, Unreachable
+from helexa.acp.providers.events import ProviderError, Unreachable
 from helexa.acp.session import ELIDED, LiveSession, SessionRecord, request_budget
 from helexa.acp.turn import learn_window
 from tests.acp.harness import (
     WAIT_S,
-    WIRE_APIS,
     Call,
     Editor,
     Recorded,
@@ -36,7 +35,6 @@ from tests.acp.harness import (
 # -- cancellation -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("wire_api", WIRE_APIS)
 async def test_cancel_mid_stream_closes_the_upstream(
     wire_api: str, workspace: Path, xdg: dict[str, str]
 ) -> None:

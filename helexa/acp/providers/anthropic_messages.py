@@ -13,24 +13,9 @@ import json
 from typing import Any
 
 from helexa.acp.config import DEFAULT_CONTEXT_WINDOW, answer_reserve
-from helexa.acp.providers.base import (
-    Decoder,
-    Finish,
-    FinishReason,
-    HttpProvider,
-    PendingCall,
-    ProviderError,
-    ProviderEvent,
-    ProviderRequest,
-    ReasoningDelta,
-    TextDelta,
-    ToolCallArgsDelta,
-    ToolCallStart,
-    Usage,
-    as_int,
-    error_text,
-    text_field,
-)
+from helexa.acp.providers import events
+from helexa.acp.providers.base import HttpProvider, ProviderRequest
+from helexa.acp.providers.decoder import Decoder, PendingCall, as_int, error_text, text_field
 
 ANTHROPIC_VERSION = "2023-06-01"
 # The API requires max_tokens; without an endpoint to size it by, assume the default window.
@@ -99,7 +84,7 @@ def encode(
     return body
 
 
-_STOP: dict[str, FinishReason] = {
+_STOP: dict[str, events.FinishReason] = {
     "end_turn": "stop",
     "stop_sequence": "stop",
     "pause_turn": "stop",
@@ -110,13 +95,13 @@ _STOP: dict[str, FinishReason] = {
 }
 
 
-def _text(obj: dict[str, Any], kind: Any, suffix: str) -> list[ProviderEvent]:
+def _text(obj: dict[str, Any], kind: Any, suffix: str) -> list[events.ProviderEvent]:
     """Text or thinking in a content block (``suffix`` "") or in a delta to one ("_delta"):
     both carry it under the same key, ``text`` or ``thinking``."""
     if kind == f"text{suffix}" and (text := text_field(obj, "text")):
-        return [TextDelta(text)]
+        return [events.TextDelta(text)]
     if kind == f"thinking{suffix}" and (thinking := text_field(obj, "thinking")):
-        return [ReasoningDelta(thinking)]
+        return [events.ReasoningDelta(thinking)]
     return []
 
 
@@ -129,7 +114,7 @@ class AnthropicMessagesDecoder(Decoder):
         self._input_tokens = 0
         self._cached_tokens = 0
 
-    def _decode(self, payload: dict[str, Any], kind: Any) -> list[ProviderEvent]:
+    def _decode(self, payload: dict[str, Any], kind: Any) -> list[events.ProviderEvent]:
         if kind == "message_start":
             message = payload.get("message")
             usage = message.get("usage") if isinstance(message, dict) else None
@@ -153,11 +138,11 @@ class AnthropicMessagesDecoder(Decoder):
                 return []
             self._usage_in(usage)
             output = as_int(usage.get("output_tokens"))
-            return [Usage(self._input_tokens, output, self._cached_tokens)]
+            return [events.Usage(self._input_tokens, output, self._cached_tokens)]
         if kind == "message_stop":
             return self._finish()
         if kind == "error":
-            raise ProviderError(error_text(payload))
+            raise events.ProviderError(error_text(payload))
         return []  # ping, and whatever Anthropic adds next
 
     def _usage_in(self, usage: dict[str, Any]) -> None:
@@ -168,7 +153,7 @@ class AnthropicMessagesDecoder(Decoder):
         self._input_tokens = as_int(usage.get("input_tokens")) + cached + written
         self._cached_tokens = cached
 
-    def _block_start(self, payload: dict[str, Any]) -> list[ProviderEvent]:
+    def _block_start(self, payload: dict[str, Any]) -> list[events.ProviderEvent]:
         block = payload.get("content_block")
         if not isinstance(block, dict):
             return []
@@ -177,13 +162,13 @@ class AnthropicMessagesDecoder(Decoder):
             return _text(block, kind, "")
         call = PendingCall(block.get("id") or f"toolu_{payload['index']}", block.get("name") or "")
         self._calls[payload["index"]] = call
-        out: list[ProviderEvent] = [ToolCallStart(call.id, call.name)]
+        out: list[events.ProviderEvent] = [events.ToolCallStart(call.id, call.name)]
         if isinstance(block.get("input"), dict) and block["input"]:
             call.arguments = json.dumps(block["input"])
-            out.append(ToolCallArgsDelta(call.id, call.arguments))
+            out.append(events.ToolCallArgsDelta(call.id, call.arguments))
         return out
 
-    def _block_delta(self, payload: dict[str, Any]) -> list[ProviderEvent]:
+    def _block_delta(self, payload: dict[str, Any]) -> list[events.ProviderEvent]:
         delta = payload.get("delta")
         if not isinstance(delta, dict):
             return []
@@ -191,23 +176,19 @@ class AnthropicMessagesDecoder(Decoder):
         if kind != "input_json_delta":
             return _text(delta, kind, "_delta")
         call = self._call_at(payload)
-        part = delta.get("partial_json")
-        if call is None or call.complete or not isinstance(part, str) or not part:
-            return []
-        call.arguments += part
-        return [ToolCallArgsDelta(call.id, part)]
+        return call.add_arguments(delta.get("partial_json")) if call else []
 
     def _call_at(self, payload: dict[str, Any]) -> PendingCall | None:
         index = payload.get("index")
         return self._calls.get(index) if isinstance(index, int) else None
 
-    def _finish(self) -> list[ProviderEvent]:
+    def _finish(self) -> list[events.ProviderEvent]:
         self._done = True
-        out: list[ProviderEvent] = []
+        out: list[events.ProviderEvent] = []
         for call in self._calls.values():
             out += call.completed()
         reason = self._reason or ("tool_calls" if self._calls else "stop")
-        return [*out, Finish(reason)]
+        return [*out, events.Finish(reason)]
 
 
 class AnthropicMessagesProvider(HttpProvider):

@@ -1,10 +1,9 @@
 """What a prompt turn (:mod:`helexa.acp.turn`) sees of a model, whatever wire API carries it.
 
 A turn builds a :class:`ProviderRequest` (conversation, tools, system prompt) and reads
-:data:`ProviderEvent` values back; each wire module turns the one into a request body and
-the server's SSE stream into the other. Decoders (each a :class:`Decoder`) are pure state
-machines fed one :class:`~helexa.wire.sse.SSEEvent` at a time, so every shape is testable
-without I/O;
+:data:`~helexa.acp.providers.events.ProviderEvent` values back; each wire module turns the
+one into a request body and the server's SSE stream into the other (through its
+:class:`~helexa.acp.providers.decoder.Decoder`, which does no I/O).
 :class:`HttpProvider` is the only place that touches the network.
 """
 
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -21,9 +19,9 @@ from typing import Any, ClassVar, Literal, Protocol, TypeVar
 import aiohttp
 
 from helexa.acp.config import Endpoint
+from helexa.acp.providers.decoder import Decoder, error_text
+from helexa.acp.providers.events import ProviderError, ProviderEvent, Unreachable
 from helexa.wire.sse import SSEDecoder, SSEEvent
-
-log = logging.getLogger("helexa.acp.providers")
 
 T = TypeVar("T")
 LOOKUP_TIMEOUT = aiohttp.ClientTimeout(total=10)
@@ -63,6 +61,10 @@ class ToolSpec:
     description: str
     parameters: dict[str, Any]
 
+    def function(self) -> dict[str, Any]:
+        """The tool as OpenAI's function object, which chat nests and Responses inlines."""
+        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+
 
 @dataclass
 class ProviderRequest:
@@ -73,69 +75,7 @@ class ProviderRequest:
     max_tokens: int | None = None
 
 
-# -- the stream ----------------------------------------------------------------------------
-
-FinishReason = Literal["stop", "length", "tool_calls", "refusal"]
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class ReasoningDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class ToolCallStart:
-    id: str
-    name: str
-
-
-@dataclass(frozen=True)
-class ToolCallArgsDelta:
-    id: str
-    delta: str
-
-
-@dataclass(frozen=True)
-class ToolCallComplete:
-    id: str
-    name: str
-    arguments: str
-
-
-@dataclass(frozen=True)
-class Usage:
-    input_tokens: int
-    output_tokens: int
-    cached_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class Finish:
-    reason: FinishReason
-
-
-ProviderEvent = (
-    TextDelta
-    | ReasoningDelta
-    | ToolCallStart
-    | ToolCallArgsDelta
-    | ToolCallComplete
-    | Usage
-    | Finish
-)
-
-
-class ProviderError(Exception):
-    """The upstream refused, failed or broke the stream; the message is for a human."""
-
-
-class Unreachable(ProviderError):
-    """No answer at all (refused, dropped, timed out), as opposed to an error response."""
+# -- the provider --------------------------------------------------------------------------
 
 
 class Cancelled(Exception):
@@ -152,118 +92,6 @@ class Provider(Protocol):
     async def list_models(self) -> list[str]: ...
 
     async def context_length(self, model: str) -> int | None: ...
-
-
-# -- helpers shared by the decoders --------------------------------------------------------
-
-
-def parse_json(event: SSEEvent) -> dict[str, Any] | None:
-    """The event's JSON object, or None (logged) when a server sent something malformed.
-
-    One bad chunk must not kill a turn that is otherwise fine, so decoders skip it.
-    """
-    try:
-        value = json.loads(event.data)
-    except ValueError:
-        log.warning("skipping malformed SSE payload: %.200r", event.data)
-        return None
-    if not isinstance(value, dict):
-        log.warning("skipping non-object SSE payload: %.200r", event.data)
-        return None
-    return value
-
-
-def error_text(body: Any) -> str:
-    """The human part of an OpenAI/Anthropic error body, whatever its exact nesting."""
-    if isinstance(body, dict):
-        err = body.get("error", body)
-        if isinstance(err, dict):
-            message = err.get("message") or err.get("detail")
-            kind = err.get("type") or err.get("code")
-            if message:
-                return f"{kind}: {message}" if isinstance(kind, str) else str(message)
-        elif isinstance(err, str):
-            return err
-    return json.dumps(body)[:500]
-
-
-def as_int(value: Any) -> int:
-    return value if isinstance(value, int) else 0
-
-
-def text_field(obj: dict[str, Any], key: str) -> str:
-    """``obj[key]`` when it is a string, else "": servers send nulls where text would go."""
-    value = obj.get(key)
-    return value if isinstance(value, str) else ""
-
-
-def openai_usage(usage: dict[str, Any], input_key: str, output_key: str) -> Usage:
-    """OpenAI's usage object under either API's names (chat: ``prompt_tokens`` /
-    ``completion_tokens``, Responses: ``input_tokens`` / ``output_tokens``); both put the
-    cached count in ``<input_key>_details``."""
-    details = usage.get(f"{input_key}_details")
-    cached = as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    return Usage(as_int(usage.get(input_key)), as_int(usage.get(output_key)), cached)
-
-
-# -- decoders ------------------------------------------------------------------------------
-
-
-@dataclass
-class PendingCall:
-    """A tool call still streaming: its arguments gather until the server says it is whole."""
-
-    id: str
-    name: str = ""
-    arguments: str = ""
-    complete: bool = False
-
-    def completed(self) -> list[ProviderEvent]:
-        """Its :class:`ToolCallComplete`, the first time only: a server may end a call twice
-        (its own done event, then the end of the answer)."""
-        if self.complete:
-            return []
-        self.complete = True
-        return [ToolCallComplete(self.id, self.name, self.arguments or "{}")]
-
-
-class Decoder:
-    """One wire's SSE stream as :data:`ProviderEvent` values, one event at a time.
-
-    A subclass reads each JSON payload in :meth:`_decode` and sets ``_reason`` once the server
-    says how the answer ended; after :meth:`_finish` (``_done``) further events are ignored,
-    and a stream that stops with no reason yet was cut short.
-    """
-
-    truncated: ClassVar[str]  # the error for a stream that stopped before its end
-
-    def __init__(self) -> None:
-        self._reason: FinishReason | None = None
-        self._done = False
-
-    def feed(self, event: SSEEvent) -> list[ProviderEvent]:
-        if self._done:
-            return []
-        payload = parse_json(event)
-        if payload is None:
-            return []
-        return self._decode(payload, payload.get("type") or event.event)
-
-    def end(self) -> list[ProviderEvent]:
-        """The byte stream ended: flush what is pending, or raise if it was cut short."""
-        if self._done:
-            return []
-        if self._reason is None:
-            raise ProviderError(self.truncated)
-        return self._finish()
-
-    def _decode(self, payload: dict[str, Any], kind: Any) -> list[ProviderEvent]:
-        """One payload; ``kind`` is its ``type``, else the SSE event name."""
-        raise NotImplementedError
-
-    def _finish(self) -> list[ProviderEvent]:
-        """The answer is over: complete what is pending and say why it ended."""
-        raise NotImplementedError
 
 
 # -- cancellation --------------------------------------------------------------------------

@@ -10,23 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from helexa.acp.providers.base import (
-    Decoder,
-    Finish,
-    FinishReason,
-    HttpProvider,
-    PendingCall,
-    ProviderError,
-    ProviderEvent,
-    ProviderRequest,
-    ReasoningDelta,
-    TextDelta,
-    ToolCallArgsDelta,
-    ToolCallStart,
-    error_text,
-    openai_usage,
-    text_field,
-)
+from helexa.acp.providers import events
+from helexa.acp.providers.base import HttpProvider, ProviderRequest
+from helexa.acp.providers.decoder import Decoder, PendingCall, error_text, openai_usage, text_field
 from helexa.wire.sse import SSEEvent
 
 
@@ -60,23 +46,13 @@ def encode(request: ProviderRequest) -> dict[str, Any]:
         "stream_options": {"include_usage": True},
     }
     if request.tools:
-        body["tools"] = [
-            {
-                "type": "function",
-                "function": {
-                    "name": t.name,
-                    "description": t.description,
-                    "parameters": t.parameters,
-                },
-            }
-            for t in request.tools
-        ]
+        body["tools"] = [{"type": "function", "function": t.function()} for t in request.tools]
     if request.max_tokens:
         body["max_tokens"] = request.max_tokens
     return body
 
 
-_FINISH: dict[str, FinishReason] = {
+_FINISH: dict[str, events.FinishReason] = {
     "stop": "stop",
     "length": "length",
     "tool_calls": "tool_calls",
@@ -97,15 +73,15 @@ class OpenAIChatDecoder(Decoder):
         super().__init__()
         self._calls: dict[Any, _Call] = {}
 
-    def feed(self, event: SSEEvent) -> list[ProviderEvent]:
+    def feed(self, event: SSEEvent) -> list[events.ProviderEvent]:
         if not self._done and event.data.strip() == "[DONE]":
             return self._finish()
         return super().feed(event)
 
-    def _decode(self, chunk: dict[str, Any], kind: Any) -> list[ProviderEvent]:
+    def _decode(self, chunk: dict[str, Any], kind: Any) -> list[events.ProviderEvent]:
         if chunk.get("error"):
-            raise ProviderError(error_text(chunk))
-        out: list[ProviderEvent] = []
+            raise events.ProviderError(error_text(chunk))
+        out: list[events.ProviderEvent] = []
         for choice in chunk.get("choices") or []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
@@ -113,10 +89,10 @@ class OpenAIChatDecoder(Decoder):
             delta = delta if isinstance(delta, dict) else {}
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if isinstance(reasoning, str) and reasoning:
-                out.append(ReasoningDelta(reasoning))
+                out.append(events.ReasoningDelta(reasoning))
             for key in ("content", "refusal"):
                 if text := text_field(delta, key):
-                    out.append(TextDelta(text))
+                    out.append(events.TextDelta(text))
             for call in delta.get("tool_calls") or []:
                 if isinstance(call, dict):
                     out += self._tool(call)
@@ -129,7 +105,7 @@ class OpenAIChatDecoder(Decoder):
             out.append(openai_usage(usage, "prompt_tokens", "completion_tokens"))
         return out
 
-    def _tool(self, fragment: dict[str, Any]) -> list[ProviderEvent]:
+    def _tool(self, fragment: dict[str, Any]) -> list[events.ProviderEvent]:
         key = fragment.get("index")
         if not isinstance(key, int):  # servers that send whole calls without an index
             key = fragment.get("id") or len(self._calls)
@@ -142,29 +118,29 @@ class OpenAIChatDecoder(Decoder):
             call.name = function["name"]  # some servers repeat it in every fragment
         args = function.get("arguments")
         args = args if isinstance(args, str) else ""
-        out: list[ProviderEvent] = []
+        out: list[events.ProviderEvent] = []
         if not call.started and call.name:
             # Announce once the name is known; arguments that raced ahead go out with it.
             call.started = True
-            out.append(ToolCallStart(call.id, call.name))
+            out.append(events.ToolCallStart(call.id, call.name))
             if call.arguments:
-                out.append(ToolCallArgsDelta(call.id, call.arguments))
+                out.append(events.ToolCallArgsDelta(call.id, call.arguments))
         call.arguments += args
         if call.started and args:
-            out.append(ToolCallArgsDelta(call.id, args))
+            out.append(events.ToolCallArgsDelta(call.id, args))
         return out
 
-    def _complete(self) -> list[ProviderEvent]:
+    def _complete(self) -> list[events.ProviderEvent]:
         out = [event for c in self._calls.values() if c.name for event in c.completed()]
         self._calls.clear()
         return out
 
-    def _finish(self) -> list[ProviderEvent]:
+    def _finish(self) -> list[events.ProviderEvent]:
         self._done = True
         had_calls = any(c.name for c in self._calls.values())
         out = self._complete()
         reason = self._reason or ("tool_calls" if had_calls else "stop")
-        return [*out, Finish(reason)]
+        return [*out, events.Finish(reason)]
 
 
 class OpenAIChatProvider(HttpProvider):

@@ -11,23 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from helexa.acp.providers.base import (
-    Decoder,
-    Finish,
-    FinishReason,
-    HttpProvider,
-    PendingCall,
-    ProviderError,
-    ProviderEvent,
-    ProviderRequest,
-    ReasoningDelta,
-    TextDelta,
-    ToolCallArgsDelta,
-    ToolCallStart,
-    error_text,
-    openai_usage,
-    text_field,
-)
+from helexa.acp.providers import events
+from helexa.acp.providers.base import HttpProvider, ProviderRequest
+from helexa.acp.providers.decoder import Decoder, PendingCall, error_text, openai_usage, text_field
 
 
 def encode(request: ProviderRequest) -> dict[str, Any]:
@@ -55,21 +41,17 @@ def encode(request: ProviderRequest) -> dict[str, Any]:
     if request.tools:
         # strict defaults to true on this API, which demands schemas we do not promise.
         body["tools"] = [
-            {
-                "type": "function",
-                "name": t.name,
-                "description": t.description,
-                "parameters": t.parameters,
-                "strict": False,
-            }
-            for t in request.tools
+            {"type": "function", **t.function(), "strict": False} for t in request.tools
         ]
     if request.max_tokens:
         body["max_output_tokens"] = request.max_tokens
     return body
 
 
-_INCOMPLETE: dict[str, FinishReason] = {"max_output_tokens": "length", "content_filter": "refusal"}
+_INCOMPLETE: dict[str, events.FinishReason] = {
+    "max_output_tokens": "length",
+    "content_filter": "refusal",
+}
 
 
 class OpenAIResponsesDecoder(Decoder):
@@ -83,16 +65,12 @@ class OpenAIResponsesDecoder(Decoder):
         self._order: list[PendingCall] = []
         self._refused = False
 
-    def _decode(self, payload: dict[str, Any], kind: Any) -> list[ProviderEvent]:
+    def _decode(self, payload: dict[str, Any], kind: Any) -> list[events.ProviderEvent]:
         if kind == "response.output_item.added":
             return self._added(payload)
         if kind == "response.function_call_arguments.delta":
             call = self._lookup(payload)
-            delta = payload.get("delta")
-            if call is None or call.complete or not isinstance(delta, str) or not delta:
-                return []
-            call.arguments += delta
-            return [ToolCallArgsDelta(call.id, delta)]
+            return call.add_arguments(payload.get("delta")) if call else []
         if kind == "response.function_call_arguments.done":
             return self._complete(self._lookup(payload), payload.get("arguments"))
         if kind == "response.output_item.done":
@@ -103,21 +81,23 @@ class OpenAIResponsesDecoder(Decoder):
         if kind in ("response.output_text.delta", "response.refusal.delta"):
             self._refused |= kind == "response.refusal.delta"
             delta = text_field(payload, "delta")
-            return [TextDelta(delta)] if delta else []
+            return [events.TextDelta(delta)] if delta else []
         if kind in ("response.reasoning_text.delta", "response.reasoning_summary_text.delta"):
             delta = text_field(payload, "delta")
-            return [ReasoningDelta(delta)] if delta else []
+            return [events.ReasoningDelta(delta)] if delta else []
         if kind in ("response.completed", "response.incomplete"):
             return self._response_end(payload.get("response"))
         if kind == "response.failed":
             response = payload.get("response")
             error = response.get("error") if isinstance(response, dict) else None
-            raise ProviderError(error_text({"error": error}) if error else "the response failed")
+            raise events.ProviderError(
+                error_text({"error": error}) if error else "the response failed"
+            )
         if kind == "error":
-            raise ProviderError(error_text(payload))
+            raise events.ProviderError(error_text(payload))
         return []
 
-    def _added(self, payload: dict[str, Any]) -> list[ProviderEvent]:
+    def _added(self, payload: dict[str, Any]) -> list[events.ProviderEvent]:
         item = payload.get("item")
         if not isinstance(item, dict) or item.get("type") != "function_call":
             return []
@@ -127,10 +107,10 @@ class OpenAIResponsesDecoder(Decoder):
         for key in (item.get("id"), payload.get("output_index")):
             if key is not None:
                 self._calls[key] = call
-        out: list[ProviderEvent] = [ToolCallStart(call.id, call.name)]
+        out: list[events.ProviderEvent] = [events.ToolCallStart(call.id, call.name)]
         if isinstance(item.get("arguments"), str) and item["arguments"]:
             call.arguments = item["arguments"]
-            out.append(ToolCallArgsDelta(call.id, call.arguments))
+            out.append(events.ToolCallArgsDelta(call.id, call.arguments))
         return out
 
     def _lookup(self, payload: dict[str, Any]) -> PendingCall | None:
@@ -141,31 +121,31 @@ class OpenAIResponsesDecoder(Decoder):
                 return self._calls[key]
         return None
 
-    def _complete(self, call: PendingCall | None, arguments: Any) -> list[ProviderEvent]:
+    def _complete(self, call: PendingCall | None, arguments: Any) -> list[events.ProviderEvent]:
         if call is None or call.complete:
             return []
         if isinstance(arguments, str) and arguments:
             call.arguments = arguments  # the server's final word beats our concatenation
         return call.completed()
 
-    def _response_end(self, response: Any) -> list[ProviderEvent]:
+    def _response_end(self, response: Any) -> list[events.ProviderEvent]:
         """``response.completed`` / ``.incomplete``: the answer, and the stream, are over."""
         self._done = True
         response = response if isinstance(response, dict) else {}
-        out: list[ProviderEvent] = []
+        out: list[events.ProviderEvent] = []
         for call in self._order:
             out += self._complete(call, None)
         usage = response.get("usage")
         if isinstance(usage, dict):
             out.append(openai_usage(usage, "input_tokens", "output_tokens"))
-        reason: FinishReason = "tool_calls" if self._order else "stop"
+        reason: events.FinishReason = "tool_calls" if self._order else "stop"
         if response.get("status") == "incomplete":
             details = response.get("incomplete_details")
             why = details.get("reason") if isinstance(details, dict) else None
             reason = _INCOMPLETE.get(why or "", "length")
         elif self._refused:
             reason = "refusal"
-        out.append(Finish(reason))
+        out.append(events.Finish(reason))
         return out
 
 

@@ -16,7 +16,7 @@ from helexa.wire.openai.envelopes import (
     parse_chat_request,
     parse_completion_request,
 )
-from tests.support.bodies import user, wire_error
+from tests.support.bodies import call, user, wire_error
 
 CHAT_BODY: dict[str, Any] = {
     "model": "qwen3",
@@ -27,13 +27,7 @@ CHAT_BODY: dict[str, Any] = {
             "role": "assistant",
             "content": None,
             "reasoning_content": "need a tool",
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "weather", "arguments": '{"city":"Oslo"}'},
-                }
-            ],
+            "tool_calls": [call("call_1", "weather", '{"city":"Oslo"}')],
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     ],
