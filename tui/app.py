@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 
 from textual.app import App, ComposeResult
@@ -50,11 +51,21 @@ class HelexaApp(App[int]):
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
     ]
 
-    def __init__(self, service: Service, traffic: Traffic, *, refresh_s: float = 1.0) -> None:
-        """``traffic`` must be the one whose ``observer`` the service's gateway calls."""
+    def __init__(
+        self,
+        service: Service,
+        traffic: Traffic,
+        *,
+        refresh_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``traffic`` must be the one whose ``observer`` the service's gateway calls;
+        ``clock`` is the fleet's (monotonic) clock, which idle times are measured against:
+        a snapshot test freezes it so "6s ago" never becomes "7s ago" on a slow machine."""
         super().__init__()
         self.service = service
         self.refresh_s = refresh_s
+        self.clock = clock
         self.traffic = traffic
         self.view = FleetView()
         self.pending: dict[str, str] = {}  # model row key -> admin op in flight
@@ -128,7 +139,7 @@ class HelexaApp(App[int]):
     # -- refresh --------------------------------------------------------------------
     def refresh_view(self) -> None:
         """Re-read the fleet snapshot and the traffic record and push them to the widgets."""
-        self.view = fleet_view(self.service.fleet.snapshot())
+        self.view = fleet_view(self.service.fleet.snapshot(self.clock()))
         self.devices.show(self.view.nodes)
         self.models.show(self.view.models, self.pending)
         traffic = self.traffic
@@ -265,14 +276,16 @@ def build_app(
     *,
     refresh_s: float = 1.0,
     traffic: Traffic | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> HelexaApp:
     """The dashboard over a new Service whose gateway reports every request to the app.
 
-    ``neurons`` replaces the ones the settings describe (tests, the screenshot script).
+    ``neurons`` replaces the ones the settings describe (tests, the screenshot script);
+    ``clock`` the fleet's clock the idle times are read on (a test's frozen one).
     """
     traffic = traffic or Traffic()
     service = Service(settings, neurons, observe=traffic.observer)
-    return HelexaApp(service, traffic, refresh_s=refresh_s)
+    return HelexaApp(service, traffic, refresh_s=refresh_s, clock=clock)
 
 
 async def _run(settings: Settings) -> int:
