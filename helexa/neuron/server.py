@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import signal
 import socket
 import sys
@@ -35,6 +36,8 @@ from helexa.wire.errors import WireError, validation_message
 from helexa.wire.openai.envelopes import parse_chat_request, parse_completion_request
 from helexa.wire.openai.translate import ChatAccumulator, accumulate_completion
 from helexa.wire.sse import SSE_DONE, sse
+
+log = logging.getLogger("helexa.neuron")
 
 NEURON = web.AppKey("neuron", Neuron)
 # Chat requests carry whole conversations; aiohttp's 1 MiB default is far too small.
@@ -73,6 +76,18 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
     return runner, f"http://{shown}:{bound}"
 
 
+def abandoned(request: web.BaseRequest) -> web.Response | None:
+    """For an error middleware: when the response to ``request`` has already begun, an
+    error body would land inside it (a chunked stream then reads as garbage, and clients
+    hang on it), so its connection is closed and a stand-in returned that aiohttp fails
+    to send, quietly; None while nothing has been sent."""
+    if request.writer.output_size == 0:
+        return None
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=500)
+
+
 def is_loopback(host: str) -> bool:
     """Whether binding ``host`` keeps the API on this machine."""
     if host == "localhost":
@@ -92,6 +107,16 @@ def token_ok(header: str | None, token: str) -> bool:
 
 
 # -- responses -------------------------------------------------------------------------------
+
+
+def internal_error(exc: BaseException) -> NeuronError:
+    """A failure that is no refusal (a bug) as the 500 a caller is told about."""
+    return NeuronError(
+        f"internal error: {type(exc).__name__}: {exc}",
+        status=500,
+        type="server_error",
+        code="internal_error",
+    )
 
 
 def error_response(exc: ApiError) -> web.Response:
@@ -139,7 +164,9 @@ async def _first(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None
 async def stream_sse(
     request: web.Request, stream: AsyncIterator[dict[str, Any]]
 ) -> web.StreamResponse:
-    """Relay chunk dicts as SSE. An error before the first chunk is a plain HTTP error."""
+    """Relay chunk dicts as SSE. An error before the first chunk is a plain HTTP error;
+    after it, any error (a bug included) is the stream's last frame, never a status line
+    written into the open stream, which the gateway would read as the node dropping."""
     first = await _first(stream)  # NeuronError here becomes the HTTP status
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -152,8 +179,13 @@ async def stream_sse(
                 await response.write(sse(first))
                 async for chunk in stream:
                     await response.write(sse(chunk))
+        except ConnectionResetError:
+            raise
         except NeuronError as exc:
             tail = sse(exc.to_body())
+        except Exception as exc:
+            log.exception("stream failed after its first chunk")
+            tail = sse(internal_error(exc).to_body())
         await response.write(tail)
         await response.write_eof()
     except ConnectionResetError:
@@ -219,16 +251,20 @@ async def tokenize(request: web.Request) -> web.Response:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure in the neuron API's error shape, never aiohttp's text pages."""
+    """Every failure in the neuron API's error shape, never aiohttp's text pages (and
+    never a body once a response has begun: the connection is dropped instead)."""
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc)
+        failure: ApiError = exc
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        error = NeuronError(exc.reason, status=exc.status, type="invalid_request_error")
-        return web.json_response(error.to_body(), status=exc.status)
+        failure = NeuronError(exc.reason, status=exc.status, type="invalid_request_error")
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        failure = internal_error(exc)
+    return abandoned(request) or error_response(failure)
 
 
 def _auth(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
