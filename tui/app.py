@@ -6,7 +6,8 @@ inside Textual's event loop, and reads the gateway's own state: every refresh re
 worker, so the screen never blocks and never keeps a second copy of the truth. Token
 rates and TTFT come from :mod:`tui.traffic`, fed by the gateway's per-request hooks.
 
-Quitting (q / Ctrl-C) stops the service first: streams are cancelled, local models
+Quitting (q / Ctrl-C) stops the service first: streams in flight get up to
+``gateway.drain_s`` to finish (the rest end with an error event), local models are
 unloaded and neurons closed before the terminal is handed back.
 """
 
@@ -121,7 +122,8 @@ class HelexaApp(App[int]):
         if self._stopped:
             self.exit(0)
             return
-        self.sub_title = "stopping: cancelling streams, unloading models…"
+        drain = self.service.settings.gateway.drain_s
+        self.sub_title = f"stopping: finishing streams (up to {drain:g} s; q again to quit now)…"
         self.run_worker(self._quit(), group="shutdown", exclusive=True)
 
     async def _quit(self) -> None:

@@ -23,9 +23,10 @@ from helexa.config import Settings, split_listen
 from helexa.cortex.auth import KeyPolicy
 from helexa.cortex.fleet import Fleet
 from helexa.cortex.observe import Observe, ignore
-from helexa.cortex.relay import FLEET, OBSERVE, STREAMS, Job, api_error, relay
+from helexa.cortex.relay import FLEET, FLIGHTS, GATEWAY, OBSERVE, Flights, Job, api_error, relay
 from helexa.errors import ApiError
 from helexa.neuron.interface import ModelState
+from helexa.neuron.server import abandoned
 from helexa.origins import BrowserPolicy, browser_guard, install_cors
 from helexa.wire.anthropic.envelopes import parse_count_tokens_request, parse_messages_request
 from helexa.wire.anthropic.stream import AnthropicStream
@@ -285,18 +286,24 @@ async def admin_fleet(request: web.Request) -> web.Response:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every refusal in the route's dialect, including aiohttp's own (404, 405, 413)."""
+    """Every refusal in the route's dialect, including aiohttp's own (404, 405, 413).
+
+    Never after the response has begun: a body written then would land inside the open
+    stream (a chunked one reads as garbage, and SDKs hang on it). The relay ends its own
+    streams in their dialects; anything that still escapes one drops the connection, so
+    the client at least sees the answer cut off.
+    """
     try:
         return await handler(request)
-    except ApiError as exc:
-        return error_response(dialect_of(request), api_error(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(dialect_of(request), api_error(exc))
+        failure = exc
     except Exception as exc:
-        log.exception("%s %s failed", request.method, request.path)
-        return error_response(dialect_of(request), api_error(exc))
+        if not isinstance(exc, ApiError):
+            log.exception("%s %s failed", request.method, request.path)
+        failure = exc
+    return abandoned(request) or error_response(dialect_of(request), api_error(failure))
 
 
 def _auth(policy: KeyPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -313,10 +320,10 @@ def _auth(policy: KeyPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
     return check
 
 
-async def _cancel_streams(app: web.Application) -> None:
-    """On shutdown, end generations now instead of waiting for them to finish."""
-    for task in list(app[STREAMS]):
-        task.cancel()
+async def _drain(app: web.Application) -> None:
+    """On shutdown (the listener already closed): let generations in flight finish, up
+    to ``gateway.drain_s``, then end the rest, each in its own dialect."""
+    await app[FLIGHTS].drain(app[GATEWAY].drain_s)
 
 
 def make_app(
@@ -334,8 +341,9 @@ def make_app(
     install_cors(app, browsers)
     app[FLEET] = fleet
     app[OBSERVE] = observe or ignore
-    app[STREAMS] = set()
-    app.on_shutdown.append(_cancel_streams)
+    app[GATEWAY] = gateway
+    app[FLIGHTS] = Flights()
+    app.on_shutdown.append(_drain)
     app.add_routes(
         [
             web.get("/health", health),

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -154,12 +154,14 @@ class ModelUse:
     requests: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # a hold is itself, not its fields: the fleet keeps a set of them
 class Lease:
     """A routed request's hold on a model: in-flight while held, so it is never evicted.
 
     Leaving ``async with lease:`` by an unreachable-node error marks the node down, so
-    the next request reroutes without waiting for the poller.
+    the next request reroutes without waiting for the poller. Its holder may set
+    ``on_down``: called (with the error to end on) when the node is marked down while
+    the lease is held, so a request waiting on a frozen node does not wait for ever.
     """
 
     node: NodeState
@@ -168,6 +170,7 @@ class Lease:
     cold: bool
     _fleet: Fleet
     _released: bool = False
+    on_down: Callable[[NeuronError], None] | None = None
 
     @property
     def neuron(self) -> Neuron:
@@ -230,6 +233,7 @@ class Fleet:
         self.strategy: Strategy = strategy
         self.metrics = metrics
         self.use: dict[tuple[str, str], ModelUse] = {}
+        self._held: set[Lease] = set()  # leases not yet released
         self._loads: dict[str, _Load] = {}
         # Memory promised to loads in flight, so two cold loads never count the same room.
         self._reserved: dict[str, list[_Reservation]] = {}
@@ -276,10 +280,23 @@ class Fleet:
         await asyncio.gather(*(self.refresh_node(n, timeout_s) for n in list(self.nodes.values())))
 
     def mark_down(self, node: NodeState, exc: BaseException | str) -> None:
+        """Route nothing more to ``node``, and end what is waiting on it: a node that
+        stopped answering polls will not finish the answers it owes either."""
         reason = exc if isinstance(exc, str) else str(exc) or type(exc).__name__
-        if node.up:
-            log.warning("node %s is down: %s", node.name, reason)
-        node.up, node.error = False, reason
+        was_up, node.up, node.error = node.up, False, reason
+        if not was_up:
+            return
+        log.warning("node %s is down: %s", node.name, reason)
+        for lease in [held for held in self._held if held.node is node]:
+            if lease.on_down is not None:
+                lease.on_down(
+                    NeuronError(
+                        f"node {node.name!r} went down while answering: {reason}",
+                        status=502,
+                        type="upstream_error",
+                        code="stream_interrupted",
+                    )
+                )
 
     async def attach(self, neuron: Neuron) -> NodeState:
         """Add a node to the running fleet, once it has answered a poll.
@@ -573,9 +590,12 @@ class Fleet:
             (s.id for s in node.models.values() if self.catalogue.canonical(s.id) == model_id),
             self.catalogue.qualified_id(model_id),
         )
-        return Lease(node, canonical_id=model_id, served_id=served, cold=cold, _fleet=self)
+        lease = Lease(node, canonical_id=model_id, served_id=served, cold=cold, _fleet=self)
+        self._held.add(lease)
+        return lease
 
     def _release(self, lease: Lease) -> None:
+        self._held.discard(lease)
         use = self._usage(lease.node.name, lease.canonical_id)
         use.in_flight = max(0, use.in_flight - 1)
         use.last_used = time.monotonic()

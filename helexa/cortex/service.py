@@ -95,15 +95,19 @@ class Service:
         self.evictor.start()
 
     async def stop(self) -> None:
-        """Stop accepting, cancel streams in flight, unload local models, close neurons.
+        """Stop accepting, drain the requests in flight, unload local models, close neurons.
 
-        Safe to call more than once, and after a failed start.
+        Draining gives streams up to ``gateway.drain_s`` to finish and then ends each with
+        an error event in its dialect (a request not yet answered gets a 503), so no client
+        is left without a last word. The poller runs until then: a node found down while
+        draining still ends what waits on it. Safe to call more than once, and after a
+        failed start.
         """
         await self.evictor.stop()
-        await self.poller.stop()
         runners, self._runners = self._runners, []
         for runner in runners:
-            await runner.cleanup()  # the gateway's shutdown hook cancels streaming handlers
+            await runner.cleanup()  # the gateway's shutdown hook drains the relay
+        await self.poller.stop()
         await self.fleet.close()  # LocalNeuron.close unloads its models
 
 

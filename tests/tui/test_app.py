@@ -246,9 +246,13 @@ async def test_requests_show_up_in_throughput_and_log() -> None:
         assert all("test-model@gpu" in line.text for line in log.lines)
 
 
-async def test_quit_stops_the_service_and_cancels_streams() -> None:
+async def test_quit_stops_the_service_and_ends_streams() -> None:
+    """With nothing to drain for (``drain_s`` 0), a stream in flight is ended at once,
+    its client told why by the dialect's error frame."""
     neuron = ScriptedNeuron("gpu", script=Reply(text=["a", "b", "c"], block_after=2))
-    app = build_app(settings(), [neuron], refresh_s=60)
+    undrained = settings()
+    undrained.gateway.drain_s = 0
+    app = build_app(undrained, [neuron], refresh_s=60)
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         client = openai.AsyncOpenAI(base_url=f"{app.service.url}/v1", api_key="-", max_retries=0)
@@ -261,8 +265,9 @@ async def test_quit_stops_the_service_and_cancels_streams() -> None:
         await asyncio.wait_for(neuron.cancelled.wait(), 5)
         await app.workers.wait_for_complete()
         assert neuron.closed
-        await asyncio.wait_for(asyncio.gather(reading, return_exceptions=True), 5)
+        [ended] = await asyncio.wait_for(asyncio.gather(reading, return_exceptions=True), 5)
         await client.close()
+    assert isinstance(ended, openai.APIError) and "shutting down" in ended.message
     assert app.return_code == 0
 
 
