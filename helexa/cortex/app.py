@@ -6,17 +6,20 @@ its dialect (what to send upstream, how to stream or fold the answer) and hands 
 :func:`~helexa.cortex.relay.relay`, the one path every generation takes.
 
 Errors are rendered in the caller's dialect: Anthropic routes (``/v1/messages*``) get
-``{"type":"error","error":{...}}``, everything else OpenAI's ``{"error":{...}}``.
+``{"type":"error","error":{...}}``, OpenAI's ``{"error":{...}}``, and every other path the
+asking client's (see :func:`dialect_for`), whichever layer refuses: a route, aiohttp's
+404/405/413/417, the browser guard, authentication, or a request aiohttp cannot read.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any, Literal, TypeVar
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from helexa.config import Settings, split_listen
@@ -26,7 +29,7 @@ from helexa.cortex.observe import Observe, ignore
 from helexa.cortex.relay import FLEET, FLIGHTS, GATEWAY, OBSERVE, Flights, Job, api_error, relay
 from helexa.errors import ApiError
 from helexa.neuron.interface import ModelState
-from helexa.neuron.server import abandoned
+from helexa.neuron.server import UNREADABLE, abandoned
 from helexa.origins import BrowserPolicy, browser_guard, install_cors
 from helexa.wire.anthropic.envelopes import parse_count_tokens_request, parse_messages_request
 from helexa.wire.anthropic.stream import AnthropicStream
@@ -54,19 +57,47 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 # -- errors ----------------------------------------------------------------------------------
 
 
-def dialect_of(request: web.BaseRequest) -> Dialect:
-    """Anthropic for its routes, and for the shared model routes when an Anthropic client
-    (``anthropic-version`` header) asks, as the model list switches shape for it."""
-    path = request.path
+_OPENAI_ONLY = ("/v1/chat/", "/v1/completions", "/v1/responses")
+
+
+def dialect_for(path: str, headers: Mapping[str, str] | None = None) -> Dialect:
+    """Anthropic for its routes (``/v1/messages`` and anything under it); OpenAI for its
+    own; for every other path (the model routes, a mistyped one, ``/v1/complete``), the
+    shape of the client asking: Anthropic's SDK sends ``anthropic-version`` on every call."""
     if path.startswith("/v1/messages"):
         return "anthropic"
-    if path.startswith("/v1/models") and "anthropic-version" in request.headers:
-        return "anthropic"
-    return "openai"
+    if path.startswith(_OPENAI_ONLY) or headers is None:
+        return "openai"
+    return "anthropic" if "anthropic-version" in headers else "openai"
+
+
+def dialect_of(request: web.BaseRequest) -> Dialect:
+    return dialect_for(request.path, request.headers)
 
 
 def error_response(dialect: Dialect, error: ApiError) -> web.Response:
     return web.json_response(error_body(dialect, error), status=error.status)
+
+
+def _unreadable(path: str | None, error: ApiError) -> web.Response:
+    """A request aiohttp could not read (a line over the limit, not HTTP): in the dialect
+    its path names, when the part read names one; else OpenAI's shape."""
+    return error_response(dialect_for(path or ""), error)
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's ``Expect`` handling (``100-continue`` answered, so curl sends its body),
+    but refusing any other expectation in the caller's dialect: aiohttp's own refusal is
+    raised before any middleware could render it."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version != HttpVersion11:
+        return None
+    if expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not begun
+        return None
+    failure = ApiError(f"unsupported Expect: {expect!r}", status=417, code="expectation_failed")
+    return error_response(dialect_of(request), failure)
 
 
 # -- generation routes -------------------------------------------------------------------------
@@ -344,21 +375,23 @@ def make_app(
     app[GATEWAY] = gateway
     app[FLIGHTS] = Flights()
     app.on_shutdown.append(_drain)
+    app[UNREADABLE] = _unreadable
+    get, post = partial(web.get, expect_handler=_expect), partial(web.post, expect_handler=_expect)
     app.add_routes(
         [
-            web.get("/health", health),
-            web.get("/v1/models", list_models),
-            web.get("/v1/models/{model:.+}", get_model),
-            web.post("/v1/chat/completions", chat_completions),
-            web.post("/v1/completions", completions),
-            web.post("/v1/messages", messages),
-            web.post("/v1/messages/count_tokens", count_tokens),
-            web.post("/v1/responses", responses),
-            web.post("/admin/models/load", admin_load),
-            web.post("/admin/models/unload", admin_unload),
-            web.post("/admin/models/pin", admin_pin),
-            web.post("/admin/models/unpin", admin_unpin),
-            web.get("/admin/fleet", admin_fleet),
+            get("/health", health),
+            get("/v1/models", list_models),
+            get("/v1/models/{model:.+}", get_model),
+            post("/v1/chat/completions", chat_completions),
+            post("/v1/completions", completions),
+            post("/v1/messages", messages),
+            post("/v1/messages/count_tokens", count_tokens),
+            post("/v1/responses", responses),
+            post("/admin/models/load", admin_load),
+            post("/admin/models/unload", admin_unload),
+            post("/admin/models/pin", admin_pin),
+            post("/admin/models/unpin", admin_unpin),
+            get("/admin/fleet", admin_fleet),
         ]
     )
     return app

@@ -26,6 +26,7 @@ from contextlib import aclosing
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from pydantic import BaseModel, ValidationError
 
 from helexa.config import Settings, split_listen
@@ -54,14 +55,106 @@ class ListenError(Exception):
     """The address could not be bound (in use, not ours, no permission)."""
 
 
+# A request line or one header longer than this is refused (414/431) before any route sees
+# it; aiohttp's own 8190 would refuse long query strings and large bearer tokens alike.
+MAX_LINE_BYTES = 64 * 1024
+
+# How a server answers a request that never reached its routes (unreadable HTTP, or a
+# failure aiohttp caught itself): the path when it is known, and the refusal.
+Unreadable = Callable[[str | None, ApiError], web.Response]
+UNREADABLE = web.AppKey("unreadable", Unreadable)
+
+
+def _unreadable_default(path: str | None, error: ApiError) -> web.Response:
+    return error_response(error)
+
+
+def refusal_of(exc: HttpProcessingError) -> tuple[ApiError, str | None]:
+    """What a client is told about a request aiohttp could not read, and its path when
+    the part that could be read names one (a request line too long starts with it)."""
+    if isinstance(exc, LineTooLong):
+        line = exc.args[0] if exc.args else b""
+        text = bytes(line).decode("latin-1") if isinstance(line, bytes | bytearray) else str(line)
+        if text.startswith("/"):
+            message = f"the request line is over {MAX_LINE_BYTES} bytes"
+            path = text.partition("?")[0].removesuffix("...")
+            return ApiError(message, status=414, code="uri_too_long"), path
+        message = f"a request header is over {MAX_LINE_BYTES} bytes"
+        return ApiError(message, status=431, code="header_too_large"), None
+    message = f"the request is not valid HTTP: {exc.message or type(exc).__name__}"
+    return ApiError(message, status=exc.code or 400, code="bad_request"), None
+
+
+class _Protocol(web.RequestHandler):
+    """aiohttp's connection handler, answering what it refuses itself through the app's
+    :data:`UNREADABLE` (JSON in the app's error shape, not a text/plain page), logging an
+    unreadable request in one line instead of a traceback per request."""
+
+    __slots__ = ("unreadable",)
+
+    def __init__(self, manager: web.Server, *, unreadable: Unreadable, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.unreadable = unreadable
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, HttpProcessingError):
+            error, path = refusal_of(exc)
+            log.info("refused a request from %s: %s", request.remote, error.message)
+        else:  # a handler failure no middleware caught: a bug, worth its traceback
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+            if request.writer.output_size > 0:
+                raise ConnectionError("the response had begun when the handler failed")
+            error, path = ApiError("internal error", status=status, code="internal_error"), None
+        response = self.unreadable(path, error)
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __init__(self, *args: Any, unreadable: Unreadable, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unreadable = unreadable
+
+    def __call__(self) -> web.RequestHandler:
+        return _Protocol(self, loop=self._loop, unreadable=self.unreadable, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose connections are :class:`_Protocol`. aiohttp (3.14) offers no
+    hook for its own error pages, so the server it makes is rebuilt around that class."""
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()
+        return _Server(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            unreadable=self.app.get(UNREADABLE, _unreadable_default),
+            **made._kwargs,
+        )
+
+
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
     """Serve ``app`` on ``host:port`` (0 picks a free port); return the runner and base URL.
 
     Handler cancellation is on: when a client hangs up, its handler is cancelled where it
     waits, which closes the neuron's stream and so stops generation mid-token-stream instead
-    of at the next write.
+    of at the next write. Requests that cannot be read are answered by ``app[UNREADABLE]``.
     """
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0)
+    runner = _Runner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=5.0,
+        max_line_size=MAX_LINE_BYTES,
+        max_field_size=MAX_LINE_BYTES,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

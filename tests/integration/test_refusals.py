@@ -1,0 +1,159 @@
+"""What the gateway refuses before a route runs, read as raw bytes on a loopback socket.
+
+Requests aiohttp itself cannot read (a line over its limit, not HTTP at all) and refusals
+made before or around routing (unknown paths, methods, ``Expect``, keys, browsers) must
+come back as JSON in the caller's dialect, never as aiohttp's text/plain pages, and must
+not log a traceback per request: anyone can send them, no key needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import MODEL
+from tests.support.scripted_neuron import ScriptedNeuron
+from tests.support.servers import Gateway, fetch, gateway_over, gateway_settings, serving
+
+ANTHROPIC = {"anthropic-version": "2023-06-01"}
+
+
+async def exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw ``request`` bytes and read the answer to EOF: status, headers, body."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(request)
+            await writer.drain()
+            raw = await reader.read()
+        finally:
+            writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def openai_shape(body: bytes) -> dict[str, Any]:
+    payload = json.loads(body)
+    assert set(payload) == {"error"}
+    return dict(payload["error"])
+
+
+def anthropic_shape(body: bytes) -> dict[str, Any]:
+    payload = json.loads(body)
+    assert payload["type"] == "error"
+    return dict(payload["error"])
+
+
+def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not loud, [r.getMessage() for r in loud]
+
+
+# -- requests aiohttp cannot read ----------------------------------------------------------
+
+
+async def test_a_request_line_over_the_limit_is_a_json_414_in_the_paths_dialect(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    line = b"POST /v1/messages?pad=" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    for _ in range(3):  # per request: no traceback each time
+        status, headers, body = await exchange(gateway.url, line)
+        assert status == 414
+        assert headers["content-type"].startswith("application/json")
+        assert "request line" in anthropic_shape(body)["message"]
+    no_tracebacks(caplog)
+
+
+async def test_a_header_over_the_limit_is_a_json_431(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    request = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n"
+    status, headers, body = await exchange(gateway.url, request)
+    assert status == 431
+    assert headers["content-type"].startswith("application/json")
+    assert openai_shape(body)["code"] == "header_too_large"
+    no_tracebacks(caplog)
+
+
+async def test_lines_past_aiohttps_default_limit_are_served(gateway: Gateway) -> None:
+    """A 20 kB query string and a 12 kB bearer token are well within what clients send."""
+    request = (
+        b"GET /v1/models?pad=" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: localhost\r\n"
+        b"Authorization: Bearer " + b"k" * 12_000 + b"\r\nConnection: close\r\n\r\n"
+    )
+    status, _, body = await exchange(gateway.url, request)
+    assert status == 200
+    assert MODEL in {m["id"] for m in json.loads(body)["data"]}
+
+
+async def test_what_is_not_http_is_a_json_400(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    status, _, body = await exchange(gateway.url, b"BLAH / HTTP/1.1\r\n\r\n")
+    assert status == 400
+    assert "not valid HTTP" in openai_shape(body)["message"]
+    no_tracebacks(caplog)
+
+
+async def test_the_neuron_api_answers_unreadable_requests_in_its_own_json(
+    scripted: ScriptedNeuron,
+) -> None:
+    from helexa.neuron.server import make_neuron_app
+
+    async with serving(make_neuron_app(scripted)) as url:
+        line = b"GET /health?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        status, _, body = await exchange(url, line)
+    assert status == 414
+    assert json.loads(body)["error"]["code"] == "uri_too_long"
+
+
+# -- refusals around routing, for an Anthropic client -----------------------------------------
+
+
+@pytest.fixture
+async def keyed(scripted: ScriptedNeuron) -> AsyncIterator[Gateway]:
+    async with gateway_over(scripted, gateway_settings(api_keys=["key"])) as gw:
+        yield gw
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status"),
+    [
+        ("GET", "/v1/messages/batches", {}, 404),  # an Anthropic path we do not serve
+        ("POST", "/v1/complete", {}, 404),  # Anthropic's legacy route
+        ("GET", "/v1/nothing", {}, 404),
+        ("DELETE", "/v1/messages", {}, 405),
+        ("OPTIONS", "/v1/messages", {}, 405),  # not a preflight: no such method
+        ("POST", "/v1/messages", {"Expect": "something-else"}, 417),
+        ("POST", "/v1/messages", {"Host": "rebound.example"}, 403),  # the browser guard
+        ("POST", "/v1/complete", {"x-api-key": "wrong"}, 401),  # authentication
+    ],
+)
+async def test_an_anthropic_client_is_refused_in_anthropic_shape(
+    keyed: Gateway, method: str, path: str, headers: dict[str, str], status: int
+) -> None:
+    headers = {"x-api-key": "key", **ANTHROPIC, **headers}
+    response = await fetch(method, keyed.url + path, headers=headers, data=b"{}")
+    assert response.status == status
+    assert response.headers["Content-Type"].startswith("application/json")
+    anthropic_shape(response.body)
+
+
+async def test_an_openai_client_is_still_refused_in_openai_shape(keyed: Gateway) -> None:
+    for path in ("/v1/nothing", "/v1/complete"):
+        response = await fetch("POST", keyed.url + path, headers={"x-api-key": "key"})
+        assert response.status == 404
+        openai_shape(response.body)
+    response = await fetch(
+        "POST", keyed.url + "/v1/chat/completions", headers={"Expect": "x", **ANTHROPIC}
+    )
+    assert response.status == 417
+    openai_shape(response.body)  # an OpenAI route answers in OpenAI's shape whoever asks
