@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 from aiohttp import HttpVersion11, hdrs, web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from helexa.config import Settings, split_listen
+from helexa.config import GatewaySettings, Settings, split_listen
 from helexa.cortex.auth import KeyPolicy
 from helexa.cortex.fleet import Fleet
 from helexa.cortex.observe import Observe, ignore
@@ -50,8 +50,12 @@ log = logging.getLogger("helexa.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Conversations (with tool results) easily pass aiohttp's 1 MiB default.
-MAX_BODY_BYTES = 64 * 1024 * 1024
+MIB = 1024 * 1024
+# A token of context is a few bytes of text; JSON escapes, tool schemas and the message
+# structure around it rarely take it past 16. 64 leaves room for all of that and more.
+BODY_BYTES_PER_TOKEN = 64
+BODY_FLOOR_BYTES = MIB
+ASSUMED_CONTEXT = 131_072  # while no context length is known: a long modern one
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -351,6 +355,48 @@ def _auth(policy: KeyPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
     return check
 
 
+def body_limit(fleet: Fleet, gateway: GatewaySettings) -> int:
+    """The largest request body accepted now, in bytes: ``gateway.max_body_mb`` when set,
+    else what the longest context served can use (:data:`BODY_BYTES_PER_TOKEN` a token,
+    at least :data:`BODY_FLOOR_BYTES`). A body past it cannot be a prompt any model here
+    would take, and reading and parsing it costs the gateway many times its size."""
+    if gateway.max_body_mb is not None:
+        return int(gateway.max_body_mb * MIB)
+    context = fleet.largest_context() or ASSUMED_CONTEXT
+    return max(BODY_FLOOR_BYTES, context * BODY_BYTES_PER_TOKEN)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        f"request body is over the gateway's limit of {limit / MIB:.3g} MiB (what the "
+        "longest context served can use; [gateway] max_body_mb sets it)",
+        status=413,
+        code="request_too_large",
+    )
+
+
+def _body_limit(
+    fleet: Fleet, gateway: GatewaySettings
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Bound every request body by :func:`body_limit` as it is now (models load and
+    unload, so it moves): a declared length over it is refused before a byte is read, a
+    chunked body once it passes it."""
+
+    @web.middleware
+    async def bound(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.body_exists:
+            return await handler(request)
+        limit = body_limit(fleet, gateway)
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(limit)
+        try:
+            return await handler(request.clone(client_max_size=limit))
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(limit) from None
+
+    return bound
+
+
 async def _drain(app: web.Application) -> None:
     """On shutdown (the listener already closed): let generations in flight finish, up
     to ``gateway.drain_s``, then end the rest, each in its own dialect."""
@@ -366,8 +412,12 @@ def make_app(
         split_listen(gateway.listen)[0], gateway.cors_origins, gateway.allowed_hosts
     )
     app = web.Application(
-        middlewares=[_errors, browser_guard(browsers), _auth(KeyPolicy.from_settings(gateway))],
-        client_max_size=MAX_BODY_BYTES,
+        middlewares=[
+            _errors,
+            browser_guard(browsers),
+            _auth(KeyPolicy.from_settings(gateway)),
+            _body_limit(fleet, gateway),
+        ],
     )
     install_cors(app, browsers)
     app[FLEET] = fleet

@@ -379,6 +379,18 @@ class Fleet:
                 out.setdefault(profile.id, []).append((self.nodes[view.name], state))
         return out
 
+    def largest_context(self) -> int | None:
+        """The longest context any model here is served with (a loaded copy's, on any
+        node, or the catalogue's), in tokens; None while none is known."""
+        lengths = [p.context_length for p in self.catalogue if p.context_length]
+        lengths += [
+            s.context_length
+            for n in self.nodes.values()
+            for s in n.models.values()
+            if s.context_length
+        ]
+        return max(lengths, default=None)
+
     def resolve(self, model: str) -> str:
         """The canonical id for a client's model name (id, alias or qualified id)."""
         canonical = self.catalogue.canonical(model)

@@ -41,11 +41,9 @@ log = logging.getLogger("helexa.gateway")
 
 def api_error(exc: BaseException) -> ApiError:
     """Any exception as the refusal a client is sent: an ApiError as it is, aiohttp's own
-    HTTP errors by status (a 413 saying the limit), anything else a 500 that names it."""
+    HTTP errors by status, anything else a 500 that names it."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return ApiError(exc.text or exc.reason, status=exc.status, code="request_too_large")
     if isinstance(exc, web.HTTPException):
         return ApiError(exc.reason, status=exc.status)
     return ApiError(

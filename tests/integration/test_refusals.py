@@ -12,10 +12,16 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
+from helexa.config import GatewaySettings, ModelProfile
+from helexa.cortex.app import body_limit
+from helexa.cortex.catalogue import Catalogue
+from helexa.cortex.fleet import Fleet
+from helexa.neuron.interface import ModelState
 from tests.conftest import MODEL
 from tests.support.scripted_neuron import ScriptedNeuron
 from tests.support.servers import Gateway, fetch, gateway_over, gateway_settings, serving
@@ -157,3 +163,72 @@ async def test_an_openai_client_is_still_refused_in_openai_shape(keyed: Gateway)
     )
     assert response.status == 417
     openai_shape(response.body)  # an OpenAI route answers in OpenAI's shape whoever asks
+
+
+# -- bodies bounded by the context served ------------------------------------------------------
+
+
+@asynccontextmanager
+async def gateway_with_context(
+    scripted: ScriptedNeuron, context_length: int, **gateway: object
+) -> AsyncIterator[Gateway]:
+    """A gateway whose catalogue serves ``MODEL`` with ``context_length`` tokens."""
+    catalogue = Catalogue([ModelProfile(id=MODEL, context_length=context_length)])
+    async with gateway_over(
+        scripted,
+        gateway_settings(**gateway),
+        make_fleet=lambda nodes: Fleet(nodes, catalogue),
+    ) as gw:
+        yield gw
+
+
+def chat_body(size: int) -> bytes:
+    """A chat request body of about ``size`` bytes."""
+    return json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "word " * (size // 5)}]}
+    ).encode()
+
+
+async def chunked(body: bytes) -> AsyncIterator[bytes]:
+    """``body`` sent without a length (chunked), so only reading it can find its size."""
+    for start in range(0, len(body), 65_536):
+        yield body[start : start + 65_536]
+
+
+async def test_a_body_past_what_the_context_can_use_is_a_413_in_dialect(
+    scripted: ScriptedNeuron,
+) -> None:
+    """4k tokens of context: 1 MiB (the floor) is the limit, declared or chunked."""
+    async with gateway_with_context(scripted, 4096) as gw:
+        fits = await fetch("POST", f"{gw.url}/v1/chat/completions", data=chat_body(900_000))
+        assert fits.status == 200
+        too_big = chat_body(2 * 1024 * 1024)
+        declared = await fetch("POST", f"{gw.url}/v1/chat/completions", data=too_big)
+        assert declared.status == 413
+        assert openai_shape(declared.body)["code"] == "request_too_large"
+        assert "1 MiB" in openai_shape(declared.body)["message"]
+        body = {**json.loads(too_big), "max_tokens": 8}
+        streamed = await fetch(
+            "POST", f"{gw.url}/v1/messages", data=chunked(json.dumps(body).encode())
+        )
+        assert streamed.status == 413
+        assert anthropic_shape(streamed.body)["type"] == "request_too_large"
+    assert len(scripted.requests) == 1  # only the one that fit reached the node
+
+
+async def test_max_body_mb_sets_the_limit(scripted: ScriptedNeuron) -> None:
+    async with gateway_with_context(scripted, 4096, max_body_mb=0.25) as gw:
+        response = await fetch("POST", f"{gw.url}/v1/chat/completions", data=chat_body(300_000))
+        assert response.status == 413
+        assert "0.25 MiB" in openai_shape(response.body)["message"]
+
+
+def test_the_limit_follows_the_longest_context_served() -> None:
+    """A loaded copy's context counts as well as the catalogue's; unknown, 128k is assumed."""
+    gateway = GatewaySettings()
+    node = ScriptedNeuron("n")
+    fleet = Fleet([node], Catalogue([ModelProfile(id="small", context_length=8192)]))
+    assert body_limit(fleet, gateway) == 1024 * 1024
+    fleet.nodes["n"].models["big"] = ModelState(id="big", status="loaded", context_length=262_144)
+    assert body_limit(fleet, gateway) == 262_144 * 64  # 16 MiB
+    assert body_limit(Fleet([node]), gateway) == 131_072 * 64  # 8 MiB

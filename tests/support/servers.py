@@ -223,7 +223,7 @@ async def fetch(
     url: str,
     *,
     json_body: Any = None,
-    data: bytes | None = None,
+    data: bytes | AsyncIterator[bytes] | None = None,
     headers: dict[str, str] | None = None,
 ) -> Fetched:
     """One raw HTTP call with a fresh session: for checking exact bytes and status codes."""
