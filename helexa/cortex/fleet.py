@@ -379,6 +379,17 @@ class Fleet:
                 out.setdefault(profile.id, []).append((self.nodes[view.name], state))
         return out
 
+    def known_id(self, model: str) -> str | None:
+        """The canonical id ``model`` names when the catalogue has it or some node (up or
+        down) lists it; None for a name nothing here serves."""
+        canonical = self.catalogue.canonical(model)
+        if canonical in self.catalogue:
+            return canonical
+        for node in self.nodes.values():
+            if any(self.catalogue.canonical(s.id) == canonical for s in node.models.values()):
+                return canonical
+        return None
+
     def largest_context(self) -> int | None:
         """The longest context any model here is served with (a loaded copy's, on any
         node, or the catalogue's), in tokens; None while none is known."""

@@ -58,6 +58,7 @@ class Service:
         self.metrics = GatewayMetrics()
         nodes = build_neurons(settings) if neurons is None else neurons
         self.fleet = Fleet.from_settings(nodes, settings, self.metrics)
+        self.metrics.label_models_of(self.fleet)
         hooks = (
             self.metrics.observe if observe is None else observe_all(self.metrics.observe, observe)
         )
