@@ -407,7 +407,29 @@ class Fleet:
         canonical = self.catalogue.canonical(model)
         if canonical in self.catalogue or canonical in self.known_models():
             return canonical
-        raise ModelNotFound(f"model {model!r} is not served by any node")
+        why = self._no_node_up()
+        raise ModelNotFound(
+            f"model {model!r} is not served by any node{f' ({why})' if why else ''}"
+        )
+
+    def _no_node_up(self) -> str | None:
+        """Why no node can serve anything, when that is so: there are none, or all are down."""
+        if not self.nodes:
+            return (
+                "the gateway has no nodes: configure [[neurons]] in helexa.toml or enable "
+                "the local node"
+            )
+        if any(n.up for n in self.nodes.values()):
+            return None
+        reasons = "; ".join(f"{n.name}: {n.error or 'not polled yet'}" for n in self.nodes.values())
+        return f"every node is down ({reasons})"
+
+    def _nowhere(self, model_id: str) -> str:
+        """Why ``model_id`` could not be placed anywhere."""
+        why = self._no_node_up()
+        if why is not None:
+            return f"cannot serve {model_id!r}: {why}"
+        return f"no up node has room for {model_id!r}, even after eviction"
 
     async def acquire(self, model: str) -> Lease:
         """Route to a node with ``model`` loaded, loading it (once) when it is cold."""
@@ -481,7 +503,7 @@ class Fleet:
             return node
         if refused is not None:
             raise LoadFailed.from_neuron(model_id, refused[0], refused[1])
-        raise NoCapacity(f"no up node has room for {model_id!r}, even after eviction")
+        raise NoCapacity(self._nowhere(model_id))
 
     async def _wait_for_eviction(self, model_id: str) -> bool:
         """Wait for an unload of ``model_id`` in progress anywhere; whether there was one.
