@@ -32,6 +32,7 @@ from prometheus_client import (
 
 from helexa.cortex.observe import RequestObserver
 from helexa.errors import ApiError
+from helexa.neuron.remote import RemoteNeuron
 from helexa.wire.openai.stream import carries_output
 
 if TYPE_CHECKING:
@@ -106,6 +107,14 @@ class GatewayMetrics:
             "helexa_in_flight_requests", "Requests holding a model now", per_model
         )
         self.node_up = gauge("helexa_node_up", "1 when the node answers polls", ["node"])
+        self.node_streams = gauge(
+            "helexa_node_streams", "Streams a remote node is carrying now", ["node"]
+        )
+        self.node_streams_waiting = gauge(
+            "helexa_node_streams_waiting",
+            "Requests waiting for a stream slot on a remote node (gateway max_streams_per_node)",
+            ["node"],
+        )
         self.model_loaded = gauge("helexa_model_loaded", "1 per model loaded on a node", per_model)
 
     # -- per request ---------------------------------------------------------------------
@@ -153,11 +162,16 @@ class GatewayMetrics:
             self.utilization,
             self.in_flight,
             self.node_up,
+            self.node_streams,
+            self.node_streams_waiting,
             self.model_loaded,
         ):
             gauge.clear()
         for node in fleet.nodes.values():
             self.node_up.labels(node.name).set(1 if node.up else 0)
+            if isinstance(node.neuron, RemoteNeuron):
+                self.node_streams.labels(node.name).set(node.neuron.slots.open)
+                self.node_streams_waiting.labels(node.name).set(node.neuron.slots.waiting)
             totals = node.vram_totals()
             for d in node.health.devices if node.health else ():
                 device = str(d.index)

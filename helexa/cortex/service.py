@@ -41,6 +41,7 @@ def build_neurons(settings: Settings) -> list[Neuron]:
                 endpoint.token,
                 timeout_s=settings.gateway.request_timeout_s,
                 poll_timeout_s=settings.poller.timeout_s,
+                max_streams=settings.gateway.max_streams_per_node,
             )
         )
     return neurons
