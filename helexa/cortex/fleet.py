@@ -160,8 +160,8 @@ class Lease:
 
     Leaving ``async with lease:`` by an unreachable-node error marks the node down, so
     the next request reroutes without waiting for the poller. Its holder may set
-    ``on_down``: called (with the error to end on) when the node is marked down while
-    the lease is held, so a request waiting on a frozen node does not wait for ever.
+    ``on_down``: called (with the error to end on) when the node fails a poll while the
+    lease is held, so a request waiting on a frozen node does not wait for ever.
     """
 
     node: NodeState
@@ -266,6 +266,7 @@ class Fleet:
                 models = await node.neuron.models()
         except Exception as exc:  # any failure means the node is unusable right now
             self.mark_down(node, exc)
+            self._end_waiting_on(node)
             return
         node.models = {m.id: m for m in models}
         if not node.up:
@@ -280,18 +281,21 @@ class Fleet:
         await asyncio.gather(*(self.refresh_node(n, timeout_s) for n in list(self.nodes.values())))
 
     def mark_down(self, node: NodeState, exc: BaseException | str) -> None:
-        """Route nothing more to ``node``, and end what is waiting on it: a node that
-        stopped answering polls will not finish the answers it owes either."""
         reason = exc if isinstance(exc, str) else str(exc) or type(exc).__name__
-        was_up, node.up, node.error = node.up, False, reason
-        if not was_up:
-            return
-        log.warning("node %s is down: %s", node.name, reason)
+        if node.up:
+            log.warning("node %s is down: %s", node.name, reason)
+        node.up, node.error = False, reason
+
+    def _end_waiting_on(self, node: NodeState) -> None:
+        """End every request waiting on ``node``, which failed a poll: a node that does not
+        answer a health check will not finish the answers it owes either (a frozen host
+        keeps its connections open and silent). Only a poll decides this: one request's
+        failure (a queue wait that timed out) marks the node down but ends no other."""
         for lease in [held for held in self._held if held.node is node]:
             if lease.on_down is not None:
                 lease.on_down(
                     NeuronError(
-                        f"node {node.name!r} went down while answering: {reason}",
+                        f"node {node.name!r} went down while answering: {node.error}",
                         status=502,
                         type="upstream_error",
                         code="stream_interrupted",

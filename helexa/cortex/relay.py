@@ -11,7 +11,7 @@ status line is gone, so every failure from then on rides the stream instead (an 
 and the response ends cleanly: nothing after ``prepare()`` may become a JSON body.
 
 Each request in flight is a :class:`Flight`, which may be cut short wherever it waits: by
-its node being marked down (the poller or another request found it gone), by its node
+its node failing a poll (a frozen host keeps its connections open and silent), by its node
 going quiet for ``gateway.stream_idle_timeout_s`` once output has started, or by the
 gateway stopping (:class:`Flights` drains them, then ends the rest).
 """
@@ -82,7 +82,7 @@ class Flight:
 
     Inside :meth:`guard` the request is cut (the block raises the reason, an ApiError)
     when :meth:`stop` is called (the gateway stopping: every later guard is cut too), when
-    :meth:`cut` is called (its node marked down: this wait only), or when :meth:`next`
+    :meth:`cut` is called (its node failed a poll: this wait only), or when :meth:`next`
     waits longer than ``idle_s`` for a chunk. Cutting is asyncio's own timeout, so a
     client hanging up (a plain cancellation) is never mistaken for one.
     """
@@ -243,7 +243,7 @@ async def _route(
     request: web.Request, job: Job, observer: RequestObserver, flight: Flight
 ) -> web.StreamResponse:
     """When the node fails before its first chunk (refused connection, dropped stream,
-    marked down meanwhile) nothing has reached the client yet, so the node is marked down
+    failing a poll meanwhile) nothing has reached the client yet, so the node is marked down
     and the request is routed once more, to another node; after the first chunk a failure
     can only ride the stream."""
     fleet = request.app[FLEET]
