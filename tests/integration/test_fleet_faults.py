@@ -33,6 +33,7 @@ from tests.support.servers import (
     neuron_process,
     serving,
 )
+from tests.support.streams import read_all
 
 MODEL = "test-model"
 USER = [{"role": "user", "content": "hi"}]
@@ -57,13 +58,6 @@ async def gateway(urls: dict[str, str]) -> AsyncIterator[tuple[str, Fleet]]:
 
 def names(events: list[SSEEvent]) -> list[str | None]:
     return [e.event for e in events]
-
-
-async def read_all(response: aiohttp.ClientResponse, decoder: SSEDecoder) -> list[SSEEvent]:
-    events: list[SSEEvent] = []
-    async for data in response.content.iter_any():
-        events += decoder.feed(data)
-    return events + decoder.end()
 
 
 # -- a node killed mid-stream -----------------------------------------------------------------

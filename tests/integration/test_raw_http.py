@@ -18,7 +18,7 @@ from helexa.cortex.observe import RequestObserver
 from helexa.cortex.service import Service
 from helexa.errors import ApiError
 from helexa.neuron.server import make_neuron_app
-from helexa.wire.sse import SSEDecoder, SSEEvent
+from helexa.wire.sse import SSEDecoder
 from tests.conftest import COLD_MODEL, MODEL
 from tests.support.scripted_neuron import Reply, ScriptedNeuron
 from tests.support.servers import (
@@ -29,6 +29,7 @@ from tests.support.servers import (
     headless_gateway,
     serving,
 )
+from tests.support.streams import read_events
 
 USER = [{"role": "user", "content": "hi"}]
 CHAT = {"model": MODEL, "messages": USER}
@@ -141,16 +142,6 @@ async def test_large_conversations_are_accepted(gateway: Gateway, scripted: Scri
 
 
 # -- streaming -----------------------------------------------------------------------------
-
-
-async def read_events(response: aiohttp.ClientResponse, decoder: SSEDecoder) -> list[SSEEvent]:
-    """The next events to arrive (at least one), as the client sees them."""
-    events: list[SSEEvent] = []
-    while not events:
-        data = await response.content.readany()
-        assert data, "stream ended"
-        events = decoder.feed(data)
-    return events
 
 
 async def test_stream_is_passed_through_as_it_is_generated(

@@ -44,6 +44,7 @@ from tests.support.servers import (
     neuron_process,
     serving,
 )
+from tests.support.streams import read_all, read_events
 
 USER = [{"role": "user", "content": "hi"}]
 STREAMED = {
@@ -53,16 +54,6 @@ STREAMED = {
 }
 
 
-async def read_events(response: aiohttp.ClientResponse, decoder: SSEDecoder) -> list[SSEEvent]:
-    """The next events to arrive (at least one)."""
-    events: list[SSEEvent] = []
-    while not events:
-        data = await response.content.readany()
-        assert data, "stream ended"
-        events = decoder.feed(data)
-    return events
-
-
 async def read_stream(url: str, body: Any) -> tuple[int, list[SSEEvent]]:
     """POST ``body`` and read the whole answer; a broken chunked body raises here."""
     async with (
@@ -70,11 +61,7 @@ async def read_stream(url: str, body: Any) -> tuple[int, list[SSEEvent]]:
         aiohttp.ClientSession() as http,
         http.post(url, json=body) as response,
     ):
-        decoder = SSEDecoder()
-        events: list[SSEEvent] = []
-        async for data in response.content.iter_any():
-            events += decoder.feed(data)
-        return response.status, events + decoder.end()
+        return response.status, await read_all(response, SSEDecoder())
 
 
 def terminal_error(path: str, events: list[SSEEvent]) -> str:
@@ -235,9 +222,8 @@ async def test_a_frozen_node_is_marked_down_and_its_open_streams_end(path: str) 
         node.freeze()
         await fleet.refresh(timeout_s=0.5)
         assert not fleet.nodes["n0"].up
-        async for data in response.content.iter_any():
-            events += decoder.feed(data)
-        message = terminal_error(path, events + decoder.end())
+        events += await read_all(response, decoder)
+        message = terminal_error(path, events)
         assert "'n0' went down while answering" in message
 
 
@@ -289,8 +275,7 @@ async def test_stopping_lets_a_stream_in_flight_finish(scripted: ScriptedNeuron)
             with pytest.raises(aiohttp.ClientConnectionError):
                 await fetch("GET", f"{service.url}/health")
             resume.set()
-            async for data in response.content.iter_any():
-                events += decoder.feed(data)
+            events += await read_all(response, decoder)
             await stopping
         assert events[-1].data == "[DONE]"
         text = "".join(
@@ -333,8 +318,7 @@ async def test_at_the_drain_bound_streams_get_an_error_event_and_waiting_request
             while len(scripted.requests) < 2:  # both reached the neuron
                 await asyncio.sleep(0)
             await service.stop()
-            async for data in stream.content.iter_any():
-                events += decoder.feed(data)
+            events += await read_all(stream, decoder)
             refused = await waiting
         last = events[-1].json()
         assert (events[-1].event, last["error"]["type"]) == ("error", "overloaded_error")
@@ -362,8 +346,7 @@ async def test_sigterm_gives_a_stream_in_flight_its_last_event(tmp_path: Path) -
             decoder = SSEDecoder()
             events = await read_events(response, decoder)
             terminated = asyncio.create_task(served.terminate())
-            async for data in response.content.iter_any():
-                events += decoder.feed(data)
+            events += await read_all(response, decoder)
             returncode, _ = await terminated
-        assert "shutting down" in terminal_error(path, events + decoder.end())
+        assert "shutting down" in terminal_error(path, events)
         assert returncode == 0
