@@ -92,11 +92,15 @@ def _unreadable(path: str | None, error: ApiError) -> web.Response:
 async def _expect(request: web.Request) -> web.StreamResponse | None:
     """aiohttp's ``Expect`` handling (``100-continue`` answered, so curl sends its body),
     but refusing any other expectation in the caller's dialect: aiohttp's own refusal is
-    raised before any middleware could render it."""
+    raised before any middleware could render it. A body declared over the limit is
+    refused here, before the client uploads it."""
     expect = request.headers.get(hdrs.EXPECT, "")
     if request.version != HttpVersion11:
         return None
     if expect.lower() == "100-continue":
+        limit = body_limit(request.app[FLEET], request.app[GATEWAY])
+        if request.content_length is not None and request.content_length > limit:
+            return error_response(dialect_of(request), _too_large(limit))
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the response proper has not begun
         return None

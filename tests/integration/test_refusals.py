@@ -30,19 +30,20 @@ ANTHROPIC = {"anthropic-version": "2023-06-01"}
 
 
 async def exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send raw ``request`` bytes and read the answer to EOF: status, headers, body."""
+    """Send raw ``request`` bytes and read one answer: status, headers, body (by its
+    Content-Length: the server may keep the connection open, waiting for a body)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     async with asyncio.timeout(10):
         reader, writer = await asyncio.open_connection(host, int(port))
         try:
             writer.write(request)
             await writer.drain()
-            raw = await reader.read()
+            head = await reader.readuntil(b"\r\n\r\n")
+            status_line, *lines = head.decode("latin-1").strip().split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
+            body = await reader.readexactly(int(headers["content-length"]))
         finally:
             writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
     return int(status_line.split()[1]), headers, body
 
 
@@ -232,3 +233,18 @@ def test_the_limit_follows_the_longest_context_served() -> None:
     fleet.nodes["n"].models["big"] = ModelState(id="big", status="loaded", context_length=262_144)
     assert body_limit(fleet, gateway) == 262_144 * 64  # 16 MiB
     assert body_limit(Fleet([node]), gateway) == 131_072 * 64  # 8 MiB
+
+
+async def test_a_body_declared_too_large_is_refused_before_it_is_uploaded(
+    scripted: ScriptedNeuron,
+) -> None:
+    """``Expect: 100-continue`` (curl sends it for large bodies): the 413 comes instead of
+    the 100, so the client never uploads what would be refused."""
+    async with gateway_with_context(scripted, 4096) as gw:
+        head = (
+            b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: 5000000\r\nConnection: close\r\n\r\n"
+        )
+        status, _, body = await exchange(gw.url, head)  # no body follows
+    assert status == 413
+    assert anthropic_shape(body)["type"] == "request_too_large"
