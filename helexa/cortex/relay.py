@@ -166,9 +166,6 @@ class Flights:
         self._empty.set()
         self.draining = asyncio.Event()  # set once the gateway has begun to stop
 
-    def __len__(self) -> int:
-        return len(self._flights)
-
     @contextmanager
     def track(self, flight: Flight) -> Iterator[Flight]:
         """Count ``flight`` in for the block; a draining gateway starts nothing new."""
