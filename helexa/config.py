@@ -111,7 +111,24 @@ class GatewaySettings(_Strict):
     metrics_listen: str = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
     api_keys: list[str] = Field(default_factory=list)
     admin_key: str | None = None
+    # Bounds a model load (downloads, copies) and a remote node's wait for an answer.
     request_timeout_s: float = 600.0
+    # Once a stream is under way, this long without a chunk from its node ends it with an
+    # error event: a frozen node is not left holding the client. Raise it for prompts whose
+    # prefill takes longer than this on your slowest device. 0 disables it.
+    stream_idle_timeout_s: float = Field(default=120.0, ge=0)
+    # On SIGTERM/quit, how long streams in flight may take to finish before each is ended
+    # with an error event in its dialect (and requests still waiting are answered 503).
+    drain_s: float = Field(default=20.0, ge=0)
+    # Streams one remote node carries at once; more wait for a slot, counted by the
+    # helexa_node_streams_waiting gauge. 0: no limit. The node's engine queues what its
+    # devices cannot run at once, so this only bounds connections to it.
+    max_streams_per_node: int = Field(default=1024, ge=0)
+    # The largest request body accepted, in MiB. Unset: what the largest context served
+    # can use at 64 bytes a token (at least 1 MiB; 8 MiB while no context length is known),
+    # so a full conversation with big tool results fits and a runaway body is refused
+    # (413) before it is read, let alone parsed.
+    max_body_mb: float | None = Field(default=None, gt=0)
     # Web pages allowed to call the gateway and read its answers (CORS); "*" for any.
     cors_origins: list[str] = Field(default_factory=list)
     # Host names accepted besides loopback ones on a loopback bind (DNS rebinding guard).

@@ -6,7 +6,8 @@ inside Textual's event loop, and reads the gateway's own state: every refresh re
 worker, so the screen never blocks and never keeps a second copy of the truth. Token
 rates and TTFT come from :mod:`tui.traffic`, fed by the gateway's per-request hooks.
 
-Quitting (q / Ctrl-C) stops the service first: streams are cancelled, local models
+Quitting (q / Ctrl-C) stops the service first: streams in flight get up to
+``gateway.drain_s`` to finish (the rest end with an error event), local models are
 unloaded and neurons closed before the terminal is handed back.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 
 from textual.app import App, ComposeResult
@@ -50,11 +52,21 @@ class HelexaApp(App[int]):
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
     ]
 
-    def __init__(self, service: Service, traffic: Traffic, *, refresh_s: float = 1.0) -> None:
-        """``traffic`` must be the one whose ``observer`` the service's gateway calls."""
+    def __init__(
+        self,
+        service: Service,
+        traffic: Traffic,
+        *,
+        refresh_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``traffic`` must be the one whose ``observer`` the service's gateway calls;
+        ``clock`` is the fleet's (monotonic) clock, which idle times are measured against:
+        a snapshot test freezes it so "6s ago" never becomes "7s ago" on a slow machine."""
         super().__init__()
         self.service = service
         self.refresh_s = refresh_s
+        self.clock = clock
         self.traffic = traffic
         self.view = FleetView()
         self.pending: dict[str, str] = {}  # model row key -> admin op in flight
@@ -110,7 +122,8 @@ class HelexaApp(App[int]):
         if self._stopped:
             self.exit(0)
             return
-        self.sub_title = "stopping: cancelling streams, unloading models…"
+        drain = self.service.settings.gateway.drain_s
+        self.sub_title = f"stopping: finishing streams (up to {drain:g} s; q again to quit now)…"
         self.run_worker(self._quit(), group="shutdown", exclusive=True)
 
     async def _quit(self) -> None:
@@ -128,7 +141,7 @@ class HelexaApp(App[int]):
     # -- refresh --------------------------------------------------------------------
     def refresh_view(self) -> None:
         """Re-read the fleet snapshot and the traffic record and push them to the widgets."""
-        self.view = fleet_view(self.service.fleet.snapshot())
+        self.view = fleet_view(self.service.fleet.snapshot(self.clock()))
         self.devices.show(self.view.nodes)
         self.models.show(self.view.models, self.pending)
         traffic = self.traffic
@@ -265,14 +278,16 @@ def build_app(
     *,
     refresh_s: float = 1.0,
     traffic: Traffic | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> HelexaApp:
     """The dashboard over a new Service whose gateway reports every request to the app.
 
-    ``neurons`` replaces the ones the settings describe (tests, the screenshot script).
+    ``neurons`` replaces the ones the settings describe (tests, the screenshot script);
+    ``clock`` the fleet's clock the idle times are read on (a test's frozen one).
     """
     traffic = traffic or Traffic()
     service = Service(settings, neurons, observe=traffic.observer)
-    return HelexaApp(service, traffic, refresh_s=refresh_s)
+    return HelexaApp(service, traffic, refresh_s=refresh_s, clock=clock)
 
 
 async def _run(settings: Settings) -> int:

@@ -6,25 +6,29 @@ its dialect (what to send upstream, how to stream or fold the answer) and hands 
 :func:`~helexa.cortex.relay.relay`, the one path every generation takes.
 
 Errors are rendered in the caller's dialect: Anthropic routes (``/v1/messages*``) get
-``{"type":"error","error":{...}}``, everything else OpenAI's ``{"error":{...}}``.
+``{"type":"error","error":{...}}``, OpenAI's ``{"error":{...}}``, and every other path the
+asking client's (see :func:`dialect_for`), whichever layer refuses: a route, aiohttp's
+404/405/413/417, the browser guard, authentication, or a request aiohttp cannot read.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any, Literal, TypeVar
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from helexa.config import Settings, split_listen
+from helexa.config import GatewaySettings, Settings, split_listen
 from helexa.cortex.auth import KeyPolicy
 from helexa.cortex.fleet import Fleet
 from helexa.cortex.observe import Observe, ignore
-from helexa.cortex.relay import FLEET, OBSERVE, STREAMS, Job, api_error, relay
+from helexa.cortex.relay import FLEET, FLIGHTS, GATEWAY, OBSERVE, Flights, Job, api_error, relay
 from helexa.errors import ApiError
 from helexa.neuron.interface import ModelState
+from helexa.neuron.server import UNREADABLE, abandoned
 from helexa.origins import BrowserPolicy, browser_guard, install_cors
 from helexa.wire.anthropic.envelopes import parse_count_tokens_request, parse_messages_request
 from helexa.wire.anthropic.stream import AnthropicStream
@@ -50,26 +54,62 @@ log = logging.getLogger("helexa.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Conversations (with tool results) easily pass aiohttp's 1 MiB default.
-MAX_BODY_BYTES = 64 * 1024 * 1024
+MIB = 1024 * 1024
+# A token of context is a few bytes of text; JSON escapes, tool schemas and the message
+# structure around it rarely take it past 16. 64 leaves room for all of that and more.
+BODY_BYTES_PER_TOKEN = 64
+BODY_FLOOR_BYTES = MIB
+ASSUMED_CONTEXT = 131_072  # while no context length is known: a long modern one
 
 
 # -- errors ----------------------------------------------------------------------------------
 
 
-def dialect_of(request: web.BaseRequest) -> Dialect:
-    """Anthropic for its routes, and for the shared model routes when an Anthropic client
-    (``anthropic-version`` header) asks, as the model list switches shape for it."""
-    path = request.path
+_OPENAI_ONLY = ("/v1/chat/", "/v1/completions", "/v1/responses")
+
+
+def dialect_for(path: str, headers: Mapping[str, str] | None = None) -> Dialect:
+    """Anthropic for its routes (``/v1/messages`` and anything under it); OpenAI for its
+    own; for every other path (the model routes, a mistyped one, ``/v1/complete``), the
+    shape of the client asking: Anthropic's SDK sends ``anthropic-version`` on every call."""
     if path.startswith("/v1/messages"):
         return "anthropic"
-    if path.startswith("/v1/models") and "anthropic-version" in request.headers:
-        return "anthropic"
-    return "openai"
+    if path.startswith(_OPENAI_ONLY) or headers is None:
+        return "openai"
+    return "anthropic" if "anthropic-version" in headers else "openai"
+
+
+def dialect_of(request: web.BaseRequest) -> Dialect:
+    return dialect_for(request.path, request.headers)
 
 
 def error_response(dialect: Dialect, error: ApiError) -> web.Response:
     return web.json_response(error_body(dialect, error), status=error.status)
+
+
+def _unreadable(path: str | None, error: ApiError) -> web.Response:
+    """A request aiohttp could not read (a line over the limit, not HTTP): in the dialect
+    its path names, when the part read names one; else OpenAI's shape."""
+    return error_response(dialect_for(path or ""), error)
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's ``Expect`` handling (``100-continue`` answered, so curl sends its body),
+    but refusing any other expectation in the caller's dialect: aiohttp's own refusal is
+    raised before any middleware could render it. A body declared over the limit is
+    refused here, before the client uploads it."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version != HttpVersion11:
+        return None
+    if expect.lower() == "100-continue":
+        limit = body_limit(request.app[FLEET], request.app[GATEWAY])
+        if request.content_length is not None and request.content_length > limit:
+            return error_response(dialect_of(request), _too_large(limit))
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not begun
+        return None
+    failure = ApiError(f"unsupported Expect: {expect!r}", status=417, code="expectation_failed")
+    return error_response(dialect_of(request), failure)
 
 
 # -- generation routes -------------------------------------------------------------------------
@@ -289,18 +329,24 @@ async def admin_fleet(request: web.Request) -> web.Response:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every refusal in the route's dialect, including aiohttp's own (404, 405, 413)."""
+    """Every refusal in the route's dialect, including aiohttp's own (404, 405, 413).
+
+    Never after the response has begun: a body written then would land inside the open
+    stream (a chunked one reads as garbage, and SDKs hang on it). The relay ends its own
+    streams in their dialects; anything that still escapes one drops the connection, so
+    the client at least sees the answer cut off.
+    """
     try:
         return await handler(request)
-    except ApiError as exc:
-        return error_response(dialect_of(request), api_error(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(dialect_of(request), api_error(exc))
+        failure = exc
     except Exception as exc:
-        log.exception("%s %s failed", request.method, request.path)
-        return error_response(dialect_of(request), api_error(exc))
+        if not isinstance(exc, ApiError):
+            log.exception("%s %s failed", request.method, request.path)
+        failure = exc
+    return abandoned(request) or error_response(dialect_of(request), api_error(failure))
 
 
 def _auth(policy: KeyPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -317,10 +363,52 @@ def _auth(policy: KeyPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
     return check
 
 
-async def _cancel_streams(app: web.Application) -> None:
-    """On shutdown, end generations now instead of waiting for them to finish."""
-    for task in list(app[STREAMS]):
-        task.cancel()
+def body_limit(fleet: Fleet, gateway: GatewaySettings) -> int:
+    """The largest request body accepted now, in bytes: ``gateway.max_body_mb`` when set,
+    else what the longest context served can use (:data:`BODY_BYTES_PER_TOKEN` a token,
+    at least :data:`BODY_FLOOR_BYTES`). A body past it cannot be a prompt any model here
+    would take, and reading and parsing it costs the gateway many times its size."""
+    if gateway.max_body_mb is not None:
+        return int(gateway.max_body_mb * MIB)
+    context = fleet.largest_context() or ASSUMED_CONTEXT
+    return max(BODY_FLOOR_BYTES, context * BODY_BYTES_PER_TOKEN)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        f"request body is over the gateway's limit of {limit / MIB:.3g} MiB (what the "
+        "longest context served can use; [gateway] max_body_mb sets it)",
+        status=413,
+        code="request_too_large",
+    )
+
+
+def _body_limit(
+    fleet: Fleet, gateway: GatewaySettings
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Bound every request body by :func:`body_limit` as it is now (models load and
+    unload, so it moves): a declared length over it is refused before a byte is read, a
+    chunked body once it passes it."""
+
+    @web.middleware
+    async def bound(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.body_exists:
+            return await handler(request)
+        limit = body_limit(fleet, gateway)
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(limit)
+        try:
+            return await handler(request.clone(client_max_size=limit))
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(limit) from None
+
+    return bound
+
+
+async def _drain(app: web.Application) -> None:
+    """On shutdown (the listener already closed): let generations in flight finish, up
+    to ``gateway.drain_s``, then end the rest, each in its own dialect."""
+    await app[FLIGHTS].drain(app[GATEWAY].drain_s)
 
 
 def make_app(
@@ -332,29 +420,36 @@ def make_app(
         split_listen(gateway.listen)[0], gateway.cors_origins, gateway.allowed_hosts
     )
     app = web.Application(
-        middlewares=[_errors, browser_guard(browsers), _auth(KeyPolicy.from_settings(gateway))],
-        client_max_size=MAX_BODY_BYTES,
+        middlewares=[
+            _errors,
+            browser_guard(browsers),
+            _auth(KeyPolicy.from_settings(gateway)),
+            _body_limit(fleet, gateway),
+        ],
     )
     install_cors(app, browsers)
     app[FLEET] = fleet
     app[OBSERVE] = observe or ignore
-    app[STREAMS] = set()
-    app.on_shutdown.append(_cancel_streams)
+    app[GATEWAY] = gateway
+    app[FLIGHTS] = Flights()
+    app.on_shutdown.append(_drain)
+    app[UNREADABLE] = _unreadable
+    get, post = partial(web.get, expect_handler=_expect), partial(web.post, expect_handler=_expect)
     app.add_routes(
         [
-            web.get("/health", health),
-            web.get("/v1/models", list_models),
-            web.get("/v1/models/{model:.+}", get_model),
-            web.post("/v1/chat/completions", chat_completions),
-            web.post("/v1/completions", completions),
-            web.post("/v1/messages", messages),
-            web.post("/v1/messages/count_tokens", count_tokens),
-            web.post("/v1/responses", responses),
-            web.post("/admin/models/load", admin_load),
-            web.post("/admin/models/unload", admin_unload),
-            web.post("/admin/models/pin", admin_pin),
-            web.post("/admin/models/unpin", admin_unpin),
-            web.get("/admin/fleet", admin_fleet),
+            get("/health", health),
+            get("/v1/models", list_models),
+            get("/v1/models/{model:.+}", get_model),
+            post("/v1/chat/completions", chat_completions),
+            post("/v1/completions", completions),
+            post("/v1/messages", messages),
+            post("/v1/messages/count_tokens", count_tokens),
+            post("/v1/responses", responses),
+            post("/admin/models/load", admin_load),
+            post("/admin/models/unload", admin_unload),
+            post("/admin/models/pin", admin_pin),
+            post("/admin/models/unpin", admin_unpin),
+            get("/admin/fleet", admin_fleet),
         ]
     )
     return app

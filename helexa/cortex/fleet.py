@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -154,12 +154,14 @@ class ModelUse:
     requests: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # a hold is itself, not its fields: the fleet keeps a set of them
 class Lease:
     """A routed request's hold on a model: in-flight while held, so it is never evicted.
 
     Leaving ``async with lease:`` by an unreachable-node error marks the node down, so
-    the next request reroutes without waiting for the poller.
+    the next request reroutes without waiting for the poller. Its holder may set
+    ``on_down``: called (with the error to end on) when the node fails a poll while the
+    lease is held, so a request waiting on a frozen node does not wait for ever.
     """
 
     node: NodeState
@@ -168,6 +170,7 @@ class Lease:
     cold: bool
     _fleet: Fleet
     _released: bool = False
+    on_down: Callable[[NeuronError], None] | None = None
 
     @property
     def neuron(self) -> Neuron:
@@ -230,6 +233,7 @@ class Fleet:
         self.strategy: Strategy = strategy
         self.metrics = metrics
         self.use: dict[tuple[str, str], ModelUse] = {}
+        self._held: set[Lease] = set()  # leases not yet released
         self._loads: dict[str, _Load] = {}
         # Memory promised to loads in flight, so two cold loads never count the same room.
         self._reserved: dict[str, list[_Reservation]] = {}
@@ -262,6 +266,7 @@ class Fleet:
                 models = await node.neuron.models()
         except Exception as exc:  # any failure means the node is unusable right now
             self.mark_down(node, exc)
+            self._end_waiting_on(node)
             return
         node.models = {m.id: m for m in models}
         if not node.up:
@@ -280,6 +285,22 @@ class Fleet:
         if node.up:
             log.warning("node %s is down: %s", node.name, reason)
         node.up, node.error = False, reason
+
+    def _end_waiting_on(self, node: NodeState) -> None:
+        """End every request waiting on ``node``, which failed a poll: a node that does not
+        answer a health check will not finish the answers it owes either (a frozen host
+        keeps its connections open and silent). Only a poll decides this: one request's
+        failure (a queue wait that timed out) marks the node down but ends no other."""
+        for lease in [held for held in self._held if held.node is node]:
+            if lease.on_down is not None:
+                lease.on_down(
+                    NeuronError(
+                        f"node {node.name!r} went down while answering: {node.error}",
+                        status=502,
+                        type="upstream_error",
+                        code="stream_interrupted",
+                    )
+                )
 
     async def attach(self, neuron: Neuron) -> NodeState:
         """Add a node to the running fleet, once it has answered a poll.
@@ -362,12 +383,57 @@ class Fleet:
                 out.setdefault(profile.id, []).append((self.nodes[view.name], state))
         return out
 
+    def known_id(self, model: str) -> str | None:
+        """The canonical id ``model`` names when the catalogue has it or some node (up or
+        down) lists it; None for a name nothing here serves."""
+        canonical = self.catalogue.canonical(model)
+        if canonical in self.catalogue:
+            return canonical
+        for node in self.nodes.values():
+            if any(self.catalogue.canonical(s.id) == canonical for s in node.models.values()):
+                return canonical
+        return None
+
+    def largest_context(self) -> int | None:
+        """The longest context any model here is served with (a loaded copy's, on any
+        node, or the catalogue's), in tokens; None while none is known."""
+        lengths = [p.context_length for p in self.catalogue if p.context_length]
+        lengths += [
+            s.context_length
+            for n in self.nodes.values()
+            for s in n.models.values()
+            if s.context_length
+        ]
+        return max(lengths, default=None)
+
     def resolve(self, model: str) -> str:
         """The canonical id for a client's model name (id, alias or qualified id)."""
         canonical = self.catalogue.canonical(model)
         if canonical in self.catalogue or canonical in self.known_models():
             return canonical
-        raise ModelNotFound(f"model {model!r} is not served by any node")
+        why = self._no_node_up()
+        raise ModelNotFound(
+            f"model {model!r} is not served by any node{f' ({why})' if why else ''}"
+        )
+
+    def _no_node_up(self) -> str | None:
+        """Why no node can serve anything, when that is so: there are none, or all are down."""
+        if not self.nodes:
+            return (
+                "the gateway has no nodes: configure [[neurons]] in helexa.toml or enable "
+                "the local node"
+            )
+        if any(n.up for n in self.nodes.values()):
+            return None
+        reasons = "; ".join(f"{n.name}: {n.error or 'not polled yet'}" for n in self.nodes.values())
+        return f"every node is down ({reasons})"
+
+    def _nowhere(self, model_id: str) -> str:
+        """Why ``model_id`` could not be placed anywhere."""
+        why = self._no_node_up()
+        if why is not None:
+            return f"cannot serve {model_id!r}: {why}"
+        return f"no up node has room for {model_id!r}, even after eviction"
 
     async def acquire(self, model: str) -> Lease:
         """Route to a node with ``model`` loaded, loading it (once) when it is cold."""
@@ -441,7 +507,7 @@ class Fleet:
             return node
         if refused is not None:
             raise LoadFailed.from_neuron(model_id, refused[0], refused[1])
-        raise NoCapacity(f"no up node has room for {model_id!r}, even after eviction")
+        raise NoCapacity(self._nowhere(model_id))
 
     async def _wait_for_eviction(self, model_id: str) -> bool:
         """Wait for an unload of ``model_id`` in progress anywhere; whether there was one.
@@ -573,9 +639,12 @@ class Fleet:
             (s.id for s in node.models.values() if self.catalogue.canonical(s.id) == model_id),
             self.catalogue.qualified_id(model_id),
         )
-        return Lease(node, canonical_id=model_id, served_id=served, cold=cold, _fleet=self)
+        lease = Lease(node, canonical_id=model_id, served_id=served, cold=cold, _fleet=self)
+        self._held.add(lease)
+        return lease
 
     def _release(self, lease: Lease) -> None:
+        self._held.discard(lease)
         use = self._usage(lease.node.name, lease.canonical_id)
         use.in_flight = max(0, use.in_flight - 1)
         use.last_used = time.monotonic()

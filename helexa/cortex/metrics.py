@@ -6,6 +6,11 @@ registry. Per-request numbers come from a :class:`RequestTimer` the gateway driv
 (start, first token, finish with usage, or error); fleet events (loads, evictions, cold
 starts) are recorded by the fleet itself; device and in-flight gauges are read from the
 fleet on every scrape, so they are never stale and need no background task.
+
+Series never expire, so every label value must come from a bounded set: a request is
+labelled with its model only when that model is the catalogue's or a node's, and every
+other name a client sends counts under :data:`OTHER_MODEL` (a typo or a scan must not add
+two dozen series per name for ever).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from prometheus_client import (
 
 from helexa.cortex.observe import RequestObserver
 from helexa.errors import ApiError
+from helexa.neuron.remote import RemoteNeuron
 from helexa.wire.openai.stream import carries_output
 
 if TYPE_CHECKING:
@@ -37,11 +43,13 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 2, 5, 10, 30, 60, 120)
 TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500, 1000)
 LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+OTHER_MODEL = "other"  # the model label of requests for names nothing here serves
 
 
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._fleet: Fleet | None = None  # whose models requests are labelled with
         # Every metric in this gateway's own registry, never prometheus_client's global one.
         counter = partial(Counter, registry=self.registry)
         gauge = partial(Gauge, registry=self.registry)
@@ -99,6 +107,14 @@ class GatewayMetrics:
             "helexa_in_flight_requests", "Requests holding a model now", per_model
         )
         self.node_up = gauge("helexa_node_up", "1 when the node answers polls", ["node"])
+        self.node_streams = gauge(
+            "helexa_node_streams", "Streams a remote node is carrying now", ["node"]
+        )
+        self.node_streams_waiting = gauge(
+            "helexa_node_streams_waiting",
+            "Requests waiting for a stream slot on a remote node (gateway max_streams_per_node)",
+            ["node"],
+        )
         self.model_loaded = gauge("helexa_model_loaded", "1 per model loaded on a node", per_model)
 
     # -- per request ---------------------------------------------------------------------
@@ -108,9 +124,20 @@ class GatewayMetrics:
     ) -> RequestTimer:
         return RequestTimer(self, model, node, dialect, clock)
 
+    def label_models_of(self, fleet: Fleet) -> None:
+        """Label requests with ``fleet``'s models (until then, every request that fails
+        before routing counts under :data:`OTHER_MODEL`)."""
+        self._fleet = fleet
+
+    def model_label(self, model: str) -> str:
+        """``model`` as a label: its canonical id when the fleet serves it, else
+        :data:`OTHER_MODEL`."""
+        known = self._fleet.known_id(model) if self._fleet is not None else None
+        return known or OTHER_MODEL
+
     def observe(self, api: str, model: str) -> MetricsObserver:
         """The gateway's per-request hook factory (``make_app(..., observe=metrics.observe)``)."""
-        return MetricsObserver(self.start_request(model, "", api))
+        return MetricsObserver(self.start_request(self.model_label(model), "", api))
 
     # -- fleet events --------------------------------------------------------------------
 
@@ -135,11 +162,16 @@ class GatewayMetrics:
             self.utilization,
             self.in_flight,
             self.node_up,
+            self.node_streams,
+            self.node_streams_waiting,
             self.model_loaded,
         ):
             gauge.clear()
         for node in fleet.nodes.values():
             self.node_up.labels(node.name).set(1 if node.up else 0)
+            if isinstance(node.neuron, RemoteNeuron):
+                self.node_streams.labels(node.name).set(node.neuron.slots.open)
+                self.node_streams_waiting.labels(node.name).set(node.neuron.slots.waiting)
             totals = node.vram_totals()
             for d in node.health.devices if node.health else ():
                 device = str(d.index)

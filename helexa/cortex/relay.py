@@ -6,25 +6,33 @@ them into one answer), reports to the request's observer, and releases the lease
 happens. Chunks are written as they arrive, never collected first, and a client that hangs
 up closes the neuron's stream so generation stops. A node that fails before the first
 chunk is marked down and the request routed once more; once a stream has started the
-status line is gone, so a failure rides the stream instead (an Anthropic ``error`` event,
-an OpenAI ``data: {"error":...}`` frame, a Responses ``response.failed``) and the response
-ends cleanly.
+status line is gone, so every failure from then on rides the stream instead (an Anthropic
+``error`` event, an OpenAI ``data: {"error":...}`` frame, a Responses ``response.failed``)
+and the response ends cleanly: nothing after ``prepare()`` may become a JSON body.
+
+Each request in flight is a :class:`Flight`, which may be cut short wherever it waits: by
+its node failing a poll (a frozen host keeps its connections open and silent), by its node
+going quiet for ``gateway.stream_idle_timeout_s`` once output has started, or by the
+gateway stopping (:class:`Flights` drains them, then ends the rest).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiohttp import web
 
+from helexa.config import GatewaySettings
 from helexa.cortex.fleet import Fleet, Lease, ModelNotFound, NoCapacity
 from helexa.cortex.observe import CLIENT_GONE, Observe, RequestObserver
 from helexa.errors import ApiError
+from helexa.wire.errors import anthropic_error_type, openai_error_body, openai_error_type
 from helexa.wire.openai.translate import ChatAccumulator, accumulate_completion
 from helexa.wire.sse import StreamFormat
 
@@ -40,6 +48,12 @@ def api_error(exc: BaseException) -> ApiError:
         return ApiError(exc.reason, status=exc.status)
     return ApiError(
         f"internal error: {type(exc).__name__}: {exc}", status=500, code="internal_error"
+    )
+
+
+def shutting_down() -> ApiError:
+    return ApiError(
+        "the gateway is shutting down; retry the request", status=503, code="shutting_down"
     )
 
 
@@ -60,11 +74,140 @@ class Job:
     kind: Literal["chat", "completion"] = "chat"
 
 
+# -- requests in flight -----------------------------------------------------------------------
+
+
+class Flight:
+    """One relayed request, and the clock that may cut it short where it waits.
+
+    Inside :meth:`guard` the request is cut (the block raises the reason, an ApiError)
+    when :meth:`stop` is called (the gateway stopping: every later guard is cut too), when
+    :meth:`cut` is called (its node failed a poll: this wait only), or when :meth:`next`
+    waits longer than ``idle_s`` for a chunk. Cutting is asyncio's own timeout, so a
+    client hanging up (a plain cancellation) is never mistaken for one.
+    """
+
+    def __init__(self, idle_s: float = 0.0) -> None:
+        self.idle_s = idle_s
+        self.stopped: ApiError | None = None
+        self._cut: ApiError | None = None
+        self._clock: asyncio.Timeout | None = None
+        self._node = ""  # the node being waited on, for the idle message
+
+    def stop(self, reason: ApiError) -> None:
+        """End the request with ``reason``: now, or at its next wait."""
+        self.stopped = self.stopped or reason
+        self._fire()
+
+    def cut(self, reason: ApiError) -> None:
+        """End the current wait with ``reason`` (its node is gone); ignored between waits,
+        when the request is already handling its own failure."""
+        if self._clock is not None:
+            self._cut = self._cut or reason
+            self._fire()
+
+    def _fire(self) -> None:
+        clock = self._clock
+        if clock is not None and not clock.expired():
+            clock.reschedule(asyncio.get_running_loop().time())
+
+    @asynccontextmanager
+    async def guard(self, node: str = "") -> AsyncIterator[None]:
+        """A block the flight may be cut in; raises the reason when it is."""
+        self._node = node
+        try:
+            async with asyncio.timeout_at(None) as clock:
+                self._clock = clock
+                if self.stopped is not None:
+                    self._fire()
+                yield
+        except TimeoutError:
+            if not clock.expired():
+                raise  # someone else's timeout, raised inside the block
+            reason, self._cut = self.stopped or self._cut or self._idle(), None
+            raise reason from None
+        finally:
+            self._clock = None
+
+    def _idle(self) -> ApiError:
+        return ApiError(
+            f"node {self._node!r} sent nothing for {self.idle_s:g} s (gateway "
+            "stream_idle_timeout_s); the answer was ended",
+            status=504,
+            code="stream_idle_timeout",
+        )
+
+    async def next(self, chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
+        """The next chunk, or None at the end; inside :meth:`guard`, and cut after
+        ``idle_s`` (when set) without one."""
+        clock = self._clock
+        assert clock is not None, "Flight.next outside Flight.guard"
+        loop = asyncio.get_running_loop()
+
+        def quiet() -> bool:  # no cut pending: the idle clock is ours to set
+            return not clock.expired() and self.stopped is None and self._cut is None
+
+        if self.idle_s and quiet():
+            clock.reschedule(loop.time() + self.idle_s)
+        try:
+            return await _next(chunks)
+        finally:
+            if quiet():
+                clock.reschedule(None)
+
+
+class Flights:
+    """Every relayed request in flight, so that a stopping gateway can let them finish
+    (up to ``drain_s``) and then end the rest, each in its own dialect."""
+
+    def __init__(self) -> None:
+        self._flights: set[Flight] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self.draining = asyncio.Event()  # set once the gateway has begun to stop
+
+    @contextmanager
+    def track(self, flight: Flight) -> Iterator[Flight]:
+        """Count ``flight`` in for the block; a draining gateway starts nothing new."""
+        if self.draining.is_set():
+            flight.stop(shutting_down())
+        self._flights.add(flight)
+        self._empty.clear()
+        try:
+            yield flight
+        finally:
+            self._flights.discard(flight)
+            if not self._flights:
+                self._empty.set()
+
+    async def drain(self, drain_s: float, grace_s: float = 5.0) -> None:
+        """Refuse new requests, wait up to ``drain_s`` for those in flight, then stop the
+        rest (a stream gets its dialect's error event, a request still waiting a 503) and
+        give them up to ``grace_s`` to write it."""
+        self.draining.set()
+        if self._flights:
+            log.info("draining %d request(s) for up to %g s", len(self._flights), drain_s)
+        if not await self._wait_empty(drain_s):
+            log.warning("ending %d request(s) still in flight", len(self._flights))
+            for flight in list(self._flights):
+                flight.stop(shutting_down())
+            await self._wait_empty(grace_s)
+
+    async def _wait_empty(self, seconds: float) -> bool:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._empty.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
 # -- app state: set by make_app, read by every request -----------------------------------------
 
 FLEET = web.AppKey("fleet", Fleet)
 OBSERVE = web.AppKey("observe", Observe)
-STREAMS = web.AppKey("streams", set[asyncio.Task[Any]])
+FLIGHTS = web.AppKey("flights", Flights)
+GATEWAY = web.AppKey("gateway", GatewaySettings)
 
 
 # -- the relay --------------------------------------------------------------------------------
@@ -80,68 +223,69 @@ async def _next(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
 async def relay(request: web.Request, job: Job) -> web.StreamResponse:
     """Route ``job`` to a neuron and answer it; the one path every generation takes.
 
-    When the node fails before its first chunk (refused connection, dropped stream) nothing
-    has reached the client yet, so the node is marked down and the request is routed once
-    more, to another node; after the first chunk a failure can only ride the stream.
+    Every outcome is reported to the observer exactly once: the stream writer reports its
+    own, anything raised before is reported here.
     """
     observer = request.app[OBSERVE](job.api, job.model)
+    flight = Flight(request.app[GATEWAY].stream_idle_timeout_s)
+    with request.app[FLIGHTS].track(flight):
+        try:
+            return await _route(request, job, observer, flight)
+        except BaseException as exc:
+            observer.failed(_failure(exc))
+            raise
+
+
+async def _route(
+    request: web.Request, job: Job, observer: RequestObserver, flight: Flight
+) -> web.StreamResponse:
+    """When the node fails before its first chunk (refused connection, dropped stream,
+    failing a poll meanwhile) nothing has reached the client yet, so the node is marked down
+    and the request is routed once more, to another node; after the first chunk a failure
+    can only ride the stream."""
     fleet = request.app[FLEET]
-    streams = request.app[STREAMS]
-    task = asyncio.current_task()
-    assert task is not None  # aiohttp runs every handler in a task
-    streams.add(task)  # so a stopping gateway can cancel it
-    try:
-        gone: BaseException | None = None  # the first node's failure, when rerouting
-        while True:
-            lease = await _acquire(fleet, job, observer, gone)
-            # Leaving the lease releases it, and tells the fleet when the node was unreachable.
-            async with lease:
+    gone: BaseException | None = None  # the first node's failure, when rerouting
+    while True:
+        async with flight.guard():
+            lease = await _acquire(fleet, job, gone)
+        # Leaving the lease releases it, and tells the fleet when the node was unreachable.
+        async with lease:
+            lease.on_down = flight.cut
+            observer.routed(lease)
+            # The catalogue's sampling defaults go under whatever the client sent.
+            upstream = fleet.catalogue.apply_sampling(
+                lease.canonical_id, {**job.upstream, "model": lease.served_id}
+            )
+            generate = lease.neuron.chat if job.kind == "chat" else lease.neuron.complete
+            async with aclosing(generate(upstream)) as chunks:
                 try:
-                    observer.routed(lease)
-                    # The catalogue's sampling defaults go under whatever the client sent.
-                    upstream = fleet.catalogue.apply_sampling(
-                        lease.canonical_id, {**job.upstream, "model": lease.served_id}
-                    )
-                    generate = lease.neuron.chat if job.kind == "chat" else lease.neuron.complete
-                    async with aclosing(generate(upstream)) as chunks:
-                        try:
-                            first = await _next(chunks)
-                        except Exception as exc:
-                            if gone is None and lease.failed(exc):
-                                log.warning(
-                                    "node %s failed before answering (%s); rerouting %s",
-                                    lease.node.name,
-                                    exc,
-                                    job.model,
-                                )
-                                gone = exc
-                                continue
-                            raise
-                        if job.stream is None:
-                            return await _fold(first, chunks, job, observer)
-                        return await _stream(request, first, chunks, job.stream, observer, lease)
-                except BaseException as exc:
-                    observer.failed(_failure(exc))
+                    async with flight.guard(lease.node.name):
+                        first = await _next(chunks)
+                except Exception as exc:
+                    if gone is None and lease.failed(exc):
+                        log.warning(
+                            "node %s failed before answering (%s); rerouting %s",
+                            lease.node.name,
+                            exc,
+                            job.model,
+                        )
+                        gone = exc
+                        continue
                     raise
-    finally:
-        streams.discard(task)
+                if job.stream is None:
+                    return await _fold(first, chunks, job, observer, flight, lease)
+                return await _stream(request, first, chunks, job, observer, flight, lease)
 
 
-async def _acquire(
-    fleet: Fleet, job: Job, observer: RequestObserver, gone: BaseException | None
-) -> Lease:
+async def _acquire(fleet: Fleet, job: Job, gone: BaseException | None) -> Lease:
     """A lease for ``job``; when rerouting and no other node can take it, the first node's
     failure is the reason the request fails (not "no capacity" or "not found")."""
     try:
         return await fleet.acquire(job.model)
-    except BaseException as exc:
-        failure: BaseException = exc
-        if gone is not None and isinstance(exc, ModelNotFound | NoCapacity):
-            failure = gone
-        observer.failed(_failure(failure))
-        if failure is exc:
+    except (ModelNotFound, NoCapacity) as exc:
+        if gone is None:
             raise
-        raise failure from exc
+        raise gone from exc
 
 
 def _failure(exc: BaseException) -> ApiError:
@@ -150,70 +294,72 @@ def _failure(exc: BaseException) -> ApiError:
     return api_error(exc)
 
 
-async def _rest(
-    first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]
-) -> AsyncIterator[dict[str, Any]]:
-    """The whole stream again, its first chunk already taken."""
-    if first is None:
-        return
-    yield first
-    async for chunk in chunks:
-        yield chunk
-
-
 async def _fold(
     first: dict[str, Any] | None,
     chunks: AsyncIterator[dict[str, Any]],
     job: Job,
     observer: RequestObserver,
+    flight: Flight,
+    lease: Lease,
 ) -> web.Response:
-    if job.kind == "chat":
-        acc = ChatAccumulator()
-        async for chunk in _rest(first, chunks):
+    collected: list[dict[str, Any]] = []
+    acc = ChatAccumulator()
+    async with flight.guard(lease.node.name):
+        chunk = first
+        while chunk is not None:
             observer.chunk(chunk)
-            acc.add(chunk)
-        completion = acc.result()
-    else:
-        collected = []
-        async for chunk in _rest(first, chunks):
-            observer.chunk(chunk)
-            collected.append(chunk)
-        completion = accumulate_completion(collected)
+            if job.kind == "chat":
+                acc.add(chunk)
+            else:
+                collected.append(chunk)
+            chunk = await flight.next(chunks)
+    completion = acc.result() if job.kind == "chat" else accumulate_completion(collected)
+    body = job.answer(completion)
     observer.finished()
-    return web.json_response(job.answer(completion))
+    return web.json_response(body)
 
 
 async def _stream(
     request: web.Request,
     first: dict[str, Any] | None,
     chunks: AsyncIterator[dict[str, Any]],
-    fmt: StreamFormat,
+    job: Job,
     observer: RequestObserver,
+    flight: Flight,
     lease: Lease,
 ) -> web.StreamResponse:
     """Write the stream; ``first`` was awaited before the headers, so a neuron that refuses
-    the request outright (context too long, model gone) is a proper HTTP error status."""
+    the request outright (context too long, model gone) is a proper HTTP error status.
+
+    From ``prepare()`` on this never raises, except a cancellation (the client hung up):
+    every failure, the dialect's own writer failing included, ends the stream with an
+    error event, and the outcome is reported here.
+    """
+    assert job.stream is not None
+    fmt = job.stream
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
-    await response.prepare(request)
     failure: ApiError | None = None
     try:
-        if first is not None:
-            observer.chunk(first)
-            await _write(response, fmt.feed(first))
-            async for chunk in chunks:
+        async with flight.guard(lease.node.name):
+            await response.prepare(request)
+            chunk = first
+            while chunk is not None:
                 observer.chunk(chunk)
                 await _write(response, fmt.feed(chunk))
-        tail = fmt.finish()
+                chunk = await flight.next(chunks)
+            tail = fmt.finish()
     except ConnectionResetError as exc:
         observer.failed(_failure(exc))
         return response  # the caller's aclosing stops the neuron
     except Exception as exc:  # headers are sent: the failure has to ride the stream
+        if not response.prepared:
+            raise  # cut before the first byte: a status line can still say it
         lease.failed(exc)  # a dropped stream is a node gone: the next request reroutes
         failure = api_error(exc)
-        tail = fmt.fail(failure)
-    try:
+        tail = _failure_frames(fmt, failure, job.api)
+    try:  # not cut: a stopping gateway waits for this last word (up to its grace)
         await _write(response, tail)
         await response.write_eof()
     except ConnectionResetError as exc:
@@ -223,6 +369,31 @@ async def _stream(
     else:
         observer.failed(failure)
     return response
+
+
+def _failure_frames(fmt: StreamFormat, failure: ApiError, api: str) -> bytes:
+    """The dialect's terminal error frames for ``failure``; should its writer fail too (a
+    payload it cannot encode), frames built from the failure alone, in ASCII JSON."""
+    try:
+        return fmt.fail(failure)
+    except Exception:
+        log.exception("the %s stream writer failed to end a failed stream", api)
+    code = failure.code or "server_error"
+    if api == "messages":
+        kind = anthropic_error_type(failure.status)
+        frames = [("error", {"type": "error", "error": {"type": kind, "message": failure.message}})]
+    elif api == "responses":
+        error = {"code": code, "message": failure.message}
+        response = {"object": "response", "status": "failed", "error": error}
+        frames = [
+            ("error", {"type": "error", **error, "param": None}),
+            ("response.failed", {"type": "response.failed", "response": response}),
+        ]
+    else:
+        kind = failure.type or openai_error_type(failure.status)
+        body = openai_error_body(failure.message, type=kind, code=code)
+        return f"data: {json.dumps(body)}\n\n".encode()
+    return b"".join(f"event: {n}\ndata: {json.dumps(p)}\n\n".encode() for n, p in frames)
 
 
 async def _write(response: web.StreamResponse, data: bytes) -> None:

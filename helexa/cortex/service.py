@@ -41,6 +41,7 @@ def build_neurons(settings: Settings) -> list[Neuron]:
                 endpoint.token,
                 timeout_s=settings.gateway.request_timeout_s,
                 poll_timeout_s=settings.poller.timeout_s,
+                max_streams=settings.gateway.max_streams_per_node,
             )
         )
     return neurons
@@ -58,6 +59,7 @@ class Service:
         self.metrics = GatewayMetrics()
         nodes = build_neurons(settings) if neurons is None else neurons
         self.fleet = Fleet.from_settings(nodes, settings, self.metrics)
+        self.metrics.label_models_of(self.fleet)
         hooks = (
             self.metrics.observe if observe is None else observe_all(self.metrics.observe, observe)
         )
@@ -95,15 +97,19 @@ class Service:
         self.evictor.start()
 
     async def stop(self) -> None:
-        """Stop accepting, cancel streams in flight, unload local models, close neurons.
+        """Stop accepting, drain the requests in flight, unload local models, close neurons.
 
-        Safe to call more than once, and after a failed start.
+        Draining gives streams up to ``gateway.drain_s`` to finish and then ends each with
+        an error event in its dialect (a request not yet answered gets a 503), so no client
+        is left without a last word. The poller runs until then: a node found down while
+        draining still ends what waits on it. Safe to call more than once, and after a
+        failed start.
         """
         await self.evictor.stop()
-        await self.poller.stop()
         runners, self._runners = self._runners, []
         for runner in runners:
-            await runner.cleanup()  # the gateway's shutdown hook cancels streaming handlers
+            await runner.cleanup()  # the gateway's shutdown hook drains the relay
+        await self.poller.stop()
         await self.fleet.close()  # LocalNeuron.close unloads its models
 
 

@@ -10,12 +10,18 @@ sends nonsense is ``stream_malformed``: the node answered, so it is not down.
 A stream whose HTTP response ends completely but without ``[DONE]`` ends normally: what
 arrived is the whole answer, and the gateway closes the client's event sequence (a
 truncated payload or dropped connection is what aiohttp reports as an error).
+
+Streams hold a :class:`StreamSlots` slot each, not a place in aiohttp's connection pool:
+the pool has no limit, so a poll never queues behind streams (a node carrying many would
+otherwise be marked down for not answering), and a stream waiting for a slot is counted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -59,12 +65,40 @@ def malformed(name: str, detail: str) -> NeuronError:
     )
 
 
+class StreamSlots:
+    """How many streams one node carries at once (``limit``; 0 for any number), and how
+    many requests wait for a slot: the queue a metrics scrape shows."""
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit
+        self.open = 0
+        self.waiting = 0
+        self._free = asyncio.Semaphore(limit) if limit else None
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """One slot for the block, waiting (counted) while none is free."""
+        if self._free is not None:
+            self.waiting += 1
+            try:
+                await self._free.acquire()
+            finally:
+                self.waiting -= 1
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1
+            if self._free is not None:
+                self._free.release()
+
+
 class RemoteNeuron:
     """Client of one ``helexa neuron``; one aiohttp session, created in the running loop.
 
     ``timeout_s`` bounds loads (which may download and copy gigabytes) and the wait for
     each piece of a stream; ``poll_timeout_s`` bounds the quick calls the poller makes, so a
-    hung node is marked down promptly.
+    hung node is marked down promptly. ``max_streams`` streams run at once (0: any number).
     """
 
     def __init__(
@@ -75,18 +109,22 @@ class RemoteNeuron:
         *,
         timeout_s: float = 600,
         poll_timeout_s: float = 10,
+        max_streams: int = 0,
     ) -> None:
         self.name = name
         self.endpoint = endpoint.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
         self.poll_timeout_s = poll_timeout_s
+        self.slots = StreamSlots(max_streams)
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-            self._session = aiohttp.ClientSession(headers=headers)
+            # No pool limit (aiohttp's is 100): streams are bounded by ``slots`` instead.
+            connector = aiohttp.TCPConnector(limit=0)
+            self._session = aiohttp.ClientSession(headers=headers, connector=connector)
         return self._session
 
     async def _call(
@@ -145,8 +183,14 @@ class RemoteNeuron:
         return self._stream("/v1/completions", request)
 
     async def _stream(self, path: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Chunk dicts as the remote sends them; closing this closes the HTTP response,
-        which the remote sees as a hang-up and answers by cancelling generation."""
+        """Chunk dicts as the remote sends them, once a slot is free; closing this closes
+        the HTTP response, which the remote sees as a hang-up and answers by cancelling
+        generation."""
+        async with self.slots.hold(), aclosing(self._slotted(path, request)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _slotted(self, path: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         body = {**request, "stream": True, "stream_options": {"include_usage": True}}
         # No total limit (a long answer is fine); a stall of timeout_s between bytes is not.
         timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout_s)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import logging
 import signal
 import socket
 import sys
@@ -24,6 +25,7 @@ from contextlib import aclosing
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from pydantic import BaseModel, ValidationError
 
 from helexa.config import Settings, split_listen
@@ -35,6 +37,8 @@ from helexa.wire.errors import WireError, validation_message
 from helexa.wire.openai.envelopes import parse_chat_request, parse_completion_request
 from helexa.wire.openai.translate import ChatAccumulator, accumulate_completion
 from helexa.wire.sse import SSE_DONE, sse
+
+log = logging.getLogger("helexa.neuron")
 
 NEURON = web.AppKey("neuron", Neuron)
 # Chat requests carry whole conversations; aiohttp's 1 MiB default is far too small.
@@ -51,14 +55,106 @@ class ListenError(Exception):
     """The address could not be bound (in use, not ours, no permission)."""
 
 
+# A request line or one header longer than this is refused (414/431) before any route sees
+# it; aiohttp's own 8190 would refuse long query strings and large bearer tokens alike.
+MAX_LINE_BYTES = 64 * 1024
+
+# How a server answers a request that never reached its routes (unreadable HTTP, or a
+# failure aiohttp caught itself): the path when it is known, and the refusal.
+Unreadable = Callable[[str | None, ApiError], web.Response]
+UNREADABLE = web.AppKey("unreadable", Unreadable)
+
+
+def _unreadable_default(path: str | None, error: ApiError) -> web.Response:
+    return error_response(error)
+
+
+def refusal_of(exc: HttpProcessingError) -> tuple[ApiError, str | None]:
+    """What a client is told about a request aiohttp could not read, and its path when
+    the part that could be read names one (a request line too long starts with it)."""
+    if isinstance(exc, LineTooLong):
+        line = exc.args[0] if exc.args else b""
+        text = bytes(line).decode("latin-1") if isinstance(line, bytes | bytearray) else str(line)
+        if text.startswith("/"):
+            message = f"the request line is over {MAX_LINE_BYTES} bytes"
+            path = text.partition("?")[0].removesuffix("...")
+            return ApiError(message, status=414, code="uri_too_long"), path
+        message = f"a request header is over {MAX_LINE_BYTES} bytes"
+        return ApiError(message, status=431, code="header_too_large"), None
+    message = f"the request is not valid HTTP: {exc.message or type(exc).__name__}"
+    return ApiError(message, status=exc.code or 400, code="bad_request"), None
+
+
+class _Protocol(web.RequestHandler):
+    """aiohttp's connection handler, answering what it refuses itself through the app's
+    :data:`UNREADABLE` (JSON in the app's error shape, not a text/plain page), logging an
+    unreadable request in one line instead of a traceback per request."""
+
+    __slots__ = ("unreadable",)
+
+    def __init__(self, manager: web.Server, *, unreadable: Unreadable, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.unreadable = unreadable
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, HttpProcessingError):
+            error, path = refusal_of(exc)
+            log.info("refused a request from %s: %s", request.remote, error.message)
+        else:  # a handler failure no middleware caught: a bug, worth its traceback
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+            if request.writer.output_size > 0:
+                raise ConnectionError("the response had begun when the handler failed")
+            error, path = ApiError("internal error", status=status, code="internal_error"), None
+        response = self.unreadable(path, error)
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __init__(self, *args: Any, unreadable: Unreadable, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unreadable = unreadable
+
+    def __call__(self) -> web.RequestHandler:
+        return _Protocol(self, loop=self._loop, unreadable=self.unreadable, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose connections are :class:`_Protocol`. aiohttp (3.14) offers no
+    hook for its own error pages, so the server it makes is rebuilt around that class."""
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()
+        return _Server(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            unreadable=self.app.get(UNREADABLE, _unreadable_default),
+            **made._kwargs,
+        )
+
+
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
     """Serve ``app`` on ``host:port`` (0 picks a free port); return the runner and base URL.
 
     Handler cancellation is on: when a client hangs up, its handler is cancelled where it
     waits, which closes the neuron's stream and so stops generation mid-token-stream instead
-    of at the next write.
+    of at the next write. Requests that cannot be read are answered by ``app[UNREADABLE]``.
     """
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0)
+    runner = _Runner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=5.0,
+        max_line_size=MAX_LINE_BYTES,
+        max_field_size=MAX_LINE_BYTES,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -71,6 +167,18 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
     bound = runner.addresses[0][1]  # the real port when 0 was asked for
     shown = f"[{host}]" if ":" in host else host
     return runner, f"http://{shown}:{bound}"
+
+
+def abandoned(request: web.BaseRequest) -> web.Response | None:
+    """For an error middleware: when the response to ``request`` has already begun, an
+    error body would land inside it (a chunked stream then reads as garbage, and clients
+    hang on it), so its connection is closed and a stand-in returned that aiohttp fails
+    to send, quietly; None while nothing has been sent."""
+    if request.writer.output_size == 0:
+        return None
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=500)
 
 
 def is_loopback(host: str) -> bool:
@@ -92,6 +200,16 @@ def token_ok(header: str | None, token: str) -> bool:
 
 
 # -- responses -------------------------------------------------------------------------------
+
+
+def internal_error(exc: BaseException) -> NeuronError:
+    """A failure that is no refusal (a bug) as the 500 a caller is told about."""
+    return NeuronError(
+        f"internal error: {type(exc).__name__}: {exc}",
+        status=500,
+        type="server_error",
+        code="internal_error",
+    )
 
 
 def error_response(exc: ApiError) -> web.Response:
@@ -136,7 +254,9 @@ async def _first(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None
 async def stream_sse(
     request: web.Request, stream: AsyncIterator[dict[str, Any]]
 ) -> web.StreamResponse:
-    """Relay chunk dicts as SSE. An error before the first chunk is a plain HTTP error."""
+    """Relay chunk dicts as SSE. An error before the first chunk is a plain HTTP error;
+    after it, any error (a bug included) is the stream's last frame, never a status line
+    written into the open stream, which the gateway would read as the node dropping."""
     first = await _first(stream)  # NeuronError here becomes the HTTP status
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -149,8 +269,13 @@ async def stream_sse(
                 await response.write(sse(first))
                 async for chunk in stream:
                     await response.write(sse(chunk))
+        except ConnectionResetError:
+            raise
         except NeuronError as exc:
             tail = sse(exc.to_body())
+        except Exception as exc:
+            log.exception("stream failed after its first chunk")
+            tail = sse(internal_error(exc).to_body())
         await response.write(tail)
         await response.write_eof()
     except ConnectionResetError:
@@ -216,16 +341,20 @@ async def tokenize(request: web.Request) -> web.Response:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure in the neuron API's error shape, never aiohttp's text pages."""
+    """Every failure in the neuron API's error shape, never aiohttp's text pages (and
+    never a body once a response has begun: the connection is dropped instead)."""
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc)
+        failure: ApiError = exc
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        error = NeuronError(exc.reason, status=exc.status, type="invalid_request_error")
-        return web.json_response(error.to_body(), status=exc.status)
+        failure = NeuronError(exc.reason, status=exc.status, type="invalid_request_error")
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        failure = internal_error(exc)
+    return abandoned(request) or error_response(failure)
 
 
 def _auth(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:

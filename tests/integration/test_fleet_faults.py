@@ -8,6 +8,7 @@ client side is read as bytes and SSE-decoded, so the assertions are about the wi
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,7 +17,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from helexa.config import ModelProfile
 from helexa.cortex.app import make_app
+from helexa.cortex.catalogue import Catalogue
 from helexa.cortex.fleet import Fleet
 from helexa.neuron.remote import RemoteNeuron
 from helexa.neuron.server import make_neuron_app, start_server
@@ -30,6 +33,7 @@ from tests.support.servers import (
     neuron_process,
     serving,
 )
+from tests.support.streams import read_all
 
 MODEL = "test-model"
 USER = [{"role": "user", "content": "hi"}]
@@ -54,13 +58,6 @@ async def gateway(urls: dict[str, str]) -> AsyncIterator[tuple[str, Fleet]]:
 
 def names(events: list[SSEEvent]) -> list[str | None]:
     return [e.event for e in events]
-
-
-async def read_all(response: aiohttp.ClientResponse, decoder: SSEDecoder) -> list[SSEEvent]:
-    events: list[SSEEvent] = []
-    async for data in response.content.iter_any():
-        events += decoder.feed(data)
-    return events + decoder.end()
 
 
 # -- a node killed mid-stream -----------------------------------------------------------------
@@ -263,3 +260,45 @@ async def test_dropped_upstream_fails_the_responses_stream() -> None:
     async with raw_gateway(dropped=True) as (url, _):
         events = await stream(url, "/v1/responses")
         assert names(events)[-2:] == ["error", "response.failed"]
+
+
+# -- no node to serve at all -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "demo", "messages": USER}),
+        ("/v1/messages", {"model": "demo", "max_tokens": 8, "messages": USER}),
+    ],
+)
+async def test_with_no_nodes_the_refusal_says_so(path: str, body: dict[str, Any]) -> None:
+    """A catalogue model and nothing to run it on: not "no room even after eviction"."""
+    fleet = Fleet([], Catalogue([ModelProfile(id="demo")]))
+    async with serving(make_app(fleet, gateway_settings())) as url:
+        response = await fetch("POST", url + path, json_body=body)
+    assert response.status == 503
+    assert "the gateway has no nodes" in response.json()["error"]["message"]
+
+
+async def test_with_every_node_down_the_refusal_says_so_and_why() -> None:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    node = RemoteNeuron("gone", f"http://127.0.0.1:{port}", poll_timeout_s=2)
+    fleet = Fleet([node], Catalogue([ModelProfile(id="demo")]))
+    await fleet.refresh()
+    try:
+        async with serving(make_app(fleet, gateway_settings())) as url:
+            body = {"model": "demo", "messages": USER}
+            response = await fetch("POST", f"{url}/v1/chat/completions", json_body=body)
+            unknown = await fetch(
+                "POST", f"{url}/v1/chat/completions", json_body={**body, "model": "nope"}
+            )
+    finally:
+        await fleet.close()
+    assert response.status == 503
+    message = response.json()["error"]["message"]
+    assert "every node is down (gone: neuron 'gone' is unreachable" in message
+    assert unknown.status == 404
+    assert "every node is down" in unknown.json()["error"]["message"]

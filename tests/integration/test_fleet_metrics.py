@@ -34,7 +34,9 @@ async def test_requests_through_the_gateway_are_measured(aiohttp_client) -> None
     neuron = ScriptedNeuron("gpu", {"m": "unloaded"}, Reply(text=["Hello", " big", " world"]))
 
     def fleet_with_metrics(nodes: list[Neuron]) -> Fleet:
-        return Fleet(nodes, metrics=metrics)
+        fleet = Fleet(nodes, metrics=metrics)
+        metrics.label_models_of(fleet)
+        return fleet
 
     async with gateway_over(neuron, observe=metrics.observe, make_fleet=fleet_with_metrics) as gw:
         client = await aiohttp_client(make_metrics_app(metrics, gw.fleet))
@@ -53,10 +55,11 @@ async def test_requests_through_the_gateway_are_measured(aiohttp_client) -> None
             model="m", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
         )
         assert message.content[0].text == "Hello big world"  # type: ignore[union-attr]
-        with pytest.raises(openai.NotFoundError):
-            await oai.chat.completions.create(
-                model="nope", messages=[{"role": "user", "content": "x"}]
-            )
+        for name in ("nope", "nope2", "typo"):
+            with pytest.raises(openai.NotFoundError):
+                await oai.chat.completions.create(
+                    model=name, messages=[{"role": "user", "content": "x"}]
+                )
         await oai.close()
         await claude.close()
 
@@ -77,6 +80,9 @@ async def test_requests_through_the_gateway_are_measured(aiohttp_client) -> None
     assert sample(samples, "helexa_model_loads_total", **on_gpu, result="ok") == 1
     assert sample(samples, "helexa_model_loaded", **on_gpu) == 1
     assert sample(samples, "helexa_node_up", node="gpu") == 1
-    unknown = {"model": "nope", "node": "", "dialect": "chat"}
-    assert sample(samples, "helexa_requests_total", **unknown, status="404") == 1
-    assert sample(samples, "helexa_request_errors_total", **unknown, code="model_not_found") == 1
+    # Names nothing serves share one label, however many a client makes up.
+    unknown = {"model": "other", "node": "", "dialect": "chat"}
+    assert sample(samples, "helexa_requests_total", **unknown, status="404") == 3
+    assert sample(samples, "helexa_request_errors_total", **unknown, code="model_not_found") == 3
+    labelled = {dict(labels).get("model") for _, labels in samples}
+    assert labelled <= {"m", "other", None}

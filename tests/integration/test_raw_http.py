@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +19,18 @@ from helexa.cortex.observe import RequestObserver
 from helexa.cortex.service import Service
 from helexa.errors import ApiError
 from helexa.neuron.server import make_neuron_app
-from helexa.wire.sse import SSEDecoder, SSEEvent
+from helexa.wire.sse import SSEDecoder
 from tests.conftest import COLD_MODEL, MODEL
 from tests.support.scripted_neuron import Reply, ScriptedNeuron
-from tests.support.servers import Gateway, fetch, gateway_over, gateway_settings, serving
+from tests.support.servers import (
+    Gateway,
+    fetch,
+    gateway_over,
+    gateway_settings,
+    headless_gateway,
+    serving,
+)
+from tests.support.streams import read_events
 
 USER = [{"role": "user", "content": "hi"}]
 CHAT = {"model": MODEL, "messages": USER}
@@ -298,16 +303,6 @@ async def test_large_conversations_are_accepted(gateway: Gateway, scripted: Scri
 # -- streaming -----------------------------------------------------------------------------
 
 
-async def read_events(response: aiohttp.ClientResponse, decoder: SSEDecoder) -> list[SSEEvent]:
-    """The next events to arrive (at least one), as the client sees them."""
-    events: list[SSEEvent] = []
-    while not events:
-        data = await response.content.readany()
-        assert data, "stream ended"
-        events = decoder.feed(data)
-    return events
-
-
 async def test_stream_is_passed_through_as_it_is_generated(
     gateway: Gateway, scripted: ScriptedNeuron
 ) -> None:
@@ -555,7 +550,7 @@ async def test_hooks_see_every_request(scripted: ScriptedNeuron) -> None:
 
 
 async def test_service_serves_and_stops_gracefully(scripted: ScriptedNeuron) -> None:
-    settings = gateway_settings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0")
+    settings = gateway_settings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", drain_s=0)
     service = Service(settings, [scripted])
     await service.start()
     try:
@@ -576,10 +571,14 @@ async def test_service_serves_and_stops_gracefully(scripted: ScriptedNeuron) -> 
             aiohttp.ClientSession() as http,
             http.post(f"{service.url}/v1/chat/completions", json={**CHAT, "stream": True}) as r,
         ):
-            await asyncio.wait_for(read_events(r, SSEDecoder()), timeout=5)
+            decoder = SSEDecoder()
+            await asyncio.wait_for(read_events(r, decoder), timeout=5)
             await asyncio.wait_for(service.stop(), timeout=10)  # with a stream in flight
             assert scripted.cancelled.is_set()
             assert scripted.closed
+            # Not drained (drain_s = 0): ended at once, with the dialect's error frame.
+            rest = decoder.feed(await r.content.read()) + decoder.end()
+            assert openai_error(rest[-1].json())["code"] == "shutting_down"
     finally:
         await service.stop()
     with pytest.raises(aiohttp.ClientConnectionError):
@@ -596,40 +595,12 @@ async def test_serve_headless_until_sigterm(tmp_path: Path) -> None:
 
 
 async def _serve_headless(tmp_path: Path, config: Path) -> None:
-    env = {
-        **os.environ,
-        "XDG_CONFIG_HOME": str(tmp_path),
-        "XDG_CACHE_HOME": str(tmp_path),
-        "HELEXA_CONFIG": str(config),
-        "HELEXA_GATEWAY__METRICS_LISTEN": "127.0.0.1:0",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "helexa.cli",
-        "--serve",
-        "--no-local",
-        "--listen",
-        "127.0.0.1:0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
-        found = re.findall(r"http://127\.0\.0\.1:\d+", line)
-        url, metrics = found[0], found[-1]  # the gateway first, its metrics port last
-        assert url != metrics, line
+    async with headless_gateway(tmp_path, config) as served:
+        url, metrics = served.url, served.metrics_url
+        assert url != metrics
         health = await fetch("GET", f"{url}/health")
         assert health.json() == {"status": "ok", "nodes_up": 1, "nodes": 1}
         assert (await fetch("GET", f"{metrics}/metrics")).status == 200
-        process.send_signal(signal.SIGTERM)
-        assert process.stderr is not None
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
-        assert process.returncode == 0
-        assert re.search(r"INFO helexa\.cortex\.fleet: node n1 is up", stderr.decode())
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        returncode, stderr = await served.terminate()
+        assert returncode == 0
+        assert re.search(r"INFO helexa\.cortex\.fleet: node n1 is up", stderr)

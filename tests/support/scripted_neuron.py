@@ -42,7 +42,8 @@ class Reply:
 
     Order within a reply is the order a Qwen3-style model produces: reasoning, text, then
     tool calls. ``fail_after`` raises ``error`` after that many chunks (0: before the first
-    one); ``block_after`` stops after that many chunks and waits until cancelled.
+    one); ``block_after`` stops after that many chunks and waits until cancelled, or until
+    ``resume`` is set when there is one.
     """
 
     text: list[str] = field(default_factory=list)
@@ -53,12 +54,13 @@ class Reply:
     prompt_tokens: int = 11
     completion_tokens: int | None = None  # default: one per content piece
     fail_after: int | None = None
-    error: NeuronError = field(
+    error: Exception = field(
         default_factory=lambda: NeuronError(
             "scripted failure", status=500, type="server_error", code="generation_failed"
         )
     )
     block_after: int | None = None
+    resume: asyncio.Event | None = None
 
     @property
     def finish(self) -> str:
@@ -215,7 +217,8 @@ class ScriptedNeuron:
                     ended = True
                     raise reply.error
                 if n == reply.block_after:
-                    await asyncio.Event().wait()  # only cancellation gets past this
+                    # Only cancellation gets past this, or the test setting ``resume``.
+                    await (reply.resume or asyncio.Event()).wait()
                 yield chunk
             ended = True
         finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import signal
 import sys
 import threading
@@ -69,6 +71,12 @@ class NeuronProcess:
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGKILL)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the node hangs as a wedged host does, its connections open and silent
+        (the kernel still accepts new ones). ``kill`` ends it frozen or not."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGSTOP)
+
 
 @asynccontextmanager
 async def neuron_process(name: str, *args: str) -> AsyncIterator[NeuronProcess]:
@@ -94,6 +102,58 @@ async def neuron_process(name: str, *args: str) -> AsyncIterator[NeuronProcess]:
         if process.returncode is None:
             process.kill()
         await process.wait()
+
+
+@dataclass
+class HeadlessGateway:
+    """``helexa --serve`` in a child process, and where it listens."""
+
+    url: str
+    metrics_url: str
+    process: asyncio.subprocess.Process
+
+    async def terminate(self) -> tuple[int | None, str]:
+        """SIGTERM, then wait (30 s at most) for the exit; its status and stderr."""
+        self.process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(self.process.communicate(), timeout=30)
+        return self.process.returncode, stderr.decode()
+
+
+@asynccontextmanager
+async def headless_gateway(home: Path, config: Path, **env: str) -> AsyncIterator[HeadlessGateway]:
+    """Run ``helexa --serve --no-local`` on a free port over ``config``, with ``home`` as
+    its config and cache dirs and ``env`` added to its environment; yield once it serves."""
+    environ = {
+        **os.environ,
+        "XDG_CONFIG_HOME": str(home),
+        "XDG_CACHE_HOME": str(home),
+        "HELEXA_CONFIG": str(config),
+        "HELEXA_GATEWAY__METRICS_LISTEN": "127.0.0.1:0",
+        **env,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "helexa.cli",
+        "--serve",
+        "--no-local",
+        "--listen",
+        "127.0.0.1:0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=environ,
+    )
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
+        found = re.findall(r"http://127\.0\.0\.1:\d+", line)
+        assert len(found) >= 2, line
+        # The gateway first, its metrics port last.
+        yield HeadlessGateway(found[0], found[-1], process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -163,7 +223,7 @@ async def fetch(
     url: str,
     *,
     json_body: Any = None,
-    data: bytes | None = None,
+    data: bytes | AsyncIterator[bytes] | None = None,
     headers: dict[str, str] | None = None,
 ) -> Fetched:
     """One raw HTTP call with a fresh session: for checking exact bytes and status codes."""

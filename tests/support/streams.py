@@ -1,5 +1,6 @@
-"""The OpenAI chunk streams a scripted engine sends, and a loopback server that plays framed
-bytes back, shared by the wire stream tests.
+"""The OpenAI chunk streams a scripted engine sends, a loopback server that plays framed
+bytes back (shared by the wire stream tests), and the readers a test client decodes a
+gateway's SSE answer with.
 """
 
 from __future__ import annotations
@@ -7,11 +8,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from openai.types.chat import ChatCompletionChunk
 from pydantic import TypeAdapter
 
 from helexa.wire.openai.translate import ChatAccumulator
+from helexa.wire.sse import SSEDecoder, SSEEvent
 
 CREATED = 1_700_000_000
 USAGE = {"prompt_tokens": 30, "completion_tokens": 12, "total_tokens": 42}
@@ -105,3 +108,21 @@ async def serve_frames(aiohttp_server: Any, path: str, frames: bytes) -> Any:
     app = web.Application()
     app.router.add_post(path, handler)
     return await aiohttp_server(app, host="127.0.0.1")
+
+
+async def read_events(response: aiohttp.ClientResponse, decoder: SSEDecoder) -> list[SSEEvent]:
+    """The next events to arrive (at least one), as the client sees them."""
+    events: list[SSEEvent] = []
+    while not events:
+        data = await response.content.readany()
+        assert data, "stream ended"
+        events = decoder.feed(data)
+    return events
+
+
+async def read_all(response: aiohttp.ClientResponse, decoder: SSEDecoder) -> list[SSEEvent]:
+    """Every event left, to the end of the body (a broken chunked body raises here)."""
+    events: list[SSEEvent] = []
+    async for data in response.content.iter_any():
+        events += decoder.feed(data)
+    return events + decoder.end()

@@ -2,9 +2,10 @@
 
 The app runs unmodified over a real Service; only what would differ between runs is
 pinned down here. The neurons are scripted doubles with fixed GPU readings, the gateway's
-displayed URL is fixed by the test (the real one has a free port), idle times are set far
-from any rounding edge, and the traffic record runs on a frozen clock fed by hand, so the
-sparklines, TTFT and request log show the same numbers however fast the machine is.
+displayed URL is fixed by the test (the real one has a free port), idle times are read on
+a fleet clock frozen once the scene is set (so they cannot tick over while a loaded machine
+renders), and the traffic record runs on a frozen clock fed by hand, so the sparklines,
+TTFT and request log show the same numbers however fast the machine is.
 """
 
 from __future__ import annotations
@@ -229,6 +230,7 @@ class Scene:
     clock: FrozenClock
     traffic: Traffic
     app: HelexaApp
+    fleet_clock: FrozenClock  # the dashboard reads idle times on it
     leases: list[Lease] = field(default_factory=list)
 
     async def ready(self, pilot: Pilot[int]) -> None:
@@ -237,7 +239,7 @@ class Scene:
         await app.workers.wait_for_complete()  # the service's start worker
         fleet = app.service.fleet
         self.leases.append(await fleet.acquire("qwen3-0.6b"))  # the streaming request
-        now = time.monotonic()  # the fleet's clock
+        now = self.fleet_clock.now = time.monotonic()  # the fleet's time, frozen from here
         for model, idle in IDLE_S.items():
             fleet.use[("atlas", model)].last_used = now - idle
         replay(self.traffic, self.clock)
@@ -264,5 +266,8 @@ def make_scene() -> Scene:
     spare = DownNeuron("spare")
     clock = FrozenClock()
     traffic = Traffic(window_s=60, clock=clock, wall_clock=clock.wall)
-    app = build_app(scene_settings(), [atlas, spare], refresh_s=3600, traffic=traffic)
-    return Scene(atlas, spare, clock, traffic, app)
+    fleet_clock = FrozenClock(time.monotonic())
+    app = build_app(
+        scene_settings(), [atlas, spare], refresh_s=3600, traffic=traffic, clock=fleet_clock
+    )
+    return Scene(atlas, spare, clock, traffic, app, fleet_clock)
