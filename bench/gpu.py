@@ -120,7 +120,7 @@ def matvec_table(model: Qwen3) -> list[dict[str, Any]]:
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             groups.setdefault(name, []).append(getattr(blk.attn, name))
         for name in ("gate_proj", "up_proj", "down_proj"):
-            groups.setdefault(name, []).append(getattr(blk, name))
+            groups.setdefault(name, []).append(getattr(blk.mlp, name))
     groups["lm_head"] = [model.lm_head]
     rows = []
     for name, weights in groups.items():

@@ -7,11 +7,12 @@ nothing, so ``import helexa.engine`` never pulls in torch):
   directory, ready to ``stream_chat`` / ``stream_completion`` / ``count_tokens``.
 - ``worker.DeviceWorker(device)``: the one thread that runs all torch work for a device.
 - ``checkpoint.safetensors.load_checkpoint(path, device)``: either format as a ``Checkpoint``.
-- ``models.qwen3.Qwen3.from_checkpoint(ckpt, device, dtype)``: the model itself.
+- ``models.architectures.model_class(config).from_checkpoint(ckpt, device, dtype)``: the
+  model itself (``models.qwen3.Qwen3`` or ``models.qwen3_moe.Qwen3Moe``).
 
 Layout: ``generate`` (the model and its token loop), ``request`` (an OpenAI request read
 into a prompt and a token budget), ``sampling``, ``json_mode`` and ``worker`` at the top;
 ``checkpoint/`` (files on disk -> Checkpoint), ``quant/`` (quantized weights and matmuls),
-``models/`` (Qwen3, its KV cache, CUDA graphs, parallelism) and ``text/`` (tokenizer, chat
-templates, output parsing, stop strings) below.
+``models/`` (Qwen3, Qwen3-MoE, the KV cache, CUDA graphs, parallelism) and ``text/``
+(tokenizer, chat templates, output parsing, stop strings) below.
 """

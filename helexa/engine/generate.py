@@ -122,17 +122,17 @@ class LoadedModel:
         """Load a GGUF file or HF directory onto ``device`` (bfloat16 on CUDA, float32 on
         CPU unless ``dtype`` says otherwise) with a KV cache of ``context_length``."""
         from helexa.engine.checkpoint.safetensors import is_gguf, load_checkpoint, read_config
-        from helexa.engine.models.qwen3 import Qwen3, check_architecture
+        from helexa.engine.models.architectures import model_class
 
         path = Path(path)
         device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if not is_gguf(path):  # GGUF's loader checks its own metadata first
-            check_architecture(read_config(path), str(path))
+            model_class(read_config(path), str(path))
         ckpt = load_checkpoint(path, device, progress)
         tokenizer = Tokenizer.from_checkpoint(ckpt.tokenizer)
-        model = Qwen3.from_checkpoint(ckpt, device, dtype)
+        model = model_class(ckpt.config, ckpt.source).from_checkpoint(ckpt, device, dtype)
         ckpt.tensors.clear()  # the model holds what it needs; drop the loader's references
         context = context_length or min(model.config.max_position_embeddings, DEFAULT_CONTEXT)
         model.setup_cache(1, context)

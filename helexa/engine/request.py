@@ -15,6 +15,7 @@ from typing import Any
 
 from helexa.engine.sampling import SamplingParams
 from helexa.engine.text.chat_template import render_chat
+from helexa.engine.text.parsers import ToolSyntax
 
 
 class RequestError(ValueError):
@@ -38,10 +39,11 @@ def thinking_requested(request: dict[str, Any]) -> bool:
     return effort not in ("none", "minimal")
 
 
-def forced_tool_prefix(request: dict[str, Any]) -> str:
+def forced_tool_prefix(request: dict[str, Any], syntax: ToolSyntax | None = None) -> str:
     """What the model is made to have written first so that it calls a tool: ``tool_choice``
-    "required" opens a Qwen3 ``<tool_call>``, a named function also writes its name. The
-    text is fed to the output parser as if generated, so the call streams as usual."""
+    "required" opens a Qwen3 ``<tool_call>``, a named function also writes its name (in
+    the model's own call syntax). The text is fed to the output parser as if generated,
+    so the call streams as usual."""
     choice = request.get("tool_choice")
     if choice == "required":
         return "<tool_call>\n"
@@ -54,6 +56,8 @@ def forced_tool_prefix(request: dict[str, Any]) -> str:
             f"tool_choice names {name!r}, which is not among the request's tools",
             code="invalid_value",
         )
+    if syntax is not None and syntax.format == "xml":
+        return f"<tool_call>\n<function={name}>\n"
     return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": '
 
 
@@ -105,7 +109,7 @@ class ChatPrompt:
     (ending in any forced tool-call start) and what shapes decoding and parsing."""
 
     text: str
-    tools: bool  # <tool_call> blocks become tool calls
+    tools: ToolSyntax | None  # when set, <tool_call> blocks (in this syntax) become calls
     forced: str  # the forced start of a call, already in ``text``; fed to the parser first
     single_call: bool  # stop once one call is complete
     json: dict[str, Any] | None  # the response_format whose syntax decoding enforces
@@ -151,7 +155,8 @@ def chat_prompt(
         raise RequestError("'messages' must be a non-empty list")
     _check_text_only(messages)
     tools = None if request.get("tool_choice") == "none" else request.get("tools") or None
-    forced = forced_tool_prefix(request) if tools else ""
+    syntax = ToolSyntax.for_request(template, tools) if tools else None
+    forced = forced_tool_prefix(request, syntax) if tools else ""
     continuing = bool(request.get("continue_final_message"))
     fmt = json_format(request)
     note = None if fmt is None else _json_instruction(fmt, tools=tools is not None)
@@ -178,7 +183,7 @@ def chat_prompt(
     named = isinstance(request.get("tool_choice"), dict)
     return ChatPrompt(
         text=text + forced,
-        tools=tools is not None,
+        tools=syntax,
         forced=forced,
         single_call=tools is not None and (request.get("parallel_tool_calls") is False or named),
         json=constrained,

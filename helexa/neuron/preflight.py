@@ -196,9 +196,9 @@ def read_facts(path: Path) -> ModelFacts:
 
 
 def _check(config: dict[str, Any], source: str) -> None:
-    from helexa.engine.models.qwen3 import check_architecture
+    from helexa.engine.models.architectures import model_class
 
-    check_architecture(config, source)
+    model_class(config, source)
 
 
 def check(

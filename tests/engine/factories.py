@@ -1,5 +1,5 @@
-"""Tiny Qwen3 models for engine tests: random weights in a transformers model (the parity
-reference), saved as an HF directory our loader reads.
+"""Tiny Qwen3 and Qwen3-MoE models for engine tests: random weights in a transformers model
+(the parity reference), saved as an HF directory our loader reads.
 
 Weights are drawn wider than transformers' init (std 0.02, norms exactly 1) so logits
 differ visibly between tokens and a wrong norm, rope or head mapping cannot hide.
@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    PreTrainedModel,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 TINY_SHAPE: dict[str, Any] = dict(
     hidden_size=64,
@@ -37,11 +43,8 @@ def tiny_config(vocab_size: int = 128, *, tie: bool = True, **overrides: Any) ->
 
 
 @torch.no_grad()
-def make_tiny_hf_model(
-    vocab_size: int = 128, *, tie: bool = True, seed: int = 0, **overrides: Any
-) -> Qwen3ForCausalLM:
-    """A float32, eval-mode transformers Qwen3 with reproducible random weights."""
-    model = Qwen3ForCausalLM(tiny_config(vocab_size, tie=tie, **overrides)).eval()
+def randomize(model: PreTrainedModel, seed: int) -> None:
+    """Reproducible random weights, wider than transformers' init (see the module doc)."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         noise = torch.randn(param.shape, generator=gen)
@@ -49,12 +52,42 @@ def make_tiny_hf_model(
             param.copy_(1.0 + 0.2 * noise)
         else:
             param.copy_(noise * (0.5 / param.shape[-1] ** 0.5) if param.dim() > 1 else noise * 0.1)
+
+
+def make_tiny_hf_model(
+    vocab_size: int = 128, *, tie: bool = True, seed: int = 0, **overrides: Any
+) -> Qwen3ForCausalLM:
+    """A float32, eval-mode transformers Qwen3 with reproducible random weights."""
+    model = Qwen3ForCausalLM(tiny_config(vocab_size, tie=tie, **overrides)).eval()
+    randomize(model, seed)
+    return model
+
+
+# Eight experts, two per token: enough that routing differs token to token.
+TINY_MOE_SHAPE: dict[str, Any] = dict(
+    moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True
+)
+
+
+def make_tiny_moe_hf_model(
+    vocab_size: int = 128, *, tie: bool = False, seed: int = 0, **overrides: Any
+) -> Qwen3MoeForCausalLM:
+    """A float32, eval-mode transformers Qwen3-MoE, TINY_SHAPE plus TINY_MOE_SHAPE
+    (every layer sparse unless ``decoder_sparse_step`` / ``mlp_only_layers`` say)."""
+    shape = {**TINY_SHAPE, **TINY_MOE_SHAPE, **overrides}
+    theta = shape.pop("rope_theta")
+    rope = shape.pop("rope_parameters", None) or {"rope_type": "default", "rope_theta": theta}
+    config = Qwen3MoeConfig(
+        vocab_size=vocab_size, tie_word_embeddings=tie, rope_parameters=rope, **shape
+    )
+    model = Qwen3MoeForCausalLM(config).eval()
+    randomize(model, seed)
     return model
 
 
 def save_model_dir(
     path: Path,
-    model: Qwen3ForCausalLM,
+    model: PreTrainedModel,
     *,
     tokenizer_json: str | None = None,
     tokenizer_config: dict[str, Any] | None = None,
@@ -74,7 +107,7 @@ def save_model_dir(
     return path
 
 
-def hf_state_dict(model: Qwen3ForCausalLM) -> dict[str, torch.Tensor]:
+def hf_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """HF-named tensors as a loader would produce them (lm_head dropped when tied)."""
     tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -82,18 +115,21 @@ def hf_state_dict(model: Qwen3ForCausalLM) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def make_tiny_model_dir(path: Path, *, seed: int = 0, **generation_config: Any) -> Path:
-    """A complete HF model directory: random tiny Qwen3 sized to the tiny tokenizer, its
-    tokenizer.json / tokenizer_config.json (with the Qwen3 chat template) and, if given,
-    a generation_config.json."""
+def make_tiny_model_dir(
+    path: Path, *, seed: int = 0, moe: bool = False, **generation_config: Any
+) -> Path:
+    """A complete HF model directory: random tiny Qwen3 (Qwen3-MoE with ``moe``) sized to
+    the tiny tokenizer, its tokenizer.json / tokenizer_config.json (with the Qwen3 chat
+    template) and, if given, a generation_config.json."""
     from helexa.engine.text.tokenizer import Tokenizer
     from tests.engine.tiny_tokenizer import make_tiny_tokenizer_config, make_tiny_tokenizer_json
 
     tokenizer_json = make_tiny_tokenizer_json()
     vocab = Tokenizer.from_hf(tokenizer_json).vocab_size
+    make = make_tiny_moe_hf_model if moe else make_tiny_hf_model
     return save_model_dir(
         path,
-        make_tiny_hf_model(vocab, seed=seed),
+        make(vocab, seed=seed),
         tokenizer_json=tokenizer_json,
         tokenizer_config=make_tiny_tokenizer_config(),
         generation_config=generation_config or None,

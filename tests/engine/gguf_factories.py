@@ -12,12 +12,18 @@ from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
-from transformers import Qwen3ForCausalLM
+from transformers import PreTrainedModel, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
 from helexa.engine.checkpoint.gguf_write import write_gguf
-from tests.engine.factories import make_tiny_hf_model
+from tests.engine.factories import make_tiny_hf_model, make_tiny_moe_hf_model
 
 KQUANT_SHAPE: dict[str, Any] = dict(hidden_size=256, intermediate_size=512, head_dim=64)
+
+
+def make_kquant_moe_hf_model(*, seed: int = 0, **overrides: Any) -> Qwen3MoeForCausalLM:
+    """The tiny random Qwen3-MoE, widened so its experts' rows (hidden and
+    moe_intermediate_size long) are whole k-quant super-blocks too."""
+    return make_tiny_moe_hf_model(seed=seed, **KQUANT_SHAPE, moe_intermediate_size=256, **overrides)
 
 
 def make_kquant_hf_model(
@@ -29,7 +35,7 @@ def make_kquant_hf_model(
 
 def write_model_gguf(
     path: Path,
-    model: Qwen3ForCausalLM,
+    model: PreTrainedModel,
     *,
     quant: str = "F32",
     tokenizer_json: str | None = None,

@@ -269,3 +269,49 @@ def test_check_safetensors_unsupported_architecture(tmp_path: Path) -> None:
         check(model, devices=gpus(80000), context_length=128)
     assert err.value.code == "unsupported_architecture"
     assert "LlamaForCausalLM" in err.value.message
+
+
+# -- Qwen3-MoE: supported, and sized by every expert (all of them sit in memory) -------------
+
+TINY_MOE = {
+    **TINY,
+    "model_type": "qwen3_moe",
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "hidden_size": 1024,
+    "head_dim": 256,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 256,
+    "torch_dtype": "bfloat16",
+}
+
+
+def test_check_moe_safetensors_counts_every_expert(tmp_path: Path) -> None:
+    model = tmp_path / "moe"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY_MOE))
+    experts = {  # 8 experts x 3 projections x 512 KiB of bf16 = 12 MiB, 2 of 8 used per token
+        f"model.layers.0.mlp.experts.{e}.{name}.weight": torch.zeros(
+            256, 1024, dtype=torch.bfloat16
+        )
+        for e in range(8)
+        for name in ("gate_proj", "up_proj", "down_proj")
+    }
+    save_file(experts, model / "model.safetensors")
+    plan = check(model, devices=gpus(80000), context_length=128)
+    assert plan.architecture == "Qwen3MoeForCausalLM"
+    assert plan.weights_mb == -(-(model / "model.safetensors").stat().st_size // MB) == 13
+    assert check(model, devices=cpu_device(80000), context_length=128).weights_mb == 25  # f32
+
+
+def test_check_moe_gguf_is_supported_and_sized_by_its_tensors(tmp_path: Path) -> None:
+    from gguf import GGUFReader
+
+    from tests.engine.factories import make_tiny_moe_hf_model
+    from tests.engine.gguf_factories import write_model_gguf
+
+    path = write_model_gguf(tmp_path / "moe.gguf", make_tiny_moe_hf_model(seed=0), quant="Q8_0")
+    plan = check(path, devices=gpus(80000), context_length=128)
+    assert plan.architecture == "qwen3moe"
+    tensor_bytes = sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
+    assert plan.weights_mb == -(-tensor_bytes // MB)

@@ -10,7 +10,8 @@ type, a truncated file) is refused before the first copy, so preflight failures 
 cost device memory.
 
 Qwen2/Qwen3 GGUFs use NEOX rope and are converted without llama.cpp's Q/K permutation, so
-names map one to one and no tensor is rearranged.
+names map one to one and no tensor is rearranged. A qwen3moe file's experts are 3-D
+(n_expert, out, in) tensors and load as such, quantized ones as a stack of block rows.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from helexa.engine.quant.tensor import QuantizedTensor
 
 Q = GGMLQuantizationType
 
-LOADABLE_ARCHITECTURES: tuple[str, ...] = ("qwen3",)
-# Readable for preflight (config, sizes) but without a model implementation yet.
-NOT_YET: dict[str, str] = {"qwen3moe": "Qwen3-MoE is not yet implemented by the engine"}
+LOADABLE_ARCHITECTURES: tuple[str, ...] = ("qwen3", "qwen3moe")
+# Readable for preflight (config, sizes) but without a model implementation yet: the
+# architecture -> why, for the refusal's message.
+NOT_YET: dict[str, str] = {}
 
 # ggml float types and the torch dtype their bytes are.
 _FLOAT_DTYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
@@ -84,6 +86,12 @@ LAYER_NAMES: dict[str, str] = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # Qwen3-MoE: the router, and the experts stacked (n_expert, out, in) as llama.cpp's
+    # converter writes them (ggml ne = [in, out, n_expert]).
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 _GGUF_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.([\w.]+)\.(weight|bias)")
@@ -173,7 +181,8 @@ def require_loadable(architecture: str, source: str = "") -> None:
 def load_gguf(
     path: str | Path, device: str | torch.device = "cpu", progress: Progress | None = None
 ) -> Checkpoint:
-    """Load a Qwen3 GGUF onto ``device``: one copy per tensor, quantized ones as blocks."""
+    """Load a qwen3 / qwen3moe GGUF onto ``device``: one copy per tensor, quantized ones
+    as blocks."""
     header = _open(path)
     arch = _architecture(header, path)
     require_loadable(arch, str(path))
@@ -254,7 +263,24 @@ def _config(header: GGUFHeader, arch: str) -> dict[str, Any]:
         rope |= rope_scaling
     # Qwen's config.json says rope_theta/rope_scaling; transformers 5 says rope_parameters.
     config["rope_parameters"] = rope
+    if arch == "qwen3moe":
+        config.update(_moe_config(header, arch, shapes, config.get("num_hidden_layers", 0)))
     return config
+
+
+def _moe_config(
+    header: GGUFHeader, arch: str, shapes: dict[str, tuple[int, ...]], layers: int
+) -> dict[str, Any]:
+    """What llama.cpp's qwen3moe leaves implicit: it renormalises the chosen experts'
+    weights (norm_topk_prob) unless ``expert_weights_norm`` says otherwise, and a layer
+    without a router is a dense one (llama.cpp itself requires every layer sparse)."""
+    return {
+        "norm_topk_prob": bool(header.get(f"{arch}.expert_weights_norm", True)),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [
+            i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in shapes
+        ],
+    }
 
 
 def _check_tensor(t: GGUFTensorInfo, path: str | Path) -> None:
@@ -262,7 +288,7 @@ def _check_tensor(t: GGUFTensorInfo, path: str | Path) -> None:
         fmt = block_format(t.ggml_type)
     except ValueError as e:
         raise CheckpointError(f"{path}: tensor {t.name}: {e}") from None
-    if not fmt.is_float and len(t.dims) != 2:
+    if not fmt.is_float and len(t.dims) not in (2, 3):  # a matrix, or a stack of experts
         raise CheckpointError(
             f"{path}: tensor {t.name}: quantized tensors of {len(t.shape)} dims are not supported"
         )
@@ -273,8 +299,8 @@ def _to_torch(t: GGUFTensorInfo, data: np.ndarray, device: torch.device) -> Weig
     raw = torch.from_numpy(data[t.offset : t.offset + t.n_bytes])
     if t.ggml_type in _FLOAT_DTYPES:
         return raw.view(_FLOAT_DTYPES[t.ggml_type]).reshape(t.shape).to(device, copy=True)
-    rows, cols = t.shape
-    return QuantizedTensor(raw.reshape(rows, -1).to(device, copy=True), t.ggml_type, (rows, cols))
+    blocks = raw.reshape(*t.shape[:-1], -1).to(device, copy=True)
+    return QuantizedTensor(blocks, t.ggml_type, t.shape)
 
 
 def _tokenizer(header: GGUFHeader) -> dict[str, Any]:

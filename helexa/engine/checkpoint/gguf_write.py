@@ -1,10 +1,19 @@
-"""Write a Qwen3 GGUF from an HF config and state dict, quantized with our own encoders.
+"""Write a Qwen3 or Qwen3-MoE GGUF from an HF config and state dict, quantized with our
+own encoders.
 
 For tests and demos: any tiny random model becomes a real GGUF (F32 up to Q4_K_M) that
 load_gguf, gguf-py and llama.cpp can read, with no downloaded weights. The per-tensor
-type choice follows llama.cpp's llama_tensor_get_type in spirit: norms stay F32, the
-``_M`` mixes give attn_v, ffn_down and the output projection Q6_K, and rows too short for
-a block format fall back to the nearest format that fits.
+type choice follows llama.cpp's llama_tensor_get_type in spirit: norms and the MoE router
+stay F32, the ``_M`` mixes give attn_v, ffn_down(_exps) and the output projection Q6_K,
+and rows too short for a block format fall back to the nearest format that fits.
+
+A MoE's experts are written as llama.cpp's converter writes them: stacked into one
+(n_expert, out, in) tensor per projection (ne = [in, out, n_expert]), each expert's rows
+quantized like any matrix's. Its metadata are the converter's ``{arch}.expert_*`` keys;
+``expert_weights_norm`` is added only for ``norm_topk_prob: false``, which llama.cpp's
+qwen3moe (always renormalising) does not read. Dense layers in a MoE config
+(``mlp_only_layers``) are written as ffn_gate/up/down, which gguf-py and load_gguf read
+and llama.cpp's qwen3moe refuses, as it refuses such a model converted by its own script.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from gguf import (
 
 from helexa.engine.checkpoint.errors import UnsupportedArchitecture
 from helexa.engine.checkpoint.gguf import CONFIG_KEYS, SAMPLING_KEYS, gguf_tensor_name
+from helexa.engine.checkpoint.safetensors import stack_experts
 from helexa.engine.quant.formats import block_format
 from helexa.engine.quant.quantize import quantize
 
@@ -40,7 +50,9 @@ QUANTS: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "Q4_K_M": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
 }
 # Tensors the _M mixes keep at Q6_K: the ones quantization error hurts most.
-_MORE_BITS = ("attn_v.weight", "ffn_down.weight")
+_MORE_BITS = ("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight")
+# Tensors llama.cpp never quantizes whatever the file type (the MoE router).
+_ALWAYS_F32 = ("ffn_gate_inp.weight",)
 # What llama.cpp uses when a row is not a whole number of blocks of the wanted type.
 _FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.Q8_0: Q.F16}
 
@@ -49,7 +61,7 @@ def tensor_qtype(
     gguf_name: str, shape: tuple[int, ...], quant: str, *, has_output: bool
 ) -> GGMLQuantizationType:
     """The type one tensor is stored as in a file written with ``quant``."""
-    if len(shape) < 2:
+    if len(shape) < 2 or gguf_name.endswith(_ALWAYS_F32):
         return Q.F32
     qtype = QUANTS[quant][0]
     is_output = gguf_name == "output.weight" or (
@@ -73,7 +85,8 @@ def write_gguf(
     name: str = "helexa-tiny",
     generation_config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``tensors`` (HF names, e.g. a Qwen3ForCausalLM state_dict) as a qwen3 GGUF.
+    """Write ``tensors`` (HF names, e.g. a Qwen3ForCausalLM or Qwen3MoeForCausalLM
+    state_dict, experts in any layout stack_experts reads) as a qwen3 / qwen3moe GGUF.
 
     ``tokenizer_fields`` are ``tokenizer.ggml.*`` keys (see
     helexa.engine.text.tokenizer.tokenizer_to_gguf_fields). With ``tie_word_embeddings`` the
@@ -86,7 +99,7 @@ def write_gguf(
     tied = bool(config.get("tie_word_embeddings", False))
     named = {
         gguf_tensor_name(hf): tensor
-        for hf, tensor in tensors.items()
+        for hf, tensor in stack_experts(dict(tensors)).items()
         if not (tied and hf == "lm_head.weight")
     }
     has_output = "output.weight" in named
@@ -117,13 +130,22 @@ def write_gguf(
     return path
 
 
+# GGUF architecture <- (HF architecture, HF model_type)
+_ARCHITECTURES = {
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+}
+
+
 def _architecture(config: Mapping[str, Any]) -> str:
-    arch = config.get("model_type") or ""
-    if arch != "qwen3" and "Qwen3ForCausalLM" not in (config.get("architectures") or ()):
-        raise UnsupportedArchitecture(
-            arch or str(config.get("architectures")), supported=("qwen3",)
-        )
-    return "qwen3"
+    model_type = config.get("model_type") or ""
+    archs = config.get("architectures") or ()
+    for gguf_arch, (hf_arch, hf_type) in _ARCHITECTURES.items():
+        if model_type == hf_type or hf_arch in archs:
+            return gguf_arch
+    raise UnsupportedArchitecture(
+        model_type or str(config.get("architectures")), supported=tuple(_ARCHITECTURES)
+    )
 
 
 def _config_fields(config: Mapping[str, Any], arch: str) -> list[tuple[str, Any, GGUFValueType]]:
@@ -135,12 +157,16 @@ def _config_fields(config: Mapping[str, Any], arch: str) -> list[tuple[str, Any,
     # Older configs say rope_theta/rope_scaling, transformers 5 nests both in rope_parameters.
     rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
     values["rope_theta"] = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    # transformers 5 saves num_experts under its attribute-map name.
+    values.setdefault("num_experts", config.get("num_local_experts"))
     fields = [
         (f"{arch}.{key}", values[hf_key], vtype)
         for hf_key, key, vtype in CONFIG_KEYS
         if values.get(hf_key) is not None
     ]
     fields.append((f"{arch}.attention.value_length", values["head_dim"], GGUFValueType.UINT32))
+    if arch == "qwen3moe" and not config.get("norm_topk_prob", False):
+        fields.append((f"{arch}.expert_weights_norm", False, GGUFValueType.BOOL))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         fields.append((f"{arch}.rope.scaling.type", rope_type, GGUFValueType.STRING))

@@ -7,6 +7,7 @@ Only safetensors are read, never pickles: a downloaded model must not be able to
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,12 @@ from helexa.engine.checkpoint.types import ByteProgress, Checkpoint, Progress, W
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
+# One 2-D tensor per expert: what HF repos and transformers' save_pretrained hold.
+_PER_EXPERT = re.compile(
+    r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight"
+)
+# transformers 5's in-memory layout (a state_dict): gate and up fused, no ".weight".
+_FUSED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)")
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -70,6 +77,39 @@ def safetensors_files(root: Path) -> list[Path]:
     return files
 
 
+def stack_experts(tensors: dict[str, Weight]) -> dict[str, Weight]:
+    """``tensors`` with each MoE layer's experts as one (n_experts, out, in) tensor per
+    projection, ``model.layers.N.mlp.experts.{gate,up,down}_proj.weight`` (the names
+    llama.cpp's converter merges them under and the GGUF loader produces), whether they
+    came one 2-D tensor per expert or as transformers 5's fused ``experts.gate_up_proj``
+    (n_experts, 2 * ffn, hidden; gate first) and ``experts.down_proj``.
+
+    Works in place: the per-expert tensors are popped as their stack is built, so a load
+    holds at most one projection's experts twice. Returns ``tensors``.
+    """
+    groups: dict[tuple[str, str], dict[int, str]] = {}
+    for name in list(tensors):
+        if m := _PER_EXPERT.fullmatch(name):
+            prefix, index, proj = m.groups()
+            groups.setdefault((prefix, proj), {})[int(index)] = name
+        elif m := _FUSED.fullmatch(name):
+            prefix, kind = m.groups()
+            fused = tensors.pop(name)
+            if kind == "gate_up_proj":
+                gate, up = fused.chunk(2, dim=1)
+                tensors[f"{prefix}.gate_proj.weight"] = gate.contiguous()
+                tensors[f"{prefix}.up_proj.weight"] = up.contiguous()
+            else:
+                tensors[f"{prefix}.down_proj.weight"] = fused
+    for (prefix, proj), names in groups.items():
+        if sorted(names) != list(range(len(names))):
+            raise CheckpointError(f"{prefix}: {proj} experts {sorted(names)} are not 0..n-1")
+        tensors[f"{prefix}.{proj}.weight"] = torch.stack(
+            [tensors.pop(names[i]) for i in range(len(names))]
+        )
+    return tensors
+
+
 def _chat_template(root: Path, tokenizer_config: dict[str, Any]) -> str | None:
     """transformers 5 writes ``chat_template.jinja``; older repos keep it in
     tokenizer_config.json, sometimes as a list of named templates."""
@@ -100,6 +140,7 @@ def load_safetensors_dir(
                     placed.add(tensors[name].nbytes)
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+    stack_experts(tensors)
 
     tokenizer: dict[str, Any] = {}
     if (root / "tokenizer.json").is_file():

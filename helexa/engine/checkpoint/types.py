@@ -1,7 +1,8 @@
 """What a loader hands the model: one shape for safetensors directories and GGUF files.
 
 Loaders translate their format's names and metadata into HF conventions here, so
-``models/qwen3.py`` reads one thing whatever the file was.
+``models/`` reads one thing whatever the file was (a MoE's experts, for one, always as one
+stacked (n_experts, out, in) tensor per projection).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Model implementations and what runs them on devices.
 
-- ``qwen3``: Qwen3 dense in plain torch, ``Qwen3.from_checkpoint`` and the architecture check.
+- ``qwen3``: Qwen3 dense in plain torch, ``Qwen3.from_checkpoint``, its config and checks.
+- ``qwen3_moe``: Qwen3-MoE, a Qwen3 whose sparse layers route tokens to stacked experts.
+- ``architectures``: which of them runs a checkpoint (loading and preflight ask here).
 - ``kv_cache``: the static KV cache the model writes into.
 - ``cuda_graph``: the decode step captured and replayed as CUDA graphs.
 - ``parallel``: one model over several GPUs (tensor parallel, layer split).

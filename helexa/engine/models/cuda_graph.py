@@ -106,7 +106,7 @@ def decode_step(
         h = rms_norm(x, blk.input_layernorm, cfg.rms_norm_eps)
         x = x + _attention(model, blk.attn, h, cos, sin, input_pos, visible, kv_len, reduce)
         h = rms_norm(x, blk.post_attention_layernorm, cfg.rms_norm_eps)
-        mlp = linear(F.silu(linear(h, blk.gate_proj)) * linear(h, blk.up_proj), blk.down_proj)
+        mlp = blk.mlp.decode(h)
         x = x + (mlp if reduce is None else reduce(mlp))
     x = rms_norm(x, model.norm, cfg.rms_norm_eps)
     return linear(x, model.lm_head).float()

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from helexa.engine.checkpoint.types import Weight
-from helexa.engine.models.qwen3 import Attention, Block, Qwen3
+from helexa.engine.models.qwen3 import MLP, Attention, Block, Qwen3
 from helexa.engine.quant.formats import block_format
 from helexa.engine.quant.tensor import QuantizedTensor
 
@@ -93,14 +93,19 @@ def shard_qwen3(model: Qwen3, rank: int, world: int) -> Qwen3:
             v_bias=maybe(a.v_bias),
             o_bias=a.o_bias if rank == 0 else None,  # added once, before the sum
         )
+        mlp = blk.mlp
+        if not isinstance(mlp, MLP):
+            raise ValueError(f"tensor parallelism splits dense MLPs only, not {type(mlp).__name__}")
         layers.append(
             Block(
                 attn=attn,
                 input_layernorm=blk.input_layernorm,
                 post_attention_layernorm=blk.post_attention_layernorm,
-                gate_proj=split_rows(blk.gate_proj, rank, world),
-                up_proj=split_rows(blk.up_proj, rank, world),
-                down_proj=split_cols(blk.down_proj, rank, world),
+                mlp=MLP(
+                    gate_proj=split_rows(mlp.gate_proj, rank, world),
+                    up_proj=split_rows(mlp.up_proj, rank, world),
+                    down_proj=split_cols(mlp.down_proj, rank, world),
+                ),
             )
         )
     shard_cfg = dataclasses.replace(

@@ -13,8 +13,8 @@ weight is not a Parameter, nothing here is trained, and the forward pass reads t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,10 @@ SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 
 @dataclass(frozen=True)
 class Qwen3Config:
+    # What a checkpoint's config.json names for this config to read it.
+    ARCHITECTURE: ClassVar[str] = ARCHITECTURE
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = (MODEL_TYPE,)
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -55,47 +59,59 @@ class Qwen3Config:
     def from_hf(cls, config: dict[str, Any], source: str = "") -> Qwen3Config:
         """Read an HF ``config.json`` dict; anything this file cannot run raises
         :class:`UnsupportedArchitecture` here, before a byte of weights is allocated."""
-        check_architecture(config, source)
+        cls.check(config, source)
         try:
-            heads = int(config["num_attention_heads"])
-            hidden = int(config["hidden_size"])
-            rope_type, theta, scaling = _rope_params(config)
-            return cls(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(config["intermediate_size"]),
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-                head_dim=int(config.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                rope_scaling=scaling if rope_type != "default" else None,
-                max_position_embeddings=int(config.get("max_position_embeddings", 40960)),
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                attention_bias=bool(config.get("attention_bias", False)),
-            )
+            return cls(**cls.read_hf(config))
         except KeyError as exc:
             raise CheckpointError(f"{source or 'Qwen3 config'}: missing {exc.args[0]!r}") from None
 
+    @classmethod
+    def read_hf(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """This config's fields from an HF config dict (a KeyError names a missing key)."""
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        rope_type, theta, scaling = _rope_params(config)
+        return dict(
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_hidden_layers=int(config["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling if rope_type != "default" else None,
+            max_position_embeddings=int(config.get("max_position_embeddings", 40960)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(config.get("attention_bias", False)),
+        )
 
-def check_architecture(config: dict[str, Any], source: str = "") -> None:
-    """Raise :class:`UnsupportedArchitecture` unless ``config`` describes a dense Qwen3."""
-    archs = config.get("architectures") or []
-    model_type = config.get("model_type")
-    if archs and ARCHITECTURE not in archs or not archs and model_type != MODEL_TYPE:
-        found = ", ".join(archs) or f"model_type {model_type!r}"
-        raise UnsupportedArchitecture(found, source=source, supported=(ARCHITECTURE,))
-    detail = ""
-    rope_type, _, _ = _rope_params(config)
-    if config.get("use_sliding_window"):
-        detail = "use_sliding_window=true is not supported"
-    elif config.get("hidden_act", "silu") != "silu":
-        detail = f"hidden_act {config['hidden_act']!r} is not supported"
-    elif rope_type not in ROPE_TYPES:
-        detail = f"rope scaling {rope_type!r} is not supported ({', '.join(ROPE_TYPES)} are)"
-    if detail:
-        raise UnsupportedArchitecture(ARCHITECTURE, source=source, detail=detail)
+    @classmethod
+    def describes(cls, config: dict[str, Any]) -> bool:
+        """Whether ``config`` names this architecture (in ``architectures``, or by
+        ``model_type`` when that list is absent), supported options or not."""
+        archs = config.get("architectures") or []
+        return cls.ARCHITECTURE in archs if archs else config.get("model_type") in cls.MODEL_TYPES
+
+    @classmethod
+    def check(cls, config: dict[str, Any], source: str = "") -> None:
+        """Raise :class:`UnsupportedArchitecture` unless ``config`` describes this
+        architecture with options the engine runs."""
+        if not cls.describes(config):
+            archs = config.get("architectures") or []
+            found = ", ".join(archs) or f"model_type {config.get('model_type')!r}"
+            raise UnsupportedArchitecture(found, source=source, supported=(cls.ARCHITECTURE,))
+        detail = ""
+        rope_type, _, _ = _rope_params(config)
+        if config.get("use_sliding_window"):
+            detail = "use_sliding_window=true is not supported"
+        elif config.get("hidden_act", "silu") != "silu":
+            detail = f"hidden_act {config['hidden_act']!r} is not supported"
+        elif rope_type not in ROPE_TYPES:
+            detail = f"rope scaling {rope_type!r} is not supported ({', '.join(ROPE_TYPES)} are)"
+        if detail:
+            raise UnsupportedArchitecture(cls.ARCHITECTURE, source=source, detail=detail)
 
 
 def _rope_params(config: dict[str, Any]) -> tuple[str, float, dict[str, Any]]:
@@ -178,17 +194,72 @@ class Attention:
     cache: KVCache | None = None
 
 
+class FeedForward(Protocol):
+    """A layer's MLP: dense (:class:`MLP`) or a mixture of experts (qwen3_moe.SparseMoE).
+
+    ``decode`` is the same function for the few tokens of a decode step, written so that
+    it can be captured in a CUDA graph (no host sync, no branch on a computed value)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class MLP:
+    """The dense SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""
+
+    gate_proj: Weight
+    up_proj: Weight
+    down_proj: Weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(F.silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
+
+
 @dataclass
 class Block:
     attn: Attention
     input_layernorm: torch.Tensor
     post_attention_layernorm: torch.Tensor
-    gate_proj: Weight
-    up_proj: Weight
-    down_proj: Weight
+    mlp: FeedForward
+
+
+class CheckpointWeights:
+    """A checkpoint's tensors as a model takes them onto ``device``: float weights cast to
+    ``dtype`` once, quantized ones moved as their raw blocks, a missing one named."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
+        self.tensors = ckpt.tensors
+        self.source = ckpt.source or "checkpoint"
+        self.device, self.dtype = device, dtype
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def weight(self, name: str) -> Weight:
+        t = self.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{self.source}: missing tensor {name!r}")
+        if isinstance(t, QuantizedTensor):
+            return t.to(self.device)
+        return t.to(device=self.device, dtype=self.dtype)
+
+    def dense(self, name: str) -> torch.Tensor:
+        """A weight always used dense (norms, biases, a router): dequantized once."""
+        t = self.weight(name)
+        return t.dequantize(self.dtype).to(self.device) if isinstance(t, QuantizedTensor) else t
+
+    def optional(self, name: str) -> torch.Tensor | None:
+        return self.dense(name) if name in self.tensors else None
 
 
 class Qwen3:
+    config_class: ClassVar[type[Qwen3Config]] = Qwen3Config
+
     def __init__(
         self,
         config: Qwen3Config,
@@ -219,60 +290,52 @@ class Qwen3:
     ) -> Qwen3:
         """Move (and for float weights, cast) each tensor to ``device`` once; quantized
         weights move as their raw blocks."""
-        cfg = Qwen3Config.from_hf(ckpt.config, ckpt.source)
+        cfg = cls.config_class.from_hf(ckpt.config, ckpt.source)
         device = torch.device(device)
-        tensors = ckpt.tensors
-
-        def weight(name: str) -> Weight:
-            t = tensors.get(name)
-            if t is None:
-                raise CheckpointError(f"{ckpt.source or 'checkpoint'}: missing tensor {name!r}")
-            if isinstance(t, QuantizedTensor):
-                return t.to(device)
-            return t.to(device=device, dtype=dtype)
-
-        def dense(name: str) -> torch.Tensor:
-            t = weight(name)
-            return t.dequantize(dtype).to(device) if isinstance(t, QuantizedTensor) else t
-
-        def optional(name: str) -> torch.Tensor | None:
-            return dense(name) if name in tensors else None
-
+        w = CheckpointWeights(ckpt, device, dtype)
         layers = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             attn = Attention(
-                q_proj=weight(p + "self_attn.q_proj.weight"),
-                k_proj=weight(p + "self_attn.k_proj.weight"),
-                v_proj=weight(p + "self_attn.v_proj.weight"),
-                o_proj=weight(p + "self_attn.o_proj.weight"),
-                q_norm=dense(p + "self_attn.q_norm.weight"),
-                k_norm=dense(p + "self_attn.k_norm.weight"),
-                q_bias=optional(p + "self_attn.q_proj.bias"),
-                k_bias=optional(p + "self_attn.k_proj.bias"),
-                v_bias=optional(p + "self_attn.v_proj.bias"),
-                o_bias=optional(p + "self_attn.o_proj.bias"),
+                q_proj=w.weight(p + "self_attn.q_proj.weight"),
+                k_proj=w.weight(p + "self_attn.k_proj.weight"),
+                v_proj=w.weight(p + "self_attn.v_proj.weight"),
+                o_proj=w.weight(p + "self_attn.o_proj.weight"),
+                q_norm=w.dense(p + "self_attn.q_norm.weight"),
+                k_norm=w.dense(p + "self_attn.k_norm.weight"),
+                q_bias=w.optional(p + "self_attn.q_proj.bias"),
+                k_bias=w.optional(p + "self_attn.k_proj.bias"),
+                v_bias=w.optional(p + "self_attn.v_proj.bias"),
+                o_bias=w.optional(p + "self_attn.o_proj.bias"),
             )
             layers.append(
                 Block(
                     attn=attn,
-                    input_layernorm=dense(p + "input_layernorm.weight"),
-                    post_attention_layernorm=dense(p + "post_attention_layernorm.weight"),
-                    gate_proj=weight(p + "mlp.gate_proj.weight"),
-                    up_proj=weight(p + "mlp.up_proj.weight"),
-                    down_proj=weight(p + "mlp.down_proj.weight"),
+                    input_layernorm=w.dense(p + "input_layernorm.weight"),
+                    post_attention_layernorm=w.dense(p + "post_attention_layernorm.weight"),
+                    mlp=cls.feed_forward(cfg, i, w),
                 )
             )
-        embed = weight("model.embed_tokens.weight")
-        tied = cfg.tie_word_embeddings or "lm_head.weight" not in tensors
+        embed = w.weight("model.embed_tokens.weight")
+        tied = cfg.tie_word_embeddings or "lm_head.weight" not in w
         return cls(
             cfg,
             embed_tokens=embed,
             layers=layers,
-            norm=dense("model.norm.weight"),
-            lm_head=embed if tied else weight("lm_head.weight"),
+            norm=w.dense("model.norm.weight"),
+            lm_head=embed if tied else w.weight("lm_head.weight"),
             device=device,
             dtype=dtype,
+        )
+
+    @classmethod
+    def feed_forward(cls, cfg: Qwen3Config, layer: int, w: CheckpointWeights) -> FeedForward:
+        """Layer ``layer``'s MLP: the one part a Qwen3 variant builds differently."""
+        p = f"model.layers.{layer}.mlp."
+        return MLP(
+            gate_proj=w.weight(p + "gate_proj.weight"),
+            up_proj=w.weight(p + "up_proj.weight"),
+            down_proj=w.weight(p + "down_proj.weight"),
         )
 
     # -- memory ---------------------------------------------------------------------------
@@ -283,7 +346,9 @@ class Qwen3:
         out[id(self.lm_head)] = self.lm_head
         out[id(self.norm)] = self.norm
         for blk in self.layers:
-            for rec in (blk, blk.attn):
+            for rec in (blk, blk.attn, blk.mlp):
+                if not is_dataclass(rec):
+                    continue
                 for f in fields(rec):
                     value = getattr(rec, f.name)
                     if isinstance(value, torch.Tensor | QuantizedTensor):
@@ -365,9 +430,7 @@ class Qwen3:
                 h = rms_norm(x, blk.input_layernorm, cfg.rms_norm_eps)
                 x = x + self._attention(blk.attn, h, cos, sin, input_pos, end, mask, causal)
                 h = rms_norm(x, blk.post_attention_layernorm, cfg.rms_norm_eps)
-                x = x + linear(
-                    F.silu(linear(h, blk.gate_proj)) * linear(h, blk.up_proj), blk.down_proj
-                )
+                x = x + blk.mlp(h)
         x = rms_norm(x, self.norm, cfg.rms_norm_eps)
         if last_only:
             x = x[:, -1:]

@@ -72,6 +72,8 @@ def linear(
     """
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
+    if len(weight.shape) != 2:
+        raise ValueError(f"linear needs one (out, in) weight, got a stack {weight.shape}")
     fast = cuda_linear(x, weight, bias)
     if fast is not None:
         return fast

@@ -1,4 +1,4 @@
-"""A weight matrix kept in its ggml block encoding on the device."""
+"""A weight matrix (or a stack of them) kept in its ggml block encoding on the device."""
 
 from __future__ import annotations
 
@@ -13,26 +13,30 @@ from helexa.engine.quant.reference import dequantize
 
 @dataclass(eq=False)
 class QuantizedTensor:
-    """The raw blocks of an (out_features, in_features) weight, one row of blocks per row.
+    """The raw blocks of an (out_features, in_features) weight, one row of blocks per row,
+    or of a stack of such weights (a MoE layer's experts: (n_experts, out, in)).
 
-    ``data`` is uint8 (rows, row_bytes): exactly the GGUF bytes, so memory use equals the
-    file's and kernels can address a row as ``data[r]``. ``shape`` is in torch orientation
-    (GGUF's ne reversed).
+    ``data`` is uint8 (*stack, rows, row_bytes): exactly the GGUF bytes, so memory use
+    equals the file's and kernels can address a row as ``data[r]`` (an expert's rows as
+    ``data[e]``). ``shape`` is in torch orientation (GGUF's ne reversed). Matmuls take 2-D
+    weights; ``w[e]`` and :meth:`index_select` give an expert's.
     """
 
     data: torch.Tensor
     qtype: GGMLQuantizationType
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
         self.qtype = block_format(self.qtype).qtype
-        self.shape = (int(self.shape[0]), int(self.shape[1]))
-        rows, cols = self.shape
+        self.shape = tuple(int(d) for d in self.shape)
+        if len(self.shape) < 2:
+            raise ValueError(f"a quantized weight has at least 2 dims, got shape {self.shape}")
+        *outer, cols = self.shape
         row_bytes = block_format(self.qtype).row_bytes(cols)
-        if self.data.dtype != torch.uint8 or tuple(self.data.shape) != (rows, row_bytes):
+        if self.data.dtype != torch.uint8 or tuple(self.data.shape) != (*outer, row_bytes):
             raise ValueError(
                 f"{self.qtype.name} weight of shape {self.shape} needs uint8 data of shape "
-                f"({rows}, {row_bytes}), got {self.data.dtype} {tuple(self.data.shape)}"
+                f"{(*outer, row_bytes)}, got {self.data.dtype} {tuple(self.data.shape)}"
             )
 
     @property
@@ -42,6 +46,20 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         return self.data.numel()
+
+    def __getitem__(self, index: int) -> QuantizedTensor:
+        """One weight of a stack (a view of its blocks, no copy)."""
+        if len(self.shape) < 3:
+            raise IndexError("only a stack of quantized weights can be indexed")
+        return QuantizedTensor(self.data[index], self.qtype, self.shape[1:])
+
+    def index_select(self, index: torch.Tensor) -> QuantizedTensor:
+        """The stack's weights at ``index`` (a 1-D device tensor), gathered on the device
+        with no host sync: how a decode step picks its experts inside a CUDA graph."""
+        if len(self.shape) < 3:
+            raise IndexError("only a stack of quantized weights can be indexed")
+        data = self.data.index_select(0, index)
+        return QuantizedTensor(data, self.qtype, (index.shape[0], *self.shape[1:]))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full dense weight; for tests and one-off conversions, not the hot path."""

@@ -23,8 +23,10 @@ import jinja2.parser
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-_TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "qwen3.jinja"
-QWEN3_TEMPLATE: str = _TEMPLATE_PATH.read_text(encoding="utf-8")
+_TEMPLATES = Path(__file__).resolve().parent / "templates"
+QWEN3_TEMPLATE: str = (_TEMPLATES / "qwen3.jinja").read_text(encoding="utf-8")
+# Qwen3-Coder's format: tools as <function> blocks, calls as <function=...> XML.
+QWEN3_CODER_TEMPLATE: str = (_TEMPLATES / "qwen3_coder.jinja").read_text(encoding="utf-8")
 
 # Names clients use for an assistant turn's reasoning; templates read ``reasoning_content``.
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")

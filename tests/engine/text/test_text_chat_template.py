@@ -12,7 +12,12 @@ import pytest
 from tokenizers import Tokenizer as RustTokenizer
 from transformers import PreTrainedTokenizerFast
 
-from helexa.engine.text.chat_template import QWEN3_TEMPLATE, normalize_messages, render_chat
+from helexa.engine.text.chat_template import (
+    QWEN3_CODER_TEMPLATE,
+    QWEN3_TEMPLATE,
+    normalize_messages,
+    render_chat,
+)
 from tests.engine.tiny_tokenizer import make_tiny_tokenizer_json
 
 WEATHER = {
@@ -360,3 +365,74 @@ def test_template_globals_and_tags() -> None:
 def test_sandbox_blocks_escapes(template: str) -> None:
     with pytest.raises(jinja2.exceptions.SecurityError):
         render_chat(template, USER)
+
+
+# -- Qwen3-Coder ---------------------------------------------------------------------------
+
+CODER_INSTRUCTIONS = (
+    "\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:"
+    "\n\n<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\n"
+    "value_1\n</parameter>\n<parameter=example_parameter_2>\nThis is the value for the "
+    "second parameter\nthat can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>"
+    "\n\n<IMPORTANT>\nReminder:\n- Function calls MUST follow the specified format: an inner "
+    "<function=...></function> block must be nested within <tool_call></tool_call> XML tags\n"
+    "- Required parameters MUST be specified\n- You may provide optional reasoning for your "
+    "function call in natural language BEFORE the function call, but NOT after\n- If there is "
+    "no function call available, answer the question like normal with your current knowledge "
+    "and do not tell the user about function calls\n</IMPORTANT>"
+)
+
+
+def test_qwen3_coder_renders_tools_calls_and_results() -> None:
+    """Qwen3-Coder's format: tools as <function> blocks (schema keys beyond name, type and
+    description as tags), the call as <function=...> XML, the result as a user turn."""
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "tool_calls": [call("c1", "get_weather", {"city": "Paris", "days": 2})],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21C"},
+    ]
+    assert render_chat(QWEN3_CODER_TEMPLATE, messages, tools=[WEATHER]) == (
+        "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou have access to the following "
+        "functions:\n\n<tools>\n<function>\n<name>get_weather</name>\n<description>Current "
+        "weather for a city — <b>live</b> & accurate</description>\n<parameters>\n<parameter>"
+        "\n<name>city</name>\n<type>string</type>\n<description>名前 of the city</description>"
+        '\n</parameter>\n<required>["city"]</required>\n</parameters>\n</function>\n</tools>'
+        + CODER_INSTRUCTIONS
+        + "<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        "<|im_start|>assistant\nChecking.\n\n<tool_call>\n<function=get_weather>\n"
+        "<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n"
+        "</function>\n</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\nsunny, 21C\n</tool_response>\n<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    # No system message: tools bring Qwen3-Coder's default one; no tools, no system turn.
+    plain = [{"role": "user", "content": "hi"}]
+    assert render_chat(QWEN3_CODER_TEMPLATE, plain, tools=[TIME]).startswith(
+        "<|im_start|>system\nYou are Qwen, a helpful AI assistant that can interact with a "
+        "computer to solve tasks.\n\n# Tools\n\n"
+    )
+    assert render_chat(QWEN3_CODER_TEMPLATE, plain) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_qwen3_coder_template_renders_as_under_transformers(
+    reference: PreTrainedTokenizerFast, name: str
+) -> None:
+    messages, tools = CONVERSATIONS[name]
+    # transformers passes messages as given; the template needs arguments as objects,
+    # which is what normalize_messages makes of the JSON strings clients send.
+    expected = reference.apply_chat_template(
+        normalize_messages(copy.deepcopy(messages)),
+        tools=tools,
+        chat_template=QWEN3_CODER_TEMPLATE,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert render_chat(QWEN3_CODER_TEMPLATE, messages, tools=tools) == expected

@@ -1,0 +1,194 @@
+"""Qwen3-MoE (Qwen3-30B-A3B, Qwen3-Coder-30B-A3B, ...), in plain torch beside qwen3.py.
+
+Ported from transformers' ``modeling_qwen3_moe.py`` and checked against it for logit
+parity on random weights (tests/engine/models/test_qwen3_moe_parity.py). Attention, norms,
+RoPE, the KV cache and the decode step are Qwen3's, reused as they are: a Qwen3-MoE is a
+Qwen3 whose sparse layers have a :class:`SparseMoE` where the dense MLP would be. Which
+layers are sparse is the config's ``decoder_sparse_step`` and ``mlp_only_layers``.
+
+Experts are stored stacked, one (n_experts, out, in) tensor per projection (float, or GGUF
+blocks as a 3-D QuantizedTensor), so a step picks its experts by indexing on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from helexa.engine.checkpoint.errors import CheckpointError
+from helexa.engine.checkpoint.types import Weight
+from helexa.engine.models.qwen3 import CheckpointWeights, FeedForward, Qwen3, Qwen3Config
+from helexa.engine.quant.ops import linear
+
+ARCHITECTURE = "Qwen3MoeForCausalLM"
+# HF config.json says qwen3_moe; llama.cpp's GGUF architecture is qwen3moe.
+MODEL_TYPES = ("qwen3_moe", "qwen3moe")
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Qwen3MoeConfig(Qwen3Config):
+    ARCHITECTURE: ClassVar[str] = ARCHITECTURE
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = MODEL_TYPES
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    @classmethod
+    def read_hf(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Qwen3's fields plus the experts'. transformers 5 saves ``num_experts`` as
+        ``num_local_experts``; ``intermediate_size`` sizes only the dense layers, so a
+        config without one is fine as long as every layer is sparse."""
+        fields = super().read_hf(
+            {**config, "intermediate_size": config.get("intermediate_size") or 0}
+        )
+        experts = config.get("num_experts", config.get("num_local_experts"))
+        if experts is None:
+            raise KeyError("num_experts")
+        fields.update(
+            num_experts=int(experts),
+            num_experts_per_tok=int(config["num_experts_per_tok"]),
+            moe_intermediate_size=int(config["moe_intermediate_size"]),
+            norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+            decoder_sparse_step=int(config.get("decoder_sparse_step") or 1),
+            mlp_only_layers=tuple(int(i) for i in config.get("mlp_only_layers") or ()),
+        )
+        return fields
+
+    def __post_init__(self) -> None:
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise CheckpointError(
+                f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..{self.num_experts}"
+            )
+        dense = [i for i in range(self.num_hidden_layers) if not self.is_sparse(i)]
+        if dense and self.intermediate_size <= 0:
+            raise CheckpointError(f"layers {dense} are dense but intermediate_size is not set")
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether layer ``layer`` has experts, by transformers' Qwen3MoeDecoderLayer rule."""
+        return (
+            layer not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+
+def _expert_linear(x: torch.Tensor, experts: Weight, index: torch.Tensor) -> torch.Tensor:
+    """Row ``j`` of ``x`` (m, in) times expert ``index[j]`` of the stack: (m, out).
+
+    The selected experts are gathered on the device (a copy of their weights or blocks)
+    and applied per row, with no host sync and no branch on which experts they are, so a
+    decode step with this in it can be captured in a CUDA graph."""
+    if isinstance(experts, torch.Tensor):
+        picked = experts.index_select(0, index)  # (m, out, in)
+        return torch.bmm(x[:, None, :], picked.transpose(1, 2)).squeeze(1)
+    picked_q = experts.index_select(index)
+    return torch.cat([linear(x[j : j + 1], picked_q[j]) for j in range(index.shape[0])])
+
+
+@dataclass
+class SparseMoE:
+    """transformers' Qwen3MoeSparseMoeBlock: a softmax router (in float32) picks
+    ``top_k`` experts per token, optionally renormalises their probabilities
+    (``norm_topk_prob``), and sums the chosen SwiGLU experts' outputs weighted by them.
+
+    ``router`` is (n_experts, hidden); ``gate_proj``/``up_proj`` (n_experts, moe_ffn,
+    hidden) and ``down_proj`` (n_experts, hidden, moe_ffn).
+    """
+
+    router: torch.Tensor
+    gate_proj: Weight
+    up_proj: Weight
+    down_proj: Weight
+    top_k: int
+    norm_topk_prob: bool
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.shape[0]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, experts), each (tokens, top_k), for ``x`` (tokens, hidden); the
+        weights in ``x``'s dtype, as transformers casts them back."""
+        logits = linear(x, self.router)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(logits.dtype), experts
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Many tokens (prefill): each expert runs once, on all the tokens routed to it.
+        Few tokens go the decode way, which costs less than sorting them."""
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] * self.top_k <= self.num_experts:
+            return self.decode(x)
+        weights, experts = self.route(flat)
+        return self._grouped(flat, weights, experts).view(x.shape)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """A decode step's few tokens: every (token, chosen expert) pair is one gathered
+        matvec; graph-capturable (routing stays on the device)."""
+        flat = x.reshape(-1, x.shape[-1])
+        weights, experts = self.route(flat)
+        tokens, k = experts.shape
+        index = experts.reshape(-1)
+        rows = flat[:, None, :].expand(tokens, k, flat.shape[-1]).reshape(tokens * k, -1)
+        h = F.silu(_expert_linear(rows, self.gate_proj, index))
+        h = h * _expert_linear(rows, self.up_proj, index)
+        out = _expert_linear(h, self.down_proj, index).view(tokens, k, -1)
+        return (out * weights[..., None]).sum(dim=1).view(x.shape)
+
+    def _grouped(
+        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
+        """Sort the (token, expert) pairs by expert, run each expert's slice as one matmul,
+        scatter-add the weighted results back. Reading the per-expert counts is a host
+        sync: fine for prefill, which is never captured."""
+        k = experts.shape[1]
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token = order // k
+        rows = x.index_select(0, token)
+        out = torch.empty_like(rows)
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                part = rows[start : start + count]
+                h = F.silu(linear(part, self.gate_proj[e])) * linear(part, self.up_proj[e])
+                out[start : start + count] = linear(h, self.down_proj[e])
+                start += count
+        out *= weights.reshape(-1).index_select(0, order)[:, None]
+        return torch.zeros_like(x).index_add_(0, token, out)
+
+
+class Qwen3Moe(Qwen3):
+    config_class: ClassVar[type[Qwen3Config]] = Qwen3MoeConfig
+
+    @classmethod
+    def feed_forward(cls, cfg: Qwen3Config, layer: int, w: CheckpointWeights) -> FeedForward:
+        """A SparseMoE for the sparse layers (stacked experts, see
+        checkpoint.safetensors.stack_experts), Qwen3's dense MLP for the others."""
+        assert isinstance(cfg, Qwen3MoeConfig)
+        if not cfg.is_sparse(layer):
+            return super().feed_forward(cfg, layer, w)
+        p = f"model.layers.{layer}.mlp."
+        router = w.dense(p + "gate.weight")
+        gate, up, down = (w.weight(f"{p}experts.{name}.weight") for name in PROJECTIONS)
+        e, ffn, hidden = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        expected = [(e, hidden), (e, ffn, hidden), (e, ffn, hidden), (e, hidden, ffn)]
+        names = ["gate.weight", *(f"experts.{name}.weight" for name in PROJECTIONS)]
+        for name, t, shape in zip(names, (router, gate, up, down), expected, strict=True):
+            if tuple(t.shape) != shape:
+                raise CheckpointError(
+                    f"{w.source}: {p}{name} has shape {tuple(t.shape)}, the config says {shape}"
+                )
+        return SparseMoE(router, gate, up, down, cfg.num_experts_per_tok, cfg.norm_topk_prob)
