@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib import error as urlerror
 from urllib import request as urlrequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -120,8 +121,15 @@ def bench_helexa(gguf: Path, lengths: list[int], gen: int, context: int) -> dict
                 break
             except OSError:
                 time.sleep(0.1)
-        start = time.perf_counter()
-        _post(f"{url}/admin/models/load", {"model": MODEL})
+        for _ in range(300):  # the local node joins the fleet just after the gateway listens
+            try:
+                start = time.perf_counter()
+                _post(f"{url}/admin/models/load", {"model": MODEL})
+                break
+            except urlerror.HTTPError as exc:
+                if exc.code != 503:
+                    raise RuntimeError(exc.read().decode()) from None
+                time.sleep(0.2)
         out["load s"] = time.perf_counter() - start
         rng = random.Random(0)
         first = _stream(url, _letters(64, rng), 8)
@@ -203,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.gpu import write_model
 
         write_model(args.gguf, "qwen3-8b", "Q4_K_M")
+    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "serve.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if args.llama_work:
