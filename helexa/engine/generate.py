@@ -1,10 +1,11 @@
 """Generation for one loaded model: an OpenAI request dict in, OpenAI chunk dicts out.
 
 The loop is deliberately small and synchronous (it runs on the device's worker thread):
-prefill the prompt, then one token at a time ``Sampler -> StreamDecoder -> StopMatcher
--> OutputParser -> chunk``. Cancellation is a ``threading.Event`` checked between tokens,
-so a closed client stream stops the GPU work within one decode step. What the request
-asks for (prompt, decoding constraints, token budget) is read, or refused, by
+prefill the part of the prompt the KV cache does not already hold (the prompt cache,
+helexa.engine.prefix_cache), then one token at a time ``Sampler -> StreamDecoder ->
+StopMatcher -> OutputParser -> chunk``. Cancellation is a ``threading.Event`` checked
+between tokens, so a closed client stream stops the GPU work within one decode step. What
+the request asks for (prompt, decoding constraints, token budget) is read, or refused, by
 helexa.engine.request before the loop starts.
 """
 
@@ -23,6 +24,7 @@ import torch
 
 from helexa.engine.checkpoint.types import Progress
 from helexa.engine.json_mode import JsonConstraint
+from helexa.engine.prefix_cache import PrefixCache
 from helexa.engine.request import ChatPrompt, chat_prompt, completion_prompt, sampling_and_budget
 from helexa.engine.sampling import Sampler, SamplingParams
 from helexa.engine.text.chat_template import QWEN3_TEMPLATE
@@ -35,6 +37,11 @@ from helexa.engine.text.tokenizer import Tokenizer
 DEFAULT_CONTEXT = 8192
 # Prompt tokens per prefill forward: bounds activation memory for long prompts.
 PREFILL_CHUNK = 2048
+# Host memory for snapshots of earlier conversations' KV (the prompt cache), per model,
+# when the settings name none: on a GPU, one ~28k-token conversation of an 8B model
+# (144 KiB a token in bf16), so a long agent session survives a side request; on a CPU
+# none, since the cache is already in host memory and a copy would compete with it.
+PROMPT_CACHE_MB_CUDA = 4096
 SAMPLING_KEYS = (
     "temperature",
     "top_p",
@@ -106,6 +113,8 @@ class LoadedModel:
     # One decode step, (tokens [1, 1], position) -> logits [1, 1, vocab], when something
     # faster than model.forward runs it (a CUDA-graph replay); None: model.forward.
     decode: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    # What the KV cache holds, to prefill only what a prompt adds to it.
+    prompt_cache: PrefixCache = field(default_factory=PrefixCache)
 
     @classmethod
     def load(
@@ -118,10 +127,14 @@ class LoadedModel:
         sampling_defaults: dict[str, Any] | None = None,
         name: str = "",
         progress: Progress | None = None,
+        prompt_cache_mb: int | None = None,
     ) -> LoadedModel:
         """Load a GGUF file or HF directory onto ``device`` (bfloat16 on CUDA, float32 on
-        CPU unless ``dtype`` says otherwise) with a KV cache of ``context_length``."""
+        CPU unless ``dtype`` says otherwise) with a KV cache of ``context_length`` and
+        ``prompt_cache_mb`` of host memory for prompt snapshots (None: the device's
+        default)."""
         from helexa.engine.checkpoint.safetensors import is_gguf, load_checkpoint, read_config
+        from helexa.engine.models.kv_cache import HostSnapshots
         from helexa.engine.models.qwen3 import Qwen3, check_architecture
 
         path = Path(path)
@@ -130,6 +143,7 @@ class LoadedModel:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if not is_gguf(path):  # GGUF's loader checks its own metadata first
             check_architecture(read_config(path), str(path))
+        cuda = device.type == "cuda"
         ckpt = load_checkpoint(path, device, progress)
         tokenizer = Tokenizer.from_checkpoint(ckpt.tokenizer)
         model = Qwen3.from_checkpoint(ckpt, device, dtype)
@@ -137,11 +151,13 @@ class LoadedModel:
         context = context_length or min(model.config.max_position_embeddings, DEFAULT_CONTEXT)
         model.setup_cache(1, context)
         decode = None
-        if device.type == "cuda":  # replay decode steps from CUDA graphs
+        if cuda:  # replay decode steps from CUDA graphs
             from helexa.engine.models.cuda_graph import GraphDecoder
 
             decode = GraphDecoder(model)
-        return cls(
+        if prompt_cache_mb is None:
+            prompt_cache_mb = PROMPT_CACHE_MB_CUDA if cuda else 0
+        loaded = cls(
             model=model,
             tokenizer=tokenizer,
             chat_template=ckpt.chat_template or QWEN3_TEMPLATE,
@@ -149,7 +165,9 @@ class LoadedModel:
             eos_token_ids=eos_ids(tokenizer, ckpt.generation_config),
             name=name or path.name,
             decode=decode,
+            prompt_cache=PrefixCache(HostSnapshots(model.kv_caches), prompt_cache_mb << 20),
         )
+        return loaded
 
     @property
     def context_length(self) -> int:
@@ -159,6 +177,11 @@ class LoadedModel:
     def memory_bytes(self) -> int:
         """Weights + KV cache on the device, for ``/models`` vram_used_mb."""
         return self.model.nbytes
+
+    @property
+    def prompt_cache_bytes(self) -> int:
+        """Host memory the prompt cache's snapshots hold, for ``/models`` prompt_cache_mb."""
+        return self.prompt_cache.snapshot_bytes
 
     # -- prompts ----------------------------------------------------------------------------
 
@@ -190,19 +213,21 @@ class LoadedModel:
     ) -> Iterator[int]:
         """Sampled token ids, one forward pass each, until cancelled: callers stop it at
         EOS, a stop string or their budget, and the last token is never fed back. ``prompt``
-        must fit the KV cache with room for the tokens taken. A ``constraint`` (JSON mode)
-        picks among the tokens it allows and is advanced by each one taken."""
-        model, device = self.model, self.model.device
+        must fit the KV cache with room for the tokens taken; the part of it the cache
+        already holds is not computed again. A ``constraint`` (JSON mode) picks among the
+        tokens it allows and is advanced by each one taken."""
+        model, device, cache = self.model, self.model.device, self.prompt_cache
         sampler = Sampler(params, model.vocab_size, device, prompt=prompt)
         known = self.tokenizer.vocab_size  # a model's vocab is often padded past the tokenizer's
         logits = None
-        for start in range(0, len(prompt), PREFILL_CHUNK):
+        for start in range(cache.begin(prompt), len(prompt), PREFILL_CHUNK):
             if cancel.is_set():
                 return
             chunk = prompt[start : start + PREFILL_CHUNK]
             tokens = torch.tensor([chunk], dtype=torch.long, device=device)
             positions = torch.arange(start, start + len(chunk), device=device)
             logits = model.forward(tokens, positions, last_only=True)
+            cache.extend(chunk)
         assert logits is not None
         pos = len(prompt)
         generated: list[int] = []
@@ -222,6 +247,7 @@ class LoadedModel:
                 logits = self.decode(tokens, pos)
             else:
                 logits = model.forward(tokens, torch.tensor([pos], device=device), last_only=True)
+            cache.extend((token,))
             pos += 1
 
     def _texts(
@@ -306,7 +332,7 @@ class LoadedModel:
         if finish == "stop" and parser.tool_calls:
             finish = "tool_calls"
         yield chunks.chat({}, finish, outcome.stop_sequence)
-        yield chunks.usage(len(prompt), outcome.completion_tokens)
+        yield chunks.usage(len(prompt), outcome.completion_tokens, self.prompt_cache.reused)
 
     def stream_completion(self, request: dict[str, Any], cancel: Event) -> Iterator[dict[str, Any]]:
         """``text_completion`` chunks for a legacy completions request (raw prompt, no
@@ -322,7 +348,7 @@ class LoadedModel:
         if outcome.cancelled:
             return
         yield chunks.text("", outcome.finish_reason, outcome.stop_sequence)
-        yield chunks.usage(len(prompt), outcome.completion_tokens)
+        yield chunks.usage(len(prompt), outcome.completion_tokens, self.prompt_cache.reused)
 
 
 class _Chunks:
@@ -353,7 +379,8 @@ class _Chunks:
         choice = self._finish({"index": 0, "text": text, "logprobs": None}, finish, stop)
         return {**self.base, "choices": [choice]}
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached: int) -> dict[str, Any]:
+        """OpenAI's usage; ``cached`` prompt tokens came from the prompt cache."""
         return {
             **self.base,
             "choices": [],
@@ -361,5 +388,6 @@ class _Chunks:
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached},
             },
         }
