@@ -3,7 +3,8 @@
 Decisions worth knowing:
 
 - Anthropic's ``input_tokens`` excludes cache reads while OpenAI's ``prompt_tokens``
-  includes them, so ``input_tokens = prompt_tokens - cached_tokens``.
+  includes them, so ``input_tokens = prompt_tokens - cached_tokens``; a prompt cache
+  fills itself as it goes, so nothing counts as ``cache_creation_input_tokens``.
 - Tool arguments the model produced that are not a JSON object cannot be a ``tool_use``
   ``input``; they arrive as ``{"_raw_arguments": "<what the model wrote>"}`` so the client
   (and the model, via the tool error) sees the real output instead of a silent ``{}``.
@@ -233,6 +234,7 @@ def anthropic_usage(usage: dict[str, Any] | None) -> dict[str, int]:
     }
     if cached is not None:
         out["cache_read_input_tokens"] = int(cached)
+        out["cache_creation_input_tokens"] = 0
     return out
 
 

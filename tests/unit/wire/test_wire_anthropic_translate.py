@@ -264,6 +264,7 @@ def test_completion_becomes_a_valid_anthropic_message() -> None:
     # Anthropic counts cache reads apart from input_tokens; OpenAI counts them inside.
     assert message.usage.input_tokens == 40
     assert message.usage.cache_read_input_tokens == 60
+    assert message.usage.cache_creation_input_tokens == 0
     assert message.usage.output_tokens == 9
 
 
