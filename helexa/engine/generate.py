@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from threading import Event
 from typing import Any, Protocol
@@ -42,6 +43,11 @@ PREFILL_CHUNK = 2048
 # (144 KiB a token in bf16), so a long agent session survives a side request; on a CPU
 # none, since the cache is already in host memory and a copy would compete with it.
 PROMPT_CACHE_MB_CUDA = 4096
+# A warm-up prompt's length: past the few-row matvec, so prefill's own kernels run too.
+WARM_UP_TOKENS = 16
+# Of a CUDA load's progress, the share that placing the weights reports; the warm-up
+# (compiles, graph captures) reports the rest.
+WEIGHTS_SHARE = 0.9
 SAMPLING_KEYS = (
     "temperature",
     "top_p",
@@ -132,7 +138,7 @@ class LoadedModel:
         """Load a GGUF file or HF directory onto ``device`` (bfloat16 on CUDA, float32 on
         CPU unless ``dtype`` says otherwise) with a KV cache of ``context_length`` and
         ``prompt_cache_mb`` of host memory for prompt snapshots (None: the device's
-        default)."""
+        default). On CUDA the model is warmed up before it is returned (:meth:`warm_up`)."""
         from helexa.engine.checkpoint.safetensors import is_gguf, load_checkpoint, read_config
         from helexa.engine.models.kv_cache import HostSnapshots
         from helexa.engine.models.qwen3 import Qwen3, check_architecture
@@ -144,7 +150,7 @@ class LoadedModel:
         if not is_gguf(path):  # GGUF's loader checks its own metadata first
             check_architecture(read_config(path), str(path))
         cuda = device.type == "cuda"
-        ckpt = load_checkpoint(path, device, progress)
+        ckpt = load_checkpoint(path, device, _share(progress, 0.0, WEIGHTS_SHARE if cuda else 1.0))
         tokenizer = Tokenizer.from_checkpoint(ckpt.tokenizer)
         model = Qwen3.from_checkpoint(ckpt, device, dtype)
         ckpt.tensors.clear()  # the model holds what it needs; drop the loader's references
@@ -167,7 +173,40 @@ class LoadedModel:
             decode=decode,
             prompt_cache=PrefixCache(HostSnapshots(model.kv_caches), prompt_cache_mb << 20),
         )
+        if cuda:
+            loaded.warm_up(_share(progress, WEIGHTS_SHARE, 1.0))
         return loaded
+
+    def warm_up(self, progress: Progress | None = None) -> None:
+        """Run each kind of step a request runs once now, so that no request pays for a
+        first call: Triton kernels compiled and autotuned (both kept on disk, see
+        helexa.engine.quant.ops), cuBLAS and attention set up, the sampler's kernels
+        loaded, and the decode graph of every KV length captured. A load is reported
+        done only after this, so the first request runs at full speed. It writes
+        garbage into the KV cache, so the prompt cache starts empty after it."""
+        from helexa.engine.models.cuda_graph import GraphDecoder, bucket_starts
+
+        model = self.model
+        params = SamplingParams.from_request({}, self.defaults)
+        first = [0] * min(WARM_UP_TOKENS, max(1, model.max_seq // 4))
+        # A prompt from position 0 (dequantize + cuBLAS, causal attention) and its first
+        # decode step; then one extending it: the prefill after a reused prefix (masked
+        # attention, the few-row matvec).
+        for prompt in (first, [*first, 0, 0, 0]):
+            for _ in islice(self.tokens(prompt, params, Event()), 2):
+                pass
+        if isinstance(self.decode, GraphDecoder):
+            starts = bucket_starts(model.max_seq, self.decode.min_kv_len)
+            token = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+            for done, pos in enumerate(starts, 1):
+                self.decode(token, pos)  # the first step at a new KV length captures its graph
+                if progress is not None:
+                    progress(done / len(starts))
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        self.prompt_cache.clear()
+        if progress is not None:
+            progress(1.0)
 
     @property
     def context_length(self) -> int:
@@ -391,3 +430,11 @@ class _Chunks:
                 "prompt_tokens_details": {"cached_tokens": cached},
             },
         }
+
+
+def _share(progress: Progress | None, low: float, high: float) -> Progress | None:
+    """``progress`` for one stage of a load, reporting its 0..1 as ``low..high``."""
+    if progress is None or (low, high) == (0.0, 1.0):
+        return progress
+    report = progress
+    return lambda fraction: report(low + (high - low) * fraction)
