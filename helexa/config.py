@@ -168,6 +168,11 @@ class LocalSettings(_Strict):
     enabled: bool = True
     name: str = "local"
     devices: list[int] | None = None  # None: every device discovered
+    # Host memory (MiB) per loaded model for snapshots of earlier conversations' KV cache,
+    # restored when a conversation comes back after another; None: the engine's default
+    # for the device (4096 on a GPU, 0 on a CPU). The last conversation stays on the
+    # device and is reused whatever this says.
+    prompt_cache_mb: int | None = Field(default=None, ge=0)
 
 
 class NeuronServerSettings(_Strict):

@@ -81,6 +81,11 @@ class GatewayMetrics:
             buckets=TOKENS_PER_S_BUCKETS,
         )
         self.prompt_tokens = counter("helexa_prompt_tokens", "Prompt tokens processed", per_model)
+        self.prompt_cached_tokens = counter(
+            "helexa_prompt_cached_tokens",
+            "Prompt tokens served from the prompt cache (counted in helexa_prompt_tokens too)",
+            per_model,
+        )
         self.completion_tokens = counter("helexa_completion_tokens", "Tokens generated", per_model)
         self.cold_starts = counter(
             "helexa_cold_starts", "Requests that waited for a model load", per_model
@@ -234,8 +239,11 @@ class RequestTimer:
         m.request_duration.labels(model, node, dialect).observe(end - self.started)
         prompt = int((usage or {}).get("prompt_tokens") or 0)
         completion = int((usage or {}).get("completion_tokens") or 0)
+        cached = int(((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         if prompt:
             m.prompt_tokens.labels(model, node).inc(prompt)
+        if cached:
+            m.prompt_cached_tokens.labels(model, node).inc(cached)
         if completion:
             m.completion_tokens.labels(model, node).inc(completion)
         if self.first is not None and completion >= 2 and end > self.first:

@@ -1,10 +1,11 @@
 """Generation for one loaded model: an OpenAI request dict in, OpenAI chunk dicts out.
 
 The loop is deliberately small and synchronous (it runs on the device's worker thread):
-prefill the prompt, then one token at a time ``Sampler -> StreamDecoder -> StopMatcher
--> OutputParser -> chunk``. Cancellation is a ``threading.Event`` checked between tokens,
-so a closed client stream stops the GPU work within one decode step. What the request
-asks for (prompt, decoding constraints, token budget) is read, or refused, by
+prefill the part of the prompt the KV cache does not already hold (the prompt cache,
+helexa.engine.prefix_cache), then one token at a time ``Sampler -> StreamDecoder ->
+StopMatcher -> OutputParser -> chunk``. Cancellation is a ``threading.Event`` checked
+between tokens, so a closed client stream stops the GPU work within one decode step. What
+the request asks for (prompt, decoding constraints, token budget) is read, or refused, by
 helexa.engine.request before the loop starts.
 """
 
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from threading import Event
 from typing import Any, Protocol
@@ -23,6 +25,7 @@ import torch
 
 from helexa.engine.checkpoint.types import Progress
 from helexa.engine.json_mode import JsonConstraint
+from helexa.engine.prefix_cache import PrefixCache
 from helexa.engine.request import ChatPrompt, chat_prompt, completion_prompt, sampling_and_budget
 from helexa.engine.sampling import Sampler, SamplingParams
 from helexa.engine.text.chat_template import QWEN3_TEMPLATE
@@ -35,6 +38,16 @@ from helexa.engine.text.tokenizer import Tokenizer
 DEFAULT_CONTEXT = 8192
 # Prompt tokens per prefill forward: bounds activation memory for long prompts.
 PREFILL_CHUNK = 2048
+# Host memory for snapshots of earlier conversations' KV (the prompt cache), per model,
+# when the settings name none: on a GPU, one ~28k-token conversation of an 8B model
+# (144 KiB a token in bf16), so a long agent session survives a side request; on a CPU
+# none, since the cache is already in host memory and a copy would compete with it.
+PROMPT_CACHE_MB_CUDA = 4096
+# A warm-up prompt's length: past the few-row matvec, so prefill's own kernels run too.
+WARM_UP_TOKENS = 16
+# Of a CUDA load's progress, the share that placing the weights reports; the warm-up
+# (compiles, graph captures) reports the rest.
+WEIGHTS_SHARE = 0.9
 SAMPLING_KEYS = (
     "temperature",
     "top_p",
@@ -106,6 +119,8 @@ class LoadedModel:
     # One decode step, (tokens [1, 1], position) -> logits [1, 1, vocab], when something
     # faster than model.forward runs it (a CUDA-graph replay); None: model.forward.
     decode: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    # What the KV cache holds, to prefill only what a prompt adds to it.
+    prompt_cache: PrefixCache = field(default_factory=PrefixCache)
 
     @classmethod
     def load(
@@ -118,11 +133,15 @@ class LoadedModel:
         sampling_defaults: dict[str, Any] | None = None,
         name: str = "",
         progress: Progress | None = None,
+        prompt_cache_mb: int | None = None,
     ) -> LoadedModel:
         """Load a GGUF file or HF directory onto ``device`` (bfloat16 on CUDA, float32 on
-        CPU unless ``dtype`` says otherwise) with a KV cache of ``context_length``."""
+        CPU unless ``dtype`` says otherwise) with a KV cache of ``context_length`` and
+        ``prompt_cache_mb`` of host memory for prompt snapshots (None: the device's
+        default). On CUDA the model is warmed up before it is returned (:meth:`warm_up`)."""
         from helexa.engine.checkpoint.safetensors import is_gguf, load_checkpoint, read_config
         from helexa.engine.models.architectures import model_class
+        from helexa.engine.models.kv_cache import HostSnapshots
 
         path = Path(path)
         device = torch.device(device)
@@ -130,18 +149,21 @@ class LoadedModel:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if not is_gguf(path):  # GGUF's loader checks its own metadata first
             model_class(read_config(path), str(path))
-        ckpt = load_checkpoint(path, device, progress)
+        cuda = device.type == "cuda"
+        ckpt = load_checkpoint(path, device, _share(progress, 0.0, WEIGHTS_SHARE if cuda else 1.0))
         tokenizer = Tokenizer.from_checkpoint(ckpt.tokenizer)
         model = model_class(ckpt.config, ckpt.source).from_checkpoint(ckpt, device, dtype)
         ckpt.tensors.clear()  # the model holds what it needs; drop the loader's references
         context = context_length or min(model.config.max_position_embeddings, DEFAULT_CONTEXT)
         model.setup_cache(1, context)
         decode = None
-        if device.type == "cuda":  # replay decode steps from CUDA graphs
+        if cuda:  # replay decode steps from CUDA graphs
             from helexa.engine.models.cuda_graph import GraphDecoder
 
             decode = GraphDecoder(model)
-        return cls(
+        if prompt_cache_mb is None:
+            prompt_cache_mb = PROMPT_CACHE_MB_CUDA if cuda else 0
+        loaded = cls(
             model=model,
             tokenizer=tokenizer,
             chat_template=ckpt.chat_template or QWEN3_TEMPLATE,
@@ -149,7 +171,42 @@ class LoadedModel:
             eos_token_ids=eos_ids(tokenizer, ckpt.generation_config),
             name=name or path.name,
             decode=decode,
+            prompt_cache=PrefixCache(HostSnapshots(model.kv_caches), prompt_cache_mb << 20),
         )
+        if cuda:
+            loaded.warm_up(_share(progress, WEIGHTS_SHARE, 1.0))
+        return loaded
+
+    def warm_up(self, progress: Progress | None = None) -> None:
+        """Run each kind of step a request runs once now, so that no request pays for a
+        first call: Triton kernels compiled and autotuned (both kept on disk, see
+        helexa.engine.quant.ops), cuBLAS and attention set up, the sampler's kernels
+        loaded, and the decode graph of every KV length captured. A load is reported
+        done only after this, so the first request runs at full speed. It writes
+        garbage into the KV cache, so the prompt cache starts empty after it."""
+        from helexa.engine.models.cuda_graph import GraphDecoder, bucket_starts
+
+        model = self.model
+        params = SamplingParams.from_request({}, self.defaults)
+        first = [0] * min(WARM_UP_TOKENS, max(1, model.max_seq // 4))
+        # A prompt from position 0 (dequantize + cuBLAS, causal attention) and its first
+        # decode step; then one extending it: the prefill after a reused prefix (masked
+        # attention, the few-row matvec).
+        for prompt in (first, [*first, 0, 0, 0]):
+            for _ in islice(self.tokens(prompt, params, Event()), 2):
+                pass
+        if isinstance(self.decode, GraphDecoder):
+            starts = bucket_starts(model.max_seq, self.decode.min_kv_len)
+            token = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+            for done, pos in enumerate(starts, 1):
+                self.decode(token, pos)  # the first step at a new KV length captures its graph
+                if progress is not None:
+                    progress(done / len(starts))
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        self.prompt_cache.clear()
+        if progress is not None:
+            progress(1.0)
 
     @property
     def context_length(self) -> int:
@@ -159,6 +216,11 @@ class LoadedModel:
     def memory_bytes(self) -> int:
         """Weights + KV cache on the device, for ``/models`` vram_used_mb."""
         return self.model.nbytes
+
+    @property
+    def prompt_cache_bytes(self) -> int:
+        """Host memory the prompt cache's snapshots hold, for ``/models`` prompt_cache_mb."""
+        return self.prompt_cache.snapshot_bytes
 
     # -- prompts ----------------------------------------------------------------------------
 
@@ -190,19 +252,21 @@ class LoadedModel:
     ) -> Iterator[int]:
         """Sampled token ids, one forward pass each, until cancelled: callers stop it at
         EOS, a stop string or their budget, and the last token is never fed back. ``prompt``
-        must fit the KV cache with room for the tokens taken. A ``constraint`` (JSON mode)
-        picks among the tokens it allows and is advanced by each one taken."""
-        model, device = self.model, self.model.device
+        must fit the KV cache with room for the tokens taken; the part of it the cache
+        already holds is not computed again. A ``constraint`` (JSON mode) picks among the
+        tokens it allows and is advanced by each one taken."""
+        model, device, cache = self.model, self.model.device, self.prompt_cache
         sampler = Sampler(params, model.vocab_size, device, prompt=prompt)
         known = self.tokenizer.vocab_size  # a model's vocab is often padded past the tokenizer's
         logits = None
-        for start in range(0, len(prompt), PREFILL_CHUNK):
+        for start in range(cache.begin(prompt), len(prompt), PREFILL_CHUNK):
             if cancel.is_set():
                 return
             chunk = prompt[start : start + PREFILL_CHUNK]
             tokens = torch.tensor([chunk], dtype=torch.long, device=device)
             positions = torch.arange(start, start + len(chunk), device=device)
             logits = model.forward(tokens, positions, last_only=True)
+            cache.extend(chunk)
         assert logits is not None
         pos = len(prompt)
         generated: list[int] = []
@@ -222,6 +286,7 @@ class LoadedModel:
                 logits = self.decode(tokens, pos)
             else:
                 logits = model.forward(tokens, torch.tensor([pos], device=device), last_only=True)
+            cache.extend((token,))
             pos += 1
 
     def _texts(
@@ -306,7 +371,7 @@ class LoadedModel:
         if finish == "stop" and parser.tool_calls:
             finish = "tool_calls"
         yield chunks.chat({}, finish, outcome.stop_sequence)
-        yield chunks.usage(len(prompt), outcome.completion_tokens)
+        yield chunks.usage(len(prompt), outcome.completion_tokens, self.prompt_cache.reused)
 
     def stream_completion(self, request: dict[str, Any], cancel: Event) -> Iterator[dict[str, Any]]:
         """``text_completion`` chunks for a legacy completions request (raw prompt, no
@@ -322,7 +387,7 @@ class LoadedModel:
         if outcome.cancelled:
             return
         yield chunks.text("", outcome.finish_reason, outcome.stop_sequence)
-        yield chunks.usage(len(prompt), outcome.completion_tokens)
+        yield chunks.usage(len(prompt), outcome.completion_tokens, self.prompt_cache.reused)
 
 
 class _Chunks:
@@ -353,7 +418,8 @@ class _Chunks:
         choice = self._finish({"index": 0, "text": text, "logprobs": None}, finish, stop)
         return {**self.base, "choices": [choice]}
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached: int) -> dict[str, Any]:
+        """OpenAI's usage; ``cached`` prompt tokens came from the prompt cache."""
         return {
             **self.base,
             "choices": [],
@@ -361,5 +427,14 @@ class _Chunks:
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached},
             },
         }
+
+
+def _share(progress: Progress | None, low: float, high: float) -> Progress | None:
+    """``progress`` for one stage of a load, reporting its 0..1 as ``low..high``."""
+    if progress is None or (low, high) == (0.0, 1.0):
+        return progress
+    report = progress
+    return lambda fraction: report(low + (high - low) * fraction)

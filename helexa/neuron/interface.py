@@ -65,6 +65,7 @@ class ModelState(BaseModel):
     status: ModelStatus
     devices: list[int] = Field(default_factory=list)
     vram_used_mb: int = 0
+    prompt_cache_mb: int = 0  # host memory its prompt snapshots hold now
     context_length: int | None = None
     progress: float | None = None  # 0..1 while loading
     error: str | None = None  # why, when status == "failed"

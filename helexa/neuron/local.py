@@ -65,6 +65,7 @@ class _Entry:
             status=self.status,
             devices=[] if device is None else [device.index or 0],
             vram_used_mb=loaded.memory_bytes // MB if loaded else 0,
+            prompt_cache_mb=loaded.prompt_cache_bytes // MB if loaded else 0,
             context_length=loaded.context_length if loaded else None,
             progress=self.progress if self.status == "loading" else None,
             error=self.error,
@@ -204,12 +205,13 @@ class LocalNeuron:
         profile = self.settings.profile(entry.model_id)
         context = request.context_length or (profile.context_length if profile else None)
         sampling = profile.sampling.model_dump(exclude_none=True) if profile else {}
+        cache_mb = self.settings.local.prompt_cache_mb
         entry.status, entry.error, entry.progress = "loading", None, 0.0
         try:
             device = await self._place(path, request, context)
             entry.device = device
             entry.loaded = await self._worker(device).submit(
-                _load, path, device, context, sampling, entry.model_id, entry.report
+                _load, path, device, context, sampling, entry.model_id, cache_mb, entry.report
             )
         except Exception as exc:
             failed_on, entry.device = entry.device, None
@@ -302,8 +304,16 @@ def _load(
     context: int | None,
     sampling: dict[str, Any],
     name: str,
+    prompt_cache_mb: int | None,
     progress: Progress,
 ) -> LoadedModel:
     return LoadedModel.load(
-        path, device, None, context, sampling_defaults=sampling, name=name, progress=progress
+        path,
+        device,
+        None,
+        context,
+        sampling_defaults=sampling,
+        name=name,
+        progress=progress,
+        prompt_cache_mb=prompt_cache_mb,
     )

@@ -107,6 +107,7 @@ def test_content_stream_shape_and_usage(tokenizer: Tokenizer) -> None:
         "prompt_tokens": prompt,
         "completion_tokens": len(script),
         "total_tokens": prompt + len(script),
+        "prompt_tokens_details": {"cached_tokens": 0},  # a fresh model has nothing cached
     }
     # Prefill, then one forward per token except the last (EOS is never fed back).
     assert model.model.calls[0] == list(range(prompt))

@@ -266,3 +266,25 @@ async def test_pulled_models_are_listed_once_beside_the_catalogue(tmp_path: Path
         assert states == {"Qwen/Q-GGUF": "unloaded", "Qwen/Q-GGUF:Q4_K_M": "unloaded"}
     finally:
         await n.close()
+
+
+async def test_the_prompt_cache_setting_reaches_the_model_and_models_reports_its_use(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    budgets: list[int] = []
+    real_load = LoadedModel.load
+
+    def recording_load(*args: Any, **kw: Any) -> LoadedModel:
+        loaded = real_load(*args, **kw)
+        budgets.append(loaded.prompt_cache.budget_bytes)
+        loaded.prompt_cache.snapshot_bytes = 3 << 20  # as if three MiB of snapshots were kept
+        return loaded
+
+    monkeypatch.setattr(LoadedModel, "load", recording_load)
+    n = LocalNeuron(Settings.model_validate({"local": {"prompt_cache_mb": 2}}))
+    try:
+        state = await n.load(LoadRequest(model_id=str(model_dir)))
+        assert budgets == [2 << 20]
+        assert state.prompt_cache_mb == 3
+    finally:
+        await n.close()

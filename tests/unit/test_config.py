@@ -124,6 +124,17 @@ def test_an_env_override_error_names_the_variable(tmp_path: Path) -> None:
     assert info.value.file == str(cfg)
 
 
+def test_prompt_cache_mb_defaults_to_the_device_and_is_never_negative(tmp_path: Path) -> None:
+    cfg = tmp_path / "helexa.toml"
+    cfg.write_text("[local]\n")
+    assert load_settings(cfg, environ={}).local.prompt_cache_mb is None  # the engine's default
+    sized = load_settings(cfg, environ={"HELEXA_LOCAL__PROMPT_CACHE_MB": "512"})
+    assert sized.local.prompt_cache_mb == 512
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={"HELEXA_LOCAL__PROMPT_CACHE_MB": "-1"})
+    assert info.value.key == "local.prompt_cache_mb"
+
+
 def test_a_profile_comes_from_a_source_or_a_path(tmp_path: Path) -> None:
     models = tmp_path / "models.toml"
     models.write_text('[[models]]\nid = "mine"\npath = "/models/mine.gguf"\n')

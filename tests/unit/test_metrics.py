@@ -53,7 +53,8 @@ async def test_request_timer_records_ttft_rate_usage_and_status(aiohttp_client: 
     clock.now += 1.0
     timer.first_token()  # only the first counts
     clock.now += 1.0
-    timer.finish({"prompt_tokens": 12, "completion_tokens": 21, "total_tokens": 33})
+    usage = {"prompt_tokens": 12, "completion_tokens": 21, "total_tokens": 33}
+    timer.finish({**usage, "prompt_tokens_details": {"cached_tokens": 8}})
     timer.error(500, "late")  # after finish: ignored
 
     samples = await scrape(await aiohttp_client(make_metrics_app(metrics)))
@@ -66,6 +67,7 @@ async def test_request_timer_records_ttft_rate_usage_and_status(aiohttp_client: 
     # 20 tokens after the first, over the 2 s after the first token.
     assert samples[key("helexa_output_tokens_per_second_sum", **per_model)] == 10.0
     assert samples[key("helexa_prompt_tokens_total", **per_model)] == 12
+    assert samples[key("helexa_prompt_cached_tokens_total", **per_model)] == 8  # of the 12
     assert samples[key("helexa_completion_tokens_total", **per_model)] == 21
 
 

@@ -38,6 +38,16 @@ def kv_bucket(pos: int, max_seq: int, minimum: int = MIN_KV_LEN) -> int:
     return min(max(minimum, 1 << pos.bit_length()), max_seq)
 
 
+def bucket_starts(max_seq: int, minimum: int = MIN_KV_LEN) -> list[int]:
+    """The first position of each kv_len bucket: a decode step at each one captures every
+    graph a cache of ``max_seq`` positions will need."""
+    starts, pos = [], 0
+    while pos < max_seq:
+        starts.append(pos)
+        pos = kv_bucket(pos, max_seq, minimum)
+    return starts
+
+
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
 ) -> torch.Tensor:
@@ -128,7 +138,8 @@ class GraphDecoder:
     """``decoder(tokens [B, 1], pos) -> logits [B, 1, vocab]`` for the token at ``pos``.
 
     On CUDA each (B, kv_len) is captured on first use (after one eager warm-up step, which
-    also compiles/tunes the Triton kernels) and replayed after; elsewhere it runs
+    also compiles/tunes the Triton kernels) and replayed after (LoadedModel.warm_up makes
+    that first use happen at load, see :func:`bucket_starts`); elsewhere it runs
     :func:`decode_step` eagerly. Re-allocating the cache (``setup_cache``) drops the graphs.
     ``reduce`` is decode_step's, for a tensor-parallel shard: NCCL collectives are captured
     into the graph with the rest (the warm-up step has set the communicator up by then).

@@ -359,9 +359,13 @@ class Qwen3:
     def weight_bytes(self) -> int:
         return sum(w.nbytes for w in self.weights())
 
+    def kv_caches(self) -> list[KVCache]:
+        """Each layer's KV cache (empty before setup_cache)."""
+        return [blk.attn.cache for blk in self.layers if blk.attn.cache is not None]
+
     @property
     def cache_bytes(self) -> int:
-        return sum(blk.attn.cache.nbytes for blk in self.layers if blk.attn.cache is not None)
+        return sum(cache.nbytes for cache in self.kv_caches())
 
     @property
     def nbytes(self) -> int:

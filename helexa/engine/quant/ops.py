@@ -7,11 +7,17 @@ time and never kept dense, so a quantized model costs about its file size in mem
 kernels are imported on first use, so this module imports on machines without Triton: a
 failed import means "use torch". The model code calls these, so the kernels slot in
 without changing callers.
+
+Triton compiles each kernel variant on its first launch and the matvec autotunes per
+shape: seconds per model that a restart would pay again. Both are kept on disk, under
+helexa's cache dir (``<user cache>/helexa/triton``) unless ``TRITON_CACHE_DIR`` says
+where, so a warm restart loads them instead.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -31,10 +37,22 @@ _kernels: ModuleType | None = None
 _available = importlib.util.find_spec("triton") is not None
 
 
+def triton_cache_dir() -> str:
+    """Where Triton keeps compiled kernels and autotune results: ``TRITON_CACHE_DIR`` as
+    the user set it, else helexa's cache dir, set for Triton (it reads the variable when
+    it compiles, so setting it before the first compile is enough)."""
+    if not os.environ.get("TRITON_CACHE_DIR"):
+        from helexa.config import cache_dir
+
+        os.environ["TRITON_CACHE_DIR"] = str(cache_dir() / "triton")
+    return os.environ["TRITON_CACHE_DIR"]
+
+
 def kernels() -> ModuleType | None:
     """helexa.engine.quant.triton_kernels, or None where Triton cannot be imported."""
     global _kernels, _available
     if _kernels is None and _available:
+        triton_cache_dir()
         try:
             from helexa.engine.quant import triton_kernels
         except ImportError:

@@ -17,6 +17,7 @@ documented in :mod:`helexa.engine.quant.formats`; the arithmetic mirrors referen
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -284,7 +285,12 @@ _MATVEC_CONFIGS = [
 ]
 # Without autotuning (interpreter, tests): the config the first kernels were tested with.
 FIXED_CONFIG = {"BLOCK_N": 2, "U": 8, "DEFER": False, "num_warps": 4}
-_matvec_tuned = triton.autotune(_MATVEC_CONFIGS, key=["N", "N_UNITS", "QTYPE"])(_matvec_kernel)
+# Tuning results kept on disk beside the compiled kernels (see quant/ops.py), where this
+# Triton has ``cache_results`` (recent ones do): the choice per shape survives a restart.
+_TUNING: dict[str, Any] = {"key": ["N", "N_UNITS", "QTYPE"]}
+if "cache_results" in inspect.signature(triton.autotune).parameters:
+    _TUNING["cache_results"] = True
+_matvec_tuned = triton.autotune(_MATVEC_CONFIGS, **_TUNING)(_matvec_kernel)
 
 
 def _unit(qtype: Q, k: int) -> tuple[int, int, int]:

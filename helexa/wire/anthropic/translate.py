@@ -3,7 +3,11 @@
 Decisions worth knowing:
 
 - Anthropic's ``input_tokens`` excludes cache reads while OpenAI's ``prompt_tokens``
-  includes them, so ``input_tokens = prompt_tokens - cached_tokens``.
+  includes them, so ``input_tokens = prompt_tokens - cached_tokens``; a prompt cache
+  fills itself as it goes, so nothing counts as ``cache_creation_input_tokens``.
+- Claude Code starts its first system block with an ``x-anthropic-billing-header: ...``
+  line that changes every request; left in, it would be the prompt's first tokens and no
+  request would share a prefix with the one before, so that line is dropped.
 - Tool arguments the model produced that are not a JSON object cannot be a ``tool_use``
   ``input``; they arrive as ``{"_raw_arguments": "<what the model wrote>"}`` so the client
   (and the model, via the tool error) sees the real output instead of a silent ``{}``.
@@ -70,15 +74,25 @@ def parse_tool_arguments(arguments: str | None) -> dict[str, Any]:
 # -- Anthropic -> OpenAI -------------------------------------------------------------------
 
 
+BILLING_HEADER = "x-anthropic-billing-header:"
+
+
+def system_text(system: str | list[TextBlock]) -> str:
+    """The system prompt as one text, without Claude Code's per-request billing line
+    (see the module notes): only that line, only at the start of the first text."""
+    texts = [system] if isinstance(system, str) else [b.text for b in system]
+    if texts and texts[0].startswith(BILLING_HEADER):
+        texts[0] = texts[0].partition("\n")[2]
+        if not texts[0].strip():
+            texts.pop(0)
+    return PARAGRAPH.join(texts)
+
+
 def anthropic_to_openai(req: MessagesRequest | CountTokensRequest) -> dict[str, Any]:
     """The OpenAI chat request for an Anthropic Messages (or count_tokens) request."""
     messages: list[dict[str, Any]] = []
-    if req.system:
-        system = (
-            req.system
-            if isinstance(req.system, str)
-            else PARAGRAPH.join(b.text for b in req.system)
-        )
+    system = system_text(req.system) if req.system else ""
+    if system:
         messages.append({"role": "system", "content": system})
     tool_use_ids: set[str] = set()  # ids of the latest assistant turn's tool_use blocks
     for i, message in enumerate(req.messages):
@@ -233,6 +247,7 @@ def anthropic_usage(usage: dict[str, Any] | None) -> dict[str, int]:
     }
     if cached is not None:
         out["cache_read_input_tokens"] = int(cached)
+        out["cache_creation_input_tokens"] = 0
     return out
 
 

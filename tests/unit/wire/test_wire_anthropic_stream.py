@@ -127,6 +127,7 @@ def test_anthropic_cached_usage_is_split_out() -> None:
         "input_tokens": 10,
         "output_tokens": 12,
         "cache_read_input_tokens": 20,
+        "cache_creation_input_tokens": 0,  # the prompt cache fills itself: nothing is "written"
     }
 
 

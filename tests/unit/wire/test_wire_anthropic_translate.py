@@ -237,6 +237,45 @@ def test_misplaced_blocks_are_client_errors(
 # -- OpenAI -> Anthropic -------------------------------------------------------------------
 
 
+BILLING = "x-anthropic-billing-header: cc_version=2.1.37.0d9; cc_entrypoint=cli; cch=fa690;"
+
+
+@pytest.mark.parametrize(
+    ("system", "expected"),
+    [
+        # Claude Code's shape: the header is a block of its own, first
+        (
+            [{"type": "text", "text": BILLING}, {"type": "text", "text": "You are Claude Code."}],
+            "You are Claude Code.",
+        ),
+        # the same line at the start of a longer first block, or of a plain string
+        ([{"type": "text", "text": f"{BILLING}\nYou are Claude Code."}], "You are Claude Code."),
+        (f"{BILLING}\nBe brief.\nReally.", "Be brief.\nReally."),
+        # anywhere else it is the user's text, left alone
+        (
+            [{"type": "text", "text": "Be brief."}, {"type": "text", "text": BILLING}],
+            f"Be brief.\n\n{BILLING}",
+        ),
+        (f"Be brief.\n{BILLING}", f"Be brief.\n{BILLING}"),
+    ],
+)
+def test_claude_code_billing_line_is_dropped_from_the_system_prompt(
+    system: Any, expected: str
+) -> None:
+    """Its cch= changes every request: left in, no prompt would share a prefix."""
+    assert anthropic(system=system)["messages"][0] == {"role": "system", "content": expected}
+
+
+def test_a_system_prompt_of_only_the_billing_line_is_no_system_prompt() -> None:
+    assert anthropic(system=[{"type": "text", "text": BILLING}])["messages"] == [
+        {"role": "user", "content": "hi"}
+    ]
+    counted = parse_count_tokens_request(
+        {"model": "m", "system": BILLING, "messages": [user("hi")]}
+    )
+    assert anthropic_to_openai(counted)["messages"] == [{"role": "user", "content": "hi"}]
+
+
 def test_completion_becomes_a_valid_anthropic_message() -> None:
     done = completion(
         content="It is sunny.",
@@ -264,6 +303,7 @@ def test_completion_becomes_a_valid_anthropic_message() -> None:
     # Anthropic counts cache reads apart from input_tokens; OpenAI counts them inside.
     assert message.usage.input_tokens == 40
     assert message.usage.cache_read_input_tokens == 60
+    assert message.usage.cache_creation_input_tokens == 0
     assert message.usage.output_tokens == 9
 
 
