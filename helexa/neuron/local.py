@@ -30,7 +30,7 @@ from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.engine.checkpoint.types import Progress
 from helexa.engine.generate import LoadedModel
 from helexa.engine.request import RequestError
-from helexa.engine.worker import DeviceWorker
+from helexa.engine.worker import DeviceWorker, StreamStalled
 from helexa.neuron import preflight
 from helexa.neuron.discovery import discover, read_health
 from helexa.neuron.interface import (
@@ -255,13 +255,21 @@ class LocalNeuron:
         pick: Callable[[LoadedModel], Callable[[dict[str, Any], Event], Iterator[dict[str, Any]]]],
     ) -> AsyncIterator[dict[str, Any]]:
         loaded, worker = self._serving(request)
+        local = self.settings.local
+        stream = worker.stream(
+            pick(loaded), request, buffer=local.stream_buffer, stall_s=local.stream_stall_s
+        )
         try:
-            async with aclosing(worker.stream(pick(loaded), request)) as chunks:
+            async with aclosing(stream) as chunks:
                 async for chunk in chunks:
                     yield chunk
         except RequestError as exc:
             raise NeuronError(
                 exc.message, status=400, type="invalid_request_error", code=exc.code
+            ) from exc
+        except StreamStalled as exc:
+            raise NeuronError(
+                str(exc), status=408, type="timeout_error", code="stream_stalled"
             ) from exc
         except NeuronError:
             raise
