@@ -18,12 +18,27 @@ from helexa.engine.text.chat_template import render_chat
 
 
 class RequestError(ValueError):
-    """A request this model cannot serve as asked; the client's mistake, reported as 400."""
+    """A request this model cannot serve as asked; the client's mistake, reported as 400.
 
-    def __init__(self, message: str, code: str = "invalid_request") -> None:
+    ``extra`` holds structured fields a client may act on (a context overflow's
+    ``prompt_tokens`` and ``max_context``: each dialect words that error its own way)."""
+
+    def __init__(
+        self, message: str, code: str = "invalid_request", extra: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.extra: dict[str, Any] = dict(extra or {})
+
+
+def context_error(context: int, prompt_tokens: int, message: str) -> RequestError:
+    """A context overflow, with the numbers as fields as well as in OpenAI's words."""
+    return RequestError(
+        message,
+        code="context_length_exceeded",
+        extra={"prompt_tokens": prompt_tokens, "max_context": context},
+    )
 
 
 def thinking_requested(request: dict[str, Any]) -> bool:
@@ -221,11 +236,12 @@ def sampling_and_budget(
         # is a ceiling, not an error, so Claude Code's large max_tokens fit a 32k model.
         wanted = min(wanted, room)
     if room < 1 or wanted > room:
-        raise RequestError(
+        raise context_error(
+            context,
+            prompt_tokens,
             f"This model's maximum context length is {context} tokens. However, you "
             f"requested {prompt_tokens + max(wanted, 1)} tokens ({prompt_tokens} in the "
             f"prompt, {max(wanted, 1)} for the completion). Please reduce the length of "
             "the prompt or max_tokens.",
-            code="context_length_exceeded",
         )
     return params, wanted

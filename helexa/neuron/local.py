@@ -99,6 +99,14 @@ def _load_error(model_id: str, exc: Exception) -> NeuronError:
     )
 
 
+def _refused(exc: RequestError) -> NeuronError:
+    """The engine's refusal of a request as the neuron API's 400, its structured fields
+    (a context overflow's token counts) riding along as error extras."""
+    return NeuronError(
+        exc.message, status=400, type="invalid_request_error", code=exc.code, extra=exc.extra
+    )
+
+
 def _ref(model_id: str, settings: Settings) -> ModelRef | None:
     """What ``model_id`` names on disk, to tell two spellings of one model apart."""
     try:
@@ -288,9 +296,7 @@ class LocalNeuron:
                 async for chunk in chunks:
                     yield chunk
         except RequestError as exc:
-            raise NeuronError(
-                exc.message, status=400, type="invalid_request_error", code=exc.code
-            ) from exc
+            raise _refused(exc) from exc
         except StreamStalled as exc:
             raise NeuronError(
                 str(exc), status=408, type="timeout_error", code="stream_stalled"
@@ -316,9 +322,7 @@ class LocalNeuron:
         try:  # tokenizing needs no device: do not queue behind a running generation
             return await asyncio.to_thread(loaded.count_tokens, request)
         except RequestError as exc:
-            raise NeuronError(
-                exc.message, status=400, type="invalid_request_error", code=exc.code
-            ) from exc
+            raise _refused(exc) from exc
 
     async def close(self) -> None:
         for model_id in [m for m, e in self._entries.items() if e.loaded is not None]:

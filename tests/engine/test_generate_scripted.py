@@ -186,6 +186,8 @@ def test_context_overflow_is_a_clear_request_error(tokenizer: Tokenizer) -> None
     with pytest.raises(RequestError, match="maximum context length is 40") as err:
         chat(model, max_tokens=500)
     assert err.value.code == "context_length_exceeded"
+    prompt = model.count_tokens({"messages": [{"role": "user", "content": "hi"}]})
+    assert err.value.extra == {"prompt_tokens": prompt, "max_context": 40}  # for each dialect
     assert model.model.calls == []  # refused before any forward pass
 
 
