@@ -23,7 +23,13 @@ import torch
 
 from helexa.engine.checkpoint.types import Progress
 from helexa.engine.json_mode import JsonConstraint
-from helexa.engine.request import ChatPrompt, chat_prompt, completion_prompt, sampling_and_budget
+from helexa.engine.request import (
+    ChatPrompt,
+    chat_prompt,
+    completion_prompt,
+    prompt_tokens,
+    sampling_and_budget,
+)
 from helexa.engine.sampling import Sampler, SamplingParams
 from helexa.engine.text.chat_template import QWEN3_TEMPLATE
 from helexa.engine.text.parsers import OutputParser
@@ -267,7 +273,7 @@ class LoadedModel:
         """``chat.completion.chunk`` dicts: the role, content/reasoning/tool-call deltas, a
         finish chunk, then a usage chunk. Nothing more once ``cancel`` is set."""
         chat = self.prepare(request)
-        prompt = self.tokenizer.encode(chat.text)
+        prompt = prompt_tokens(chat.text, self.tokenizer.encode, self.context_length)
         params, max_tokens = sampling_and_budget(
             request, self.defaults, self.context_length, len(prompt)
         )
@@ -311,7 +317,9 @@ class LoadedModel:
     def stream_completion(self, request: dict[str, Any], cancel: Event) -> Iterator[dict[str, Any]]:
         """``text_completion`` chunks for a legacy completions request (raw prompt, no
         template, no parsing), then a usage chunk."""
-        prompt = completion_prompt(request, self.tokenizer.encode)
+        prompt = completion_prompt(
+            request, lambda text: prompt_tokens(text, self.tokenizer.encode, self.context_length)
+        )
         params, max_tokens = sampling_and_budget(
             request, self.defaults, self.context_length, len(prompt)
         )

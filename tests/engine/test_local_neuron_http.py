@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from helexa.config import LocalSettings, Settings
+from helexa.engine.text.tokenizer import Tokenizer
 from helexa.neuron.interface import LoadRequest, NeuronError
 from helexa.neuron.local import LocalNeuron
 from helexa.neuron.remote import RemoteNeuron
@@ -120,6 +121,28 @@ async def test_errors_reach_the_sdk_with_status_and_code(loaded: Any, tmp_path: 
     with pytest.raises(openai.ConflictError) as conflict:
         await client.chat.completions.create(model="not-loaded", messages=MESSAGES)
     assert conflict.value.code == "model_not_loaded"
+
+
+async def test_a_prompt_far_past_the_context_is_refused_before_it_is_all_tokenized(
+    loaded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, url, model_id, _ = loaded
+    encoded: list[int] = []  # the length of each text the tokenizer was given
+    real_encode = Tokenizer.encode
+
+    def encode(self: Tokenizer, text: str) -> list[int]:
+        encoded.append(len(text))
+        return real_encode(self, text)
+
+    monkeypatch.setattr(Tokenizer, "encode", encode)
+    prompt = "The quick brown fox jumps over the lazy dog.\n" * 50_000  # 2.2 MB, 96-token window
+    body = {"model": model_id, "messages": [{"role": "user", "content": prompt}], "stream": True}
+    refused = await fetch("POST", f"{url}/v1/chat/completions", json_body=body)
+    assert refused.status == 400
+    error = refused.json()["error"]
+    assert (error["code"], error["max_context"]) == ("context_length_exceeded", 96)
+    assert error["prompt_tokens"] >= 96
+    assert sum(encoded) < len(prompt) / 10  # refused after a small part of it
 
 
 async def test_client_hang_up_cancels_generation(
