@@ -293,7 +293,9 @@ class LoadedModel:
         chunks = _Chunks("chat.completion.chunk", "chatcmpl", request.get("model") or self.name)
         outcome = _Outcome()
 
-        yield chunks.chat({"role": "assistant", "content": ""})
+        # ``x_helexa`` is helexa's own field (the gateway strips it from OpenAI streams): the
+        # prompt's size is known before the first token, and Anthropic's message_start says it.
+        yield {**chunks.chat({"role": "assistant", "content": ""}), **_prompt_size(len(prompt))}
         for delta in parser.feed(chat.forced):  # a forced call start: held until it closes
             yield chunks.chat(delta)
         texts_of = self._texts(prompt, params, max_tokens, cancel, outcome, constraint)
@@ -331,6 +333,10 @@ class LoadedModel:
             return
         yield chunks.text("", outcome.finish_reason, outcome.stop_sequence)
         yield chunks.usage(len(prompt), outcome.completion_tokens)
+
+
+def _prompt_size(prompt_tokens: int) -> dict[str, Any]:
+    return {"x_helexa": {"prompt_tokens": prompt_tokens}}
 
 
 class _Chunks:

@@ -14,10 +14,11 @@ import pytest
 from helexa.config import ModelProfile, Settings
 from helexa.neuron.local import LocalNeuron
 from tests.engine.factories import make_tiny_model_dir
-from tests.support.servers import Gateway, gateway_over
+from tests.support.servers import Gateway, fetch, gateway_over
 
 CONTEXT = 64
 TOO_LONG = [{"role": "user", "content": "hello " * 100}]  # well past 64 tokens
+HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +66,18 @@ async def test_a_prompt_past_the_context_is_worded_as_each_api_words_it(
             await client.chat.completions.create(model="tiny", messages=TOO_LONG, max_tokens=16)
     assert err.value.code == "context_length_exceeded"
     assert f"This model's maximum context length is {CONTEXT} tokens" in err.value.message
+
+
+async def test_message_start_reports_the_prompt_size(claude: anthropic.AsyncAnthropic) -> None:
+    async with claude.messages.stream(model="tiny", max_tokens=4, messages=HI) as stream:
+        starts = [e async for e in stream if e.type == "message_start"]
+        final = await stream.get_final_message()
+    assert [e.message.usage.input_tokens for e in starts] == [final.usage.input_tokens]
+    assert final.usage.input_tokens > 0
+
+
+async def test_openai_clients_never_see_helexas_own_field(gateway: Gateway) -> None:
+    body = {"model": "tiny", "messages": HI, "max_tokens": 4, "stream": True}
+    streamed = await fetch("POST", f"{gateway.url}/v1/chat/completions", json_body=body)
+    assert streamed.status == 200 and b'"role":"assistant"' in streamed.body.replace(b" ", b"")
+    assert b"x_helexa" not in streamed.body
