@@ -173,6 +173,14 @@ class LocalSettings(_Strict):
     # for the device (4096 on a GPU, 0 on a CPU). The last conversation stays on the
     # device and is reused whatever this says.
     prompt_cache_mb: int | None = Field(default=None, ge=0)
+    # Directories whose files a load request may name by path; the catalogue's own paths
+    # are always loadable. Empty: no other path is (the neuron API must not open any file).
+    model_dirs: list[str] = Field(default_factory=list)
+    # A device serves one stream at a time: chunks a stream may hold for a reader that is
+    # behind, and how long the device waits with them all unread before it cancels that
+    # stream and serves the next (a client that stopped reading must not freeze the rest).
+    stream_buffer: int = Field(default=256, ge=1)
+    stream_stall_s: float = Field(default=10.0, gt=0)
 
 
 class NeuronServerSettings(_Strict):
@@ -431,6 +439,7 @@ def load_settings(
     settings.models = [
         _anchored(p, cfg_file.parent, (str(cfg_file), i + 1)) for i, p in enumerate(settings.models)
     ]
+    settings.local.model_dirs = [_anchor(d, cfg_file.parent) for d in settings.local.model_dirs]
 
     if explicit_models or models_file.exists():
         table = read_toml(models_file)
@@ -450,13 +459,18 @@ def load_settings(
     return settings
 
 
+def _anchor(path: str, directory: Path) -> str:
+    """A relative path means relative to the file that names it, not to wherever helexa
+    was started from."""
+    resolved = Path(path).expanduser()
+    return str(resolved if resolved.is_absolute() else directory / resolved)
+
+
 def _anchored(profile: ModelProfile, directory: Path, declared: tuple[str, int]) -> ModelProfile:
-    """A relative ``path`` means relative to the file that names it, not to wherever
-    helexa was started from."""
+    """A profile whose ``path`` is anchored (:func:`_anchor`) and which knows where it was
+    declared."""
     if profile.path is not None:
-        path = Path(profile.path).expanduser()
-        path = path if path.is_absolute() else directory / path
-        profile = profile.model_copy(update={"path": str(path)})
+        profile = profile.model_copy(update={"path": _anchor(profile.path, directory)})
     profile._declared = declared
     return profile
 

@@ -26,7 +26,13 @@ import torch
 from helexa.engine.checkpoint.types import Progress
 from helexa.engine.json_mode import JsonConstraint
 from helexa.engine.prefix_cache import PrefixCache
-from helexa.engine.request import ChatPrompt, chat_prompt, completion_prompt, sampling_and_budget
+from helexa.engine.request import (
+    ChatPrompt,
+    chat_prompt,
+    completion_prompt,
+    prompt_tokens,
+    sampling_and_budget,
+)
 from helexa.engine.sampling import Sampler, SamplingParams
 from helexa.engine.text.chat_template import QWEN3_TEMPLATE
 from helexa.engine.text.parsers import OutputParser
@@ -332,7 +338,7 @@ class LoadedModel:
         """``chat.completion.chunk`` dicts: the role, content/reasoning/tool-call deltas, a
         finish chunk, then a usage chunk. Nothing more once ``cancel`` is set."""
         chat = self.prepare(request)
-        prompt = self.tokenizer.encode(chat.text)
+        prompt = prompt_tokens(chat.text, self.tokenizer.encode, self.context_length)
         params, max_tokens = sampling_and_budget(
             request, self.defaults, self.context_length, len(prompt)
         )
@@ -352,7 +358,9 @@ class LoadedModel:
         chunks = _Chunks("chat.completion.chunk", "chatcmpl", request.get("model") or self.name)
         outcome = _Outcome()
 
-        yield chunks.chat({"role": "assistant", "content": ""})
+        # ``x_helexa`` is helexa's own field (the gateway strips it from OpenAI streams): the
+        # prompt's size is known before the first token, and Anthropic's message_start says it.
+        yield {**chunks.chat({"role": "assistant", "content": ""}), **_prompt_size(len(prompt))}
         for delta in parser.feed(chat.forced):  # a forced call start: held until it closes
             yield chunks.chat(delta)
         texts_of = self._texts(prompt, params, max_tokens, cancel, outcome, constraint)
@@ -376,7 +384,11 @@ class LoadedModel:
     def stream_completion(self, request: dict[str, Any], cancel: Event) -> Iterator[dict[str, Any]]:
         """``text_completion`` chunks for a legacy completions request (raw prompt, no
         template, no parsing), then a usage chunk."""
-        prompt = completion_prompt(request, self.tokenizer.encode, self.model.vocab_size)
+        prompt = completion_prompt(
+            request,
+            lambda text: prompt_tokens(text, self.tokenizer.encode, self.context_length),
+            self.model.vocab_size,
+        )
         params, max_tokens = sampling_and_budget(
             request, self.defaults, self.context_length, len(prompt)
         )
@@ -388,6 +400,10 @@ class LoadedModel:
             return
         yield chunks.text("", outcome.finish_reason, outcome.stop_sequence)
         yield chunks.usage(len(prompt), outcome.completion_tokens, self.prompt_cache.reused)
+
+
+def _prompt_size(prompt_tokens: int) -> dict[str, Any]:
+    return {"x_helexa": {"prompt_tokens": prompt_tokens}}
 
 
 class _Chunks:

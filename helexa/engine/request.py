@@ -19,12 +19,75 @@ from helexa.engine.text.parsers import ToolSyntax
 
 
 class RequestError(ValueError):
-    """A request this model cannot serve as asked; the client's mistake, reported as 400."""
+    """A request this model cannot serve as asked; the client's mistake, reported as 400.
 
-    def __init__(self, message: str, code: str = "invalid_request") -> None:
+    ``extra`` holds structured fields a client may act on (a context overflow's
+    ``prompt_tokens`` and ``max_context``: each dialect words that error its own way)."""
+
+    def __init__(
+        self, message: str, code: str = "invalid_request", extra: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.extra: dict[str, Any] = dict(extra or {})
+
+
+# A long prompt is tokenized this many characters at a time, so one far past the context
+# is refused once the pieces tokenized so far already fill it, not after all of it.
+PROMPT_PIECE_CHARS = 1 << 16
+# Below this many characters per context token a prompt is tokenized in one go: it is
+# likely to fit, and one pass is cheaper than pieces and then the whole.
+DENSE_CHARS_PER_TOKEN = 4
+# Tokens a cut may cost the count: text either side of a cut can tokenize differently than
+# across it (a word or a special token split), by a few tokens at most.
+CUT_MARGIN_TOKENS = 16
+
+
+def context_error(context: int, prompt_tokens: int, message: str) -> RequestError:
+    """A context overflow, with the numbers as fields as well as in OpenAI's words."""
+    return RequestError(
+        message,
+        code="context_length_exceeded",
+        extra={"prompt_tokens": prompt_tokens, "max_context": context},
+    )
+
+
+def _cut(text: str, start: int) -> int:
+    """Where the piece that begins at ``start`` ends: after a newline, else after a space
+    (tokens rarely span either), else wherever the piece is long enough."""
+    end = start + PROMPT_PIECE_CHARS
+    if end >= len(text):
+        return len(text)
+    floor = end - PROMPT_PIECE_CHARS // 8
+    for boundary in ("\n", " "):
+        at = text.rfind(boundary, floor, end)
+        if at >= 0:
+            return at + 1
+    return end
+
+
+def prompt_tokens(text: str, encode: Callable[[str], list[int]], context: int) -> list[int]:
+    """``encode(text)``, unless it cannot fit a ``context``-token window with room for one
+    more token: then the context-length RequestError, as soon as that is certain. A prompt
+    far longer than the window would cost a second of CPU and hundreds of MB a MiB to
+    tokenize whole, so a long one is first counted piece by piece, and refused once the
+    pieces counted so far (less a margin for each cut) already fill the window."""
+    if len(text) > max(PROMPT_PIECE_CHARS, DENSE_CHARS_PER_TOKEN * context):
+        counted, start = 0, 0
+        while start < len(text):
+            end = _cut(text, start)
+            counted += len(encode(text[start:end])) - (CUT_MARGIN_TOKENS if start else 0)
+            start = end
+            if counted >= context:
+                raise context_error(
+                    context,
+                    counted,
+                    f"This model's maximum context length is {context} tokens. However, "
+                    f"the prompt alone is at least {counted} tokens. Please reduce the "
+                    "length of the prompt.",
+                )
+    return encode(text)
 
 
 def thinking_requested(request: dict[str, Any]) -> bool:
@@ -237,11 +300,12 @@ def sampling_and_budget(
         # is a ceiling, not an error, so Claude Code's large max_tokens fit a 32k model.
         wanted = min(wanted, room)
     if room < 1 or wanted > room:
-        raise RequestError(
+        raise context_error(
+            context,
+            prompt_tokens,
             f"This model's maximum context length is {context} tokens. However, you "
             f"requested {prompt_tokens + max(wanted, 1)} tokens ({prompt_tokens} in the "
             f"prompt, {max(wanted, 1)} for the completion). Please reduce the length of "
             "the prompt or max_tokens.",
-            code="context_length_exceeded",
         )
     return params, wanted

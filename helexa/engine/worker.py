@@ -5,8 +5,11 @@ CUDA context is happiest driven from one thread. So each device gets a ``DeviceW
 a thread draining a job queue. ``submit`` runs one call and resolves an asyncio future;
 ``stream`` runs a blocking iterator (a generation) and hands its items to the loop one
 by one, with a bounded buffer so a slow client slows generation instead of piling up
-chunks. Closing the async iterator sets the generation's cancel event, which the
-generation loop checks between tokens. An exception fails only its own job.
+chunks. The device thread serves every stream in turn, so it never waits on one reader
+for long: a stream that has kept it waiting ``stall_s`` in all (its client stopped
+reading, or trickles) is cancelled and the thread goes on to the next job. Closing the async iterator sets the
+generation's cancel event, which the generation loop checks between tokens. An exception
+fails only its own job.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -33,6 +37,18 @@ def _as_exception(exc: BaseException) -> Exception:
     """Futures must not carry SystemExit/KeyboardInterrupt out of a job: the worker thread
     and the process keep running, the caller sees an ordinary error."""
     return exc if isinstance(exc, Exception) else RuntimeError(f"job aborted: {exc!r}")
+
+
+def _stalled(buffer: int, stall_s: float) -> str:
+    return (
+        f"the stream was cancelled: its reader left {buffer} chunks waiting while the "
+        f"device waited {stall_s:g} s for it"
+    )
+
+
+class StreamStalled(RuntimeError):
+    """A stream's reader kept the device waiting, its buffer full, for the stall timeout
+    in all; the generation was cancelled so the device could serve the others."""
 
 
 class DeviceWorker:
@@ -73,18 +89,39 @@ class DeviceWorker:
         return asyncio.wrap_future(result)
 
     async def stream(
-        self, gen_fn: Callable[..., Iterable[T]], *args: Any, buffer: int = 32
+        self,
+        gen_fn: Callable[..., Iterable[T]],
+        *args: Any,
+        buffer: int = 32,
+        stall_s: float | None = None,
     ) -> AsyncIterator[T]:
         """Iterate ``gen_fn(*args, cancel)`` on the device thread, yielding here.
 
         ``cancel`` (a ``threading.Event``) is appended to the arguments; it is set when
         this async iterator is closed or abandoned, and the generator should stop soon
-        after. At most ``buffer`` items wait for the consumer before the producer blocks.
+        after. At most ``buffer`` items wait for the consumer before the producer blocks;
+        once it has been blocked ``stall_s`` in all (None: no limit; a reader that trickles
+        holds the device as surely as one that stopped) it gives up: ``cancel`` is set and
+        the consumer, should it read on, gets the waiting items and then
+        :class:`StreamStalled`.
         """
         loop = asyncio.get_running_loop()
         cancel = threading.Event()
         items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         slots = threading.Semaphore(buffer)
+        patience = stall_s  # seconds the producer may still wait for a slot, in all
+
+        def slot() -> bool:
+            """Take a buffer slot, waiting within what patience is left; False: none left."""
+            nonlocal patience
+            if slots.acquire(blocking=False):
+                return True
+            if patience is None:
+                return slots.acquire()
+            began = time.monotonic()
+            taken = slots.acquire(timeout=max(patience, 0.0))
+            patience -= time.monotonic() - began
+            return taken
 
         def send(kind: str, value: Any) -> None:
             try:
@@ -99,7 +136,11 @@ class DeviceWorker:
             try:
                 iterator = iter(gen_fn(*args, cancel))
                 for item in iterator:
-                    slots.acquire()
+                    if not slot():
+                        assert stall_s is not None
+                        cancel.set()
+                        send(_ERROR, StreamStalled(_stalled(buffer, stall_s)))
+                        return
                     if cancel.is_set():
                         break
                     send(_ITEM, item)

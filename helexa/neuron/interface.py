@@ -7,7 +7,9 @@ neuron HTTP API, so a remote host runs the identical code.
 Generation speaks OpenAI as the internal lingua franca: a request is an OpenAI
 chat-completions (or legacy completions) body as a plain dict, and the stream is the
 sequence of OpenAI chunk dicts (``chat.completion.chunk`` / ``text_completion``) that
-would be sent as SSE ``data:`` payloads, the last one carrying ``usage``. Keeping the
+would be sent as SSE ``data:`` payloads, the last one carrying ``usage`` (the engine's first
+chat chunk also carries helexa's own ``x_helexa: {"prompt_tokens": N}``, which the gateway
+uses early and never shows an OpenAI client). Keeping the
 events as the wire dicts means a remote neuron's stream is forwarded without re-modelling
 each chunk, and the dialect translators in ``helexa.wire`` consume exactly one shape.
 """

@@ -4,17 +4,22 @@ cortex talks to it through the same :class:`~helexa.neuron.interface.Neuron` pro
 to a remote node, minus the HTTP hop. Each device gets one :class:`DeviceWorker` thread
 that runs every torch call for it, so the event loop never waits on a forward pass.
 
-Models it can serve: the catalogue's profiles plus anything loaded by path (an absolute
-path or a ``file:`` id); ids resolve to files on this host through neuron.sources.
+Models it can serve: the catalogue's profiles, what was pulled into the sources' caches,
+and files under ``[local] model_dirs`` loaded by path (an absolute path or a ``file:``
+id); ids resolve to files on this host through neuron.sources. No other path is opened:
+the neuron API is a client's, and must not read any file on the host for it.
 Loading is single-flight per model, preflighted (neuron.preflight picks the device and
-refuses what cannot load) before any device memory is touched, and a failed load marks
-the model failed with its reason without harming the worker or other models.
+refuses what cannot load) before any device memory is touched, and a failed load fails
+without harming the worker or other models: a catalogue model is marked failed with its
+reason, anything else is forgotten (the caller and the log have the reason), so a path
+that did not load is never listed as a model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
@@ -30,7 +35,7 @@ from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.engine.checkpoint.types import Progress
 from helexa.engine.generate import LoadedModel
 from helexa.engine.request import RequestError
-from helexa.engine.worker import DeviceWorker
+from helexa.engine.worker import DeviceWorker, StreamStalled
 from helexa.neuron import preflight
 from helexa.neuron.discovery import discover, read_health
 from helexa.neuron.interface import (
@@ -41,9 +46,10 @@ from helexa.neuron.interface import (
     ModelStatus,
     NeuronError,
 )
-from helexa.neuron.sources import ModelRef, downloaded, ref_for, resolve_local
+from helexa.neuron.sources import ModelRef, downloaded, path_allowed, ref_for, resolve_local
 
 MB = 1 << 20
+log = logging.getLogger("helexa.neuron")
 
 
 @dataclass
@@ -91,6 +97,14 @@ def _load_error(model_id: str, exc: Exception) -> NeuronError:
         status=422 if bad_input else 500,
         type="invalid_request_error" if bad_input else "server_error",
         code="load_failed",
+    )
+
+
+def _refused(exc: RequestError) -> NeuronError:
+    """The engine's refusal of a request as the neuron API's 400, its structured fields
+    (a context overflow's token counts) riding along as error extras."""
+    return NeuronError(
+        exc.message, status=400, type="invalid_request_error", code=exc.code, extra=exc.extra
     )
 
 
@@ -147,6 +161,19 @@ class LocalNeuron:
     # -- lifecycle --------------------------------------------------------------------------
 
     def _resolve(self, model_id: str) -> Path:
+        """The file or directory ``model_id`` names here; a path outside the catalogue and
+        ``[local] model_dirs`` is refused before it is looked at (not even whether it
+        exists is told)."""
+        ref = _ref(model_id, self.settings)
+        if ref is not None and ref.path is not None and not path_allowed(ref.path, self.settings):
+            where = "outside them" if self.settings.local.model_dirs else "none are set"
+            raise NeuronError(
+                f"model {model_id!r} is a path, and node {self.name!r} loads by path only "
+                f"the catalogue's own and those in [local] model_dirs ({where})",
+                status=403,
+                type="permission_error",
+                code="path_not_allowed",
+            )
         path = resolve_local(model_id, self.settings)
         if path is None:
             raise NeuronError(
@@ -217,6 +244,11 @@ class LocalNeuron:
             failed_on, entry.device = entry.device, None
             entry.status = "failed"
             entry.error = exc.message if isinstance(exc, NeuronError) else str(exc)
+            log.warning("loading %s failed: %s", entry.model_id, entry.error)
+            if self.settings.profile(entry.model_id) is None and (
+                self._entries.get(entry.model_id) is entry
+            ):
+                del self._entries[entry.model_id]  # not a model here, so not listed as one
             if failed_on is not None:  # free what the failed load had allocated
                 await self._worker(failed_on).submit(_free_memory, failed_on)
             if isinstance(exc, NeuronError):
@@ -257,13 +289,19 @@ class LocalNeuron:
         pick: Callable[[LoadedModel], Callable[[dict[str, Any], Event], Iterator[dict[str, Any]]]],
     ) -> AsyncIterator[dict[str, Any]]:
         loaded, worker = self._serving(request)
+        local = self.settings.local
+        stream = worker.stream(
+            pick(loaded), request, buffer=local.stream_buffer, stall_s=local.stream_stall_s
+        )
         try:
-            async with aclosing(worker.stream(pick(loaded), request)) as chunks:
+            async with aclosing(stream) as chunks:
                 async for chunk in chunks:
                     yield chunk
         except RequestError as exc:
+            raise _refused(exc) from exc
+        except StreamStalled as exc:
             raise NeuronError(
-                exc.message, status=400, type="invalid_request_error", code=exc.code
+                str(exc), status=408, type="timeout_error", code="stream_stalled"
             ) from exc
         except NeuronError:
             raise
@@ -286,9 +324,7 @@ class LocalNeuron:
         try:  # tokenizing needs no device: do not queue behind a running generation
             return await asyncio.to_thread(loaded.count_tokens, request)
         except RequestError as exc:
-            raise NeuronError(
-                exc.message, status=400, type="invalid_request_error", code=exc.code
-            ) from exc
+            raise _refused(exc) from exc
 
     async def close(self) -> None:
         for model_id in [m for m, e in self._entries.items() if e.loaded is not None]:

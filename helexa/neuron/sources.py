@@ -216,6 +216,32 @@ def snapshot_dir(cache: Path, repo: str) -> Path | None:
     return max(snapshots, key=lambda p: p.stat().st_mtime) if snapshots else None
 
 
+def _real(path: Path) -> Path | None:
+    """``path`` absolute, its ``..`` and links resolved (what opening it would open)."""
+    try:
+        return path.expanduser().resolve()
+    except (OSError, RuntimeError):  # a link loop, an unreadable directory on the way
+        return None
+
+
+def path_allowed(path: Path, settings: Settings) -> bool:
+    """Whether a load request may name ``path``: a catalogue profile's own path, or one
+    inside a ``[local] model_dirs`` directory once links and ``..`` are resolved (so
+    neither leads out). Nothing else on the host is opened on a client's say-so."""
+    real = _real(path)
+    if real is None:
+        return False
+    for profile in settings.models:
+        try:
+            ref = ref_for(profile.id, settings)
+        except ValueError:
+            continue
+        if ref.path is not None and _real(ref.path) == real:
+            return True
+    roots = [_real(Path(d)) for d in settings.local.model_dirs]
+    return any(root is not None and real.is_relative_to(root) for root in roots)
+
+
 def resolve_local(model_id: str, settings: Settings) -> Path | None:
     """The GGUF file or HF directory for ``model_id`` already on this host, else None.
 

@@ -80,11 +80,24 @@ def anthropic_error_body(status: int, message: str, type: str | None = None) -> 
     }
 
 
+def _anthropic_message(error: ApiError) -> str:
+    """What Anthropic would say: a prompt past the context in its own words, which Claude
+    Code reads to start compacting the conversation; anything else as it is."""
+    prompt, maximum = error.extra.get("prompt_tokens"), error.extra.get("max_context")
+    if (
+        error.code == "context_length_exceeded"
+        and isinstance(prompt, int)
+        and isinstance(maximum, int)
+    ):
+        return f"prompt is too long: {prompt} tokens > {maximum} maximum"
+    return error.message
+
+
 def error_body(dialect: Dialect, error: ApiError) -> dict[str, Any]:
     """``error`` as ``dialect``'s error body; structured extras (``needed_mb``) ride along."""
     if dialect == "anthropic":
         # Anthropic clients know a fixed set of types, chosen by status.
-        body = anthropic_error_body(error.status, error.message)
+        body = anthropic_error_body(error.status, _anthropic_message(error))
     else:
         kind = error.type or openai_error_type(error.status)
         body = openai_error_body(error.message, type=kind, code=error.code, param=error.param)

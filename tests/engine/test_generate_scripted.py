@@ -187,7 +187,56 @@ def test_context_overflow_is_a_clear_request_error(tokenizer: Tokenizer) -> None
     with pytest.raises(RequestError, match="maximum context length is 40") as err:
         chat(model, max_tokens=500)
     assert err.value.code == "context_length_exceeded"
+    prompt = model.count_tokens({"messages": [{"role": "user", "content": "hi"}]})
+    assert err.value.extra == {"prompt_tokens": prompt, "max_context": 40}  # for each dialect
     assert model.model.calls == []  # refused before any forward pass
+
+
+LONG_TEXT = "The quick brown fox jumps over the lazy dog, 3.14 times.\n    def f(x): return x\n"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [LONG_TEXT * 20_000, "word " * 300_000, "x" * 1_200_000],
+    ids=["lines", "one line", "no boundary"],
+)
+def test_a_prompt_far_past_the_context_is_refused_before_it_is_all_tokenized(
+    tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    model = scripted(tokenizer, "x", max_seq=512)
+    encoded: list[int] = []  # the length of each text the tokenizer was given
+    real_encode = tokenizer.encode
+
+    def encode(piece: str) -> list[int]:
+        encoded.append(len(piece))
+        return real_encode(piece)
+
+    monkeypatch.setattr(tokenizer, "encode", encode)
+    for stream in (
+        lambda: chat(model, messages=[{"role": "user", "content": text}]),
+        lambda: list(model.stream_completion({"prompt": text}, threading.Event())),
+    ):
+        encoded.clear()
+        with pytest.raises(RequestError, match="maximum context length is 512") as err:
+            stream()
+        assert err.value.code == "context_length_exceeded"
+        assert err.value.extra["max_context"] == 512
+        assert 512 <= err.value.extra["prompt_tokens"] <= len(real_encode(text))
+        assert sum(encoded) < len(text) / 4  # a small part of it was ever tokenized
+    assert model.model.calls == []
+
+
+def test_a_long_prompt_that_fits_is_tokenized_as_one_text(tokenizer: Tokenizer) -> None:
+    from helexa.engine.request import DENSE_CHARS_PER_TOKEN, prompt_tokens
+
+    # Over four characters a token, so counted in pieces first, then encoded whole.
+    text = "The quick brown fox jumps over the lazy dog. " * 2_000
+    whole = tokenizer.encode(text)
+    assert len(text) > DENSE_CHARS_PER_TOKEN * (len(whole) + 1)
+    assert prompt_tokens(text, tokenizer.encode, len(whole) + 1) == whole
+    with pytest.raises(RequestError) as err:
+        prompt_tokens(text, tokenizer.encode, len(whole) // 2)
+    assert len(whole) // 2 <= err.value.extra["prompt_tokens"] <= len(whole)
 
 
 def test_default_budget_fills_the_context(tokenizer: Tokenizer) -> None:

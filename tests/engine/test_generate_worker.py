@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from helexa.engine.worker import DeviceWorker
+from helexa.engine.worker import DeviceWorker, StreamStalled
 
 
 @pytest.fixture
@@ -106,6 +106,33 @@ async def test_bounded_buffer_holds_the_producer_back(worker: DeviceWorker) -> N
     assert len(lags) == 40
     # Item i is produced only once fewer than buffer + 1 items are waiting.
     assert max(lags) <= 4
+
+
+async def test_a_stream_nobody_reads_is_cancelled_and_the_device_goes_on(
+    worker: DeviceWorker,
+) -> None:
+    cancels: list[threading.Event] = []
+    closed = threading.Event()
+
+    def endless(cancel: threading.Event) -> Iterator[int]:
+        cancels.append(cancel)
+        i = 0
+        try:
+            while not cancel.is_set():
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    stream = worker.stream(endless, buffer=2, stall_s=0.05)
+    assert await anext(stream) == 0  # then the reader stops reading
+    # The device serves the next job without the stalled reader taking anything more.
+    assert await worker.submit(lambda: "next") == "next"
+    assert cancels[0].is_set() and closed.is_set()
+    # Reading on gets what was waiting, then why the stream ended.
+    with pytest.raises(StreamStalled, match="2 chunks waiting"):
+        assert [await anext(stream) for _ in range(3)] == [1, 2]
+    await stream.aclose()
 
 
 async def test_submit_after_close_is_refused() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from helexa.config import ModelProfile, SamplingDefaults, Settings
+from helexa.config import LocalSettings, ModelProfile, SamplingDefaults, Settings
 from helexa.engine.generate import LoadedModel
 from helexa.neuron import local
 from helexa.neuron.interface import LoadRequest, Neuron, NeuronError
@@ -26,11 +26,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-async def neuron(model_dir: Path) -> AsyncIterator[LocalNeuron]:
+async def neuron(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[LocalNeuron]:
     profile = ModelProfile(
         id=str(model_dir), context_length=128, sampling=SamplingDefaults(temperature=0.0)
     )
-    n = LocalNeuron(Settings(models=[profile]))
+    # Every test's tmp_path may be loaded by path.
+    local = LocalSettings(model_dirs=[str(tmp_path_factory.getbasetemp())])
+    n = LocalNeuron(Settings(models=[profile], local=local))
     yield n
     await n.close()
 
@@ -165,19 +169,23 @@ async def test_a_cancelled_load_request_still_loads_once(
     assert calls == [model_dir]
 
 
-async def test_failed_load_is_marked_and_the_worker_survives(
+def broken_model_dir(path: Path, model_dir: Path) -> Path:
+    """The tiny model's config over weights that are not a safetensors file."""
+    path.mkdir()
+    (path / "config.json").write_text((model_dir / "config.json").read_text())
+    (path / "model.safetensors").write_bytes(b"\x00" * 64)
+    return path
+
+
+async def test_failed_load_by_path_is_forgotten_and_the_worker_survives(
     neuron: LocalNeuron, model_dir: Path, tmp_path: Path
 ) -> None:
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((model_dir / "config.json").read_text())
-    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    broken = broken_model_dir(tmp_path / "broken", model_dir)
     with pytest.raises(NeuronError) as err:
         await neuron.load(LoadRequest(model_id=str(broken)))
     assert (err.value.status, err.value.code) == (422, "load_failed")
-    states = {m.id: m for m in await neuron.models()}
-    assert states[str(broken)].status == "failed"
-    assert states[str(broken)].error
+    assert err.value.message  # the caller is told why; the path is no model to list
+    assert str(broken) not in {m.id for m in await neuron.models()}
 
     # The same device worker still loads and serves.
     await neuron.load(LoadRequest(model_id=str(model_dir)))
@@ -199,7 +207,7 @@ async def test_preflight_refusals_keep_their_structure(
         "preflight",
         "unsupported_architecture",
     )
-    assert {m.id: m.status for m in await neuron.models()}[str(foreign)] == "failed"
+    assert str(foreign) not in {m.id for m in await neuron.models()}
 
     with pytest.raises(NeuronError) as err:  # a KV cache for 10^9 tokens fits nowhere
         await neuron.load(LoadRequest(model_id=f"file:{model_dir}", context_length=10**9))
@@ -281,10 +289,29 @@ async def test_the_prompt_cache_setting_reaches_the_model_and_models_reports_its
         return loaded
 
     monkeypatch.setattr(LoadedModel, "load", recording_load)
-    n = LocalNeuron(Settings.model_validate({"local": {"prompt_cache_mb": 2}}))
+    n = LocalNeuron(
+        Settings.model_validate(
+            {"local": {"prompt_cache_mb": 2, "model_dirs": [str(model_dir.parent)]}}
+        )
+    )
     try:
         state = await n.load(LoadRequest(model_id=str(model_dir)))
         assert budgets == [2 << 20]
         assert state.prompt_cache_mb == 3
+    finally:
+        await n.close()
+
+
+async def test_a_catalogue_model_that_fails_to_load_is_listed_failed(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    broken = broken_model_dir(tmp_path / "broken", model_dir)
+    n = LocalNeuron(Settings(models=[ModelProfile(id="broken", path=str(broken))]))
+    try:
+        with pytest.raises(NeuronError):
+            await n.load(LoadRequest(model_id="broken"))
+        (state,) = await n.models()
+        assert (state.id, state.status) == ("broken", "failed")
+        assert state.error
     finally:
         await n.close()

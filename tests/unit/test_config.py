@@ -11,6 +11,7 @@ import pytest
 
 from helexa.config import (
     ConfigError,
+    Settings,
     check_local_paths,
     config_dir,
     env_overrides,
@@ -212,3 +213,11 @@ def test_help_prints_the_config_dir(tmp_path: Path) -> None:
     proc = run_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0
     assert f"config dir here: {config_dir()}" in proc.stdout
+
+
+def test_model_dirs_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "helexa.toml"
+    cfg.write_text('[local]\nmodel_dirs = ["weights", "/srv/models"]\n')
+    local = load_settings(cfg, environ={}).local
+    assert local.model_dirs == [str(tmp_path / "weights"), "/srv/models"]
+    assert Settings().local.model_dirs == []  # by default no path loads outside the catalogue

@@ -19,6 +19,7 @@ from helexa.neuron.sources import (
     ModelRef,
     downloaded,
     parse_model_id,
+    path_allowed,
     pick_gguf,
     pull,
     quant_of,
@@ -254,6 +255,36 @@ def test_resolve_local_files(tmp_path: Path, hub_settings: Settings) -> None:
     assert resolve_local(str(model), hub_settings) == model
     assert resolve_local(f"file:{model}", hub_settings) == model
     assert resolve_local(f"file:{tmp_path / 'absent.gguf'}", hub_settings) is None
+
+
+def test_paths_allowed_are_the_catalogues_and_those_in_model_dirs(tmp_path: Path) -> None:
+    from helexa.config import LocalSettings
+
+    models, other = tmp_path / "models", tmp_path / "other"
+    models.mkdir()
+    other.mkdir()
+    (models / "out").symlink_to(other, target_is_directory=True)
+    settings = Settings(
+        models=[
+            ModelProfile(id="mine", path=str(other / "mine.gguf")),
+            ModelProfile(id=str(other / "by-id.gguf")),
+        ],
+        local=LocalSettings(model_dirs=[str(models)]),
+    )
+    for allowed in (
+        models,
+        models / "a.gguf",
+        models / "sub" / "dir",
+        other / "mine.gguf",
+        other / "by-id.gguf",
+        models / "out" / "mine.gguf",  # a link to a catalogue path is that path
+    ):
+        assert path_allowed(allowed, settings), allowed
+    for refused in (other / "x.gguf", models / "out" / "x.gguf", models / ".." / "other"):
+        assert not path_allowed(refused, settings), refused
+    assert not path_allowed(
+        models / "a.gguf", Settings()
+    )  # no model_dirs: none but the catalogue's
 
 
 def test_downloaded_lists_what_resolves_by_its_serving_id(

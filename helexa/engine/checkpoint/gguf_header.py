@@ -160,8 +160,8 @@ class _Cursor:
 
     def header(self) -> GGUFHeader:
         self.at("magic")
-        if (magic := self.take(4)) != MAGIC:
-            raise _Corrupt(f"{magic!r} is not {MAGIC!r}")
+        if self.take(4) != MAGIC:  # what it holds instead is not echoed: it may be any file
+            raise _Corrupt(f"the file does not begin with {MAGIC.decode()}")
         self.at("version")
         version = self.unpack(_U32)
         if version & 0xFFFF == 0:  # as gguf-py tells: a version written the other way round

@@ -15,7 +15,7 @@ from typing import Any
 from helexa.errors import ApiError
 from helexa.wire.anthropic.translate import anthropic_usage, map_stop_reason
 from helexa.wire.errors import anthropic_error_type
-from helexa.wire.openai.stream import ChunkTranslator
+from helexa.wire.openai.stream import ChunkTranslator, helexa_field
 from helexa.wire.openai.translate import id_suffix, new_id
 from helexa.wire.sse import Event, sse_events
 
@@ -47,6 +47,13 @@ class AnthropicStreamTranslator(ChunkTranslator):
         self._blocks = 0  # blocks opened so far; the next block's index
         self._open: tuple[str, int] | None = None  # (kind, block index); kind "tool:<n>"
         self._tool_blocks: dict[int, int] = {}  # tool call index -> block index
+
+    def feed(self, chunk: dict[str, Any]) -> list[Event]:
+        """As every translator does; the first chunk's prompt size (helexa's own field, from
+        the engine) goes into ``message_start``, as Anthropic reports it there."""
+        if not self._state.started and "prompt_tokens" in helexa_field(chunk):
+            self.input_tokens = anthropic_usage(helexa_field(chunk))["input_tokens"]
+        return super().feed(chunk)
 
     def _opening(self) -> list[Event]:
         """``message_start``."""

@@ -118,12 +118,24 @@ class ChunkTranslator(ABC):
         """Close the open block, if any."""
 
 
+# helexa's own field on a neuron's chunk (the engine puts ``{"prompt_tokens": N}`` on its
+# first): facts the gateway can use early, never shown to an OpenAI client.
+HELEXA_FIELD = "x_helexa"
+
+
+def helexa_field(chunk: Mapping[str, Any]) -> dict[str, Any]:
+    """The chunk's ``x_helexa`` object, or an empty one."""
+    value = chunk.get(HELEXA_FIELD)
+    return value if isinstance(value, dict) else {}
+
+
 class OpenAIStream:
     """OpenAI chat or completions chunks, re-serialised with the client's model name.
 
     The neuron always reports usage; it is forwarded only when the client asked with
     ``stream_options.include_usage``, as OpenAI does. A client that asked with the
     deprecated ``functions`` gets its call as ``function_call`` deltas (``functions``).
+    helexa's own field (``x_helexa``) is dropped.
     """
 
     def __init__(self, model: str, include_usage: bool, functions: bool = False) -> None:
@@ -132,6 +144,8 @@ class OpenAIStream:
         self.functions = functions
 
     def feed(self, chunk: dict[str, Any]) -> bytes:
+        if HELEXA_FIELD in chunk:
+            chunk = {k: v for k, v in chunk.items() if k != HELEXA_FIELD}
         if "usage" in chunk and not self.include_usage:
             if not chunk.get("choices"):
                 return b""

@@ -231,7 +231,7 @@ def test_every_truncation_is_a_checkpoint_error(tmp_path: Path) -> None:
 U32 = struct.pack("<I", 7)
 CORRUPT: dict[str, tuple[bytes, str]] = {
     "empty": (b"", "it is empty"),
-    "bad magic": (b"GGML" + bytes(20), r"magic: b'GGML' is not b'GGUF' \(at byte 0\)"),
+    "bad magic": (b"GGML" + bytes(20), r"magic: the file does not begin with GGUF \(at byte 0\)"),
     "version 1": (
         gguf_file([], version=1),
         r"version: 1 is not supported, only \(2, 3\) \(at byte 4\)",

@@ -120,6 +120,15 @@ def test_anthropic_usage_falls_back_to_counting_deltas() -> None:
     assert events[-2][1]["usage"] == {"output_tokens": 1 + len(TEXT)}
 
 
+def test_anthropic_message_start_has_the_prompt_size_the_engine_sent_first() -> None:
+    chunks = script(text=["x"])
+    chunks[0] = {**chunks[0], "x_helexa": {"prompt_tokens": USAGE["prompt_tokens"]}}
+    events = run_anthropic(chunks)
+    started, delta = events[0][1]["message"]["usage"], events[-2][1]["usage"]
+    assert started == {"input_tokens": 30, "output_tokens": 0}
+    assert started["input_tokens"] == delta["input_tokens"]
+
+
 def test_anthropic_cached_usage_is_split_out() -> None:
     usage = dict(USAGE, prompt_tokens_details={"cached_tokens": 20})
     message_delta = run_anthropic(script(text=["x"], usage=usage))[-2][1]

@@ -71,6 +71,19 @@ def test_any_api_error_renders_with_its_type_and_extras() -> None:
     assert error_body("anthropic", err)["error"]["type"] == "api_error"
 
 
+def test_a_prompt_past_the_context_is_worded_as_each_dialect_words_it() -> None:
+    openai_words = "This model's maximum context length is 64 tokens. However, ..."
+    numbers = {"prompt_tokens": 80, "max_context": 64}
+    err = ApiError(openai_words, status=400, code="context_length_exceeded", extra=numbers)
+    # Claude Code compacts the conversation on Anthropic's own wording only.
+    anthropic = error_body("anthropic", err)["error"]
+    assert anthropic["message"] == "prompt is too long: 80 tokens > 64 maximum"
+    assert anthropic["type"] == "invalid_request_error"
+    assert error_body("openai", err)["error"]["message"] == openai_words
+    without_numbers = ApiError(openai_words, status=400, code="context_length_exceeded")
+    assert error_body("anthropic", without_numbers)["error"]["message"] == openai_words
+
+
 def test_validation_message_without_body_drops_type_labels() -> None:
     class Probe(BaseModel):
         content: str | list[int]

@@ -7,7 +7,12 @@ from typing import Any
 
 import pytest
 
-from helexa.wire.openai.stream import StreamState, carries_output, choice_carries_output
+from helexa.wire.openai.stream import (
+    OpenAIStream,
+    StreamState,
+    carries_output,
+    choice_carries_output,
+)
 from tests.support.streams import USAGE, chunk
 
 
@@ -40,3 +45,10 @@ def test_translators_count_chat_deltas_of_choice_zero_only() -> None:
     state.absorb(chunk({"content": "b"}, index=1))
     state.absorb({"choices": [{"index": 0, "text": "legacy"}]})
     assert state.deltas == 1
+
+
+def test_openai_clients_never_see_helexas_own_field() -> None:
+    first = {**chunk({"role": "assistant", "content": ""}), "x_helexa": {"prompt_tokens": 9}}
+    for include_usage in (False, True):
+        framed = OpenAIStream("m", include_usage).feed(first)
+        assert b"x_helexa" not in framed and b'"role":"assistant"' in framed
