@@ -37,31 +37,27 @@ from helexa.neuron.interface import (
 from helexa.wire.sse import SSEDecoder, SSEEvent
 
 
+class UpstreamError(NeuronError):
+    """The node could not be reached, or its stream broke or made no sense: a 502 for the
+    client (the gateway's upstream failed), and its code tells the fleet which."""
+
+    status = 502
+    type = "upstream_error"
+
+
 def unreachable(name: str, exc: BaseException) -> NeuronError:
     detail = str(exc) or type(exc).__name__
-    return NeuronError(
-        f"neuron {name!r} is unreachable: {detail}",
-        status=502,
-        type="upstream_error",
-        code="neuron_unreachable",
-    )
+    return UpstreamError(f"neuron {name!r} is unreachable: {detail}", code="neuron_unreachable")
 
 
 def interrupted(name: str, detail: str) -> NeuronError:
-    return NeuronError(
-        f"stream from neuron {name!r} was interrupted: {detail}",
-        status=502,
-        type="upstream_error",
-        code="stream_interrupted",
-    )
+    message = f"stream from neuron {name!r} was interrupted: {detail}"
+    return UpstreamError(message, code="stream_interrupted")
 
 
 def malformed(name: str, detail: str) -> NeuronError:
-    return NeuronError(
-        f"stream from neuron {name!r} is malformed: {detail}",
-        status=502,
-        type="upstream_error",
-        code="stream_malformed",
+    return UpstreamError(
+        f"stream from neuron {name!r} is malformed: {detail}", code="stream_malformed"
     )
 
 

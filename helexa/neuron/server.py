@@ -309,25 +309,39 @@ async def unload(request: web.Request) -> web.Response:
     return web.json_response(_dump(ModelState(id=body.model_id, status="unloaded")))
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def _generate(
+    request: web.Request,
+    parse: Callable[[Any], Any],
+    start: Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]],
+    fold: Callable[[AsyncIterator[dict[str, Any]]], Awaitable[dict[str, Any]]],
+) -> web.StreamResponse:
+    """A generation route: the node's chunks as SSE, or folded into one answer."""
     body = await _json_body(request)
-    req = parse_chat_request(body)
-    async with aclosing(request.app[NEURON].chat(body)) as stream:
+    req = parse(body)
+    async with aclosing(start(body)) as stream:
         if req.stream:
             return await stream_sse(request, stream)
-        acc = ChatAccumulator()
-        async for chunk in stream:
-            acc.add(chunk)
-        return web.json_response(acc.result())
+        return web.json_response(await fold(stream))
+
+
+async def _chat_answer(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    acc = ChatAccumulator()
+    async for chunk in stream:
+        acc.add(chunk)
+    return acc.result()
+
+
+async def _completion_answer(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    return accumulate_completion([c async for c in stream])
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, parse_chat_request, request.app[NEURON].chat, _chat_answer)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
-    req = parse_completion_request(body)
-    async with aclosing(request.app[NEURON].complete(body)) as stream:
-        if req.stream:
-            return await stream_sse(request, stream)
-        return web.json_response(accumulate_completion([c async for c in stream]))
+    neuron = request.app[NEURON]
+    return await _generate(request, parse_completion_request, neuron.complete, _completion_answer)
 
 
 async def tokenize(request: web.Request) -> web.Response:
