@@ -30,14 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helexa.config import LocalSettings, Settings  # noqa: E402
 from helexa.cortex.app import make_app  # noqa: E402
 from helexa.cortex.fleet import Fleet  # noqa: E402
-from helexa.neuron.interface import (  # noqa: E402
-    DeviceHealth,
-    DeviceInfo,
-    Discovery,
-    Health,
-    LoadRequest,
-    ModelState,
-)
+from helexa.neuron import interface as node  # noqa: E402
 from helexa.neuron.remote import RemoteNeuron  # noqa: E402
 from helexa.neuron.server import make_neuron_app, start_server  # noqa: E402
 
@@ -49,23 +42,23 @@ class EchoNeuron:
 
     name = "echo"
 
-    async def discovery(self) -> Discovery:
-        return Discovery(
+    async def discovery(self) -> node.Discovery:
+        return node.Discovery(
             hostname="bench",
             os="Linux",
-            devices=[DeviceInfo(index=0, name="echo", vram_total_mb=1)],
+            devices=[node.DeviceInfo(index=0, name="echo", vram_total_mb=1)],
         )
 
-    async def health(self) -> Health:
-        return Health(
-            uptime_secs=1.0, devices=[DeviceHealth(index=0, vram_used_mb=0, vram_free_mb=1)]
+    async def health(self) -> node.Health:
+        return node.Health(
+            uptime_secs=1.0, devices=[node.DeviceHealth(index=0, vram_used_mb=0, vram_free_mb=1)]
         )
 
-    async def models(self) -> list[ModelState]:
-        return [ModelState(id=MODEL, status="loaded", devices=[0])]
+    async def models(self) -> list[node.ModelState]:
+        return [node.ModelState(id=MODEL, status="loaded", devices=[0])]
 
-    async def load(self, request: LoadRequest) -> ModelState:
-        return ModelState(id=MODEL, status="loaded", devices=[0])
+    async def load(self, request: node.LoadRequest) -> node.ModelState:
+        return node.ModelState(id=MODEL, status="loaded", devices=[0])
 
     async def unload(self, model_id: str) -> None:
         return None

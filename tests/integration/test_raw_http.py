@@ -23,6 +23,7 @@ from helexa.wire.sse import SSEDecoder
 from tests.conftest import COLD_MODEL, MODEL
 from tests.support.scripted_neuron import Reply, ScriptedNeuron
 from tests.support.servers import (
+    Fetched,
     Gateway,
     fetch,
     gateway_over,
@@ -50,6 +51,12 @@ def anthropic_error(body: dict[str, Any]) -> dict[str, Any]:
     return body["error"]
 
 
+def refusal(response: Fetched, status: int, read: Any) -> dict[str, Any]:
+    """The error of a refusal, once its status and its dialect's shape are checked."""
+    assert response.status == status, response.body
+    return read(response.json())
+
+
 # -- error bodies in the route's dialect --------------------------------------------------
 
 
@@ -65,8 +72,7 @@ def anthropic_error(body: dict[str, Any]) -> dict[str, Any]:
 )
 async def test_invalid_json_is_400_in_dialect(gateway: Gateway, path: str, read: Any) -> None:
     response = await fetch("POST", gateway.url + path, data=b'{"model": "x", ')
-    assert response.status == 400
-    error = read(response.json())
+    error = refusal(response, 400, read)
     assert error["type"] == "invalid_request_error"
     assert "not valid JSON" in error["message"]
 
@@ -89,8 +95,7 @@ async def test_deep_nesting_is_400_in_dialect(
     gateway: Gateway, path: str, read: Any, payload: bytes
 ) -> None:
     response = await fetch("POST", gateway.url + path, data=payload)
-    assert response.status == 400
-    error = read(response.json())
+    error = refusal(response, 400, read)
     assert error["type"] == "invalid_request_error"
     assert "nests deeper than" in error["message"]
 
@@ -109,8 +114,7 @@ async def test_lone_surrogate_is_400_before_any_node_sees_it(
     raw = json.dumps({**body, "messages": [{"role": "user", "content": "hi \ud800"}]})
     assert "\\ud800" in raw  # json.dumps escapes it: the bytes are valid UTF-8
     response = await fetch("POST", gateway.url + path, data=raw.encode())
-    assert response.status == 400
-    error = read(response.json())
+    error = refusal(response, 400, read)
     assert "messages.0.content: contains a lone surrogate (\\ud800)" in error["message"]
     if read is openai_error:
         assert error["param"] == "messages.0.content"
@@ -170,10 +174,10 @@ async def test_token_id_prompts_reach_the_node_unchanged(
 async def test_several_prompts_are_400(
     gateway: Gateway, scripted: ScriptedNeuron, prompt: Any
 ) -> None:
-    body = {**COMPLETION, "prompt": prompt}
-    response = await fetch("POST", f"{gateway.url}/v1/completions", json_body=body)
-    assert response.status == 400
-    error = openai_error(response.json())
+    response = await fetch(
+        "POST", f"{gateway.url}/v1/completions", json_body={**COMPLETION, "prompt": prompt}
+    )
+    error = refusal(response, 400, openai_error)
     assert (error["param"], error["code"]) == ("prompt", "unsupported_parameter")
     assert "only one prompt per request" in error["message"]
     assert scripted.requests == []
@@ -217,8 +221,7 @@ async def test_tool_choice_forcing_a_call_without_tools_is_400(
     gateway: Gateway, scripted: ScriptedNeuron, path: str, body: Any, read: Any, needle: str
 ) -> None:
     response = await fetch("POST", gateway.url + path, json_body=body)
-    assert response.status == 400
-    error = read(response.json())
+    error = refusal(response, 400, read)
     assert (
         error["message"] == f"tool_choice: {needle} needs tools to call, and the request has none"
     )
@@ -237,8 +240,7 @@ async def test_schema_errors_name_the_field(
     gateway: Gateway, path: str, body: Any, read: Any
 ) -> None:
     response = await fetch("POST", gateway.url + path, json_body=body)
-    assert response.status == 400
-    message = read(response.json())["message"]
+    message = refusal(response, 400, read)["message"]
     assert message  # one readable line, e.g. "max_tokens: Field required"
     if isinstance(body, dict):
         missing = {"/v1/messages": "max_tokens", "/v1/responses": "input"}[path]
@@ -257,8 +259,7 @@ async def test_unknown_model_is_404_in_dialect(
     gateway: Gateway, path: str, body: Any, read: Any
 ) -> None:
     response = await fetch("POST", gateway.url + path, json_body=body)
-    assert response.status == 404
-    error = read(response.json())
+    error = refusal(response, 404, read)
     assert "'nope'" in error["message"]
     if read is anthropic_error:
         assert error["type"] == "not_found_error"  # Anthropic's type for a 404
