@@ -111,6 +111,10 @@ async def gateway(checkpoints: dict[str, Path]) -> AsyncIterator[tuple[Service, 
 
 
 @pytest.mark.parametrize("name", ["tiny-moe", "tiny-moe-gguf"])
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="the local neuron serves in bfloat16 on CUDA; fp32 parity is a CPU property",
+)
 async def test_server_greedy_tokens_equal_transformers_generate(
     gateway: tuple[Service, Any],
     hf_model: Qwen3MoeForCausalLM,
