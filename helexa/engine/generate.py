@@ -343,11 +343,13 @@ class LoadedModel:
             request, self.defaults, self.context_length, len(prompt)
         )
         constraint = None
-        if chat.json is not None:
+        if chat.json is not None or chat.forced_close:
+            # A JSON answer, or a forced call's arguments: random text there would be no call.
             constraint = JsonConstraint(
                 self.tokenizer.token_bytes,
                 self.eos_token_ids,
-                object_only=chat.json["type"] == "json_object",
+                object_only=chat.json is None or chat.json["type"] == "json_object",
+                tail=chat.forced_close.encode(),
             )
         parser = OutputParser(
             tools=chat.tools,
@@ -373,6 +375,11 @@ class LoadedModel:
                     break
         if outcome.cancelled:
             return
+        if constraint is not None and constraint.closed and constraint.rest:
+            # A forced call's arguments are complete: close the call as the model would have,
+            # unsampled (nothing is generated after it, the one named call being the answer).
+            for delta in parser.feed(constraint.rest):
+                yield chunks.chat(delta)
         for delta in parser.finish():
             yield chunks.chat(delta)
         finish = outcome.finish_reason

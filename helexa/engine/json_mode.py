@@ -240,6 +240,9 @@ class JsonConstraint:
 
     ``token_bytes(id)`` gives a token's bytes, or None for special/added tokens (never valid
     inside JSON). End-of-sequence tokens are valid only once the value is complete.
+    ``tail``: text that must follow the value (a forced tool call's closing ``}`` and tag);
+    the token that completes the value may go on into it (a tokenizer's ``"}}``), and
+    :attr:`rest` is what of it is still to write once the value is closed.
     """
 
     def __init__(
@@ -248,11 +251,14 @@ class JsonConstraint:
         eos_ids: frozenset[int],
         *,
         object_only: bool = True,
+        tail: bytes = b"",
         tries: int = 8,
     ) -> None:
         self.prefix = JsonPrefix(object_only=object_only)
         self._bytes = token_bytes
         self._eos = eos_ids
+        self._tail = tail
+        self._tail_written = 0
         self._tries = tries
 
     @property
@@ -264,17 +270,39 @@ class JsonConstraint:
         """Nothing but whitespace can follow: stop generating."""
         return self.prefix.state is _S.DONE
 
+    @property
+    def rest(self) -> str:
+        """The part of the tail not yet written (all of it until the value is closed)."""
+        return self._tail[self._tail_written :].decode()
+
+    def _feed(self, prefix: JsonPrefix, data: bytes) -> int | None:
+        """Feed ``data`` to ``prefix``: how many bytes of the tail it wrote after the value,
+        or None when it cannot continue the value (and then the tail)."""
+        written = 0
+        for b in data:
+            if self._tail and prefix.state is _S.DONE and (written or b not in WHITESPACE):
+                # After the value (and any blank, which JSON allows there): the tail, as is.
+                at = self._tail_written + written
+                if at >= len(self._tail) or self._tail[at] != b:
+                    return None
+                written += 1
+            elif not prefix.feed(b):
+                return None
+        return written
+
     def allows(self, token: int) -> bool:
         if token in self._eos:
             return self.prefix.complete
         data = self._bytes(token)
-        return bool(data) and self.prefix.copy().feed_bytes(data)
+        return bool(data) and self._feed(self.prefix.copy(), data) is not None
 
     def advance(self, token: int) -> None:
         if token not in self._eos:
             data = self._bytes(token)
-            if data is None or not self.prefix.feed_bytes(data):
+            written = None if data is None else self._feed(self.prefix, data)
+            if written is None:
                 raise ValueError(f"token {token} is not valid JSON here")
+            self._tail_written += written
 
     def pick(
         self,

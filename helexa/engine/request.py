@@ -106,7 +106,9 @@ def forced_tool_prefix(request: dict[str, Any], syntax: ToolSyntax | None = None
     """What the model is made to have written first so that it calls a tool: ``tool_choice``
     "required" opens a Qwen3 ``<tool_call>``, a named function also writes its name (in
     the model's own call syntax). The text is fed to the output parser as if generated,
-    so the call streams as usual."""
+    so the call streams as usual. A named call in Qwen3's JSON syntax ends right where its
+    arguments begin (after ``"arguments": ``): decoding writes them as a JSON object and
+    the call is closed for the model (:attr:`ChatPrompt.forced_close`)."""
     choice = request.get("tool_choice")
     if choice == "required":
         return "<tool_call>\n"
@@ -174,6 +176,9 @@ class ChatPrompt:
     text: str
     tools: ToolSyntax | None  # when set, <tool_call> blocks (in this syntax) become calls
     forced: str  # the forced start of a call, already in ``text``; fed to the parser first
+    # What closes the forced call once its arguments (decoded as a JSON object) are
+    # complete: set when ``forced`` ends at a named call's arguments in Qwen3's JSON syntax.
+    forced_close: str
     single_call: bool  # stop once one call is complete
     json: dict[str, Any] | None  # the response_format whose syntax decoding enforces
     continuing: bool  # the prompt ends inside the last assistant message
@@ -244,10 +249,12 @@ def chat_prompt(
         raise RequestError(f"cannot render the chat template: {exc}") from exc
     # One call only: asked for, or implied by naming the function to call.
     named = isinstance(request.get("tool_choice"), dict)
+    json_call = named and syntax is not None and syntax.format == "json"
     return ChatPrompt(
         text=text + forced,
         tools=syntax,
         forced=forced,
+        forced_close="}\n</tool_call>" if json_call else "",
         single_call=tools is not None and (request.get("parallel_tool_calls") is False or named),
         json=constrained,
         continuing=continuing,

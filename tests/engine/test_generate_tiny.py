@@ -187,3 +187,52 @@ def test_a_token_id_prompt_is_served_only_inside_the_vocabulary(model_dir: Path)
     for bad in ([3, vocab], [-1]):
         with pytest.raises(RequestError, match="outside this model's vocabulary"):
             completion(bad)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+# Seeds whose random arguments close within the budget (a random model may wander in
+# valid JSON for thousands of tokens, and then the finish is "length", as in JSON mode).
+@pytest.mark.parametrize("seed", [3, 12, 13, 14, 16, 20])
+def test_a_forced_call_on_a_random_model_is_always_a_call(model_dir: Path, seed: int) -> None:
+    """A named tool_choice: whatever random weights would write, the arguments are decoded
+    as a JSON object and the call closed after it, so there is exactly one call (without
+    the constraint these weights write no valid call at all: raw markup as content)."""
+    from helexa.wire.openai.translate import ChatAccumulator
+
+    model = LoadedModel.load(model_dir, context_length=1024)
+    request = {
+        "messages": MESSAGES,
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "temperature": 1.0,
+        "seed": seed,
+        "max_tokens": 256,
+    }
+    chunks = list(model.stream_chat(request, threading.Event()))
+    (done,) = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    deltas = [
+        d for c in chunks if c["choices"] for d in c["choices"][0]["delta"].get("tool_calls") or []
+    ]
+    assert done["finish_reason"] == "tool_calls", chunks
+    assert {d["index"] for d in deltas} == {0}
+    assert "".join(d["function"].get("name") or "" for d in deltas) == "get_weather"
+    assert isinstance(json.loads("".join(d["function"]["arguments"] for d in deltas)), dict)
+    assert not "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+    )
+    whole = ChatAccumulator()  # the non-streamed response: the stream folded into one
+    for chunk in chunks:
+        whole.add(chunk)
+    message = whole.result()["choices"][0]
+    assert message["finish_reason"] == "tool_calls"
+    (call,) = message["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert isinstance(json.loads(call["function"]["arguments"]), dict)

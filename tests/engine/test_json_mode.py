@@ -179,3 +179,23 @@ def test_eos_only_once_complete() -> None:
     assert constraint.allows(EOS) and constraint.closed
     with pytest.raises(ValueError, match="not valid JSON"):
         constraint.advance(0)
+
+
+def test_a_tail_follows_the_value() -> None:
+    # A forced call's arguments: the token that closes them may go on into the call's own
+    # closing text (after a blank, as JSON allows), and what is left of it is `rest`.
+    vocab = [b'{"a":1', b"}", b"}}\n", b"}\n", b"} }", b"}}}", b"}x", b"<eos>"]
+    tail = b"}\n</tool_call>"
+
+    def constraint_after_value() -> JsonConstraint:
+        constraint = JsonConstraint(lambda t: vocab[t], frozenset({7}), tail=tail)
+        constraint.advance(0)
+        return constraint
+
+    allowed = [t for t in range(len(vocab)) if constraint_after_value().allows(t)]
+    assert [vocab[t] for t in allowed] == [b"}", b"}}\n", b"}\n", b"} }"]
+    for token, rest in [(1, tail), (2, b"</tool_call>"), (3, tail), (4, b"\n</tool_call>")]:
+        constraint = constraint_after_value()
+        assert not constraint.closed and constraint.rest == tail.decode()
+        constraint.advance(token)
+        assert constraint.closed and constraint.rest == rest.decode(), vocab[token]
