@@ -42,8 +42,12 @@ from helexa.engine.text.tokenizer import Tokenizer
 # Context allocated when neither the request to load nor the catalogue names one: the KV
 # cache is preallocated, and a model's full window (40k for Qwen3) would cost GBs unasked.
 DEFAULT_CONTEXT = 8192
-# Prompt tokens per prefill forward: bounds activation memory for long prompts.
+# Prompt tokens per prefill forward on a CPU, and the least on a GPU: bounds activation
+# memory for long prompts. A GPU prefills as much of the prompt in one forward as
+# PREFILL_MEMORY_SHARE of its free memory holds (prefill_chunk): a forward per chunk
+# re-dequantizes every weight, and fewer, longer forwards keep the matmuls large.
 PREFILL_CHUNK = 2048
+PREFILL_MEMORY_SHARE = 0.5
 # Host memory for snapshots of earlier conversations' KV (the prompt cache), per model,
 # when the settings name none: on a GPU, one ~28k-token conversation of an 8B model
 # (144 KiB a token in bf16), so a long agent session survives a side request; on a CPU
@@ -78,6 +82,9 @@ class CausalLM(Protocol):
 
     @property
     def nbytes(self) -> int: ...
+
+    @property
+    def prefill_bytes_per_token(self) -> int: ...
 
     def forward(
         self, tokens: torch.Tensor, input_pos: torch.Tensor, *, last_only: bool = False
@@ -190,7 +197,7 @@ class LoadedModel:
         loaded, and the decode graph of every KV length captured. A load is reported
         done only after this, so the first request runs at full speed. It writes
         garbage into the KV cache, so the prompt cache starts empty after it."""
-        from helexa.engine.models.cuda_graph import GraphDecoder, bucket_starts
+        from helexa.engine.models.cuda_graph import GraphDecoder
 
         model = self.model
         params = SamplingParams.from_request({}, self.defaults)
@@ -202,7 +209,7 @@ class LoadedModel:
             for _ in islice(self.tokens(prompt, params, Event()), 2):
                 pass
         if isinstance(self.decode, GraphDecoder):
-            starts = bucket_starts(model.max_seq, self.decode.min_kv_len)
+            starts = self.decode.capture_positions()
             token = torch.zeros(1, 1, dtype=torch.long, device=model.device)
             for done, pos in enumerate(starts, 1):
                 self.decode(token, pos)  # the first step at a new KV length captures its graph
@@ -265,10 +272,12 @@ class LoadedModel:
         sampler = Sampler(params, model.vocab_size, device, prompt=prompt)
         known = self.tokenizer.vocab_size  # a model's vocab is often padded past the tokenizer's
         logits = None
-        for start in range(cache.begin(prompt), len(prompt), PREFILL_CHUNK):
+        begin = cache.begin(prompt)
+        step = prefill_chunk(model, len(prompt) - begin)
+        for start in range(begin, len(prompt), step):
             if cancel.is_set():
                 return
-            chunk = prompt[start : start + PREFILL_CHUNK]
+            chunk = prompt[start : start + step]
             tokens = torch.tensor([chunk], dtype=torch.long, device=device)
             positions = torch.arange(start, start + len(chunk), device=device)
             logits = model.forward(tokens, positions, last_only=True)
@@ -407,6 +416,20 @@ class LoadedModel:
             return
         yield chunks.text("", outcome.finish_reason, outcome.stop_sequence)
         yield chunks.usage(len(prompt), outcome.completion_tokens, self.prompt_cache.reused)
+
+
+def prefill_chunk(model: CausalLM, tokens: int) -> int:
+    """Prompt tokens per prefill forward: all ``tokens`` when a GPU's free memory (what
+    the driver reports plus what torch's allocator holds unused) has room for their
+    activations, else as many as fit, never fewer than PREFILL_CHUNK; PREFILL_CHUNK on a
+    CPU, where attention without flash kernels grows with the square of a chunk."""
+    device = model.device
+    if device.type != "cuda":
+        return PREFILL_CHUNK
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    fits = int(free * PREFILL_MEMORY_SHARE) // max(1, model.prefill_bytes_per_token)
+    return max(PREFILL_CHUNK, min(tokens, fits))
 
 
 def _prompt_size(prompt_tokens: int) -> dict[str, Any]:

@@ -2,11 +2,13 @@
 
 A decode step of an 8B model is ~500 small kernels; launched from Python each costs more
 than it runs, so the step is captured once and replayed. Capture needs a step with no host
-syncs and fixed shapes: the position lives in a device tensor, the keys attended are a
-fixed-length prefix of the static KV cache (``kv_len``) and positions past the current
-one are masked out, so one graph serves every position below its ``kv_len``. Graphs are
-kept per (batch, kv_len) with kv_len rounded up to a power of two, so attention reads at
-most twice the live prefix and a long context needs only ~log2(max_seq) captures.
+syncs and fixed shapes: the position lives in a device tensor. Where Triton runs, the
+step's attention is the split-K kernel of helexa.engine.models.attention_kernels, which
+reads the live length from that tensor and only the keys below it: one graph per batch
+size serves every position. Elsewhere the keys attended are a fixed-length prefix of the
+static KV cache (``kv_len``) with positions past the current one masked out, and graphs
+are kept per (batch, kv_len) with kv_len rounded up to a power of two, so attention reads
+at most twice the live prefix and a long context needs ~log2(max_seq) captures.
 
 :func:`decode_step` is that step in plain torch (also what CPUs run); it reuses the model's
 own pieces (rms_norm, apply_rope, linear) and differs from ``Qwen3.forward`` only in how
@@ -16,14 +18,16 @@ would call ``model.forward(tokens, torch.tensor([pos]), last_only=True)`` for on
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 
 from helexa.engine.models.qwen3 import Attention, Qwen3, apply_rope
-from helexa.engine.quant.ops import embedding, linear
+from helexa.engine.quant.ops import embedding, linear, triton_cache_dir
 
 MIN_KV_LEN = 256
 # Sums a row-parallel partial result across tensor-parallel ranks (see parallel.py).
@@ -61,6 +65,31 @@ def masked_attention(
     return (probs.to(v.dtype) @ v).reshape(batch, heads, 1, dim)
 
 
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@cache
+def _split_k_kernel() -> Attend | None:
+    """attention_kernels.split_k_attention, or None where Triton cannot be imported."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    triton_cache_dir()
+    try:
+        from helexa.engine.models.attention_kernels import split_k_attention
+    except ImportError:
+        return None
+    return split_k_attention
+
+
+def live_attention(model: Qwen3) -> Attend | None:
+    """The split-K kernel when it runs this model's decode attention (a CUDA device,
+    Triton, a power-of-two head size of at least 16), else None: the masked reference."""
+    dim = model.config.head_dim
+    if model.device.type != "cuda" or dim < 16 or dim & (dim - 1):
+        return None
+    return _split_k_kernel()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The model's RMSNorm (normalise in float32, round, then scale) in one fused kernel
     instead of seven: at ~140 norms a token, launches are a visible share of decode."""
@@ -88,7 +117,11 @@ def _attention(
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     assert attn.cache is not None
     keys, values = attn.cache.update(input_pos, k, v.transpose(1, 2), kv_len)
-    y = masked_attention(q, keys, values, visible)
+    kernel = live_attention(model)
+    if kernel is not None:
+        y = kernel(q, keys, values, input_pos + 1)  # reads keys 0..input_pos only
+    else:
+        y = masked_attention(q, keys, values, visible)
     out = linear(y.transpose(1, 2).reshape(batch, 1, -1), attn.o_proj, attn.o_bias)
     return out if reduce is None else reduce(out)
 
@@ -160,9 +193,21 @@ class GraphDecoder:
     def enabled(self) -> bool:
         return self.model.device.type == "cuda"
 
+    @property
+    def live(self) -> bool:
+        """Whether attention reads the live length (one graph per batch, no buckets)."""
+        return self.enabled and live_attention(self.model) is not None
+
+    def capture_positions(self) -> list[int]:
+        """A position in each graph a cache of ``max_seq`` positions will need: a decode
+        step at each captures them all (what LoadedModel.warm_up does at load)."""
+        return [0] if self.live else bucket_starts(self.model.max_seq, self.min_kv_len)
+
     def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         model = self.model
         kv_len = kv_bucket(pos, model.max_seq, self.min_kv_len)
+        if self.live:
+            kv_len = model.max_seq  # the kernel stops at pos: one graph for every position
         if not self.enabled:
             input_pos = torch.tensor([pos], device=model.device)
             return decode_step(model, tokens, input_pos, kv_len, reduce=self.reduce)

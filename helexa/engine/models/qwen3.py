@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
 from helexa.engine.checkpoint.types import Checkpoint, Weight
@@ -373,6 +374,24 @@ class Qwen3:
         return self.weight_bytes + self.cache_bytes
 
     @property
+    def prefill_bytes_per_token(self) -> int:
+        """Device memory a prefill forward needs per prompt token beyond the weights and
+        the KV cache: the activations alive at once in a layer (the residual and its norm,
+        q/k/v with their normed and rotated copies, the attention output, the MLP's gate,
+        up and product). Flash attention's own memory is linear in the tokens and small
+        beside these. It sizes prefill chunks: one forward when the prompt fits, chunks
+        only where memory needs them."""
+        cfg = self.config
+        qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+        width = 4 * cfg.hidden_size + 6 * qkv + 4 * self.ffn_width
+        return width * self.dtype.itemsize
+
+    @property
+    def ffn_width(self) -> int:
+        """The widest per-token activation of a layer's MLP (its intermediate size)."""
+        return self.config.intermediate_size
+
+    @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
@@ -420,13 +439,16 @@ class Qwen3:
         if end > self.max_seq:
             raise ValueError(f"position {end - 1} is past the KV cache ({self.max_seq} tokens)")
         cos, sin = self.cos[input_pos], self.sin[input_pos]
+        mask: CausalBias | None = None
         if steps == 1:
-            mask, causal = None, False  # one query sees the whole prefix
+            causal = False  # one query sees the whole prefix
         elif start == 0:
-            mask, causal = None, True  # plain prefill: SDPA's causal fast path
+            causal = True  # plain prefill: SDPA's causal fast path
         else:
-            keys = torch.arange(end, device=self.device)
-            mask, causal = keys[None, :] <= input_pos[:, None], False
+            # A prompt extending what the cache holds: query i sees keys 0..start+i, the
+            # causal mask aligned to the bottom right, which flash attention runs as is
+            # (a materialized [T, end] mask would send SDPA to the quadratic math kernel).
+            mask, causal = causal_lower_right(steps, end), False
 
         x = embedding(tokens, self.embed_tokens).to(self.dtype)
         with sdpa_kernel(SDPA_BACKENDS):
@@ -450,7 +472,7 @@ class Qwen3:
         sin: torch.Tensor,
         input_pos: torch.Tensor,
         end: int,
-        mask: torch.Tensor | None,
+        mask: CausalBias | None,
         causal: bool,
     ) -> torch.Tensor:
         cfg = self.config

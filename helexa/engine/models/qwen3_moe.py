@@ -173,6 +173,15 @@ class SparseMoE:
 class Qwen3Moe(Qwen3):
     config_class: ClassVar[type[Qwen3Config]] = Qwen3MoeConfig
 
+    @property
+    def ffn_width(self) -> int:
+        """A sparse layer holds each token ``top_k`` times (its rows gathered per expert,
+        their outputs, the scatter-add), a dense one its intermediate size."""
+        cfg = self.config
+        assert isinstance(cfg, Qwen3MoeConfig)
+        sparse = cfg.num_experts_per_tok * (cfg.moe_intermediate_size + 2 * cfg.hidden_size)
+        return max(sparse, cfg.intermediate_size)
+
     @classmethod
     def feed_forward(cls, cfg: Qwen3Config, layer: int, w: CheckpointWeights) -> FeedForward:
         """A SparseMoE for the sparse layers (stacked experts, see

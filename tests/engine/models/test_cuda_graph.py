@@ -87,15 +87,16 @@ def test_graph_replay_equals_eager_step_on_cuda(q4_k_m_gguf: Path, dtype: torch.
     for model in (graphed, eager, reference):
         token = prefill(model, prompt)[:, -1].argmax(-1, keepdim=True)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    for pos in range(5, 40):  # kv_len buckets 8, 16, 32, 64
+    for pos in range(5, 40):  # kv_len buckets 8, 16, 32, 64 unless attention reads the live length
         got = decoder(token, pos)
         step = torch.tensor([pos], device="cuda")
-        expected = decode_step(eager, token, step, kv_bucket(pos, 64, 8))
+        kv_len = 64 if decoder.live else kv_bucket(pos, 64, 8)
+        expected = decode_step(eager, token, step, kv_len)
         assert torch.equal(got, expected), f"graph and eager step differ at {pos}"
         forward = reference.forward(token, step, last_only=True)
         torch.testing.assert_close(got, forward, atol=tol * forward.abs().max().item(), rtol=0)
         token = got[:, -1].argmax(-1, keepdim=True)
-    assert sorted(kv for _, kv in decoder._graphs) == [8, 16, 32, 64]
+    assert sorted(kv for _, kv in decoder._graphs) == ([64] if decoder.live else [8, 16, 32, 64])
 
     # A new cache (new addresses) must not replay graphs that write into the old one.
     graphed.setup_cache(2, 64)
@@ -103,4 +104,6 @@ def test_graph_replay_equals_eager_step_on_cuda(q4_k_m_gguf: Path, dtype: torch.
     for model in (graphed, eager):
         prefill(model, prompt)
     step = torch.tensor([5], device="cuda")
-    assert torch.equal(decoder(token, 5), decode_step(eager, token, step, 8))
+    assert torch.equal(
+        decoder(token, 5), decode_step(eager, token, step, 64 if decoder.live else 8)
+    )
