@@ -32,7 +32,9 @@ for name in "${PACKAGES[@]}"; do
     --implementation cp "${platforms[@]}" -d .whl "$spec"
 done
 
-if [ ! -f .device/llama-src.tar.gz ]; then
+# The tree keeps tools/server and tools/ui's build files (not its sources: the server is
+# built without the web UI), so bench/serve.py can run llama-server for the second turn.
+if [ ! -f .device/llama-src.tar.gz ] || ! tar -tzf .device/llama-src.tar.gz ./tools/server/main.cpp >/dev/null 2>&1; then
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   python3 -m pip download -q --no-deps --no-binary :all: -d "$work" \
@@ -41,6 +43,8 @@ if [ ! -f .device/llama-src.tar.gz ]; then
   tree=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)
   tar -czf .device/llama-src.tar.gz -C "$tree" \
     --exclude=./models --exclude=./docs --exclude=./tests --exclude=./examples \
-    --exclude=./benches --exclude=./media --exclude=./tools/server --exclude=./tools/ui .
+    --exclude=./benches --exclude=./media --exclude=./tools/server/tests \
+    --exclude=./tools/server/bench --exclude=./tools/ui/src --exclude=./tools/ui/tests \
+    --exclude=./tools/ui/static --exclude=./tools/ui/package-lock.json .
 fi
 du -sh .whl .device

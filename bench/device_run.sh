@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpus
 
 if [ "$stage" = 1 ]; then
   setsid python3 bench/llama_cpp.py --src .device/llama-src.tar.gz --work /tmp/llama \
-    --jobs "$(nproc)" >/tmp/llama-build.log 2>&1 </dev/null &
+    --jobs "$(nproc)" --server >/tmp/llama-build.log 2>&1 </dev/null &
   # Issue 3's CUDA run: every test marked cuda (parity with transformers, quant kernels,
   # GGUF loads, CUDA-graph replay), without Triton autotuning (fixed configs, fast).
   HELEXA_TRITON_AUTOTUNE=0 timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider \

@@ -58,6 +58,9 @@ def byte_level_vocab(size: int) -> dict[str, Any]:
     }
 
 
+QWEN3_WINDOW = 40960
+
+
 def write_model(path: Path, preset: str, quant: str, device: str = "cuda") -> float:
     """Write the synthetic GGUF unless it exists; seconds taken."""
     if path.exists():
@@ -66,7 +69,8 @@ def write_model(path: Path, preset: str, quant: str, device: str = "cuda") -> fl
 
     start = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = synthetic_config(PRESETS[preset], max(PROMPTS) + GEN)
+    # The window Qwen3 checkpoints declare, so llama.cpp's server may open a 32k+ context.
+    cfg = synthetic_config(PRESETS[preset], max(max(PROMPTS) + GEN, QWEN3_WINDOW))
     tmp = path.with_suffix(".partial")
     tensors = synthetic_tensors(cfg, device)
     vocab = byte_level_vocab(cfg["vocab_size"])

@@ -1,9 +1,10 @@
-"""Build llama.cpp's llama-bench from source and run it on a GGUF: the yardstick for
-bench/gpu.py.
+"""Build llama.cpp's llama-bench (and llama-server) from source and run it on a GGUF: the
+yardstick for bench/gpu.py and bench/serve.py.
 
 The source is the llama.cpp tree vendored in the llama-cpp-python sdist (a bench-only
-dependency), as a tarball whose root is llama.cpp's. Only the llama-bench target is built,
-for one CUDA architecture, so a 16-core machine builds it in minutes.
+dependency), as a tarball whose root is llama.cpp's. Only the targets asked for are built,
+for one CUDA architecture, so a 16-core machine builds them in minutes; the server is
+built without its web UI (no npm, no download).
 
     python bench/llama_cpp.py --src .device/llama-src.tar.gz --work /tmp/llama \
         --model model.gguf
@@ -30,14 +31,23 @@ CMAKE_FLAGS = [
     "-DLLAMA_BUILD_APP=OFF",  # the trimmed tree has no app/
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
 ]
 
 
-def build(src: Path, work: Path, *, cuda_arch: str = "90", jobs: int | None = None) -> Path:
-    """Unpack ``src`` under ``work`` and build llama-bench; returns the binary. Reuses an
+def build(
+    src: Path,
+    work: Path,
+    *,
+    cuda_arch: str = "90",
+    jobs: int | None = None,
+    target: str = "llama-bench",
+) -> Path:
+    """Unpack ``src`` under ``work`` and build ``target``; returns the binary. Reuses an
     earlier build in the same ``work``. The log goes to ``work/build.log``."""
-    binary = work / "build" / "bin" / "llama-bench"
+    binary = work / "build" / "bin" / target
     if binary.exists():
         return binary
     tree = work / "src"
@@ -46,10 +56,10 @@ def build(src: Path, work: Path, *, cuda_arch: str = "90", jobs: int | None = No
         with tarfile.open(src) as tar:
             tar.extractall(tree, filter="data")
     jobs = jobs or os.cpu_count() or 4
-    log = (work / "build.log").open("w")
+    log = (work / "build.log").open("a")
     configure = ["cmake", "-S", str(tree), "-B", str(work / "build"), "-G", "Ninja"]
     configure += [*CMAKE_FLAGS, f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
-    compile_ = ["cmake", "--build", str(work / "build"), "-j", str(jobs), "--target", "llama-bench"]
+    compile_ = ["cmake", "--build", str(work / "build"), "-j", str(jobs), "--target", target]
     for cmd in (configure, compile_):
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
         if done.returncode:
@@ -100,10 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, help="GGUF to bench (build only without it)")
     ap.add_argument("--cuda-arch", default="90")
     ap.add_argument("--jobs", type=int)
+    ap.add_argument("--server", action="store_true", help="build llama-server too, after")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     binary = build(args.src, args.work, cuda_arch=args.cuda_arch, jobs=args.jobs)
     print(f"llama-bench ready in {time.perf_counter() - start:.0f} s: {binary}", file=sys.stderr)
+    if args.server:
+        server = build(
+            args.src, args.work, cuda_arch=args.cuda_arch, jobs=args.jobs, target="llama-server"
+        )
+        print(
+            f"llama-server ready in {time.perf_counter() - start:.0f} s: {server}", file=sys.stderr
+        )
     if args.model:
         for name, value in summarise(run_bench(binary, args.model)).items():
             print(f"{name:>16}  {value:10.1f}")
