@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from helexa.engine.quant.ops import embedding, linear
 MIN_KV_LEN = 256
 # Sums a row-parallel partial result across tensor-parallel ranks (see parallel.py).
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+# A capturable step, (model, tokens, input_pos, kv_len, *, reduce) -> logits: decode_step,
+# or a model family's own (qwen3_next.decode_step for the hybrid models).
+Step = Callable[..., torch.Tensor]
 
 
 def kv_bucket(pos: int, max_seq: int, minimum: int = MIN_KV_LEN) -> int:
@@ -146,9 +150,15 @@ class GraphDecoder:
     """
 
     def __init__(
-        self, model: Qwen3, *, min_kv_len: int = MIN_KV_LEN, reduce: Reduce | None = None
+        self,
+        model: Any,
+        *,
+        min_kv_len: int = MIN_KV_LEN,
+        reduce: Reduce | None = None,
+        step: Step = decode_step,
     ) -> None:
         self.model = model
+        self.step = step
         self.min_kv_len = min_kv_len
         self.reduce = reduce
         self._graphs: dict[tuple[int, int], _Captured] = {}
@@ -165,7 +175,7 @@ class GraphDecoder:
         kv_len = kv_bucket(pos, model.max_seq, self.min_kv_len)
         if not self.enabled:
             input_pos = torch.tensor([pos], device=model.device)
-            return decode_step(model, tokens, input_pos, kv_len, reduce=self.reduce)
+            return self.step(model, tokens, input_pos, kv_len, reduce=self.reduce)
         self._drop_stale()
         batch = tokens.shape[0]
         inputs = self._inputs.get(batch)
@@ -188,12 +198,12 @@ class GraphDecoder:
         """Graphs hold the addresses of the buffers they were captured with: a new cache
         (even one reusing some of the old addresses) needs new graphs."""
         model = self.model
-        buffers = tuple(
-            t.data_ptr()
-            for blk in model.layers
-            if blk.attn.cache is not None
-            for t in (blk.attn.cache.k, blk.attn.cache.v)
-        ) + tuple(t.data_ptr() for t in (model.cos, model.sin) if t is not None)
+        states = getattr(model, "recurrent_states", list)()  # a hybrid model's, in place
+        buffers = (
+            tuple(t.data_ptr() for cache in model.kv_caches() for t in (cache.k, cache.v))
+            + tuple(t.data_ptr() for state in states for t in state.tensors)
+            + tuple(t.data_ptr() for t in (model.cos, model.sin) if t is not None)
+        )
         if buffers != self._buffers:
             self._graphs.clear()
             self._pool = None
@@ -207,10 +217,10 @@ class GraphDecoder:
         side = torch.cuda.Stream(model.device)
         side.wait_stream(torch.cuda.current_stream(model.device))
         with torch.cuda.stream(side):
-            decode_step(model, inputs.tokens, inputs.pos, kv_len, reduce=self.reduce)
+            self.step(model, inputs.tokens, inputs.pos, kv_len, reduce=self.reduce)
         torch.cuda.current_stream(model.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = decode_step(model, inputs.tokens, inputs.pos, kv_len, reduce=self.reduce)
+            logits = self.step(model, inputs.tokens, inputs.pos, kv_len, reduce=self.reduce)
         self._pool = graph.pool()
         return _Captured(graph, logits)
