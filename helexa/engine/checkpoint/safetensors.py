@@ -82,7 +82,8 @@ def text_model_config(config: dict[str, Any]) -> dict[str, Any]:
     inherited = {
         k: config[k] for k in ("torch_dtype", "dtype", "tie_word_embeddings") if k in config
     }
-    return {**inherited, **config["text_config"], "architectures": [text]}
+    own = {k: v for k, v in config["text_config"].items() if v is not None}
+    return {**inherited, **own, "architectures": [text]}
 
 
 def _text_name(name: str, multimodal: bool) -> str | None:
