@@ -469,11 +469,11 @@ class Qwen3Next:
         only: a GGUF of either is already split, by llama.cpp's converter)."""
         p = f"model.layers.{layer}.linear_attn."
         if p + "in_proj_qkvz.weight" in w:
-            qkv, z = _split_qkvz(w.dense(p + "in_proj_qkvz.weight"), cfg)
+            qkv, z = split_qkvz(w.dense(p + "in_proj_qkvz.weight"), cfg)
         else:
             qkv, z = w.weight(p + "in_proj_qkv.weight"), w.weight(p + "in_proj_z.weight")
         if p + "in_proj_ba.weight" in w:
-            b, a = _split_ba(w.dense(p + "in_proj_ba.weight"), cfg)
+            b, a = split_ba(w.dense(p + "in_proj_ba.weight"), cfg)
         else:
             b, a = w.weight(p + "in_proj_b.weight"), w.weight(p + "in_proj_a.weight")
         hidden, heads = cfg.hidden_size, cfg.linear_num_value_heads
@@ -782,7 +782,7 @@ class Qwen3_5Moe(Qwen3Next):
     config_class: ClassVar[type[Qwen3NextConfig]] = Qwen3_5MoeConfig
 
 
-def _split_qkvz(t: torch.Tensor, cfg: Qwen3NextConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def split_qkvz(t: torch.Tensor, cfg: Qwen3NextConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3-Next's in_proj_qkvz rows, [q, k, v, z] per key head, as (qkv, z): all heads'
     q, then k, then v (grouped), and z, as llama.cpp's converter splits it."""
     r = cfg.linear_num_value_heads // cfg.linear_num_key_heads
@@ -794,7 +794,7 @@ def _split_qkvz(t: torch.Tensor, cfg: Qwen3NextConfig) -> tuple[torch.Tensor, to
     return qkv.contiguous(), z.reshape(-1, hidden).contiguous()
 
 
-def _split_ba(t: torch.Tensor, cfg: Qwen3NextConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def split_ba(t: torch.Tensor, cfg: Qwen3NextConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3-Next's in_proj_ba rows, [b, a] per key head, as (b, a) over all value heads."""
     r = cfg.linear_num_value_heads // cfg.linear_num_key_heads
     b, a = t.reshape(cfg.linear_num_key_heads, 2 * r, -1).split([r, r], dim=1)
