@@ -261,3 +261,37 @@ def test_a_multimodal_qwen3_5_checkpoint_runs_its_text_model(tmp_path: Path) -> 
     # The vision tower is not loaded: every weight is the text model's.
     text_params = sum(p.numel() for n, p in hf.named_parameters() if "visual" not in n)
     assert model.weight_bytes == text_params * 4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kind", HYBRID_KINDS)
+def test_hybrid_graph_replay_equals_eager_step_on_cuda(tmp_path: Path, kind: str) -> None:
+    """The hybrid decode step is captured (conv and delta-rule states stepped in place,
+    routing on the device) and replays to the eager step's logits in bfloat16, across a
+    kv_len bucket boundary; the prefill before it runs the chunked rule on the GPU."""
+    from helexa.engine.checkpoint.safetensors import load_checkpoint
+    from tests.engine.gguf_factories import write_model_gguf
+
+    path = write_model_gguf(tmp_path / "m.gguf", make_tiny_hybrid_hf_model(kind, seed=9))
+
+    def load() -> Qwen3Next:
+        ckpt = load_checkpoint(path, "cuda")
+        model = model_class(ckpt.config).from_checkpoint(ckpt, "cuda", torch.bfloat16)
+        assert isinstance(model, Qwen3Next)
+        model.setup_cache(1, 64)
+        return model
+
+    graphed, eager = load(), load()
+    decoder = GraphDecoder(graphed, min_kv_len=16, step=decode_step)
+    assert decoder.enabled
+    prompt = torch.randint(0, 128, (1, 5), device="cuda")
+    for model in (graphed, eager):
+        model.forward(prompt, torch.arange(5, device="cuda"))
+    token = prompt[:, -1:]
+    for pos in range(5, 20):
+        kv_len = 16 if pos < 16 else 32
+        want = decode_step(eager, token, torch.tensor([pos], device="cuda"), kv_len)
+        got = decoder(token, pos)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        token = want[:, -1].argmax(-1, keepdim=True)
