@@ -13,8 +13,9 @@ of recomputed. Snapshots are an LRU bounded in bytes.
 A hybrid model's linear-attention layers keep a recurrent state instead of per-position
 K/V: it describes exactly one length, the end of what was run, and cannot be cut back. Its
 cache is ``exact``: a prefix is reused only whole, at a length whose state is held (all of
-``held``, or all of a snapshot, which saves the state with the KV); any other prompt is
-prefilled from 0.
+``held``, all of a snapshot, which saves the state with the KV, or the end of the last
+prompt, whose state the store marks when its prefill ends); any other prompt is prefilled
+from 0.
 
 This module is the bookkeeping only, in token ids, with no torch: the copies between the
 device and the host are the :class:`KVStore`'s (helexa.engine.models.kv_cache). It is run
@@ -101,6 +102,7 @@ class PrefixCache:
         self.reused = 0  # prompt tokens the latest begin() found cached
         self.snapshot_bytes = 0  # host memory the snapshots hold now
         self._prompt_len = 0  # where the prompt part of ``held`` ends (generation starts)
+        self._mark = 0  # exact: the length whose state the store has marked (0: none)
         self._snapshots: list[Snapshot] = []  # least recently used first
 
     @property
@@ -109,7 +111,7 @@ class PrefixCache:
 
     def clear(self) -> None:
         """The device cache holds nothing worth reusing (new, or written by a warm-up)."""
-        self.held, self._prompt_len, self.reused = [], 0, 0
+        self.held, self._prompt_len, self.reused, self._mark = [], 0, 0, 0
 
     def begin(self, prompt: Sequence[int]) -> int:
         """Make the device hold the longest cached prefix of ``prompt`` and return its
@@ -117,6 +119,9 @@ class PrefixCache:
         left to prefill, since its logits pick the first new token."""
         limit = max(len(prompt) - 1, 0)
         reuse = self._reusable(self.held, prompt, limit)  # the device, as it is
+        mark = self._mark if self._mark <= limit else 0
+        rewind = reuse < mark == common_prefix(self.held[:mark], prompt)
+        reuse = mark if rewind else reuse
         best = None
         for snap in self._snapshots:
             shared = self._reusable(snap.tokens, prompt, limit)
@@ -131,6 +136,10 @@ class PrefixCache:
             assert self.store is not None
             self._touch(best)
             self.store.restore(best.saved, keep, reuse)
+        elif rewind:
+            self.store.rewind()  # type: ignore[union-attr]
+        if self._mark > keep:
+            self._mark = 0  # positions before it are about to be overwritten
         self.held = list(prompt[:reuse])
         self._prompt_len = len(prompt)
         self.reused = reuse
@@ -143,8 +152,13 @@ class PrefixCache:
         return 0 if self.exact and shared < len(tokens) else shared
 
     def extend(self, tokens: Sequence[int]) -> None:
-        """``tokens`` were just written to the cache, at the positions after ``held``."""
+        """``tokens`` were just written to the cache, at the positions after ``held``.
+        When they complete the prompt, an exact cache has the store mark the state."""
         self.held.extend(tokens)
+        mark = getattr(self.store, "mark", None) if self.exact else None
+        if mark is not None and len(self.held) == self._prompt_len:
+            mark()
+            self._mark = len(self.held)
 
     # -- snapshots ----------------------------------------------------------------------
 

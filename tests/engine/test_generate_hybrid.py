@@ -172,15 +172,32 @@ def test_a_turn_that_extends_the_last_continues_from_its_state(
     assert text == "".join(c["choices"][0]["text"] for c in cold if c["choices"])
 
 
-def test_a_prompt_that_leaves_the_held_sequence_is_prefilled_from_zero(
+def test_a_turn_that_re_renders_the_answer_continues_from_the_prompts_end(
     pair: tuple[LoadedModel, LoadedModel],
 ) -> None:
-    """A common prefix shorter than what is held (here: all of the last prompt, but not
-    its answer) has no state to continue from: the whole prompt is run again."""
+    """The next prompt keeps all of the last one but not its answer (a chat template
+    dropping an earlier turn's thinking): the state marked where that prompt's prefill
+    ended is rewound to, and only the rest is prefilled."""
     model, reference = pair
     first = model.tokenizer.encode(RAW)
     greedy(model, first)
     second = [*first, *model.tokenizer.encode(" and then")]
+    prefills = Prefills(model)
+    got = greedy(model, second)
+    assert model.prompt_cache.reused == len(first)
+    assert prefills.calls[0][:2] == (len(first), len(second) - len(first))
+    assert got == greedy(reference, second)
+
+
+def test_a_prompt_that_leaves_both_is_prefilled_from_zero(
+    pair: tuple[LoadedModel, LoadedModel],
+) -> None:
+    """A common prefix that ends before the last prompt did has no state to continue
+    from, however long it is: the whole prompt runs again."""
+    model, reference = pair
+    first = model.tokenizer.encode(RAW)
+    greedy(model, first)
+    second = [*first[:-3], *model.tokenizer.encode(" instead")]
     prefills = Prefills(model)
     got = greedy(model, second)
     assert model.prompt_cache.reused == 0

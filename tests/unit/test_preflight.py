@@ -352,9 +352,10 @@ def test_estimate_of_a_hybrid_counts_attention_kv_and_the_recurrent_state(kind: 
     plan = estimate(facts, 32768, kind)  # type: ignore[arg-type]
     dtype = 2 if kind == "cuda" else 4
     # 12 of 48 layers are full attention; the other 36 hold a conv tail (3 positions of
-    # 2*16*128 + 32*128 channels) and a float32 128x128 memory per value head.
+    # 2*16*128 + 32*128 channels) and a float32 128x128 memory per value head, twice (the
+    # live state and the one marked at the end of the last prompt).
     assert plan.kv_mb == kv_cache_mb(12, 2, 256, 32768, dtype)
-    state = 36 * ((2 * 16 * 128 + 32 * 128) * 3 * dtype + 32 * 128 * 128 * 4)
+    state = 36 * 2 * ((2 * 16 * 128 + 32 * 128) * 3 * dtype + 32 * 128 * 128 * 4)
     assert plan.state_mb == -(-state // MB) > 0
     assert plan.needed_mb == 45000 + plan.kv_mb + plan.state_mb + overhead_mb(45000)
 
@@ -372,5 +373,5 @@ def test_check_hybrid_checkpoints_count_their_state(tmp_path: Path) -> None:
     assert [p.architecture for p in plans] == ["Qwen3_5ForCausalLM", "qwen35"]
     for plan in plans:
         assert plan.kv_mb == kv_cache_mb(1, 2, 16, 128, 2)  # one attention layer of four
-        assert plan.state_mb == 1  # 3 layers x (96 x 3 x 2 + 4 x 16 x 8 x 4) bytes, rounded up
+        assert plan.state_mb == 1  # 3 layers x 2 x (96 x 3 x 2 + 4 x 16 x 8 x 4) bytes, rounded up
         assert plan.needed_mb == plan.weights_mb + plan.kv_mb + 1 + overhead_mb(plan.weights_mb)

@@ -10,6 +10,11 @@ captured decode step keeps pointing at the same buffers.
 
 The delta-rule memory is float32 whatever the compute dtype, as transformers and fla keep
 it: it accumulates over the whole sequence and bfloat16 would drift.
+
+Each state also keeps one device-side copy, the *mark*, taken where a prompt's prefill
+ends: the next turn of a chat usually re-sends that prompt but renders the answer after
+it differently (an earlier turn's thinking dropped), so the state at the end of the
+answer is of no use to it while the one at the end of the prompt is.
 """
 
 from __future__ import annotations
@@ -38,21 +43,34 @@ class RecurrentState:
     ) -> None:
         self.conv = torch.zeros(batch, conv_dim, kernel - 1, dtype=dtype, device=device)
         self.ssm = torch.zeros(batch, heads, k_dim, v_dim, dtype=torch.float32, device=device)
+        self.marked = (torch.zeros_like(self.conv), torch.zeros_like(self.ssm))
 
     @property
     def nbytes(self) -> int:
-        return self.conv.nbytes + self.ssm.nbytes
+        """The live state and its mark."""
+        return 2 * (self.conv.nbytes + self.ssm.nbytes)
 
     @property
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live state: what a step reads and writes (a captured graph's buffers)."""
         return self.conv, self.ssm
+
+    def mark(self) -> None:
+        for live, copy in zip(self.tensors, self.marked, strict=True):
+            copy.copy_(live)
+
+    def rewind(self) -> None:
+        """Back to the state :meth:`mark` copied, in place."""
+        for live, copy in zip(self.tensors, self.marked, strict=True):
+            live.copy_(copy)
 
 
 def state_bytes(
     conv_dim: int, kernel: int, heads: int, k_dim: int, v_dim: int, dtype_bytes: int
 ) -> int:
-    """One layer's :class:`RecurrentState` at batch 1, before it is allocated (preflight)."""
-    return conv_dim * (kernel - 1) * dtype_bytes + heads * k_dim * v_dim * 4
+    """One layer's :class:`RecurrentState` (and its mark) at batch 1, before it is
+    allocated (preflight)."""
+    return 2 * (conv_dim * (kernel - 1) * dtype_bytes + heads * k_dim * v_dim * 4)
 
 
 @dataclass
@@ -82,7 +100,20 @@ class HybridSnapshots(HostSnapshots):
 
     @property
     def state_bytes(self) -> int:
-        return sum(s.nbytes // s.conv.shape[0] for s in self._states())
+        """What one snapshot's states take: each layer's live state, row 0."""
+        return sum(t[0].nbytes for s in self._states() for t in s.tensors)
+
+    @torch.inference_mode()
+    def mark(self) -> None:
+        """Keep a device-side copy of every layer's state as it is now (a prompt's end)."""
+        for state in self._states():
+            state.mark()
+
+    @torch.inference_mode()
+    def rewind(self) -> None:
+        """Every layer's state back to the last :meth:`mark`."""
+        for state in self._states():
+            state.rewind()
 
     @torch.inference_mode()
     def save(self, length: int) -> HybridSnapshot:

@@ -171,8 +171,9 @@ def test_memory_counts_weights_kv_of_attention_layers_and_the_states(hybrid: Any
     conv = (2 * 2 * 16 + 4 * 8) * (4 - 1) * 4
     memory = 4 * 16 * 8 * 4  # value heads x k_dim x v_dim, float32
     assert len(model.kv_caches()) == 1 and len(model.recurrent_states()) == 3
-    assert model.cache_bytes == kv + 3 * (conv + memory)
-    assert cfg.recurrent_state_bytes(4) == 3 * (conv + memory)
+    state = 2 * (conv + memory)  # the live state and its mark (a prompt's end)
+    assert model.cache_bytes == kv + 3 * state
+    assert cfg.recurrent_state_bytes(4) == 3 * state
     assert model.nbytes == model.weight_bytes + model.cache_bytes
 
 
