@@ -183,6 +183,9 @@ def make_tiny_hybrid_hf_model(
         "qwen3_5_moe": (Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, TINY_HYBRID_MOE),
     }
     model_cls, config_cls, extra = classes[kind]
+    if kind != "qwen3_next":  # Qwen3.5's M-RoPE sections, as its config.json has them
+        rope = {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25}
+        extra = {**extra, "rope_parameters": {**rope, "mrope_section": [1, 1, 0]}}
     config = config_cls(vocab_size=vocab_size, **{**TINY_HYBRID_SHAPE, **extra, **overrides})
     model = model_cls(config).eval()
     randomize(model, seed)
@@ -196,3 +199,27 @@ def zero_centred(model: PreTrainedModel) -> None:
     for name, param in model.named_parameters():
         if name.endswith("norm.weight") and "linear_attn." not in name:
             param.sub_(1.0)
+
+
+def make_tiny_multimodal_qwen3_5(vocab_size: int = 128, *, seed: int = 0) -> PreTrainedModel:
+    """A float32, eval-mode Qwen3_5ForConditionalGeneration: a one-block vision tower
+    beside the tiny Qwen3.5 text model, saved (save_pretrained) as its repo would be."""
+    from transformers.models.qwen3_5 import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=16,
+    )
+    text = {**TINY_HYBRID_SHAPE, "vocab_size": vocab_size, "intermediate_size": 128}
+    config = Qwen3_5Config(text_config=text, vision_config=vision)
+    model = Qwen3_5ForConditionalGeneration(config).eval()
+    randomize(model, seed)
+    zero_centred(model)
+    return model

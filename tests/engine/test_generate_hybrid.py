@@ -25,7 +25,12 @@ from helexa.engine.sampling import SamplingParams
 from helexa.engine.text.chat_template import QWEN3_TEMPLATE, render_chat
 from helexa.engine.text.parsers import OutputParser
 from helexa.engine.text.tokenizer import Tokenizer
-from tests.engine.factories import HYBRID_KINDS, make_tiny_hybrid_hf_model, save_model_dir
+from tests.engine.factories import (
+    HYBRID_KINDS,
+    make_tiny_hybrid_hf_model,
+    make_tiny_multimodal_qwen3_5,
+    save_model_dir,
+)
 from tests.engine.gguf_factories import write_model_gguf
 from tests.engine.tiny_tokenizer import make_tiny_tokenizer_config, make_tiny_tokenizer_json
 
@@ -229,17 +234,34 @@ def test_an_earlier_conversation_comes_back_with_its_state(
     assert got == greedy(reference, back)
 
 
+@pytest.fixture(scope="module")
+def multimodal(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer
+) -> tuple[PreTrainedModel, Path]:
+    """A Qwen3.5 repo with its vision tower (Qwen3_5ForConditionalGeneration)."""
+    hf = make_tiny_multimodal_qwen3_5(tokenizer.vocab_size, seed=41)
+    path = save_model_dir(
+        tmp_path_factory.mktemp("vl"),
+        hf,
+        tokenizer_json=make_tiny_tokenizer_json(),
+        tokenizer_config=make_tiny_tokenizer_config(),
+    )
+    return hf, path
+
+
 @pytest.fixture
 async def gateway(
-    checkpoints: dict[str, tuple[str, Path]], tmp_path: Path
+    checkpoints: dict[str, tuple[str, Path]], multimodal: tuple[PreTrainedModel, Path]
 ) -> AsyncIterator[tuple[Service, Any]]:
     """``helexa --serve`` in-process: the gateway and its local neuron, every checkpoint
     in the catalogue by path, loaded on first use."""
+    paths = {name: path for name, (_, path) in checkpoints.items()}
+    paths["qwen3_5-vl"] = multimodal[1]
     settings = Settings(
         gateway=GatewaySettings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0"),
         models=[
             ModelProfile(id=name, path=str(path), context_length=CONTEXT)
-            for name, (_, path) in checkpoints.items()
+            for name, path in paths.items()
         ],
     )
     service = Service(settings)
@@ -304,3 +326,30 @@ async def test_models_list_a_hybrid_model_with_its_context_and_memory(
     listed = {m.id: m for m in (await client.models.list()).data}
     extra = listed["qwen3_5"].model_extra or {}
     assert extra.get("context_length") == CONTEXT
+
+
+@CPU_ONLY
+async def test_a_multimodal_qwen3_5_serves_text_and_refuses_images(
+    gateway: tuple[Service, Any],
+    multimodal: tuple[PreTrainedModel, Path],
+    tokenizer: Tokenizer,
+) -> None:
+    """A Qwen3.5 repo with a vision tower is served as its text model (greedy text as
+    transformers' Qwen3_5ForConditionalGeneration gives it); a request with an image is a
+    400 in the caller's dialect, not a model that silently ignores it."""
+    _, client = gateway
+    hf, _ = multimodal
+    text = await client.completions.create(
+        model="qwen3_5-vl", prompt=RAW, temperature=0, max_tokens=NEW_TOKENS
+    )
+    expected = until_eos(hf_greedy(hf, tokenizer.encode(RAW)), frozenset(tokenizer.eos_token_ids))
+    assert text.choices[0].text == tokenizer.decode(expected)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(
+            model="qwen3_5-vl",
+            messages=[{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}],
+            max_tokens=4,
+        )
+    assert err.value.status_code == 400
+    assert "images are not supported" in str(err.value.message)

@@ -283,15 +283,19 @@ def _hybrid_fields(config: Mapping[str, Any], arch: str) -> list[tuple[str, Any,
     if interval is None:
         raise ValueError(f"layer_types {cfg.layer_types} are not every n-th layer full attention")
     u32 = GGUFValueType.UINT32
-    return [
+    fields = [
         (f"{arch}.ssm.inner_size", cfg.value_dim, u32),
         (f"{arch}.rope.dimension_count", cfg.rotary_dim, u32),
-        *(
-            [(f"{arch}.full_attention_interval", interval, u32)]
-            if not config.get("full_attention_interval")
-            else []
-        ),
     ]
+    if not config.get("full_attention_interval"):
+        fields.append((f"{arch}.full_attention_interval", interval, u32))
+    # Qwen3.5's M-RoPE sections, padded to four as the converter's TextModel does (text
+    # positions are the same on every axis, so they change nothing for text).
+    sections = (config.get("rope_parameters") or {}).get("mrope_section")
+    if sections:
+        padded = [*sections, 0, 0, 0, 0][:4] if len(sections) < 4 else list(sections[:4])
+        fields.append((f"{arch}.rope.dimension_sections", padded, GGUFValueType.ARRAY))
+    return fields
 
 
 def _typed(value: Any) -> tuple[Any, GGUFValueType, GGUFValueType | None]:

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import PreTrainedModel
 
 from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
 from helexa.engine.checkpoint.safetensors import load_safetensors_dir, read_config
@@ -34,7 +33,12 @@ from helexa.engine.models.qwen3_next import (
     recurrent_delta_step,
 )
 from tests.engine.devices import DEVICES
-from tests.engine.factories import HYBRID_KINDS, make_tiny_hybrid_hf_model, save_model_dir
+from tests.engine.factories import (
+    HYBRID_KINDS,
+    make_tiny_hybrid_hf_model,
+    make_tiny_multimodal_qwen3_5,
+    save_model_dir,
+)
 
 ATOL = 1e-4
 PROMPT = 150  # past two delta-rule chunks of 64
@@ -217,36 +221,9 @@ def test_a_wrongly_shaped_tensor_is_named(tmp_path: Path) -> None:
         Qwen3_5.from_checkpoint(ckpt)
 
 
-def multimodal_qwen3_5(path: Path, seed: int) -> PreTrainedModel:
-    """A tiny Qwen3_5ForConditionalGeneration (a vision tower beside the text model),
-    saved as its repo would be."""
-    from transformers.models.qwen3_5 import Qwen3_5Config, Qwen3_5ForConditionalGeneration
-
-    from tests.engine.factories import TINY_HYBRID_SHAPE, randomize, zero_centred
-
-    vision = dict(
-        depth=1,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=64,
-        patch_size=4,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        num_position_embeddings=16,
-    )
-    text = {**TINY_HYBRID_SHAPE, "vocab_size": 128, "intermediate_size": 128}
-    model = Qwen3_5ForConditionalGeneration(
-        Qwen3_5Config(text_config=text, vision_config=vision)
-    ).eval()
-    randomize(model, seed)
-    zero_centred(model)
-    model.save_pretrained(path)
-    return model
-
-
 def test_a_multimodal_qwen3_5_checkpoint_runs_its_text_model(tmp_path: Path) -> None:
-    hf = multimodal_qwen3_5(tmp_path, seed=7)
+    hf = make_tiny_multimodal_qwen3_5(seed=7)
+    hf.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [
         "Qwen3_5ForConditionalGeneration"
     ]
