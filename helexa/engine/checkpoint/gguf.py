@@ -122,6 +122,7 @@ HYBRID_LAYER_NAMES: dict[str, str] = {
     "attn_qkv": "linear_attn.in_proj_qkv",
     "attn_gate": "linear_attn.in_proj_z",
     "ssm_ba": "linear_attn.in_proj_ba",  # qwen3next: b and a interleaved per key head
+    "ssm_in": "linear_attn.in_proj_qkvz",  # qwen3next files from before the split
     "ssm_beta": "linear_attn.in_proj_b",
     "ssm_alpha": "linear_attn.in_proj_a",
     "ssm_conv1d": "linear_attn.conv1d",

@@ -214,10 +214,16 @@ class GraphDecoder:
         # Warm up on a side stream, as torch.cuda.graphs asks: first-call work (Triton
         # compile + autotune, cuBLAS handles) must not happen during capture. The step is
         # the real one, so the cache entry it writes is the one the replay rewrites.
+        # A hybrid model's recurrent states are stepped, not rewritten: put them back after
+        # the warm-up, so the replay that follows applies this token once.
+        states = [t for s in getattr(model, "recurrent_states", list)() for t in s.tensors]
+        before = [t.clone() for t in states]
         side = torch.cuda.Stream(model.device)
         side.wait_stream(torch.cuda.current_stream(model.device))
         with torch.cuda.stream(side):
             self.step(model, inputs.tokens, inputs.pos, kv_len, reduce=self.reduce)
+            for t, saved in zip(states, before, strict=True):
+                t.copy_(saved)
         torch.cuda.current_stream(model.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):

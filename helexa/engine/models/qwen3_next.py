@@ -48,7 +48,7 @@ from helexa.engine.models.qwen3 import (
     apply_rope,
     rope_tables,
 )
-from helexa.engine.models.qwen3_moe import PROJECTIONS, SparseMoE
+from helexa.engine.models.qwen3_moe import PROJECTIONS, SparseMoE, load_sparse_moe
 from helexa.engine.models.recurrent_state import HybridSnapshots, RecurrentState, state_bytes
 from helexa.engine.quant.ops import embedding, linear
 from helexa.engine.quant.tensor import QuantizedTensor
@@ -510,19 +510,9 @@ class Qwen3Next:
         p = f"model.layers.{layer}.mlp."
         if not cfg.is_sparse(layer):
             return MLP(*(w.weight(f"{p}{name}.weight") for name in PROJECTIONS))
-        e, ffn, hidden = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        router = w.dense(p + "gate.weight")
-        gate, up, down = (w.weight(f"{p}experts.{name}.weight") for name in PROJECTIONS)
-        for name, t, shape in (
-            ("gate.weight", router, (e, hidden)),
-            ("experts.gate_proj.weight", gate, (e, ffn, hidden)),
-            ("experts.up_proj.weight", up, (e, ffn, hidden)),
-            ("experts.down_proj.weight", down, (e, hidden, ffn)),
-        ):
-            _expect(w, p + name, t, shape)
-        experts = SparseMoE(router, gate, up, down, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        experts = load_sparse_moe(w, p, cfg)
         shared = MLP(*(w.weight(f"{p}shared_expert.{name}.weight") for name in PROJECTIONS))
-        shared_gate = w.dense(p + "shared_expert_gate.weight").reshape(1, hidden)
+        shared_gate = w.dense(p + "shared_expert_gate.weight").reshape(1, cfg.hidden_size)
         return SharedExpertMoE(experts, shared, shared_gate)
 
     # -- memory ---------------------------------------------------------------------------

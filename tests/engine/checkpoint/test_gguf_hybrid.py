@@ -15,7 +15,12 @@ from gguf import GGUFReader, Keys
 from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
 from transformers import PreTrainedModel
 
-from helexa.engine.checkpoint.gguf import gguf_tensor_name, load_gguf, read_gguf_info
+from helexa.engine.checkpoint.gguf import (
+    gguf_tensor_name,
+    hf_tensor_name,
+    load_gguf,
+    read_gguf_info,
+)
 from helexa.engine.checkpoint.safetensors import load_safetensors_dir
 from helexa.engine.models.architectures import model_class
 from helexa.engine.models.qwen3_next import Qwen3Next
@@ -85,6 +90,10 @@ def test_names_are_gguf_pys_for_the_architecture(
         assert mapped is not None, hf_name
         expected.add(mapped)
     assert names == expected
+    # Older qwen3next conversions kept in_proj_qkvz whole, as ssm_in: still readable.
+    if kind == "qwen3_next":
+        fused = "model.layers.0.linear_attn.in_proj_qkvz.weight"
+        assert hf_tensor_name("blk.0.ssm_in.weight", "qwen3next") == fused
     # And our own name table agrees with gguf-py's for every tensor it maps one to one.
     for hf_name in hf.state_dict():
         if ".experts." in hf_name or "in_proj_qkvz" in hf_name or "A_log" in hf_name:
