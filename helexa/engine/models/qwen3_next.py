@@ -120,10 +120,13 @@ class Qwen3NextConfig(Qwen3Config):
     @classmethod
     def check(cls, config: dict[str, Any], source: str = "") -> None:
         super().check(config, source)
+        detail = ""
         if config.get("attention_bias"):
-            raise UnsupportedArchitecture(
-                cls.ARCHITECTURE, source=source, detail="attention_bias=true is not supported"
-            )
+            detail = "attention_bias=true is not supported"
+        elif config.get("attn_output_gate") is False:
+            detail = "attn_output_gate=false is not supported"
+        if detail:
+            raise UnsupportedArchitecture(cls.ARCHITECTURE, source=source, detail=detail)
 
     def __post_init__(self) -> None:
         if len(self.layer_types) != self.num_hidden_layers:
@@ -134,6 +137,8 @@ class Qwen3NextConfig(Qwen3Config):
         unknown = sorted(set(self.layer_types) - {LINEAR, FULL})
         if unknown:
             raise CheckpointError(f"layer_types {unknown} are not {LINEAR!r} or {FULL!r}")
+        if FULL not in self.layer_types:  # the KV cache is what sizes the context
+            raise CheckpointError("layer_types has no full_attention layer")
         if self.linear_num_value_heads % self.linear_num_key_heads:
             raise CheckpointError(
                 f"linear_num_value_heads {self.linear_num_value_heads} is not a multiple of "

@@ -208,8 +208,12 @@ def test_config_reading_and_the_architecture_table() -> None:
         Qwen3NextConfig.from_hf({**config, "layer_types": [LINEAR, "sliding", LINEAR, FULL]})
     with pytest.raises(CheckpointError, match="not a multiple"):
         Qwen3NextConfig.from_hf({**config, "linear_num_value_heads": 3})
+    with pytest.raises(CheckpointError, match="no full_attention layer"):
+        Qwen3NextConfig.from_hf({**config, "layer_types": [LINEAR] * 4})
     with pytest.raises(UnsupportedArchitecture, match="attention_bias"):
         model_class({**config, "attention_bias": True})
+    with pytest.raises(UnsupportedArchitecture, match="attn_output_gate"):
+        model_class({**config, "attn_output_gate": False})
 
 
 def test_a_wrongly_shaped_tensor_is_named(tmp_path: Path) -> None:
