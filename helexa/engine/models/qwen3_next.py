@@ -470,8 +470,8 @@ class Qwen3Next:
 
     @staticmethod
     def _delta_net(cfg: Qwen3NextConfig, layer: int, w: CheckpointWeights) -> GatedDeltaNet:
-        """Qwen3.5's tensors as they are; Qwen3-Next's fused ones split into them (float
-        only: a GGUF of either is already split, by llama.cpp's converter)."""
+        """Qwen3.5's tensors as they are; Qwen3-Next's fused ones (its safetensors, a
+        qwen3next GGUF's ssm_ba, an older one's ssm_in) made dense and split into them."""
         p = f"model.layers.{layer}.linear_attn."
         if p + "in_proj_qkvz.weight" in w:
             qkv, z = split_qkvz(w.dense(p + "in_proj_qkvz.weight"), cfg)
