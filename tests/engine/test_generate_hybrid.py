@@ -353,3 +353,31 @@ async def test_a_multimodal_qwen3_5_serves_text_and_refuses_images(
         )
     assert err.value.status_code == 400
     assert "images are not supported" in str(err.value.message)
+
+
+def test_a_chat_turn_reports_the_last_prompt_as_cached(
+    pair: tuple[LoadedModel, LoadedModel],
+) -> None:
+    """Through the chat template: the next turn re-renders the answer, so what is cached
+    is the last prompt (up to where its answer began), from the state marked there, and
+    the turn says what a cold cache says."""
+    model, reference = pair
+    system = {"role": "system", "content": "You are terse. Answer in one line."}
+
+    def turn(*messages: dict[str, Any], on: LoadedModel = model) -> tuple[str, dict[str, Any]]:
+        request = {"messages": list(messages), "temperature": 0, "max_tokens": 8}
+        chunks = list(on.stream_chat(request, threading.Event()))
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        text = "".join(
+            (d.get("reasoning_content") or "") + (d.get("content") or "") for d in deltas
+        )
+        return text, chunks[-1]["usage"]
+
+    _, usage = turn(system, *MESSAGES)
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+    first = model.tokenizer.encode(model.render({"messages": [system, *MESSAGES]}))
+    again = [system, *MESSAGES, {"role": "assistant", "content": "It adds."}, *MESSAGES]
+    text, usage = turn(*again)
+    assert usage["prompt_tokens_details"] == {"cached_tokens": len(first)}
+    cold_usage = {**usage, "prompt_tokens_details": {"cached_tokens": 0}}
+    assert turn(*again, on=reference) == (text, cold_usage)
