@@ -754,8 +754,8 @@ class Qwen3Next:
         return self._delta_out(net, y, z)
 
     def _delta_step(self, net: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
-        """One token: the conv as a dot over [history, x], the recurrent delta rule; both
-        states updated in place (graph-capturable)."""
+        """One token: the conv over [history, x] (one output), the recurrent delta rule;
+        both states updated in place (graph-capturable)."""
         state = net.state
         assert state is not None
         batch = x.shape[0]
@@ -763,7 +763,8 @@ class Qwen3Next:
         conv = state.conv[:batch]
         window = torch.cat((conv, mixed.to(conv.dtype)), dim=-1)  # [B, C, K]
         conv.copy_(window[..., 1:])
-        conv_out = F.silu((window * net.conv).sum(dim=-1, keepdim=True))  # [B, C, 1]
+        # The same depthwise conv as prefill (fp32 accumulation), over exactly one window.
+        conv_out = F.silu(F.conv1d(window, net.conv[:, None, :], groups=net.conv.shape[0]))
         q, k, v = self._split_heads(conv_out.to(x.dtype))
         y = recurrent_delta_step(q, k, v, g, beta, state.ssm[:batch])
         return self._delta_out(net, y, z)
