@@ -251,7 +251,11 @@ def _config_fields(config: Mapping[str, Any], arch: str) -> list[tuple[str, Any,
     fields.append((f"{arch}.attention.value_length", values["head_dim"], GGUFValueType.UINT32))
     if arch in HYBRID_ARCHITECTURES:
         fields += _hybrid_fields(config, arch)
-    if arch == "qwen3moe" and not config.get("norm_topk_prob", False):
+    # Qwen3.5-MoE has no norm_topk_prob (it always renormalises); Qwen3-Next says true.
+    raw_topk = (arch == "qwen3moe" and not config.get("norm_topk_prob", False)) or (
+        arch in HYBRID_ARCHITECTURES and config.get("norm_topk_prob") is False
+    )
+    if raw_topk:
         fields.append((f"{arch}.expert_weights_norm", False, GGUFValueType.BOOL))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":

@@ -258,3 +258,22 @@ def test_a_quantized_gguf_runs_as_its_dequantized_weights(
         model.setup_cache(1, 128)
         logits.append(model.forward(tokens, torch.arange(80)))
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
+
+
+def test_raw_top_k_weights_survive_the_file(tmp_path: Path) -> None:
+    """A Qwen3-Next with norm_topk_prob false says so (expert_weights_norm, which llama.cpp's
+    MoE reads) and loads as such; Qwen3.5-MoE, which has no such option, is renormalising."""
+    hf = make_tiny_hybrid_hf_model("qwen3_next", seed=22, norm_topk_prob=False)
+    path = write_model_gguf(tmp_path / "raw.gguf", hf)
+    assert field(GGUFReader(path), "qwen3next.expert_weights_norm") is False
+    ckpt = load_gguf(path)
+    model = model_class(ckpt.config).from_checkpoint(ckpt)
+    assert isinstance(model, Qwen3Next) and model.config.norm_topk_prob is False
+    model.setup_cache(1, 128)
+    tokens = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    torch.testing.assert_close(model.forward(tokens, torch.arange(70)), expected, atol=1e-4, rtol=0)
+    moe = write_model_gguf(tmp_path / "moe.gguf", make_tiny_hybrid_hf_model("qwen3_5_moe"))
+    assert field(GGUFReader(moe), "qwen35moe.expert_weights_norm") is None
+    assert load_gguf(moe).config["norm_topk_prob"] is True
