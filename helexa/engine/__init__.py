@@ -8,11 +8,13 @@ nothing, so ``import helexa.engine`` never pulls in torch):
 - ``worker.DeviceWorker(device)``: the one thread that runs all torch work for a device.
 - ``checkpoint.safetensors.load_checkpoint(path, device)``: either format as a ``Checkpoint``.
 - ``models.architectures.model_class(config).from_checkpoint(ckpt, device, dtype)``: the
-  model itself (``models.qwen3.Qwen3`` or ``models.qwen3_moe.Qwen3Moe``).
+  model itself (``models.qwen3.Qwen3``, ``models.qwen3_moe.Qwen3Moe``, or one of the
+  hybrid ``models.qwen3_next`` classes: Qwen3-Next, Qwen3.5, Qwen3.5-MoE).
 
 Layout: ``generate`` (the model and its token loop), ``request`` (an OpenAI request read
 into a prompt and a token budget), ``sampling``, ``json_mode`` and ``worker`` at the top;
 ``checkpoint/`` (files on disk -> Checkpoint), ``quant/`` (quantized weights and matmuls),
-``models/`` (Qwen3, Qwen3-MoE, the KV cache, CUDA graphs, parallelism) and ``text/``
+``models/`` (Qwen3, Qwen3-MoE, the hybrid Qwen3-Next/Qwen3.5, the KV cache and the
+recurrent state, CUDA graphs, parallelism) and ``text/``
 (tokenizer, chat templates, output parsing, stop strings) below.
 """

@@ -155,6 +155,8 @@ class LoadedModel:
         from helexa.engine.checkpoint.safetensors import is_gguf, load_checkpoint, read_config
         from helexa.engine.models.architectures import model_class
         from helexa.engine.models.kv_cache import HostSnapshots
+        from helexa.engine.models.qwen3_next import Qwen3Next
+        from helexa.engine.models.qwen3_next import decode_step as hybrid_decode_step
 
         path = Path(path)
         device = torch.device(device)
@@ -169,13 +171,18 @@ class LoadedModel:
         ckpt.tensors.clear()  # the model holds what it needs; drop the loader's references
         context = context_length or min(model.config.max_position_embeddings, DEFAULT_CONTEXT)
         model.setup_cache(1, context)
+        hybrid = isinstance(model, Qwen3Next)
         decode = None
         if cuda:  # replay decode steps from CUDA graphs
             from helexa.engine.models.cuda_graph import GraphDecoder
 
-            decode = GraphDecoder(model)
+            decode = GraphDecoder(model, step=hybrid_decode_step) if hybrid else GraphDecoder(model)
         if prompt_cache_mb is None:
             prompt_cache_mb = PROMPT_CACHE_MB_CUDA if cuda else 0
+        if hybrid:  # recurrent state: reusable only at its own length
+            prompt_cache = PrefixCache(model.snapshots(), prompt_cache_mb << 20, exact=True)
+        else:
+            prompt_cache = PrefixCache(HostSnapshots(model.kv_caches), prompt_cache_mb << 20)
         loaded = cls(
             model=model,
             tokenizer=tokenizer,
@@ -184,7 +191,7 @@ class LoadedModel:
             eos_token_ids=eos_ids(tokenizer, ckpt.generation_config),
             name=name or path.name,
             decode=decode,
-            prompt_cache=PrefixCache(HostSnapshots(model.kv_caches), prompt_cache_mb << 20),
+            prompt_cache=prompt_cache,
         )
         if cuda:
             loaded.warm_up(_share(progress, WEIGHTS_SHARE, 1.0))

@@ -10,6 +10,13 @@ is about to overwrite are first copied to host memory as a :class:`Snapshot`, an
 prompt that shares more with a snapshot than with the device gets it copied back instead
 of recomputed. Snapshots are an LRU bounded in bytes.
 
+A hybrid model's linear-attention layers keep a recurrent state instead of per-position
+K/V: it describes exactly one length, the end of what was run, and cannot be cut back. Its
+cache is ``exact``: a prefix is reused only whole, at a length whose state is held (all of
+``held``, all of a snapshot, which saves the state with the KV, or the end of the last
+prompt, whose state the store marks when its prefill ends); any other prompt is prefilled
+from 0.
+
 This module is the bookkeeping only, in token ids, with no torch: the copies between the
 device and the host are the :class:`KVStore`'s (helexa.engine.models.kv_cache). It is run
 from the one worker thread that owns the model (helexa.engine.worker runs one job at a
@@ -74,7 +81,9 @@ class PrefixCache:
     :meth:`extend` with every token it feeds the model (prompt chunks, then each sampled
     token fed back), so ``held`` is always exactly the positions whose K/V are valid.
     ``store`` None (or a ``budget_bytes`` of 0) keeps no snapshots: only what the device
-    still holds is reused.
+    still holds is reused. ``exact`` (a model with recurrent state) reuses a prefix only
+    at its full length; such a store says how much its per-snapshot state takes
+    (``state_bytes``), counted against the budget beside the per-token KV.
     """
 
     def __init__(
@@ -83,14 +92,17 @@ class PrefixCache:
         budget_bytes: int = 0,
         *,
         min_snapshot_tokens: int = MIN_SNAPSHOT_TOKENS,
+        exact: bool = False,
     ) -> None:
         self.store = store
+        self.exact = exact
         self.budget_bytes = budget_bytes if store is not None else 0
         self.min_snapshot_tokens = min_snapshot_tokens
         self.held: list[int] = []
         self.reused = 0  # prompt tokens the latest begin() found cached
         self.snapshot_bytes = 0  # host memory the snapshots hold now
         self._prompt_len = 0  # where the prompt part of ``held`` ends (generation starts)
+        self._mark = 0  # exact: the length whose state the store has marked (0: none)
         self._snapshots: list[Snapshot] = []  # least recently used first
 
     @property
@@ -99,17 +111,20 @@ class PrefixCache:
 
     def clear(self) -> None:
         """The device cache holds nothing worth reusing (new, or written by a warm-up)."""
-        self.held, self._prompt_len, self.reused = [], 0, 0
+        self.held, self._prompt_len, self.reused, self._mark = [], 0, 0, 0
 
     def begin(self, prompt: Sequence[int]) -> int:
         """Make the device hold the longest cached prefix of ``prompt`` and return its
         length: the position prefill starts at. At least the last prompt token is always
         left to prefill, since its logits pick the first new token."""
         limit = max(len(prompt) - 1, 0)
-        reuse = min(common_prefix(self.held, prompt), limit)  # the device, as it is
+        reuse = self._reusable(self.held, prompt, limit)  # the device, as it is
+        mark = self._mark if self._mark <= limit else 0
+        rewind = reuse < mark == common_prefix(self.held[:mark], prompt)
+        reuse = mark if rewind else reuse
         best = None
         for snap in self._snapshots:
-            shared = min(common_prefix(snap.tokens, prompt), limit)
+            shared = self._reusable(snap.tokens, prompt, limit)
             if shared > reuse:
                 best, reuse = snap, shared
         # The first position about to be overwritten (by the restore, then the prefill);
@@ -121,14 +136,29 @@ class PrefixCache:
             assert self.store is not None
             self._touch(best)
             self.store.restore(best.saved, keep, reuse)
+        elif rewind:
+            self.store.rewind()  # type: ignore[union-attr]
+        if self._mark > keep:
+            self._mark = 0  # positions before it are about to be overwritten
         self.held = list(prompt[:reuse])
         self._prompt_len = len(prompt)
         self.reused = reuse
         return reuse
 
+    def _reusable(self, tokens: Sequence[int], prompt: Sequence[int], limit: int) -> int:
+        """How much of ``prompt`` the cached ``tokens`` can stand for: their common prefix
+        (at most ``limit``), or, when ``exact``, all of them or nothing."""
+        shared = min(common_prefix(tokens, prompt), limit)
+        return 0 if self.exact and shared < len(tokens) else shared
+
     def extend(self, tokens: Sequence[int]) -> None:
-        """``tokens`` were just written to the cache, at the positions after ``held``."""
+        """``tokens`` were just written to the cache, at the positions after ``held``.
+        When they complete the prompt, an exact cache has the store mark the state."""
         self.held.extend(tokens)
+        mark = getattr(self.store, "mark", None) if self.exact else None
+        if mark is not None and len(self.held) == self._prompt_len:
+            mark()
+            self._mark = len(self.held)
 
     # -- snapshots ----------------------------------------------------------------------
 
@@ -143,16 +173,20 @@ class PrefixCache:
             return
         lost = min(self._prompt_len, len(self.held)) - keep
         per_token = max(self.store.bytes_per_token, 1)
-        tokens = self.held[: self.budget_bytes // per_token]
+        state = getattr(self.store, "state_bytes", 0) if self.exact else 0
+        tokens = self.held[: max(self.budget_bytes - state, 0) // per_token]
+        if self.exact and len(tokens) < len(self.held):
+            return  # the state is at the end of held: a cut-down copy could never be reused
         if min(lost, len(tokens) - keep) < self.min_snapshot_tokens:
             return
         for snap in self._snapshots:
-            if common_prefix(snap.tokens, tokens) == len(tokens):
-                self._touch(snap)  # already saved, as part of a longer one
+            shared = common_prefix(snap.tokens, tokens)
+            if shared == len(tokens) and (not self.exact or shared == len(snap.tokens)):
+                self._touch(snap)  # already saved, as part of a longer one (or exactly)
                 return
         # Earlier snapshots of this same conversation (prefixes of it) are superseded;
         # then the least recently used make room.
-        nbytes = len(tokens) * per_token
+        nbytes = len(tokens) * per_token + state
         superseded = [
             s for s in self._snapshots if common_prefix(s.tokens, tokens) == len(s.tokens)
         ]

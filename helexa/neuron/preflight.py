@@ -48,6 +48,7 @@ class Plan:
     needed_mb: int
     context_length: int = 0
     architecture: str = ""
+    state_mb: int = 0  # a hybrid model's recurrent state (fixed, whatever the context)
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,29 @@ def estimate(facts: ModelFacts, context: int, kind: DeviceKind) -> Plan:
         stored_dtype_bytes=None if facts.quantized else stored_dtype_bytes(cfg),
         compute_dtype_bytes=compute,
     )
-    kv = kv_cache_mb(layers, kv_heads, head_dim, context, compute)
-    return Plan([], w, kv, w + kv + overhead_mb(w), context, facts.architecture)
+    attention_layers, state_bytes = _layer_caches(cfg, layers, compute)
+    kv = kv_cache_mb(attention_layers, kv_heads, head_dim, context, compute)
+    state = math.ceil(state_bytes / MB)
+    needed = w + kv + state + overhead_mb(w)
+    return Plan([], w, kv, needed, context, facts.architecture, state)
+
+
+def _layer_caches(cfg: dict[str, Any], layers: int, dtype_bytes: int) -> tuple[int, int]:
+    """(layers with a KV cache, bytes of recurrent state): a hybrid model's linear-attention
+    layers keep a fixed-size state instead of K/V, as its config class counts them."""
+    if "linear_num_value_heads" not in cfg:
+        return layers, 0
+    from helexa.engine.checkpoint.errors import CheckpointError
+    from helexa.engine.models.architectures import model_class
+    from helexa.engine.models.qwen3_next import Qwen3NextConfig
+
+    try:
+        hybrid = model_class(cfg).config_class.from_hf(cfg)
+    except CheckpointError as exc:
+        raise PreflightError(str(exc), code="invalid_checkpoint", status=422) from None
+    if not isinstance(hybrid, Qwen3NextConfig):
+        return layers, 0
+    return hybrid.attention_layers, hybrid.recurrent_state_bytes(dtype_bytes)
 
 
 def choose_device(
@@ -141,9 +163,11 @@ def choose_device(
         plan, free = plan_for[ranked[0][0].kind], ranked[0][1].vram_free_mb
     else:
         plan, free = min(plan_for.values(), key=lambda p: p.needed_mb), 0
+    state = f", recurrent state {plan.state_mb}" if plan.state_mb else ""
     raise PreflightError(
         f"needs {plan.needed_mb} MiB (weights {plan.weights_mb}, KV cache {plan.kv_mb} at "
-        f"{plan.context_length} tokens) but the most free on an allowed device is {free} MiB",
+        f"{plan.context_length} tokens{state}) but the most free on an allowed device is "
+        f"{free} MiB",
         code="insufficient_vram",
         status=507,
         extra={"needed_mb": plan.needed_mb, "free_mb": free},

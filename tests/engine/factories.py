@@ -134,3 +134,92 @@ def make_tiny_model_dir(
         tokenizer_config=make_tiny_tokenizer_config(),
         generation_config=generation_config or None,
     )
+
+
+# The hybrid generation (Qwen3-Next, Qwen3.5): two key heads read by four value heads (so
+# the grouping of value heads matters), layers 0-2 linear attention and 3 full attention,
+# partial RoPE on a quarter of the 16-wide heads.
+TINY_HYBRID_SHAPE: dict[str, Any] = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    linear_conv_kernel_dim=4,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+)
+TINY_HYBRID_MOE: dict[str, Any] = dict(
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+)
+HYBRID_KINDS = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+
+
+def make_tiny_hybrid_hf_model(
+    kind: str, vocab_size: int = 128, *, seed: int = 0, **overrides: Any
+) -> PreTrainedModel:
+    """A float32, eval-mode transformers Qwen3NextForCausalLM (``kind`` qwen3_next, MoE with
+    a shared expert), Qwen3_5ForCausalLM (qwen3_5, dense) or Qwen3_5MoeForCausalLM
+    (qwen3_5_moe) with reproducible random weights. The zero-centred norms (scaled by
+    1 + w) are drawn around 0, the others around 1."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+    from transformers.models.qwen3_5 import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    from transformers.models.qwen3_5_moe import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+    classes = {
+        "qwen3_next": (
+            Qwen3NextForCausalLM,
+            Qwen3NextConfig,
+            {**TINY_HYBRID_MOE, "intermediate_size": 128},
+        ),
+        "qwen3_5": (Qwen3_5ForCausalLM, Qwen3_5TextConfig, {"intermediate_size": 128}),
+        "qwen3_5_moe": (Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, TINY_HYBRID_MOE),
+    }
+    model_cls, config_cls, extra = classes[kind]
+    if kind != "qwen3_next":  # Qwen3.5's M-RoPE sections, as its config.json has them
+        rope = {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25}
+        extra = {**extra, "rope_parameters": {**rope, "mrope_section": [1, 1, 0]}}
+    config = config_cls(vocab_size=vocab_size, **{**TINY_HYBRID_SHAPE, **extra, **overrides})
+    model = model_cls(config).eval()
+    randomize(model, seed)
+    zero_centred(model)
+    return model
+
+
+@torch.no_grad()
+def zero_centred(model: PreTrainedModel) -> None:
+    """Shift the (1 + w)-scaled norms of a hybrid model back around 0 after randomize."""
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight") and "linear_attn." not in name:
+            param.sub_(1.0)
+
+
+def make_tiny_multimodal_qwen3_5(vocab_size: int = 128, *, seed: int = 0) -> PreTrainedModel:
+    """A float32, eval-mode Qwen3_5ForConditionalGeneration: a one-block vision tower
+    beside the tiny Qwen3.5 text model, saved (save_pretrained) as its repo would be."""
+    from transformers.models.qwen3_5 import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=16,
+    )
+    text = {**TINY_HYBRID_SHAPE, "vocab_size": vocab_size, "intermediate_size": 128}
+    config = Qwen3_5Config(text_config=text, vision_config=vision)
+    model = Qwen3_5ForConditionalGeneration(config).eval()
+    randomize(model, seed)
+    zero_centred(model)
+    return model

@@ -34,9 +34,10 @@ def run(cache: PrefixCache, store: FakeStore, prompt: list[int], generated: list
     last generated token. Writes each token id into the fake device at its position."""
     start = cache.begin(prompt)
     assert store.device[:start] == prompt[:start], "reused positions must hold the prompt"
-    fed = [*prompt[start:], *generated[:-1]]
-    store.device[start : start + len(fed)] = fed
-    cache.extend(fed)
+    store.device[start : len(prompt)] = prompt[start:]
+    cache.extend(prompt[start:])  # the prefill
+    store.device[len(prompt) : len(prompt) + len(generated) - 1] = generated[:-1]
+    cache.extend(generated[:-1])  # the decode steps
     assert cache.held == store.device[: len(cache.held)]
     return start
 
@@ -166,3 +167,64 @@ def test_the_snapshot_being_restored_is_not_evicted_to_save_another() -> None:
     run(cache, store, b, [5])  # saves a
     assert run(cache, store, [*a, 7], [5]) == len(a)  # b would only fit in a's place
     assert store.saves == [len(a)] and [s.tokens for s in cache.snapshots] == [a]
+
+
+class FakeStateStore(FakeStore):
+    """A store for a model with recurrent state: the device's "state" is the length of
+    the sequence it has run, which a mark/rewind or a restore sets back."""
+
+    state_bytes = 500
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marks: list[int] = []
+        self.rewinds = 0
+
+    def mark(self) -> None:
+        self.marks.append(sum(t is not None for t in self.device))
+
+    def rewind(self) -> None:
+        self.rewinds += 1
+
+
+def test_exact_reuses_all_of_what_is_held_or_nothing() -> None:
+    """A recurrent state stands for exactly the sequence run: a prompt that extends it
+    continues, one that diverges anywhere inside it starts again from 0."""
+    cache = PrefixCache(exact=True)
+    assert cache.begin([1, 2, 3]) == 0
+    cache.extend([1, 2, 3, 7, 8])
+    assert cache.begin([1, 2, 3, 7, 8, 9, 4]) == 5  # extends: continues
+    cache.extend([9, 4])
+    assert cache.begin([1, 2, 3, 7, 8, 9, 5]) == 0  # shares 6 of 7: from the start
+    cache.extend([1, 2, 3, 7, 8, 9, 5])
+    assert cache.begin([1, 2, 3, 7, 8, 9, 5]) == 0  # repeated: its last token is needed
+
+
+def test_exact_rewinds_to_the_marked_end_of_the_last_prompt() -> None:
+    store = FakeStateStore()
+    cache = PrefixCache(store, exact=True)
+    prompt = list(range(40))
+    run(cache, store, prompt, [500, 501, 502])
+    assert store.marks == [len(prompt)]  # marked when the prompt's prefill ended
+    # The answer re-rendered differently: back to the prompt's end, not to 0.
+    assert run(cache, store, [*prompt, 600, 601], [1]) == len(prompt) and store.rewinds == 1
+    # Diverging inside the prompt: nothing marked fits, from 0.
+    assert run(cache, store, [*prompt[:30], 9], [1]) == 0 and store.rewinds == 1
+
+
+def test_exact_snapshots_are_whole_and_carry_the_state() -> None:
+    store = FakeStateStore()
+    cache = PrefixCache(store, budget_bytes=1000, min_snapshot_tokens=8, exact=True)
+    main = list(range(30))
+    run(cache, store, main, [50, 51, 52])
+    run(cache, store, [900, 901], [1])  # a side request from 0: the conversation is saved
+    (snapshot,) = cache.snapshots
+    assert snapshot.tokens == [*main, 50, 51]
+    assert snapshot.nbytes == 32 * store.bytes_per_token + store.state_bytes
+    assert run(cache, store, [*main, 50, 51, 52, 7], [1]) == 32  # restored whole
+    assert store.restores == [(0, 32)]
+    # A conversation whose KV and state do not fit whole is not saved at all.
+    small = PrefixCache(FakeStateStore(), budget_bytes=700, min_snapshot_tokens=8, exact=True)
+    run(small, small.store, main, [50, 51])  # type: ignore[arg-type]
+    run(small, small.store, [900], [1])  # type: ignore[arg-type]
+    assert small.snapshots == []

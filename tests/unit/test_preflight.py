@@ -315,3 +315,63 @@ def test_check_moe_gguf_is_supported_and_sized_by_its_tensors(tmp_path: Path) ->
     assert plan.architecture == "qwen3moe"
     tensor_bytes = sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
     assert plan.weights_mb == -(-tensor_bytes // MB)
+
+
+# -- the hybrid generation: KV for the full-attention layers only, plus the recurrent state --
+
+# Qwen3-Next-80B-A3B's config.json (the keys the estimate reads).
+CONFIG_NEXT_80B = {
+    "architectures": ["Qwen3NextForCausalLM"],
+    "model_type": "qwen3_next",
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "head_dim": 256,
+    "full_attention_interval": 4,
+    "partial_rotary_factor": 0.25,
+    "rope_theta": 10_000_000,
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32,
+    "num_experts": 512,
+    "num_experts_per_tok": 10,
+    "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512,
+    "torch_dtype": "bfloat16",
+}
+
+
+@pytest.mark.parametrize("kind", ["cuda", "cpu"])
+def test_estimate_of_a_hybrid_counts_attention_kv_and_the_recurrent_state(kind: str) -> None:
+    facts = ModelFacts("qwen3next", CONFIG_NEXT_80B, 45000 * MB, quantized=True)
+    plan = estimate(facts, 32768, kind)  # type: ignore[arg-type]
+    dtype = 2 if kind == "cuda" else 4
+    # 12 of 48 layers are full attention; the other 36 hold a conv tail (3 positions of
+    # 2*16*128 + 32*128 channels) and a float32 128x128 memory per value head, twice (the
+    # live state and the one marked at the end of the last prompt).
+    assert plan.kv_mb == kv_cache_mb(12, 2, 256, 32768, dtype)
+    state = 36 * 2 * ((2 * 16 * 128 + 32 * 128) * 3 * dtype + 32 * 128 * 128 * 4)
+    assert plan.state_mb == -(-state // MB) > 0
+    assert plan.needed_mb == 45000 + plan.kv_mb + plan.state_mb + overhead_mb(45000)
+
+
+def test_check_hybrid_checkpoints_count_their_state(tmp_path: Path) -> None:
+    """A Qwen3.5 directory and the same weights as a qwen35 GGUF: both supported, both
+    sized with the recurrent state the engine will allocate for them."""
+    from tests.engine.factories import make_tiny_hybrid_hf_model, save_model_dir
+    from tests.engine.gguf_factories import write_model_gguf
+
+    hf = make_tiny_hybrid_hf_model("qwen3_5", seed=0)
+    directory = save_model_dir(tmp_path / "dir", hf)
+    gguf = write_model_gguf(tmp_path / "m.gguf", hf)
+    plans = [check(p, devices=gpus(80000), context_length=128) for p in (directory, gguf)]
+    assert [p.architecture for p in plans] == ["Qwen3_5ForCausalLM", "qwen35"]
+    for plan in plans:
+        assert plan.kv_mb == kv_cache_mb(1, 2, 16, 128, 2)  # one attention layer of four
+        assert plan.state_mb == 1  # 3 layers x 2 x (96 x 3 x 2 + 4 x 16 x 8 x 4) bytes, rounded up
+        assert plan.needed_mb == plan.weights_mb + plan.kv_mb + 1 + overhead_mb(plan.weights_mb)

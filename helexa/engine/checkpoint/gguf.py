@@ -12,6 +12,13 @@ cost device memory.
 Qwen2/Qwen3 GGUFs use NEOX rope and are converted without llama.cpp's Q/K permutation, so
 names map one to one and no tensor is rearranged. A qwen3moe file's experts are 3-D
 (n_expert, out, in) tensors and load as such, quantized ones as a stack of block rows.
+
+The hybrid generation (qwen3next, qwen35, qwen35moe) is stored as llama.cpp's converter
+writes it: the DeltaNet's projections already split (attn_qkv, attn_gate, and ssm_ba or
+ssm_beta/ssm_alpha), ``ssm_a`` = -exp(A_log) (loaded as ``linear_attn.ssm_a``, which the
+model takes as it is), ``ssm_dt.bias`` = dt_bias, ``ssm_conv1d`` squeezed to (channels,
+kernel), and every zero-centred norm stored as 1 + w (loaded back as w). A qwen35 file
+with fewer key than value heads has its value heads tiled, which the config says.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ from helexa.engine.quant.tensor import QuantizedTensor
 
 Q = GGMLQuantizationType
 
-LOADABLE_ARCHITECTURES: tuple[str, ...] = ("qwen3", "qwen3moe")
+HYBRID_ARCHITECTURES: tuple[str, ...] = ("qwen3next", "qwen35", "qwen35moe")
+LOADABLE_ARCHITECTURES: tuple[str, ...] = ("qwen3", "qwen3moe", *HYBRID_ARCHITECTURES)
 # Readable for preflight (config, sizes) but without a model implementation yet: the
 # architecture -> why, for the refusal's message.
 NOT_YET: dict[str, str] = {}
@@ -41,7 +49,13 @@ NOT_YET: dict[str, str] = {}
 # ggml float types and the torch dtype their bytes are.
 _FLOAT_DTYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 
-_HF_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
+_HF_ARCHITECTURES = {
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
+    "qwen3next": "Qwen3NextForCausalLM",
+    "qwen35": "Qwen3_5ForCausalLM",
+    "qwen35moe": "Qwen3_5MoeForCausalLM",
+}
 
 # HF config key <- "{arch}.<GGUF key>", and the GGUF type a converter writes it as.
 CONFIG_KEYS: tuple[tuple[str, str, GGUFValueType], ...] = (
@@ -57,6 +71,13 @@ CONFIG_KEYS: tuple[tuple[str, str, GGUFValueType], ...] = (
     ("num_experts", "expert_count", GGUFValueType.UINT32),
     ("num_experts_per_tok", "expert_used_count", GGUFValueType.UINT32),
     ("moe_intermediate_size", "expert_feed_forward_length", GGUFValueType.UINT32),
+    ("shared_expert_intermediate_size", "expert_shared_feed_forward_length", GGUFValueType.UINT32),
+    # The hybrid generation's DeltaNet (llama.cpp's ssm.* names for it).
+    ("linear_conv_kernel_dim", "ssm.conv_kernel", GGUFValueType.UINT32),
+    ("linear_key_head_dim", "ssm.state_size", GGUFValueType.UINT32),
+    ("linear_num_key_heads", "ssm.group_count", GGUFValueType.UINT32),
+    ("linear_num_value_heads", "ssm.time_step_rank", GGUFValueType.UINT32),
+    ("full_attention_interval", "full_attention_interval", GGUFValueType.UINT32),
 )
 
 # general.sampling.<key> (recent llama.cpp converters) -> generation_config key, GGUF type.
@@ -93,10 +114,40 @@ LAYER_NAMES: dict[str, str] = {
     "ffn_up_exps": "mlp.experts.up_proj",
     "ffn_down_exps": "mlp.experts.down_proj",
 }
+# The hybrid generation's layers (gguf's MODEL_TENSORS for qwen3next / qwen35 / qwen35moe):
+# the post-attention norm has its own name, the DeltaNet's tensors are llama.cpp's ssm_*.
+HYBRID_LAYER_NAMES: dict[str, str] = {
+    **{k: v for k, v in LAYER_NAMES.items() if k != "ffn_norm"},
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_qkv": "linear_attn.in_proj_qkv",
+    "attn_gate": "linear_attn.in_proj_z",
+    "ssm_ba": "linear_attn.in_proj_ba",  # qwen3next: b and a interleaved per key head
+    "ssm_in": "linear_attn.in_proj_qkvz",  # qwen3next files from before the split
+    "ssm_beta": "linear_attn.in_proj_b",
+    "ssm_alpha": "linear_attn.in_proj_a",
+    "ssm_conv1d": "linear_attn.conv1d",
+    "ssm_norm": "linear_attn.norm",
+    "ssm_out": "linear_attn.out_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+}
+# Layer tensors whose names have no .weight/.bias on one side: llama.cpp's suffix-less
+# ssm_a (-exp(A_log), which the model reads as it is) and dt_bias, stored as ssm_dt's bias.
+HYBRID_BARE_NAMES: dict[str, str] = {
+    "ssm_a": "linear_attn.ssm_a",
+    "ssm_dt.bias": "linear_attn.dt_bias",
+}
 _GGUF_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.([\w.]+)\.(weight|bias)")
+_GGUF_BARE = re.compile(r"blk\.(\d+)\.(ssm_a|ssm_dt\.bias)")
+_HF_BARE = re.compile(r"model\.layers\.(\d+)\.(linear_attn\.ssm_a|linear_attn\.dt_bias)")
 _HF_TO_GLOBAL = {hf: gguf for gguf, hf in GLOBAL_NAMES.items()}
-_HF_TO_LAYER = {hf: gguf for gguf, hf in LAYER_NAMES.items()}
+
+
+def _layer_names(arch: str) -> dict[str, str]:
+    return HYBRID_LAYER_NAMES if arch in HYBRID_ARCHITECTURES else LAYER_NAMES
 
 
 def _rename(
@@ -118,20 +169,31 @@ def _rename(
     return None
 
 
-def hf_tensor_name(gguf_name: str) -> str:
+def hf_tensor_name(gguf_name: str, arch: str = "qwen3") -> str:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
-    hf = _rename(gguf_name, _GGUF_LAYER, LAYER_NAMES, GLOBAL_NAMES, "model.layers")
+    if arch in HYBRID_ARCHITECTURES and (m := _GGUF_BARE.fullmatch(gguf_name)):
+        return f"model.layers.{m[1]}.{HYBRID_BARE_NAMES[m[2]]}"
+    hf = _rename(gguf_name, _GGUF_LAYER, _layer_names(arch), GLOBAL_NAMES, "model.layers")
     if hf is None:
-        raise CheckpointError(f"unexpected tensor {gguf_name!r} for a Qwen3 GGUF")
+        raise CheckpointError(f"unexpected tensor {gguf_name!r} for a {arch} GGUF")
     return hf
 
 
-def gguf_tensor_name(hf_name: str) -> str:
+def gguf_tensor_name(hf_name: str, arch: str = "qwen3") -> str:
     """Inverse of :func:`hf_tensor_name`."""
-    gguf = _rename(hf_name, _HF_LAYER, _HF_TO_LAYER, _HF_TO_GLOBAL, "blk")
+    if arch in HYBRID_ARCHITECTURES and (m := _HF_BARE.fullmatch(hf_name)):
+        return f"blk.{m[1]}." + {v: k for k, v in HYBRID_BARE_NAMES.items()}[m[2]]
+    to_layer = {hf: gguf for gguf, hf in _layer_names(arch).items()}
+    gguf = _rename(hf_name, _HF_LAYER, to_layer, _HF_TO_GLOBAL, "blk")
     if gguf is None:
         raise ValueError(f"no GGUF name for tensor {hf_name!r}")
     return gguf
+
+
+def is_offset_norm(hf_name: str) -> bool:
+    """A zero-centred norm of the hybrid generation, which llama.cpp's converter stores as
+    1 + w: every ``*norm.weight`` but the DeltaNet's gated one."""
+    return hf_name.endswith("norm.weight") and not hf_name.endswith("linear_attn.norm.weight")
 
 
 @dataclass
@@ -187,7 +249,7 @@ def load_gguf(
     arch = _architecture(header, path)
     require_loadable(arch, str(path))
     config = _config(header, arch)
-    names = {t.name: hf_tensor_name(t.name) for t in header.tensors}
+    names = {t.name: hf_tensor_name(t.name, arch) for t in header.tensors}
     for t in header.tensors:
         _check_tensor(t, path)
     # Copy-on-write map: writable numpy views (so torch.from_numpy does not warn)
@@ -196,8 +258,12 @@ def load_gguf(
     target = torch.device(device)
     placed = ByteProgress(sum(t.n_bytes for t in header.tensors), progress)
     tensors: dict[str, Weight] = {}
+    hybrid = arch in HYBRID_ARCHITECTURES
     for t in header.tensors:
-        tensors[names[t.name]] = _to_torch(t, data, target)
+        name = names[t.name]
+        tensors[name] = _to_torch(t, data, target)
+        if hybrid and is_offset_norm(name):
+            tensors[name] = _float(tensors[name], t.name, path) - 1  # back to HF's w
         placed.add(t.n_bytes)
     return Checkpoint(
         config=config,
@@ -208,6 +274,12 @@ def load_gguf(
         source=str(path),
         file_bytes=sum(t.n_bytes for t in header.tensors),
     )
+
+
+def _float(t: Weight, name: str, path: str | Path) -> torch.Tensor:
+    if isinstance(t, QuantizedTensor):
+        raise CheckpointError(f"{path}: tensor {name} is {t.qtype.name}; a norm must be float")
+    return t.float()
 
 
 def _open(path: str | Path) -> GGUFHeader:
@@ -263,9 +335,30 @@ def _config(header: GGUFHeader, arch: str) -> dict[str, Any]:
         rope |= rope_scaling
     # Qwen's config.json says rope_theta/rope_scaling; transformers 5 says rope_parameters.
     config["rope_parameters"] = rope
-    if arch == "qwen3moe":
+    if arch in HYBRID_ARCHITECTURES:
+        config.update(_hybrid_config(header, arch, config))
+        rope["partial_rotary_factor"] = config.pop("partial_rotary_factor")
+    if arch == "qwen3moe" or (arch in HYBRID_ARCHITECTURES and "num_experts" in config):
         config.update(_moe_config(header, arch, shapes, config.get("num_hidden_layers", 0)))
     return config
+
+
+def _hybrid_config(header: GGUFHeader, arch: str, config: dict[str, Any]) -> dict[str, Any]:
+    """What the converter stores only indirectly: the value head size (ssm.inner_size is
+    all value heads), the RoPE fraction (rope.dimension_count of head_dim), and whether the
+    value heads were tiled (qwen35/qwen35moe with fewer key heads than value heads)."""
+    out: dict[str, Any] = {}
+    inner = header.get(f"{arch}.ssm.inner_size")
+    heads = config.get("linear_num_value_heads")
+    if inner is not None and heads:
+        out["linear_value_head_dim"] = int(inner) // heads
+    rope_dim = header.get(f"{arch}.rope.dimension_count")
+    head_dim = config.get("head_dim")
+    out["partial_rotary_factor"] = rope_dim / head_dim if rope_dim and head_dim else 0.25
+    out["linear_value_heads_tiled"] = (
+        arch != "qwen3next" and heads is not None and heads != config.get("linear_num_key_heads")
+    )
+    return out
 
 
 def _moe_config(

@@ -25,6 +25,15 @@ _PER_EXPERT = re.compile(
 )
 # transformers 5's in-memory layout (a state_dict): gate and up fused, no ".weight".
 _FUSED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)")
+# Multimodal checkpoints whose text model the engine runs on its own: the architecture
+# their ``text_config`` describes (images are refused at the API until vision lands).
+TEXT_MODELS = {
+    "Qwen3_5ForConditionalGeneration": "Qwen3_5ForCausalLM",
+    "Qwen3_5MoeForConditionalGeneration": "Qwen3_5MoeForCausalLM",
+}
+# Where such a checkpoint keeps the text model's tensors, and what is not the text model.
+_TEXT_PREFIX = "model.language_model."
+_NOT_TEXT = ("model.visual.", "mtp.")
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -59,7 +68,32 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{root}: not a model directory (and not a .gguf file)")
     if not (root / CONFIG).is_file():
         raise FileNotFoundError(f"{root}: no {CONFIG}")
-    return _read_json(root / CONFIG)
+    return text_model_config(_read_json(root / CONFIG))
+
+
+def text_model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` itself, or for a multimodal checkpoint of :data:`TEXT_MODELS` its
+    ``text_config`` as the text model's own config.json would say it (the top level's
+    dtype and tying carried over)."""
+    archs = config.get("architectures") or []
+    text = next((TEXT_MODELS[a] for a in archs if a in TEXT_MODELS), None)
+    if text is None or not isinstance(config.get("text_config"), dict):
+        return config
+    inherited = {
+        k: config[k] for k in ("torch_dtype", "dtype", "tie_word_embeddings") if k in config
+    }
+    own = {k: v for k, v in config["text_config"].items() if v is not None}
+    return {**inherited, **own, "architectures": [text]}
+
+
+def _text_name(name: str, multimodal: bool) -> str | None:
+    """A multimodal checkpoint's tensor under the text model's name, None if it is not
+    part of the text model."""
+    if not multimodal:
+        return name
+    if name.startswith(_NOT_TEXT):
+        return None
+    return "model." + name.removeprefix(_TEXT_PREFIX) if name.startswith(_TEXT_PREFIX) else name
 
 
 def safetensors_files(root: Path) -> list[Path]:
@@ -129,6 +163,7 @@ def load_safetensors_dir(
 ) -> Checkpoint:
     root = Path(path)
     config = read_config(root)
+    multimodal = any(a in TEXT_MODELS for a in _read_json(root / CONFIG).get("architectures") or [])
     files = safetensors_files(root)
     tensors: dict[str, Weight] = {}
     placed = ByteProgress(sum(f.stat().st_size for f in files), progress)
@@ -136,8 +171,11 @@ def load_safetensors_dir(
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    tensors[name] = f.get_tensor(name)
-                    placed.add(tensors[name].nbytes)
+                    text_name = _text_name(name, multimodal)
+                    if text_name is None:
+                        continue  # a vision tower or MTP head the engine does not run
+                    tensors[text_name] = f.get_tensor(name)
+                    placed.add(tensors[text_name].nbytes)
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
     stack_experts(tensors)

@@ -12,12 +12,14 @@ from typing import Any
 from helexa.engine.checkpoint.errors import UnsupportedArchitecture
 from helexa.engine.models.qwen3 import Qwen3
 from helexa.engine.models.qwen3_moe import Qwen3Moe
+from helexa.engine.models.qwen3_next import Qwen3_5, Qwen3_5Moe, Qwen3Next
 
-MODELS: tuple[type[Qwen3], ...] = (Qwen3, Qwen3Moe)
+Model = type[Qwen3] | type[Qwen3Next]
+MODELS: tuple[Model, ...] = (Qwen3, Qwen3Moe, Qwen3Next, Qwen3_5, Qwen3_5Moe)
 SUPPORTED: tuple[str, ...] = tuple(m.config_class.ARCHITECTURE for m in MODELS)
 
 
-def model_class(config: dict[str, Any], source: str = "") -> type[Qwen3]:
+def model_class(config: dict[str, Any], source: str = "") -> Model:
     """The model class for ``config``, after checking the options it uses; raises
     :class:`UnsupportedArchitecture` for anything the engine cannot run."""
     for model in MODELS:

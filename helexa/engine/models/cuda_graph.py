@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,9 @@ from helexa.engine.quant.ops import embedding, linear, triton_cache_dir
 MIN_KV_LEN = 256
 # Sums a row-parallel partial result across tensor-parallel ranks (see parallel.py).
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+# A capturable step, (model, tokens, input_pos, kv_len, *, reduce) -> logits: decode_step,
+# or a model family's own (qwen3_next.decode_step for the hybrid models).
+Step = Callable[..., torch.Tensor]
 
 
 def kv_bucket(pos: int, max_seq: int, minimum: int = MIN_KV_LEN) -> int:
@@ -233,9 +237,15 @@ class GraphDecoder:
     """
 
     def __init__(
-        self, model: Qwen3, *, min_kv_len: int = MIN_KV_LEN, reduce: Reduce | None = None
+        self,
+        model: Any,
+        *,
+        min_kv_len: int = MIN_KV_LEN,
+        reduce: Reduce | None = None,
+        step: Step = decode_step,
     ) -> None:
         self.model = model
+        self.step = step
         self.min_kv_len = min_kv_len
         self.reduce = reduce
         self._graphs: dict[tuple[int, int], _Captured] = {}
@@ -250,7 +260,7 @@ class GraphDecoder:
     @property
     def live(self) -> bool:
         """Whether attention reads the live length (one graph per batch, no buckets)."""
-        return self.enabled and step_kernels(self.model) is not None
+        return self.enabled and self.step is decode_step and step_kernels(self.model) is not None
 
     def capture_positions(self) -> list[int]:
         """A position in each graph a cache of ``max_seq`` positions will need: a decode
@@ -264,7 +274,7 @@ class GraphDecoder:
             kv_len = model.max_seq  # the kernel stops at pos: one graph for every position
         if not self.enabled:
             input_pos = torch.tensor([pos], device=model.device)
-            return decode_step(model, tokens, input_pos, kv_len, reduce=self.reduce)
+            return self.step(model, tokens, input_pos, kv_len, reduce=self.reduce)
         self._drop_stale()
         batch = tokens.shape[0]
         inputs = self._inputs.get(batch)
@@ -287,12 +297,12 @@ class GraphDecoder:
         """Graphs hold the addresses of the buffers they were captured with: a new cache
         (even one reusing some of the old addresses) needs new graphs."""
         model = self.model
-        buffers = tuple(
-            t.data_ptr()
-            for blk in model.layers
-            if blk.attn.cache is not None
-            for t in (blk.attn.cache.k, blk.attn.cache.v)
-        ) + tuple(t.data_ptr() for t in (model.cos, model.sin) if t is not None)
+        states = getattr(model, "recurrent_states", list)()  # a hybrid model's, in place
+        buffers = (
+            tuple(t.data_ptr() for cache in model.kv_caches() for t in (cache.k, cache.v))
+            + tuple(t.data_ptr() for state in states for t in state.tensors)
+            + tuple(t.data_ptr() for t in (model.cos, model.sin) if t is not None)
+        )
         if buffers != self._buffers:
             self._graphs.clear()
             self._pool = None
@@ -303,13 +313,19 @@ class GraphDecoder:
         # Warm up on a side stream, as torch.cuda.graphs asks: first-call work (Triton
         # compile + autotune, cuBLAS handles) must not happen during capture. The step is
         # the real one, so the cache entry it writes is the one the replay rewrites.
+        # A hybrid model's recurrent states are stepped, not rewritten: put them back after
+        # the warm-up, so the replay that follows applies this token once.
+        states = [t for s in getattr(model, "recurrent_states", list)() for t in s.tensors]
+        before = [t.clone() for t in states]
         side = torch.cuda.Stream(model.device)
         side.wait_stream(torch.cuda.current_stream(model.device))
         with torch.cuda.stream(side):
-            decode_step(model, inputs.tokens, inputs.pos, kv_len, reduce=self.reduce)
+            self.step(model, inputs.tokens, inputs.pos, kv_len, reduce=self.reduce)
+            for t, saved in zip(states, before, strict=True):
+                t.copy_(saved)
         torch.cuda.current_stream(model.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = decode_step(model, inputs.tokens, inputs.pos, kv_len, reduce=self.reduce)
+            logits = self.step(model, inputs.tokens, inputs.pos, kv_len, reduce=self.reduce)
         self._pool = graph.pool()
         return _Captured(graph, logits)

@@ -165,6 +165,19 @@ def rope_tables(cfg: Qwen3Config, max_seq: int) -> tuple[torch.Tensor, torch.Ten
     return emb.cos() * scale, emb.sin() * scale
 
 
+def attention_mask(start: int, steps: int, end: int) -> tuple[CausalBias | None, bool]:
+    """SDPA's (attn_mask, is_causal) for ``steps`` queries at positions ``start..end``
+    over cache keys ``0..end``."""
+    if steps == 1:
+        return None, False  # one query sees the whole prefix
+    if start == 0:
+        return None, True  # plain prefill: SDPA's causal fast path
+    # A prompt extending what the cache holds: query i sees keys 0..start+i, the causal
+    # mask aligned to the bottom right, which flash attention runs as is (a materialized
+    # [T, end] mask would send SDPA to the quadratic math kernel).
+    return causal_lower_right(steps, end), False
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -461,16 +474,7 @@ class Qwen3:
         if end > self.max_seq:
             raise ValueError(f"position {end - 1} is past the KV cache ({self.max_seq} tokens)")
         cos, sin = self.cos[input_pos], self.sin[input_pos]
-        mask: CausalBias | None = None
-        if steps == 1:
-            causal = False  # one query sees the whole prefix
-        elif start == 0:
-            causal = True  # plain prefill: SDPA's causal fast path
-        else:
-            # A prompt extending what the cache holds: query i sees keys 0..start+i, the
-            # causal mask aligned to the bottom right, which flash attention runs as is
-            # (a materialized [T, end] mask would send SDPA to the quadratic math kernel).
-            mask, causal = causal_lower_right(steps, end), False
+        mask, causal = attention_mask(start, steps, end)
 
         x = embedding(tokens, self.embed_tokens).to(self.dtype)
         with sdpa_kernel(SDPA_BACKENDS):

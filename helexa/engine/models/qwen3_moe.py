@@ -189,15 +189,22 @@ class Qwen3Moe(Qwen3):
         assert isinstance(cfg, Qwen3MoeConfig)
         if not cfg.is_sparse(layer):
             return super().feed_forward(cfg, layer, w)
-        p = f"model.layers.{layer}.mlp."
-        router = w.dense(p + "gate.weight")
-        gate, up, down = (w.weight(f"{p}experts.{name}.weight") for name in PROJECTIONS)
-        e, ffn, hidden = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        expected = [(e, hidden), (e, ffn, hidden), (e, ffn, hidden), (e, hidden, ffn)]
-        names = ["gate.weight", *(f"experts.{name}.weight" for name in PROJECTIONS)]
-        for name, t, shape in zip(names, (router, gate, up, down), expected, strict=True):
-            if tuple(t.shape) != shape:
-                raise CheckpointError(
-                    f"{w.source}: {p}{name} has shape {tuple(t.shape)}, the config says {shape}"
-                )
-        return SparseMoE(router, gate, up, down, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        return load_sparse_moe(w, f"model.layers.{layer}.mlp.", cfg)
+
+
+def load_sparse_moe(w: CheckpointWeights, prefix: str, cfg: Any) -> SparseMoE:
+    """The router (``{prefix}gate``) and stacked experts under ``prefix``, their shapes
+    checked against ``cfg``'s num_experts / moe_intermediate_size / hidden_size (a
+    Qwen3MoeConfig, or any config with those fields and num_experts_per_tok /
+    norm_topk_prob)."""
+    router = w.dense(prefix + "gate.weight")
+    gate, up, down = (w.weight(f"{prefix}experts.{name}.weight") for name in PROJECTIONS)
+    e, ffn, hidden = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    expected = [(e, hidden), (e, ffn, hidden), (e, ffn, hidden), (e, hidden, ffn)]
+    names = ["gate.weight", *(f"experts.{name}.weight" for name in PROJECTIONS)]
+    for name, t, shape in zip(names, (router, gate, up, down), expected, strict=True):
+        if tuple(t.shape) != shape:
+            raise CheckpointError(
+                f"{w.source}: {prefix}{name} has shape {tuple(t.shape)}, the config says {shape}"
+            )
+    return SparseMoE(router, gate, up, down, cfg.num_experts_per_tok, cfg.norm_topk_prob)

@@ -9,7 +9,7 @@ the inverse, written like llama.cpp's converter, so tests can round-trip one thr
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import IntEnum
 from typing import Any
 
@@ -23,6 +23,15 @@ QWEN2_PRE_TOKENIZER_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+# Qwen3.5's (llama.cpp pre "qwen35"): Qwen2's, with combining marks (\p{M}) kept with the
+# letters they modify instead of split off into punctuation runs.
+QWEN35_PRE_TOKENIZER_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.json split regex <-> llama.cpp's tokenizer.ggml.pre name.
+_PRE_NAMES = {QWEN2_PRE_TOKENIZER_REGEX: "qwen2", QWEN35_PRE_TOKENIZER_REGEX: "qwen35"}
 
 # Tokens Qwen's generation_config lists as end of generation besides the tokenizer's EOS.
 QWEN_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -56,19 +65,22 @@ class TokenizerError(CheckpointError):
     """The checkpoint's tokenizer is missing or of a kind this engine cannot rebuild."""
 
 
-def _qwen2_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_PRE_TOKENIZER_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+def _qwen_pre_tokenizer(regex: str) -> Callable[[], pre_tokenizers.PreTokenizer]:
+    def build() -> pre_tokenizers.PreTokenizer:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+
+    return build
 
 
 # tokenizer.ggml.pre -> (normalizer, pre-tokenizer) factories. Qwen's tokenizer.json has an
 # NFC normalizer; adding another family means one entry here and one in _gguf_pre_name.
 _GGUF_PRE: dict[str, Any] = {
-    "qwen2": (normalizers.NFC, _qwen2_pre_tokenizer),
+    name: (normalizers.NFC, _qwen_pre_tokenizer(regex)) for regex, name in _PRE_NAMES.items()
 }
 
 
@@ -327,12 +339,12 @@ def _gguf_pre_name(pre_tokenizer: Mapping[str, Any] | None) -> str:
     if (
         len(parts) == 2
         and parts[0].get("type") == "Split"
-        and (parts[0].get("pattern") or {}).get("Regex") == QWEN2_PRE_TOKENIZER_REGEX
+        and (parts[0].get("pattern") or {}).get("Regex") in _PRE_NAMES
         and parts[0].get("behavior") == "Isolated"
         and parts[1].get("type") == "ByteLevel"
         and parts[1].get("use_regex") is False
     ):
-        return "qwen2"
+        return _PRE_NAMES[parts[0]["pattern"]["Regex"]]
     raise ValueError(f"unsupported pre-tokenizer for GGUF conversion: {json.dumps(pre_tokenizer)}")
 
 

@@ -250,3 +250,31 @@ def test_token_bytes_spell_the_text(
         (token_id,) = tok.encode(special)
         assert tok.token_bytes(token_id) is None  # added tokens are never part of JSON text
     assert tok.token_bytes(tok.vocab_size + 10) is None
+
+
+def test_a_qwen3_5_tokenizer_round_trips_through_gguf_as_qwen35() -> None:
+    """Qwen3.5's split keeps combining marks with their letters: its tokenizer.json is
+    written as llama.cpp's "qwen35" pre-tokenizer and rebuilt from it to the same ids as
+    the tokenizers library gives from the JSON (text with marks Qwen2's split would cut)."""
+    from helexa.engine.text.tokenizer import (
+        QWEN2_PRE_TOKENIZER_REGEX,
+        QWEN35_PRE_TOKENIZER_REGEX,
+    )
+
+    data = json.loads(make_tiny_tokenizer_json())
+    split = data["pre_tokenizer"]["pretokenizers"][0]["pattern"]
+    assert split["Regex"] == QWEN2_PRE_TOKENIZER_REGEX
+    split["Regex"] = QWEN35_PRE_TOKENIZER_REGEX
+    qwen35_json = json.dumps(data)
+    fields = tokenizer_to_gguf_fields(qwen35_json, make_tiny_tokenizer_config())
+    assert fields["tokenizer.ggml.pre"] == "qwen35"
+    rebuilt = Tokenizer.from_checkpoint(fields)
+    reference = RustTokenizer.from_str(qwen35_json)
+    marked = ["na\u0308ive", "नमस्ते दुनिया", "e\u0301\u0302 x\u0327", *TEXTS]
+    for text in marked:
+        assert rebuilt.encode(text) == reference.encode(text, add_special_tokens=False).ids, text
+    qwen2 = RustTokenizer.from_str(make_tiny_tokenizer_json())
+    assert any(
+        qwen2.pre_tokenizer.pre_tokenize_str(t) != reference.pre_tokenizer.pre_tokenize_str(t)
+        for t in marked
+    )
