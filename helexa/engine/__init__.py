@@ -11,7 +11,8 @@ nothing, so ``import helexa.engine`` never pulls in torch):
   model itself (``models.qwen3.Qwen3`` or ``models.qwen3_moe.Qwen3Moe``).
 
 Layout: ``generate`` (the model and its token loop), ``request`` (an OpenAI request read
-into a prompt and a token budget), ``sampling``, ``json_mode`` and ``worker`` at the top;
+into a prompt and a token budget), ``sampling``, ``grammar`` (decoding held to a JSON
+schema or a tool-call syntax) and ``worker`` at the top;
 ``checkpoint/`` (files on disk -> Checkpoint), ``quant/`` (quantized weights and matmuls),
 ``models/`` (Qwen3, Qwen3-MoE, the KV cache, CUDA graphs, parallelism) and ``text/``
 (tokenizer, chat templates, output parsing, stop strings) below.
