@@ -154,9 +154,9 @@ def call_grammar(
 def _xml_arguments(
     rule: str, schema: Mapping[str, Any] | None, rules: list[str], *, lenient: bool
 ) -> str:
-    """Qwen3-Coder's ``<parameter=P>\\nvalue\\n</parameter>\\n`` blocks for ``schema``: its
-    properties in its order, the required ones present; a string value is raw text (up to
-    ``\\n</parameter>``), any other ``%json`` of the property's schema (with the root's
+    """Qwen3-Coder's ``<parameter=P>\nvalue\n</parameter>\n`` blocks for ``schema``: its
+    properties in its order, the required ones present; a string value is raw text
+    (:func:`_xml_text`), any other ``%json`` of the property's schema (with the root's
     ``$defs``, which its ``$ref``s point into). A schema without properties: any names."""
     props = (schema or {}).get("properties")
     end = _lit(f"\n{PARAMETER_CLOSE}\n")
@@ -171,12 +171,29 @@ def _xml_arguments(
         value = f"{rule}_{j}"
         open_ = _lit(f"{PARAMETER_OPEN}{name}>\n")
         if _is_text(sub):
-            rules.append(f"{value}[lazy]: TEXT {end}")
+            rules.append(_xml_text(value, sub, end))
         else:
             sub = _options({**sub, **defs}, lenient=lenient)
             rules.append(f"{value}: {_json(sub)} {end}")
         parts.append(f"({open_} {value})" + ("" if name in required else "?"))
     return " ".join(parts)
+
+
+def _xml_text(rule: str, schema: Any, end: str) -> str:
+    """A raw-text value up to ``end``: one of a string ``enum``, else its ``pattern``, else
+    any text of ``minLength``..``maxLength`` characters."""
+    schema = schema if isinstance(schema, Mapping) else {}
+    choices = schema.get("enum")
+    if isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices):
+        return f"{rule}: ({' | '.join(_lit(c) for c in choices)}) {end}"
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str):
+        regex = pattern.removeprefix("^").removesuffix("$")
+    else:
+        low, high = schema.get("minLength", 0), schema.get("maxLength")
+        regex = f"(.|\\n){{{low},{'' if high is None else high}}}"
+    terminal = rule.upper()
+    return f"{rule}[lazy]: {terminal} {end}\n{terminal}: /{regex}/"
 
 
 def _is_text(schema: Any) -> bool:
