@@ -23,6 +23,7 @@ blank space that is valid JSON forever.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ from helexa.engine.text.parsers import (
 WHITESPACE = r"[\x20\x0A\x0D\x09]{0,32}"
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 _SCHEMA_DEFS = ("$defs", "definitions")
+_UNESCAPED_SLASH = re.compile(r"(?<!\\)/")  # Lark's regex delimiter
 
 
 class GrammarError(ValueError):
@@ -187,11 +189,13 @@ def _xml_text(rule: str, schema: Any, end: str) -> str:
     if isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices):
         return f"{rule}: ({' | '.join(_lit(c) for c in choices)}) {end}"
     pattern = schema.get("pattern")
-    if isinstance(pattern, str):
-        regex = pattern.removeprefix("^").removesuffix("$")
-    else:
-        low, high = schema.get("minLength", 0), schema.get("maxLength")
+    low, high = schema.get("minLength", 0), schema.get("maxLength")
+    if isinstance(pattern, str):  # anchored, as llguidance holds JSON strings to theirs
+        regex = _UNESCAPED_SLASH.sub(r"\/", pattern.removeprefix("^").removesuffix("$"))
+    elif low or high is not None:
         regex = f"(.|\\n){{{low},{'' if high is None else high}}}"
+    else:
+        regex = "(.|\\n)*"
     terminal = rule.upper()
     return f"{rule}[lazy]: {terminal} {end}\n{terminal}: /{regex}/"
 

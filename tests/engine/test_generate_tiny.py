@@ -125,13 +125,14 @@ PLACE = {
         ],
     ],
 )
+@pytest.mark.parametrize("device", DEVICES)  # the mask is applied on the logits' device
 def test_json_mode_turns_a_random_model_into_json(
-    model_dir: Path, seed: int, fmt: dict[str, Any]
+    model_dir: Path, seed: int, fmt: dict[str, Any], device: str
 ) -> None:
     """Random weights say nothing in particular; under JSON mode every answer is a JSON
     object, of the schema where one is given (without the grammar these weights write
     no JSON at all)."""
-    model = LoadedModel.load(model_dir, context_length=1024)
+    model = LoadedModel.load(model_dir, device, context_length=1024)
     request = {
         "messages": MESSAGES,
         "response_format": fmt,
