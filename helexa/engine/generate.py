@@ -249,17 +249,19 @@ class LoadedModel:
     def count_tokens(self, request: dict[str, Any]) -> int:
         return len(self.tokenizer.encode(self.render(request)))
 
-    def constraint(self, grammar: Grammar) -> Constraint:
-        """One generation's decoding under ``grammar`` (helexa.engine.grammar)."""
+    def constraint(self, grammar: Grammar, *, thinking: bool = False) -> Constraint:
+        """One generation's decoding under ``grammar`` (helexa.engine.grammar);
+        ``thinking``: the prompt ends inside ``<think>``."""
         if self._grammar_tokenizer is None:
             tok = self.tokenizer
             self._grammar_tokenizer = grammar_tokenizer(
                 tok.to_json(), tok.vocab_size, self.eos_token_ids
             )
-        trigger = None
-        if grammar.trigger is not None:
-            (trigger,) = self.tokenizer.encode(grammar.trigger)  # a special token: one id
-        return Constraint(grammar, self._grammar_tokenizer, trigger)
+        return Constraint(grammar, self._grammar_tokenizer, self._special_id, thinking=thinking)
+
+    def _special_id(self, token: str) -> int:
+        (token_id,) = self.tokenizer.encode(token)  # a special token: one id
+        return token_id
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -359,11 +361,14 @@ class LoadedModel:
         params, max_tokens = sampling_and_budget(
             request, self.defaults, self.context_length, len(prompt)
         )
-        constraint = None if chat.grammar is None else self.constraint(chat.grammar)
+        thinking = chat.text.rstrip().endswith("<think>")
+        constraint = None
+        if chat.grammar is not None:
+            constraint = self.constraint(chat.grammar, thinking=thinking)
         parser = OutputParser(
             tools=chat.tools,
             thinking=True,
-            starts_in_thinking=chat.text.rstrip().endswith("<think>"),
+            starts_in_thinking=thinking,
             continues_content=chat.continuing,
         )
         chunks = _Chunks("chat.completion.chunk", "chatcmpl", request.get("model") or self.name)

@@ -14,7 +14,8 @@ prompt has already opened) ends the generation once it is complete, and what is 
 every remaining token is forced (a call's closing ``}`` and ``</tool_call>``) is written
 without sampling (:attr:`Constraint.rest`). A grammar with a ``trigger`` (calls to
 ``strict`` tools amid free text) is off until the model writes that token, then holds for
-one call and is off again.
+one call and is off again; a trigger inside ``<think>`` reasoning is the reasoning's text
+(the output parser reads no call there either).
 
 Whitespace outside strings is bounded (:data:`WHITESPACE`), so a model cannot stall in
 blank space that is valid JSON forever.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,8 @@ from helexa.engine.text.parsers import (
     FUNCTION_OPEN,
     PARAMETER_CLOSE,
     PARAMETER_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
     TOOL_CLOSE,
     TOOL_OPEN,
     ToolFormat,
@@ -215,16 +218,27 @@ def grammar_tokenizer(tokenizer_json: str, vocab_size: int, eos: Iterable[int]) 
 
 class Constraint:
     """One generation decoded under ``grammar`` (see the module doc): :meth:`mask` before
-    each sample, :meth:`advance` after it."""
+    each sample, :meth:`advance` after it. ``token_id`` gives the id of a special token
+    (the trigger, the thinking tags); ``thinking``: the prompt opened ``<think>``."""
 
-    def __init__(self, grammar: Grammar, tokenizer: Any, trigger: int | None = None) -> None:
+    def __init__(
+        self,
+        grammar: Grammar,
+        tokenizer: Any,
+        token_id: Callable[[str], int],
+        *,
+        thinking: bool = False,
+    ) -> None:
         self._matcher = llguidance.LLMatcher(tokenizer, grammar.lark, log_level=0)
         if self._matcher.is_error():
             raise GrammarError(self._matcher.get_error())
         self._vocab: int = tokenizer.vocab_size
         self._bits = torch.zeros((self._vocab + 31) // 32, dtype=torch.int32)
         self._shifts: torch.Tensor | None = None
+        trigger = None if grammar.trigger is None else token_id(grammar.trigger)
         self._trigger = trigger
+        self._think = (token_id(THINK_OPEN), token_id(THINK_CLOSE)) if trigger is not None else None
+        self._thinking = thinking
         self.active = trigger is None
         self.closed = False  # nothing more may be generated
         self.rest: list[int] = []  # forced tokens that end the grammar, written unsampled
@@ -251,7 +265,9 @@ class Constraint:
 
     def advance(self, token: int) -> None:
         if not self.active:
-            self.active = token == self._trigger
+            if self._think is not None and token in self._think:
+                self._thinking = token == self._think[0]
+            self.active = token == self._trigger and not self._thinking
             return
         if not self._matcher.consume_token(token):
             raise RuntimeError(f"grammar: {self._matcher.get_error()}")

@@ -38,10 +38,11 @@ def vocab(tokenizer: Tokenizer) -> Any:
     return grammar_tokenizer(tokenizer.to_json(), tokenizer.vocab_size, tokenizer.eos_token_ids)
 
 
-def taken(tokenizer: Tokenizer, vocab: Any, grammar: Grammar, text: str) -> Constraint:
+def taken(
+    tokenizer: Tokenizer, vocab: Any, grammar: Grammar, text: str, *, thinking: bool = False
+) -> Constraint:
     """A constraint advanced by ``text``'s tokens, each checked against the mask first."""
-    trigger = None if grammar.trigger is None else tokenizer.encode(grammar.trigger)[0]
-    constraint = Constraint(grammar, vocab, trigger)
+    constraint = Constraint(grammar, vocab, lambda tag: tokenizer.encode(tag)[0], thinking=thinking)
     for token in tokenizer.encode(text):
         logits = constraint.mask(torch.zeros(tokenizer.vocab_size))
         if logits[token] == float("-inf"):
@@ -123,6 +124,11 @@ def test_a_triggered_grammar_holds_only_the_calls(tokenizer: Tokenizer, vocab: A
     assert not constraint.active and not constraint.closed
     bad = '<tool_call>\n{"name": "edit", "arguments": {"path": 1}}'
     assert not allowed(tokenizer, vocab, grammar, f"ok {call} then {bad}")
+    # In reasoning a <tool_call> is the reasoning's text (the parser reads no call there).
+    musing = f"<think>maybe {bad}?</think>"
+    assert not taken(tokenizer, vocab, grammar, musing).active
+    assert not taken(tokenizer, vocab, grammar, f"maybe {bad}?</think>", thinking=True).active
+    assert not allowed(tokenizer, vocab, grammar, f"{musing} {bad}")
 
 
 def test_an_answer_is_one_value_of_its_schema(tokenizer: Tokenizer, vocab: Any) -> None:
