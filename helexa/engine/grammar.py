@@ -151,7 +151,7 @@ def call_grammar(
         start = f'start: {call} ("\\n" {TOOL_OPEN} "\\n" {call})*'
     lark = "\n".join([start, *rules, "TEXT: /(.|\\n)*/", ""])
     error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(lark))
-    if error:  # each schema passed alone: what fails is the whole, which is helexa's
+    if error:  # each schema passed alone: this is the calls' own part (an XML value's pattern)
         raise GrammarError(f"the tool-call grammar cannot be built: {error.strip()}")
     return Grammar(lark, TOOL_OPEN if triggered else None)
 

@@ -240,7 +240,7 @@ def call_constraint(
         return None
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name")
-        functions = [f for f in functions if f["name"] == name]
+        functions = [f for f in functions if f["name"] == name][:1]  # the first, if repeated
     specs = []
     for f in functions:
         strict = f.get("strict") is True
