@@ -132,13 +132,13 @@ def test_json_mode_turns_a_random_model_into_json(
     """Random weights say nothing in particular; under JSON mode every answer is a JSON
     object, of the schema where one is given (without the grammar these weights write
     no JSON at all)."""
-    model = LoadedModel.load(model_dir, device, context_length=1024)
+    model = LoadedModel.load(model_dir, device, context_length=2048)
     request = {
         "messages": MESSAGES,
         "response_format": fmt,
         "temperature": 1.0,
         "seed": seed,
-        "max_tokens": 400,
+        "max_tokens": 900,  # past any PLACE: up to 32 blank bytes in each of its ~14 gaps
     }
     chunks = list(model.stream_chat(request, threading.Event()))
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
@@ -239,14 +239,14 @@ def test_a_forced_call_on_a_random_model_is_always_a_call(model_dir: Path, seed:
     (without the grammar these weights write no valid call at all: raw markup as content)."""
     from helexa.wire.openai.translate import ChatAccumulator
 
-    model = LoadedModel.load(model_dir, context_length=1024)
+    model = LoadedModel.load(model_dir, context_length=2048)
     request = {
         "messages": MESSAGES,
         "tools": [WEATHER],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
         "temperature": 1.0,
         "seed": seed,
-        "max_tokens": 256,
+        "max_tokens": 600,  # past any valid call: up to 32 blank bytes in each of ~10 gaps
     }
     chunks = list(model.stream_chat(request, threading.Event()))
     (done,) = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]

@@ -27,6 +27,11 @@ from tests.support.servers import Gateway, gateway_over
 
 HI = [{"role": "user", "content": "What is the weather in Paris?"}]
 SEEDS = range(3)
+# Budgets past the longest valid output: random weights write up to 32 blank bytes (maybe
+# one token each) wherever JSON allows them, a dozen or two places in these schemas; an
+# XML call's values are raw text or JSON scalars, which have no such places.
+ANSWER_BUDGET = 1000
+CALL_BUDGET = {"tiny": 1000, "coder": 400}
 # Every value bounded, so any random answer closes within the budget.
 PLACE = {
     "type": "object",
@@ -136,7 +141,7 @@ async def test_a_chat_answer_validates_against_its_schema(
         response_format=_schema_format(PLACE),  # type: ignore[arg-type]
         temperature=1.0,
         seed=seed,
-        max_tokens=300,
+        max_tokens=ANSWER_BUDGET,
     )
     choice = reply.choices[0]
     assert choice.finish_reason == "stop"
@@ -151,7 +156,7 @@ async def test_the_sdk_parse_helper_gets_its_model_back(client: openai.AsyncOpen
             response_format=Place,
             temperature=1.0,
             seed=seed,
-            max_tokens=300,
+            max_tokens=ANSWER_BUDGET,
         )
         parsed = reply.choices[0].message.parsed
         assert isinstance(parsed, Place) and 1 <= parsed.rank <= 9
@@ -167,7 +172,7 @@ async def test_a_responses_text_format_validates_against_its_schema(
         input="Where?",
         text={"format": fmt},  # type: ignore[typeddict-item]
         temperature=1.0,
-        max_output_tokens=300,
+        max_output_tokens=ANSWER_BUDGET,
         extra_body={"seed": seed},
     ) as stream:
         response = await stream.get_final_response()
@@ -190,7 +195,7 @@ async def test_required_tool_choice_is_always_a_call_of_a_given_tool(
         parallel_tool_calls=False,
         temperature=1.0,
         seed=seed,
-        max_tokens=400,
+        max_tokens=CALL_BUDGET[model],
     )
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls", choice
@@ -207,7 +212,7 @@ async def test_anthropic_tool_choice_any_is_always_a_tool_use(
 ) -> None:
     async with claude.messages.stream(
         model=model,
-        max_tokens=400,
+        max_tokens=CALL_BUDGET[model],
         messages=HI,  # type: ignore[arg-type]
         tools=ANTHROPIC_TOOLS,  # type: ignore[arg-type]
         tool_choice={"type": "any", "disable_parallel_tool_use": True},
