@@ -12,7 +12,8 @@ nothing, so ``import helexa.engine`` never pulls in torch):
   hybrid ``models.qwen3_next`` classes: Qwen3-Next, Qwen3.5, Qwen3.5-MoE).
 
 Layout: ``generate`` (the model and its token loop), ``request`` (an OpenAI request read
-into a prompt and a token budget), ``sampling``, ``json_mode`` and ``worker`` at the top;
+into a prompt and a token budget), ``sampling``, ``grammar`` (decoding held to a JSON
+schema or a tool-call syntax) and ``worker`` at the top;
 ``checkpoint/`` (files on disk -> Checkpoint), ``quant/`` (quantized weights and matmuls),
 ``models/`` (Qwen3, Qwen3-MoE, the hybrid Qwen3-Next/Qwen3.5, the KV cache and the
 recurrent state, CUDA graphs, parallelism) and ``text/``

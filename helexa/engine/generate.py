@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from helexa.engine.checkpoint.types import Progress
-from helexa.engine.json_mode import JsonConstraint
+from helexa.engine.grammar import Constraint, Grammar, grammar_tokenizer
 from helexa.engine.prefix_cache import PrefixCache
 from helexa.engine.request import (
     ChatPrompt,
@@ -134,6 +134,8 @@ class LoadedModel:
     decode: Callable[[torch.Tensor, int], torch.Tensor] | None = None
     # What the KV cache holds, to prefill only what a prompt adds to it.
     prompt_cache: PrefixCache = field(default_factory=PrefixCache)
+    # The grammar engine's index of the vocabulary, built by the first constrained request.
+    _grammar_tokenizer: Any = field(default=None, init=False, repr=False)
 
     @classmethod
     def load(
@@ -261,6 +263,20 @@ class LoadedModel:
     def count_tokens(self, request: dict[str, Any]) -> int:
         return len(self.tokenizer.encode(self.render(request)))
 
+    def constraint(self, grammar: Grammar, *, thinking: bool = False) -> Constraint:
+        """One generation's decoding under ``grammar`` (helexa.engine.grammar);
+        ``thinking``: the prompt ends inside ``<think>``."""
+        if self._grammar_tokenizer is None:
+            tok = self.tokenizer
+            self._grammar_tokenizer = grammar_tokenizer(
+                tok.to_json(), tok.vocab_size, self.eos_token_ids
+            )
+        return Constraint(grammar, self._grammar_tokenizer, self._special_id, thinking=thinking)
+
+    def _special_id(self, token: str) -> int:
+        (token_id,) = self.tokenizer.encode(token)  # a special token: one id
+        return token_id
+
     # -- the loop ---------------------------------------------------------------------------
 
     def tokens(
@@ -268,13 +284,13 @@ class LoadedModel:
         prompt: list[int],
         params: SamplingParams,
         cancel: Event,
-        constraint: JsonConstraint | None = None,
+        constraint: Constraint | None = None,
     ) -> Iterator[int]:
         """Sampled token ids, one forward pass each, until cancelled: callers stop it at
         EOS, a stop string or their budget, and the last token is never fed back. ``prompt``
         must fit the KV cache with room for the tokens taken; the part of it the cache
-        already holds is not computed again. A ``constraint`` (JSON mode) picks among the
-        tokens it allows and is advanced by each one taken."""
+        already holds is not computed again. A ``constraint`` (a grammar) masks the logits
+        of the tokens it forbids before each sample and is advanced by each one taken."""
         model, device, cache = self.model, self.model.device, self.prompt_cache
         sampler = Sampler(params, model.vocab_size, device, prompt=prompt)
         known = self.tokenizer.vocab_size  # a model's vocab is often padded past the tokenizer's
@@ -296,10 +312,10 @@ class LoadedModel:
             last = logits[0, -1]
             if known < last.shape[-1]:
                 last[known:] = float("-inf")
-            if constraint is None:
-                token = sampler.sample(last, generated)
-            else:
-                token = constraint.pick(sampler.sample, last, generated)
+            if constraint is not None:
+                last = constraint.mask(last)  # [vocab]: -inf where the grammar forbids it
+            token = sampler.sample(last, generated)
+            if constraint is not None:
                 constraint.advance(token)
             generated.append(token)
             yield token
@@ -318,11 +334,14 @@ class LoadedModel:
         max_tokens: int,
         cancel: Event,
         outcome: _Outcome,
-        constraint: JsonConstraint | None = None,
+        constraint: Constraint | None = None,
     ) -> Iterator[str]:
         """Decoded text safe to show (whole UTF-8 characters, no partial stop string)."""
         decoder = self.tokenizer.stream_decoder()
         stops = StopMatcher(list(params.stop or []))
+        if constraint is not None and constraint.closed:  # all of it forced: nothing to sample
+            outcome.finish_reason = "stop"
+            return
         for token in self.tokens(prompt, params, cancel, constraint):
             outcome.completion_tokens += 1
             if token in self.eos_token_ids:
@@ -335,7 +354,7 @@ class LoadedModel:
                 outcome.finish_reason, outcome.stop_sequence = "stop", matched
                 return
             if constraint is not None and constraint.closed:
-                outcome.finish_reason = "stop"  # the JSON value is complete
+                outcome.finish_reason = "stop"  # the grammar is complete
                 break
             if outcome.completion_tokens >= max_tokens:
                 break
@@ -358,19 +377,14 @@ class LoadedModel:
         params, max_tokens = sampling_and_budget(
             request, self.defaults, self.context_length, len(prompt)
         )
+        thinking = chat.text.rstrip().endswith("<think>")
         constraint = None
-        if chat.json is not None or chat.forced_close:
-            # A JSON answer, or a forced call's arguments: random text there would be no call.
-            constraint = JsonConstraint(
-                self.tokenizer.token_bytes,
-                self.eos_token_ids,
-                object_only=chat.json is None or chat.json["type"] == "json_object",
-                tail=chat.forced_close.encode(),
-            )
+        if chat.grammar is not None:
+            constraint = self.constraint(chat.grammar, thinking=thinking)
         parser = OutputParser(
             tools=chat.tools,
             thinking=True,
-            starts_in_thinking=chat.text.rstrip().endswith("<think>"),
+            starts_in_thinking=thinking,
             continues_content=chat.continuing,
         )
         chunks = _Chunks("chat.completion.chunk", "chatcmpl", request.get("model") or self.name)
@@ -392,9 +406,9 @@ class LoadedModel:
         if outcome.cancelled:
             return
         if constraint is not None and constraint.closed and constraint.rest:
-            # A forced call's arguments are complete: close the call as the model would have,
-            # unsampled (nothing is generated after it, the one named call being the answer).
-            for delta in parser.feed(constraint.rest):
+            # All that may follow is forced (a call's closing tags): written as the model
+            # would have, unsampled, since nothing is generated after it.
+            for delta in parser.feed(self.tokenizer.decode(constraint.rest)):
                 yield chunks.chat(delta)
         for delta in parser.finish():
             yield chunks.chat(delta)

@@ -13,6 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from helexa.engine.grammar import (
+    ANY_OBJECT,
+    Grammar,
+    GrammarError,
+    ToolSchema,
+    answer_grammar,
+    call_grammar,
+)
 from helexa.engine.sampling import SamplingParams
 from helexa.engine.text.chat_template import render_chat
 from helexa.engine.text.parsers import ToolSyntax
@@ -105,10 +113,9 @@ def thinking_requested(request: dict[str, Any]) -> bool:
 def forced_tool_prefix(request: dict[str, Any], syntax: ToolSyntax | None = None) -> str:
     """What the model is made to have written first so that it calls a tool: ``tool_choice``
     "required" opens a Qwen3 ``<tool_call>``, a named function also writes its name (in
-    the model's own call syntax). The text is fed to the output parser as if generated,
-    so the call streams as usual. A named call in Qwen3's JSON syntax ends right where its
-    arguments begin (after ``"arguments": ``): decoding writes them as a JSON object and
-    the call is closed for the model (:attr:`ChatPrompt.forced_close`)."""
+    the model's own call syntax, up to where its arguments begin). The text is fed to the
+    output parser as if generated, so the call streams as usual; decoding goes on under
+    the call grammar (:func:`call_constraint`)."""
     choice = request.get("tool_choice")
     if choice == "required":
         return "<tool_call>\n"
@@ -145,7 +152,7 @@ def json_format(request: dict[str, Any]) -> dict[str, Any] | None:
 
 def _json_instruction(fmt: dict[str, Any], *, tools: bool) -> str | None:
     """What the system prompt says about the JSON answer: a json_schema's schema (decoding
-    enforces the syntax; what the value says is the model's to get right), and with tools,
+    enforces it, but a model told it writes values that mean something), and with tools,
     where nothing is enforced (the model may call one instead), the format itself."""
     when = "When you answer rather than call a tool, answer" if tools else "Answer"
     if fmt["type"] == "json_object":
@@ -176,11 +183,8 @@ class ChatPrompt:
     text: str
     tools: ToolSyntax | None  # when set, <tool_call> blocks (in this syntax) become calls
     forced: str  # the forced start of a call, already in ``text``; fed to the parser first
-    # What closes the forced call once its arguments (decoded as a JSON object) are
-    # complete: set when ``forced`` ends at a named call's arguments in Qwen3's JSON syntax.
-    forced_close: str
     single_call: bool  # stop once one call is complete
-    json: dict[str, Any] | None  # the response_format whose syntax decoding enforces
+    grammar: Grammar | None  # what decoding enforces: a JSON answer, or tool calls
     continuing: bool  # the prompt ends inside the last assistant message
 
 
@@ -208,16 +212,69 @@ def _check_text_only(messages: list[Any]) -> None:
                     )
 
 
+def answer_constraint(fmt: dict[str, Any]) -> Grammar:
+    """A JSON ``response_format`` as a grammar: json_object any object, json_schema its
+    schema (one llguidance cannot enforce is refused, naming why)."""
+    if fmt["type"] == "json_object":
+        return answer_grammar(ANY_OBJECT, "json_object")
+    spec = fmt["json_schema"]
+    name = f" {spec['name']!r}" if spec.get("name") else ""
+    return _grammar(answer_grammar, spec["schema"], f"the response format's JSON schema{name}")
+
+
+def call_constraint(
+    request: dict[str, Any], tools: list[Any], syntax: ToolSyntax, *, single: bool
+) -> Grammar | None:
+    """The grammar of this request's tool calls, or None where calls are free text.
+
+    A forced call (tool_choice "required" or naming a function) holds its arguments to
+    its tool's parameters schema, leniently (keywords llguidance does not implement are
+    not enforced) unless the tool is ``strict``; otherwise, once any tool is ``strict``,
+    each call the model opens names one of the tools, a strict one's arguments held to its
+    schema exactly and any other's to a JSON object."""
+    choice = request.get("tool_choice")
+    functions = [t.get("function") or t for t in tools if isinstance(t, dict)]
+    functions = [f for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str)]
+    forced = choice == "required" or isinstance(choice, dict)
+    if not forced and not any(f.get("strict") is True for f in functions):
+        return None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        functions = [f for f in functions if f["name"] == name][:1]  # the first, if repeated
+    specs = []
+    for f in functions:
+        strict = f.get("strict") is True
+        schema = f.get("parameters")
+        schema = schema if isinstance(schema, dict) else ANY_OBJECT
+        specs.append(ToolSchema(f["name"], schema if forced or strict else None, not strict))
+    return _grammar(
+        call_grammar,
+        specs,
+        syntax.format,
+        named=isinstance(choice, dict),
+        single=single,
+        triggered=not forced,
+    )
+
+
+def _grammar(build: Callable[..., Grammar], *args: Any, **kwargs: Any) -> Grammar:
+    try:
+        return build(*args, **kwargs)
+    except GrammarError as exc:
+        raise RequestError(str(exc), code="invalid_schema") from exc
+
+
 def chat_prompt(
     request: dict[str, Any], template: str, *, bos_token: str | None, eos_token: str | None
 ) -> ChatPrompt:
     """An OpenAI chat request, rendered and read once for the loop (or a RequestError).
 
     ``tool_choice`` "required" or a named function ends the prompt in the forced start
-    of a call (:func:`forced_tool_prefix`); ``continue_final_message`` (vLLM's name;
-    Anthropic prefill arrives as it) ends it inside the last assistant message; a JSON
-    ``response_format`` constrains decoding, unless tools are offered (the model may
-    call one instead), and then it is only an instruction."""
+    of a call (:func:`forced_tool_prefix`) and decoding follows the call grammar, as it
+    does for calls to ``strict`` tools (:func:`call_constraint`); ``continue_final_message``
+    (vLLM's name; Anthropic prefill arrives as it) ends it inside the last assistant
+    message; a JSON ``response_format`` constrains decoding to its schema, unless tools
+    are offered (the model may call one instead), and then it is only an instruction."""
     messages = request.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list")
@@ -249,14 +306,18 @@ def chat_prompt(
         raise RequestError(f"cannot render the chat template: {exc}") from exc
     # One call only: asked for, or implied by naming the function to call.
     named = isinstance(request.get("tool_choice"), dict)
-    json_call = named and syntax is not None and syntax.format == "json"
+    single = tools is not None and (request.get("parallel_tool_calls") is False or named)
+    grammar = None
+    if constrained is not None:
+        grammar = answer_constraint(constrained)
+    elif tools is not None and syntax is not None:
+        grammar = call_constraint(request, tools, syntax, single=single)
     return ChatPrompt(
         text=text + forced,
         tools=syntax,
         forced=forced,
-        forced_close="}\n</tool_call>" if json_call else "",
-        single_call=tools is not None and (request.get("parallel_tool_calls") is False or named),
-        json=constrained,
+        single_call=single,
+        grammar=grammar,
         continuing=continuing,
     )
 

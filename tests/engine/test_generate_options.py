@@ -220,3 +220,59 @@ def test_json_with_tools_is_an_instruction_not_a_constraint(tokenizer: Tokenizer
     prompt = model.render({**request, "response_format": fmt})
     assert "When you answer rather than call a tool, answer with a single JSON value" in prompt
     assert not prompt.endswith("<think>\n\n</think>\n\n")  # thinking as the model likes
+
+
+# -- calls under the call grammar -----------------------------------------------------------
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 8}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+STRICT_WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": CITY, "strict": True},
+}
+BAD_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": 5, "x": 1}}\n</tool_call>'
+
+
+def test_a_strict_tools_call_amid_free_text_is_held_to_its_schema(tokenizer: Tokenizer) -> None:
+    """The model writes text, then a call with arguments its schema forbids: the text is
+    left as written, the call's arguments are decoded to the schema, and after the call
+    decoding is free again (this script's leftover tokens come out as text)."""
+    model = scripted(tokenizer, f"Sure, let me look. {BAD_CALL}", max_seq=2048)
+    chunks = chat(model, tools=[STRICT_WEATHER])
+    assert joined(chunks, "content").startswith("Sure, let me look.")
+    ((name, arguments),) = calls(chunks)
+    assert name == "get_weather"
+    assert set(arguments) == {"city"} and isinstance(arguments["city"], str)
+    assert len(arguments["city"]) <= 8
+    # Not strict: nothing holds the call, whose arguments stay as the model wrote them.
+    loose = {"type": "function", "function": {"name": "get_weather", "parameters": CITY}}
+    free = chat(scripted(tokenizer, BAD_CALL, max_seq=2048), tools=[loose])
+    assert calls(free) == [("get_weather", {"city": 5, "x": 1})]
+
+
+def test_required_calls_may_be_parallel_as_the_template_writes_them(tokenizer: Tokenizer) -> None:
+    model = scripted(tokenizer, TWO_CALLS.split("<tool_call>\n", 1)[1], max_seq=2048)
+    chunks = chat(model, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required")
+    assert calls(chunks) == [("get_weather", {"city": "Oslo"}), ("get_time", {})]
+    assert finish(chunks)["finish_reason"] == "tool_calls"
+
+
+def test_a_required_call_to_no_given_tool_becomes_one(tokenizer: Tokenizer) -> None:
+    """The model names a tool it was not given: the grammar lets it name only the tools."""
+    model = scripted(tokenizer, BAD_CALL.replace("get_weather", "get_wether"), max_seq=2048)
+    strict_time = {
+        "type": "function",
+        "function": {"name": "get_time", "parameters": {**CITY, "required": []}},
+    }
+    chunks = chat(
+        model,
+        tools=[STRICT_WEATHER, strict_time],
+        tool_choice="required",
+        parallel_tool_calls=False,
+    )
+    ((name, arguments),) = calls(chunks)
+    assert name in ("get_weather", "get_time") and set(arguments) <= {"city"}

@@ -7,7 +7,9 @@ import json
 import threading
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import pytest
 import torch
 from openai.types.chat import ChatCompletionChunk
@@ -15,7 +17,6 @@ from transformers import Qwen3ForCausalLM
 
 from helexa.engine.checkpoint.errors import UnsupportedArchitecture
 from helexa.engine.generate import DEFAULT_CONTEXT, LoadedModel, generation_defaults
-from helexa.engine.json_mode import JsonPrefix
 from helexa.engine.request import RequestError
 from helexa.engine.sampling import SamplingParams
 from helexa.engine.text.chat_template import QWEN3_TEMPLATE
@@ -100,27 +101,53 @@ def test_chat_stream_matches_parsing_the_greedy_text(
     assert usage["completion_tokens"] == (eos[0] + 1 if eos else NEW_TOKENS)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_json_mode_turns_a_random_model_into_json(model_dir: Path, seed: int) -> None:
-    """Random weights say nothing in particular; under JSON mode every answer is valid
-    JSON, or a valid start of it when the budget ran out."""
-    model = LoadedModel.load(model_dir)
+PLACE = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "rank": {"type": "integer", "minimum": 1, "maximum": 9},
+        "kind": {"enum": ["town", "city"]},
+    },
+    "required": ["city", "rank", "kind"],
+    "additionalProperties": False,
+}
+
+
+# Any object may go on for thousands of tokens (these seeds' close within the budget);
+# every value of PLACE is bounded, so any seed's does.
+@pytest.mark.parametrize(
+    ("fmt", "seed"),
+    [
+        *[({"type": "json_object"}, seed) for seed in (1, 3)],
+        *[
+            ({"type": "json_schema", "json_schema": {"name": "p", "schema": PLACE}}, s)
+            for s in range(4)
+        ],
+    ],
+)
+@pytest.mark.parametrize("device", DEVICES)  # the mask is applied on the logits' device
+def test_json_mode_turns_a_random_model_into_json(
+    model_dir: Path, seed: int, fmt: dict[str, Any], device: str
+) -> None:
+    """Random weights say nothing in particular; under JSON mode every answer is a JSON
+    object, of the schema where one is given (without the grammar these weights write
+    no JSON at all)."""
+    model = LoadedModel.load(model_dir, device, context_length=2048)
     request = {
         "messages": MESSAGES,
-        "response_format": {"type": "json_object"},
+        "response_format": fmt,
         "temperature": 1.0,
         "seed": seed,
-        "max_tokens": 48,
+        "max_tokens": 900,  # past any PLACE: up to 32 blank bytes in each of its ~14 gaps
     }
     chunks = list(model.stream_chat(request, threading.Event()))
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     (done,) = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
-    prefix = JsonPrefix()
-    assert text.startswith("{") and prefix.feed_bytes(text.encode()), text
-    if done["finish_reason"] == "stop":
-        assert isinstance(json.loads(text), dict)
-    else:
-        assert done["finish_reason"] == "length" and not prefix.complete
+    assert done["finish_reason"] == "stop", text
+    value = json.loads(text)
+    assert isinstance(value, dict)
+    if fmt["type"] == "json_schema":
+        jsonschema.validate(value, PLACE)
 
 
 def test_gguf_loads_and_generates_like_the_hf_directory(
@@ -189,32 +216,37 @@ def test_a_token_id_prompt_is_served_only_inside_the_vocabulary(model_dir: Path)
             completion(bad)
 
 
+# A schema whose every value is bounded, so any random call closes within the budget.
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 16},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city"],
+    "additionalProperties": False,
+}
 WEATHER = {
     "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
+    "function": {"name": "get_weather", "parameters": WEATHER_PARAMETERS},
 }
 
 
-# Seeds whose random arguments close within the budget (a random model may wander in
-# valid JSON for thousands of tokens, and then the finish is "length", as in JSON mode).
-@pytest.mark.parametrize("seed", [3, 12, 13, 14, 16, 20])
+@pytest.mark.parametrize("seed", range(6))
 def test_a_forced_call_on_a_random_model_is_always_a_call(model_dir: Path, seed: int) -> None:
     """A named tool_choice: whatever random weights would write, the arguments are decoded
-    as a JSON object and the call closed after it, so there is exactly one call (without
-    the constraint these weights write no valid call at all: raw markup as content)."""
+    to the tool's schema and the call closed after it, so there is exactly one call
+    (without the grammar these weights write no valid call at all: raw markup as content)."""
     from helexa.wire.openai.translate import ChatAccumulator
 
-    model = LoadedModel.load(model_dir, context_length=1024)
+    model = LoadedModel.load(model_dir, context_length=2048)
     request = {
         "messages": MESSAGES,
         "tools": [WEATHER],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
         "temperature": 1.0,
         "seed": seed,
-        "max_tokens": 256,
+        "max_tokens": 600,  # past any valid call: up to 32 blank bytes in each of ~10 gaps
     }
     chunks = list(model.stream_chat(request, threading.Event()))
     (done,) = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
@@ -235,4 +267,4 @@ def test_a_forced_call_on_a_random_model_is_always_a_call(model_dir: Path, seed:
     assert message["finish_reason"] == "tool_calls"
     (call,) = message["message"]["tool_calls"]
     assert call["function"]["name"] == "get_weather"
-    assert isinstance(json.loads(call["function"]["arguments"]), dict)
+    jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER_PARAMETERS)

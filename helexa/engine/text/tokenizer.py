@@ -37,19 +37,6 @@ _PRE_NAMES = {QWEN2_PRE_TOKENIZER_REGEX: "qwen2", QWEN35_PRE_TOKENIZER_REGEX: "q
 QWEN_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
-def _byte_level_table() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: the character a vocabulary entry uses for
-    each byte (printable bytes stand for themselves, the rest are shifted past 255)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    table = {chr(b): b for b in printable}
-    shifted = (b for b in range(256) if b not in printable)
-    table.update({chr(256 + n): b for n, b in enumerate(shifted)})
-    return table
-
-
-_BYTE_OF_CHAR = _byte_level_table()
-
-
 class TokenType(IntEnum):
     """llama.cpp's tokenizer.ggml.token_type values."""
 
@@ -107,8 +94,6 @@ class Tokenizer:
         self.vocab_size: int = max(vocab.values()) + 1 if vocab else 0
         ends = [eos_token, *QWEN_END_TOKENS]
         self.eos_token_ids: set[int] = {vocab[t] for t in ends if t is not None and t in vocab}
-        self._added_ids = set(tokenizer.get_added_tokens_decoder())
-        self._bytes: dict[int, bytes | None] = {}
 
     @classmethod
     def from_checkpoint(cls, tok: Mapping[str, Any]) -> Tokenizer:
@@ -207,18 +192,10 @@ class Tokenizer:
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
-    def token_bytes(self, token_id: int) -> bytes | None:
-        """The bytes a byte-level BPE token stands for (part of a character, maybe); None
-        for added/special tokens and ids outside the vocabulary. JSON mode checks
-        candidates with it, so results are cached."""
-        if token_id not in self._bytes:
-            token = None if token_id in self._added_ids else self._tok.id_to_token(token_id)
-            try:
-                data = None if token is None else bytes(_BYTE_OF_CHAR[c] for c in token)
-            except KeyError:  # not a byte-level vocabulary entry
-                data = None
-            self._bytes[token_id] = data
-        return self._bytes[token_id]
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (HF's, or the one rebuilt from GGUF fields):
+        what the grammar engine indexes the vocabulary from."""
+        return self._tok.to_str()
 
 
 class StreamDecoder:

@@ -238,18 +238,22 @@ def test_stream_decoder_flushes_a_truncated_character(hf_tokenizer: Tokenizer) -
 
 
 @pytest.mark.parametrize("source", ["hf", "gguf"])
-def test_token_bytes_spell_the_text(
+def test_the_grammar_engine_reads_the_tokens_as_they_spell_the_text(
     hf_tokenizer: Tokenizer, gguf_fields: dict, source: str
 ) -> None:
+    """llguidance indexes the vocabulary from ``to_json``: each id must stand for the bytes
+    it decodes to, a GGUF-rebuilt tokenizer's as an HF one's, or masks would be wrong."""
+    from helexa.engine.grammar import grammar_tokenizer
+
     tok = hf_tokenizer if source == "hf" else Tokenizer.from_checkpoint(gguf_fields)
-    for text in (t for t in TEXTS if "<" not in t):  # added tokens have no byte spelling
+    seen = grammar_tokenizer(tok.to_json(), tok.vocab_size, tok.eos_token_ids)
+    assert seen.vocab_size == tok.vocab_size
+    for text in (t for t in TEXTS if "<" not in t):
         ids = tok.encode(text)
-        spelled = b"".join(tok.token_bytes(i) or b"?" for i in ids)
-        assert spelled == unicodedata.normalize("NFC", text).encode()
-    for special in ("<|im_end|>", "<|im_start|>", "<think>"):
+        assert seen.decode_bytes(ids) == unicodedata.normalize("NFC", text).encode()
+    for special in ("<|im_end|>", "<|im_start|>", "<think>", "<tool_call>"):
         (token_id,) = tok.encode(special)
-        assert tok.token_bytes(token_id) is None  # added tokens are never part of JSON text
-    assert tok.token_bytes(tok.vocab_size + 10) is None
+        assert seen.is_special_token(token_id)  # never part of text a grammar spells out
 
 
 def test_a_qwen3_5_tokenizer_round_trips_through_gguf_as_qwen35() -> None:
