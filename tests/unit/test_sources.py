@@ -8,6 +8,9 @@ so nothing here reaches the network.
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from helexa.neuron.sources import (
     parse_model_id,
     path_allowed,
     pick_gguf,
+    progress_line,
     pull,
     quant_of,
     ref_for,
@@ -29,6 +33,7 @@ from helexa.neuron.sources import (
     sources,
     split_files,
 )
+from helexa.units import GIB, MIB
 from tests.support.servers import serving_in_thread
 
 # -- parse_model_id ----------------------------------------------------------------------------
@@ -453,3 +458,61 @@ def test_run_pull_errors_are_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"helexa pull: {model}: ")
     assert needle in err
+
+
+def test_pull_draws_one_progress_line_per_file(
+    tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Off a terminal the bar is one final line per file: its name, 100%, the bytes of the
+    whole file against its size, a speed; no carriage returns, no retry chatter."""
+    _, endpoint = fake_hub
+    assert run_pull(_pull_settings(tmp_path, endpoint), "org/gguf:Q8_0") == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    (line,) = err.splitlines()
+    assert line.startswith("pulling m-Q8_0.gguf 100% ▕" + "█" * 25 + "▏ 20 B/20 B  ")
+    assert line.endswith("/s")
+
+
+@pytest.mark.parametrize(
+    ("done", "total", "elapsed", "expected"),
+    [
+        (0, 640 * MIB, 0.0, "pulling f   0% ▕          ▏ 0 B/640 MiB  0 B/s"),
+        (320 * MIB, 640 * MIB, 10.0, "pulling f  50% ▕█████     ▏ 320 MiB/640 MiB  32 MiB/s  10s"),
+        (3 * GIB, 6 * GIB, 30.0, "pulling f  50% ▕█████     ▏ 3.0 GiB/6.0 GiB  102 MiB/s  30s"),
+        (MIB, None, 2.0, "pulling f 1 MiB  512.0 KiB/s"),
+    ],
+)
+def test_progress_line(done: int, total: int | None, elapsed: float, expected: str) -> None:
+    assert progress_line("f", done, total, elapsed, width=10) == expected
+
+
+def test_pull_fails_at_once_when_the_hub_name_does_not_resolve(tmp_path: Path) -> None:
+    """No network (here: a hub whose name cannot resolve, set as a user sets it) is one
+    line naming the host, before any request: huggingface_hub would retry the lookup
+    for 20 s with a warning each time. The CLI runs as the user runs it, in a process of
+    its own, since huggingface_hub reads HF_ENDPOINT once, at import."""
+    env = {**os.environ, "HF_ENDPOINT": "http://nonexistent.invalid", "HF_HOME": str(tmp_path)}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-m", "helexa.cli", "pull", "Qwen/Qwen3-0.6B-GGUF:Q8_0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(
+        "helexa pull: Qwen/Qwen3-0.6B-GGUF:Q8_0: cannot reach http://nonexistent.invalid: "
+        "'nonexistent.invalid' does not resolve"
+    )
+
+
+def test_pull_of_a_snapshot_draws_one_line_named_by_the_repo(
+    tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, endpoint = fake_hub
+    assert run_pull(_pull_settings(tmp_path, endpoint), "org/dense") == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("pulling org/dense 100% ▕")
