@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print the fleet table of a running gateway")
     status.add_argument("--url", help="gateway URL (default: from config)")
     status.add_argument("--admin-key", help="admin key, if the gateway requires one")
+    status.add_argument("--json", action="store_true", help="the fleet snapshot as JSON")
+    status.add_argument(
+        "--watch",
+        metavar="SECONDS",
+        nargs="?",
+        type=float,
+        const=2.0,
+        help="redraw every SECONDS (default 2) until Ctrl-C",
+    )
     _common(status)
 
     pull = sub.add_parser("pull", help="download a model into its source's cache")
@@ -121,7 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             from helexa.cortex.status import run_status
 
-            return run_status(settings, url=args.url, admin_key=args.admin_key)
+            return run_status(
+                settings,
+                url=args.url,
+                admin_key=args.admin_key,
+                as_json=args.json,
+                watch_s=args.watch,
+            )
         if args.command == "pull":
             from helexa.neuron.sources import run_pull
 

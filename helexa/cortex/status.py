@@ -9,17 +9,16 @@ on stderr and exit status 1.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
 
 from helexa.config import Settings, listen_url
-
-
-def _gib(mb: float | None) -> str:
-    return "-" if mb is None else f"{mb / 1024:.1f}"
+from helexa.units import mib_text, used_of_total
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -34,7 +33,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _device_cell(d: Mapping[str, Any]) -> str:
     used, total = d.get("vram_used_mb"), d.get("vram_total_mb")
-    text = f"{d.get('index', 0)}: {d.get('name') or '?'} {_gib(used)}/{_gib(total)} GiB"
+    memory = used_of_total(used, total)
+    if d.get("kind") == "cpu":  # its "VRAM" is the host's RAM: say so
+        text = f"no GPU: running on CPU ({d.get('name') or '?'}), RAM {memory}"
+    else:
+        text = f"{d.get('index', 0)}: {d.get('name') or '?'} {memory}"
     if d.get("utilization_pct") is not None:
         text += f" {d['utilization_pct']:.0f}%"
     if d.get("temp_c") is not None:
@@ -63,7 +66,7 @@ def format_fleet_table(snapshot: Mapping[str, Any]) -> str:
                 m.get("id", ""),
                 m.get("node", ""),
                 m.get("status", ""),
-                f"{m['vram_used_mb']} MiB" if m.get("vram_used_mb") else "-",
+                mib_text(m["vram_used_mb"]) if m.get("vram_used_mb") else "-",
                 "yes" if m.get("pinned") else "",
                 str(m.get("in_flight") or 0),
                 "-" if idle is None else f"{idle:.0f}s",
@@ -89,37 +92,81 @@ class GatewayRefused(Exception):
     """The gateway answered, but not with a fleet table."""
 
 
+def _not_helexa(response: aiohttp.ClientResponse) -> GatewayRefused:
+    kind = response.content_type or "no content type"
+    return GatewayRefused(
+        f"HTTP {response.status} ({kind}) is not a helexa gateway's answer: "
+        "is this the gateway's address (helexa --serve prints it)?"
+    )
+
+
 async def fetch_snapshot(url: str, admin_key: str | None, timeout_s: float = 10.0) -> Any:
+    """The fleet table; anything else the server says is one line, never its page: a
+    server that is not a helexa gateway is named as such, by what it answered."""
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with (
         aiohttp.ClientSession(timeout=timeout, headers=headers) as session,
         session.get(f"{url.rstrip('/')}/admin/fleet") as response,
     ):
+        try:
+            body = await response.json(content_type=None)
+        except ValueError:
+            raise _not_helexa(response) from None
         if response.status >= 400:
-            body = await response.text()
             try:
-                message = (await response.json(content_type=None))["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = body.strip()[:200] or response.reason
+                message = body["error"]["message"]
+            except (KeyError, TypeError):
+                raise _not_helexa(response) from None
             raise GatewayRefused(f"HTTP {response.status}: {message}")
-        return await response.json(content_type=None)
+        if not isinstance(body, dict) or "nodes" not in body:
+            raise _not_helexa(response)
+        return body
 
 
-def run_status(settings: Settings, url: str | None = None, admin_key: str | None = None) -> int:
+def run_status(
+    settings: Settings,
+    url: str | None = None,
+    admin_key: str | None = None,
+    *,
+    as_json: bool = False,
+    watch_s: float | None = None,
+    clear: Callable[[], None] | None = None,
+    rounds: int | None = None,
+) -> int:
+    """Print the fleet table (or the snapshot as JSON) once, or every ``watch_s`` seconds
+    until interrupted (``rounds`` bounds it, for a test). A failure is one line; while
+    watching, the next round tries again, as ``watch`` would."""
     url = url or gateway_url(settings)
     key = admin_key or settings.gateway.admin_key or next(iter(settings.gateway.api_keys), None)
+    clear = clear or (lambda: print("\x1b[H\x1b[2J", end=""))
+    done = 0
+    status = 0
+    while True:
+        status = _status_once(url, key, as_json, (clear, watch_s) if watch_s else None)
+        done += 1
+        if watch_s is None or (rounds is not None and done >= rounds):
+            return status
+        time.sleep(watch_s)
+
+
+def _status_once(
+    url: str, key: str | None, as_json: bool, watch: tuple[Callable[[], None], float] | None
+) -> int:
     try:
         snapshot = asyncio.run(fetch_snapshot(url, key))
-        if not isinstance(snapshot, dict):
-            raise GatewayRefused("the answer is not a fleet table")
-        text = format_fleet_table(snapshot)
+        text = json.dumps(snapshot, indent=2) if as_json else format_fleet_table(snapshot)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         reason = str(exc) or type(exc).__name__
-        print(f"helexa status: cannot reach the gateway at {url}: {reason}", file=sys.stderr)
-        return 1
-    except (GatewayRefused, ValueError) as exc:
-        print(f"helexa status: {url}: {exc}", file=sys.stderr)
-        return 1
-    print(text)
-    return 0
+        text, failed = f"helexa status: cannot reach the gateway at {url}: {reason}", True
+    except GatewayRefused as exc:
+        text, failed = f"helexa status: {url}: {exc}", True
+    else:
+        failed = False
+    if watch is not None:
+        clear, every_s = watch
+        clear()
+        stamp = time.strftime("%H:%M:%S")
+        print(f"helexa status {url}  {stamp}  (every {every_s:g} s; Ctrl-C to stop)\n")
+    print(text, file=sys.stderr if failed else sys.stdout, flush=True)
+    return 1 if failed else 0
