@@ -16,7 +16,14 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from helexa import __version__
-from helexa.config import ConfigError, Settings, check_local_paths, config_dir, load_settings
+from helexa.config import (
+    ConfigError,
+    Settings,
+    check_local_paths,
+    config_dir,
+    load_settings,
+    split_listen,
+)
 from helexa.demo import with_demo
 
 _Listener = TypeVar("_Listener", bound=BaseModel)
@@ -99,12 +106,17 @@ def _with_listen(target: _Listener, listen: str) -> _Listener:
         raise ConfigError("--listen", "", exc.errors()[0]["msg"]) from None
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def settings_for(args: argparse.Namespace) -> Settings:
     settings = with_demo(load_settings(args.config, args.models))
     if args.command == "neuron" and args.neuron_listen:
         settings.neuron = _with_listen(settings.neuron, args.neuron_listen)
     elif args.command != "neuron" and args.listen:
+        metrics_set = "metrics_listen" in settings.gateway.model_fields_set
         settings.gateway = _with_listen(settings.gateway, args.listen)
+        if not metrics_set:  # the default pair moves together: metrics on the next port
+            host, port = split_listen(settings.gateway.listen)
+            metrics = f"[{host}]" if ":" in host else host
+            settings.gateway.metrics_listen = f"{metrics}:{port + 1 if port else 0}"
     if getattr(args, "no_local", False):
         settings.local.enabled = False
     if settings.local.enabled and args.command in (None, "neuron"):
@@ -122,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from helexa.acp.agent import main as acp_main
 
             return acp_main(args.acp_config)
-        settings = _settings(args)
+        settings = settings_for(args)
         if args.command == "neuron":
             from helexa.neuron.server import run_neuron
 

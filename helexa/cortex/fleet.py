@@ -555,12 +555,15 @@ class Fleet:
         started = time.monotonic()
         try:
             state = await node.neuron.load(request)
-        except Exception:
+        except Exception as exc:
+            log.warning("loading %s on %s failed: %s", model_id, node.name, exc)
             if self.metrics is not None:
                 self.metrics.model_load(model_id, node.name, "failed")
             raise
+        seconds = time.monotonic() - started
+        log.info("loaded %s on %s in %.1f s", model_id, node.name, seconds)
         if self.metrics is not None:
-            self.metrics.model_load(model_id, node.name, "ok", time.monotonic() - started)
+            self.metrics.model_load(model_id, node.name, "ok", seconds)
         return state
 
     def _busy(self, node: str, model_id: str) -> int:

@@ -50,7 +50,9 @@ def ignore(api: str, model: str) -> RequestObserver:
     return RequestObserver()
 
 
-class _Fanout(RequestObserver):
+class Fanout(RequestObserver):
+    """Several observers of one request, told everything in the order given."""
+
     def __init__(self, observers: list[RequestObserver]) -> None:
         self.observers = observers
 
@@ -75,6 +77,6 @@ def observe_all(*factories: Observe) -> Observe:
     """One ``observe`` factory feeding several (metrics and the TUI's traffic tap)."""
 
     def observe(api: str, model: str) -> RequestObserver:
-        return _Fanout([factory(api, model) for factory in factories])
+        return Fanout([factory(api, model) for factory in factories])
 
     return observe

@@ -29,8 +29,9 @@ from typing import Any, Literal
 from aiohttp import web
 
 from helexa.config import GatewaySettings
+from helexa.cortex.access import ACCESS
 from helexa.cortex.fleet import Fleet, Lease, ModelNotFound, NoCapacity
-from helexa.cortex.observe import CLIENT_GONE, Observe, RequestObserver
+from helexa.cortex.observe import CLIENT_GONE, Fanout, Observe, RequestObserver
 from helexa.errors import ApiError
 from helexa.wire.errors import anthropic_error_type, openai_error_body, openai_error_type
 from helexa.wire.openai.translate import ChatAccumulator, accumulate_completion
@@ -227,6 +228,10 @@ async def relay(request: web.Request, job: Job) -> web.StreamResponse:
     own, anything raised before is reported here.
     """
     observer = request.app[OBSERVE](job.api, job.model)
+    record = request.get(ACCESS)
+    if record is not None:  # the access log's middleware is on
+        record.model = job.model
+        observer = Fanout([record, observer])
     flight = Flight(request.app[GATEWAY].stream_idle_timeout_s)
     with request.app[FLIGHTS].track(flight):
         try:
