@@ -35,7 +35,7 @@ class AccessRecord(RequestObserver):
         self.model = ""
         self.node = ""
         self.clock = clock
-        self.started = clock()
+        self.began = clock()
         self.first: float | None = None
         self.usage: dict[str, Any] = {}
         self.error: str | None = None
@@ -63,7 +63,7 @@ class AccessRecord(RequestObserver):
             completion = int(self.usage.get("completion_tokens") or 0)
             parts.append(f"tokens={prompt}+{completion}")
         if self.first is not None:
-            parts.append(f"ttft={self.first - self.started:.3f}s")
+            parts.append(f"ttft={self.first - self.began:.3f}s")
         if self.error:
             parts.append(f"error={self.error}")
         return " ".join(parts)
@@ -96,4 +96,4 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
         status = exc.status
         raise
     finally:
-        log.info(access_line(request, status, record.clock() - record.started, record))
+        log.info(access_line(request, status, record.clock() - record.began, record))

@@ -23,9 +23,10 @@ from tests.support.scripted_neuron import Reply, ScriptedNeuron
 from tests.support.servers import serving
 from tui.app import HelexaApp, build_app
 from tui.widgets.attach_dialog import AttachDialog
+from tui.widgets.confirm import ConfirmDialog
 from tui.widgets.model_picker import ModelPicker
-from tui.widgets.models import COLUMNS, ModelsTable
-from tui.widgets.request_log import RequestLog
+from tui.widgets.models import ModelsTable
+from tui.widgets.requests import RequestsPane
 from tui.widgets.throughput import ThroughputPanel
 
 SIZE = (150, 42)
@@ -92,15 +93,17 @@ async def test_main_screen_shows_the_fleet() -> None:
         "TTFT",
         "Load",
         "Unload",
-        "Pin/unpin",
+        "Pin",
         "Evict",
-        "Attach neuron",
-        "Copy URL",
+        "Attach",
+        "Keys",
+        "Quit",
+        "Events",
     ]
     async with dashboard(gpu()) as (app, pilot):
         table = app.query_one(ModelsTable)
         keys = [m["node"] + "/" + m["id"] for m in app.service.fleet.snapshot()["models"]]
-        assert sorted(table.rows_by_key) == sorted(keys) and table.row_count == len(keys)
+        assert sorted(table.by_key) == sorted(keys) and table.row_count == len(keys)
         expected.append(app.service.url.removeprefix("http://"))
         missing = await missing_from_screen(app, pilot, expected)
     assert not missing, f"not on the main screen: {missing}"
@@ -135,9 +138,8 @@ async def test_unload_key_unloads_the_selected_model() -> None:
         assert status(app, "gpu", "small") == "unloaded"
         # the table follows the fleet: the row's data and the cell on screen
         table = app.query_one(ModelsTable)
-        assert table.rows_by_key["gpu/small"].status == "unloaded"
-        status_column = table.ordered_columns[COLUMNS.index("Status")].key
-        assert str(table.get_cell("gpu/small", status_column)) == "unloaded"
+        assert table.by_key["gpu/small"].row.status == "unloaded"
+        assert str(table.get_cell("gpu/small", column_key(table, "Status"))) == "unloaded"
 
 
 async def test_pin_key_toggles_the_pin_in_the_fleet() -> None:
@@ -147,21 +149,57 @@ async def test_pin_key_toggles_the_pin_in_the_fleet() -> None:
         await pilot.press("p")
         await settle(app, pilot)
         assert catalogue.is_pinned("small", "gpu")
-        assert app.query_one(ModelsTable).rows_by_key["gpu/small"].pinned
+        assert app.query_one(ModelsTable).by_key["gpu/small"].row.pinned
         await pilot.press("p")
         await settle(app, pilot)
         assert not catalogue.is_pinned("small", "gpu")
 
 
-async def test_evict_key_evicts_even_a_pinned_model() -> None:
+async def test_evict_key_asks_before_evicting_a_pinned_model() -> None:
+    """A pin means "never evict": the key asks first; n keeps it, y evicts it (the pin
+    stays for its next load)."""
     neuron = gpu()
     async with dashboard(neuron) as (app, pilot):
         app.service.fleet.pin("small", "gpu")
         select(app, "gpu/small")
         await pilot.press("e")
+        assert isinstance(app.screen, ConfirmDialog)
+        assert "pinned on gpu" in str(app.screen.query_one("#confirm-question").render())
+        await pilot.press("n")
+        await settle(app, pilot)
+        assert neuron.unloads == [] and status(app, "gpu", "small") == "loaded"
+        await pilot.press("e")
+        await pilot.press("y")
         await settle(app, pilot)
         assert neuron.unloads == ["small"]
         assert status(app, "gpu", "small") == "unloaded"
+        assert app.service.fleet.catalogue.is_pinned("small", "gpu")
+        assert "evicted small from gpu" in events_text(app)
+
+
+async def test_evict_key_on_an_unloaded_model_says_there_is_nothing_to_evict() -> None:
+    neuron = gpu()
+    async with dashboard(neuron) as (app, pilot):
+        select(app, "gpu/big")
+        await pilot.press("e")
+        await settle(app, pilot)
+        assert not isinstance(app.screen, ConfirmDialog)
+        assert neuron.unloads == []
+        assert toasts(app) == ["big is not loaded anywhere: nothing to evict"]
+
+
+def column_key(table: ModelsTable, label: str) -> Any:
+    """The key of the column shown under ``label`` (columns come and go with the width)."""
+    (column,) = [c for c in table.ordered_columns if str(c.label) == label]
+    return column.key
+
+
+def toasts(app: HelexaApp) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+def events_text(app: HelexaApp) -> str:
+    return "\n".join(e.text for e in app.events_log.kept)
 
 
 async def test_load_key_opens_the_picker_and_loads_the_choice() -> None:
@@ -206,7 +244,7 @@ async def test_attach_adds_a_remote_neuron_by_url() -> None:
         await settle(app, pilot)
         node = app.service.fleet.nodes["far"]
         assert node.up
-        assert "far/remote-model" in app.query_one(ModelsTable).rows_by_key
+        assert "far/remote-model" in app.query_one(ModelsTable).by_key
 
 
 async def test_attach_refuses_a_url_nothing_answers_on() -> None:
@@ -241,14 +279,16 @@ async def test_requests_show_up_in_throughput_and_log() -> None:
         panel = app.query_one(ThroughputPanel)
         assert list(panel.per_model) == ["test-model"]
         assert sum(panel.per_model["test-model"].spark.data or []) == 8
-        log = app.query_one(RequestLog)
-        assert log.last_seq == 2
-        assert all("test-model@gpu" in line.text for line in log.lines)
+        pane = app.query_one(RequestsPane)
+        assert [line.record.model for line in pane.table.items] == ["test-model"] * 2
+        assert {line.record.node for line in pane.table.items} == {"gpu"}
+        assert all(line.record.status == "ok" for line in pane.table.items)
 
 
 async def test_quit_stops_the_service_and_ends_streams() -> None:
-    """With nothing to drain for (``drain_s`` 0), a stream in flight is ended at once,
-    its client told why by the dialect's error frame."""
+    """With a stream in flight, quitting asks first; once confirmed, with nothing to drain
+    for (``drain_s`` 0), the stream is ended at once, its client told why by the
+    dialect's error frame."""
     neuron = ScriptedNeuron("gpu", script=Reply(text=["a", "b", "c"], block_after=2))
     undrained = settings()
     undrained.gateway.drain_s = 0
@@ -262,6 +302,9 @@ async def test_quit_stops_the_service_and_ends_streams() -> None:
         reading = asyncio.ensure_future(consume(stream))
         await asyncio.wait_for(neuron.started.wait(), 5)
         await pilot.press("ctrl+c")
+        assert isinstance(app.screen, ConfirmDialog)
+        assert "1 request(s) in flight" in str(app.screen.query_one("#confirm-question").render())
+        await pilot.press("y")
         await asyncio.wait_for(neuron.cancelled.wait(), 5)
         await app.workers.wait_for_complete()
         assert neuron.closed

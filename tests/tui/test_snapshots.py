@@ -27,7 +27,7 @@ from tests.tui.scene import GATEWAY_URL, SIZE, Scene, make_scene
 from tui.fleetview import ModelRow
 from tui.widgets.attach_dialog import AttachDialog
 from tui.widgets.model_picker import ModelPicker
-from tui.widgets.models import ModelsTable
+from tui.widgets.models import ModelLine, ModelsTable
 
 SnapCompare = Callable[..., bool]
 
@@ -104,7 +104,8 @@ class ModelsOnly(App[None]):
     def on_mount(self) -> None:
         table = self.query_one(ModelsTable)
         table.border_title = "Models"
-        table.show(STATUS_ROWS, {"gpu/qwen3-1.7b": "unloading"})
+        pending = {"gpu/qwen3-1.7b": "unloading"}
+        table.items = tuple(ModelLine(row, pending.get(row.key)) for row in STATUS_ROWS)
 
 
 STATUS_ROWS = [
