@@ -56,6 +56,7 @@ from tui.widgets.throughput import Rates, ThroughputPanel
 
 NARROW = 120  # below this many columns the events pane and the throughput give way
 SHORT = 32  # below this many rows the throughput panel gives way
+IDLE_POLL_S = 0.1  # how often a deferred unload looks whether its model is idle yet
 
 
 def screenshot_dir() -> Path:
@@ -224,6 +225,7 @@ class HelexaApp(App[int]):
         remote = self.remote_loaded()
         stays = f"; stays loaded on its neuron: {', '.join(remote)}" if remote else ""
         self.sub_title = f"stopping: finishing streams (up to {drain:g} s; q again: now){stays}"
+        self.events_log.add(f"quitting: local models are unloaded{stays}")
         self.run_worker(self._quit(), group="shutdown", exclusive=True)
 
     async def _quit(self) -> None:
@@ -420,7 +422,7 @@ class HelexaApp(App[int]):
         arrive meanwhile: the unload then refuses, and says so)."""
         use = self.service.fleet.use.get((row.node, self.service.fleet.catalogue.canonical(row.id)))
         while use is not None and use.in_flight:
-            await asyncio.sleep(self.refresh_s / 4)
+            await asyncio.sleep(IDLE_POLL_S)  # the fleet announces no release: look again
 
     def action_pin(self) -> None:
         if row := self._selected():

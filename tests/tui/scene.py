@@ -36,7 +36,8 @@ from tui.fleetview import DeviceRow
 from tui.traffic import RequestRecord, RequestStatus, Traffic
 from tui.widgets.models import ModelsTable
 
-SIZE = (150, 36)
+SIZE = (160, 45)
+SMALL = (80, 24)
 GATEWAY_URL = "http://127.0.0.1:8080"  # shown instead of the free port the test binds
 WALL_START = 1_750_000_000.0  # 2025-06-15 15:06:40 UTC: the log's clock column, in UTC
 
