@@ -35,6 +35,8 @@ examples:
   helexa neuron               serve this host's GPUs to a remote gateway
   helexa status               fleet table from a running gateway
   helexa pull Qwen/Qwen3-0.6B-GGUF:Q8_0
+  helexa list                 models on disk, and what is loaded where
+  helexa rm Qwen/Qwen3-0.6B-GGUF:Q8_0
   helexa acp                  Agent Client Protocol agent for editors (Zed)
 
 configuration: helexa.toml and models.toml in the user config dir, or --config/--models;
@@ -93,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("model", help="scheme:org/name[:quant], e.g. Qwen/Qwen3-0.6B-GGUF:Q8_0")
     _common(pull)
 
+    listing = sub.add_parser("list", help="models on disk, and what the gateway has loaded")
+    listing.add_argument("--url", help="gateway URL (default: from config)")
+    listing.add_argument("--admin-key", help="admin key, if the gateway requires one")
+    _common(listing)
+
+    rm = sub.add_parser("rm", help="delete a downloaded model from its source's cache")
+    rm.add_argument("model", help="a model id as helexa list shows it")
+    rm.add_argument("--url", help="gateway URL, to refuse a model it has loaded")
+    rm.add_argument("--admin-key", help="admin key, if the gateway requires one")
+    _common(rm)
+
     acp = sub.add_parser("acp", help="Agent Client Protocol agent over stdio (for Zed etc.)")
     acp.add_argument("--acp-config", metavar="PATH", help="acp.toml (default: user config dir)")
     _common(acp)
@@ -149,6 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 as_json=args.json,
                 watch_s=args.watch,
             )
+        if args.command == "list":
+            from helexa.cortex.status import run_list
+
+            return run_list(settings, url=args.url, admin_key=args.admin_key)
+        if args.command == "rm":
+            from helexa.cortex.status import run_rm
+
+            return run_rm(settings, args.model, url=args.url, admin_key=args.admin_key)
         if args.command == "pull":
             from helexa.neuron.sources import run_pull
 

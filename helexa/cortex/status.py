@@ -1,4 +1,6 @@
-"""``helexa status``: the fleet table of a running gateway, from ``GET /admin/fleet``.
+"""``helexa status``: the fleet table of a running gateway, from ``GET /admin/fleet``;
+``helexa list`` and ``helexa rm``: the models on this host's disk beside what that
+gateway has loaded (``ollama list`` and ``ollama ps`` in one), and deleting a download.
 
 The gateway serves :meth:`Fleet.snapshot` there; this prints it as two aligned tables
 (nodes with their devices, then models). :func:`format_fleet_table` is pure so the layout
@@ -13,12 +15,13 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from helexa.config import Settings, listen_url
-from helexa.units import mib_text, used_of_total
+from helexa.units import mib_text, size_text, used_of_total
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -170,3 +173,133 @@ def _status_once(
         print(f"helexa status {url}  {stamp}  (every {every_s:g} s; Ctrl-C to stop)\n")
     print(text, file=sys.stderr if failed else sys.stdout, flush=True)
     return 1 if failed else 0
+
+
+# -- helexa list / helexa rm -------------------------------------------------------------------
+
+
+def _loaded_where(snapshot: Mapping[str, Any] | None) -> dict[str, list[str]]:
+    where: dict[str, list[str]] = {}
+    for m in (snapshot or {}).get("models") or ():
+        if m.get("status") in ("loaded", "loading"):
+            label = m.get("node", "") + ("" if m["status"] == "loaded" else " (loading)")
+            where.setdefault(str(m.get("id")), []).append(label)
+    return where
+
+
+def format_model_list(
+    disk: Sequence[Any],
+    paths: Sequence[tuple[str, str, int | None, float | None]],
+    snapshot: Mapping[str, Any] | None,
+) -> str:
+    """What ``helexa list`` prints: the models on this host's disk (downloads, then the
+    catalogue's own files) with size, date and where each is loaded; then what the
+    gateway has loaded, wherever it is (``ollama ps``)."""
+    where = _loaded_where(snapshot)
+    rows = [
+        [m.id, size_text(m.size_bytes), _date(m.modified), ", ".join(where.get(m.id, [])) or "-"]
+        for m in sorted(disk, key=lambda m: m.id)
+    ]
+    for model_id, path, size, modified in paths:
+        shown = size_text(size) if size is not None else "missing"
+        rows.append(
+            [
+                f"{model_id} ({path})",
+                shown,
+                _date(modified),
+                ", ".join(where.get(model_id, [])) or "-",
+            ]
+        )
+    parts = [
+        table(["NAME", "SIZE", "MODIFIED", "LOADED ON"], rows) if rows else "no models on disk"
+    ]
+    if snapshot is not None:
+        loaded = [
+            [
+                str(m.get("id")),
+                str(m.get("node")),
+                str(m.get("status")),
+                mib_text(m["vram_used_mb"]) if m.get("vram_used_mb") else "-",
+                "-" if m.get("idle_s") is None else f"{m['idle_s']:.0f}s",
+            ]
+            for m in snapshot.get("models") or ()
+            if m.get("status") in ("loaded", "loading")
+        ]
+        parts.append(
+            table(["LOADED", "NODE", "STATUS", "VRAM", "IDLE"], loaded)
+            if loaded
+            else "nothing loaded"
+        )
+    return "\n\n".join(parts)
+
+
+def _date(mtime: float | None) -> str:
+    return "-" if not mtime else time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime))
+
+
+def _try_snapshot(url: str, key: str | None) -> tuple[Any, str | None]:
+    """The gateway's fleet table, or why there is none (``list`` works without one)."""
+    try:
+        return asyncio.run(fetch_snapshot(url, key, timeout_s=3.0)), None
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return None, f"no gateway at {url} ({str(exc) or type(exc).__name__})"
+    except GatewayRefused as exc:
+        return None, f"{url}: {exc}"
+
+
+def _catalogue_files(settings: Settings) -> list[tuple[str, str, int | None, float | None]]:
+    out = []
+    for profile in settings.models:
+        if not profile.path:
+            continue
+        path = Path(profile.path).expanduser()
+        try:
+            st = path.stat()
+            files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+            size: int | None = sum(f.stat().st_size for f in files)
+            out.append((profile.id, str(path), size, st.st_mtime))
+        except OSError:
+            size = None
+            out.append((profile.id, str(path), size, None))
+    return out
+
+
+def run_list(settings: Settings, url: str | None = None, admin_key: str | None = None) -> int:
+    """``helexa list``: models on disk, and what a running gateway has loaded where."""
+    from helexa.neuron.sources import on_disk
+
+    url = url or gateway_url(settings)
+    key = admin_key or settings.gateway.admin_key or next(iter(settings.gateway.api_keys), None)
+    snapshot, why = _try_snapshot(url, key)
+    print(format_model_list(on_disk(settings), _catalogue_files(settings), snapshot))
+    if why is not None:
+        print(f"helexa list: what is loaded is not shown: {why}", file=sys.stderr)
+    return 0
+
+
+def run_rm(
+    settings: Settings, model_id: str, url: str | None = None, admin_key: str | None = None
+) -> int:
+    """``helexa rm MODEL``: delete a download; refused while the running gateway's local
+    node has it loaded (unload it first), and for a file the catalogue names by path."""
+    from helexa.neuron.sources import remove
+
+    url = url or gateway_url(settings)
+    key = admin_key or settings.gateway.admin_key or next(iter(settings.gateway.api_keys), None)
+    snapshot, _ = _try_snapshot(url, key)
+    local = settings.local.name
+    nodes = [n for n in _loaded_where(snapshot).get(model_id, []) if n.split()[0] == local]
+    if nodes:
+        print(
+            f"helexa rm: {model_id}: loaded on {local} by the gateway at {url}: unload it "
+            "first (u in the dashboard, or POST /admin/models/unload)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        gone = remove(model_id, settings)
+    except (OSError, ValueError) as exc:
+        print(f"helexa rm: {model_id}: {exc}", file=sys.stderr)
+        return 1
+    print(f"deleted {gone.id} ({size_text(gone.size_bytes)}, {len(gone.files)} file(s))")
+    return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -286,6 +287,82 @@ def downloaded(settings: Settings) -> list[str]:
                 if _serving_path(snapshot, files, quant) is not None:
                     ids.append(f"{prefix}{repo}" + (f":{quant}" if quant else ""))
     return ids
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """A servable model in a source's cache: its serving id, what serves it, the files
+    that are it (for ``helexa rm``), their size and when the newest arrived."""
+
+    id: str
+    path: Path
+    files: tuple[Path, ...]
+    size_bytes: int
+    modified: float
+
+
+def _stat_sum(files: list[Path]) -> tuple[int, float]:
+    size, newest = 0, 0.0
+    for f in files:
+        try:
+            st = f.stat()  # through the snapshot's link: the blob's size and time
+        except OSError:
+            continue
+        size += st.st_size
+        newest = max(newest, st.st_mtime)
+    return size, newest
+
+
+def on_disk(settings: Settings) -> list[OnDisk]:
+    """Every model :func:`downloaded` lists, with its files, size and date."""
+    out: list[OnDisk] = []
+    for model_id in downloaded(settings):
+        path = resolve_local(model_id, settings)
+        if path is None:
+            continue
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            files = [path.parent / f for f in split_files(path.name)]
+        size, modified = _stat_sum(files)
+        out.append(OnDisk(model_id, path, tuple(files), size, modified))
+    return out
+
+
+def remove(model_id: str, settings: Settings) -> OnDisk:
+    """Delete a downloaded model's files from its source's cache (the snapshot's links
+    and the blobs they point at); the repo's folder goes with its last model. A file the
+    catalogue names by ``path`` is the operator's own and is never deleted."""
+    ref = ref_for(model_id, settings)
+    if ref.is_file:
+        raise ValueError(f"{ref.path} is a file of yours, not a download: delete it yourself")
+    entry = next((m for m in on_disk(settings) if m.id == _serving_id(ref, settings)), None)
+    if entry is None:
+        raise FileNotFoundError(f"{model_id} is not downloaded (helexa list shows what is)")
+    snapshot = entry.path if entry.path.is_dir() else entry.path.parent
+    for link in entry.files:
+        blob = link.resolve()
+        link.unlink(missing_ok=True)
+        if blob != link:
+            blob.unlink(missing_ok=True)
+    repo_folder = snapshot.parent.parent
+    if not any(p.is_file() for p in (repo_folder / "snapshots").rglob("*")):
+        shutil.rmtree(repo_folder, ignore_errors=True)
+    return entry
+
+
+def _serving_id(ref: ModelRef, settings: Settings) -> str:
+    prefix = "" if ref.scheme == settings.default_source else f"{ref.scheme}:"
+    if ref.quant is None:
+        return f"{prefix}{ref.repo}"
+    source = source_for(ref, settings)
+    snapshot = snapshot_dir(source.cache_dir, ref.repo)
+    files = _snapshot_files(snapshot) if snapshot else []
+    try:
+        quant = quant_of(pick_gguf(files, ref.quant)) or ref.quant
+    except ValueError:
+        quant = ref.quant
+    return f"{prefix}{ref.repo}:{quant}"
 
 
 def _snapshot_files(snapshot: Path) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from helexa.config import ModelProfile, Settings, SourceSettings
+from helexa.cortex.status import run_list, run_rm
 from helexa.neuron.sources import (
     ModelRef,
     downloaded,
@@ -516,3 +518,116 @@ def test_pull_of_a_snapshot_draws_one_line_named_by_the_repo(
     assert run_pull(_pull_settings(tmp_path, endpoint), "org/dense") == 0
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("pulling org/dense 100% ▕")
+
+
+# -- helexa list / helexa rm -----------------------------------------------------------------
+
+
+def _gateway_with(models: list[dict[str, object]]) -> web.Application:
+    """A stand-in gateway whose fleet table lists ``models``."""
+
+    async def fleet(request: web.Request) -> web.Response:
+        return web.json_response({"nodes": [], "models": models})
+
+    app = web.Application()
+    app.router.add_get("/admin/fleet", fleet)
+    return app
+
+
+def test_list_shows_downloads_catalogue_files_and_what_is_loaded(
+    tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, endpoint = fake_hub
+    settings = _pull_settings(tmp_path, endpoint)
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"x" * 3000)
+    settings.models = [
+        ModelProfile(id="mine", path=str(mine)),
+        ModelProfile(id="gone", path=str(tmp_path / "gone.gguf")),
+    ]
+    assert run_pull(settings, "org/gguf:Q8_0") == 0 and run_pull(settings, "org/dense") == 0
+    capsys.readouterr()
+    loaded = [
+        {"id": "org/gguf:Q8_0", "node": "local", "status": "loaded", "vram_used_mb": 700},
+        {"id": "org/dense", "node": "far", "status": "loading"},
+    ]
+    with serving_in_thread(_gateway_with(loaded)) as url:
+        assert run_list(settings, url=url) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    disk, gateway = out.strip().split("\n\n")
+    header, *rows = disk.splitlines()
+    assert header.split() == ["NAME", "SIZE", "MODIFIED", "LOADED", "ON"]
+    by_name = {row.split()[0]: row.split() for row in rows}
+    assert by_name["org/gguf:Q8_0"][1:3] == ["20", "B"] and by_name["org/gguf:Q8_0"][-1] == "local"
+    assert by_name["org/dense"][-2:] == ["far", "(loading)"]
+    assert by_name["mine"][2:4] == ["2.9", "KiB"]
+    assert by_name["gone"][2] == "missing"
+    assert gateway.splitlines()[1].split() == [
+        "org/gguf:Q8_0",
+        "local",
+        "loaded",
+        "700",
+        "MiB",
+        "-",
+    ]
+
+
+def test_list_without_a_gateway_still_lists_the_disk(
+    tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, endpoint = fake_hub
+    settings = _pull_settings(tmp_path, endpoint)
+    assert run_pull(settings, "org/gguf:Q4_K_M") == 0
+    capsys.readouterr()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert run_list(settings, url=url) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1].startswith("org/gguf:Q4_K_M ")
+    assert err.startswith(f"helexa list: what is loaded is not shown: no gateway at {url}")
+    assert err.count("\n") == 1
+
+
+def test_rm_deletes_one_quant_and_the_repo_with_its_last(
+    tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, endpoint = fake_hub
+    settings = _pull_settings(tmp_path, endpoint)
+    assert run_pull(settings, "org/gguf:Q8_0") == 0 and run_pull(settings, "org/gguf:Q4_K_M") == 0
+    capsys.readouterr()
+    with serving_in_thread(_gateway_with([])) as url:
+        assert run_rm(settings, "org/gguf:q8_0", url=url) == 0
+        assert capsys.readouterr().out == "deleted org/gguf:Q8_0 (20 B, 1 file(s))\n"
+        assert resolve_local("org/gguf:Q8_0", settings) is None
+        assert resolve_local("org/gguf:Q4_K_M", settings) is not None  # the other quant stays
+        assert run_rm(settings, "org/gguf:Q4_K_M", url=url) == 0
+        assert not list((tmp_path / "c").glob("models--org--gguf"))  # the last one: all gone
+        assert run_rm(settings, "org/gguf:Q4_K_M", url=url) == 1
+    assert capsys.readouterr().err == (
+        "helexa rm: org/gguf:Q4_K_M: org/gguf:Q4_K_M is not downloaded (helexa list shows "
+        "what is)\n"
+    )
+
+
+def test_rm_refuses_a_loaded_model_and_a_file_of_yours(
+    tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, endpoint = fake_hub
+    settings = _pull_settings(tmp_path, endpoint)
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"x")
+    settings.models = [ModelProfile(id="mine", path=str(mine))]
+    assert run_pull(settings, "org/dense") == 0
+    capsys.readouterr()
+    loaded = [{"id": "org/dense", "node": "local", "status": "loaded"}]
+    with serving_in_thread(_gateway_with(loaded)) as url:
+        assert run_rm(settings, "org/dense", url=url) == 1
+        assert run_rm(settings, "mine", url=url) == 1
+    first, second = capsys.readouterr().err.splitlines()
+    assert first.startswith("helexa rm: org/dense: loaded on local by the gateway at ")
+    assert (
+        second == f"helexa rm: mine: {mine} is a file of yours, not a download: delete it yourself"
+    )
+    assert resolve_local("org/dense", settings) is not None and mine.exists()
