@@ -27,7 +27,8 @@ class EventsLog(RichLog):
     events: reactive[tuple[Event, ...]] = reactive((), always_update=True, init=False)
 
     def __init__(self, *, id: str | None = None) -> None:
-        super().__init__(id=id, max_lines=1000, wrap=True, markup=False)
+        # min_width: RichLog's default (78) would scroll a narrow pane sideways
+        super().__init__(id=id, max_lines=1000, wrap=True, markup=False, min_width=20)
         self.last_seq = 0
 
     def watch_events(self, events: tuple[Event, ...]) -> None:

@@ -100,10 +100,12 @@ class PriorityTable(DataTable[Cell], Generic[Item]):
             for (key, new), (_, old) in zip(rows, self._rows, strict=True):
                 for column, i in zip(self.ordered_columns, shown, strict=True):
                     if new[i] != old[i]:
-                        self.update_cell(key, column.key, new[i])
+                        self.update_cell(key, column.key, new[i], update_width=True)
             self._rows = rows
             return
-        keep = self.selected_key
+        # The row under the cursor stays under it while the operator is in the table; one
+        # nobody is looking at stays at the top (a row followed down would scroll the view).
+        keep = self.selected_key if self.has_focus else None
         self.clear(columns=shown != self._shown)
         if shown != self._shown or not self.columns:
             self.add_columns(*(self.COLUMNS[i].label for i in shown))
