@@ -298,7 +298,7 @@ class HelexaApp(App[int]):
 
     def action_filter(self) -> None:
         self.screen.remove_class("show-events")  # the filter is the requests pane's
-        self.requests.open_filter()
+        self.requests.filtering = True
 
     def action_keys(self) -> None:
         self.push_screen(KeyHelp(list(self.KEY_HELP.items())))

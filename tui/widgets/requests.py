@@ -103,6 +103,7 @@ class RequestsPane(Vertical):
 
     records: reactive[tuple[RequestRecord, ...]] = reactive((), always_update=True, init=False)
     now: reactive[float] = reactive(0.0, init=False)
+    filtering: reactive[bool] = reactive(False, init=False)  # the filter field is open
     needle: reactive[str] = reactive("", init=False)
 
     def __init__(self, *, id: str | None = None) -> None:
@@ -131,9 +132,14 @@ class RequestsPane(Vertical):
     def watch_needle(self) -> None:
         self._show()
 
-    def open_filter(self) -> None:
-        self.filter_input.display = True
-        self.filter_input.focus()
+    def watch_filtering(self, filtering: bool) -> None:
+        self.filter_input.display = filtering
+        if filtering:
+            self.filter_input.focus()
+        else:
+            self.filter_input.value = ""
+            self.needle = ""
+            self.table.focus()
 
     @on(Input.Changed, "#request-filter")
     def _typed(self, event: Input.Changed) -> None:
@@ -146,7 +152,4 @@ class RequestsPane(Vertical):
         self.table.focus()
 
     def action_clear_filter(self) -> None:
-        self.filter_input.value = ""
-        self.filter_input.display = False
-        self.needle = ""
-        self.table.focus()
+        self.filtering = False

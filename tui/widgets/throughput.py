@@ -30,7 +30,9 @@ def ttft_summary(ttfts_s: Sequence[float]) -> str:
 
 
 class RateLine(Horizontal):
-    """One labelled sparkline: ``name  12.3 tok/s  ▁▂▅▇``."""
+    """One labelled sparkline: ``name  12.3 tok/s  ▁▂▅▇``, drawn from :attr:`series`."""
+
+    series: reactive[tuple[float, ...]] = reactive((), always_update=True)
 
     def __init__(self, name: str, *, classes: str = "") -> None:
         super().__init__(classes=f"rate-line {classes}".strip())
@@ -42,7 +44,7 @@ class RateLine(Horizontal):
         yield self.label
         yield self.spark
 
-    def show(self, series: Sequence[float]) -> None:
+    def watch_series(self, series: tuple[float, ...]) -> None:
         self.label.update(f"{short_name(self.series_name):<22.22} {recent_rate(series):7.1f} tok/s")
         self.spark.data = list(series)
 
@@ -76,12 +78,12 @@ class ThroughputPanel(Vertical):
         yield self.ttft_spark
 
     def watch_rates(self, rates: Rates) -> None:
-        self.overall.show(rates.overall)
+        self.overall.series = tuple(rates.overall)
         for name, series in rates.per_model.items():
             line = self.per_model.get(name)
             if line is None:
                 line = self.per_model[name] = RateLine(name)
                 self.models_box.mount(line)
-            line.show(series)
+            line.series = tuple(series)
         self.ttft_label.update(ttft_summary(rates.ttfts_s))
         self.ttft_spark.data = list(rates.ttfts_s)
