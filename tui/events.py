@@ -67,6 +67,7 @@ class EventsHandler(logging.Handler):
     def __init__(self, events: Events) -> None:
         super().__init__(logging.INFO)
         self.events = events
+        self.level_before = logging.NOTSET  # the helexa logger's own, given back at the end
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name == "helexa.access":
@@ -90,10 +91,13 @@ def listening(events: Events) -> EventsHandler:
     handler = EventsHandler(events)
     logger = logging.getLogger("helexa")
     logger.addHandler(handler)
+    handler.level_before = logger.level
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
     return handler
 
 
 def stop_listening(handler: EventsHandler) -> None:
-    logging.getLogger("helexa").removeHandler(handler)
+    logger = logging.getLogger("helexa")
+    logger.removeHandler(handler)
+    logger.setLevel(handler.level_before)

@@ -13,7 +13,7 @@ from pathlib import Path
 from helexa.config import Settings
 from helexa.cortex.fleet import Fleet
 from helexa.cortex.placement import place
-from helexa.neuron.sources import resolve_local
+from helexa.neuron.sources import quant_of, resolve_local
 from helexa.units import mib_text
 from tui.fleetview import ModelRow
 
@@ -79,7 +79,7 @@ def model_facts(row: ModelRow, settings: Settings, fleet: Fleet, failure: str | 
         ),
         (
             "quantization",
-            (profile.quant if profile and profile.quant else None) or _quant_in(row.id) or "—",
+            (profile.quant if profile and profile.quant else None) or quant_of(row.id) or "—",
         ),
         ("size (catalogue)", mib_text(profile.vram_mb) if profile and profile.vram_mb else "—"),
         ("VRAM in use", mib_text(row.vram_mb) if row.vram_mb else "—"),
@@ -89,9 +89,3 @@ def model_facts(row: ModelRow, settings: Settings, fleet: Fleet, failure: str | 
         ("idle eviction", idle_eviction(row, settings)),
     ]
     return facts
-
-
-def _quant_in(model_id: str) -> str | None:
-    from helexa.neuron.sources import quant_of
-
-    return quant_of(model_id)
