@@ -616,3 +616,26 @@ async def test_the_palette_screenshot_lands_where_a_folder_exists(
             while not (tmp_path / "shot.svg").exists():
                 await pilot.pause()
     assert (tmp_path / "shot.svg").read_text().startswith("<svg")
+
+
+async def test_refresh_key_polls_the_nodes_now() -> None:
+    neuron = gpu()
+    async with dashboard(neuron) as (app, pilot):
+        neuron.states["big"] = "loaded"  # loaded behind the gateway's back
+        assert status(app, "gpu", "big") == "unloaded"  # not polled yet
+        await pilot.press("r")
+        await settle(app, pilot)
+        assert status(app, "gpu", "big") == "loaded"
+        assert app.query_one(ModelsTable).by_key["gpu/big"].row.status == "loaded"
+
+
+async def test_v_switches_requests_and_events_on_a_narrow_terminal() -> None:
+    app = build_app(settings(), [gpu()], refresh_s=60)
+    async with app.run_test(size=(90, 30)) as pilot:
+        await settle(app, pilot)
+        requests, events = app.query_one(RequestsPane), app.query_one(EventsLog)
+        assert requests.display and not events.display
+        await pilot.press("v")
+        assert events.display and not requests.display
+        await pilot.press("slash")  # the filter brings the requests back
+        assert requests.display and not events.display
