@@ -203,6 +203,10 @@ class HelexaApp(App[int]):
         if self._stopped:
             self.exit(0)
             return
+        screen = self.screen
+        if isinstance(screen, ConfirmDialog) and screen.purpose == "quit":
+            screen.dismiss(True)  # Ctrl-C while asked: yes
+            return
         self.refresh_view()
         busy = self.in_flight()
         if not busy:
@@ -218,7 +222,7 @@ class HelexaApp(App[int]):
             f"{busy} request(s) in flight. Quitting gives them up to {drain:g} s to "
             "finish; the rest end with an error event their clients can read."
         )
-        self.push_screen(ConfirmDialog("Quit helexa?", question, "Quit"), answered)
+        self.push_screen(ConfirmDialog("Quit helexa?", question, "Quit", "quit"), answered)
 
     def _begin_quit(self) -> None:
         drain = self.service.settings.gateway.drain_s

@@ -311,7 +311,7 @@ async def test_quit_stops_the_service_and_ends_streams() -> None:
         await pilot.press("ctrl+c")
         assert isinstance(app.screen, ConfirmDialog)
         assert "1 request(s) in flight" in str(app.screen.query_one("#confirm-question").render())
-        await pilot.press("y")
+        await pilot.press("ctrl+c")  # again, while asked: yes
         await asyncio.wait_for(neuron.cancelled.wait(), 5)
         await app.workers.wait_for_complete()
         assert neuron.closed

@@ -18,9 +18,11 @@ class ConfirmDialog(ModalScreen[bool]):
         Binding("n,escape", "answer(False)", "No"),
     ]
 
-    def __init__(self, title: str, question: str, yes: str = "Yes") -> None:
+    def __init__(self, title: str, question: str, yes: str = "Yes", purpose: str = "") -> None:
+        """``purpose`` names what is asked (``quit``), for a key that means yes again."""
         super().__init__()
         self.title_text, self.question, self.yes = title, question, yes
+        self.purpose = purpose
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
