@@ -67,7 +67,7 @@ def model_facts(row: ModelRow, settings: Settings, fleet: Fleet, failure: str | 
     if failure or row.error:
         facts.append(("last failure", failure or row.error or ""))
     facts += [
-        ("catalogue", "yes (models.toml)" if profile else "no: offered by the node"),
+        ("catalogue", "yes" if profile else "no: offered by the node"),
         ("files", on_disk(row, settings)),
         ("fits", fit(row, fleet)),
         ("aliases", ", ".join(profile.aliases) if profile and profile.aliases else "—"),

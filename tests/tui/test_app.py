@@ -485,7 +485,7 @@ async def test_a_failed_load_stays_on_its_row_and_in_the_events() -> None:
         assert isinstance(app.screen, ModelDetail)
         facts = dict(app.screen.facts)
         assert facts["last failure"].startswith("not enough memory on device 0")
-        assert facts["catalogue"] == "yes (models.toml)"
+        assert facts["catalogue"] == "yes"
         assert facts["size (catalogue)"] == "2.0 GiB"
 
 

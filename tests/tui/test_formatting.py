@@ -7,12 +7,19 @@ import pytest
 
 from helexa.cortex.observe import RequestInfo
 from helexa.units import mib_text, size_text, used_of_total
-from tui.fleetview import DeviceRow, ModelRow
+from tui.fleetview import DeviceRow, ModelRow, NodeRow
 from tui.history import Trend
 from tui.traffic import RequestRecord
 from tui.widgets.attach_dialog import default_name, endpoint_from_form, one_line
 from tui.widgets.details import request_facts
-from tui.widgets.devices import device_cells, fill_style, history_cells, sparkline, vram_bar
+from tui.widgets.devices import (
+    device_cells,
+    fill_style,
+    history_cells,
+    node_parts,
+    sparkline,
+    vram_bar,
+)
 from tui.widgets.models import REASON_CELLS, ago, status_cell
 from tui.widgets.requests import COLUMNS, RequestLine, matches, ordered, request_cells
 from tui.widgets.table import Column, fitting
@@ -158,8 +165,10 @@ def test_sparkline_is_on_a_fixed_scale_and_width() -> None:
 def test_a_cpu_device_says_there_is_no_gpu_in_one_unit_rule() -> None:
     cpu = DeviceRow("local", 0, "AMD EPYC", 6, 65536, kind="cpu")
     name, _, memory, *_ = device_cells(cpu)
-    assert str(name).strip() == "no GPU: running on CPU (AMD EPYC)"
+    assert str(name).strip() == "CPU AMD EPYC"
     assert memory == "RAM 6 MiB / 64.0 GiB"
+    texts = [str(p) for p in node_parts(NodeRow("local", True, devices=(cpu,)), {}, 80)[:2]]
+    assert texts[1].strip() == "no GPU: running on CPU"  # its own line: never cut off
     gpu = DeviceRow("atlas", 1, "RTX 4090", 0, 24564)
     assert device_cells(gpu, wide=False)[2] == "0 B / 24.0 GiB"
     assert len(device_cells(gpu, wide=False)) == 4  # the temperature gives way when narrow

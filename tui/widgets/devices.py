@@ -48,8 +48,8 @@ def sparkline(values: Sequence[float], top: float, width: int = SPARK_WIDTH) -> 
 def device_cells(d: DeviceRow, wide: bool = True) -> list[Text | str]:
     """A device's row: name, VRAM bar, used of total, utilization (and temperature)."""
     util = "—" if d.utilization_pct is None else f"{d.utilization_pct:.0f}%"
-    if d.kind == "cpu":
-        name = Text(f"  no GPU: running on CPU ({d.name})", overflow="ellipsis", no_wrap=True)
+    if d.kind == "cpu":  # the node's heading says "no GPU: running on CPU"
+        name = Text(f"  CPU {d.name}", overflow="ellipsis", no_wrap=True)
     else:
         name = Text(f"  {d.index} {d.name}", overflow="ellipsis", no_wrap=True)
     memory = ("RAM " if d.kind == "cpu" else "") + used_of_total(d.vram_used_mb, d.vram_total_mb)
@@ -83,6 +83,8 @@ def node_parts(
     if not node.up:
         reason = f"  down: {node.error or 'not answering'}"
         parts.append(Text(reason, style="red", no_wrap=True, overflow="ellipsis"))
+    if any(d.kind == "cpu" for d in node.devices):
+        parts.append(Text("  no GPU: running on CPU", style="yellow", no_wrap=True))
     if node.devices:
         wide = width >= WIDE
         grid = Table.grid(padding=(0, 1), expand=True)
