@@ -29,7 +29,7 @@ STATUS_STYLE = {
     "down": "red",  # listed by a node that stopped answering: not servable until it returns
     "unloaded": "dim",
 }
-REASON_CELLS = 48  # of a failure in its row; Enter shows all of it
+REASON_CELLS = 48  # of a failure in its row at most; Enter shows all of it
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,12 @@ def ago(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
-def status_cell(row: ModelRow, pending: str | None = None, failure: str | None = None) -> Text:
+def status_cell(
+    row: ModelRow,
+    pending: str | None = None,
+    failure: str | None = None,
+    cells: int = REASON_CELLS,
+) -> Text:
     """Status text; an admin op the TUI has in flight for the row overrides it, and a
     load that failed says so (with why) until the model loads."""
     if pending is not None:
@@ -69,18 +74,18 @@ def status_cell(row: ModelRow, pending: str | None = None, failure: str | None =
     if reason:
         text = Text("failed", style=STATUS_STYLE["failed"])
         text.append(f" {reason}", style="red")
-        text.truncate(REASON_CELLS, overflow="ellipsis")
+        text.truncate(cells, overflow="ellipsis")
         return text
     return Text(row.status, style=STATUS_STYLE.get(row.status, "yellow"))
 
 
-def row_cells(line: ModelLine) -> tuple[Cell, ...]:
+def row_cells(line: ModelLine, reason_cells: int = REASON_CELLS) -> tuple[Cell, ...]:
     row = line.row
     return (
         row.id,
         row.node,
         ",".join(str(d) for d in row.devices) or "—",
-        status_cell(row, line.pending, line.failure),
+        status_cell(row, line.pending, line.failure, reason_cells),
         mib_text(row.vram_mb) if row.vram_mb else "—",
         Text("pinned", style="bold magenta") if row.pinned else Text("—", style="dim"),
         ago(row.idle_s),
@@ -100,7 +105,12 @@ class ModelsTable(PriorityTable[ModelLine]):
         return item.row.key
 
     def cells(self, item: ModelLine) -> tuple[Cell, ...]:
-        return row_cells(item)
+        """A failure's reason is cut to what the table's width leaves it, so that on a
+        small terminal it does not push the table into scrolling sideways."""
+        width = (self.size.width or 200) - self.styles.scrollbar_size_vertical
+        model_cells = max((len(i.row.id) for i in self.items), default=0) + 2  # padding
+        room = width - model_cells - 2  # the status column's own padding
+        return row_cells(item, max(16, min(REASON_CELLS, room)))
 
     @property
     def selected(self) -> ModelRow | None:

@@ -87,14 +87,15 @@ class PriorityTable(DataTable[Cell], Generic[Item]):
         self.by_key = {self.key(item): item for item in items}
 
     def on_resize(self, event: events.Resize) -> None:
-        self._redraw(self._rows, force=False)
+        # Cells may depend on the width (a long reason is cut to fit): draw them again.
+        self._redraw([(self.key(item), self.cells(item)) for item in self.items], force=False)
 
     def _redraw(self, rows: list[tuple[str, tuple[Cell, ...]]], force: bool = True) -> None:
         # Leave room for the vertical scrollbar, which appears once rows outgrow the table.
         width = (self.size.width or 200) - self.styles.scrollbar_size_vertical
         shown = fitting(self.COLUMNS, [cells for _, cells in rows], width)
         same_layout = shown == self._shown and [k for k, _ in rows] == [k for k, _ in self._rows]
-        if same_layout and not force:
+        if same_layout and not force and rows == self._rows:
             return
         if same_layout:
             for (key, new), (_, old) in zip(rows, self._rows, strict=True):
