@@ -639,3 +639,18 @@ async def test_v_switches_requests_and_events_on_a_narrow_terminal() -> None:
         assert events.display and not requests.display
         await pilot.press("slash")  # the filter brings the requests back
         assert requests.display and not events.display
+
+
+async def test_a_long_failure_is_cut_to_the_tables_width() -> None:
+    """At 80 columns the reason of a failed load fits beside the model instead of pushing
+    the table into scrolling sideways; Enter still has all of it."""
+    huge = "Qwen/Qwen3-235B-A22B-GGUF:Q4_K_M"
+    app = build_app(settings(), [ScriptedNeuron("gpu", models={huge: "unloaded"})], refresh_s=60)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        app.events_log.load_failed(huge, "needs 138.7 GiB on one device, " * 4)
+        await settle(app, pilot)
+        table = app.query_one(ModelsTable)
+        status_cell = str(table.get_cell(f"gpu/{huge}", column_key(table, "Status")))
+        assert status_cell.startswith("failed needs 138.7 GiB") and status_cell.endswith("…")
+        assert table.virtual_size.width <= table.size.width
