@@ -190,15 +190,6 @@ class HelexaApp(App[int]):
     def in_flight(self) -> int:
         return sum(m.in_flight for m in self.view.models)
 
-    def remote_loaded(self) -> list[str]:
-        """Models loaded on remote neurons: quitting leaves them loaded there."""
-        local = self.service.settings.local
-        return [
-            f"{m.id}@{m.node}"
-            for m in self.view.models
-            if m.status == "loaded" and not (local.enabled and m.node == local.name)
-        ]
-
     async def action_quit(self) -> None:
         if self._stopped:
             self.exit(0)
@@ -226,7 +217,7 @@ class HelexaApp(App[int]):
 
     def _begin_quit(self) -> None:
         drain = self.service.settings.gateway.drain_s
-        remote = self.remote_loaded()
+        remote = self.service.remote_loaded()
         stays = f"; stays loaded on its neuron: {', '.join(remote)}" if remote else ""
         self.sub_title = f"stopping: finishing streams (up to {drain:g} s; q again: now){stays}"
         self.events_log.add(f"quitting: local models are unloaded{stays}")

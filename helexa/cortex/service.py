@@ -112,9 +112,24 @@ class Service:
         for runner in runners:
             await runner.cleanup()  # the gateway's shutdown hook drains the relay
         await self.poller.stop()
+        if runners and (remote := self.remote_loaded()):
+            log.info("left loaded on their remote neurons: %s", ", ".join(remote))
         await self.fleet.close()  # LocalNeuron.close unloads its models
         if runners:
             log.info("stopped")
+
+    def remote_loaded(self) -> list[str]:
+        """``model@node`` for each model loaded on a remote neuron: stopping the gateway
+        leaves them loaded there (their neuron serves the next gateway), unlike the
+        local node's, which go with this process."""
+        local = self.settings.local
+        return sorted(
+            f"{self.fleet.catalogue.canonical(state.id)}@{node.name}"
+            for node in self.fleet.nodes.values()
+            if node.up and not (local.enabled and node.name == local.name)
+            for state in node.models.values()
+            if state.status == "loaded"
+        )
 
 
 async def _headless(settings: Settings) -> None:

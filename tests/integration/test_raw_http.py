@@ -625,4 +625,5 @@ async def _serve_headless(tmp_path: Path, config: Path) -> None:
         assert int(chat[2]) > 0
         assert f"/v1/chat/completions {refused.status} " in access[2]
         assert re.search(r"INFO helexa\.service: stopping the gateway", stderr)
+        assert f"INFO helexa.service: left loaded on their remote neurons: {MODEL}@n1" in stderr
         assert stderr.rstrip().splitlines()[-1].endswith("INFO helexa.service: stopped")
