@@ -335,7 +335,9 @@ def remove(model_id: str, settings: Settings) -> OnDisk:
     catalogue names by ``path`` is the operator's own and is never deleted."""
     ref = ref_for(model_id, settings)
     if ref.is_file:
-        raise ValueError(f"{ref.path} is a file of yours, not a download: delete it yourself")
+        raise ValueError(
+            f"{ref.path} is a catalogue path, not a download: helexa rm deletes downloads"
+        )
     entry = next((m for m in on_disk(settings) if m.id == _serving_id(ref, settings)), None)
     if entry is None:
         raise FileNotFoundError(f"{model_id} is not downloaded (helexa list shows what is)")

@@ -628,6 +628,7 @@ def test_rm_refuses_a_loaded_model_and_a_file_of_yours(
     first, second = capsys.readouterr().err.splitlines()
     assert first.startswith("helexa rm: org/dense: loaded on local by the gateway at ")
     assert (
-        second == f"helexa rm: mine: {mine} is a file of yours, not a download: delete it yourself"
+        second
+        == f"helexa rm: mine: {mine} is a catalogue path, not a download: helexa rm deletes downloads"
     )
     assert resolve_local("org/dense", settings) is not None and mine.exists()
