@@ -16,7 +16,14 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from helexa import __version__
-from helexa.config import ConfigError, Settings, check_local_paths, config_dir, load_settings
+from helexa.config import (
+    ConfigError,
+    Settings,
+    check_local_paths,
+    config_dir,
+    load_settings,
+    split_listen,
+)
 from helexa.demo import with_demo
 
 _Listener = TypeVar("_Listener", bound=BaseModel)
@@ -28,6 +35,8 @@ examples:
   helexa neuron               serve this host's GPUs to a remote gateway
   helexa status               fleet table from a running gateway
   helexa pull Qwen/Qwen3-0.6B-GGUF:Q8_0
+  helexa list                 models on disk, and what is loaded where
+  helexa rm Qwen/Qwen3-0.6B-GGUF:Q8_0
   helexa acp                  Agent Client Protocol agent for editors (Zed)
 
 configuration: helexa.toml and models.toml in the user config dir, or --config/--models;
@@ -71,11 +80,31 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print the fleet table of a running gateway")
     status.add_argument("--url", help="gateway URL (default: from config)")
     status.add_argument("--admin-key", help="admin key, if the gateway requires one")
+    status.add_argument("--json", action="store_true", help="the fleet snapshot as JSON")
+    status.add_argument(
+        "--watch",
+        metavar="SECONDS",
+        nargs="?",
+        type=float,
+        const=2.0,
+        help="redraw every SECONDS (default 2) until Ctrl-C",
+    )
     _common(status)
 
     pull = sub.add_parser("pull", help="download a model into its source's cache")
     pull.add_argument("model", help="scheme:org/name[:quant], e.g. Qwen/Qwen3-0.6B-GGUF:Q8_0")
     _common(pull)
+
+    listing = sub.add_parser("list", help="models on disk, and what the gateway has loaded")
+    listing.add_argument("--url", help="gateway URL (default: from config)")
+    listing.add_argument("--admin-key", help="admin key, if the gateway requires one")
+    _common(listing)
+
+    rm = sub.add_parser("rm", help="delete a downloaded model from its source's cache")
+    rm.add_argument("model", help="a model id as helexa list shows it")
+    rm.add_argument("--url", help="gateway URL, to refuse a model it has loaded")
+    rm.add_argument("--admin-key", help="admin key, if the gateway requires one")
+    _common(rm)
 
     acp = sub.add_parser("acp", help="Agent Client Protocol agent over stdio (for Zed etc.)")
     acp.add_argument("--acp-config", metavar="PATH", help="acp.toml (default: user config dir)")
@@ -90,12 +119,17 @@ def _with_listen(target: _Listener, listen: str) -> _Listener:
         raise ConfigError("--listen", "", exc.errors()[0]["msg"]) from None
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def settings_for(args: argparse.Namespace) -> Settings:
     settings = with_demo(load_settings(args.config, args.models))
     if args.command == "neuron" and args.neuron_listen:
         settings.neuron = _with_listen(settings.neuron, args.neuron_listen)
     elif args.command != "neuron" and args.listen:
+        metrics_set = "metrics_listen" in settings.gateway.model_fields_set
         settings.gateway = _with_listen(settings.gateway, args.listen)
+        if not metrics_set:  # the default pair moves together: metrics on the next port
+            host, port = split_listen(settings.gateway.listen)
+            metrics = f"[{host}]" if ":" in host else host
+            settings.gateway.metrics_listen = f"{metrics}:{port + 1 if port else 0}"
     if getattr(args, "no_local", False):
         settings.local.enabled = False
     if settings.local.enabled and args.command in (None, "neuron"):
@@ -113,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from helexa.acp.agent import main as acp_main
 
             return acp_main(args.acp_config)
-        settings = _settings(args)
+        settings = settings_for(args)
         if args.command == "neuron":
             from helexa.neuron.server import run_neuron
 
@@ -121,7 +155,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             from helexa.cortex.status import run_status
 
-            return run_status(settings, url=args.url, admin_key=args.admin_key)
+            return run_status(
+                settings,
+                url=args.url,
+                admin_key=args.admin_key,
+                as_json=args.json,
+                watch_s=args.watch,
+            )
+        if args.command == "list":
+            from helexa.cortex.status import run_list
+
+            return run_list(settings, url=args.url, admin_key=args.admin_key)
+        if args.command == "rm":
+            from helexa.cortex.status import run_rm
+
+            return run_rm(settings, args.model, url=args.url, admin_key=args.admin_key)
         if args.command == "pull":
             from helexa.neuron.sources import run_pull
 

@@ -133,6 +133,8 @@ class GatewaySettings(_Strict):
     cors_origins: list[str] = Field(default_factory=list)
     # Host names accepted besides loopback ones on a loopback bind (DNS rebinding guard).
     allowed_hosts: list[str] = Field(default_factory=list)
+    # One INFO line per request on the helexa.access logger (what --serve prints).
+    access_log: bool = True
 
     _listen = field_validator("listen", "metrics_listen")(check_listen)
 

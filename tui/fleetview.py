@@ -22,6 +22,7 @@ class DeviceRow:
     vram_total_mb: int
     utilization_pct: float | None = None
     temp_c: float | None = None
+    kind: str = "cuda"  # "cpu": no GPU, and "VRAM" is the host's RAM
 
     @property
     def vram_fraction(self) -> float:
@@ -82,6 +83,7 @@ def _device(node: str, d: Mapping[str, Any]) -> DeviceRow:
         vram_total_mb=total,
         utilization_pct=_opt_float(d.get("utilization_pct")),
         temp_c=_opt_float(d.get("temp_c")),
+        kind=str(d.get("kind") or "cuda"),
     )
 
 

@@ -1,11 +1,13 @@
-"""Render the dashboard under load to ``assets/screenshots/dashboard.svg`` (and ``.png``).
+"""Render the dashboard under load to ``assets/screenshots/`` (SVG and PNG): the main
+screen (``dashboard``), a request opened with Enter (``request``), a model opened with
+Enter (``model``) and the same fleet on an 80x24 terminal (``small``).
 
     python -m tui.screenshot [--seconds 20] [--out assets/screenshots]
 
 A development script, run from the checkout: it drives the real app and the real gateway
 over demo neurons (:class:`DemoNeuron`, GPU nodes played without a GPU), sends streaming
-requests through the gateway with the OpenAI SDK for a while, and exports what the
-screen shows. The PNG is made with cairosvg when it is installed (``pip install
+requests through the gateway with the OpenAI SDK for a while (and asks for one load that
+fails, so the events pane and its model row say why), and exports what the screen shows. The PNG is made with cairosvg when it is installed (``pip install
 cairosvg``); Textual's SVG names the Fira Code web font, which cairo cannot fetch, so the
 PNG copy asks for a local monospace font instead.
 """
@@ -35,12 +37,13 @@ from helexa.neuron.interface import (
     LoadRequest,
     ModelState,
     ModelStatus,
+    NeuronError,
 )
 from helexa.neuron.remote import RemoteNeuron
 from tui.app import HelexaApp, build_app
 from tui.traffic import Traffic
 
-SIZE = (160, 46)
+SIZE = (160, 45)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class DemoModel:
     tok_s: float  # decode speed of one stream
     status: ModelStatus = "loaded"
     progress: float | None = None
+    refusal: str | None = None  # why a load of it fails, when it does
 
 
 class DemoNeuron:
@@ -119,6 +123,8 @@ class DemoNeuron:
 
     async def load(self, request: LoadRequest) -> ModelState:
         m = self.demo[request.model_id]  # the gateway only loads what a node lists
+        if m.refusal is not None:
+            raise NeuronError(m.refusal, status=507, code="insufficient_vram")
         self.states[m.id] = "loaded"
         return ModelState(id=m.id, status="loaded", devices=[m.device], vram_used_mb=m.vram_mb)
 
@@ -219,6 +225,14 @@ async def render(seconds: float, out: Path) -> list[Path]:
         [
             DemoModel("Qwen/Qwen3-32B-GGUF:Q4_K_M", 0, 20210, tok_s=48),
             DemoModel("Qwen/Qwen3-14B-GGUF:Q4_K_M", 0, 9300, 70, "unloaded"),
+            DemoModel(
+                "Qwen/Qwen3-235B-A22B-GGUF:Q4_K_M",
+                0,
+                142_000,
+                20,
+                "unloaded",
+                refusal="needs 138.7 GiB on one device, the largest has 80.0 GiB",
+            ),
         ],
     )
     laptop = RemoteNeuron("laptop", closed_port_url(), poll_timeout_s=1)
@@ -228,9 +242,13 @@ async def render(seconds: float, out: Path) -> list[Path]:
     app: HelexaApp = build_app(
         settings, [local, rack, laptop], refresh_s=0.5, traffic=Traffic(window_s=int(seconds))
     )
+    shots: dict[str, str] = {}
     async with app.run_test(size=SIZE) as pilot:
         await app.workers.wait_for_complete()
-        app.service.fleet.pin("Qwen/Qwen3-8B-GGUF:Q4_K_M", "local")
+        fleet = app.service.fleet
+        fleet.pin("Qwen/Qwen3-8B-GGUF:Q4_K_M", "local")
+        with contextlib.suppress(Exception):  # the failure is the point: it shows up
+            await fleet.load("Qwen/Qwen3-235B-A22B-GGUF:Q4_K_M", "rack-2")
         base = f"{app.service.url}/v1"
         stop = asyncio.Event()
         rng = random.Random(7)
@@ -243,21 +261,42 @@ async def render(seconds: float, out: Path) -> list[Path]:
         await asyncio.sleep(seconds)
         app.refresh_view()
         await pilot.pause()
-        svg = app.export_screenshot(title="helexa")
+        shots["dashboard"] = app.export_screenshot(title="helexa")
+        table = app.requests.table
+        table.focus()
+        table.move_cursor(row=0)  # a request in flight: its counters live
+        await pilot.press("enter")
+        await pilot.pause()
+        shots["request"] = app.export_screenshot(title="helexa: a request")
+        await pilot.press("escape")
+        app.models.focus()
+        app.models.move_cursor(row=app.models.get_row_index("rack-2/Qwen/Qwen3-32B-GGUF:Q4_K_M"))
+        await pilot.press("enter")
+        await pilot.pause()
+        shots["model"] = app.export_screenshot(title="helexa: a model")
+        await pilot.press("escape")
+        await pilot.resize_terminal(80, 24)
+        app.refresh_view()
+        await pilot.pause()
+        shots["small"] = app.export_screenshot(title="helexa at 80x24")
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await app.stop_service()
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "dashboard.svg"]
-    written[0].write_text(svg)
+    written = []
     try:
         import cairosvg
     except ImportError:
-        print("cairosvg is not installed: wrote the SVG only", file=sys.stderr)
-    else:
-        png = out / "dashboard.png"
-        cairosvg.svg2png(bytestring=png_ready_svg(svg).encode(), write_to=str(png))
-        written.append(png)
+        cairosvg = None
+        print("cairosvg is not installed: writing the SVGs only", file=sys.stderr)
+    for name, svg in shots.items():
+        path = out / f"{name}.svg"
+        path.write_text(svg)
+        written.append(path)
+        if cairosvg is not None:
+            png = out / f"{name}.png"
+            cairosvg.svg2png(bytestring=png_ready_svg(svg).encode(), write_to=str(png))
+            written.append(png)
     return written
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from helexa.cortex.fleet import Lease
-from helexa.cortex.observe import CLIENT_GONE, RequestObserver
+from helexa.cortex.observe import CLIENT_GONE, RequestInfo, RequestObserver
 from helexa.errors import ApiError
 from helexa.wire.openai.stream import choice_carries_output
 
@@ -42,6 +42,7 @@ class RequestRecord:
     status: RequestStatus = "streaming"
     error: str | None = None
     done_seq: int = 0  # order of finishing (requests finish out of start order)
+    info: RequestInfo | None = None  # what was asked and by whom (None: not yet known)
 
     @property
     def ttft_s(self) -> float | None:
@@ -54,10 +55,17 @@ class RequestRecord:
     @property
     def tokens_per_s(self) -> float | None:
         """Decode rate: tokens after the first over the time after the first token."""
-        if self.first_token is None or self.finished is None or self.completion_tokens < 2:
+        return None if self.finished is None else self.rate_at(self.finished)
+
+    def rate_at(self, now: float) -> float | None:
+        """The decode rate up to ``now``: live while streaming, final once finished."""
+        if self.first_token is None or self.completion_tokens < 2:
             return None
-        decode_s = self.finished - self.first_token
+        decode_s = (self.finished or now) - self.first_token
         return (self.completion_tokens - 1) / decode_s if decode_s > 0 else None
+
+    def elapsed_at(self, now: float) -> float:
+        return (self.finished or now) - self.started
 
 
 def chunk_tokens(chunk: dict[str, Any]) -> int:
@@ -151,6 +159,13 @@ class Traffic:
         """The last ``n`` requests that produced a first token, newest last."""
         return [r for r in self.records if r.first_token is not None][-n:]
 
+    def in_flight(self) -> list[RequestRecord]:
+        """Requests not finished yet, oldest first."""
+        return [r for r in self.records if r.finished is None]
+
+    def record(self, request_id: int) -> RequestRecord | None:
+        return next((r for r in self.records if r.id == request_id), None)
+
     def finished_since(self, done_seq: int) -> list[RequestRecord]:
         """Requests that finished after the one numbered ``done_seq``, in finishing order."""
         return [r for r in self.done if r.done_seq > done_seq]
@@ -171,6 +186,9 @@ class TrafficObserver(RequestObserver):
     def __init__(self, traffic: Traffic, record: RequestRecord) -> None:
         self.traffic = traffic
         self.record = record
+
+    def started(self, info: RequestInfo) -> None:
+        self.record.info = info
 
     def routed(self, lease: Lease) -> None:
         self.record.node = lease.node.name

@@ -22,6 +22,7 @@ from aiohttp import HttpVersion11, hdrs, web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from helexa.config import GatewaySettings, Settings, split_listen
+from helexa.cortex.access import access_log
 from helexa.cortex.auth import KeyPolicy
 from helexa.cortex.fleet import Fleet
 from helexa.cortex.observe import Observe, ignore
@@ -419,14 +420,15 @@ def make_app(
     browsers = BrowserPolicy.for_bind(
         split_listen(gateway.listen)[0], gateway.cors_origins, gateway.allowed_hosts
     )
-    app = web.Application(
-        middlewares=[
-            _errors,
-            browser_guard(browsers),
-            _auth(KeyPolicy.from_settings(gateway)),
-            _body_limit(fleet, gateway),
-        ],
-    )
+    middlewares = [
+        _errors,
+        browser_guard(browsers),
+        _auth(KeyPolicy.from_settings(gateway)),
+        _body_limit(fleet, gateway),
+    ]
+    if gateway.access_log:  # outermost: it sees the status every refusal ends up with
+        middlewares.insert(0, access_log)
+    app = web.Application(middlewares=middlewares)
     install_cors(app, browsers)
     app[FLEET] = fleet
     app[OBSERVE] = observe or ignore

@@ -555,12 +555,18 @@ class Fleet:
         started = time.monotonic()
         try:
             state = await node.neuron.load(request)
-        except Exception:
+        except Exception as exc:
+            # extra: what a listener (the dashboard's events) keeps about the failure
+            failure = {"model": model_id, "node": node.name, "failure": str(exc)}
+            log.warning("loading %s on %s failed: %s", model_id, node.name, exc, extra=failure)
             if self.metrics is not None:
                 self.metrics.model_load(model_id, node.name, "failed")
             raise
+        seconds = time.monotonic() - started
+        loaded = {"model": model_id, "node": node.name, "loaded": True}
+        log.info("loaded %s on %s in %.1f s", model_id, node.name, seconds, extra=loaded)
         if self.metrics is not None:
-            self.metrics.model_load(model_id, node.name, "ok", time.monotonic() - started)
+            self.metrics.model_load(model_id, node.name, "ok", seconds)
         return state
 
     def _busy(self, node: str, model_id: str) -> int:

@@ -29,8 +29,9 @@ from typing import Any, Literal
 from aiohttp import web
 
 from helexa.config import GatewaySettings
+from helexa.cortex.access import ACCESS
 from helexa.cortex.fleet import Fleet, Lease, ModelNotFound, NoCapacity
-from helexa.cortex.observe import CLIENT_GONE, Observe, RequestObserver
+from helexa.cortex.observe import CLIENT_GONE, Fanout, Observe, RequestInfo, RequestObserver
 from helexa.errors import ApiError
 from helexa.wire.errors import anthropic_error_type, openai_error_body, openai_error_type
 from helexa.wire.openai.translate import ChatAccumulator, accumulate_completion
@@ -220,6 +221,29 @@ async def _next(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
         return None
 
 
+# The upstream body's fields a request view shows as they are; the conversation and the
+# tool list are shown by their length (they can be megabytes).
+_COUNTED = ("messages", "prompt", "tools")
+_SKIPPED = ("model", "stream", "stream_options")
+
+
+def request_info(request: web.Request, job: Job) -> RequestInfo:
+    params: dict[str, Any] = {}
+    for key, value in job.upstream.items():
+        if key in _COUNTED:
+            params[key] = len(value) if isinstance(value, list | str) else 1
+        elif key not in _SKIPPED:
+            params[key] = value
+    return RequestInfo(
+        method=request.method,
+        route=request.path,
+        client=request.remote or "",
+        agent=request.headers.get("User-Agent", ""),
+        stream=job.stream is not None,
+        params=params,
+    )
+
+
 async def relay(request: web.Request, job: Job) -> web.StreamResponse:
     """Route ``job`` to a neuron and answer it; the one path every generation takes.
 
@@ -227,6 +251,11 @@ async def relay(request: web.Request, job: Job) -> web.StreamResponse:
     own, anything raised before is reported here.
     """
     observer = request.app[OBSERVE](job.api, job.model)
+    record = request.get(ACCESS)
+    if record is not None:  # the access log's middleware is on
+        record.model = job.model
+        observer = Fanout([record, observer])
+    observer.started(request_info(request, job))
     flight = Flight(request.app[GATEWAY].stream_idle_timeout_s)
     with request.app[FLIGHTS].track(flight):
         try:

@@ -105,12 +105,31 @@ class Service:
         draining still ends what waits on it. Safe to call more than once, and after a
         failed start.
         """
-        await self.evictor.stop()
         runners, self._runners = self._runners, []
+        if runners:
+            log.info("stopping the gateway: no new requests; those in flight may finish")
+        await self.evictor.stop()
         for runner in runners:
             await runner.cleanup()  # the gateway's shutdown hook drains the relay
         await self.poller.stop()
+        if runners and (remote := self.remote_loaded()):
+            log.info("left loaded on their remote neurons: %s", ", ".join(remote))
         await self.fleet.close()  # LocalNeuron.close unloads its models
+        if runners:
+            log.info("stopped")
+
+    def remote_loaded(self) -> list[str]:
+        """``model@node`` for each model loaded on a remote neuron: stopping the gateway
+        leaves them loaded there (their neuron serves the next gateway), unlike the
+        local node's, which go with this process."""
+        local = self.settings.local
+        return sorted(
+            f"{self.fleet.catalogue.canonical(state.id)}@{node.name}"
+            for node in self.fleet.nodes.values()
+            if node.up and not (local.enabled and node.name == local.name)
+            for state in node.models.values()
+            if state.status == "loaded"
+        )
 
 
 async def _headless(settings: Settings) -> None:
@@ -137,8 +156,9 @@ async def _headless(settings: Settings) -> None:
 
 def configure_logging() -> None:
     """INFO to stderr for ``helexa --serve``: loads, evictions, nodes going down and back
-    up are what an operator watching a headless gateway needs. aiohttp's per-request access
-    log stays quiet (the metrics count requests; a line per request would drown the rest)."""
+    up are what an operator watching a headless gateway needs, and a line per request
+    from helexa's own access log (helexa.access), which knows the model, tokens and TTFT;
+    aiohttp's access log, which knows none of them, stays quiet."""
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,

@@ -1,4 +1,6 @@
-"""``helexa status``: the fleet table of a running gateway, from ``GET /admin/fleet``.
+"""``helexa status``: the fleet table of a running gateway, from ``GET /admin/fleet``;
+``helexa list`` and ``helexa rm``: the models on this host's disk beside what that
+gateway has loaded (``ollama list`` and ``ollama ps`` in one), and deleting a download.
 
 The gateway serves :meth:`Fleet.snapshot` there; this prints it as two aligned tables
 (nodes with their devices, then models). :func:`format_fleet_table` is pure so the layout
@@ -9,17 +11,17 @@ on stderr and exit status 1.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from helexa.config import Settings, listen_url
-
-
-def _gib(mb: float | None) -> str:
-    return "-" if mb is None else f"{mb / 1024:.1f}"
+from helexa.units import mib_text, size_text, used_of_total
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -34,7 +36,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _device_cell(d: Mapping[str, Any]) -> str:
     used, total = d.get("vram_used_mb"), d.get("vram_total_mb")
-    text = f"{d.get('index', 0)}: {d.get('name') or '?'} {_gib(used)}/{_gib(total)} GiB"
+    memory = used_of_total(used, total)
+    if d.get("kind") == "cpu":  # its "VRAM" is the host's RAM: say so
+        text = f"no GPU: running on CPU ({d.get('name') or '?'}), RAM {memory}"
+    else:
+        text = f"{d.get('index', 0)}: {d.get('name') or '?'} {memory}"
     if d.get("utilization_pct") is not None:
         text += f" {d['utilization_pct']:.0f}%"
     if d.get("temp_c") is not None:
@@ -63,7 +69,7 @@ def format_fleet_table(snapshot: Mapping[str, Any]) -> str:
                 m.get("id", ""),
                 m.get("node", ""),
                 m.get("status", ""),
-                f"{m['vram_used_mb']} MiB" if m.get("vram_used_mb") else "-",
+                mib_text(m["vram_used_mb"]) if m.get("vram_used_mb") else "-",
                 "yes" if m.get("pinned") else "",
                 str(m.get("in_flight") or 0),
                 "-" if idle is None else f"{idle:.0f}s",
@@ -89,37 +95,211 @@ class GatewayRefused(Exception):
     """The gateway answered, but not with a fleet table."""
 
 
+def _not_helexa(response: aiohttp.ClientResponse) -> GatewayRefused:
+    kind = response.content_type or "no content type"
+    return GatewayRefused(
+        f"HTTP {response.status} ({kind}) is not a helexa gateway's answer: "
+        "is this the gateway's address (helexa --serve prints it)?"
+    )
+
+
 async def fetch_snapshot(url: str, admin_key: str | None, timeout_s: float = 10.0) -> Any:
+    """The fleet table; anything else the server says is one line, never its page: a
+    server that is not a helexa gateway is named as such, by what it answered."""
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with (
         aiohttp.ClientSession(timeout=timeout, headers=headers) as session,
         session.get(f"{url.rstrip('/')}/admin/fleet") as response,
     ):
+        try:
+            body = await response.json(content_type=None)
+        except ValueError:
+            raise _not_helexa(response) from None
         if response.status >= 400:
-            body = await response.text()
             try:
-                message = (await response.json(content_type=None))["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = body.strip()[:200] or response.reason
+                message = body["error"]["message"]
+            except (KeyError, TypeError):
+                raise _not_helexa(response) from None
             raise GatewayRefused(f"HTTP {response.status}: {message}")
-        return await response.json(content_type=None)
+        if not isinstance(body, dict) or "nodes" not in body:
+            raise _not_helexa(response)
+        return body
 
 
-def run_status(settings: Settings, url: str | None = None, admin_key: str | None = None) -> int:
+def run_status(
+    settings: Settings,
+    url: str | None = None,
+    admin_key: str | None = None,
+    *,
+    as_json: bool = False,
+    watch_s: float | None = None,
+    clear: Callable[[], None] | None = None,
+    rounds: int | None = None,
+) -> int:
+    """Print the fleet table (or the snapshot as JSON) once, or every ``watch_s`` seconds
+    until interrupted (``rounds`` bounds it, for a test). A failure is one line; while
+    watching, the next round tries again, as ``watch`` would."""
     url = url or gateway_url(settings)
     key = admin_key or settings.gateway.admin_key or next(iter(settings.gateway.api_keys), None)
+    clear = clear or (lambda: print("\x1b[H\x1b[2J", end=""))
+    done = 0
+    status = 0
+    while True:
+        status = _status_once(url, key, as_json, (clear, watch_s) if watch_s else None)
+        done += 1
+        if watch_s is None or (rounds is not None and done >= rounds):
+            return status
+        time.sleep(watch_s)
+
+
+def _status_once(
+    url: str, key: str | None, as_json: bool, watch: tuple[Callable[[], None], float] | None
+) -> int:
     try:
         snapshot = asyncio.run(fetch_snapshot(url, key))
-        if not isinstance(snapshot, dict):
-            raise GatewayRefused("the answer is not a fleet table")
-        text = format_fleet_table(snapshot)
+        text = json.dumps(snapshot, indent=2) if as_json else format_fleet_table(snapshot)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         reason = str(exc) or type(exc).__name__
-        print(f"helexa status: cannot reach the gateway at {url}: {reason}", file=sys.stderr)
+        text, failed = f"helexa status: cannot reach the gateway at {url}: {reason}", True
+    except GatewayRefused as exc:
+        text, failed = f"helexa status: {url}: {exc}", True
+    else:
+        failed = False
+    if watch is not None:
+        clear, every_s = watch
+        clear()
+        stamp = time.strftime("%H:%M:%S")
+        print(f"helexa status {url}  {stamp}  (every {every_s:g} s; Ctrl-C to stop)\n")
+    print(text, file=sys.stderr if failed else sys.stdout, flush=True)
+    return 1 if failed else 0
+
+
+# -- helexa list / helexa rm -------------------------------------------------------------------
+
+
+def _loaded_where(snapshot: Mapping[str, Any] | None) -> dict[str, list[str]]:
+    where: dict[str, list[str]] = {}
+    for m in (snapshot or {}).get("models") or ():
+        if m.get("status") in ("loaded", "loading"):
+            label = m.get("node", "") + ("" if m["status"] == "loaded" else " (loading)")
+            where.setdefault(str(m.get("id")), []).append(label)
+    return where
+
+
+def format_model_list(
+    disk: Sequence[Any],
+    paths: Sequence[tuple[str, str, int | None, float | None]],
+    snapshot: Mapping[str, Any] | None,
+) -> str:
+    """What ``helexa list`` prints: the models on this host's disk (downloads, then the
+    catalogue's own files) with size, date and where each is loaded; then what the
+    gateway has loaded, wherever it is (``ollama ps``)."""
+    where = _loaded_where(snapshot)
+    rows = [
+        [m.id, size_text(m.size_bytes), _date(m.modified), ", ".join(where.get(m.id, [])) or "-"]
+        for m in sorted(disk, key=lambda m: m.id)
+    ]
+    for model_id, path, size, modified in paths:
+        shown = size_text(size) if size is not None else "missing"
+        rows.append(
+            [
+                f"{model_id} ({path})",
+                shown,
+                _date(modified),
+                ", ".join(where.get(model_id, [])) or "-",
+            ]
+        )
+    parts = [
+        table(["NAME", "SIZE", "MODIFIED", "LOADED ON"], rows) if rows else "no models on disk"
+    ]
+    if snapshot is not None:
+        loaded = [
+            [
+                str(m.get("id")),
+                str(m.get("node")),
+                str(m.get("status")),
+                mib_text(m["vram_used_mb"]) if m.get("vram_used_mb") else "-",
+                "-" if m.get("idle_s") is None else f"{m['idle_s']:.0f}s",
+            ]
+            for m in snapshot.get("models") or ()
+            if m.get("status") in ("loaded", "loading")
+        ]
+        parts.append(
+            table(["LOADED", "NODE", "STATUS", "VRAM", "IDLE"], loaded)
+            if loaded
+            else "nothing loaded"
+        )
+    return "\n\n".join(parts)
+
+
+def _date(mtime: float | None) -> str:
+    return "-" if not mtime else time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime))
+
+
+def _try_snapshot(url: str, key: str | None) -> tuple[Any, str | None]:
+    """The gateway's fleet table, or why there is none (``list`` works without one)."""
+    try:
+        return asyncio.run(fetch_snapshot(url, key, timeout_s=3.0)), None
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return None, f"no gateway at {url} ({str(exc) or type(exc).__name__})"
+    except GatewayRefused as exc:
+        return None, f"{url}: {exc}"
+
+
+def _catalogue_files(settings: Settings) -> list[tuple[str, str, int | None, float | None]]:
+    out = []
+    for profile in settings.models:
+        if not profile.path:
+            continue
+        path = Path(profile.path).expanduser()
+        try:
+            st = path.stat()
+            files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+            size: int | None = sum(f.stat().st_size for f in files)
+            out.append((profile.id, str(path), size, st.st_mtime))
+        except OSError:
+            size = None
+            out.append((profile.id, str(path), size, None))
+    return out
+
+
+def run_list(settings: Settings, url: str | None = None, admin_key: str | None = None) -> int:
+    """``helexa list``: models on disk, and what a running gateway has loaded where."""
+    from helexa.neuron.sources import on_disk
+
+    url = url or gateway_url(settings)
+    key = admin_key or settings.gateway.admin_key or next(iter(settings.gateway.api_keys), None)
+    snapshot, why = _try_snapshot(url, key)
+    print(format_model_list(on_disk(settings), _catalogue_files(settings), snapshot))
+    if why is not None:
+        print(f"helexa list: what is loaded is not shown: {why}", file=sys.stderr)
+    return 0
+
+
+def run_rm(
+    settings: Settings, model_id: str, url: str | None = None, admin_key: str | None = None
+) -> int:
+    """``helexa rm MODEL``: delete a download; refused while the running gateway's local
+    node has it loaded (unload it first), and for a file the catalogue names by path."""
+    from helexa.neuron.sources import remove
+
+    url = url or gateway_url(settings)
+    key = admin_key or settings.gateway.admin_key or next(iter(settings.gateway.api_keys), None)
+    snapshot, _ = _try_snapshot(url, key)
+    local = settings.local.name
+    nodes = [n for n in _loaded_where(snapshot).get(model_id, []) if n.split()[0] == local]
+    if nodes:
+        print(
+            f"helexa rm: {model_id}: loaded on {local} by the gateway at {url}: unload it "
+            "first (u in the dashboard, or POST /admin/models/unload)",
+            file=sys.stderr,
+        )
         return 1
-    except (GatewayRefused, ValueError) as exc:
-        print(f"helexa status: {url}: {exc}", file=sys.stderr)
+    try:
+        gone = remove(model_id, settings)
+    except (OSError, ValueError) as exc:
+        print(f"helexa rm: {model_id}: {exc}", file=sys.stderr)
         return 1
-    print(text)
+    print(f"deleted {gone.id} ({size_text(gone.size_bytes)}, {len(gone.files)} file(s))")
     return 0

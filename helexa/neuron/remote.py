@@ -22,9 +22,10 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
+from pydantic import BaseModel, ValidationError
 
 from helexa.neuron.interface import (
     Discovery,
@@ -35,6 +36,8 @@ from helexa.neuron.interface import (
     UnloadRequest,
 )
 from helexa.wire.sse import SSEDecoder, SSEEvent
+
+_Shape = TypeVar("_Shape", bound=BaseModel)
 
 
 class UpstreamError(NeuronError):
@@ -58,6 +61,14 @@ def interrupted(name: str, detail: str) -> NeuronError:
 def malformed(name: str, detail: str) -> NeuronError:
     return UpstreamError(
         f"stream from neuron {name!r} is malformed: {detail}", code="stream_malformed"
+    )
+
+
+def not_a_neuron(endpoint: str, call: str, what: str) -> NeuronError:
+    """A server answered, but not as the neuron API does (a web page, another API): said
+    in one line, by what it sent, never by quoting it."""
+    return UpstreamError(
+        f"{endpoint} is not a helexa neuron: {call} answered {what}", code="not_a_neuron"
     )
 
 
@@ -134,29 +145,44 @@ class RemoteNeuron:
             ) as response:
                 text = await response.text()
                 status = response.status
+                kind = response.content_type
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise unreachable(self.name, exc) from exc
         try:
             payload = json.loads(text) if text else None
         except ValueError:
-            payload = text
+            raise not_a_neuron(
+                self.endpoint, f"{method} {path}", f"HTTP {status} ({kind})"
+            ) from None
         if status >= 400:
+            if not (isinstance(payload, dict) and isinstance(payload.get("error"), dict)):
+                raise not_a_neuron(
+                    self.endpoint, f"{method} {path}", f"HTTP {status} without an error body"
+                )
             raise NeuronError.from_body(status, payload)
         return payload
 
+    def _read(self, path: str, payload: Any, shape: type[_Shape]) -> _Shape:
+        try:
+            return shape.model_validate(payload)
+        except ValidationError:
+            raise not_a_neuron(
+                self.endpoint, path, f"JSON that is not a {shape.__name__}"
+            ) from None
+
     async def discovery(self) -> Discovery:
-        return Discovery.model_validate(
-            await self._call("GET", "/discovery", timeout_s=self.poll_timeout_s)
-        )
+        payload = await self._call("GET", "/discovery", timeout_s=self.poll_timeout_s)
+        return self._read("/discovery", payload, Discovery)
 
     async def health(self) -> Health:
-        return Health.model_validate(
-            await self._call("GET", "/health", timeout_s=self.poll_timeout_s)
-        )
+        payload = await self._call("GET", "/health", timeout_s=self.poll_timeout_s)
+        return self._read("/health", payload, Health)
 
     async def models(self) -> list[ModelState]:
         payload = await self._call("GET", "/models", timeout_s=self.poll_timeout_s)
-        return [ModelState.model_validate(m) for m in payload or []]
+        if not isinstance(payload, list | None):
+            raise not_a_neuron(self.endpoint, "GET /models", "JSON that is not a list of models")
+        return [self._read("/models", m, ModelState) for m in payload or []]
 
     async def load(self, request: LoadRequest) -> ModelState:
         body = request.model_dump(exclude_none=True)

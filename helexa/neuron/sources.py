@@ -15,11 +15,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import socket
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+from tqdm.auto import tqdm
 
 from helexa.config import Settings, cache_dir
+from helexa.units import size_text
 
 HUGGINGFACE = "huggingface"
 FILE = "file"
@@ -281,6 +289,84 @@ def downloaded(settings: Settings) -> list[str]:
     return ids
 
 
+@dataclass(frozen=True)
+class OnDisk:
+    """A servable model in a source's cache: its serving id, what serves it, the files
+    that are it (for ``helexa rm``), their size and when the newest arrived."""
+
+    id: str
+    path: Path
+    files: tuple[Path, ...]
+    size_bytes: int
+    modified: float
+
+
+def _stat_sum(files: list[Path]) -> tuple[int, float]:
+    size, newest = 0, 0.0
+    for f in files:
+        try:
+            st = f.stat()  # through the snapshot's link: the blob's size and time
+        except OSError:
+            continue
+        size += st.st_size
+        newest = max(newest, st.st_mtime)
+    return size, newest
+
+
+def on_disk(settings: Settings) -> list[OnDisk]:
+    """Every model :func:`downloaded` lists, with its files, size and date."""
+    out: list[OnDisk] = []
+    for model_id in downloaded(settings):
+        path = resolve_local(model_id, settings)
+        if path is None:
+            continue
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            files = [path.parent / f for f in split_files(path.name)]
+        size, modified = _stat_sum(files)
+        out.append(OnDisk(model_id, path, tuple(files), size, modified))
+    return out
+
+
+def remove(model_id: str, settings: Settings) -> OnDisk:
+    """Delete a downloaded model's files from its source's cache (the snapshot's links
+    and the blobs they point at); the repo's folder goes with its last model. A file the
+    catalogue names by ``path`` is the operator's own and is never deleted."""
+    ref = ref_for(model_id, settings)
+    if ref.is_file:
+        raise ValueError(
+            f"{ref.path} is a catalogue path, not a download: helexa rm deletes downloads"
+        )
+    entry = next((m for m in on_disk(settings) if m.id == _serving_id(ref, settings)), None)
+    if entry is None:
+        raise FileNotFoundError(f"{model_id} is not downloaded (helexa list shows what is)")
+    snapshot = entry.path if entry.path.is_dir() else entry.path.parent
+    for link in entry.files:
+        blob = link.resolve()
+        link.unlink(missing_ok=True)
+        if blob != link:
+            blob.unlink(missing_ok=True)
+    repo_folder = snapshot.parent.parent
+    if not any(p.is_file() for p in (repo_folder / "snapshots").rglob("*")):
+        shutil.rmtree(repo_folder, ignore_errors=True)
+    return entry
+
+
+def _serving_id(ref: ModelRef, settings: Settings) -> str:
+    prefix = "" if ref.scheme == settings.default_source else f"{ref.scheme}:"
+    if ref.quant is None:
+        return f"{prefix}{ref.repo}"
+    source = source_for(ref, settings)
+    snapshot = snapshot_dir(source.cache_dir, ref.repo)
+    files = _snapshot_files(snapshot) if snapshot else []
+    try:
+        quant = quant_of(pick_gguf(files, ref.quant)) or ref.quant
+    except ValueError:
+        quant = ref.quant
+    return f"{prefix}{ref.repo}:{quant}"
+
+
 def _snapshot_files(snapshot: Path) -> list[str]:
     """The snapshot's files, relative: huggingface_hub links a file in only once it is
     whole, so a download in progress shows as missing files."""
@@ -327,7 +413,13 @@ def pull(model_id: str, settings: Settings) -> Path:
             raise FileNotFoundError(f"{ref.path}: no such file or directory")
         return ref.path
     source = source_for(ref, settings)
-    common = {"cache_dir": source.cache_dir, "endpoint": source.endpoint, "token": source.token}
+    check_resolves(source.endpoint or _default_endpoint())
+    common: dict[str, Any] = {
+        "cache_dir": source.cache_dir,
+        "endpoint": source.endpoint,
+        "token": source.token,
+        "tqdm_class": PullBar,
+    }
     files = HfApi(endpoint=source.endpoint, token=source.token).list_repo_files(ref.repo)
     if _model_ggufs(files):
         first = pick_gguf(files, ref.quant)
@@ -337,7 +429,117 @@ def pull(model_id: str, settings: Settings) -> Path:
         raise ValueError(f"{ref.repo} has no GGUF files, so :{ref.quant} cannot be chosen")
     if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
         raise ValueError(f"{ref.repo} has neither GGUF nor safetensors weights")
-    return Path(snapshot_download(ref.repo, allow_patterns=SAFETENSORS_PATTERNS, **common))
+    # One bar for the whole snapshot, named by the repo (its files come in parallel).
+    bars = type("RepoBar", (PullBar,), {"label": ref.repo, "made": [], "only": SNAPSHOT_BAR})
+    common["tqdm_class"] = bars
+    try:
+        return Path(snapshot_download(ref.repo, allow_patterns=SAFETENSORS_PATTERNS, **common))
+    finally:
+        for bar in bars.made:  # huggingface_hub leaves a snapshot's bars to the collector
+            bar.close()
+
+
+def _default_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+class HubUnreachable(OSError):
+    """The hub's host name does not resolve: no network, or a mistyped endpoint."""
+
+
+def check_resolves(endpoint: str) -> None:
+    """Fail in one line when the hub's name does not resolve, before huggingface_hub's
+    client retries the lookup for half a minute with a warning per try: a name that does
+    not resolve now will not resolve in the next 20 s either."""
+    parts = urlsplit(endpoint)
+    host = parts.hostname
+    if not host:
+        return
+    try:
+        socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
+    except socket.gaierror as exc:
+        raise HubUnreachable(
+            f"cannot reach {endpoint}: {host!r} does not resolve ({exc.strerror}); "
+            "no network, or a wrong endpoint"
+        ) from None
+
+
+def progress_line(
+    name: str, done: float, total: float | None, elapsed_s: float, width: int = 25
+) -> str:
+    """One ollama-style progress line: name, percent, bar, bytes, speed, time left.
+
+    ``pulling m-Q8_0.gguf  45% ▕███████████              ▏ 275 MiB/610 MiB  12 MiB/s  27s``
+    """
+    speed = done / elapsed_s if elapsed_s > 0 else 0.0
+    if total:
+        fraction = min(1.0, done / total)
+        filled = round(fraction * width)
+        bar = "▕" + "█" * filled + " " * (width - filled) + "▏"
+        left = (total - done) / speed if speed > 0 else None
+        eta = "" if left is None or done >= total else f"  {_duration(left)}"
+        return (
+            f"pulling {name} {fraction:4.0%} {bar} {size_text(done)}/{size_text(total)}"
+            f"  {size_text(speed)}/s{eta}"
+        )
+    return f"pulling {name} {size_text(done)}  {size_text(speed)}/s"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# How huggingface_hub describes a snapshot's bar of bytes as written (it also counts
+# them as received, and per file): the one bar a snapshot draws.
+SNAPSHOT_BAR = "Reconstructing"
+
+
+class PullBar(tqdm):  # type: ignore[type-arg]
+    """huggingface_hub's progress bar as ``helexa pull`` draws it (:func:`progress_line`):
+    redrawn in place on a terminal, and on anything else (a log, a pipe) one line at the
+    end of each file instead of a stream of carriage returns."""
+
+    label = ""  # what the bar names; empty: the file its description ends with
+    only: str | None = None  # draw only the bar whose description starts so
+    made: list[PullBar] = []  # a subclass that lists its bars, to close what others leave
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        desc = str(kwargs.get("desc") or "")
+        kwargs["disable"] = self.only is not None and not desc.startswith(self.only)
+        kwargs.setdefault("file", sys.stderr)
+        self._out: TextIO = kwargs["file"]
+        self._tty = self._out.isatty()
+        self._started = time.monotonic()
+        super().__init__(*args, **kwargs)
+        if "made" in type(self).__dict__:
+            type(self).made.append(self)
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        if self._tty and not self.disable:
+            self._out.write("\r\x1b[2K" + self._line())
+            self._out.flush()
+        return True
+
+    def _line(self) -> str:
+        # huggingface_hub describes a download by its (shortened) URL: the file is the end
+        name = self.label or (self.desc or "").strip().rstrip(":").rpartition("/")[2] or "model"
+        return progress_line(name, self.n, self.total, time.monotonic() - self._started)
+
+    def close(self) -> None:
+        if not self.disable and not getattr(self, "_closed_line", False):
+            self._closed_line = True
+            prefix = "\r\x1b[2K" if self._tty else ""
+            self._out.write(prefix + self._line() + "\n")
+            self._out.flush()
+        self.disable = True
+        super().close()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -350,9 +552,7 @@ def _hub_of(model_id: str, settings: Settings) -> str:
         source = source_for(ref_for(model_id, settings), settings)
     except ValueError:
         return "the hub"
-    from huggingface_hub import constants
-
-    return source.endpoint or constants.ENDPOINT
+    return source.endpoint or _default_endpoint()
 
 
 def run_pull(settings: Settings, model_id: str) -> int:

@@ -587,12 +587,18 @@ async def test_service_serves_and_stops_gracefully(scripted: ScriptedNeuron) -> 
 
 
 async def test_serve_headless_until_sigterm(tmp_path: Path) -> None:
-    """``helexa --serve`` prints where it listens, serves, logs fleet events at INFO to
-    stderr, and exits 0 on SIGTERM."""
+    """``helexa --serve`` prints where it listens, serves, logs fleet events and a line
+    per request at INFO to stderr, says it is stopping and stopped, and exits 0 on
+    SIGTERM."""
     async with serving(make_neuron_app(ScriptedNeuron("n1"))) as neuron_url:
         config = tmp_path / "helexa.toml"
         config.write_text(f'[[neurons]]\nname = "n1"\nendpoint = "{neuron_url}"\n')
         await _serve_headless(tmp_path, config)
+
+
+def _secs(line: str) -> str:
+    """The duration an access line ends with (what the test cannot know in advance)."""
+    return line.rpartition(" ")[2]
 
 
 async def _serve_headless(tmp_path: Path, config: Path) -> None:
@@ -602,6 +608,22 @@ async def _serve_headless(tmp_path: Path, config: Path) -> None:
         health = await fetch("GET", f"{url}/health")
         assert health.json() == {"status": "ok", "nodes_up": 1, "nodes": 1}
         assert (await fetch("GET", f"{metrics}/metrics")).status == 200
+        assert (await fetch("POST", f"{url}/v1/chat/completions", json_body=CHAT)).status == 200
+        refused = await fetch("POST", f"{url}/v1/chat/completions", json_body={"model": MODEL})
         returncode, stderr = await served.terminate()
         assert returncode == 0
         assert re.search(r"INFO helexa\.cortex\.fleet: node n1 is up", stderr)
+        access = [line for line in stderr.splitlines() if " helexa.access: " in line]
+        assert len(access) == 3, stderr  # /health, the chat, the refusal (not /metrics)
+        assert access[0].endswith("helexa.access: 127.0.0.1 GET /health 200 " + _secs(access[0]))
+        chat = re.search(
+            r"INFO helexa\.access: 127\.0\.0\.1 POST /v1/chat/completions 200 [0-9.]+s "
+            rf"model={MODEL} node=n1 tokens=(\d+)\+(\d+) ttft=[0-9.]+s$",
+            access[1],
+        )
+        assert chat is not None, access[1]
+        assert int(chat[2]) > 0
+        assert f"/v1/chat/completions {refused.status} " in access[2]
+        assert re.search(r"INFO helexa\.service: stopping the gateway", stderr)
+        assert f"INFO helexa.service: left loaded on their remote neurons: {MODEL}@n1" in stderr
+        assert stderr.rstrip().splitlines()[-1].endswith("INFO helexa.service: stopped")

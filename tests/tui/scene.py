@@ -31,10 +31,13 @@ from tests.support import devices
 from tests.support.devices import Gpu
 from tests.support.scripted_neuron import ScriptedNeuron
 from tui.app import HelexaApp, build_app
+from tui.events import Events
+from tui.fleetview import DeviceRow
 from tui.traffic import RequestRecord, RequestStatus, Traffic
 from tui.widgets.models import ModelsTable
 
-SIZE = (150, 36)
+SIZE = (160, 45)
+SMALL = (80, 24)
 GATEWAY_URL = "http://127.0.0.1:8080"  # shown instead of the free port the test binds
 WALL_START = 1_750_000_000.0  # 2025-06-15 15:06:40 UTC: the log's clock column, in UTC
 
@@ -243,6 +246,8 @@ class Scene:
         for model, idle in IDLE_S.items():
             fleet.use[("atlas", model)].last_used = now - idle
         replay(self.traffic, self.clock)
+        for t in range(HISTORY):  # the devices' last minute, for their sparklines
+            app.history.add(history_reading(t))
         await self.settle(pilot)
 
     async def settle(self, pilot: Pilot[int]) -> None:
@@ -261,6 +266,18 @@ class Scene:
         await self.settle(pilot)
 
 
+HISTORY = 40  # readings of each device before the shot
+
+
+def history_reading(t: int) -> list[DeviceRow]:
+    """Device readings at step ``t``: device 0 busy in waves, device 1 filling up."""
+    wave = (0, 10, 35, 70, 90, 95, 80, 60)[t % 8]
+    return [
+        DeviceRow("atlas", 0, "", 15240, 24564, utilization_pct=float(wave)),
+        DeviceRow("atlas", 1, "", 12000 + 250 * t, 24564, utilization_pct=34.0),
+    ]
+
+
 def make_scene() -> Scene:
     atlas = RackNeuron("atlas", ATLAS_GPUS, ATLAS_MODELS)
     spare = DownNeuron("spare")
@@ -268,6 +285,11 @@ def make_scene() -> Scene:
     traffic = Traffic(window_s=60, clock=clock, wall_clock=clock.wall)
     fleet_clock = FrozenClock(time.monotonic())
     app = build_app(
-        scene_settings(), [atlas, spare], refresh_s=3600, traffic=traffic, clock=fleet_clock
+        scene_settings(),
+        [atlas, spare],
+        refresh_s=3600,
+        traffic=traffic,
+        clock=fleet_clock,
+        events_log=Events(wall_clock=clock.wall),
     )
     return Scene(atlas, spare, clock, traffic, app, fleet_clock)

@@ -23,11 +23,14 @@ from textual.widgets import Input
 
 import tui
 from helexa.cortex.service import Service
-from tests.tui.scene import GATEWAY_URL, SIZE, Scene, make_scene
+from tests.tui.scene import GATEWAY_URL, SIZE, SMALL, Scene, make_scene
 from tui.fleetview import ModelRow
 from tui.widgets.attach_dialog import AttachDialog
+from tui.widgets.confirm import ConfirmDialog
+from tui.widgets.details import ModelDetail, RequestDetail
 from tui.widgets.model_picker import ModelPicker
-from tui.widgets.models import ModelsTable
+from tui.widgets.models import ModelLine, ModelsTable
+from tui.widgets.requests import RequestsTable
 
 SnapCompare = Callable[..., bool]
 
@@ -59,6 +62,67 @@ def test_main_screen(snap_compare: SnapCompare, scene: Scene) -> None:
     async def run_before(pilot: Pilot[Any]) -> None:
         await scene.ready(pilot)
         await scene.evicting(pilot, "qwen3-4b")
+
+    assert snap_compare(scene.app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_main_screen_at_80x24(snap_compare: SnapCompare, scene: Scene) -> None:
+    """The same fleet on a small terminal: the throughput and events panes give way,
+    the tables keep their most needed columns, the footer keeps help and quit."""
+    assert snap_compare(scene.app, terminal_size=SMALL, run_before=scene.ready)
+
+
+def test_events_pane_at_80x24(snap_compare: SnapCompare, scene: Scene) -> None:
+    """``v`` on a small terminal: the events pane in place of the requests."""
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await scene.ready(pilot)
+        await pilot.press("v")
+
+    assert snap_compare(scene.app, terminal_size=SMALL, run_before=run_before)
+
+
+def test_key_help(snap_compare: SnapCompare, scene: Scene) -> None:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await scene.ready(pilot)
+        await pilot.press("question_mark")
+
+    assert snap_compare(scene.app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_request_detail(snap_compare: SnapCompare, scene: Scene) -> None:
+    """Enter on the failed request: its full error and its timings."""
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await scene.ready(pilot)
+        table = pilot.app.query_one(RequestsTable)
+        table.focus()
+        table.move_cursor(row=table.get_row_index("7"))
+        await pilot.press("enter")
+        assert isinstance(pilot.app.screen, RequestDetail)
+
+    assert snap_compare(scene.app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_model_detail(snap_compare: SnapCompare, scene: Scene) -> None:
+    """Enter on a loaded model: where it is, whether it fits, its catalogue entry."""
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await scene.ready(pilot)
+        table = pilot.app.query_one(ModelsTable)
+        table.focus()
+        table.move_cursor(row=table.get_row_index("atlas/qwen3-4b"))
+        await pilot.press("enter")
+        assert isinstance(pilot.app.screen, ModelDetail)
+
+    assert snap_compare(scene.app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_evicting_a_pinned_model_asks(snap_compare: SnapCompare, scene: Scene) -> None:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await scene.ready(pilot)
+        await pilot.press("e")  # the cursor starts on qwen3-8b, pinned on atlas
+        assert isinstance(pilot.app.screen, ConfirmDialog)
 
     assert snap_compare(scene.app, terminal_size=SIZE, run_before=run_before)
 
@@ -104,7 +168,8 @@ class ModelsOnly(App[None]):
     def on_mount(self) -> None:
         table = self.query_one(ModelsTable)
         table.border_title = "Models"
-        table.show(STATUS_ROWS, {"gpu/qwen3-1.7b": "unloading"})
+        pending = {"gpu/qwen3-1.7b": "unloading"}
+        table.items = tuple(ModelLine(row, pending.get(row.key)) for row in STATUS_ROWS)
 
 
 STATUS_ROWS = [

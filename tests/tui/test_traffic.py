@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import openai
@@ -10,6 +11,7 @@ import pytest
 from helexa.config import GatewaySettings, Settings
 from helexa.cortex.service import Service
 from tests.support.scripted_neuron import Reply, ScriptedNeuron
+from tui.events import Events, listening, stop_listening
 from tui.traffic import Traffic, chunk_tokens, recent_rate
 
 
@@ -146,3 +148,30 @@ async def test_gateway_hooks_feed_traffic() -> None:
     assert failed.status == "error" and "scripted failure" in (failed.error or "")
     assert (unknown.model, unknown.node, unknown.status) == ("nope", "", "error")
     assert (unknown.error or "").startswith("404")
+
+
+def test_events_keep_the_gateways_log_and_each_models_last_failure() -> None:
+    """A load failure's record carries the model and why (extra fields): kept until the
+    model loads; the access log is the request view's, not an event; the logger's level
+    is given back when the dashboard stops listening."""
+    events = Events(wall_clock=lambda: 0.0)
+    fleet_log = logging.getLogger("helexa.cortex.fleet")
+    before = logging.getLogger("helexa").level
+    handler = listening(events)
+    try:
+        fleet_log.info("node %s is up", "gpu")
+        fleet_log.warning("loading m failed: oom", extra={"model": "m", "failure": "oom"})
+        logging.getLogger("helexa.access").info("127.0.0.1 GET /health 200 0.001s")
+        assert [(e.level, e.source, e.text) for e in events.kept] == [
+            ("info", "fleet", "node gpu is up"),
+            ("warning", "fleet", "loading m failed: oom"),
+        ]
+        assert events.failures == {"m": "oom"}
+        fleet_log.info("loaded m on gpu", extra={"model": "m", "loaded": True})
+        assert events.failures == {}
+        assert [e.seq for e in events.since(2)] == [3]
+    finally:
+        stop_listening(handler)
+    assert logging.getLogger("helexa").level == before
+    fleet_log.warning("after the dashboard")
+    assert len(events.kept) == 3

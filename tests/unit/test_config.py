@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helexa.cli import build_parser, settings_for
 from helexa.config import (
     ConfigError,
     Settings,
@@ -221,3 +222,23 @@ def test_model_dirs_are_relative_to_the_config_file(tmp_path: Path) -> None:
     local = load_settings(cfg, environ={}).local
     assert local.model_dirs == [str(tmp_path / "weights"), "/srv/models"]
     assert Settings().local.model_dirs == []  # by default no path loads outside the catalogue
+
+
+@pytest.mark.parametrize(
+    ("config", "listen", "metrics"),
+    [
+        ("", "127.0.0.1:4000", "127.0.0.1:4001"),  # the default pair moves together
+        ("", "[::1]:4000", "[::1]:4001"),
+        ("", "127.0.0.1:0", "127.0.0.1:0"),  # a free port: and a free one for metrics
+        ('[gateway]\nmetrics_listen = "127.0.0.1:9100"\n', "127.0.0.1:4000", "127.0.0.1:9100"),
+    ],
+)
+def test_listen_moves_the_metrics_port_unless_it_is_configured(
+    tmp_path: Path, config: str, listen: str, metrics: str
+) -> None:
+    cfg, models = tmp_path / "helexa.toml", tmp_path / "models.toml"
+    cfg.write_text(config)
+    models.write_text("")
+    argv = ["--config", str(cfg), "--models", str(models), "--serve", "--listen", listen]
+    settings = settings_for(build_parser().parse_args(argv))
+    assert (settings.gateway.listen, settings.gateway.metrics_listen) == (listen, metrics)

@@ -8,6 +8,10 @@ so nothing here reaches the network.
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,12 +19,14 @@ import pytest
 from aiohttp import web
 
 from helexa.config import ModelProfile, Settings, SourceSettings
+from helexa.cortex.status import run_list, run_rm
 from helexa.neuron.sources import (
     ModelRef,
     downloaded,
     parse_model_id,
     path_allowed,
     pick_gguf,
+    progress_line,
     pull,
     quant_of,
     ref_for,
@@ -29,6 +35,7 @@ from helexa.neuron.sources import (
     sources,
     split_files,
 )
+from helexa.units import GIB, MIB
 from tests.support.servers import serving_in_thread
 
 # -- parse_model_id ----------------------------------------------------------------------------
@@ -453,3 +460,175 @@ def test_run_pull_errors_are_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"helexa pull: {model}: ")
     assert needle in err
+
+
+def test_pull_draws_one_progress_line_per_file(
+    tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Off a terminal the bar is one final line per file: its name, 100%, the bytes of the
+    whole file against its size, a speed; no carriage returns, no retry chatter."""
+    _, endpoint = fake_hub
+    assert run_pull(_pull_settings(tmp_path, endpoint), "org/gguf:Q8_0") == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    (line,) = err.splitlines()
+    assert line.startswith("pulling m-Q8_0.gguf 100% ▕" + "█" * 25 + "▏ 20 B/20 B  ")
+    assert line.endswith("/s")
+
+
+@pytest.mark.parametrize(
+    ("done", "total", "elapsed", "expected"),
+    [
+        (0, 640 * MIB, 0.0, "pulling f   0% ▕          ▏ 0 B/640 MiB  0 B/s"),
+        (320 * MIB, 640 * MIB, 10.0, "pulling f  50% ▕█████     ▏ 320 MiB/640 MiB  32 MiB/s  10s"),
+        (3 * GIB, 6 * GIB, 30.0, "pulling f  50% ▕█████     ▏ 3.0 GiB/6.0 GiB  102 MiB/s  30s"),
+        (MIB, None, 2.0, "pulling f 1 MiB  512.0 KiB/s"),
+    ],
+)
+def test_progress_line(done: int, total: int | None, elapsed: float, expected: str) -> None:
+    assert progress_line("f", done, total, elapsed, width=10) == expected
+
+
+def test_pull_fails_at_once_when_the_hub_name_does_not_resolve(tmp_path: Path) -> None:
+    """No network (here: a hub whose name cannot resolve, set as a user sets it) is one
+    line naming the host, before any request: huggingface_hub would retry the lookup
+    for 20 s with a warning each time. The CLI runs as the user runs it, in a process of
+    its own, since huggingface_hub reads HF_ENDPOINT once, at import."""
+    env = {**os.environ, "HF_ENDPOINT": "http://nonexistent.invalid", "HF_HOME": str(tmp_path)}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-m", "helexa.cli", "pull", "Qwen/Qwen3-0.6B-GGUF:Q8_0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(
+        "helexa pull: Qwen/Qwen3-0.6B-GGUF:Q8_0: cannot reach http://nonexistent.invalid: "
+        "'nonexistent.invalid' does not resolve"
+    )
+
+
+def test_pull_of_a_snapshot_draws_one_line_named_by_the_repo(
+    tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, endpoint = fake_hub
+    assert run_pull(_pull_settings(tmp_path, endpoint), "org/dense") == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("pulling org/dense 100% ▕")
+
+
+# -- helexa list / helexa rm -----------------------------------------------------------------
+
+
+def _gateway_with(models: list[dict[str, object]]) -> web.Application:
+    """A stand-in gateway whose fleet table lists ``models``."""
+
+    async def fleet(request: web.Request) -> web.Response:
+        return web.json_response({"nodes": [], "models": models})
+
+    app = web.Application()
+    app.router.add_get("/admin/fleet", fleet)
+    return app
+
+
+def test_list_shows_downloads_catalogue_files_and_what_is_loaded(
+    tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, endpoint = fake_hub
+    settings = _pull_settings(tmp_path, endpoint)
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"x" * 3000)
+    settings.models = [
+        ModelProfile(id="mine", path=str(mine)),
+        ModelProfile(id="gone", path=str(tmp_path / "gone.gguf")),
+    ]
+    assert run_pull(settings, "org/gguf:Q8_0") == 0 and run_pull(settings, "org/dense") == 0
+    capsys.readouterr()
+    loaded = [
+        {"id": "org/gguf:Q8_0", "node": "local", "status": "loaded", "vram_used_mb": 700},
+        {"id": "org/dense", "node": "far", "status": "loading"},
+    ]
+    with serving_in_thread(_gateway_with(loaded)) as url:
+        assert run_list(settings, url=url) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    disk, gateway = out.strip().split("\n\n")
+    header, *rows = disk.splitlines()
+    assert header.split() == ["NAME", "SIZE", "MODIFIED", "LOADED", "ON"]
+    by_name = {row.split()[0]: row.split() for row in rows}
+    assert by_name["org/gguf:Q8_0"][1:3] == ["20", "B"] and by_name["org/gguf:Q8_0"][-1] == "local"
+    assert by_name["org/dense"][-2:] == ["far", "(loading)"]
+    assert by_name["mine"][2:4] == ["2.9", "KiB"]
+    assert by_name["gone"][2] == "missing"
+    assert gateway.splitlines()[1].split() == [
+        "org/gguf:Q8_0",
+        "local",
+        "loaded",
+        "700",
+        "MiB",
+        "-",
+    ]
+
+
+def test_list_without_a_gateway_still_lists_the_disk(
+    tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, endpoint = fake_hub
+    settings = _pull_settings(tmp_path, endpoint)
+    assert run_pull(settings, "org/gguf:Q4_K_M") == 0
+    capsys.readouterr()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert run_list(settings, url=url) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1].startswith("org/gguf:Q4_K_M ")
+    assert err.startswith(f"helexa list: what is loaded is not shown: no gateway at {url}")
+    assert err.count("\n") == 1
+
+
+def test_rm_deletes_one_quant_and_the_repo_with_its_last(
+    tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, endpoint = fake_hub
+    settings = _pull_settings(tmp_path, endpoint)
+    assert run_pull(settings, "org/gguf:Q8_0") == 0 and run_pull(settings, "org/gguf:Q4_K_M") == 0
+    capsys.readouterr()
+    with serving_in_thread(_gateway_with([])) as url:
+        assert run_rm(settings, "org/gguf:q8_0", url=url) == 0
+        assert capsys.readouterr().out == "deleted org/gguf:Q8_0 (20 B, 1 file(s))\n"
+        assert resolve_local("org/gguf:Q8_0", settings) is None
+        assert resolve_local("org/gguf:Q4_K_M", settings) is not None  # the other quant stays
+        assert run_rm(settings, "org/gguf:Q4_K_M", url=url) == 0
+        assert not list((tmp_path / "c").glob("models--org--gguf"))  # the last one: all gone
+        assert run_rm(settings, "org/gguf:Q4_K_M", url=url) == 1
+    assert capsys.readouterr().err == (
+        "helexa rm: org/gguf:Q4_K_M: org/gguf:Q4_K_M is not downloaded (helexa list shows "
+        "what is)\n"
+    )
+
+
+def test_rm_refuses_a_loaded_model_and_a_file_of_yours(
+    tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, endpoint = fake_hub
+    settings = _pull_settings(tmp_path, endpoint)
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"x")
+    settings.models = [ModelProfile(id="mine", path=str(mine))]
+    assert run_pull(settings, "org/dense") == 0
+    capsys.readouterr()
+    loaded = [{"id": "org/dense", "node": "local", "status": "loaded"}]
+    with serving_in_thread(_gateway_with(loaded)) as url:
+        assert run_rm(settings, "org/dense", url=url) == 1
+        assert run_rm(settings, "mine", url=url) == 1
+    first, second = capsys.readouterr().err.splitlines()
+    assert first.startswith("helexa rm: org/dense: loaded on local by the gateway at ")
+    assert (
+        second
+        == f"helexa rm: mine: {mine} is a catalogue path, not a download: helexa rm deletes downloads"
+    )
+    assert resolve_local("org/dense", settings) is not None and mine.exists()

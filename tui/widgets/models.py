@@ -1,16 +1,26 @@
-"""Models table: one row per model per node, the row under the cursor is what the
-admin keys (unload, pin, evict) act on."""
+"""Models table: one row per model per node; the row under the cursor is what the admin
+keys (unload, pin, evict) act on, and Enter opens the model's details."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from rich.text import Text
-from textual.widgets import DataTable
 
+from helexa.units import mib_text
 from tui.fleetview import ModelRow
+from tui.widgets.table import Cell, Column, PriorityTable
 
-COLUMNS = ("Model", "Node", "Devices", "Status", "VRAM", "Pinned", "Last used", "In-flight")
+COLUMNS = (
+    Column("Model", 0),
+    Column("Node", 1),
+    Column("Devices", 5),
+    Column("Status", 0),
+    Column("VRAM", 2),
+    Column("Pinned", 3),
+    Column("Last used", 4),
+    Column("In-flight", 2),
+)
 STATUS_STYLE = {
     "loaded": "green",
     "loading": "cyan",
@@ -19,6 +29,17 @@ STATUS_STYLE = {
     "down": "red",  # listed by a node that stopped answering: not servable until it returns
     "unloaded": "dim",
 }
+REASON_CELLS = 48  # of a failure in its row at most; Enter shows all of it
+
+
+@dataclass(frozen=True)
+class ModelLine:
+    """A row as the table draws it: the fleet's row, an admin op the dashboard has in
+    flight for it, and why its last load failed (kept until it loads)."""
+
+    row: ModelRow
+    pending: str | None = None
+    failure: str | None = None
 
 
 def ago(seconds: float | None) -> str:
@@ -31,8 +52,14 @@ def ago(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
-def status_cell(row: ModelRow, pending: str | None = None) -> Text:
-    """Status text; an admin op the TUI has in flight for the row overrides it."""
+def status_cell(
+    row: ModelRow,
+    pending: str | None = None,
+    failure: str | None = None,
+    cells: int = REASON_CELLS,
+) -> Text:
+    """Status text; an admin op the TUI has in flight for the row overrides it, and a
+    load that failed says so (with why) until the model loads."""
     if pending is not None:
         return Text(f"{pending}…", style="yellow")
     if row.status == "loading" and row.progress is not None:
@@ -41,69 +68,51 @@ def status_cell(row: ModelRow, pending: str | None = None) -> Text:
         text = Text(f"loading {pct:4.0%} ", style="cyan")
         text.append("▰" * filled + "▱" * (8 - filled), style="cyan")
         return text
-    text = Text(row.status, style=STATUS_STYLE.get(row.status, "yellow"))
-    if row.status == "failed" and row.error:
-        text.append(f" {row.error}", style="red")
-    return text
+    reason = row.error if row.status == "failed" else None
+    if failure and row.status in ("unloaded", "failed"):
+        reason = failure
+    if reason:
+        text = Text("failed", style=STATUS_STYLE["failed"])
+        text.append(f" {reason}", style="red")
+        text.truncate(cells, overflow="ellipsis")
+        return text
+    return Text(row.status, style=STATUS_STYLE.get(row.status, "yellow"))
 
 
-def row_cells(row: ModelRow, pending: str | None = None) -> tuple[str | Text, ...]:
+def row_cells(line: ModelLine, reason_cells: int = REASON_CELLS) -> tuple[Cell, ...]:
+    row = line.row
     return (
         row.id,
         row.node,
         ",".join(str(d) for d in row.devices) or "—",
-        status_cell(row, pending),
-        f"{row.vram_mb / 1024:.1f} GiB" if row.vram_mb else "—",
+        status_cell(row, line.pending, line.failure, reason_cells),
+        mib_text(row.vram_mb) if row.vram_mb else "—",
         Text("pinned", style="bold magenta") if row.pinned else Text("—", style="dim"),
         ago(row.idle_s),
         Text(str(row.in_flight), style="bold" if row.in_flight else "dim"),
     )
 
 
-class ModelsTable(DataTable[str | Text]):
-    """Shows the rows it is given, keeping the cursor on the same model across refreshes."""
+class ModelsTable(PriorityTable[ModelLine]):
+    """Shows :attr:`items` (ModelLines); Enter posts :class:`ModelsTable.Opened`."""
 
-    def __init__(self, *, id: str | None = None) -> None:
-        super().__init__(id=id, cursor_type="row", zebra_stripes=True)
-        self.rows_by_key: dict[str, ModelRow] = {}
-        self._shown: tuple[tuple[ModelRow, str | None], ...] = ()
+    COLUMNS = COLUMNS
 
-    def on_mount(self) -> None:
-        self.add_columns(*COLUMNS)
+    class Opened(PriorityTable.Opened):
+        """Enter on a model row (``key`` is the row's ``node/id``)."""
+
+    def key(self, item: ModelLine) -> str:
+        return item.row.key
+
+    def cells(self, item: ModelLine) -> tuple[Cell, ...]:
+        """A failure's reason is cut to what the table's width leaves it, so that on a
+        small terminal it does not push the table into scrolling sideways."""
+        width = (self.size.width or 200) - self.styles.scrollbar_size_vertical
+        model_cells = max((len(i.row.id) for i in self.items), default=0) + 2  # padding
+        room = width - model_cells - 2  # the status column's own padding
+        return row_cells(item, max(16, min(REASON_CELLS, room)))
 
     @property
     def selected(self) -> ModelRow | None:
-        if not self.row_count:
-            return None
-        key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
-        return self.rows_by_key.get(key or "")
-
-    def show(self, models: Sequence[ModelRow], pending: Mapping[str, str] | None = None) -> None:
-        """Update changed cells in place; rebuild only when rows come, go or move (so the
-        cursor and scroll position survive the once-a-second refresh)."""
-        pending = pending or {}
-        shown = tuple((m, pending.get(m.key)) for m in models)
-        if shown == self._shown:
-            return
-        before = {m.key: row_cells(m, op) for m, op in self._shown}
-        same_rows = [m.key for m, _ in self._shown] == [m.key for m in models]
-        self._shown = shown
-        self.rows_by_key = {m.key: m for m in models}
-        if same_rows:
-            for model, op in shown:
-                for column, (old, new) in enumerate(
-                    zip(before[model.key], row_cells(model, op), strict=True)
-                ):
-                    if old != new:
-                        self.update_cell(model.key, self.ordered_columns[column].key, new)
-            return
-        keep = (
-            self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
-            if self.row_count
-            else None
-        )
-        self.clear()
-        for model, op in shown:
-            self.add_row(*row_cells(model, op), key=model.key)
-        if keep in self.rows_by_key:
-            self.move_cursor(row=self.get_row_index(keep))
+        line = self.by_key.get(self.selected_key or "")
+        return None if line is None else line.row

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
+from textual.reactive import reactive
 from textual.widgets import Label, Sparkline
 
 from tui.traffic import recent_rate
@@ -28,7 +30,9 @@ def ttft_summary(ttfts_s: Sequence[float]) -> str:
 
 
 class RateLine(Horizontal):
-    """One labelled sparkline: ``name  12.3 tok/s  ▁▂▅▇``."""
+    """One labelled sparkline: ``name  12.3 tok/s  ▁▂▅▇``, drawn from :attr:`series`."""
+
+    series: reactive[tuple[float, ...]] = reactive((), always_update=True)
 
     def __init__(self, name: str, *, classes: str = "") -> None:
         super().__init__(classes=f"rate-line {classes}".strip())
@@ -40,12 +44,25 @@ class RateLine(Horizontal):
         yield self.label
         yield self.spark
 
-    def show(self, series: Sequence[float]) -> None:
-        self.label.update(f"{short_name(self.series_name):<26.26} {recent_rate(series):7.1f} tok/s")
+    def watch_series(self, series: tuple[float, ...]) -> None:
+        self.label.update(f"{short_name(self.series_name):<22.22} {recent_rate(series):7.1f} tok/s")
         self.spark.data = list(series)
 
 
+@dataclass(frozen=True)
+class Rates:
+    """Tokens per second, oldest first (overall and per model); TTFTs in s, newest last."""
+
+    overall: tuple[float, ...] = ()
+    per_model: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    ttfts_s: tuple[float, ...] = ()
+
+
 class ThroughputPanel(Vertical):
+    """Draws :attr:`rates`, set by the dashboard each refresh."""
+
+    rates: reactive[Rates] = reactive(Rates, init=False)
+
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.overall = RateLine("all models", classes="overall")
@@ -60,19 +77,13 @@ class ThroughputPanel(Vertical):
         yield self.ttft_label
         yield self.ttft_spark
 
-    def show(
-        self,
-        overall: Sequence[float],
-        per_model: Mapping[str, Sequence[float]],
-        ttfts_s: Sequence[float],
-    ) -> None:
-        """Series are tokens per second, oldest first; ttfts_s are seconds, newest last."""
-        self.overall.show(overall)
-        for name, series in per_model.items():
+    def watch_rates(self, rates: Rates) -> None:
+        self.overall.series = tuple(rates.overall)
+        for name, series in rates.per_model.items():
             line = self.per_model.get(name)
             if line is None:
                 line = self.per_model[name] = RateLine(name)
                 self.models_box.mount(line)
-            line.show(series)
-        self.ttft_label.update(ttft_summary(ttfts_s))
-        self.ttft_spark.data = list(ttfts_s)
+            line.series = tuple(series)
+        self.ttft_label.update(ttft_summary(rates.ttfts_s))
+        self.ttft_spark.data = list(rates.ttfts_s)
