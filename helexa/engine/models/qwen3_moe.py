@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.engine.checkpoint.types import Weight
 from helexa.engine.models.qwen3 import CheckpointWeights, FeedForward, Qwen3, Qwen3Config
-from helexa.engine.quant.ops import linear
+from helexa.engine.quant.ops import grouped_linear, linear
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 # HF config.json says qwen3_moe; llama.cpp's GGUF architecture is qwen3moe.
@@ -80,19 +80,6 @@ class Qwen3MoeConfig(Qwen3Config):
         )
 
 
-def _expert_linear(x: torch.Tensor, experts: Weight, index: torch.Tensor) -> torch.Tensor:
-    """Row ``j`` of ``x`` (m, in) times expert ``index[j]`` of the stack: (m, out).
-
-    The selected experts are gathered on the device (a copy of their weights or blocks)
-    and applied per row, with no host sync and no branch on which experts they are, so a
-    decode step with this in it can be captured in a CUDA graph."""
-    if isinstance(experts, torch.Tensor):
-        picked = experts.index_select(0, index)  # (m, out, in)
-        return torch.bmm(x[:, None, :], picked.transpose(1, 2)).squeeze(1)
-    picked_q = experts.index_select(index)
-    return torch.cat([linear(x[j : j + 1], picked_q[j]) for j in range(index.shape[0])])
-
-
 @dataclass
 class SparseMoE:
     """transformers' Qwen3MoeSparseMoeBlock: a softmax router (in float32) picks
@@ -134,16 +121,18 @@ class SparseMoE:
         return self._grouped(flat, weights, experts).view(x.shape)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """A decode step's few tokens: every (token, chosen expert) pair is one gathered
-        matvec; graph-capturable (routing stays on the device)."""
+        """A decode step's few tokens: every (token, chosen expert) pair is one row of a
+        grouped matvec per projection (quant.ops.grouped_linear: one launch on CUDA,
+        reading only the routed experts' blocks); graph-capturable, as routing stays on
+        the device."""
         flat = x.reshape(-1, x.shape[-1])
         weights, experts = self.route(flat)
         tokens, k = experts.shape
         index = experts.reshape(-1)
         rows = flat[:, None, :].expand(tokens, k, flat.shape[-1]).reshape(tokens * k, -1)
-        h = F.silu(_expert_linear(rows, self.gate_proj, index))
-        h = h * _expert_linear(rows, self.up_proj, index)
-        out = _expert_linear(h, self.down_proj, index).view(tokens, k, -1)
+        h = F.silu(grouped_linear(rows, self.gate_proj, index))  # (tokens * k, moe_ffn)
+        h = h * grouped_linear(rows, self.up_proj, index)
+        out = grouped_linear(h, self.down_proj, index).view(tokens, k, -1)  # (.., hidden)
         return (out * weights[..., None]).sum(dim=1).view(x.shape)
 
     def _grouped(

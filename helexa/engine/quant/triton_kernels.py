@@ -169,12 +169,15 @@ def _matvec_kernel(
     x_ptr,
     w_ptr,
     y_ptr,
+    idx_ptr,
     M,
     N,
     stride_x,
     stride_w,
     stride_y,
+    stride_e,
     N_UNITS: tl.constexpr,
+    GROUPED: tl.constexpr,
     QTYPE: tl.constexpr,
     UNIT: tl.constexpr,
     UNIT_BYTES: tl.constexpr,
@@ -189,10 +192,16 @@ def _matvec_kernel(
     so the programs sharing a weight tile run together and share it in L2. ``DEFER`` keeps
     the products of every step in a register tile and sums rows once at the end, instead
     of a cross-thread reduction (and, over several warps, a barrier) at every step; which
-    is faster depends on the shape, so the autotuner tries both."""
+    is faster depends on the shape, so the autotuner tries both.
+
+    ``GROUPED``: ``w_ptr`` is a stack of experts ``stride_e`` bytes apart and row m of x
+    meets expert ``idx[m]``, read here on the device: a MoE decode step's routed experts
+    in one launch, with no copy of their blocks and no host sync."""
     pid = tl.program_id(0)
     m = pid % M
     rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if GROUPED:
+        w_ptr += tl.load(idx_ptr + m).to(tl.int64) * stride_e
     # Rows past N read row N-1 (always valid memory) and are dropped at the store; units
     # past N_UNITS likewise re-read the last unit and are zeroed through x.
     safe = tl.minimum(rows, N - 1)
@@ -287,7 +296,8 @@ _MATVEC_CONFIGS = [
 FIXED_CONFIG = {"BLOCK_N": 2, "U": 8, "DEFER": False, "num_warps": 4}
 # Tuning results kept on disk beside the compiled kernels (see quant/ops.py), where this
 # Triton has ``cache_results`` (recent ones do): the choice per shape survives a restart.
-_TUNING: dict[str, Any] = {"key": ["N", "N_UNITS", "QTYPE"]}
+# Grouped rows each read their own expert (no L2 sharing between them): tuned apart.
+_TUNING: dict[str, Any] = {"key": ["N", "N_UNITS", "QTYPE", "GROUPED"]}
 if "cache_results" in inspect.signature(triton.autotune).parameters:
     _TUNING["cache_results"] = True
 _matvec_tuned = triton.autotune(_MATVEC_CONFIGS, **_TUNING)(_matvec_kernel)
@@ -318,14 +328,62 @@ def matvec(
     ``x.dtype``. ``config`` (BLOCK_N, U, DEFER, num_warps) skips the autotuner: for tests
     and benchmarks that compare kernel variants."""
     _check(weight)
-    n, k = weight.shape
+    if len(weight.shape) != 2:
+        raise ValueError(f"matvec takes one (N, K) weight, got {weight.shape}: see grouped_matvec")
+    return _launch(x, weight, None, config)
+
+
+def grouped_matvec(
+    x: torch.Tensor,
+    experts: QuantizedTensor,
+    index: torch.Tensor,
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Row ``r`` of ``x`` (R, K) times expert ``index[r]`` of the stack ``experts``
+    (E, N, K): out (R, N) in ``x.dtype``, in one launch. ``index`` (R,) stays on the
+    device and is read by the kernel, so the step that routes and applies the experts
+    has no host sync and replays in a CUDA graph; an index must be in 0..E-1 (a router's
+    top-k always is; this is not checked, which would need a sync)."""
+    _check(experts)
+    if len(experts.shape) != 3:
+        raise ValueError(f"grouped_matvec takes an (E, N, K) stack, got {experts.shape}")
+    r = x.shape[0]
+    if index.shape != (r,) or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"grouped_matvec: index must be ({r},) int64/int32, one expert per row of x, "
+            f"got {index.dtype} {tuple(index.shape)}"
+        )
+    if index.device != x.device or experts.device != x.device:
+        raise ValueError("grouped_matvec: x, experts and index must be on one device")
+    return _launch(x, experts, index.contiguous(), config)
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: QuantizedTensor,
+    index: torch.Tensor | None,
+    config: dict[str, Any] | None,
+) -> torch.Tensor:
+    """One matvec launch: plain (``index`` None, ``weight`` (N, K)) or grouped (``weight``
+    an (E, N, K) stack, expert ``index[m]`` for row m)."""
+    n, k = weight.shape[-2:]
     m = x.shape[0]
     if x.shape[-1] != k or x.stride(-1) != 1:
         raise ValueError(f"matvec: x must be (M, {k}) with unit stride, got {tuple(x.shape)}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
     unit, unit_bytes, g = _unit(weight.qtype, k)
-    args = (x, weight.data, y, m, n, x.stride(0), weight.data.stride(0), y.stride(0))
-    meta = dict(N_UNITS=k // unit, QTYPE=int(weight.qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g)
+    data = weight.data
+    grouped = index is not None
+    args = (
+        x, data, y, index if grouped else y, m, n, x.stride(0), data.stride(-2), y.stride(0),
+        data.stride(0) if grouped else 0,
+    )  # fmt: skip
+    meta = dict(
+        N_UNITS=k // unit, GROUPED=grouped, QTYPE=int(weight.qtype), UNIT=unit,
+        UNIT_BYTES=unit_bytes, G=g,
+    )  # fmt: skip
     if AUTOTUNE and config is None:
         _matvec_tuned[lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
     else:
