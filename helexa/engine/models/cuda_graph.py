@@ -3,16 +3,17 @@
 A decode step of an 8B model is ~500 small kernels; launched from Python each costs more
 than it runs, so the step is captured once and replayed. Capture needs a step with no host
 syncs and fixed shapes: the position lives in a device tensor. Where Triton runs, the
-step's attention is the split-K kernel of helexa.engine.models.attention_kernels, which
+step runs the fused kernels of helexa.engine.models.decode_kernels, whose split-K attention
 reads the live length from that tensor and only the keys below it: one graph per batch
 size serves every position. Elsewhere the keys attended are a fixed-length prefix of the
 static KV cache (``kv_len``) with positions past the current one masked out, and graphs
 are kept per (batch, kv_len) with kv_len rounded up to a power of two, so attention reads
 at most twice the live prefix and a long context needs ~log2(max_seq) captures.
 
-:func:`decode_step` is that step in plain torch (also what CPUs run); it reuses the model's
-own pieces (rms_norm, apply_rope, linear) and differs from ``Qwen3.forward`` only in how
-attention sees the cache. The generation loop calls a :class:`GraphDecoder` where it
+:func:`decode_step` is that step, in plain torch where the kernels do not run (CPUs: the
+reference the kernels are tested against); it reuses the model's own pieces (rms_norm,
+apply_rope, linear, the fused q/k/v and gate/up weights) and differs from
+``Qwen3.forward`` only in how attention sees the cache. The generation loop calls a :class:`GraphDecoder` where it
 would call ``model.forward(tokens, torch.tensor([pos]), last_only=True)`` for one token.
 """
 
@@ -22,11 +23,12 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-from helexa.engine.models.qwen3 import Attention, Qwen3, apply_rope
+from helexa.engine.models.qwen3 import MLP, Attention, FeedForward, Qwen3, apply_rope
 from helexa.engine.quant.ops import embedding, linear, triton_cache_dir
 
 MIN_KV_LEN = 256
@@ -65,29 +67,26 @@ def masked_attention(
     return (probs.to(v.dtype) @ v).reshape(batch, heads, 1, dim)
 
 
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 @cache
-def _split_k_kernel() -> Attend | None:
-    """attention_kernels.split_k_attention, or None where Triton cannot be imported."""
+def _decode_kernels() -> ModuleType | None:
+    """helexa.engine.models.decode_kernels, or None where Triton cannot be imported."""
     if importlib.util.find_spec("triton") is None:
         return None
     triton_cache_dir()
     try:
-        from helexa.engine.models.attention_kernels import split_k_attention
+        from helexa.engine.models import decode_kernels
     except ImportError:
         return None
-    return split_k_attention
+    return decode_kernels
 
 
-def live_attention(model: Qwen3) -> Attend | None:
-    """The split-K kernel when it runs this model's decode attention (a CUDA device,
-    Triton, a power-of-two head size of at least 16), else None: the masked reference."""
+def step_kernels(model: Qwen3) -> ModuleType | None:
+    """The fused Triton kernels when they run this model's decode step (a CUDA device,
+    Triton, a power-of-two head size of at least 16), else None: the torch step."""
     dim = model.config.head_dim
     if model.device.type != "cuda" or dim < 16 or dim & (dim - 1):
         return None
-    return _split_k_kernel()
+    return _decode_kernels()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -96,34 +95,87 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
+def _add_norm(
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    kernels: ModuleType | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, the RMSNorm of that): the residual add and the next norm, one launch
+    with the kernels. ``delta`` None: the first layer's norm of the embeddings."""
+    if kernels is not None:
+        return kernels.add_rms_norm(x, delta, weight, eps)
+    if delta is not None:
+        x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def _projections(x: torch.Tensor, attn: Attention) -> list[torch.Tensor]:
+    """q, k, v [B, 1, H*D] for a step's rows: one matvec per fused weight (Attention.fused),
+    its output cut into the projections it holds (views, no copies)."""
+    if not attn.fused:
+        return [
+            linear(x, attn.q_proj, attn.q_bias),
+            linear(x, attn.k_proj, attn.k_bias),
+            linear(x, attn.v_proj, attn.v_bias),
+        ]
+    widths = [attn.q_proj.shape[0], attn.k_proj.shape[0], attn.v_proj.shape[0]]
+    parts: list[torch.Tensor] = []
+    for out in (linear(x, w) for w in attn.fused):
+        start = 0
+        while start < out.shape[-1]:
+            width = widths[len(parts)]
+            parts.append(out[..., start : start + width])
+            start += width
+    return parts
+
+
 def _attention(
     model: Qwen3,
     attn: Attention,
     x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
     input_pos: torch.Tensor,
-    visible: torch.Tensor,
     kv_len: int,
-    reduce: Reduce | None,
+    kernels: ModuleType | None,
 ) -> torch.Tensor:
     cfg = model.config
-    batch = x.shape[0]
-    q = linear(x, attn.q_proj, attn.q_bias).view(batch, 1, -1, cfg.head_dim)
-    k = linear(x, attn.k_proj, attn.k_bias).view(batch, 1, -1, cfg.head_dim)
-    v = linear(x, attn.v_proj, attn.v_bias).view(batch, 1, -1, cfg.head_dim)
-    q = rms_norm(q, attn.q_norm, cfg.rms_norm_eps).transpose(1, 2)
-    k = rms_norm(k, attn.k_norm, cfg.rms_norm_eps).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    assert attn.cache is not None
-    keys, values = attn.cache.update(input_pos, k, v.transpose(1, 2), kv_len)
-    kernel = live_attention(model)
-    if kernel is not None:
-        y = kernel(q, keys, values, input_pos + 1)  # reads keys 0..input_pos only
+    batch, dim, eps = x.shape[0], cfg.head_dim, cfg.rms_norm_eps
+    cache = attn.cache
+    assert cache is not None and model.cos is not None and model.sin is not None
+    q, k, v = _projections(x, attn)  # [B, 1, H*D] each
+    if kernels is not None:
+        # q/k norms, RoPE at input_pos and the k/v cache writes in one launch; attention
+        # reads keys 0..input_pos only, whatever kv_len says.
+        q = kernels.qk_norm_rope_cache(
+            q, k, v, attn.q_norm, attn.k_norm, model.cos, model.sin, input_pos,
+            cache.k, cache.v, eps,
+        )  # fmt: skip
+        y = kernels.split_k_attention(q, cache.k[:batch], cache.v[:batch], input_pos + 1)
     else:
-        y = masked_attention(q, keys, values, visible)
-    out = linear(y.transpose(1, 2).reshape(batch, 1, -1), attn.o_proj, attn.o_bias)
-    return out if reduce is None else reduce(out)
+        cos, sin = model.cos[input_pos], model.sin[input_pos]
+        q = rms_norm(q.view(batch, 1, -1, dim), attn.q_norm, eps).transpose(1, 2)
+        k = rms_norm(k.view(batch, 1, -1, dim), attn.k_norm, eps).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        v = v.reshape(batch, 1, -1, dim).transpose(1, 2)
+        keys, values = cache.update(input_pos, k, v, kv_len)
+        visible = torch.arange(kv_len, device=input_pos.device) <= input_pos
+        y = masked_attention(q, keys, values, visible)  # [B, Hq, 1, D]
+    return linear(y.transpose(1, 2).reshape(batch, 1, -1), attn.o_proj, attn.o_bias)
+
+
+def _feed_forward(mlp: FeedForward, x: torch.Tensor, kernels: ModuleType | None) -> torch.Tensor:
+    """A dense MLP with fused gate/up: one matvec, SiLU·mul in one launch, then down; any
+    other feed-forward (unfused, a MoE) decodes its own way."""
+    if not isinstance(mlp, MLP) or not mlp.fused:
+        return mlp.decode(x)
+    gate_up = linear(x, mlp.fused[0])  # [B, 1, 2F]: gate then up
+    if kernels is not None:
+        h = kernels.silu_mul(gate_up)
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+    return linear(h, mlp.down_proj)
 
 
 @torch.inference_mode()
@@ -136,23 +188,25 @@ def decode_step(
     reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """Logits [B, 1, vocab] (float32) for one token per sequence at ``input_pos`` [1]
-    (a device tensor), attending to cache positions ``0..input_pos`` out of the first
-    ``kv_len``. No host syncs, so it can be captured. ``reduce`` (tensor parallelism)
-    sums the attention and MLP outputs of a sharded model across ranks."""
+    (a device tensor), attending to cache positions ``0..input_pos`` (out of the first
+    ``kv_len`` where attention is masked). No host syncs, so it can be captured.
+    ``reduce`` (tensor parallelism) sums the attention and MLP outputs of a sharded model
+    across ranks."""
     if model.cos is None or model.sin is None:
         raise RuntimeError("call setup_cache(max_batch, max_seq) before decoding")
-    cfg = model.config
-    cos, sin = model.cos[input_pos], model.sin[input_pos]
-    visible = torch.arange(kv_len, device=input_pos.device) <= input_pos
-    x = embedding(tokens, model.embed_tokens).to(model.dtype)
+    eps = model.config.rms_norm_eps
+    kernels = step_kernels(model)
+    x = embedding(tokens, model.embed_tokens).to(model.dtype)  # [B, 1, hidden]
+    delta: torch.Tensor | None = None  # what the last sublayer adds to the residual x
     for blk in model.layers:
-        h = rms_norm(x, blk.input_layernorm, cfg.rms_norm_eps)
-        x = x + _attention(model, blk.attn, h, cos, sin, input_pos, visible, kv_len, reduce)
-        h = rms_norm(x, blk.post_attention_layernorm, cfg.rms_norm_eps)
-        mlp = blk.mlp.decode(h)
-        x = x + (mlp if reduce is None else reduce(mlp))
-    x = rms_norm(x, model.norm, cfg.rms_norm_eps)
-    return linear(x, model.lm_head).float()
+        x, h = _add_norm(x, delta, blk.input_layernorm, eps, kernels)
+        delta = _attention(model, blk.attn, h, input_pos, kv_len, kernels)
+        delta = delta if reduce is None else reduce(delta)
+        x, h = _add_norm(x, delta, blk.post_attention_layernorm, eps, kernels)
+        delta = _feed_forward(blk.mlp, h, kernels)
+        delta = delta if reduce is None else reduce(delta)
+    _, h = _add_norm(x, delta, model.norm, eps, kernels)
+    return linear(h, model.lm_head).float()
 
 
 @dataclass
@@ -196,7 +250,7 @@ class GraphDecoder:
     @property
     def live(self) -> bool:
         """Whether attention reads the live length (one graph per batch, no buckets)."""
-        return self.enabled and live_attention(self.model) is not None
+        return self.enabled and step_kernels(self.model) is not None
 
     def capture_positions(self) -> list[int]:
         """A position in each graph a cache of ``max_seq`` positions will need: a decode

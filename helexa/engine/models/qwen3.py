@@ -24,7 +24,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
 from helexa.engine.checkpoint.types import Checkpoint, Weight
 from helexa.engine.models.kv_cache import KVCache
-from helexa.engine.quant.ops import embedding, linear
+from helexa.engine.quant.ops import embedding, fuse_rows, linear
 from helexa.engine.quant.tensor import QuantizedTensor
 
 ARCHITECTURE = "Qwen3ForCausalLM"
@@ -193,6 +193,10 @@ class Attention:
     v_bias: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None
     cache: KVCache | None = None
+    # q/k/v fused into as few weights as their encodings allow (their outputs, side by
+    # side, are [q | k | v]): one matvec launch each in the decode step. q_proj, k_proj and
+    # v_proj are views into them, so they cost no memory; empty: not fused.
+    fused: tuple[Weight, ...] = ()
 
 
 class FeedForward(Protocol):
@@ -213,6 +217,8 @@ class MLP:
     gate_proj: Weight
     up_proj: Weight
     down_proj: Weight
+    # gate and up as one weight ([gate | up] out), as Attention.fused; empty: not fused.
+    fused: tuple[Weight, ...] = ()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return linear(F.silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
@@ -227,6 +233,19 @@ class Block:
     input_layernorm: torch.Tensor
     post_attention_layernorm: torch.Tensor
     mlp: FeedForward
+
+
+def fuse_projections(weights: list[Weight]) -> tuple[tuple[Weight, ...], list[Weight]]:
+    """Projections of one input fused for the decode step: all of them into one weight
+    if they share an encoding, else the leading ones that do (Q4_K_M often gives v a
+    wider type than q and k) and the rest alone. Returns the fused weights (empty if none
+    fused) and the projections again, as views where they were fused."""
+    for n in range(len(weights), 1, -1):
+        fused = fuse_rows(weights[:n])
+        if fused is not None:
+            weight, parts = fused
+            return (weight, *weights[n:]), [*parts, *weights[n:]]
+    return (), weights
 
 
 class CheckpointWeights:
@@ -309,6 +328,9 @@ class Qwen3:
                 v_bias=w.optional(p + "self_attn.v_proj.bias"),
                 o_bias=w.optional(p + "self_attn.o_proj.bias"),
             )
+            if attn.q_bias is None and attn.k_bias is None and attn.v_bias is None:
+                attn.fused, qkv = fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj])
+                attn.q_proj, attn.k_proj, attn.v_proj = qkv
             layers.append(
                 Block(
                     attn=attn,
@@ -333,16 +355,16 @@ class Qwen3:
     def feed_forward(cls, cfg: Qwen3Config, layer: int, w: CheckpointWeights) -> FeedForward:
         """Layer ``layer``'s MLP: the one part a Qwen3 variant builds differently."""
         p = f"model.layers.{layer}.mlp."
-        return MLP(
-            gate_proj=w.weight(p + "gate_proj.weight"),
-            up_proj=w.weight(p + "up_proj.weight"),
-            down_proj=w.weight(p + "down_proj.weight"),
+        fused, (gate, up) = fuse_projections(
+            [w.weight(p + "gate_proj.weight"), w.weight(p + "up_proj.weight")]
         )
+        return MLP(gate, up, w.weight(p + "down_proj.weight"), fused)
 
     # -- memory ---------------------------------------------------------------------------
 
     def weights(self) -> list[Weight]:
-        """Every distinct weight (a tied embedding counted once)."""
+        """Every distinct weight (a tied embedding counted once; a fused projection is
+        its parts' memory, counted through them)."""
         out: dict[int, Weight] = {id(self.embed_tokens): self.embed_tokens}
         out[id(self.lm_head)] = self.lm_head
         out[id(self.norm)] = self.norm

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from helexa.engine.quant.reference import dequantize
+from helexa.engine.quant.tensor import QuantizedTensor
 
 if TYPE_CHECKING:
-    from helexa.engine.quant.tensor import QuantizedTensor
+    from helexa.engine.checkpoint.types import Weight
 
 # Weights expanded per step of ``linear``: 4M float32 = 16 MiB of scratch, big enough
 # for efficient matmuls, small enough not to matter next to the weights themselves.
@@ -158,3 +159,40 @@ def embedding(
     rows = weight.data.index_select(0, ids.reshape(-1))
     shape = (*ids.shape, weight.shape[1])
     return dequantize(rows, weight.qtype, shape, dtype=dtype or torch.float32)
+
+
+def fuse_rows(weights: list[Weight]) -> tuple[Weight, list[Weight]] | None:
+    """One (sum of outs, in) weight holding ``weights``' rows in order, and each weight
+    again as a view of its rows in it (so the fused one costs no extra memory); None
+    unless they share an encoding (one block type, or one dtype) and an input width.
+
+    A decode step's matvec reads a weight once per launch; projections of the same input
+    (q/k/v, gate/up) fused into one launch read the input once and fill the GPU better
+    than three small launches, while the prefill keeps using the parts."""
+    first = weights[0]
+    if isinstance(first, QuantizedTensor):
+        same = all(
+            isinstance(w, QuantizedTensor)
+            and w.qtype == first.qtype
+            and len(w.shape) == 2
+            and w.shape[1] == first.shape[1]
+            for w in weights
+        )
+        if not same:
+            return None
+        data = torch.cat([w.data for w in weights])
+        fused_q = QuantizedTensor(data, first.qtype, (data.shape[0], first.shape[1]))
+        parts: list[Weight] = []
+        start = 0
+        for w in weights:
+            rows = w.shape[0]
+            parts.append(QuantizedTensor(data[start : start + rows], w.qtype, w.shape))
+            start += rows
+        return fused_q, parts
+    if not all(
+        isinstance(w, torch.Tensor) and w.dtype == first.dtype and w.shape[1:] == first.shape[1:]
+        for w in weights
+    ):
+        return None
+    fused = torch.cat(weights)  # type: ignore[arg-type]
+    return fused, list(fused.split([w.shape[0] for w in weights]))

@@ -63,41 +63,49 @@ def _scale_min_k4(sp, s):
 
 
 @triton.jit
-def _q8_0(blk, G: tl.constexpr):
-    """``G`` consecutive Q8_0 blocks (34 bytes: d, 32 x int8) -> one [BN, U, G, 32] tile."""
+def _q8_0_affine(blk, G: tl.constexpr):
+    """``G`` consecutive Q8_0 blocks (34 bytes: d, 32 x int8) as (q [BN, U, G, 32], d
+    [BN, U, G, 1], element offsets): weight = d * q."""
     g = tl.arange(0, G)[None, None, :, None]
     i = tl.arange(0, 32)[None, None, None, :]
     d = _f16_at(blk + 34 * g)
     q = tl.load((blk + 34 * g + 2 + i).to(tl.pointer_type(tl.int8))).to(tl.float32)
-    return d * q, 32 * g + i
+    return q, d, 32 * g + i
 
 
 @triton.jit
-def _k4_tiles(blk, q_lo, q_hi, j):
-    """Q4_K/Q5_K affine decode of the low- and high-nibble tiles ([BN, U, 4, 32], j = 64-group)."""
+def _q8_0(blk, G: tl.constexpr):
+    """``G`` consecutive Q8_0 blocks -> one [BN, U, G, 32] tile of weights."""
+    q, d, e = _q8_0_affine(blk, G)
+    return d * q, e
+
+
+@triton.jit
+def _k4_affine(blk, j):
+    """Q4_K/Q5_K sub-block scales of the low- and high-nibble tiles (j = 64-group): each
+    weight is ``a * q + b`` with a = d * scale, b = -dmin * min, [BN, U, 4, 1] each."""
     d = _f16_at(blk)
     dmin = _f16_at(blk + 2)
     sc_lo, mn_lo = _scale_min_k4(blk + 4, 2 * j)
     sc_hi, mn_hi = _scale_min_k4(blk + 4, 2 * j + 1)
-    w_lo = (d * sc_lo) * q_lo.to(tl.float32) - dmin * mn_lo
-    w_hi = (d * sc_hi) * q_hi.to(tl.float32) - dmin * mn_hi
-    return w_lo, w_hi
+    return d * sc_lo, -(dmin * mn_lo), d * sc_hi, -(dmin * mn_hi)
 
 
 @triton.jit
-def _q4_k(blk):
+def _q4_k_affine(blk):
     """One Q4_K super-block (d, dmin, scales[12], qs[128]): byte ``32j + i`` of qs holds
-    element ``64j + i`` (low nibble, sub-block 2j) and ``64j + 32 + i`` (high, 2j + 1)."""
+    element ``64j + i`` (low nibble, sub-block 2j) and ``64j + 32 + i`` (high, 2j + 1).
+    Returns the two tiles' (q [BN, U, 4, 32], a, b, element offsets)."""
     j = tl.arange(0, 4)[None, None, :, None]
     i = tl.arange(0, 32)[None, None, None, :]
     qs = tl.load(blk + 16 + 32 * j + i).to(tl.int32)
-    w_lo, w_hi = _k4_tiles(blk, qs & 15, qs >> 4, j)
+    a_lo, b_lo, a_hi, b_hi = _k4_affine(blk, j)
     e = 64 * j + i
-    return w_lo, e, w_hi, e + 32
+    return (qs & 15).to(tl.float32), a_lo, b_lo, e, (qs >> 4).to(tl.float32), a_hi, b_hi, e + 32
 
 
 @triton.jit
-def _q5_k(blk):
+def _q5_k_affine(blk):
     """Q5_K: Q4_K plus qh[32] at byte 16, whose bit ``s`` of byte ``i`` is the fifth bit
     of element ``32s + i``; qs moves to byte 48."""
     j = tl.arange(0, 4)[None, None, :, None]
@@ -106,19 +114,20 @@ def _q5_k(blk):
     qh = tl.load(blk + 16 + i).to(tl.int32)
     q_lo = (qs & 15) | (((qh >> (2 * j)) & 1) << 4)
     q_hi = (qs >> 4) | (((qh >> (2 * j + 1)) & 1) << 4)
-    w_lo, w_hi = _k4_tiles(blk, q_lo, q_hi, j)
+    a_lo, b_lo, a_hi, b_hi = _k4_affine(blk, j)
     e = 64 * j + i
-    return w_lo, e, w_hi, e + 32
+    return q_lo.to(tl.float32), a_lo, b_lo, e, q_hi.to(tl.float32), a_hi, b_hi, e + 32
 
 
 @triton.jit
-def _q6_k(blk):
+def _q6_k_affine(blk):
     """One Q6_K super-block (ql[128], qh[64], int8 scales[16], d).
 
     Tiles are [BN, U, 8, 16]: row ``g`` = (half h = g // 4, column c = g % 4), so ql byte
     ``64h + b`` (b = 16c + r) carries element ``128h + b`` (low nibble) and
     ``128h + 64 + b`` (high); their top two bits sit in qh byte ``32h + b % 32`` at bit
-    ``2 * (b // 32)`` (+4 for the high one), and each 16 elements share one scale.
+    ``2 * (b // 32)`` (+4 for the high one), and each 16 elements share one scale. The
+    weight is ``a * q`` with q = the 6-bit value - 32 and a = d * scale (b is 0).
     """
     g = tl.arange(0, 8)[None, None, :, None]
     r = tl.arange(0, 16)[None, None, None, :]
@@ -132,23 +141,31 @@ def _q6_k(blk):
     q_hi = (ql >> 4) | (((qh >> (shift + 4)) & 3) << 4)
     scales = (blk + 192 + 8 * h + c).to(tl.pointer_type(tl.int8))
     d = _f16_at(blk + 208)
-    w_lo = (d * tl.load(scales).to(tl.float32)) * (q_lo - 32).to(tl.float32)
-    w_hi = (d * tl.load(scales + 4).to(tl.float32)) * (q_hi - 32).to(tl.float32)
+    a_lo = d * tl.load(scales).to(tl.float32)
+    a_hi = d * tl.load(scales + 4).to(tl.float32)
     e = 128 * h + b
-    return w_lo, e, w_hi, e + 64
+    return (q_lo - 32).to(tl.float32), a_lo, 0.0, e, (q_hi - 32).to(tl.float32), a_hi, 0.0, e + 64
+
+
+@triton.jit
+def _k_quant_affine(blk, QTYPE: tl.constexpr):
+    """The two (q, a, b, offsets) tiles of one Q4_K (12), Q5_K (13) or Q6_K (14)
+    super-block, chosen at compile time."""
+    if QTYPE == 12:
+        q_a, a_a, b_a, e_a, q_b, a_b, b_b, e_b = _q4_k_affine(blk)
+    elif QTYPE == 13:
+        q_a, a_a, b_a, e_a, q_b, a_b, b_b, e_b = _q5_k_affine(blk)
+    else:
+        q_a, a_a, b_a, e_a, q_b, a_b, b_b, e_b = _q6_k_affine(blk)
+    return q_a, a_a, b_a, e_a, q_b, a_b, b_b, e_b
 
 
 @triton.jit
 def _k_quant(blk, QTYPE: tl.constexpr):
     """The two tiles of one Q4_K (12), Q5_K (13) or Q6_K (14) super-block and their element
     offsets, chosen at compile time: what both kernels need from a k-quant unit."""
-    if QTYPE == 12:
-        w_a, e_a, w_b, e_b = _q4_k(blk)
-    elif QTYPE == 13:
-        w_a, e_a, w_b, e_b = _q5_k(blk)
-    else:
-        w_a, e_a, w_b, e_b = _q6_k(blk)
-    return w_a, e_a, w_b, e_b
+    q_a, a_a, b_a, e_a, q_b, a_b, b_b, e_b = _k_quant_affine(blk, QTYPE)
+    return a_a * q_a + b_a, e_a, a_b * q_b + b_b, e_b
 
 
 @triton.jit
@@ -162,6 +179,17 @@ def _products(w, x_unit, e, valid):
 def _row_sums(t):
     """Per-row sum of a [BN, U, A, B] tile."""
     return tl.sum(tl.sum(tl.sum(t, axis=3), axis=2), axis=1)
+
+
+@triton.jit
+def _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED: tl.constexpr):
+    """Byte pointers [BN, 1, 1, 1] to weight rows ``rows`` for activation row ``m``: of
+    the one matrix, or (``GROUPED``) of expert ``idx[m]`` in a stack ``stride_e`` bytes
+    apart. Rows past N read row N-1 (always valid memory), dropped at the store."""
+    if GROUPED:
+        w_ptr += tl.load(idx_ptr + m).to(tl.int64) * stride_e
+    safe = tl.minimum(rows, N - 1)
+    return (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None, None]
 
 
 @triton.jit
@@ -200,12 +228,8 @@ def _matvec_kernel(
     pid = tl.program_id(0)
     m = pid % M
     rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if GROUPED:
-        w_ptr += tl.load(idx_ptr + m).to(tl.int64) * stride_e
-    # Rows past N read row N-1 (always valid memory) and are dropped at the store; units
-    # past N_UNITS likewise re-read the last unit and are zeroed through x.
-    safe = tl.minimum(rows, N - 1)
-    row_ptr = (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None, None]
+    # Units past N_UNITS re-read the last unit and are zeroed through x.
+    row_ptr = _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED)
     x_row = x_ptr + m.to(tl.int64) * stride_x
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     # DEFER's running products, shaped as the decoders' tiles: Q8_0 one [G, 32] per unit,
@@ -242,6 +266,70 @@ def _matvec_kernel(
                 acc += _row_sums(p_a) + _row_sums(p_b)
     if DEFER:
         acc = _row_sums(tile_a) if QTYPE == 8 else _row_sums(tile_a) + _row_sums(tile_b)
+    y = y_ptr + m.to(tl.int64) * stride_y + rows
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def _scaled_sums(q, a, b, x_unit, e, valid):
+    """``sum(w * x)`` per sub-block of a [BN, U, A, B] tile of weights ``a * q + b``,
+    with the scales out of the inner loop: ``a * sum(q * x) + b * sum(x)`` -> [BN, U, A, 1]."""
+    x = tl.load(x_unit + e, mask=valid, other=0.0).to(tl.float32)
+    dots = tl.sum(q * x, axis=3, keep_dims=True)
+    return a * dots + b * tl.sum(x, axis=3, keep_dims=True)
+
+
+@triton.jit
+def _matvec_affine_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    idx_ptr,
+    M,
+    N,
+    stride_x,
+    stride_w,
+    stride_y,
+    stride_e,
+    N_UNITS: tl.constexpr,
+    GROUPED: tl.constexpr,
+    QTYPE: tl.constexpr,
+    UNIT: tl.constexpr,
+    UNIT_BYTES: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    U: tl.constexpr,
+):
+    """:func:`_matvec_kernel`'s sums with each sub-block's scale applied once to its dot
+    product (llama.cpp's order) instead of to every weight: per weight one multiply-add
+    on the raw quant value, and no dequantized tile. Same grid, same row/unit handling,
+    same ``GROUPED`` expert stacks."""
+    pid = tl.program_id(0)
+    m = pid % M
+    rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ptr = _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED)
+    x_row = x_ptr + m.to(tl.int64) * stride_x
+    # Per-sub-block partial sums, one per unit slot: Q8_0 G blocks, Q4_K/Q5_K 2 x 4, Q6_K 2 x 8.
+    if QTYPE == 8:
+        tile = tl.zeros([BLOCK_N, U, G, 1], dtype=tl.float32)
+    elif QTYPE == 14:
+        tile = tl.zeros([BLOCK_N, U, 8, 1], dtype=tl.float32)
+    else:
+        tile = tl.zeros([BLOCK_N, U, 4, 1], dtype=tl.float32)
+    for u0 in range(0, N_UNITS, U):
+        units = u0 + tl.arange(0, U)
+        valid = (units < N_UNITS)[None, :, None, None]
+        units = tl.minimum(units, N_UNITS - 1)[None, :, None, None]
+        blk = row_ptr + units * UNIT_BYTES
+        x_unit = x_row + units * UNIT
+        if QTYPE == 8:
+            q, d, e = _q8_0_affine(blk, G)
+            tile += _scaled_sums(q, d, 0.0, x_unit, e, valid)
+        else:
+            q_a, a_a, b_a, e_a, q_b, a_b, b_b, e_b = _k_quant_affine(blk, QTYPE)
+            tile += _scaled_sums(q_a, a_a, b_a, x_unit, e_a, valid)
+            tile += _scaled_sums(q_b, a_b, b_b, x_unit, e_b, valid)
+    acc = _row_sums(tile)
     y = y_ptr + m.to(tl.int64) * stride_y + rows
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
 
@@ -301,6 +389,15 @@ _TUNING: dict[str, Any] = {"key": ["N", "N_UNITS", "QTYPE", "GROUPED"]}
 if "cache_results" in inspect.signature(triton.autotune).parameters:
     _TUNING["cache_results"] = True
 _matvec_tuned = triton.autotune(_MATVEC_CONFIGS, **_TUNING)(_matvec_kernel)
+_AFFINE_CONFIGS = [
+    triton.Config({"BLOCK_N": c.kwargs["BLOCK_N"], "U": c.kwargs["U"]}, num_warps=c.num_warps)
+    for c in _MATVEC_CONFIGS
+    if not c.kwargs["DEFER"]
+]
+_affine_tuned = triton.autotune(_AFFINE_CONFIGS, **_TUNING)(_matvec_affine_kernel)
+# Which of the two tuned matvecs is faster, per (M, N, K, type, grouped): measured once per process
+# at the first call (the load's warm-up), each kernel's own tuning coming from disk.
+_faster: dict[tuple[int, int, int, int], Any] = {}
 
 
 def _unit(qtype: Q, k: int) -> tuple[int, int, int]:
@@ -325,8 +422,9 @@ def matvec(
     x: torch.Tensor, weight: QuantizedTensor, config: dict[str, Any] | None = None
 ) -> torch.Tensor:
     """``x @ W.T`` for a few rows ``x`` (M, K) straight from the blocks; out (M, N) in
-    ``x.dtype``. ``config`` (BLOCK_N, U, DEFER, num_warps) skips the autotuner: for tests
-    and benchmarks that compare kernel variants."""
+    ``x.dtype``. ``config`` (BLOCK_N, U, DEFER, num_warps; AFFINE for the scale-factored
+    kernel) skips the autotuner: for tests and benchmarks that compare kernel variants.
+    Autotuned, it runs whichever of the two kernels is faster for the shape."""
     _check(weight)
     if len(weight.shape) != 2:
         raise ValueError(f"matvec takes one (N, K) weight, got {weight.shape}: see grouped_matvec")
@@ -385,12 +483,35 @@ def _launch(
         UNIT_BYTES=unit_bytes, G=g,
     )  # fmt: skip
     if AUTOTUNE and config is None:
-        _matvec_tuned[lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
+        key = (m, n, k, int(weight.qtype), grouped)
+        kernel = _faster.get(key)
+        if kernel is None:
+            kernel = _faster[key] = _pick_faster(args, meta, m, n)
+        kernel[lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
     else:
-        fixed = FIXED_CONFIG if config is None else config
+        fixed = dict(FIXED_CONFIG if config is None else config)
         grid = (m * triton.cdiv(n, fixed["BLOCK_N"]),)
-        _matvec_kernel[grid](*args, **meta, **fixed)
+        if fixed.pop("AFFINE", False):
+            fixed.pop("DEFER", None)
+            _matvec_affine_kernel[grid](*args, **meta, **fixed)
+        else:
+            _matvec_kernel[grid](*args, **meta, **fixed)
     return y
+
+
+def _pick_faster(args: tuple[Any, ...], meta: dict[str, Any], m: int, n: int) -> Any:
+    """The faster of the two autotuned matvecs for one shape (each tuned first)."""
+    from triton.testing import do_bench
+
+    timings = {}
+    for kernel in (_matvec_tuned, _affine_tuned):
+
+        def launch(kernel: Any = kernel) -> None:
+            kernel[lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
+
+        launch()  # tunes (or reads the tuning from disk)
+        timings[kernel] = do_bench(launch, warmup=5, rep=20)
+    return min(timings, key=timings.__getitem__)
 
 
 def dequantize_rows(

@@ -7,7 +7,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 
-from helexa.engine.quant.ops import embedding, linear
+from helexa.engine.models.qwen3 import fuse_projections
+from helexa.engine.quant.ops import embedding, fuse_rows, linear
 from tests.engine.devices import DEVICES
 from tests.engine.quant.blocks import quantized_weight
 
@@ -59,3 +60,34 @@ def test_embedding_of_a_dense_table() -> None:
     ids = torch.tensor([1, 9])
     assert torch.equal(embedding(ids, table), table[ids])
     assert embedding(ids, table, dtype=torch.float16).dtype == torch.float16
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["quantized", "dense"])
+def test_fused_rows_compute_the_parts_side_by_side_in_the_same_memory(dense: bool) -> None:
+    parts = [quantized_weight(Q.Q4_K, rows, 512) for rows in (24, 8, 8)]
+    if dense:
+        parts = [p.dequantize() for p in parts]
+    fused = fuse_rows(parts)
+    assert fused is not None
+    weight, views = fused
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(4))
+    expected = torch.cat([linear(x, p) for p in parts], dim=-1)
+    torch.testing.assert_close(linear(x, weight), expected)
+    for view, part in zip(views, parts, strict=True):
+        torch.testing.assert_close(linear(x, view), linear(x, part))
+    # The views are rows of the fused weight, not copies: the memory is counted once.
+    raw = (lambda w: w) if dense else (lambda w: w.data)
+    assert raw(views[0]).untyped_storage().data_ptr() == raw(weight).untyped_storage().data_ptr()
+    assert sum(v.nbytes for v in views) == weight.nbytes
+
+
+def test_fusing_needs_one_encoding_and_one_input_width() -> None:
+    q4, q6 = quantized_weight(Q.Q4_K, 8, 512), quantized_weight(Q.Q6_K, 8, 512)
+    assert fuse_rows([q4, q6]) is None
+    assert fuse_rows([q4, quantized_weight(Q.Q4_K, 8, 256)]) is None
+    assert fuse_rows([q4, q4.dequantize()]) is None
+    # Q4_K_M's mix: q and k fuse, v (a wider type) stays alone.
+    fused, views = fuse_projections([q4, quantized_weight(Q.Q4_K, 4, 512), q6])
+    assert len(fused) == 2 and fused[0].shape == (12, 512) and fused[1] is q6
+    assert views[2] is q6 and views[1].shape == (4, 512)
+    assert fuse_projections([q4, q6]) == ((), [q4, q6])

@@ -101,16 +101,29 @@ def test_matvec_matches_float64(
     assert rel_err(got, ref) < tol, rel_err(got, ref)
 
 
+def variant_id(c: dict) -> str:
+    kind = "affine" if c.get("AFFINE") else f"defer{c['DEFER']}"
+    return "{BLOCK_N}x{U}-{kind}".format(kind=kind, **c)
+
+
 VARIANTS = [
     {"BLOCK_N": 2, "U": 8, "DEFER": False, "num_warps": 4},
     {"BLOCK_N": 2, "U": 8, "DEFER": True, "num_warps": 4},
     {"BLOCK_N": 4, "U": 4, "DEFER": True, "num_warps": 8},
     {"BLOCK_N": 1, "U": 16, "DEFER": True, "num_warps": 2},
+    # the scale-factored kernel
+    {"BLOCK_N": 2, "U": 8, "AFFINE": True, "num_warps": 4},
+    {"BLOCK_N": 1, "U": 16, "AFFINE": True, "num_warps": 2},
+    {"BLOCK_N": 4, "U": 4, "AFFINE": True, "num_warps": 8},
 ]
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("config", VARIANTS, ids=lambda c: "{BLOCK_N}x{U}-defer{DEFER}".format(**c))
+@pytest.mark.parametrize(
+    "config",
+    VARIANTS,
+    ids=variant_id,
+)
 @needs_kernels
 def test_every_autotuned_variant_is_correct(qtype: GGMLQuantizationType, config: dict) -> None:
     """The autotuner may pick any config on a GPU: each must give the same sums, including
@@ -192,8 +205,8 @@ def test_grouped_matvec_matches_picked_experts(
     assert rel_err(got.cpu(), ref) < 1e-5, rel_err(got.cpu(), ref)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q6_K], ids=lambda q: q.name)
-@pytest.mark.parametrize("config", VARIANTS, ids=lambda c: "{BLOCK_N}x{U}-defer{DEFER}".format(**c))
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("config", VARIANTS, ids=variant_id)
 @needs_kernels
 def test_grouped_matvec_every_variant(qtype: GGMLQuantizationType, config: dict) -> None:
     """bf16 activations (the model's), int32 index, each config the autotuner may pick."""
@@ -302,10 +315,15 @@ def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> 
     unit, unit_bytes, g = tk._unit(qtype, 4096)
     pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "y_ptr": "*bf16", "idx_ptr": "*i64"}
     ints = dict.fromkeys(("M", "N", "stride_x", "stride_w", "stride_y", "stride_e"), "i32")
-    for config, grouped in itertools.product(tk._MATVEC_CONFIGS, (False, True)):
+    spaces = [
+        (tk._matvec_kernel, tk._MATVEC_CONFIGS),
+        (tk._matvec_affine_kernel, tk._AFFINE_CONFIGS),
+    ]
+    configs = ((fn, c) for fn, configs in spaces for c in configs)
+    for (fn, config), grouped in itertools.product(configs, (False, True)):
         constants = dict(N_UNITS=4096 // unit, GROUPED=grouped, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, **config.kwargs)  # fmt: skip
         signature = {**pointers, **ints, **dict.fromkeys(constants, "constexpr")}
-        source = ASTSource(fn=tk._matvec_kernel, signature=signature, constexprs=constants)
+        source = ASTSource(fn=fn, signature=signature, constexprs=constants)
         kernel = triton.compile(
             source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
         )

@@ -1,0 +1,343 @@
+"""The decode step's own Triton kernels: attention over the live KV length, and the glue
+between the matvecs fused into single launches.
+
+A batch-1 decode step is memory-bound, and inside a CUDA graph each tiny kernel still
+costs 1-2 µs; a Qwen3 layer done in plain torch is ~33 of them (norms, residual adds,
+q/k norms, RoPE, cache writes, attention, SiLU·mul). These kernels make it ~10:
+
+- :func:`split_k_attention` ("flash-decoding"): one query token per sequence attends to
+  the live prefix of a static KV cache. Read as one matmul per head that is a few long dot
+  products on a handful of SMs, so the keys are cut into ``SPLITS`` slices, every
+  (sequence, KV head, slice) is a program running an online softmax over its slice for all
+  the query heads sharing that KV head (GQA), and a second kernel merges the slices by
+  their log-sum-exp. The live length is read from device memory (the step's position + 1),
+  never from the host: the grid is fixed by the cache's shape, so one CUDA graph serves
+  every position, and each program stops at the live length, reading no padding.
+- :func:`add_rms_norm`: the residual add and the next RMSNorm in one pass.
+- :func:`qk_norm_rope_cache`: Qwen3's per-head q/k RMSNorm, RoPE at the step's position,
+  and the k/v writes into the cache, for every head in one launch.
+- :func:`silu_mul`: SwiGLU's ``silu(gate) * up`` over the fused gate/up matvec's output.
+
+Arithmetic is float32 inside and rounded once on the way out; the torch step in
+cuda_graph.py is the reference they are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64
+# Query rows of one program's tile: tl.dot needs at least 16; GQA groups are 1-16 heads.
+MIN_GROUP_TILE = 16
+
+
+@triton.jit
+def _split_kernel(
+    Q,  # [B, Hq, D]
+    K,  # [B, Hkv, S, D], last dim contiguous
+    V,
+    Length,  # [1] int64: keys 0..Length-1 are live
+    Part,  # [B, Hq, SPLITS, D] float32
+    Lse,  # [B, Hq, SPLITS] float32
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    kv_heads,
+    scale,
+    GROUP: tl.constexpr,
+    GROUP_TILE: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // kv_heads
+    h = bh % kv_heads
+    length = tl.load(Length).to(tl.int32)
+    per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
+    start = split * per_split
+    end = tl.minimum(start + per_split, length)
+
+    g = tl.arange(0, GROUP_TILE)
+    d = tl.arange(0, D)
+    heads = h * GROUP + g  # the query heads of KV head h
+    live = g < GROUP
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=live[:, None], other=0.0
+    )
+
+    m = tl.full([GROUP_TILE], float("-inf"), tl.float32)
+    denom = tl.zeros([GROUP_TILE], tl.float32)
+    acc = tl.zeros([GROUP_TILE, D], tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    for n in range(start, end, BLOCK):
+        keys = n + tl.arange(0, BLOCK)
+        visible = keys < end
+        k = tl.load(
+            k_base + keys[None, :] * stride_ks + d[:, None], mask=visible[None, :], other=0.0
+        )
+        s = tl.dot(q, k, input_precision=PRECISION) * scale  # [GROUP_TILE, BLOCK] float32
+        s = tl.where(visible[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        denom = denom * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + keys[:, None] * stride_vs + d[None, :], mask=visible[:, None], other=0.0
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+
+    empty = denom == 0.0  # a slice past the live length
+    out = acc / tl.where(empty, 1.0, denom)[:, None]
+    lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, denom)))
+    rows = (b * kv_heads * GROUP + heads) * SPLITS + split  # [B, Hq, SPLITS] flattened
+    tl.store(Part + rows[:, None] * D + d[None, :], out, mask=live[:, None])
+    tl.store(Lse + rows, lse, mask=live)
+
+
+@triton.jit
+def _merge_kernel(Part, Lse, Out, D: tl.constexpr, SPLITS: tl.constexpr):
+    row = tl.program_id(0)  # one (sequence, query head)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    lse = tl.load(Lse + row * SPLITS + s)
+    weight = tl.exp(lse - tl.max(lse, 0))  # an empty slice weighs 0
+    part = tl.load(Part + (row * SPLITS + s[:, None]) * D + d[None, :])
+    out = tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(Out + row * D + d, out.to(Out.dtype.element_ty))
+
+
+def splits_for(programs: int, max_seq: int, sms: int) -> int:
+    """Slices per (sequence, KV head): enough programs to fill every SM about twice, no
+    more slices than blocks of keys the cache holds, a power of two (the merge's tile)."""
+    want = max(1, (2 * sms + programs - 1) // programs)
+    cap = max(1, triton.cdiv(max_seq, BLOCK_N))
+    return min(triton.next_power_of_2(want), triton.next_power_of_2(cap))
+
+
+def split_k_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one query per head over the first ``length`` keys of a cache.
+
+    q [B, Hq, 1, D]; k, v [B, Hkv, S, D] (views of the cache, last dim contiguous);
+    ``length`` [1] int64 on the device. Returns [B, Hq, 1, D] in q's dtype."""
+    batch, heads, _, dim = q.shape
+    kv_heads, max_seq = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+    splits = splits_for(batch * kv_heads, max_seq, sms)
+    q3 = q.reshape(batch, heads, dim)
+    part = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    _split_kernel[(batch * kv_heads, splits)](
+        q3,
+        k,
+        v,
+        length,
+        part,
+        lse,
+        q3.stride(0),
+        q3.stride(1),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        kv_heads,
+        dim**-0.5,
+        GROUP=group,
+        GROUP_TILE=max(MIN_GROUP_TILE, triton.next_power_of_2(group)),
+        D=dim,
+        BLOCK=BLOCK_N,
+        SPLITS=splits,
+        # float32 caches (tests, CPU-exact models) get float32 products, not TF32's 10 bits
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    out = torch.empty(batch, heads, 1, dim, dtype=q.dtype, device=q.device)
+    _merge_kernel[(batch * heads,)](part, lse, out, D=dim, SPLITS=splits)
+    return out
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    X, Delta, W, Out, H, width, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < width
+    x = tl.load(X + row * width + cols, mask=inside, other=0.0)
+    if HAS_DELTA:
+        x = x + tl.load(Delta + row * width + cols, mask=inside, other=0.0)
+        tl.store(Out + row * width + cols, x, mask=inside)  # the residual stream, rounded
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / width + eps)
+    normed = (xf * rstd).to(x.dtype)  # as torch: normalise, round, then scale
+    w = tl.load(W + cols, mask=inside, other=0.0)
+    tl.store(H + row * width + cols, (normed * w).to(x.dtype), mask=inside)
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta) * weight) for rows of ``x`` [..., width];
+    ``delta`` None normalises ``x`` as it is (the first layer)."""
+    width = x.shape[-1]
+    rows = x.numel() // width
+    x = x.contiguous()
+    out = torch.empty_like(x) if delta is not None else x
+    h = torch.empty_like(x)
+    _add_rms_norm_kernel[(rows,)](
+        x,
+        delta.contiguous() if delta is not None else x,
+        weight,
+        out,
+        h,
+        width,
+        eps,
+        HAS_DELTA=delta is not None,
+        BLOCK=triton.next_power_of_2(width),
+    )
+    return out, h
+
+
+@triton.jit
+def _qk_norm_rope_cache_kernel(
+    Q,  # [B, Hq*D] rows (views of the projections' output: row strides below)
+    K,  # [B, Hkv*D]
+    V,  # [B, Hkv*D]
+    QNorm,  # [D]
+    KNorm,  # [D]
+    Cos,  # [max_seq, D]
+    Sin,
+    Pos,  # [1] int64
+    QOut,  # [B, Hq, D]
+    KCache,  # [B_max, Hkv, S, D]
+    VCache,
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_cb,
+    stride_ch,
+    stride_cs,
+    q_heads,
+    eps,
+    D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)  # q heads, then k heads (each with its v head)
+    half = tl.arange(0, D // 2)
+    pos = tl.load(Pos)
+    cos = tl.load(Cos + pos * D + half).to(tl.float32)  # NEOX: both halves share cos/sin
+    sin = tl.load(Sin + pos * D + half).to(tl.float32)
+    if head < q_heads:
+        src = Q + b * stride_q + head * D
+        norm = QNorm
+    else:
+        src = K + b * stride_k + (head - q_heads) * D
+        norm = KNorm
+    x1 = tl.load(src + half)
+    x2 = tl.load(src + D // 2 + half)
+    a = x1.to(tl.float32)
+    c = x2.to(tl.float32)
+    rstd = 1.0 / tl.sqrt((tl.sum(a * a, 0) + tl.sum(c * c, 0)) / D + eps)
+    n1 = (a * rstd).to(x1.dtype).to(tl.float32) * tl.load(norm + half).to(tl.float32)
+    n2 = (c * rstd).to(x1.dtype).to(tl.float32) * tl.load(norm + D // 2 + half).to(tl.float32)
+    r1 = (n1 * cos - n2 * sin).to(x1.dtype)
+    r2 = (n2 * cos + n1 * sin).to(x1.dtype)
+    if head < q_heads:
+        dst = QOut + (b * q_heads + head) * D
+        tl.store(dst + half, r1)
+        tl.store(dst + D // 2 + half, r2)
+    else:
+        kv = head - q_heads
+        at = b * stride_cb + kv * stride_ch + pos * stride_cs
+        tl.store(KCache + at + half, r1)
+        tl.store(KCache + at + D // 2 + half, r2)
+        v = V + b * stride_v + kv * D
+        tl.store(VCache + at + half, tl.load(v + half))
+        tl.store(VCache + at + D // 2 + half, tl.load(v + D // 2 + half))
+
+
+def qk_norm_rope_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm: torch.Tensor,
+    k_norm: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """The attention's inputs for one decode step: q, k, v [B, 1, H*D] (the projections'
+    output, any row stride) -> q normed and rotated [B, Hq, 1, D]; k normed and rotated,
+    and v, written into the caches [B_max, Hkv, S, D] at ``pos`` [1] (a device tensor).
+    ``cos``/``sin`` are the model's whole [max_seq, D] tables."""
+    batch, dim = q.shape[0], q_norm.shape[0]
+    q_heads, kv_heads = q.shape[-1] // dim, k.shape[-1] // dim
+    q2, k2, v2 = (t.reshape(batch, t.shape[-1]) for t in (q, k, v))
+    out = torch.empty(batch, q_heads, 1, dim, dtype=q.dtype, device=q.device)
+    _qk_norm_rope_cache_kernel[(batch, q_heads + kv_heads)](
+        q2,
+        k2,
+        v2,
+        q_norm,
+        k_norm,
+        cos,
+        sin,
+        pos,
+        out,
+        k_cache,
+        v_cache,
+        q2.stride(0),
+        k2.stride(0),
+        v2.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        q_heads,
+        eps,
+        D=dim,
+    )
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(GateUp, Out, width, stride_in, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < width
+    gate = tl.load(GateUp + row * stride_in + cols, mask=inside, other=0.0)
+    up = tl.load(GateUp + row * stride_in + width + cols, mask=inside, other=0.0)
+    g = gate.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # rounded as torch's F.silu output
+    tl.store(Out + row * width + cols, (silu * up).to(gate.dtype), mask=inside)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` where ``gate_up`` [..., 2F] holds gate then up (one fused
+    matvec's output); returns [..., F]."""
+    width = gate_up.shape[-1] // 2
+    rows = gate_up.numel() // gate_up.shape[-1]
+    flat = gate_up.reshape(rows, 2 * width)
+    out = torch.empty(*gate_up.shape[:-1], width, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(width, block))](
+        flat, out, width, flat.stride(0), BLOCK=block
+    )
+    return out
