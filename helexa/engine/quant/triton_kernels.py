@@ -395,9 +395,10 @@ _AFFINE_CONFIGS = [
     if not c.kwargs["DEFER"]
 ]
 _affine_tuned = triton.autotune(_AFFINE_CONFIGS, **_TUNING)(_matvec_affine_kernel)
-# Which of the two tuned matvecs is faster, per (M, N, K, type, grouped): measured once per process
-# at the first call (the load's warm-up), each kernel's own tuning coming from disk.
-_faster: dict[tuple[int, int, int, int], Any] = {}
+# Which of the two tuned matvecs is faster, per (M rounded up to a power of two, N, K,
+# type, grouped): measured once per process at the first call (the load's warm-up), each
+# kernel's own tuning coming from disk.
+_faster: dict[tuple[int, int, int, int, bool], Any] = {}
 
 
 def _unit(qtype: Q, k: int) -> tuple[int, int, int]:
@@ -483,7 +484,9 @@ def _launch(
         UNIT_BYTES=unit_bytes, G=g,
     )  # fmt: skip
     if AUTOTUNE and config is None:
-        key = (m, n, k, int(weight.qtype), grouped)
+        # Rows by power of two: a prefill's grouped call has any row count, and each new
+        # key costs a timing of both kernels.
+        key = (1 << (m - 1).bit_length(), n, k, int(weight.qtype), grouped)
         kernel = _faster.get(key)
         if kernel is None:
             kernel = _faster[key] = _pick_faster(args, meta, m, n)
