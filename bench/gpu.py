@@ -28,10 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.decode import PRESETS, synthetic_config, synthetic_tensors  # noqa: E402
+from bench.decode import PRESETS, preset_shape, synthetic_config, synthetic_tensors  # noqa: E402
 from helexa.engine.checkpoint.safetensors import load_checkpoint  # noqa: E402
+from helexa.engine.models.architectures import model_class  # noqa: E402
 from helexa.engine.models.cuda_graph import GraphDecoder  # noqa: E402
 from helexa.engine.models.qwen3 import Qwen3  # noqa: E402
+from helexa.engine.models.qwen3_moe import SparseMoE  # noqa: E402
 from helexa.engine.quant.tensor import QuantizedTensor  # noqa: E402
 
 PROMPTS = (512, 4096)
@@ -61,8 +63,11 @@ def byte_level_vocab(size: int) -> dict[str, Any]:
 QWEN3_WINDOW = 40960
 
 
-def write_model(path: Path, preset: str, quant: str, device: str = "cuda") -> float:
-    """Write the synthetic GGUF unless it exists; seconds taken."""
+def write_model(
+    path: Path, preset: str, quant: str, device: str = "cuda", **overrides: int
+) -> float:
+    """Write the synthetic GGUF unless it exists; seconds taken. ``overrides`` change the
+    preset's shape (see bench.decode.preset_shape): how a test writes a tiny one."""
     if path.exists():
         return 0.0
     from helexa.engine.checkpoint.gguf_write import write_gguf
@@ -70,11 +75,13 @@ def write_model(path: Path, preset: str, quant: str, device: str = "cuda") -> fl
     start = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     # The window Qwen3 checkpoints declare, so llama.cpp's server may open a 32k+ context.
-    cfg = synthetic_config(PRESETS[preset], max(max(PROMPTS) + GEN, QWEN3_WINDOW))
+    shape = preset_shape(preset, **overrides)
+    cfg = synthetic_config(shape, max(max(PROMPTS) + GEN, QWEN3_WINDOW))
     tmp = path.with_suffix(".partial")
     tensors = synthetic_tensors(cfg, device)
     vocab = byte_level_vocab(cfg["vocab_size"])
     write_gguf(tmp, config=cfg, tensors=tensors, quant=quant, tokenizer_fields=vocab)
+    del tensors
     tmp.rename(path)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -110,6 +117,11 @@ def bytes_per_token(model: Qwen3) -> int:
     total = model.weight_bytes
     if model.embed_tokens is not model.lm_head:
         total -= model.embed_tokens.nbytes
+    for blk in model.layers:  # a MoE layer reads only its top-k experts
+        if isinstance(blk.mlp, SparseMoE):
+            moe = blk.mlp
+            stacks = sum(p.nbytes for p in (moe.gate_proj, moe.up_proj, moe.down_proj))
+            total -= stacks * (moe.num_experts - moe.top_k) // moe.num_experts
     return total
 
 
@@ -129,8 +141,8 @@ def matvec_table(model: Qwen3) -> list[dict[str, Any]]:
     rows = []
     for name, weights in groups.items():
         w0 = weights[0]
-        if not isinstance(w0, QuantizedTensor):
-            continue
+        if not isinstance(w0, QuantizedTensor) or len(w0.shape) != 2:
+            continue  # dense, or a MoE's expert stack (the grouped matvec's, not timed here)
         x = torch.randn(1, w0.shape[1], device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ dequantize_rows(w0, dtype=torch.float32).double().T
         err = float((matvec(x, w0).double() - ref).norm() / ref.norm())
@@ -166,7 +178,8 @@ def matvec_table(model: Qwen3) -> list[dict[str, Any]]:
 def bench_helexa(path: Path) -> dict[str, Any]:
     device = torch.device("cuda")
     start = time.perf_counter()
-    model = Qwen3.from_checkpoint(load_checkpoint(path, device), device, torch.bfloat16)
+    ckpt = load_checkpoint(path, device)
+    model = model_class(ckpt.config, ckpt.source).from_checkpoint(ckpt, device, torch.bfloat16)
     model.setup_cache(1, max(PROMPTS) + GEN)
     torch.cuda.synchronize()
     out: dict[str, Any] = {"load s": time.perf_counter() - start}

@@ -282,12 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-work", type=Path, help="llama.cpp build dir: run llama-bench")
     ap.add_argument("--llama-src", type=Path, default=Path(".device/llama-src.tar.gz"))
     ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--preset", default="qwen3-8b", help="shape of a --gguf written here")
     args = ap.parse_args(argv)
     lengths = [int(n) for n in args.lengths.split(",")]
     if not args.gguf.exists():
         from bench.gpu import write_model
 
-        write_model(args.gguf, "qwen3-8b", "Q4_K_M")
+        write_model(args.gguf, args.preset, "Q4_K_M")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "serve.json"
     results = json.loads(path.read_text()) if path.exists() else {}

@@ -21,12 +21,15 @@ import torch.nn.functional as F
 from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.engine.checkpoint.types import Weight
 from helexa.engine.models.qwen3 import CheckpointWeights, FeedForward, Qwen3, Qwen3Config
-from helexa.engine.quant.ops import linear
+from helexa.engine.quant.ops import grouped_linear, linear
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 # HF config.json says qwen3_moe; llama.cpp's GGUF architecture is qwen3moe.
 MODEL_TYPES = ("qwen3_moe", "qwen3moe")
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# In prefill, experts with at most this many tokens go through the grouped matvec
+# together (quant.triton_kernels.MATVEC_MAX_ROWS: where the matvec beats dequant + matmul).
+FEW_TOKENS = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,19 +83,6 @@ class Qwen3MoeConfig(Qwen3Config):
         )
 
 
-def _expert_linear(x: torch.Tensor, experts: Weight, index: torch.Tensor) -> torch.Tensor:
-    """Row ``j`` of ``x`` (m, in) times expert ``index[j]`` of the stack: (m, out).
-
-    The selected experts are gathered on the device (a copy of their weights or blocks)
-    and applied per row, with no host sync and no branch on which experts they are, so a
-    decode step with this in it can be captured in a CUDA graph."""
-    if isinstance(experts, torch.Tensor):
-        picked = experts.index_select(0, index)  # (m, out, in)
-        return torch.bmm(x[:, None, :], picked.transpose(1, 2)).squeeze(1)
-    picked_q = experts.index_select(index)
-    return torch.cat([linear(x[j : j + 1], picked_q[j]) for j in range(index.shape[0])])
-
-
 @dataclass
 class SparseMoE:
     """transformers' Qwen3MoeSparseMoeBlock: a softmax router (in float32) picks
@@ -134,38 +124,52 @@ class SparseMoE:
         return self._grouped(flat, weights, experts).view(x.shape)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """A decode step's few tokens: every (token, chosen expert) pair is one gathered
-        matvec; graph-capturable (routing stays on the device)."""
+        """A decode step's few tokens: every (token, chosen expert) pair is one row of a
+        grouped matvec per projection (quant.ops.grouped_linear: one launch on CUDA,
+        reading only the routed experts' blocks); graph-capturable, as routing stays on
+        the device."""
         flat = x.reshape(-1, x.shape[-1])
         weights, experts = self.route(flat)
         tokens, k = experts.shape
         index = experts.reshape(-1)
         rows = flat[:, None, :].expand(tokens, k, flat.shape[-1]).reshape(tokens * k, -1)
-        h = F.silu(_expert_linear(rows, self.gate_proj, index))
-        h = h * _expert_linear(rows, self.up_proj, index)
-        out = _expert_linear(h, self.down_proj, index).view(tokens, k, -1)
+        h = F.silu(grouped_linear(rows, self.gate_proj, index))  # (tokens * k, moe_ffn)
+        h = h * grouped_linear(rows, self.up_proj, index)
+        out = grouped_linear(h, self.down_proj, index).view(tokens, k, -1)  # (.., hidden)
         return (out * weights[..., None]).sum(dim=1).view(x.shape)
 
     def _grouped(
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     ) -> torch.Tensor:
-        """Sort the (token, expert) pairs by expert, run each expert's slice as one matmul,
-        scatter-add the weighted results back. Reading the per-expert counts is a host
-        sync: fine for prefill, which is never captured."""
+        """Sort the (token, expert) pairs by expert and run each expert's slice as one
+        matmul (on CUDA: its blocks dequantized once, then cuBLAS), skipping experts no
+        token chose; scatter-add the weighted results back. The experts with at most
+        :data:`FEW_TOKENS` tokens, a short prompt's long tail, share one grouped launch
+        per projection instead (what a matmul of so few rows would do anyway: read the
+        blocks once per row). Reading the per-expert counts is a host sync: fine for
+        prefill, which is never captured."""
         k = experts.shape[1]
-        flat = experts.reshape(-1)
+        flat = experts.reshape(-1)  # (pairs,)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        by_expert = flat.index_select(0, order)  # (pairs,) sorted
+        counts_t = torch.bincount(flat, minlength=self.num_experts)  # (n_experts,)
+        counts = counts_t.tolist()
         token = order // k
-        rows = x.index_select(0, token)
+        rows = x.index_select(0, token)  # (pairs, hidden)
         out = torch.empty_like(rows)
+        few = (counts_t.index_select(0, by_expert) <= FEW_TOKENS).nonzero().squeeze(1)
+        if few.numel():
+            part, index = rows.index_select(0, few), by_expert.index_select(0, few)
+            h = F.silu(grouped_linear(part, self.gate_proj, index))
+            h = h * grouped_linear(part, self.up_proj, index)
+            out.index_copy_(0, few, grouped_linear(h, self.down_proj, index))
         start = 0
         for e, count in enumerate(counts):
-            if count:
+            if count > FEW_TOKENS:
                 part = rows[start : start + count]
                 h = F.silu(linear(part, self.gate_proj[e])) * linear(part, self.up_proj[e])
                 out[start : start + count] = linear(h, self.down_proj[e])
-                start += count
+            start += count
         out *= weights.reshape(-1).index_select(0, order)[:, None]
         return torch.zeros_like(x).index_add_(0, token, out)
 

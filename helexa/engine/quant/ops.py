@@ -110,6 +110,39 @@ def linear(
     return out
 
 
+def grouped_linear(
+    x: torch.Tensor, experts: torch.Tensor | QuantizedTensor, index: torch.Tensor
+) -> torch.Tensor:
+    """Row ``r`` of ``x`` (R, in) times expert ``index[r]`` of the stack ``experts``
+    (E, out, in): (R, out). A MoE decode step's every (token, routed expert) pair.
+
+    Routing stays on the device (no host sync, no branch on which experts were picked),
+    so a step calling this is CUDA-graph capturable. On CUDA with Triton, quantized
+    experts go to one grouped matvec launch that reads only the picked experts' blocks
+    in place; on the CPU (the reference) each picked expert is expanded once for its
+    rows; on CUDA without a kernel the picked experts are gathered and expanded row by
+    row, still with no sync.
+    """
+    if isinstance(experts, torch.Tensor):
+        picked = experts.index_select(0, index)  # (R, out, in)
+        return torch.bmm(x[:, None, :], picked.transpose(1, 2)).squeeze(1)
+    if len(experts.shape) != 3:
+        raise ValueError(f"grouped_linear needs an (E, out, in) stack, got {experts.shape}")
+    k = kernels() if experts.data.is_cuda else None
+    if k is not None and experts.qtype in k.SUPPORTED:
+        x2 = x if x.stride(-1) == 1 else x.contiguous()
+        return k.grouped_matvec(x2, experts, index)
+    if not experts.data.is_cuda:  # each picked expert expanded once; a sync costs nothing here
+        out = x.new_empty(x.shape[0], experts.shape[1])
+        for e in index.unique().tolist():
+            rows = (index == e).nonzero().squeeze(1)
+            out[rows] = linear(x.index_select(0, rows), experts[e])
+        return out
+    # CUDA without a kernel for this block type: gathered on the device, no host sync.
+    picked_q = experts.index_select(index)
+    return torch.cat([linear(x[j : j + 1], picked_q[j]) for j in range(index.shape[0])])
+
+
 def embedding(
     ids: torch.Tensor,
     weight: torch.Tensor | QuantizedTensor,

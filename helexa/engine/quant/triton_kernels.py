@@ -182,16 +182,30 @@ def _row_sums(t):
 
 
 @triton.jit
+def _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED: tl.constexpr):
+    """Byte pointers [BN, 1, 1, 1] to weight rows ``rows`` for activation row ``m``: of
+    the one matrix, or (``GROUPED``) of expert ``idx[m]`` in a stack ``stride_e`` bytes
+    apart. Rows past N read row N-1 (always valid memory), dropped at the store."""
+    if GROUPED:
+        w_ptr += tl.load(idx_ptr + m).to(tl.int64) * stride_e
+    safe = tl.minimum(rows, N - 1)
+    return (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None, None]
+
+
+@triton.jit
 def _matvec_kernel(
     x_ptr,
     w_ptr,
     y_ptr,
+    idx_ptr,
     M,
     N,
     stride_x,
     stride_w,
     stride_y,
+    stride_e,
     N_UNITS: tl.constexpr,
+    GROUPED: tl.constexpr,
     QTYPE: tl.constexpr,
     UNIT: tl.constexpr,
     UNIT_BYTES: tl.constexpr,
@@ -206,14 +220,16 @@ def _matvec_kernel(
     so the programs sharing a weight tile run together and share it in L2. ``DEFER`` keeps
     the products of every step in a register tile and sums rows once at the end, instead
     of a cross-thread reduction (and, over several warps, a barrier) at every step; which
-    is faster depends on the shape, so the autotuner tries both."""
+    is faster depends on the shape, so the autotuner tries both.
+
+    ``GROUPED``: ``w_ptr`` is a stack of experts ``stride_e`` bytes apart and row m of x
+    meets expert ``idx[m]``, read here on the device: a MoE decode step's routed experts
+    in one launch, with no copy of their blocks and no host sync."""
     pid = tl.program_id(0)
     m = pid % M
     rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Rows past N read row N-1 (always valid memory) and are dropped at the store; units
-    # past N_UNITS likewise re-read the last unit and are zeroed through x.
-    safe = tl.minimum(rows, N - 1)
-    row_ptr = (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None, None]
+    # Units past N_UNITS re-read the last unit and are zeroed through x.
+    row_ptr = _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED)
     x_row = x_ptr + m.to(tl.int64) * stride_x
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     # DEFER's running products, shaped as the decoders' tiles: Q8_0 one [G, 32] per unit,
@@ -268,12 +284,15 @@ def _matvec_affine_kernel(
     x_ptr,
     w_ptr,
     y_ptr,
+    idx_ptr,
     M,
     N,
     stride_x,
     stride_w,
     stride_y,
+    stride_e,
     N_UNITS: tl.constexpr,
+    GROUPED: tl.constexpr,
     QTYPE: tl.constexpr,
     UNIT: tl.constexpr,
     UNIT_BYTES: tl.constexpr,
@@ -283,12 +302,12 @@ def _matvec_affine_kernel(
 ):
     """:func:`_matvec_kernel`'s sums with each sub-block's scale applied once to its dot
     product (llama.cpp's order) instead of to every weight: per weight one multiply-add
-    on the raw quant value, and no dequantized tile. Same grid, same row/unit handling."""
+    on the raw quant value, and no dequantized tile. Same grid, same row/unit handling,
+    same ``GROUPED`` expert stacks."""
     pid = tl.program_id(0)
     m = pid % M
     rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
-    safe = tl.minimum(rows, N - 1)
-    row_ptr = (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None, None]
+    row_ptr = _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED)
     x_row = x_ptr + m.to(tl.int64) * stride_x
     # Per-sub-block partial sums, one per unit slot: Q8_0 G blocks, Q4_K/Q5_K 2 x 4, Q6_K 2 x 8.
     if QTYPE == 8:
@@ -365,7 +384,8 @@ _MATVEC_CONFIGS = [
 FIXED_CONFIG = {"BLOCK_N": 2, "U": 8, "DEFER": False, "num_warps": 4}
 # Tuning results kept on disk beside the compiled kernels (see quant/ops.py), where this
 # Triton has ``cache_results`` (recent ones do): the choice per shape survives a restart.
-_TUNING: dict[str, Any] = {"key": ["N", "N_UNITS", "QTYPE"]}
+# Grouped rows each read their own expert (no L2 sharing between them): tuned apart.
+_TUNING: dict[str, Any] = {"key": ["N", "N_UNITS", "QTYPE", "GROUPED"]}
 if "cache_results" in inspect.signature(triton.autotune).parameters:
     _TUNING["cache_results"] = True
 _matvec_tuned = triton.autotune(_MATVEC_CONFIGS, **_TUNING)(_matvec_kernel)
@@ -375,9 +395,10 @@ _AFFINE_CONFIGS = [
     if not c.kwargs["DEFER"]
 ]
 _affine_tuned = triton.autotune(_AFFINE_CONFIGS, **_TUNING)(_matvec_affine_kernel)
-# Which of the two tuned matvecs is faster, per (M, N, K, type): measured once per process
-# at the first call (the load's warm-up), each kernel's own tuning coming from disk.
-_faster: dict[tuple[int, int, int, int], Any] = {}
+# Which of the two tuned matvecs is faster, per (M rounded up to a power of two, N, K,
+# type, grouped): measured once per process at the first call (the load's warm-up), each
+# kernel's own tuning coming from disk.
+_faster: dict[tuple[int, int, int, int, bool], Any] = {}
 
 
 def _unit(qtype: Q, k: int) -> tuple[int, int, int]:
@@ -406,16 +427,66 @@ def matvec(
     kernel) skips the autotuner: for tests and benchmarks that compare kernel variants.
     Autotuned, it runs whichever of the two kernels is faster for the shape."""
     _check(weight)
-    n, k = weight.shape
+    if len(weight.shape) != 2:
+        raise ValueError(f"matvec takes one (N, K) weight, got {weight.shape}: see grouped_matvec")
+    return _launch(x, weight, None, config)
+
+
+def grouped_matvec(
+    x: torch.Tensor,
+    experts: QuantizedTensor,
+    index: torch.Tensor,
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Row ``r`` of ``x`` (R, K) times expert ``index[r]`` of the stack ``experts``
+    (E, N, K): out (R, N) in ``x.dtype``, in one launch. ``index`` (R,) stays on the
+    device and is read by the kernel, so the step that routes and applies the experts
+    has no host sync and replays in a CUDA graph; an index must be in 0..E-1 (a router's
+    top-k always is; this is not checked, which would need a sync)."""
+    _check(experts)
+    if len(experts.shape) != 3:
+        raise ValueError(f"grouped_matvec takes an (E, N, K) stack, got {experts.shape}")
+    r = x.shape[0]
+    if index.shape != (r,) or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"grouped_matvec: index must be ({r},) int64/int32, one expert per row of x, "
+            f"got {index.dtype} {tuple(index.shape)}"
+        )
+    if index.device != x.device or experts.device != x.device:
+        raise ValueError("grouped_matvec: x, experts and index must be on one device")
+    return _launch(x, experts, index.contiguous(), config)
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: QuantizedTensor,
+    index: torch.Tensor | None,
+    config: dict[str, Any] | None,
+) -> torch.Tensor:
+    """One matvec launch: plain (``index`` None, ``weight`` (N, K)) or grouped (``weight``
+    an (E, N, K) stack, expert ``index[m]`` for row m)."""
+    n, k = weight.shape[-2:]
     m = x.shape[0]
     if x.shape[-1] != k or x.stride(-1) != 1:
         raise ValueError(f"matvec: x must be (M, {k}) with unit stride, got {tuple(x.shape)}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
     unit, unit_bytes, g = _unit(weight.qtype, k)
-    args = (x, weight.data, y, m, n, x.stride(0), weight.data.stride(0), y.stride(0))
-    meta = dict(N_UNITS=k // unit, QTYPE=int(weight.qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g)
+    data = weight.data
+    grouped = index is not None
+    args = (
+        x, data, y, index if grouped else y, m, n, x.stride(0), data.stride(-2), y.stride(0),
+        data.stride(0) if grouped else 0,
+    )  # fmt: skip
+    meta = dict(
+        N_UNITS=k // unit, GROUPED=grouped, QTYPE=int(weight.qtype), UNIT=unit,
+        UNIT_BYTES=unit_bytes, G=g,
+    )  # fmt: skip
     if AUTOTUNE and config is None:
-        key = (m, n, k, int(weight.qtype))
+        # Rows by power of two: a prefill's grouped call has any row count, and each new
+        # key costs a timing of both kernels.
+        key = (1 << (m - 1).bit_length(), n, k, int(weight.qtype), grouped)
         kernel = _faster.get(key)
         if kernel is None:
             kernel = _faster[key] = _pick_faster(args, meta, m, n)

@@ -130,6 +130,30 @@ def test_grouped_prefill_equals_the_gathered_decode_path(quant: Q | None, norm: 
     torch.testing.assert_close(moe(x[:, :1]), moe.decode(x[:, :1]))  # few tokens: decode path
 
 
+@pytest.mark.parametrize("quant", [None, Q.Q8_0], ids=["f32", "q8_0"])
+def test_grouped_prefill_mixes_few_token_and_many_token_experts(quant: Q | None) -> None:
+    """Both halves of the grouped prefill in one call: the experts with few tokens (one
+    grouped launch) and those with many (a matmul each), against a per-token loop over
+    the dequantized experts."""
+    from helexa.engine.models.qwen3_moe import FEW_TOKENS
+
+    moe = random_moe(quant, seed=3)
+    x = torch.randn(20, 64, generator=torch.Generator().manual_seed(9))
+    weights, experts = moe.route(x)
+    counts = torch.bincount(experts.reshape(-1), minlength=8)
+    assert (counts[counts > 0] <= FEW_TOKENS).any() and (counts > FEW_TOKENS).any()
+    dense = [
+        w if isinstance(w, torch.Tensor) else w.dequantize()
+        for w in (moe.gate_proj, moe.up_proj, moe.down_proj)
+    ]
+    want = torch.zeros_like(x)
+    for t in range(20):
+        for w, e in zip(weights[t].tolist(), experts[t].tolist(), strict=True):
+            h = torch.nn.functional.silu(dense[0][e] @ x[t]) * (dense[1][e] @ x[t])
+            want[t] += w * (dense[2][e] @ h)
+    torch.testing.assert_close(moe(x), want, atol=1e-5, rtol=1e-5)
+
+
 def test_routing_is_transformers_router() -> None:
     moe = random_moe(None, norm=True)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(6))

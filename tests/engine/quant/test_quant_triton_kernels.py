@@ -8,6 +8,7 @@ without a GPU. CI has neither and skips them, except the dispatch checks at the 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from helexa.engine.quant.formats import block_format
-from helexa.engine.quant.ops import cuda_linear, linear
+from helexa.engine.quant.ops import cuda_linear, grouped_linear, linear
 from helexa.engine.quant.reference import dequantize
 from helexa.engine.quant.tensor import QuantizedTensor
 from tests.engine.quant.blocks import random_blocks
@@ -40,6 +41,21 @@ def random_weight(qtype: GGMLQuantizationType, n: int, k: int, seed: int) -> Qua
     fmt = block_format(qtype)
     raw = torch.from_numpy(random_blocks(qtype, n * k // fmt.block_size, seed=seed))
     return QuantizedTensor(raw.reshape(n, -1).to(DEVICE or "cpu"), qtype, (n, k))
+
+
+def random_stack(qtype: GGMLQuantizationType, e: int, n: int, k: int, seed: int) -> QuantizedTensor:
+    """An (E, N, K) stack of experts, as the GGUF loader keeps a MoE projection."""
+    fmt = block_format(qtype)
+    raw = torch.from_numpy(random_blocks(qtype, e * n * k // fmt.block_size, seed=seed))
+    return QuantizedTensor(raw.reshape(e, n, -1).to(DEVICE or "cpu"), qtype, (e, n, k))
+
+
+def grouped_reference(
+    x: torch.Tensor, experts: QuantizedTensor, index: torch.Tensor
+) -> torch.Tensor:
+    """float64 on the CPU, row by row: row r times the dequantized expert index[r]."""
+    dense = experts.to("cpu").dequantize(torch.float64)
+    return torch.stack([x[r].double() @ dense[int(e)].T for r, e in enumerate(index.tolist())])
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -85,6 +101,11 @@ def test_matvec_matches_float64(
     assert rel_err(got, ref) < tol, rel_err(got, ref)
 
 
+def variant_id(c: dict) -> str:
+    kind = "affine" if c.get("AFFINE") else f"defer{c['DEFER']}"
+    return "{BLOCK_N}x{U}-{kind}".format(kind=kind, **c)
+
+
 VARIANTS = [
     {"BLOCK_N": 2, "U": 8, "DEFER": False, "num_warps": 4},
     {"BLOCK_N": 2, "U": 8, "DEFER": True, "num_warps": 4},
@@ -101,9 +122,7 @@ VARIANTS = [
 @pytest.mark.parametrize(
     "config",
     VARIANTS,
-    ids=lambda c: "{BLOCK_N}x{U}-{kind}".format(
-        kind="affine" if c.get("AFFINE") else f"defer{c['DEFER']}", **c
-    ),
+    ids=variant_id,
 )
 @needs_kernels
 def test_every_autotuned_variant_is_correct(qtype: GGMLQuantizationType, config: dict) -> None:
@@ -158,6 +177,102 @@ def test_matvec_row_tiles_beyond_one_grid_axis() -> None:
     assert rel_err(matvec(x, w), x.double() @ w.dequantize(torch.float64).T) < 1e-5
 
 
+# (R, E, N, K): one row; rows = tokens x top-k over more experts than rows; unit counts
+# that do not divide U (K = 1280); a row tile past N (N = 13); Q8_0 with 3 blocks a row.
+GROUPED_SHAPES = [(1, 4, 16, 256), (8, 16, 13, 768), (6, 3, 9, 1280)]
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("shape", GROUPED_SHAPES, ids=lambda s: "R{}E{}N{}K{}".format(*s))
+@needs_kernels
+def test_grouped_matvec_matches_picked_experts(
+    qtype: GGMLQuantizationType, shape: tuple[int, int, int, int]
+) -> None:
+    from helexa.engine.quant.triton_kernels import grouped_matvec
+
+    r, e, n, k = shape
+    experts = random_stack(qtype, e, n, k, seed=r + e)
+    gen = torch.Generator().manual_seed(r * e)
+    # Repeated experts (pigeonhole for R > E, forced for R = 8), the last one included.
+    index = torch.randint(0, e, (r,), generator=gen)
+    index[-1] = e - 1
+    if r > 2:
+        index[1] = index[0]
+    x = torch.randn(r, k, generator=gen) / k
+    got = grouped_matvec(x.to(DEVICE), experts, index.to(DEVICE))
+    assert got.shape == (r, n) and got.dtype == torch.float32
+    ref = grouped_reference(x, experts, index)
+    assert rel_err(got.cpu(), ref) < 1e-5, rel_err(got.cpu(), ref)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("config", VARIANTS, ids=variant_id)
+@needs_kernels
+def test_grouped_matvec_every_variant(qtype: GGMLQuantizationType, config: dict) -> None:
+    """bf16 activations (the model's), int32 index, each config the autotuner may pick."""
+    from helexa.engine.quant.triton_kernels import grouped_matvec
+
+    experts = random_stack(qtype, 5, 11, 512, seed=3)
+    index = torch.tensor([4, 0, 4, 2], dtype=torch.int32)
+    x = (torch.randn(4, 512, generator=torch.Generator().manual_seed(1)) / 512).bfloat16()
+    got = grouped_matvec(x.to(DEVICE), experts, index.to(DEVICE), config=config)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got.cpu(), grouped_reference(x, experts, index)) < 1e-2
+
+
+@needs_kernels
+def test_grouped_matvec_refuses_bad_index_and_shapes() -> None:
+    from helexa.engine.quant.triton_kernels import grouped_matvec, matvec
+
+    experts = random_stack(Q.Q4_K, 3, 4, 256, seed=0)
+    x = torch.randn(2, 256, device=DEVICE)
+    with pytest.raises(ValueError, match="one expert per row"):
+        grouped_matvec(x, experts, torch.zeros(3, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="one expert per row"):
+        grouped_matvec(x, experts, torch.zeros(2, device=DEVICE))
+    with pytest.raises(ValueError, match="stack"):
+        grouped_matvec(x, experts[0], torch.zeros(2, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="grouped_matvec"):
+        matvec(x, experts)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA + Triton")
+def test_grouped_matvec_replays_in_a_cuda_graph_with_new_routing() -> None:
+    """Captured once, replayed after the index tensor is overwritten in place: the kernel
+    reads the routing on the device, as a captured MoE decode step needs."""
+    from helexa.engine.quant.triton_kernels import grouped_matvec
+
+    experts = random_stack(Q.Q4_K, 8, 64, 512, seed=9)
+    x = torch.randn(4, 512, device="cuda") / 512
+    index = torch.tensor([0, 1, 2, 3], device="cuda")
+    grouped_matvec(x, experts, index)  # compile + tune outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = grouped_matvec(x, experts, index)
+    for routing in ([7, 7, 0, 5], [3, 6, 1, 1]):
+        index.copy_(torch.tensor(routing))
+        graph.replay()
+        ref = grouped_reference(x.cpu(), experts, index.cpu())
+        assert rel_err(out.cpu(), ref) < 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA + Triton")
+@pytest.mark.parametrize("dense", [False, True], ids=["q4_k", "bf16"])
+def test_grouped_linear_on_cuda_matches_the_cpu_reference(dense: bool) -> None:
+    """quant.ops.grouped_linear: the CUDA path (kernel, or bmm for a dense stack) against
+    the CPU one (gather + row-by-row expansion) on the same experts."""
+    experts = random_stack(Q.Q4_K, 6, 32, 512, seed=2).to("cpu")
+    weight: torch.Tensor | QuantizedTensor = experts.dequantize() if dense else experts
+    index = torch.tensor([5, 1, 1, 0, 5])
+    x = torch.randn(5, 512) / 512
+    ref = grouped_linear(x, weight, index)
+    on_gpu = weight.to("cuda")
+    got = grouped_linear(x.cuda(), on_gpu, index.cuda())
+    assert rel_err(got.cpu(), ref.double()) < 1e-5
+
+
 @needs_kernels
 def test_unsupported_type_is_refused() -> None:
     from helexa.engine.quant.triton_kernels import matvec
@@ -198,17 +313,18 @@ def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> 
     from helexa.engine.quant import triton_kernels as tk
 
     unit, unit_bytes, g = tk._unit(qtype, 4096)
-    pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "y_ptr": "*bf16"}
-    ints = dict.fromkeys(("M", "N", "stride_x", "stride_w", "stride_y"), "i32")
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "y_ptr": "*bf16", "idx_ptr": "*i64"}
+    ints = dict.fromkeys(("M", "N", "stride_x", "stride_w", "stride_y", "stride_e"), "i32")
     spaces = [
         (tk._matvec_kernel, tk._MATVEC_CONFIGS),
         (tk._matvec_affine_kernel, tk._AFFINE_CONFIGS),
     ]
-    for fn, config in ((fn, c) for fn, configs in spaces for c in configs):
-        constants = dict(N_UNITS=4096 // unit, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, **config.kwargs)  # fmt: skip
+    configs = ((fn, c) for fn, configs in spaces for c in configs)
+    for (fn, config), grouped in itertools.product(configs, (False, True)):
+        constants = dict(N_UNITS=4096 // unit, GROUPED=grouped, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, **config.kwargs)  # fmt: skip
         signature = {**pointers, **ints, **dict.fromkeys(constants, "constexpr")}
         source = ASTSource(fn=fn, signature=signature, constexprs=constants)
         kernel = triton.compile(
             source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
         )
-        assert kernel.asm["cubin"], config
+        assert kernel.asm["cubin"], (config, grouped)
