@@ -33,6 +33,8 @@ from prometheus_client import (
 from helexa.cortex.observe import RequestObserver
 from helexa.errors import ApiError
 from helexa.neuron.remote import RemoteNeuron
+from helexa.origins import BrowserPolicy
+from helexa.wire.errors import error_body
 from helexa.wire.openai.stream import carries_output
 
 if TYPE_CHECKING:
@@ -282,10 +284,20 @@ class MetricsObserver(RequestObserver):
         self.timer.error(failure.status, failure.code)
 
 
-def make_metrics_app(metrics: GatewayMetrics, fleet: Fleet | None = None) -> web.Application:
-    """``GET /metrics`` for the metrics port; with ``fleet``, gauges are refreshed per scrape."""
+def make_metrics_app(
+    metrics: GatewayMetrics, fleet: Fleet | None = None, *, browsers: BrowserPolicy | None = None
+) -> web.Application:
+    """``GET /metrics`` for the metrics port; with ``fleet``, gauges are refreshed per scrape.
+
+    The gateway's browser rules hold here too (``browsers``; by default a loopback bind's):
+    the metrics name every model, node and client route, which no web page, nor a page
+    rebinding its name to 127.0.0.1, may read."""
+    policy = browsers or BrowserPolicy.for_bind("127.0.0.1")
 
     async def scrape(request: web.Request) -> web.Response:
+        refusal = policy.refusal(request.method, request.headers)
+        if refusal is not None:
+            return web.json_response(error_body("openai", refusal), status=refusal.status)
         if fleet is not None:
             metrics.update_from_fleet(fleet)
         return web.Response(

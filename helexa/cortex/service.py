@@ -22,6 +22,7 @@ from helexa.cortex.observe import Observe, observe_all
 from helexa.neuron.interface import Neuron
 from helexa.neuron.remote import RemoteNeuron
 from helexa.neuron.server import ListenError, is_loopback, start_server, until_signalled
+from helexa.origins import BrowserPolicy
 
 log = logging.getLogger("helexa.service")
 
@@ -86,8 +87,12 @@ class Service:
         )
         self._runners.append(runner)
         try:
-            metrics_app = make_metrics_app(self.metrics, self.fleet)
-            listen = split_listen(self.settings.gateway.metrics_listen)
+            gateway = self.settings.gateway
+            listen = split_listen(gateway.metrics_listen)
+            browsers = BrowserPolicy.for_bind(
+                listen[0], gateway.cors_origins, gateway.allowed_hosts
+            )
+            metrics_app = make_metrics_app(self.metrics, self.fleet, browsers=browsers)
             metrics_runner, self.metrics_url = await start_server(metrics_app, *listen)
             self._runners.append(metrics_runner)
         except ListenError as exc:

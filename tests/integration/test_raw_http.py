@@ -586,6 +586,27 @@ async def test_service_serves_and_stops_gracefully(scripted: ScriptedNeuron) -> 
         await fetch("GET", f"{service.url}/health")
 
 
+async def test_the_metrics_port_refuses_web_pages_and_rebound_names(
+    scripted: ScriptedNeuron,
+) -> None:
+    """The metrics name every model, node and route: no page may read them, and a name
+    rebound to 127.0.0.1 is refused as on the gateway's own port."""
+    settings = gateway_settings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0")
+    service = Service(settings, [scripted])
+    await service.start()
+    try:
+        url = f"{service.metrics_url}/metrics"
+        assert (await fetch("GET", url)).status == 200
+        page = await fetch("GET", url, headers={"Origin": "https://evil.example"})
+        assert refusal(page, 403, openai_error)["code"] == "origin_not_allowed"
+        rebound = await fetch("GET", url, headers={"Host": "evil.example:80"})
+        assert refusal(rebound, 403, openai_error)["code"] == "host_not_allowed"
+        local = await fetch("GET", url, headers={"Origin": "http://localhost:3000"})
+        assert local.status == 200 and b"helexa_" in local.body
+    finally:
+        await service.stop()
+
+
 async def test_serve_headless_until_sigterm(tmp_path: Path) -> None:
     """``helexa --serve`` prints where it listens, serves, logs fleet events and a line
     per request at INFO to stderr, says it is stopping and stopped, and exits 0 on
