@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import islice
@@ -58,6 +59,8 @@ WARM_UP_TOKENS = 16
 # Of a CUDA load's progress, the share that placing the weights reports; the warm-up
 # (compiles, graph captures) reports the rest.
 WEIGHTS_SHARE = 0.9
+# One thread for every model's grammar index: it is built once per load and rarely.
+_GRAMMAR_INDEXER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="helexa-grammar")
 SAMPLING_KEYS = (
     "temperature",
     "top_p",
@@ -134,8 +137,10 @@ class LoadedModel:
     decode: Callable[[torch.Tensor, int], torch.Tensor] | None = None
     # What the KV cache holds, to prefill only what a prompt adds to it.
     prompt_cache: PrefixCache = field(default_factory=PrefixCache)
-    # The grammar engine's index of the vocabulary, built by the first constrained request.
-    _grammar_tokenizer: Any = field(default=None, init=False, repr=False)
+    # The grammar engine's index of the vocabulary (about a second for Qwen3's 151k):
+    # started in the background as the model loads, waited for by the first constrained
+    # request (which starts it, if nothing did).
+    _grammar_index: Future[Any] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def load(
@@ -195,6 +200,7 @@ class LoadedModel:
             decode=decode,
             prompt_cache=prompt_cache,
         )
+        loaded.index_grammar()
         if cuda:
             loaded.warm_up(_share(progress, WEIGHTS_SHARE, 1.0))
         return loaded
@@ -266,12 +272,18 @@ class LoadedModel:
     def constraint(self, grammar: Grammar, *, thinking: bool = False) -> Constraint:
         """One generation's decoding under ``grammar`` (helexa.engine.grammar);
         ``thinking``: the prompt ends inside ``<think>``."""
-        if self._grammar_tokenizer is None:
+        index = self.index_grammar().result()
+        return Constraint(grammar, index, self._special_id, thinking=thinking)
+
+    def index_grammar(self) -> Future[Any]:
+        """The grammar engine's view of the tokenizer, built once on a background thread,
+        so that the first JSON-mode or tool-forcing request does not wait for it."""
+        if self._grammar_index is None:
             tok = self.tokenizer
-            self._grammar_tokenizer = grammar_tokenizer(
-                tok.to_json(), tok.vocab_size, self.eos_token_ids
+            self._grammar_index = _GRAMMAR_INDEXER.submit(
+                grammar_tokenizer, tok.to_json(), tok.vocab_size, self.eos_token_ids
             )
-        return Constraint(grammar, self._grammar_tokenizer, self._special_id, thinking=thinking)
+        return self._grammar_index
 
     def _special_id(self, token: str) -> int:
         (token_id,) = self.tokenizer.encode(token)  # a special token: one id

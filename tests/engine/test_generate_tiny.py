@@ -150,6 +150,28 @@ def test_json_mode_turns_a_random_model_into_json(
         jsonschema.validate(value, PLACE)
 
 
+def test_the_grammar_index_is_built_while_the_model_loads(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Indexing the vocabulary takes about a second at Qwen3's size: a load starts it in
+    the background, so the first JSON-mode request finds it built or under way."""
+    from helexa.engine import generate
+
+    started = threading.Event()
+    build = generate.grammar_tokenizer
+
+    def recording(*args: Any) -> Any:
+        started.set()
+        return build(*args)
+
+    monkeypatch.setattr(generate, "grammar_tokenizer", recording)
+    model = LoadedModel.load(model_dir, context_length=256)
+    assert started.wait(timeout=30)  # no constrained request has run
+    index = model.index_grammar()
+    assert index is model.index_grammar()  # built once
+    assert index.result(timeout=30).vocab_size == model.tokenizer.vocab_size
+
+
 def test_gguf_loads_and_generates_like_the_hf_directory(
     tmp_path: Path, model_dir: Path, hf_model: Qwen3ForCausalLM
 ) -> None:
