@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from helexa.engine.quant.formats import QK_K, Q, block_format
+from helexa.engine.quant.kernel_choices import KernelChoices
 from helexa.engine.quant.tensor import QuantizedTensor
 
 SUPPORTED = (Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -396,9 +397,13 @@ _AFFINE_CONFIGS = [
 ]
 _affine_tuned = triton.autotune(_AFFINE_CONFIGS, **_TUNING)(_matvec_affine_kernel)
 # Which of the two tuned matvecs is faster, per (M rounded up to a power of two, N, K,
-# type, grouped): measured once per process at the first call (the load's warm-up), each
-# kernel's own tuning coming from disk.
+# type, grouped): measured once per GPU model at the first call (the load's warm-up) and
+# kept on disk beside Triton's own tuning (see KernelChoices), so a restart skips it.
 _faster: dict[tuple[int, int, int, int, bool], Any] = {}
+_KERNELS = {"plain": _matvec_tuned, "affine": _affine_tuned}
+
+
+_choices = KernelChoices(os.environ.get("TRITON_CACHE_DIR"), names=tuple(_KERNELS))
 
 
 def _unit(qtype: Q, k: int) -> tuple[int, int, int]:
@@ -489,7 +494,12 @@ def _launch(
         key = (1 << (m - 1).bit_length(), n, k, int(weight.qtype), grouped)
         kernel = _faster.get(key)
         if kernel is None:
-            kernel = _faster[key] = _pick_faster(args, meta, m, n)
+            gpu = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+            name = _choices.get(gpu, key)
+            if name is None:
+                name = _pick_faster(args, meta, m, n)
+                _choices.put(gpu, key, name)
+            kernel = _faster[key] = _KERNELS[name]
         kernel[lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
     else:
         fixed = dict(FIXED_CONFIG if config is None else config)
@@ -502,18 +512,19 @@ def _launch(
     return y
 
 
-def _pick_faster(args: tuple[Any, ...], meta: dict[str, Any], m: int, n: int) -> Any:
-    """The faster of the two autotuned matvecs for one shape (each tuned first)."""
+def _pick_faster(args: tuple[Any, ...], meta: dict[str, Any], m: int, n: int) -> str:
+    """The name of the faster of the two autotuned matvecs for one shape (each tuned
+    first)."""
     from triton.testing import do_bench
 
     timings = {}
-    for kernel in (_matvec_tuned, _affine_tuned):
+    for name, kernel in _KERNELS.items():
 
         def launch(kernel: Any = kernel) -> None:
             kernel[lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
 
         launch()  # tunes (or reads the tuning from disk)
-        timings[kernel] = do_bench(launch, warmup=5, rep=20)
+        timings[name] = do_bench(launch, warmup=5, rep=20)
     return min(timings, key=timings.__getitem__)
 
 
