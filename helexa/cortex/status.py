@@ -282,20 +282,38 @@ def run_rm(
 ) -> int:
     """``helexa rm MODEL``: delete a download; refused while the running gateway's local
     node has it loaded (unload it first), and for a file the catalogue names by path."""
-    from helexa.neuron.sources import remove
+    from helexa.neuron.sources import ref_for, remove, resolve_local
 
+    try:
+        ref_for(model_id, settings)  # a catalogue id, or a model id that parses
+    except ValueError as exc:
+        print(f"helexa rm: {exc}", file=sys.stderr)
+        return 2
     url = url or gateway_url(settings)
     key = admin_key or settings.gateway.admin_key or next(iter(settings.gateway.api_keys), None)
-    snapshot, _ = _try_snapshot(url, key)
-    local = settings.local.name
-    nodes = [n for n in _loaded_where(snapshot).get(model_id, []) if n.split()[0] == local]
-    if nodes:
+    try:
+        snapshot = asyncio.run(fetch_snapshot(url, key, timeout_s=3.0))
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        snapshot = None  # no gateway runs here: nothing of it has the model loaded
+    except GatewayRefused as exc:
         print(
-            f"helexa rm: {model_id}: loaded on {local} by the gateway at {url}: unload it "
-            "first (u in the dashboard, or POST /admin/models/unload)",
+            f"helexa rm: {model_id}: the gateway at {url} does not say what it has loaded"
+            f" ({exc}): give --admin-key (or --url), or stop it first",
             file=sys.stderr,
         )
         return 1
+    # Loaded under any name that means the same files (an alias, another spelling).
+    target = resolve_local(model_id, settings)
+    local = settings.local.name
+    for loaded_id, where in _loaded_where(snapshot).items():
+        here = any(n.split()[0] == local for n in where)
+        if here and target is not None and resolve_local(loaded_id, settings) == target:
+            print(
+                f"helexa rm: {model_id}: loaded on {local} as {loaded_id} by the gateway at"
+                f" {url}: unload it first (u in the dashboard, or POST /admin/models/unload)",
+                file=sys.stderr,
+            )
+            return 1
     try:
         gone = remove(model_id, settings)
     except (OSError, ValueError) as exc:

@@ -341,13 +341,20 @@ def remove(model_id: str, settings: Settings) -> OnDisk:
     entry = next((m for m in on_disk(settings) if m.id == _serving_id(ref, settings)), None)
     if entry is None:
         raise FileNotFoundError(f"{model_id} is not downloaded (helexa list shows what is)")
-    snapshot = entry.path if entry.path.is_dir() else entry.path.parent
+    from huggingface_hub.file_download import repo_folder_name
+
+    # The repo's own folder in the cache, wherever in its snapshot the file sits (a split
+    # quant lives in a subfolder); only blobs inside it are deleted, never what a link
+    # someone placed there points at.
+    repo_folder = source_for(ref, settings).cache_dir / repo_folder_name(
+        repo_id=ref.repo, repo_type="model"
+    )
+    blobs = (repo_folder / "blobs").resolve()
     for link in entry.files:
         blob = link.resolve()
         link.unlink(missing_ok=True)
-        if blob != link:
+        if blob != link and blob.is_relative_to(blobs):
             blob.unlink(missing_ok=True)
-    repo_folder = snapshot.parent.parent
     if not any(p.is_file() for p in (repo_folder / "snapshots").rglob("*")):
         shutil.rmtree(repo_folder, ignore_errors=True)
     return entry

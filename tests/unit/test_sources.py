@@ -611,6 +611,61 @@ def test_rm_deletes_one_quant_and_the_repo_with_its_last(
     )
 
 
+def test_rm_of_a_split_quant_in_a_subfolder_leaves_the_repos_other_quants(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Split quants live in a subfolder of the snapshot: deleting one must not take the
+    repo's other quants, nor a file outside the cache that a link points at."""
+    settings = _pull_settings(tmp_path, "http://127.0.0.1:9")
+    repo = tmp_path / "c" / "models--org--M-GGUF"
+    snapshot = repo / "snapshots" / "abc"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc")
+    (repo / "blobs").mkdir()
+    (snapshot / "Q4_K_M").mkdir(parents=True)
+    outside = tmp_path / "someone-elses.gguf"
+    outside.write_bytes(b"keep")
+    for name, blob in [
+        ("Q4_K_M/M-Q4_K_M-00001-of-00002.gguf", "b1"),
+        ("Q4_K_M/M-Q4_K_M-00002-of-00002.gguf", "b2"),
+        ("M-Q8_0.gguf", "b3"),
+    ]:
+        (repo / "blobs" / blob).write_bytes(b"gguf")
+        (snapshot / name).symlink_to(repo / "blobs" / blob)
+    (snapshot / "Q4_K_M" / "M-Q4_K_M-00002-of-00002.gguf").unlink()
+    (snapshot / "Q4_K_M" / "M-Q4_K_M-00002-of-00002.gguf").symlink_to(outside)
+    with serving_in_thread(_gateway_with([])) as url:
+        assert run_rm(settings, "org/M-GGUF:Q4_K_M", url=url) == 0, capsys.readouterr().err
+    assert resolve_local("org/M-GGUF:Q4_K_M", settings) is None
+    assert resolve_local("org/M-GGUF:Q8_0", settings) == snapshot / "M-Q8_0.gguf"
+    assert (repo / "blobs" / "b3").exists() and not (repo / "blobs" / "b1").exists()
+    assert outside.read_bytes() == b"keep"
+
+
+def test_rm_refuses_a_model_loaded_under_another_spelling_or_when_the_gateway_will_not_say(
+    tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, endpoint = fake_hub
+    settings = _pull_settings(tmp_path, endpoint)
+    assert run_pull(settings, "org/gguf:Q8_0") == 0
+    capsys.readouterr()
+    loaded = [{"id": "org/gguf:Q8_0", "node": "local", "status": "loaded"}]
+    with serving_in_thread(_gateway_with(loaded)) as url:
+        assert run_rm(settings, "helexa:org/gguf:q8_0", url=url) == 1
+    assert "loaded on local as org/gguf:Q8_0" in capsys.readouterr().err
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "bad key"}}, status=401)
+
+    refusing = web.Application()
+    refusing.router.add_get("/admin/fleet", refuse)
+    with serving_in_thread(refusing) as url:
+        assert run_rm(settings, "org/gguf:Q8_0", url=url) == 1
+    assert "does not say what it has loaded" in capsys.readouterr().err
+    assert resolve_local("org/gguf:Q8_0", settings) is not None
+    assert run_rm(settings, "org/", url=url) == 2  # not a model id: a usage error
+
+
 def test_rm_refuses_a_loaded_model_and_a_file_of_yours(
     tmp_path: Path, fake_hub: tuple[FakeHub, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -626,7 +681,7 @@ def test_rm_refuses_a_loaded_model_and_a_file_of_yours(
         assert run_rm(settings, "org/dense", url=url) == 1
         assert run_rm(settings, "mine", url=url) == 1
     first, second = capsys.readouterr().err.splitlines()
-    assert first.startswith("helexa rm: org/dense: loaded on local by the gateway at ")
+    assert first.startswith("helexa rm: org/dense: loaded on local as org/dense by the gateway at ")
     assert (
         second
         == f"helexa rm: mine: {mine} is a catalogue path, not a download: helexa rm deletes downloads"
