@@ -25,10 +25,11 @@ from typing import Any, Protocol
 import torch
 
 from helexa.engine.checkpoint.types import Progress
-from helexa.engine.grammar import Constraint, Grammar, grammar_tokenizer
+from helexa.engine.grammar import Constraint, Grammar, GrammarError, grammar_tokenizer
 from helexa.engine.prefix_cache import PrefixCache
 from helexa.engine.request import (
     ChatPrompt,
+    RequestError,
     chat_prompt,
     completion_prompt,
     prompt_tokens,
@@ -272,8 +273,15 @@ class LoadedModel:
     def constraint(self, grammar: Grammar, *, thinking: bool = False) -> Constraint:
         """One generation's decoding under ``grammar`` (helexa.engine.grammar);
         ``thinking``: the prompt ends inside ``<think>``."""
-        index = self.index_grammar().result()
-        return Constraint(grammar, index, self._special_id, thinking=thinking)
+        try:
+            index = self.index_grammar().result()
+        except Exception as exc:
+            self._grammar_index = None  # the next constrained request tries again
+            raise RuntimeError(f"the grammar engine could not index the tokenizer: {exc}") from exc
+        try:
+            return Constraint(grammar, index, self.tokenizer.token_to_id, thinking=thinking)
+        except GrammarError as exc:  # passed the request's check, not this tokenizer
+            raise RequestError(str(exc), code="invalid_schema") from exc
 
     def index_grammar(self) -> Future[Any]:
         """The grammar engine's view of the tokenizer, built once on a background thread,
@@ -284,10 +292,6 @@ class LoadedModel:
                 grammar_tokenizer, tok.to_json(), tok.vocab_size, self.eos_token_ids
             )
         return self._grammar_index
-
-    def _special_id(self, token: str) -> int:
-        (token_id,) = self.tokenizer.encode(token)  # a special token: one id
-        return token_id
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -306,38 +310,46 @@ class LoadedModel:
         model, device, cache = self.model, self.model.device, self.prompt_cache
         sampler = Sampler(params, model.vocab_size, device, prompt=prompt)
         known = self.tokenizer.vocab_size  # a model's vocab is often padded past the tokenizer's
-        logits = None
-        begin = cache.begin(prompt)
-        step = prefill_chunk(model, len(prompt) - begin)
-        for start in range(begin, len(prompt), step):
-            if cancel.is_set():
-                return
-            chunk = prompt[start : start + step]
-            tokens = torch.tensor([chunk], dtype=torch.long, device=device)
-            positions = torch.arange(start, start + len(chunk), device=device)
-            logits = model.forward(tokens, positions, last_only=True)
-            cache.extend(chunk)
-        assert logits is not None
-        pos = len(prompt)
-        generated: list[int] = []
-        while not cancel.is_set():
-            last = logits[0, -1]
-            if known < last.shape[-1]:
-                last[known:] = float("-inf")
-            if constraint is not None:
-                last = constraint.mask(last)  # [vocab]: -inf where the grammar forbids it
-            token = sampler.sample(last, generated)
-            if constraint is not None:
-                constraint.advance(token)
-            generated.append(token)
-            yield token
-            tokens = torch.tensor([[token]], dtype=torch.long, device=device)
-            if self.decode is not None:
-                logits = self.decode(tokens, pos)
-            else:
-                logits = model.forward(tokens, torch.tensor([pos], device=device), last_only=True)
-            cache.extend((token,))
-            pos += 1
+        try:
+            logits = None
+            begin = cache.begin(prompt)
+            step = prefill_chunk(model, len(prompt) - begin)
+            for start in range(begin, len(prompt), step):
+                if cancel.is_set():
+                    return
+                chunk = prompt[start : start + step]
+                tokens = torch.tensor([chunk], dtype=torch.long, device=device)
+                positions = torch.arange(start, start + len(chunk), device=device)
+                logits = model.forward(tokens, positions, last_only=True)
+                cache.extend(chunk)
+            assert logits is not None
+            pos = len(prompt)
+            generated: list[int] = []
+            while not cancel.is_set():
+                last = logits[0, -1]
+                if known < last.shape[-1]:
+                    last[known:] = float("-inf")
+                if constraint is not None:
+                    last = constraint.mask(last)  # [vocab]: -inf where the grammar forbids it
+                token = sampler.sample(last, generated)
+                if constraint is not None:
+                    constraint.advance(token)
+                generated.append(token)
+                yield token
+                tokens = torch.tensor([[token]], dtype=torch.long, device=device)
+                if self.decode is not None:
+                    logits = self.decode(tokens, pos)
+                else:
+                    pos_t = torch.tensor([pos], device=device)
+                    logits = model.forward(tokens, pos_t, last_only=True)
+                cache.extend((token,))
+                pos += 1
+        except Exception:
+            # A step that failed part-way (out of memory) may have written some layers'
+            # cache or recurrent state and not others: nothing the device holds is trusted
+            # for the next prompt, which prefills from the start (host snapshots stay).
+            cache.clear()
+            raise
 
     def _texts(
         self,

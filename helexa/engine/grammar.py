@@ -225,7 +225,7 @@ class Constraint:
         self,
         grammar: Grammar,
         tokenizer: Any,
-        token_id: Callable[[str], int],
+        token_id: Callable[[str], int | None],
         *,
         thinking: bool = False,
     ) -> None:
@@ -236,8 +236,17 @@ class Constraint:
         self._bits = torch.zeros((self._vocab + 31) // 32, dtype=torch.int32)
         self._shifts: torch.Tensor | None = None
         trigger = None if grammar.trigger is None else token_id(grammar.trigger)
+        if grammar.trigger is not None and trigger is None:
+            raise GrammarError(
+                f"this model's tokenizer has no {grammar.trigger} token, so its tool calls"
+                " cannot be enforced"
+            )
         self._trigger = trigger
-        self._think = (token_id(THINK_OPEN), token_id(THINK_CLOSE)) if trigger is not None else None
+        think = (token_id(THINK_OPEN), token_id(THINK_CLOSE))
+        # Without both tags as tokens the model cannot think: nothing to step around.
+        self._think: tuple[int, int] | None = None
+        if trigger is not None and think[0] is not None and think[1] is not None:
+            self._think = (think[0], think[1])
         self._thinking = thinking
         self.active = trigger is None
         self.closed = False  # nothing more may be generated
@@ -246,8 +255,9 @@ class Constraint:
             self._close_if_forced()
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` [vocab], -inf where the grammar forbids the token (a new tensor: the
-        model's output may be an inference tensor, which only inference mode may write)."""
+        """``logits`` [vocab], -inf where the grammar forbids the token (a new tensor when
+        it masks, as the model's output may be an inference tensor, which only inference
+        mode may write; ``logits`` itself while the grammar is not yet active)."""
         if not self.active:
             return logits
         bits = self._bits

@@ -318,3 +318,41 @@ def test_a_decode_hook_runs_every_step_after_prefill(tokenizer: Tokenizer) -> No
     prompt = chunks[-1]["usage"]["prompt_tokens"]
     assert lm.calls[0] == list(range(prompt))  # prefill through forward ...
     assert hooked == [prompt + i for i in range(len(lm.script) - 1)]  # ... each step hooked
+
+
+class FailingLM(ScriptedLM):
+    """Raises (as a CUDA out-of-memory would) on forward call ``fail_at``."""
+
+    def __init__(self, *args: Any, fail_at: int, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.fail_at = fail_at
+
+    def forward(
+        self, tokens: torch.Tensor, input_pos: torch.Tensor, *, last_only: bool = False
+    ) -> torch.Tensor:
+        if len(self.calls) == self.fail_at:
+            self.calls.append(input_pos.tolist())
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().forward(tokens, input_pos, last_only=last_only)
+
+
+def test_a_step_that_fails_part_way_is_not_reused_by_the_next_prompt(
+    tokenizer: Tokenizer,
+) -> None:
+    """A forward that raised may have left some layers' state written: the next prompt,
+    though it extends what the cache held, is prefilled from position 0."""
+    from itertools import islice
+
+    from helexa.engine.sampling import SamplingParams
+
+    lm = FailingLM([5, 6, 7, 8] * 8, tokenizer.vocab_size, fail_at=3)
+    model = LoadedModel(model=lm, tokenizer=tokenizer, name="failing")
+    params = SamplingParams(temperature=0.0)
+    first = list(range(10, 30))
+    assert list(islice(model.tokens(first, params, threading.Event()), 3)) == [5, 6, 7]
+    second = [*first, 5, 6, 40, 41]  # extends the first turn: the cache would reuse it
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(islice(model.tokens(second, params, threading.Event()), 1))
+    assert lm.calls[-1][0] == len(first) + 2  # it had started past the cached prefix
+    assert list(islice(model.tokens(second, params, threading.Event()), 1))
+    assert lm.calls[-1][0] == 0 and model.prompt_cache.reused == 0  # all prefilled again

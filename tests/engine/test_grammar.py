@@ -164,3 +164,21 @@ def test_a_lenient_tool_schema_drops_only_what_llguidance_does_not_implement() -
         call_grammar([ToolSchema("t", unimplemented)], "json")
     with pytest.raises(GrammarError, match="Invalid type: frob"):
         call_grammar([ToolSchema("t", {"type": "frob"}, lenient=True)], "xml")
+
+
+def test_a_tokenizer_without_the_tool_call_token_is_a_400_not_a_crash(
+    tokenizer: Tokenizer,
+) -> None:
+    """A grammar that passed the request's checks can still need a token this model's
+    tokenizer lacks: the request is refused in words, as a client's error."""
+    from helexa.engine.generate import LoadedModel
+    from helexa.engine.request import RequestError
+
+    eos = frozenset(tokenizer.eos_token_ids)
+    model = LoadedModel(model=None, tokenizer=tokenizer, eos_token_ids=eos)  # type: ignore[arg-type]
+    grammar = call_grammar(TOOLS, "json", triggered=True)
+    assert grammar.trigger == "<tool_call>"
+    with pytest.raises(RequestError, match="no <tool_call_x> token") as refused:
+        model.constraint(Grammar(grammar.lark, trigger="<tool_call_x>"))
+    assert refused.value.code == "invalid_schema"
+    assert model.constraint(grammar).active is False  # the real trigger still works
