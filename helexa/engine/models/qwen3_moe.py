@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.engine.checkpoint.types import Weight
 from helexa.engine.models.qwen3 import CheckpointWeights, FeedForward, Qwen3, Qwen3Config
-from helexa.engine.quant.ops import grouped_linear, linear
+from helexa.engine.quant.ops import grouped_linear, has_grouped_kernel, linear
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 # HF config.json says qwen3_moe; llama.cpp's GGUF architecture is qwen3moe.
@@ -157,7 +157,10 @@ class SparseMoE:
         token = order // k
         rows = x.index_select(0, token)  # (pairs, hidden)
         out = torch.empty_like(rows)
-        few = (counts_t.index_select(0, by_expert) <= FEW_TOKENS).nonzero().squeeze(1)
+        # Experts with few tokens share one grouped launch per projection, where that
+        # launch reads them in place; elsewhere it would copy an expert per row.
+        cutoff = FEW_TOKENS if has_grouped_kernel(self.gate_proj) else 0
+        few = (counts_t.index_select(0, by_expert) <= cutoff).nonzero().squeeze(1)
         if few.numel():
             part, index = rows.index_select(0, few), by_expert.index_select(0, few)
             h = F.silu(grouped_linear(part, self.gate_proj, index))
@@ -165,7 +168,7 @@ class SparseMoE:
             out.index_copy_(0, few, grouped_linear(h, self.down_proj, index))
         start = 0
         for e, count in enumerate(counts):
-            if count > FEW_TOKENS:
+            if count > cutoff:
                 part = rows[start : start + count]
                 h = F.silu(linear(part, self.gate_proj[e])) * linear(part, self.up_proj[e])
                 out[start : start + count] = linear(h, self.down_proj[e])

@@ -110,6 +110,16 @@ def linear(
     return out
 
 
+def has_grouped_kernel(experts: torch.Tensor | QuantizedTensor) -> bool:
+    """Whether :func:`grouped_linear` runs ``experts`` as one grouped matvec launch that
+    reads the picked experts in place (quantized, on CUDA, a type Triton has a kernel
+    for); elsewhere it gathers or expands the picked experts, a copy per row."""
+    if not isinstance(experts, QuantizedTensor) or not experts.data.is_cuda:
+        return False
+    k = kernels()
+    return k is not None and experts.qtype in k.SUPPORTED
+
+
 def grouped_linear(
     x: torch.Tensor, experts: torch.Tensor | QuantizedTensor, index: torch.Tensor
 ) -> torch.Tensor:
@@ -128,10 +138,9 @@ def grouped_linear(
         return torch.bmm(x[:, None, :], picked.transpose(1, 2)).squeeze(1)
     if len(experts.shape) != 3:
         raise ValueError(f"grouped_linear needs an (E, out, in) stack, got {experts.shape}")
-    k = kernels() if experts.data.is_cuda else None
-    if k is not None and experts.qtype in k.SUPPORTED:
+    if has_grouped_kernel(experts):
         x2 = x if x.stride(-1) == 1 else x.contiguous()
-        return k.grouped_matvec(x2, experts, index)
+        return kernels().grouped_matvec(x2, experts, index)  # type: ignore[union-attr]
     if not experts.data.is_cuda:  # each picked expert expanded once; a sync costs nothing here
         out = x.new_empty(x.shape[0], experts.shape[1])
         for e in index.unique().tolist():

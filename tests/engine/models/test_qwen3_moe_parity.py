@@ -131,12 +131,24 @@ def test_grouped_prefill_equals_the_gathered_decode_path(quant: Q | None, norm: 
 
 
 @pytest.mark.parametrize("quant", [None, Q.Q8_0], ids=["f32", "q8_0"])
-def test_grouped_prefill_mixes_few_token_and_many_token_experts(quant: Q | None) -> None:
+@pytest.mark.parametrize("grouped_kernel", [True, False], ids=["grouped", "per-expert"])
+def test_grouped_prefill_mixes_few_token_and_many_token_experts(
+    quant: Q | None, grouped_kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Both halves of the grouped prefill in one call: the experts with few tokens (one
-    grouped launch) and those with many (a matmul each), against a per-token loop over
-    the dequantized experts."""
+    grouped launch, where a kernel reads the experts in place) and those with many (a
+    matmul each), against a per-token loop over the dequantized experts. Without such a
+    kernel every expert takes the matmul: a grouped call would copy an expert per row."""
+    from helexa.engine.models import qwen3_moe
     from helexa.engine.models.qwen3_moe import FEW_TOKENS
 
+    monkeypatch.setattr(qwen3_moe, "has_grouped_kernel", lambda experts: grouped_kernel)
+    if not grouped_kernel:
+
+        def no_copies(*args: object) -> torch.Tensor:
+            raise AssertionError("a grouped call without a kernel copies an expert per row")
+
+        monkeypatch.setattr(qwen3_moe, "grouped_linear", no_copies)
     moe = random_moe(quant, seed=3)
     x = torch.randn(20, 64, generator=torch.Generator().manual_seed(9))
     weights, experts = moe.route(x)
