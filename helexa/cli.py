@@ -25,6 +25,7 @@ from helexa.config import (
     split_listen,
 )
 from helexa.demo import with_demo
+from helexa.origins import is_loopback_host
 
 _Listener = TypeVar("_Listener", bound=BaseModel)
 
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch",
         metavar="SECONDS",
         nargs="?",
-        type=float,
+        type=_positive_seconds,
         const=2.0,
         help="redraw every SECONDS (default 2) until Ctrl-C",
     )
@@ -119,6 +120,17 @@ def _with_listen(target: _Listener, listen: str) -> _Listener:
         raise ConfigError("--listen", "", exc.errors()[0]["msg"]) from None
 
 
+def _positive_seconds(text: str) -> float:
+    """An interval in seconds: a number above 0 (argparse turns the error into a usage line)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the interval must be above 0 seconds")
+    return value
+
+
 def settings_for(args: argparse.Namespace) -> Settings:
     settings = with_demo(load_settings(args.config, args.models))
     if args.command == "neuron" and args.neuron_listen:
@@ -126,10 +138,16 @@ def settings_for(args: argparse.Namespace) -> Settings:
     elif args.command != "neuron" and args.listen:
         metrics_set = "metrics_listen" in settings.gateway.model_fields_set
         settings.gateway = _with_listen(settings.gateway, args.listen)
-        if not metrics_set:  # the default pair moves together: metrics on the next port
+        if not metrics_set:
+            # The default pair moves together: metrics on the next port, on the same
+            # host if that is loopback, else on the metrics' own (loopback) one: they
+            # carry no key check, so `--listen 0.0.0.0:8080` must not publish them too.
             host, port = split_listen(settings.gateway.listen)
+            if not is_loopback_host(host):
+                host, _ = split_listen(settings.gateway.metrics_listen)
             metrics = f"[{host}]" if ":" in host else host
-            settings.gateway.metrics_listen = f"{metrics}:{port + 1 if port else 0}"
+            next_port = port + 1 if port and port < 65535 else 0
+            settings.gateway.metrics_listen = f"{metrics}:{next_port}"
     if getattr(args, "no_local", False):
         settings.local.enabled = False
     if settings.local.enabled and args.command in (None, "neuron"):

@@ -230,6 +230,8 @@ def test_model_dirs_are_relative_to_the_config_file(tmp_path: Path) -> None:
         ("", "127.0.0.1:4000", "127.0.0.1:4001"),  # the default pair moves together
         ("", "[::1]:4000", "[::1]:4001"),
         ("", "127.0.0.1:0", "127.0.0.1:0"),  # a free port: and a free one for metrics
+        ("", "0.0.0.0:8080", "127.0.0.1:8081"),  # the keyless metrics stay on loopback
+        ("", "127.0.0.1:65535", "127.0.0.1:0"),  # no port above the last one
         ('[gateway]\nmetrics_listen = "127.0.0.1:9100"\n', "127.0.0.1:4000", "127.0.0.1:9100"),
     ],
 )
@@ -242,3 +244,14 @@ def test_listen_moves_the_metrics_port_unless_it_is_configured(
     argv = ["--config", str(cfg), "--models", str(models), "--serve", "--listen", listen]
     settings = settings_for(build_parser().parse_args(argv))
     assert (settings.gateway.listen, settings.gateway.metrics_listen) == (listen, metrics)
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "soon"])
+def test_status_watch_needs_a_positive_interval(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["status", "--watch", value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{value!r}" in err.splitlines()[-1]
