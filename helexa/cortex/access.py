@@ -59,8 +59,7 @@ class AccessRecord(RequestObserver):
         if self.node:
             parts.append(f"node={self.node}")
         if self.usage:
-            prompt = int(self.usage.get("prompt_tokens") or 0)
-            completion = int(self.usage.get("completion_tokens") or 0)
+            prompt, completion = (_count(self.usage.get(k)) for k in _TOKEN_KEYS)
             parts.append(f"tokens={prompt}+{completion}")
         if self.first is not None:
             parts.append(f"ttft={self.first - self.began:.3f}s")
@@ -70,12 +69,21 @@ class AccessRecord(RequestObserver):
 
 
 ACCESS = web.RequestKey("access", AccessRecord)
+_TOKEN_KEYS = ("prompt_tokens", "completion_tokens")
+
+
+def _count(value: Any) -> str:
+    """A usage count as a node reported it; anything not a count is shown as ``?``
+    (a node's odd usage must not cost the request its answer)."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else "?"
 
 
 def access_line(request: web.Request, status: int, seconds: float, record: AccessRecord) -> str:
     """``127.0.0.1 POST /v1/chat/completions 200 1.234s model=m node=n tokens=12+34
     ttft=0.120s``: who, what, how it ended and how long it took, then the generation."""
-    line = f"{request.remote or '-'} {request.method} {request.path} {status} {seconds:.3f}s"
+    # The raw path: the decoded one may hold a newline, which would forge a second line.
+    path = request.raw_path.encode("unicode_escape").decode("ascii")
+    line = f"{request.remote or '-'} {request.method} {path} {status} {seconds:.3f}s"
     fields = record.fields()
     return f"{line} {fields}" if fields else line
 
@@ -96,4 +104,7 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
         status = exc.status
         raise
     finally:
-        log.info(access_line(request, status, record.clock() - record.began, record))
+        try:
+            log.info(access_line(request, status, record.clock() - record.began, record))
+        except Exception:  # the log must never cost a client its answer
+            log.exception("access line for %s %r not written", request.method, request.raw_path)

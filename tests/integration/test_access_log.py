@@ -61,3 +61,25 @@ async def test_the_access_log_can_be_turned_off(caplog: pytest.LogCaptureFixture
     async with gateway_over(ScriptedNeuron("n1"), gateway_settings(access_log=False)) as gw:
         assert (await fetch("GET", f"{gw.url}/health")).status == 200
     assert access_lines(caplog) == []
+
+
+async def test_a_path_cannot_forge_a_second_line(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The decoded path may hold a newline (``%0A``); the line logs the raw one."""
+    caplog.set_level(logging.INFO, "helexa.access")
+    forged = "/v1/x%0A127.0.0.1%20POST%20/admin/models/unload%20200"
+    assert (await fetch("GET", f"{gateway.url}{forged}")).status == 404
+    (line,) = access_lines(caplog)
+    assert "\n" not in line and f"GET {forged} 404 " in line
+
+
+def test_a_nodes_odd_usage_is_shown_as_unknown_not_raised() -> None:
+    """The line is written after the answer: usage it cannot read as counts (a node's
+    bug) is shown as ``?`` instead of raising where the client's answer is finished."""
+    from helexa.cortex.access import AccessRecord
+
+    record = AccessRecord()
+    record.model = MODEL
+    record.chunk({"choices": [], "usage": {"prompt_tokens": "lots", "completion_tokens": 3}})
+    assert record.fields() == f"model={MODEL} tokens=?+3"
