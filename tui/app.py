@@ -482,13 +482,21 @@ class HelexaApp(App[int]):
         dialog.connecting = f"connecting to {endpoint.endpoint} (up to {timeout:g} s)…"
 
         async def work() -> None:
+            # The dialog may have been closed (Escape) while this waited: then only the
+            # outcome is told, and no screen is popped that is not the dialog.
             try:
                 await self.attach(endpoint)
             except Exception as exc:
-                dialog.connecting = ""
-                dialog.error = f"cannot attach: {one_line(str(exc) or type(exc).__name__)}"
+                why = f"cannot attach: {one_line(str(exc) or type(exc).__name__)}"
+                if dialog.is_attached:
+                    dialog.connecting = ""
+                    dialog.error = why
+                else:
+                    self.events_log.add(f"{endpoint.endpoint}: {why}")
+                    self.notify(why, severity="error")
                 return
-            dialog.dismiss(endpoint)
+            if dialog.is_attached and self.screen is dialog:
+                dialog.dismiss(endpoint)
             text = f"attached {endpoint.name} ({endpoint.endpoint})"
             self.events_log.add(text)
             self.notify(text)

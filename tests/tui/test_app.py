@@ -408,6 +408,36 @@ async def test_attach_says_what_it_waits_on_while_it_connects() -> None:
         assert "GET /discovery answered HTTP 404 without an error body" in attach_error(app)
 
 
+async def test_closing_the_attach_dialog_while_it_connects_only_tells_the_outcome() -> None:
+    """Escape while the dialog waits: the attempt's end later must not pop a screen that
+    is not the dialog (the app would exit), it says how it ended instead."""
+    asked, answer = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        asked.set()
+        await answer.wait()
+        return web.json_response({"detail": "Not Found"}, status=404)
+
+    site = web.Application()
+    site.router.add_get("/{path:.*}", slow)
+    async with serving(site) as url, dashboard(gpu()) as (app, pilot):
+        await pilot.press("a")
+        dialog = app.screen
+        assert isinstance(dialog, AttachDialog)
+        dialog.query_one("#attach-url", Input).value = url
+        await pilot.press("enter")
+        await asyncio.wait_for(asked.wait(), 5)
+        await pilot.press("escape")
+        await pilot.pause()
+        main = app.screen
+        assert main is not dialog
+        answer.set()
+        await settle(app, pilot)
+        assert app.is_running and app.screen is main
+        assert f"{url}: cannot attach" in events_text(app)
+        assert set(app.service.fleet.nodes) == {"gpu"}
+
+
 async def test_unload_key_on_a_busy_model_asks_then_waits_for_its_requests() -> None:
     resume = asyncio.Event()
     neuron = ScriptedNeuron("gpu", script=Reply(text=["a", "b"], block_after=1, resume=resume))
