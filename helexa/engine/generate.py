@@ -210,7 +210,8 @@ class LoadedModel:
         """Run each kind of step a request runs once now, so that no request pays for a
         first call: Triton kernels compiled and autotuned (both kept on disk, see
         helexa.engine.quant.ops), cuBLAS and attention set up, the sampler's kernels
-        loaded, and the decode graph of every KV length captured. A load is reported
+        loaded, and every decode graph the cache will need captured (one, where attention
+        reads the live length; else one per KV-length bucket). A load is reported
         done only after this, so the first request runs at full speed. It writes
         garbage into the KV cache, so the prompt cache starts empty after it."""
         from helexa.engine.models.cuda_graph import GraphDecoder

@@ -580,13 +580,18 @@ class Qwen3Next:
         """What a prefill forward needs per prompt token beyond weights and caches (it
         sizes prefill chunks, see Qwen3.prefill_bytes_per_token): the residual and norms,
         the widest mixer's projections and their normed/rotated or convolved copies, the
-        chunked delta rule's float32 [64, 64] chunk products per value head, the MLP's."""
+        chunked delta rule's float32 working set, the MLP's."""
         cfg = self.config
         attention = (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
         keys = cfg.linear_num_key_heads * cfg.linear_key_head_dim
         values = cfg.linear_num_value_heads * cfg.linear_value_head_dim
         mixer = max(attention, 2 * keys + 2 * values)
-        chunk = 2 * 64 * cfg.linear_num_value_heads * 4 // self.dtype.itemsize
+        # The chunked delta rule works in float32: q/k/v and k·beta/v·beta, u and w
+        # copies per head, and ~5 [64, 64] tiles (decay, its temporaries, the intra-chunk
+        # products) per value head, in units of this dtype's items.
+        heads = cfg.linear_num_value_heads
+        delta_rule = heads * (3 * cfg.linear_key_head_dim + 3 * cfg.linear_value_head_dim)
+        chunk = (delta_rule + 5 * 64 * heads) * 4 // self.dtype.itemsize
         ffn = cfg.intermediate_size
         if cfg.num_experts:
             routed = cfg.num_experts_per_tok * (cfg.moe_intermediate_size + 2 * cfg.hidden_size)

@@ -399,7 +399,7 @@ _affine_tuned = triton.autotune(_AFFINE_CONFIGS, **_TUNING)(_matvec_affine_kerne
 # Which of the two tuned matvecs is faster, per (M rounded up to a power of two, N, K,
 # type, grouped): measured once per GPU model at the first call (the load's warm-up) and
 # kept on disk beside Triton's own tuning (see KernelChoices), so a restart skips it.
-_faster: dict[tuple[int, int, int, int, bool], Any] = {}
+_faster: dict[tuple[str, int, int, int, int, bool], Any] = {}
 _KERNELS = {"plain": _matvec_tuned, "affine": _affine_tuned}
 
 
@@ -492,14 +492,14 @@ def _launch(
         # Rows by power of two: a prefill's grouped call has any row count, and each new
         # key costs a timing of both kernels.
         key = (1 << (m - 1).bit_length(), n, k, int(weight.qtype), grouped)
-        kernel = _faster.get(key)
+        gpu = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+        kernel = _faster.get((gpu, *key))  # mismatched cards each measure their own
         if kernel is None:
-            gpu = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
             name = _choices.get(gpu, key)
             if name is None:
                 name = _pick_faster(args, meta, m, n)
                 _choices.put(gpu, key, name)
-            kernel = _faster[key] = _KERNELS[name]
+            kernel = _faster[(gpu, *key)] = _KERNELS[name]
         kernel[lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
     else:
         fixed = dict(FIXED_CONFIG if config is None else config)
