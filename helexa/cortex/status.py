@@ -140,8 +140,7 @@ def run_status(
     """Print the fleet table (or the snapshot as JSON) once, or every ``watch_s`` seconds
     until interrupted (``rounds`` bounds it, for a test). A failure is one line; while
     watching, the next round tries again, as ``watch`` would."""
-    url = url or gateway_url(settings)
-    key = admin_key or settings.gateway.admin_key or next(iter(settings.gateway.api_keys), None)
+    url, key = gateway_target(settings, url, admin_key)
     clear = clear or (lambda: print("\x1b[H\x1b[2J", end=""))
     done = 0
     status = 0
@@ -176,6 +175,15 @@ def _status_once(
 
 
 # -- helexa list / helexa rm -------------------------------------------------------------------
+
+
+def gateway_target(
+    settings: Settings, url: str | None, admin_key: str | None
+) -> tuple[str, str | None]:
+    """Where the CLI finds the running gateway and the key it shows: the flags, else the
+    config's listen address and its admin key (or first API key)."""
+    key = admin_key or settings.gateway.admin_key or next(iter(settings.gateway.api_keys), None)
+    return url or gateway_url(settings), key
 
 
 def _loaded_where(snapshot: Mapping[str, Any] | None) -> dict[str, list[str]]:
@@ -268,8 +276,7 @@ def run_list(settings: Settings, url: str | None = None, admin_key: str | None =
     """``helexa list``: models on disk, and what a running gateway has loaded where."""
     from helexa.neuron.sources import on_disk
 
-    url = url or gateway_url(settings)
-    key = admin_key or settings.gateway.admin_key or next(iter(settings.gateway.api_keys), None)
+    url, key = gateway_target(settings, url, admin_key)
     snapshot, why = _try_snapshot(url, key)
     print(format_model_list(on_disk(settings), _catalogue_files(settings), snapshot))
     if why is not None:
@@ -289,8 +296,7 @@ def run_rm(
     except ValueError as exc:
         print(f"helexa rm: {exc}", file=sys.stderr)
         return 2
-    url = url or gateway_url(settings)
-    key = admin_key or settings.gateway.admin_key or next(iter(settings.gateway.api_keys), None)
+    url, key = gateway_target(settings, url, admin_key)
     try:
         snapshot = asyncio.run(fetch_snapshot(url, key, timeout_s=3.0))
     except (aiohttp.ClientError, OSError, TimeoutError):
