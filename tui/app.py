@@ -41,7 +41,7 @@ from helexa.neuron.interface import Neuron
 from tui.events import Events, EventsHandler, listening, stop_listening
 from tui.fleetview import FleetView, ModelRow, fleet_view
 from tui.history import DeviceHistory
-from tui.modelinfo import model_facts
+from tui.modelinfo import model_facts, on_disk
 from tui.traffic import Traffic
 from tui.widgets.attach_dialog import AttachDialog, one_line
 from tui.widgets.confirm import ConfirmDialog
@@ -118,6 +118,7 @@ class HelexaApp(App[int]):
         self.history = DeviceHistory()
         self.view = FleetView()
         self.pending: dict[str, str] = {}  # model row key -> admin op in flight
+        self._model_files: dict[str, str] = {}  # model row key -> on_disk(), once per open
         self.devices = DevicesPanel(id="devices")
         self.throughput = ThroughputPanel(id="throughput")
         self.models = ModelsTable(id="models")
@@ -277,12 +278,22 @@ class HelexaApp(App[int]):
     @on(ModelsTable.Opened)
     def open_model(self, message: ModelsTable.Opened) -> None:
         row = self.view.row(message.key)
-        if row is not None:
-            self.push_screen(ModelDetail(row.key, self._model_facts(row)))
+        if row is None:
+            return
+        self._model_files.pop(row.key, None)
+        self.push_screen(ModelDetail(row.key, self._model_facts(row)))
+        settings = self.service.settings
+
+        async def look() -> None:  # walks the disk: never on the loop the gateway serves
+            self._model_files[row.key] = await asyncio.to_thread(on_disk, row, settings)
+            self._refresh_detail()
+
+        self.run_worker(look(), group="model-files")
 
     def _model_facts(self, row: ModelRow) -> list[tuple[str, str]]:
         failure = self.events_log.failures.get(row.id)
-        return model_facts(row, self.service.settings, self.service.fleet, failure)
+        files = self._model_files.get(row.key, "looking…")
+        return model_facts(row, self.service.settings, self.service.fleet, failure, files)
 
     @on(RequestsTable.Opened)
     def open_request(self, message: RequestsTable.Opened) -> None:

@@ -61,14 +61,18 @@ def idle_eviction(row: ModelRow, settings: Settings) -> str:
     return f"in {max(0.0, left):.0f} s (idle {row.idle_s or 0:.0f} s of {ttl:.0f} s)"
 
 
-def model_facts(row: ModelRow, settings: Settings, fleet: Fleet, failure: str | None) -> Facts:
+def model_facts(
+    row: ModelRow, settings: Settings, fleet: Fleet, failure: str | None, files: str
+) -> Facts:
+    """The detail view's facts; ``files`` is :func:`on_disk`'s answer, found off the
+    event loop (it walks the disk) by whoever shows them."""
     profile = settings.profile(row.id)
     facts: Facts = [("node", row.node), ("status", row.status)]
     if failure or row.error:
         facts.append(("last failure", failure or row.error or ""))
     facts += [
         ("catalogue", "yes" if profile else "no: offered by the node"),
-        ("files", on_disk(row, settings)),
+        ("files", files),
         ("fits", fit(row, fleet)),
         ("aliases", ", ".join(profile.aliases) if profile and profile.aliases else "—"),
         (

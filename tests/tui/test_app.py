@@ -530,6 +530,7 @@ async def test_model_details_count_down_to_idle_eviction() -> None:
         app.query_one(ModelsTable).focus()
         await pilot.press("enter")
         assert isinstance(app.screen, ModelDetail)
+        await settle(app, pilot)  # the files fact is found off the event loop
         facts = dict(app.screen.facts)
         assert facts["idle eviction"].startswith("in ") and "of 600 s" in facts["idle eviction"]
         assert facts["fits"] == "loaded on gpu"

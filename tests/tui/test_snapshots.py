@@ -114,6 +114,8 @@ def test_model_detail(snap_compare: SnapCompare, scene: Scene) -> None:
         table.move_cursor(row=table.get_row_index("atlas/qwen3-4b"))
         await pilot.press("enter")
         assert isinstance(pilot.app.screen, ModelDetail)
+        await pilot.app.workers.wait_for_complete()  # the files fact, found off the loop
+        await pilot.pause()
 
     assert snap_compare(scene.app, terminal_size=SIZE, run_before=run_before)
 
