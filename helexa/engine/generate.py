@@ -265,6 +265,14 @@ class LoadedModel:
         """Weights + KV cache on the device, for ``/models`` vram_used_mb."""
         return self.model.nbytes
 
+    def device_memory_bytes(self) -> dict[str, int]:
+        """:attr:`memory_bytes` by device name: several for a layer split."""
+        from helexa.engine.models.layer_split import LayerSplit
+
+        if isinstance(self.model, LayerSplit):
+            return self.model.device_bytes()
+        return {str(self.model.device): self.model.nbytes}
+
     @property
     def prompt_cache_bytes(self) -> int:
         """Host memory the prompt cache's snapshots hold, for ``/models`` prompt_cache_mb."""
