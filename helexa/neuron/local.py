@@ -35,7 +35,7 @@ from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.engine.checkpoint.types import Progress
 from helexa.engine.generate import LoadedModel
 from helexa.engine.request import RequestError
-from helexa.engine.worker import DeviceWorker, StreamStalled
+from helexa.engine.worker import DeviceWorker, StepTimeout, StreamStalled
 from helexa.errors import ApiError
 from helexa.neuron import preflight
 from helexa.neuron.discovery import discover, read_health
@@ -263,7 +263,8 @@ class LocalNeuron:
                 self._entries.get(entry.model_id) is entry
             ):
                 del self._entries[entry.model_id]  # not a model here, so not listed as one
-            if failed_on is not None:  # free what the failed load had allocated
+            if failed_on is not None and self._worker(failed_on).hung is None:
+                # free what the failed load had allocated
                 await self._worker(failed_on).submit(_free_memory, failed_on)
             if isinstance(exc, NeuronError):
                 raise
@@ -309,7 +310,11 @@ class LocalNeuron:
         loaded, worker = self._serving(request)
         local = self.settings.local
         stream = worker.stream(
-            pick(loaded), request, buffer=local.stream_buffer, stall_s=local.stream_stall_s
+            pick(loaded),
+            request,
+            buffer=local.stream_buffer,
+            stall_s=local.stream_stall_s,
+            step_s=local.step_timeout_s,
         )
         try:
             async with aclosing(stream) as chunks:
@@ -317,6 +322,11 @@ class LocalNeuron:
                     yield chunk
         except RequestError as exc:
             raise _refused(exc) from exc
+        except StepTimeout as exc:
+            self._fail_device(worker.device, str(exc))
+            raise NeuronError(
+                str(exc), status=504, type="timeout_error", code="step_timeout"
+            ) from exc
         except StreamStalled as exc:
             raise NeuronError(
                 str(exc), status=408, type="timeout_error", code="stream_stalled"
@@ -330,6 +340,16 @@ class LocalNeuron:
                 type="server_error",
                 code="generation_failed",
             ) from exc
+
+    def _fail_device(self, device: torch.device, reason: str) -> None:
+        """Every model served from ``device``'s worker marked failed with ``reason``: its
+        thread is stuck in a step, so none of them can run again until the node restarts.
+        The references are dropped; the memory the stuck call holds stays held."""
+        for entry in self._entries.values():
+            if entry.device == device and entry.loaded is not None:
+                log.error("model %s failed: %s", entry.model_id, reason)
+                entry.status, entry.error, entry.loaded = "failed", reason, None
+                entry.device, entry.devices = None, []
 
     def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         return self._stream(request, lambda m: m.stream_chat)
