@@ -183,6 +183,11 @@ class LocalSettings(_Strict):
     # stream and serves the next (a client that stopped reading must not freeze the rest).
     stream_buffer: int = Field(default=256, ge=1)
     stream_stall_s: float = Field(default=10.0, gt=0)
+    # The longest a running generation may go without producing its next chunk (its whole
+    # prefill, or one decode step) before it is aborted and its model marked failed: a
+    # step that hangs (a driver fault, a collective that never completes) must not hang
+    # the node. Generous, since a CPU prefills a long prompt slowly; None: no limit.
+    step_timeout_s: float | None = Field(default=600.0, gt=0)
 
 
 class NeuronServerSettings(_Strict):

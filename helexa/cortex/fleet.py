@@ -355,6 +355,7 @@ class Fleet:
                 vram,
                 self._busy(node.name, model),
                 use.last_used,
+                tuple(state.device_vram_mb),
             )
         for r in reserved:
             models[r.model] = ModelView(r.model, "loading", r.devices, r.vram_mb)

@@ -20,7 +20,6 @@ evicting a model from the wrong GPU never counts as making room.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -47,6 +46,7 @@ class ModelView:
     vram_mb: int = 0
     in_flight: int = 0
     last_used: float = 0.0  # monotonic seconds; 0 = never used through this gateway
+    device_vram_mb: tuple[int, ...] = ()  # a split's MiB on each of ``devices``, as reported
 
 
 @dataclass(frozen=True)
@@ -65,19 +65,30 @@ class NodeView:
 # -- fit arithmetic --------------------------------------------------------------------------
 
 
-def fits(devices: Sequence[DeviceView], need: Requirements) -> list[int] | None:
+def fits(
+    devices: Sequence[DeviceView], need: Requirements, *, split: bool = True
+) -> list[int] | None:
     """The devices a model would use (most free first), or None when it does not fit now.
 
-    The model is split evenly over ``min_devices`` devices, each of which must have at
-    least ``min_device_vram_mb`` in total and its share free.
+    One device with room, when ``min_devices`` is 1; else, or when no one device has
+    room, a layer split over the fewest devices (at least ``min_devices``, most free
+    first) whose free memory holds it together: the engine gives each device a share in
+    proportion to its free memory (helexa.engine.models.layer_split), so mismatched
+    cards are used whole. Every device must have ``min_device_vram_mb`` in total.
+    ``split`` False: one device or nothing.
     """
     k = max(1, need.min_devices)
-    eligible = [d for d in devices if d.total_mb >= need.min_device_vram_mb]
-    chosen = sorted(eligible, key=lambda d: (-d.free_mb, d.index))[:k]
-    share = math.ceil(need.vram_mb / k)
-    if len(chosen) < k or any(d.free_mb < share for d in chosen):
-        return None
-    return [d.index for d in chosen]
+    eligible = sorted(
+        (d for d in devices if d.total_mb >= need.min_device_vram_mb),
+        key=lambda d: (-d.free_mb, d.index),
+    )
+    if k == 1 and eligible and eligible[0].free_mb >= need.vram_mb:
+        return [eligible[0].index]
+    for count in range(max(2, k), len(eligible) + 1 if split else 0):
+        chosen = eligible[:count]
+        if sum(d.free_mb for d in chosen) >= need.vram_mb:
+            return [d.index for d in chosen]
+    return None
 
 
 def can_host(devices: Sequence[DeviceView], need: Requirements) -> bool:
@@ -92,9 +103,12 @@ def free_after(
     free = {d.index: d.free_mb for d in devices}
     for m in victims:
         on = m.devices or (tuple(free) if len(free) == 1 else ())
-        for index in on:
+        shares = m.device_vram_mb
+        if len(shares) != len(on):  # not reported per device: an even share each
+            shares = tuple(m.vram_mb // len(on) for _ in on)
+        for index, share in zip(on, shares, strict=True):
             if index in free:
-                free[index] += m.vram_mb // len(on)
+                free[index] += share
     return tuple(replace(d, free_mb=min(d.total_mb, free[d.index])) for d in devices)
 
 
@@ -125,19 +139,31 @@ def select_victims(
 
     Victims are taken in eviction order until the model fits, then any victim the fit
     does not actually depend on (it freed the wrong device) is spared, newest first.
+    Evictions that make room on one device are looked for before those that make room
+    for a layer split, whose decode steps run without CUDA graphs.
     """
     if fits(node.devices, need) is not None:
         return []
+    for split in (False, True):
+        victims = _victims(node, need, strategy, catalogue, split)
+        if victims is not None:
+            return victims
+    return None
+
+
+def _victims(
+    node: NodeView, need: Requirements, strategy: Strategy, catalogue: Catalogue, split: bool
+) -> list[str] | None:
     victims: list[ModelView] = []
     for model in eviction_order(node, strategy, catalogue):
         victims.append(model)
-        if fits(free_after(node.devices, victims), need) is not None:
+        if fits(free_after(node.devices, victims), need, split=split) is not None:
             break
     else:
         return None
     for model in reversed(victims[:-1]):
         trial = [v for v in victims if v is not model]
-        if fits(free_after(node.devices, trial), need) is not None:
+        if fits(free_after(node.devices, trial), need, split=split) is not None:
             victims = trial
     return [v.id for v in victims]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -155,33 +155,53 @@ class LoadedModel:
         name: str = "",
         progress: Progress | None = None,
         prompt_cache_mb: int | None = None,
+        devices: Sequence[str | torch.device] | None = None,
     ) -> LoadedModel:
         """Load a GGUF file or HF directory onto ``device`` (bfloat16 on CUDA, float32 on
         CPU unless ``dtype`` says otherwise) with a KV cache of ``context_length`` and
         ``prompt_cache_mb`` of host memory for prompt snapshots (None: the device's
-        default). On CUDA the model is warmed up before it is returned (:meth:`warm_up`)."""
+        default). On CUDA the model is warmed up before it is returned (:meth:`warm_up`).
+
+        ``devices``, when given, overrides ``device``; two or more split the layers
+        across them (helexa.engine.models.layer_split: shares by free memory; the dtype
+        and the sampler are the last device's). A split decodes with the eager forward,
+        not a CUDA graph. Devices that do not exist, or a split that cannot fit, are
+        refused (a SplitError) before a weight is placed."""
         from helexa.engine.checkpoint.safetensors import is_gguf, load_checkpoint, read_config
         from helexa.engine.models.architectures import model_class
         from helexa.engine.models.kv_cache import HostSnapshots
+        from helexa.engine.models.layer_split import check_devices, load_split
         from helexa.engine.models.qwen3_next import Qwen3Next
         from helexa.engine.models.qwen3_next import decode_step as hybrid_decode_step
 
         path = Path(path)
-        device = torch.device(device)
+        named = check_devices(devices) if devices else None
+        split = named if named is not None and len(named) > 1 else None
+        device = named[-1] if named else torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if not is_gguf(path):  # GGUF's loader checks its own metadata first
             model_class(read_config(path), str(path))
         cuda = device.type == "cuda"
-        ckpt = load_checkpoint(path, device, _share(progress, 0.0, WEIGHTS_SHARE if cuda else 1.0))
+        # A split reads to the host (mapped files) and moves each tensor to its device.
+        where = torch.device("cpu") if split is not None else device
+        ckpt = load_checkpoint(path, where, _share(progress, 0.0, WEIGHTS_SHARE if cuda else 1.0))
         tokenizer = Tokenizer.from_checkpoint(ckpt.tokenizer)
-        model = model_class(ckpt.config, ckpt.source).from_checkpoint(ckpt, device, dtype)
+        architecture = model_class(ckpt.config, ckpt.source)
+        model: Any
+        if split is not None:
+            window = int(ckpt.config.get("max_position_embeddings") or DEFAULT_CONTEXT)
+            context = context_length or min(window, DEFAULT_CONTEXT)
+            model = load_split(ckpt, architecture, split, dtype, context)
+        else:
+            model = architecture.from_checkpoint(ckpt, device, dtype)
         ckpt.tensors.clear()  # the model holds what it needs; drop the loader's references
-        context = context_length or min(model.config.max_position_embeddings, DEFAULT_CONTEXT)
-        model.setup_cache(1, context)
+        if split is None:
+            context = context_length or min(model.config.max_position_embeddings, DEFAULT_CONTEXT)
+            model.setup_cache(1, context)
         hybrid = isinstance(model, Qwen3Next)
         decode = None
-        if cuda:  # replay decode steps from CUDA graphs
+        if cuda and split is None:  # replay decode steps from CUDA graphs
             from helexa.engine.models.cuda_graph import GraphDecoder
 
             decode = GraphDecoder(model, step=hybrid_decode_step) if hybrid else GraphDecoder(model)
@@ -246,6 +266,14 @@ class LoadedModel:
     def memory_bytes(self) -> int:
         """Weights + KV cache on the device, for ``/models`` vram_used_mb."""
         return self.model.nbytes
+
+    def device_memory_bytes(self) -> dict[str, int]:
+        """:attr:`memory_bytes` by device name: several for a layer split."""
+        from helexa.engine.models.layer_split import LayerSplit
+
+        if isinstance(self.model, LayerSplit):
+            return self.model.device_bytes()
+        return {str(self.model.device): self.model.nbytes}
 
     @property
     def prompt_cache_bytes(self) -> int:

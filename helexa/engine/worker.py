@@ -51,12 +51,20 @@ class StreamStalled(RuntimeError):
     in all; the generation was cancelled so the device could serve the others."""
 
 
+class StepTimeout(RuntimeError):
+    """A stream's job produced nothing for the step timeout: a forward pass (or a
+    collective) that does not finish. The device thread is stuck in it, so the worker
+    refuses all further jobs (:attr:`DeviceWorker.hung`) instead of queueing them behind
+    it; what the stuck call holds cannot be freed from Python."""
+
+
 class DeviceWorker:
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.name = thread_name(self.device)
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._closed = False
+        self.hung: str | None = None  # why, once a step outlived the step timeout
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
@@ -70,6 +78,8 @@ class DeviceWorker:
     def _put(self, job: Callable[[], None]) -> None:
         if self._closed:
             raise RuntimeError(f"{self.name} worker is closed")
+        if self.hung is not None:
+            raise StepTimeout(self.hung)
         self._jobs.put(job)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -94,6 +104,7 @@ class DeviceWorker:
         *args: Any,
         buffer: int = 32,
         stall_s: float | None = None,
+        step_s: float | None = None,
     ) -> AsyncIterator[T]:
         """Iterate ``gen_fn(*args, cancel)`` on the device thread, yielding here.
 
@@ -104,6 +115,11 @@ class DeviceWorker:
         holds the device as surely as one that stopped) it gives up: ``cancel`` is set and
         the consumer, should it read on, gets the waiting items and then
         :class:`StreamStalled`.
+
+        ``step_s`` bounds, once the job has started, how long the consumer waits for the
+        next item (a prefill, a decode step): past it the stream ends with
+        :class:`StepTimeout` and the worker is marked hung. It is watched here, on the
+        loop, so the device thread's token loop pays nothing for it.
         """
         loop = asyncio.get_running_loop()
         cancel = threading.Event()
@@ -129,9 +145,12 @@ class DeviceWorker:
             except RuntimeError:  # the loop is gone: nobody is listening any more
                 cancel.set()
 
+        started = threading.Event()  # the step timeout runs from the job's start
+
         def job() -> None:
             if cancel.is_set():
                 return
+            started.set()
             iterator = None
             try:
                 iterator = iter(gen_fn(*args, cancel))
@@ -156,7 +175,7 @@ class DeviceWorker:
         self._put(job)
         try:
             while True:
-                kind, value = await items.get()
+                kind, value = await self._next(items, started, step_s)
                 if kind == _ITEM:
                     slots.release()
                     yield value
@@ -167,6 +186,30 @@ class DeviceWorker:
         finally:
             cancel.set()
             slots.release()  # wake a producer blocked on a full buffer so it sees cancel
+
+    async def _next(
+        self, items: asyncio.Queue[tuple[str, Any]], started: threading.Event, step_s: float | None
+    ) -> tuple[str, Any]:
+        """The stream's next message, waited for at most ``step_s`` once its job runs
+        (a job queued behind another stream's is not yet on the clock)."""
+        if step_s is None or not items.empty():
+            return await items.get()
+        while not started.is_set():
+            try:
+                async with asyncio.timeout(step_s):
+                    return await items.get()
+            except TimeoutError:
+                if self.hung is not None:  # the job ahead of ours is stuck: ours never runs
+                    raise StepTimeout(self.hung) from None
+        try:
+            async with asyncio.timeout(step_s):
+                return await items.get()
+        except TimeoutError:
+            self.hung = (
+                f"a step on {self.name} did not finish in {step_s:g} s; the device is "
+                "stuck in it and takes no more work until the node restarts"
+            )
+            raise StepTimeout(self.hung) from None
 
     async def close(self) -> None:
         """Stop after the queued jobs; running generations stop when their streams close."""

@@ -67,6 +67,8 @@ class ModelState(BaseModel):
     status: ModelStatus
     devices: list[int] = Field(default_factory=list)
     vram_used_mb: int = 0
+    # MiB on each of ``devices``, in order, for a model split across several (empty: one).
+    device_vram_mb: list[int] = Field(default_factory=list)
     prompt_cache_mb: int = 0  # host memory its prompt snapshots hold now
     context_length: int | None = None
     progress: float | None = None  # 0..1 while loading

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
 from typing import Any
@@ -35,7 +35,8 @@ from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.engine.checkpoint.types import Progress
 from helexa.engine.generate import LoadedModel
 from helexa.engine.request import RequestError
-from helexa.engine.worker import DeviceWorker, StreamStalled
+from helexa.engine.worker import DeviceWorker, StepTimeout, StreamStalled
+from helexa.errors import ApiError
 from helexa.neuron import preflight
 from helexa.neuron.discovery import discover, read_health
 from helexa.neuron.interface import (
@@ -59,18 +60,21 @@ class _Entry:
     model_id: str
     status: ModelStatus = "unloaded"
     loaded: LoadedModel | None = None
-    device: torch.device | None = None
+    device: torch.device | None = None  # where its worker runs: the first of ``devices``
+    devices: list[torch.device] = field(default_factory=list)  # several: a layer split
     error: str | None = None
     task: asyncio.Future[None] | None = None  # the load in flight, shared by its callers
     progress: float = 0.0  # weight bytes placed, 0..1, written by the loading worker thread
 
     def state(self) -> ModelState:
-        loaded, device = self.loaded, self.device
+        loaded, devices = self.loaded, self.devices if self.device is not None else []
+        held = loaded.device_memory_bytes() if loaded and len(devices) > 1 else {}
         return ModelState(
             id=self.model_id,
             status=self.status,
-            devices=[] if device is None else [device.index or 0],
+            devices=[d.index or 0 for d in devices],
             vram_used_mb=loaded.memory_bytes // MB if loaded else 0,
+            device_vram_mb=[held.get(str(d), 0) // MB for d in devices] if held else [],
             prompt_cache_mb=loaded.prompt_cache_bytes // MB if loaded else 0,
             context_length=loaded.context_length if loaded else None,
             progress=self.progress if self.status == "loading" else None,
@@ -185,9 +189,13 @@ class LocalNeuron:
             )
         return path
 
-    async def _place(self, path: Path, request: LoadRequest, context: int | None) -> torch.device:
-        """The device preflight picks (most free memory among the allowed ones); it refuses,
-        with a structured error, a model that is unsupported, incomplete or does not fit."""
+    async def _place(
+        self, path: Path, request: LoadRequest, context: int | None, min_devices: int
+    ) -> list[torch.device]:
+        """The device preflight picks (most free memory among the allowed ones), or the
+        GPUs of a layer split when none holds the model alone or the catalogue asks for
+        ``min_devices``; it refuses, with a structured error, a model that is
+        unsupported, incomplete or does not fit."""
         discovery, health = await asyncio.gather(self.discovery(), self.health())
         readings = {d.index: d for d in health.devices}
         devices = [(d, readings[d.index]) for d in discovery.devices if d.index in readings]
@@ -197,10 +205,13 @@ class LocalNeuron:
             devices=devices,
             context_length=context,
             requested_devices=request.devices or self.settings.local.devices,
+            min_devices=min_devices,
         )
-        index = plan.devices[0]
-        kind = next(d.kind for d, _ in devices if d.index == index)
-        return torch.device("cuda", index) if kind == "cuda" else torch.device("cpu")
+        kinds = {d.index: d.kind for d, _ in devices}
+        return [
+            torch.device("cuda", i) if kinds[i] == "cuda" else torch.device("cpu")
+            for i in plan.devices
+        ]
 
     def _worker(self, device: torch.device) -> DeviceWorker:
         if device not in self._workers:
@@ -235,13 +246,16 @@ class LocalNeuron:
         cache_mb = self.settings.local.prompt_cache_mb
         entry.status, entry.error, entry.progress = "loading", None, 0.0
         try:
-            device = await self._place(path, request, context)
-            entry.device = device
-            entry.loaded = await self._worker(device).submit(
-                _load, path, device, context, sampling, entry.model_id, cache_mb, entry.report
+            devices = await self._place(
+                path, request, context, profile.min_devices if profile else 1
+            )
+            entry.device, entry.devices = devices[0], devices
+            # A split runs on its first device's worker (its steps go device to device).
+            entry.loaded = await self._worker(devices[0]).submit(
+                _load, path, devices, context, sampling, entry.model_id, cache_mb, entry.report
             )
         except Exception as exc:
-            failed_on, entry.device = entry.device, None
+            failed_on, entry.device, entry.devices = entry.device, None, []
             entry.status = "failed"
             entry.error = exc.message if isinstance(exc, NeuronError) else str(exc)
             log.warning("loading %s failed: %s", entry.model_id, entry.error)
@@ -249,10 +263,15 @@ class LocalNeuron:
                 self._entries.get(entry.model_id) is entry
             ):
                 del self._entries[entry.model_id]  # not a model here, so not listed as one
-            if failed_on is not None:  # free what the failed load had allocated
+            if failed_on is not None and self._worker(failed_on).hung is None:
+                # free what the failed load had allocated
                 await self._worker(failed_on).submit(_free_memory, failed_on)
             if isinstance(exc, NeuronError):
                 raise
+            if isinstance(exc, ApiError):  # the engine's own refusal (a layer split's)
+                raise NeuronError(
+                    exc.message, status=exc.status, type=exc.type, code=exc.code, extra=exc.extra
+                ) from exc
             raise _load_error(entry.model_id, exc) from exc
         entry.status = "loaded"
 
@@ -262,7 +281,7 @@ class LocalNeuron:
             return
         if entry.task is not None and not entry.task.done():
             await asyncio.wait([entry.task])  # let a load in flight finish, then undo it
-        device, entry.loaded = entry.device, None
+        device, entry.loaded, entry.devices = entry.device, None, []
         entry.status, entry.device, entry.error = "unloaded", None, None
         if device is not None:
             # Queued behind any generation still using the model on that device.
@@ -291,7 +310,11 @@ class LocalNeuron:
         loaded, worker = self._serving(request)
         local = self.settings.local
         stream = worker.stream(
-            pick(loaded), request, buffer=local.stream_buffer, stall_s=local.stream_stall_s
+            pick(loaded),
+            request,
+            buffer=local.stream_buffer,
+            stall_s=local.stream_stall_s,
+            step_s=local.step_timeout_s,
         )
         try:
             async with aclosing(stream) as chunks:
@@ -299,6 +322,11 @@ class LocalNeuron:
                     yield chunk
         except RequestError as exc:
             raise _refused(exc) from exc
+        except StepTimeout as exc:
+            self._fail_device(worker.device, str(exc))
+            raise NeuronError(
+                str(exc), status=504, type="timeout_error", code="step_timeout"
+            ) from exc
         except StreamStalled as exc:
             raise NeuronError(
                 str(exc), status=408, type="timeout_error", code="stream_stalled"
@@ -312,6 +340,16 @@ class LocalNeuron:
                 type="server_error",
                 code="generation_failed",
             ) from exc
+
+    def _fail_device(self, device: torch.device, reason: str) -> None:
+        """Every model served from ``device``'s worker marked failed with ``reason``: its
+        thread is stuck in a step, so none of them can run again until the node restarts.
+        The references are dropped; the memory the stuck call holds stays held."""
+        for entry in self._entries.values():
+            if entry.device == device and entry.loaded is not None:
+                log.error("model %s failed: %s", entry.model_id, reason)
+                entry.status, entry.error, entry.loaded = "failed", reason, None
+                entry.device, entry.devices = None, []
 
     def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         return self._stream(request, lambda m: m.stream_chat)
@@ -336,7 +374,7 @@ class LocalNeuron:
 
 def _load(
     path: Path,
-    device: torch.device,
+    devices: list[torch.device],
     context: int | None,
     sampling: dict[str, Any],
     name: str,
@@ -345,9 +383,10 @@ def _load(
 ) -> LoadedModel:
     return LoadedModel.load(
         path,
-        device,
+        devices[0],
         None,
         context,
+        devices=devices if len(devices) > 1 else None,
         sampling_defaults=sampling,
         name=name,
         progress=progress,

@@ -49,6 +49,9 @@ class Plan:
     context_length: int = 0
     architecture: str = ""
     state_mb: int = 0  # a hybrid model's recurrent state (fixed, whatever the context)
+    layers: int = 0  # decoder layers a layer split shares out; 0: it cannot be split
+    # A layer split's MiB on each of ``devices`` (empty: one device holds it all).
+    device_mb: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,20 @@ def estimate(facts: ModelFacts, context: int, kind: DeviceKind) -> Plan:
     kv = kv_cache_mb(attention_layers, kv_heads, head_dim, context, compute)
     state = math.ceil(state_bytes / MB)
     needed = w + kv + state + overhead_mb(w)
-    return Plan([], w, kv, needed, context, facts.architecture, state)
+    splittable = not state_bytes and _splittable(cfg)
+    return Plan([], w, kv, needed, context, facts.architecture, state, layers * splittable)
+
+
+def _splittable(cfg: dict[str, Any]) -> bool:
+    """Whether the engine's layer split runs this architecture (Qwen3 and Qwen3-MoE)."""
+    from helexa.engine.checkpoint.errors import CheckpointError
+    from helexa.engine.models.architectures import model_class
+    from helexa.engine.models.qwen3 import Qwen3
+
+    try:
+        return issubclass(model_class(cfg), Qwen3)
+    except CheckpointError:
+        return False
 
 
 def _layer_caches(cfg: dict[str, Any], layers: int, dtype_bytes: int) -> tuple[int, int]:
@@ -140,12 +156,42 @@ def _layer_caches(cfg: dict[str, Any], layers: int, dtype_bytes: int) -> tuple[i
     return hybrid.attention_layers, hybrid.recurrent_state_bytes(dtype_bytes)
 
 
+def split_plan(plan: Plan, devices: list[tuple[DeviceInfo, DeviceHealth]]) -> Plan | None:
+    """``plan`` split by layers over ``devices`` (GPUs, in their order), each taking a
+    share of the layers' weights and KV cache in proportion to its free memory and an
+    overhead of its own (helexa.engine.models.layer_split.layer_counts, in MiB); None
+    when it does not fit or cannot be split."""
+    from helexa.engine.models.layer_split import SplitError, layer_counts
+
+    if plan.layers < len(devices) or len(devices) < 2:
+        return None
+    if any(info.kind != "cuda" for info, _ in devices):
+        return None
+    per_layer = math.ceil((plan.weights_mb + plan.kv_mb) / plan.layers)
+    extra = overhead_mb(plan.weights_mb // len(devices))
+    room = [health.vram_free_mb - extra for _, health in devices]
+    try:
+        counts = layer_counts(room, [per_layer] * plan.layers)
+    except SplitError:
+        return None
+    device_mb = tuple(count * per_layer + extra for count in counts)
+    return replace(
+        plan,
+        devices=[info.index for info, _ in devices],
+        needed_mb=sum(device_mb),
+        device_mb=device_mb,
+    )
+
+
 def choose_device(
     devices: list[tuple[DeviceInfo, DeviceHealth]],
     plan_for: dict[DeviceKind, Plan],
     requested: list[int] | None = None,
+    min_devices: int = 1,
 ) -> Plan:
-    """The allowed device with the most free memory that fits, or a structured refusal."""
+    """The allowed device with the most free memory that fits; else (or when the
+    catalogue asks for ``min_devices`` > 1) a layer split over the fewest allowed GPUs,
+    most free first, that holds it; else a structured refusal."""
     known = {info.index for info, _ in devices}
     unknown = sorted(set(requested or ()) - known)
     if unknown:
@@ -156,18 +202,32 @@ def choose_device(
         )
     allowed = [(i, h) for i, h in devices if requested is None or i.index in requested]
     ranked = sorted(allowed, key=lambda d: d[1].vram_free_mb, reverse=True)
-    for info, health in ranked:
+    for info, health in ranked if min_devices <= 1 else ():
         if plan_for[info.kind].needed_mb <= health.vram_free_mb:
             return replace(plan_for[info.kind], devices=[info.index])
+    gpus = [d for d in ranked if d[0].kind == "cuda"]
+    for count in range(max(2, min_devices), len(gpus) + 1):
+        chosen = sorted(gpus[:count], key=lambda d: d[0].index)
+        split = split_plan(plan_for["cuda"], chosen) if "cuda" in plan_for else None
+        if split is not None:
+            return split
     if ranked:
         plan, free = plan_for[ranked[0][0].kind], ranked[0][1].vram_free_mb
     else:
         plan, free = min(plan_for.values(), key=lambda p: p.needed_mb), 0
     state = f", recurrent state {plan.state_mb}" if plan.state_mb else ""
+    across = ""
+    if len(gpus) > 1 and plan.layers:
+        total = sum(h.vram_free_mb for _, h in gpus)
+        across = f", {total} MiB across {len(gpus)} GPUs for a layer split"
+    elif len(gpus) > 1:
+        across = " (and this architecture cannot be split by layers)"
+    if min_devices > len(gpus):
+        across += f"; the catalogue asks for {min_devices} devices, {len(gpus)} are allowed"
     raise PreflightError(
         f"needs {plan.needed_mb} MiB (weights {plan.weights_mb}, KV cache {plan.kv_mb} at "
         f"{plan.context_length} tokens{state}) but the most free on an allowed device is "
-        f"{free} MiB",
+        f"{free} MiB{across}",
         code="insufficient_vram",
         status=507,
         extra={"needed_mb": plan.needed_mb, "free_mb": free},
@@ -231,10 +291,11 @@ def check(
     devices: list[tuple[DeviceInfo, DeviceHealth]],
     context_length: int | None,
     requested_devices: list[int] | None = None,
+    min_devices: int = 1,
 ) -> Plan:
-    """Refuse ``path`` (files, architecture, fit) or say which device it goes on and why."""
+    """Refuse ``path`` (files, architecture, fit) or say which device(s) it goes on and why."""
     facts = read_facts(Path(path))
     context = default_context(facts.config, context_length)
     kinds: set[DeviceKind] = {info.kind for info, _ in devices} or {"cuda"}
     plans = {kind: estimate(facts, context, kind) for kind in sorted(kinds)}
-    return choose_device(devices, plans, requested_devices)
+    return choose_device(devices, plans, requested_devices, min_devices)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from helexa.engine.worker import DeviceWorker, StreamStalled
+from helexa.engine.worker import DeviceWorker, StepTimeout, StreamStalled
 
 
 @pytest.fixture
@@ -133,6 +133,40 @@ async def test_a_stream_nobody_reads_is_cancelled_and_the_device_goes_on(
     with pytest.raises(StreamStalled, match="2 chunks waiting"):
         assert [await anext(stream) for _ in range(3)] == [1, 2]
     await stream.aclose()
+
+
+async def test_a_step_that_never_finishes_ends_its_stream_and_the_worker_takes_no_more() -> None:
+    release = threading.Event()  # the "hung step": set only when the test is done
+    queued_ran = threading.Event()
+    w = DeviceWorker("cpu")
+
+    def hangs(cancel: threading.Event) -> Iterator[int]:
+        yield 1
+        release.wait()  # a forward pass that does not return
+
+    def after(cancel: threading.Event) -> Iterator[int]:
+        queued_ran.set()
+        yield 2
+
+    try:
+        got: list[int] = []
+        # A second stream queued behind the hung one is not on the clock while it waits;
+        # it ends with the same error once the first has marked the worker hung.
+        queued = w.stream(after, step_s=0.2)
+        with pytest.raises(StepTimeout, match="did not finish in 0.2 s"):
+            async for item in w.stream(hangs, step_s=0.2):
+                got.append(item)
+                first = asyncio.ensure_future(anext(queued))
+        assert got == [1]
+        assert w.hung is not None and "helexa-cpu" in w.hung
+        with pytest.raises(StepTimeout):
+            await first
+        with pytest.raises(StepTimeout):
+            await w.submit(pow, 2, 2)
+        assert not queued_ran.is_set()
+    finally:
+        release.set()
+        await w.close()
 
 
 async def test_submit_after_close_is_refused() -> None:

@@ -215,6 +215,71 @@ async def test_preflight_refusals_keep_their_structure(
     assert err.value.to_body()["error"]["needed_mb"] > err.value.to_body()["error"]["free_mb"]
 
 
+async def test_a_model_the_catalogue_splits_is_refused_without_the_gpus(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # min_devices 2 asks for a layer split over two GPUs; this host's only device is its
+    # CPU, so the load is refused before any memory is touched, naming why.
+    split = ModelProfile(id="split", path=str(model_dir), min_devices=2)
+    local_settings = LocalSettings(model_dirs=[str(tmp_path_factory.getbasetemp())])
+    n = LocalNeuron(Settings(models=[split], local=local_settings))
+    try:
+        with pytest.raises(NeuronError) as err:
+            await n.load(LoadRequest(model_id="split"))
+        assert (err.value.status, err.value.type, err.value.code) == (
+            507,
+            "preflight",
+            "insufficient_vram",
+        )
+        assert "the catalogue asks for 2 devices, 0 are allowed" in err.value.message
+        (state,) = await n.models()
+        assert (state.status, state.devices, state.device_vram_mb) == ("failed", [], [])
+        # The same model loads whole on the CPU, reported on one device.
+        state = await n.load(LoadRequest(model_id=f"file:{model_dir}"))
+        assert (state.status, state.devices, state.device_vram_mb) == ("loaded", [0], [])
+    finally:
+        await n.close()
+
+
+async def test_a_hung_step_fails_the_request_and_the_model_not_the_node(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A generation whose step never returns (the double below blocks where a forward
+    pass would) is aborted after step_timeout_s with a 504 in the neuron's error shape;
+    the model is listed failed with why, and asking again is answered at once."""
+    release = threading.Event()
+
+    def hung_chat(self: LoadedModel, request: dict[str, Any], cancel: threading.Event) -> Any:
+        yield {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+        release.wait()
+
+    monkeypatch.setattr(LoadedModel, "stream_chat", hung_chat)
+    local_settings = LocalSettings(
+        model_dirs=[str(tmp_path_factory.getbasetemp())], step_timeout_s=0.3
+    )
+    n = LocalNeuron(Settings(local=local_settings))
+    model_id = f"file:{model_dir}"
+    try:
+        await n.load(LoadRequest(model_id=model_id))
+        with pytest.raises(NeuronError) as err:
+            await collect(n.chat({**CHAT, "model": model_id}))
+        assert (err.value.status, err.value.type, err.value.code) == (
+            504,
+            "timeout_error",
+            "step_timeout",
+        )
+        assert "did not finish in 0.3 s" in err.value.message
+        (state,) = await n.models()
+        assert (state.status, state.error) == ("failed", err.value.message)
+        with pytest.raises(NeuronError) as again:
+            await collect(n.chat({**CHAT, "model": model_id}))
+        assert (again.value.status, again.value.code) == (409, "model_not_loaded")
+        assert (await n.health()).uptime_secs >= 0  # the node itself still answers
+    finally:
+        release.set()
+        await n.close()
+
+
 async def test_unknown_model_is_404_and_leaves_no_entry(
     neuron: LocalNeuron, tmp_path: Path
 ) -> None:

@@ -78,6 +78,15 @@ def test_min_devices_and_min_device_vram() -> None:
     assert [n.name for n in candidates("tp", nodes, CATALOGUE)] == ["pair"]
 
 
+def test_a_model_no_card_holds_is_placed_across_mismatched_cards() -> None:
+    # A 12 GB card beside a 24 GB one: "big" (20000) fits neither alone once the 24 GB
+    # card has 15000 free, but fits across both; a single card that holds it still wins.
+    mixed = node("mixed", gpu(0, 11000, total=12000), gpu(1, 15000))
+    assert place("big", [mixed], CATALOGUE) == Placement("mixed", (1, 0))
+    roomy = node("roomy", gpu(0, 24000))
+    assert place("big", [mixed, roomy], CATALOGUE) == Placement("roomy", (0,))
+
+
 def test_eviction_plan_when_nothing_fits() -> None:
     nodes = [
         node(

@@ -49,7 +49,14 @@ CATALOGUE = Catalogue(
         ((7000,), Requirements(8000), None),
         ((3000, 9000), Requirements(8000), [1]),
         ((5000, 5000), Requirements(8000, min_devices=2), [0, 1]),
-        ((9000, 3000), Requirements(8000, min_devices=2), None),  # 4000 per device
+        # A split takes shares by free memory (the engine's layer split): 6000 + 2000 fits.
+        ((9000, 3000), Requirements(8000, min_devices=2), [0, 1]),
+        ((5000, 2000), Requirements(8000, min_devices=2), None),
+        # No one device holds it: split over the fewest that do, most free first.
+        ((5000, 4000), Requirements(8000), [0, 1]),
+        ((2000, 5000, 4000), Requirements(8000), [1, 2]),
+        ((2000, 5000, 4000), Requirements(10000), [1, 2, 0]),
+        ((2000, 5000, 4000), Requirements(12000), None),
         ((9000,), Requirements(1000, min_devices=2), None),  # one device only
         ((9000, 9000), Requirements(1000, min_device_vram_mb=30000), None),  # too small
         ((100,), Requirements(0), [0]),  # unknown size: preflight decides
@@ -71,6 +78,15 @@ def test_free_after_credits_each_device_its_share() -> None:
     devices = (DeviceView(0, 24000, 1000), DeviceView(1, 24000, 2000))
     split = loaded("tp", 8000, 1, on=(0, 1))
     assert free_after(devices, [split]) == (DeviceView(0, 24000, 5000), DeviceView(1, 24000, 6000))
+
+
+def test_free_after_credits_a_split_what_it_reported_per_device() -> None:
+    devices = (DeviceView(0, 12000, 1000), DeviceView(1, 24000, 2000))
+    split = ModelView("big", "loaded", (0, 1), 30000, device_vram_mb=(10000, 20000))
+    assert free_after(devices, [split]) == (
+        DeviceView(0, 12000, 11000),
+        DeviceView(1, 24000, 22000),
+    )
 
 
 # -- select_victims ----------------------------------------------------------------------------
@@ -129,6 +145,16 @@ def test_select_victims_spares_models_on_the_wrong_device() -> None:
     assert select_victims(
         node(a_on_1, b_on_0, devices=devices), Requirements(12000), "lru", CATALOGUE
     ) == ["b"]
+
+
+def test_select_victims_makes_room_for_a_split_when_no_one_device_can_hold_it() -> None:
+    # 16000 fits no 12000 card; evicting the LRU model frees enough across both.
+    devices = (DeviceView(0, 12000, 4000), DeviceView(1, 12000, 6000))
+    old_on_1 = loaded("a", 6000, 100, on=(1,))
+    new_on_0 = loaded("b", 4000, 200, on=(0,))
+    assert select_victims(
+        node(old_on_1, new_on_0, devices=devices), Requirements(16000), "lru", CATALOGUE
+    ) == ["a"]
 
 
 def test_select_victims_prunes_an_unneeded_older_victim() -> None:

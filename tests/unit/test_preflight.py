@@ -119,6 +119,50 @@ def test_choose_device_insufficient_vram_body() -> None:
     assert "7500" in body["message"] and "7000" in body["message"]
 
 
+# 32 layers of weights and KV cache: 30000 + 2000 MiB, needing ~34 GiB on one card.
+BIG = {
+    "cuda": Plan([], weights_mb=30000, kv_mb=2000, needed_mb=33756, context_length=8192, layers=32)
+}
+
+
+def test_a_model_no_card_holds_is_split_over_cards_by_free_memory() -> None:
+    plan = choose_device(gpus(12000, 26000, 4000), BIG)
+    # The fewest cards that hold it (the two with the most free), in device order, each
+    # taking its share of the 1000 MiB layers plus an overhead of its own.
+    assert plan.devices == [0, 1]
+    extra = overhead_mb(30000 // 2)
+    assert plan.device_mb == (10 * 1000 + extra, 22 * 1000 + extra)
+    assert plan.needed_mb == sum(plan.device_mb)
+    assert all(mb <= free for mb, free in zip(plan.device_mb, (12000, 26000), strict=True))
+
+
+def test_min_devices_splits_a_model_one_card_would_hold() -> None:
+    whole = choose_device(gpus(40000, 40000), BIG)
+    assert len(whole.devices) == 1 and whole.device_mb == ()
+    plan = choose_device(gpus(40000, 40000), BIG, min_devices=2)
+    assert plan.devices == [0, 1] and len(plan.device_mb) == 2
+    assert plan.device_mb[0] == plan.device_mb[1]
+    with pytest.raises(PreflightError) as err:
+        choose_device(gpus(40000, 40000), BIG, min_devices=3)
+    assert "asks for 3 devices, 2 are allowed" in err.value.message
+
+
+def test_a_split_is_refused_when_the_cards_together_are_too_small() -> None:
+    with pytest.raises(PreflightError) as err:
+        choose_device(gpus(12000, 12000, 8000), BIG)
+    assert (err.value.status, err.value.code) == (507, "insufficient_vram")
+    assert "32000 MiB across 3 GPUs for a layer split" in err.value.message
+    # Requested devices bound the split as they bound a single card.
+    with pytest.raises(PreflightError):
+        choose_device(gpus(12000, 26000, 4000), BIG, [1, 2])
+
+
+def test_an_architecture_without_a_layer_split_stays_on_one_card() -> None:
+    with pytest.raises(PreflightError) as err:
+        choose_device(gpus(6000, 6000), PLAN)  # PLAN: layers=0, not splittable
+    assert "cannot be split by layers" in err.value.message
+
+
 def test_choose_device_unknown_device() -> None:
     with pytest.raises(PreflightError) as err:
         choose_device(gpus(20000), PLAN, [3])
@@ -177,6 +221,7 @@ def test_check_gguf_plans_on_cpu(tiny_gguf: Path) -> None:
     assert plan.needed_mb == plan.weights_mb + plan.kv_mb + overhead_mb(plan.weights_mb)
     assert plan.devices == [0] and plan.context_length == 1024
     assert plan.architecture == "qwen3"
+    assert plan.layers == 2 and plan.device_mb == ()  # a Qwen3 could be split by layers
 
 
 def test_check_gguf_default_context_is_capped(tiny_gguf: Path) -> None:

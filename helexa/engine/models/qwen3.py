@@ -273,18 +273,26 @@ class CheckpointWeights:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
+    def device_of(self, name: str) -> torch.device:
+        """The device tensor ``name`` goes to: one for all here; a layer split
+        (helexa.engine.models.layer_split) places each layer's tensors on its own."""
+        return self.device
+
     def weight(self, name: str) -> Weight:
         t = self.tensors.get(name)
         if t is None:
             raise CheckpointError(f"{self.source}: missing tensor {name!r}")
+        device = self.device_of(name)
         if isinstance(t, QuantizedTensor):
-            return t.to(self.device)
-        return t.to(device=self.device, dtype=self.dtype)
+            return t.to(device)
+        return t.to(device=device, dtype=self.dtype)
 
     def dense(self, name: str) -> torch.Tensor:
         """A weight always used dense (norms, biases, a router): dequantized once."""
         t = self.weight(name)
-        return t.dequantize(self.dtype).to(self.device) if isinstance(t, QuantizedTensor) else t
+        if isinstance(t, QuantizedTensor):
+            return t.dequantize(self.dtype).to(self.device_of(name))
+        return t
 
     def optional(self, name: str) -> torch.Tensor | None:
         return self.dense(name) if name in self.tensors else None
@@ -324,8 +332,11 @@ class Qwen3:
         """Move (and for float weights, cast) each tensor to ``device`` once; quantized
         weights move as their raw blocks."""
         cfg = cls.config_class.from_hf(ckpt.config, ckpt.source)
-        device = torch.device(device)
-        w = CheckpointWeights(ckpt, device, dtype)
+        return cls.from_weights(cfg, CheckpointWeights(ckpt, torch.device(device), dtype))
+
+    @classmethod
+    def from_weights(cls, cfg: Qwen3Config, w: CheckpointWeights) -> Qwen3:
+        """The model of ``cfg`` built from ``w``, each tensor where ``w`` places it."""
         layers = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
@@ -360,8 +371,8 @@ class Qwen3:
             layers=layers,
             norm=w.dense("model.norm.weight"),
             lm_head=embed if tied else w.weight("lm_head.weight"),
-            device=device,
-            dtype=dtype,
+            device=w.device,
+            dtype=w.dtype,
         )
 
     @classmethod
@@ -437,6 +448,12 @@ class Qwen3:
 
     # -- inference ------------------------------------------------------------------------
 
+    def new_cache(self, max_batch: int, max_seq: int, device: torch.device) -> KVCache:
+        """One layer's static KV cache on ``device``."""
+        cfg = self.config
+        kv_heads, head_dim = cfg.num_key_value_heads, cfg.head_dim
+        return KVCache(max_batch, kv_heads, max_seq, head_dim, dtype=self.dtype, device=device)
+
     @torch.inference_mode()
     def setup_cache(self, max_batch: int, max_seq: int) -> None:
         """Allocate the static KV cache and RoPE tables for ``max_seq`` positions."""
@@ -444,14 +461,7 @@ class Qwen3:
         for blk in self.layers:
             blk.attn.cache = None  # free the old one before allocating the new one
         for blk in self.layers:
-            blk.attn.cache = KVCache(
-                max_batch,
-                cfg.num_key_value_heads,
-                max_seq,
-                cfg.head_dim,
-                dtype=self.dtype,
-                device=self.device,
-            )
+            blk.attn.cache = self.new_cache(max_batch, max_seq, self.device)
         cos, sin = rope_tables(cfg, max_seq)
         self.cos = cos.to(device=self.device, dtype=self.dtype)
         self.sin = sin.to(device=self.device, dtype=self.dtype)
@@ -479,16 +489,32 @@ class Qwen3:
         x = embedding(tokens, self.embed_tokens).to(self.dtype)
         with sdpa_kernel(SDPA_BACKENDS):
             for blk in self.layers:
-                h = rms_norm(x, blk.input_layernorm, cfg.rms_norm_eps)
-                x = x + self._attention(blk.attn, h, cos, sin, input_pos, end, mask, causal)
-                h = rms_norm(x, blk.post_attention_layernorm, cfg.rms_norm_eps)
-                x = x + blk.mlp(h)
+                x = self.block(blk, x, cos, sin, input_pos, end, mask, causal)
         x = rms_norm(x, self.norm, cfg.rms_norm_eps)
         if last_only:
             x = x[:, -1:]
         return linear(x, self.lm_head).float()
 
     __call__ = forward
+
+    def block(
+        self,
+        blk: Block,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        input_pos: torch.Tensor,
+        end: int,
+        mask: CausalBias | None,
+        causal: bool,
+    ) -> torch.Tensor:
+        """One decoder layer on the residual ``x`` [B, T, hidden]: the step a layer
+        split (helexa.engine.models.layer_split) runs on each layer's own device."""
+        eps = self.config.rms_norm_eps
+        h = rms_norm(x, blk.input_layernorm, eps)
+        x = x + self._attention(blk.attn, h, cos, sin, input_pos, end, mask, causal)
+        h = rms_norm(x, blk.post_attention_layernorm, eps)
+        return x + blk.mlp(h)
 
     def _attention(
         self,
