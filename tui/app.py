@@ -541,9 +541,7 @@ class HelexaApp(App[int]):
         """The palette's screenshot, into a folder that exists (Textual's default is
         ~/Downloads, and the save fails on a host without one)."""
         folder = path or str(screenshot_dir())
-        key = super().deliver_screenshot(filename, folder, time_format)
-        self.notify(f"screenshot saved in {folder}", title="screenshot")
-        return key
+        return super().deliver_screenshot(filename, folder, time_format)  # says when saved
 
 
 def build_app(

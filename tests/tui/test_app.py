@@ -643,9 +643,10 @@ async def test_the_palette_screenshot_lands_where_a_folder_exists(
     monkeypatch.chdir(tmp_path)
     async with dashboard(gpu()) as (app, pilot):
         app.deliver_screenshot("shot.svg")
-        async with asyncio.timeout(10):
-            while not (tmp_path / "shot.svg").exists():
+        async with asyncio.timeout(10):  # said once Textual's save thread is done with it
+            while not any(t.startswith("Saved screenshot") for t in toasts(app)):
                 await pilot.pause()
+        assert str(tmp_path / "shot.svg") in toasts(app)[-1]
     assert (tmp_path / "shot.svg").read_text().startswith("<svg")
 
 
