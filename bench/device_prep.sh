@@ -15,7 +15,8 @@ LLAMA_CPP_PYTHON=0.3.36
 # these are what it lacks (and what they need that it lacks too).
 PACKAGES=(gguf pydantic pydantic_core annotated-types typing-inspection typing_extensions
   platformdirs openai anthropic jiter sniffio docstring_parser httpx2 httpcore2 truststore
-  opentelemetry-api pytest-asyncio pytest-aiohttp)
+  opentelemetry-api pytest-asyncio pytest-aiohttp
+  llguidance jsonschema jsonschema-specifications referencing rpds-py attrs tqdm)
 
 version_here() {
   python3 -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"
@@ -25,7 +26,7 @@ rm -rf .whl && mkdir -p .whl .device
 for name in "${PACKAGES[@]}"; do
   spec="$name==$(version_here "$name")"
   platforms=()
-  for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
+  for p in manylinux_2_34_x86_64 manylinux_2_31_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
     platforms+=(--platform "$p")
   done
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
