@@ -426,8 +426,9 @@ class HelexaApp(App[int]):
     async def _until_idle(self, row: ModelRow) -> None:
         """Wait until nothing is using ``row``'s model on its node (new requests may still
         arrive meanwhile: the unload then refuses, and says so)."""
-        use = self.service.fleet.use.get((row.node, self.service.fleet.catalogue.canonical(row.id)))
-        while use is not None and use.in_flight:
+        fleet = self.service.fleet
+        model_id = fleet.catalogue.canonical(row.id)
+        while fleet.busy(row.node, model_id):  # leased, or waiting on its load
             await asyncio.sleep(IDLE_POLL_S)  # the fleet announces no release: look again
 
     def action_pin(self) -> None:

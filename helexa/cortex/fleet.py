@@ -353,7 +353,7 @@ class Fleet:
                 status,
                 tuple(state.devices),
                 vram,
-                self._busy(node.name, model),
+                self.busy(node.name, model),
                 use.last_used,
                 tuple(state.device_vram_mb),
             )
@@ -570,7 +570,7 @@ class Fleet:
             self.metrics.model_load(model_id, node.name, "ok", seconds)
         return state
 
-    def _busy(self, node: str, model_id: str) -> int:
+    def busy(self, node: str, model_id: str) -> int:
         """Requests using ``model_id`` on ``node``, leased or about to be (load waiters)."""
         key = (node, model_id)
         return self.use.get(key, ModelUse()).in_flight + self._arriving.get(key, 0)
@@ -605,7 +605,7 @@ class Fleet:
         if not states:
             self._end_eviction(node.name, [model_id])
             return
-        busy = self._busy(node.name, model_id)
+        busy = self.busy(node.name, model_id)
         if busy:
             self._end_eviction(node.name, [model_id])
             raise ModelBusy(f"{model_id!r} on {node.name!r} is serving {busy} request(s)")
