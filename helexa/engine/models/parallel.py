@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from helexa.engine.checkpoint.types import Weight
-from helexa.engine.models.qwen3 import MLP, Attention, Block, Qwen3
+from helexa.engine.models.qwen3 import MLP, Attention, Block, Qwen3, fuse_projections
 from helexa.engine.quant.formats import block_format
 from helexa.engine.quant.tensor import QuantizedTensor
 
@@ -93,19 +93,22 @@ def shard_qwen3(model: Qwen3, rank: int, world: int) -> Qwen3:
             v_bias=maybe(a.v_bias),
             o_bias=a.o_bias if rank == 0 else None,  # added once, before the sum
         )
+        if attn.q_bias is None and attn.k_bias is None and attn.v_bias is None:
+            # The shard's own q/k/v, fused for its decode step as the whole model's were.
+            attn.fused, qkv = fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj])
+            attn.q_proj, attn.k_proj, attn.v_proj = qkv
         mlp = blk.mlp
         if not isinstance(mlp, MLP):
             raise ValueError(f"tensor parallelism splits dense MLPs only, not {type(mlp).__name__}")
+        gate_up, (gate, up) = fuse_projections(
+            [split_rows(mlp.gate_proj, rank, world), split_rows(mlp.up_proj, rank, world)]
+        )
         layers.append(
             Block(
                 attn=attn,
                 input_layernorm=blk.input_layernorm,
                 post_attention_layernorm=blk.post_attention_layernorm,
-                mlp=MLP(
-                    gate_proj=split_rows(mlp.gate_proj, rank, world),
-                    up_proj=split_rows(mlp.up_proj, rank, world),
-                    down_proj=split_cols(mlp.down_proj, rank, world),
-                ),
+                mlp=MLP(gate, up, split_cols(mlp.down_proj, rank, world), gate_up),
             )
         )
     shard_cfg = dataclasses.replace(

@@ -65,6 +65,8 @@ def _rank(rank: int, world: int, gguf: str, rendezvous: str, out: str) -> None:
     try:
         full = Qwen3.from_checkpoint(load_checkpoint(gguf), "cpu", torch.float32)
         shard = shard_qwen3(full, rank, world)
+        # Each shard decodes with its own fused gate/up and leading q/k/v, as the model did.
+        assert all(blk.mlp.fused and blk.attn.fused for blk in shard.layers)
         shard.setup_cache(1, 16)
         logits = []
         token = torch.tensor([[3]])
