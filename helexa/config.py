@@ -32,6 +32,8 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 APP = "helexa"
+# A GPU step that produces nothing this long is taken to hang (see LocalSettings).
+GPU_STEP_TIMEOUT_S = 600.0
 DEFAULT_GATEWAY_PORT = 31313
 DEFAULT_METRICS_PORT = 31314
 DEFAULT_NEURON_PORT = 13131
@@ -186,8 +188,15 @@ class LocalSettings(_Strict):
     # The longest a running generation may go without producing its next chunk (its whole
     # prefill, or one decode step) before it is aborted and its model marked failed: a
     # step that hangs (a driver fault, a collective that never completes) must not hang
-    # the node. Generous, since a CPU prefills a long prompt slowly; None: no limit.
-    step_timeout_s: float | None = Field(default=600.0, gt=0)
+    # the node. None (the default): GPU_STEP_TIMEOUT_S on a GPU and no limit on a CPU,
+    # where a step cannot hang that way and a long prompt's prefill may take many minutes.
+    step_timeout_s: float | None = Field(default=None, gt=0)
+
+    def step_timeout(self, device: str) -> float | None:
+        """The step timeout on a device of type ``device`` ("cuda", "cpu")."""
+        if self.step_timeout_s is not None:
+            return self.step_timeout_s
+        return GPU_STEP_TIMEOUT_S if device == "cuda" else None
 
 
 class NeuronServerSettings(_Strict):

@@ -314,7 +314,7 @@ class LocalNeuron:
             request,
             buffer=local.stream_buffer,
             stall_s=local.stream_stall_s,
-            step_s=local.step_timeout_s,
+            step_s=local.step_timeout(worker.device.type),
         )
         try:
             async with aclosing(stream) as chunks:

@@ -255,3 +255,15 @@ def test_status_watch_needs_a_positive_interval(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"{value!r}" in err.splitlines()[-1]
+
+
+def test_the_step_timeout_guards_gpus_and_leaves_cpu_prefills_alone(tmp_path: Path) -> None:
+    """A GPU step can hang on a driver fault or a collective; a CPU step is plain compute,
+    and a long prompt's prefill there may take many minutes: no limit unless set."""
+    local = Settings().local
+    assert local.step_timeout("cuda") == 600.0
+    assert local.step_timeout("cpu") is None
+    cfg = tmp_path / "helexa.toml"
+    cfg.write_text("[local]\nstep_timeout_s = 30\n")
+    set_here = load_settings(cfg, environ={}).local
+    assert set_here.step_timeout("cpu") == set_here.step_timeout("cuda") == 30.0
