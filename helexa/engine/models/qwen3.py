@@ -298,15 +298,19 @@ class CheckpointWeights:
         return self.dense(name) if name in self.tensors else None
 
 
-class Qwen3:
-    config_class: ClassVar[type[Qwen3Config]] = Qwen3Config
+class DecoderModel:
+    """What every model family here holds and counts the same way: the embedding, a list
+    of layer records, the final norm and lm_head, the RoPE tables, and the memory they and
+    the caches take (for preflight, ``/models`` and the prompt cache's budget). A family
+    says which caches it has (:meth:`kv_caches`, and any recurrent state in
+    :attr:`cache_bytes`)."""
 
     def __init__(
         self,
-        config: Qwen3Config,
+        config: Any,
         *,
         embed_tokens: Weight,
-        layers: list[Block],
+        layers: list[Any],
         norm: torch.Tensor,
         lm_head: Weight,
         device: torch.device,
@@ -321,6 +325,56 @@ class Qwen3:
         self.dtype = dtype
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
+
+    def weights(self) -> list[Weight]:
+        """Every distinct weight (a tied embedding counted once; a fused projection is
+        its parts' memory, counted through them: tuples are not walked), caches and
+        states aside."""
+        out: dict[int, Weight] = {}
+
+        def walk(value: Any) -> None:
+            if isinstance(value, torch.Tensor | QuantizedTensor):
+                out[id(value)] = value
+            elif is_dataclass(value) and not isinstance(value, type):
+                for f in fields(value):
+                    if f.name not in ("cache", "state"):
+                        walk(getattr(value, f.name))
+
+        for value in (self.embed_tokens, self.lm_head, self.norm, *self.layers):
+            walk(value)
+        return list(out.values())
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(w.nbytes for w in self.weights())
+
+    def kv_caches(self) -> list[KVCache]:
+        """The layers' KV caches (empty before setup_cache)."""
+        raise NotImplementedError
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(cache.nbytes for cache in self.kv_caches())
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory the model holds: weights plus the allocated caches."""
+        return self.weight_bytes + self.cache_bytes
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    @property
+    def max_seq(self) -> int:
+        caches = self.kv_caches()
+        return caches[0].max_seq if caches else 0
+
+
+class Qwen3(DecoderModel):
+    config_class: ClassVar[type[Qwen3Config]] = Qwen3Config
+    config: Qwen3Config
+    layers: list[Block]
 
     @classmethod
     def from_checkpoint(
@@ -386,38 +440,9 @@ class Qwen3:
 
     # -- memory ---------------------------------------------------------------------------
 
-    def weights(self) -> list[Weight]:
-        """Every distinct weight (a tied embedding counted once; a fused projection is
-        its parts' memory, counted through them)."""
-        out: dict[int, Weight] = {id(self.embed_tokens): self.embed_tokens}
-        out[id(self.lm_head)] = self.lm_head
-        out[id(self.norm)] = self.norm
-        for blk in self.layers:
-            for rec in (blk, blk.attn, blk.mlp):
-                if not is_dataclass(rec):
-                    continue
-                for f in fields(rec):
-                    value = getattr(rec, f.name)
-                    if isinstance(value, torch.Tensor | QuantizedTensor):
-                        out[id(value)] = value
-        return list(out.values())
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(w.nbytes for w in self.weights())
-
     def kv_caches(self) -> list[KVCache]:
         """Each layer's KV cache (empty before setup_cache)."""
         return [blk.attn.cache for blk in self.layers if blk.attn.cache is not None]
-
-    @property
-    def cache_bytes(self) -> int:
-        return sum(cache.nbytes for cache in self.kv_caches())
-
-    @property
-    def nbytes(self) -> int:
-        """Device memory the model holds: weights plus the allocated KV cache."""
-        return self.weight_bytes + self.cache_bytes
 
     @property
     def prefill_bytes_per_token(self) -> int:
@@ -436,15 +461,6 @@ class Qwen3:
     def ffn_width(self) -> int:
         """The widest per-token activation of a layer's MLP (its intermediate size)."""
         return self.config.intermediate_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def max_seq(self) -> int:
-        cache = self.layers[0].attn.cache if self.layers else None
-        return cache.max_seq if cache is not None else 0
 
     # -- inference ------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ buffers updated in place, the position a device tensor, no host sync.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -43,6 +43,7 @@ from helexa.engine.models.qwen3 import (
     MLP,
     SDPA_BACKENDS,
     CheckpointWeights,
+    DecoderModel,
     FeedForward,
     Qwen3Config,
     _rope_params,
@@ -397,29 +398,10 @@ def _expect(w: CheckpointWeights, name: str, t: Weight, shape: tuple[int, ...]) 
 # -- the model -------------------------------------------------------------------------------
 
 
-class Qwen3Next:
+class Qwen3Next(DecoderModel):
     config_class: ClassVar[type[Qwen3NextConfig]] = Qwen3NextConfig
-
-    def __init__(
-        self,
-        config: Qwen3NextConfig,
-        *,
-        embed_tokens: Weight,
-        layers: list[HybridBlock],
-        norm: torch.Tensor,
-        lm_head: Weight,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        self.config = config
-        self.embed_tokens = embed_tokens
-        self.layers = layers
-        self.norm = norm
-        self.lm_head = lm_head
-        self.device = device
-        self.dtype = dtype
-        self.cos: torch.Tensor | None = None
-        self.sin: torch.Tensor | None = None
+    config: Qwen3NextConfig
+    layers: list[HybridBlock]
 
     @classmethod
     def from_checkpoint(
@@ -524,26 +506,6 @@ class Qwen3Next:
 
     # -- memory ---------------------------------------------------------------------------
 
-    def weights(self) -> list[Weight]:
-        """Every distinct weight (a tied embedding counted once)."""
-        out: dict[int, Weight] = {}
-
-        def walk(value: Any) -> None:
-            if isinstance(value, torch.Tensor | QuantizedTensor):
-                out[id(value)] = value
-            elif is_dataclass(value) and not isinstance(value, type):
-                for f in fields(value):
-                    if f.name not in ("cache", "state"):
-                        walk(getattr(value, f.name))
-
-        for value in (self.embed_tokens, self.lm_head, self.norm, *self.layers):
-            walk(value)
-        return list(out.values())
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(w.nbytes for w in self.weights())
-
     def kv_caches(self) -> list[KVCache]:
         """The full-attention layers' KV caches (empty before setup_cache)."""
         return [
@@ -567,13 +529,7 @@ class Qwen3Next:
     @property
     def cache_bytes(self) -> int:
         """KV caches plus recurrent states: what a request's context holds on the device."""
-        return sum(c.nbytes for c in self.kv_caches()) + sum(
-            s.nbytes for s in self.recurrent_states()
-        )
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight_bytes + self.cache_bytes
+        return super().cache_bytes + sum(s.nbytes for s in self.recurrent_states())
 
     @property
     def prefill_bytes_per_token(self) -> int:
@@ -597,15 +553,6 @@ class Qwen3Next:
             routed = cfg.num_experts_per_tok * (cfg.moe_intermediate_size + 2 * cfg.hidden_size)
             ffn = max(routed + cfg.shared_expert_intermediate_size, cfg.intermediate_size)
         return (4 * cfg.hidden_size + 6 * mixer + chunk + 4 * ffn) * self.dtype.itemsize
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def max_seq(self) -> int:
-        caches = self.kv_caches()
-        return caches[0].max_seq if caches else 0
 
     # -- inference ------------------------------------------------------------------------
 
