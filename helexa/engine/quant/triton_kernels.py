@@ -194,6 +194,18 @@ def _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED: tl.con
 
 
 @triton.jit
+def _step_units(row_ptr, x_row, u0, N_UNITS: tl.constexpr, UNIT: tl.constexpr,
+                UNIT_BYTES: tl.constexpr, U: tl.constexpr):  # fmt: skip
+    """The ``U`` units a matvec step reads from ``u0``: their blocks' pointers (per row),
+    their activations' start, and which of them exist (units past ``N_UNITS`` re-read the
+    last one and are zeroed through x)."""
+    units = u0 + tl.arange(0, U)
+    valid = (units < N_UNITS)[None, :, None, None]
+    units = tl.minimum(units, N_UNITS - 1)[None, :, None, None]
+    return row_ptr + units * UNIT_BYTES, x_row + units * UNIT, valid
+
+
+@triton.jit
 def _matvec_kernel(
     x_ptr,
     w_ptr,
@@ -246,11 +258,7 @@ def _matvec_kernel(
         tile_b = tl.zeros([BLOCK_N, U, 4, 32], dtype=tl.float32)
     # U units per step: enough bytes in flight per program to cover memory latency.
     for u0 in range(0, N_UNITS, U):
-        units = u0 + tl.arange(0, U)
-        valid = (units < N_UNITS)[None, :, None, None]
-        units = tl.minimum(units, N_UNITS - 1)[None, :, None, None]
-        blk = row_ptr + units * UNIT_BYTES
-        x_unit = x_row + units * UNIT
+        blk, x_unit, valid = _step_units(row_ptr, x_row, u0, N_UNITS, UNIT, UNIT_BYTES, U)
         if QTYPE == 8:
             w, e = _q8_0(blk, G)
             if DEFER:
@@ -318,11 +326,7 @@ def _matvec_affine_kernel(
     else:
         tile = tl.zeros([BLOCK_N, U, 4, 1], dtype=tl.float32)
     for u0 in range(0, N_UNITS, U):
-        units = u0 + tl.arange(0, U)
-        valid = (units < N_UNITS)[None, :, None, None]
-        units = tl.minimum(units, N_UNITS - 1)[None, :, None, None]
-        blk = row_ptr + units * UNIT_BYTES
-        x_unit = x_row + units * UNIT
+        blk, x_unit, valid = _step_units(row_ptr, x_row, u0, N_UNITS, UNIT, UNIT_BYTES, U)
         if QTYPE == 8:
             q, d, e = _q8_0_affine(blk, G)
             tile += _scaled_sums(q, d, 0.0, x_unit, e, valid)
