@@ -377,9 +377,12 @@ async def test_attach_to_a_web_page_keeps_the_dialog_open_with_one_line() -> Non
         assert set(app.service.fleet.nodes) == {"gpu"}
 
 
-async def test_attach_says_what_it_waits_on_while_it_connects() -> None:
-    """Until the node answers, the dialog says where it is connecting and for how long at
-    most, and the form is locked; an answer that is no neuron's unlocks it again."""
+@contextlib.asynccontextmanager
+async def attaching_to_a_slow_page() -> AsyncIterator[
+    tuple[HelexaApp, Pilot[int], AttachDialog, str, asyncio.Event]
+]:
+    """The attach dialog sent to a server that is no neuron and holds its answer until
+    the yielded event is set: (app, pilot, dialog, url, answer), once the server is asked."""
     asked, answer = asyncio.Event(), asyncio.Event()
 
     async def slow(request: web.Request) -> web.Response:
@@ -396,6 +399,13 @@ async def test_attach_says_what_it_waits_on_while_it_connects() -> None:
         dialog.query_one("#attach-url", Input).value = url
         await pilot.press("enter")
         await asyncio.wait_for(asked.wait(), 5)
+        yield app, pilot, dialog, url, answer
+
+
+async def test_attach_says_what_it_waits_on_while_it_connects() -> None:
+    """Until the node answers, the dialog says where it is connecting and for how long at
+    most, and the form is locked; an answer that is no neuron's unlocks it again."""
+    async with attaching_to_a_slow_page() as (app, pilot, dialog, url, answer):
         await pilot.pause()
         timeout = app.service.settings.poller.timeout_s
         assert dialog.connecting == f"connecting to {url} (up to {timeout:g} s)…"
@@ -411,22 +421,7 @@ async def test_attach_says_what_it_waits_on_while_it_connects() -> None:
 async def test_closing_the_attach_dialog_while_it_connects_only_tells_the_outcome() -> None:
     """Escape while the dialog waits: the attempt's end later must not pop a screen that
     is not the dialog (the app would exit), it says how it ended instead."""
-    asked, answer = asyncio.Event(), asyncio.Event()
-
-    async def slow(request: web.Request) -> web.Response:
-        asked.set()
-        await answer.wait()
-        return web.json_response({"detail": "Not Found"}, status=404)
-
-    site = web.Application()
-    site.router.add_get("/{path:.*}", slow)
-    async with serving(site) as url, dashboard(gpu()) as (app, pilot):
-        await pilot.press("a")
-        dialog = app.screen
-        assert isinstance(dialog, AttachDialog)
-        dialog.query_one("#attach-url", Input).value = url
-        await pilot.press("enter")
-        await asyncio.wait_for(asked.wait(), 5)
+    async with attaching_to_a_slow_page() as (app, pilot, dialog, url, answer):
         await pilot.press("escape")
         await pilot.pause()
         main = app.screen
