@@ -125,54 +125,80 @@ def bytes_per_token(model: Qwen3) -> int:
     return total
 
 
-def matvec_table(model: Qwen3) -> list[dict[str, Any]]:
-    """Per weight name: the Triton matvec over all layers' copies (so nothing sits in L2),
-    captured in one CUDA graph so launch overhead is out; plus its error vs dequant+matmul."""
-    from helexa.engine.quant import triton_kernels
-    from helexa.engine.quant.triton_kernels import dequantize_rows, matvec
-
+def decode_weights(model: Qwen3) -> dict[str, list[QuantizedTensor]]:
+    """Per projection, every layer's copy of the weight a decode step multiplies: the
+    fused q/k/v and gate/up weights where the load fused them."""
     groups: dict[str, list[QuantizedTensor]] = {}
     for blk in model.layers:
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            groups.setdefault(name, []).append(getattr(blk.attn, name))
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            groups.setdefault(name, []).append(getattr(blk.mlp, name))
+        attn = blk.attn
+        parts = {"qkv": attn.fused} if attn.fused else {}
+        if not attn.fused:
+            parts = {n: (getattr(attn, n),) for n in ("q_proj", "k_proj", "v_proj")}
+        parts["o_proj"] = (attn.o_proj,)
+        mlp = blk.mlp
+        if not isinstance(mlp, SparseMoE):
+            if mlp.fused:
+                parts["gate_up"] = mlp.fused
+            else:
+                parts |= {n: (getattr(mlp, n),) for n in ("gate_proj", "up_proj")}
+            parts["down_proj"] = (mlp.down_proj,)
+        for name, weights in parts.items():
+            for i, w in enumerate(weights):
+                groups.setdefault(name if len(weights) == 1 else f"{name}.{i}", []).append(w)
     groups["lm_head"] = [model.lm_head]
+    return groups
+
+
+def matvec_table(model: Qwen3) -> list[dict[str, Any]]:
+    """Per weight a decode step multiplies: each Triton matvec kernel (tuned) over all
+    layers' copies (so nothing sits in L2), captured in one CUDA graph so launch overhead
+    is out, and the one the autotuner picks; plus the pick's error vs dequant+matmul."""
+    from helexa.engine.quant.triton_kernels import _KERNELS, dequantize_rows, matvec
+
     rows = []
-    for name, weights in groups.items():
+    for name, weights in decode_weights(model).items():
         w0 = weights[0]
         if not isinstance(w0, QuantizedTensor) or len(w0.shape) != 2:
             continue  # dense, or a MoE's expert stack (the grouped matvec's, not timed here)
         x = torch.randn(1, w0.shape[1], device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ dequantize_rows(w0, dtype=torch.float32).double().T
         err = float((matvec(x, w0).double() - ref).norm() / ref.norm())
-        for w in weights:  # compile + tune outside the capture
-            matvec(x, w)
-        best = getattr(triton_kernels._matvec_tuned, "best_config", None)
-        picked = {**best.kwargs, "num_warps": best.num_warps} if best is not None else {}
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for w in weights:
-                matvec(x, w)
-        ms = cuda_ms(graph.replay, reps=20, warmup=3)
         nbytes = sum(w.nbytes for w in weights)
-        rows.append(
-            {
-                "weight": name,
-                "type": w0.qtype.name,
-                "shape": f"{w0.shape[0]}x{w0.shape[1]}",
-                "copies": len(weights),
-                "us each": ms * 1e3 / len(weights),
-                "GB/s": nbytes / (ms / 1e3) / 1e9,
-                "rel err": err,
-                "config": "{BLOCK_N}x{U}{d} w{num_warps}".format(
-                    d=" defer" if picked.get("DEFER") else "", **picked
-                )
-                if picked
-                else "fixed",
-            }
-        )
+        row: dict[str, Any] = {
+            "weight": name,
+            "type": w0.qtype.name,
+            "shape": f"{w0.shape[0]}x{w0.shape[1]}",
+            "copies": len(weights),
+            "rel err": err,
+        }
+        for kernel in (None, *_KERNELS):
+            for w in weights:  # compile + tune outside the capture
+                matvec(x, w, kernel=kernel)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for w in weights:
+                    matvec(x, w, kernel=kernel)
+            ms = cuda_ms(graph.replay, reps=20, warmup=3)
+            label = kernel or "picked"
+            row[f"{label} us"] = ms * 1e3 / len(weights)
+            row[f"{label} GB/s"] = nbytes / (ms / 1e3) / 1e9
+        rows.append(row)
     return rows
+
+
+def kernels_per_step(model: Qwen3, device: torch.device) -> int:
+    """CUDA kernels one eager decode step launches (what its graph replays), counted by
+    the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    position = torch.tensor([8], device=device)
+    model.forward(token, position, last_only=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.forward(token, position, last_only=True)
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
 def bench_helexa(path: Path) -> dict[str, Any]:
@@ -222,6 +248,7 @@ def bench_helexa(path: Path) -> dict[str, Any]:
     generate(eager, 4)
     out["eager tg tok/s"] = generate(eager, 32)
     out["weight bytes/token"] = bytes_per_token(model)
+    out["kernels/step"] = kernels_per_step(model, device)
     out["matvec"] = matvec_table(model)
     return out
 
@@ -244,15 +271,25 @@ def table(helexa: dict[str, Any], llama: dict[str, float], bandwidth: float) -> 
         f"helexa at {tg / floor:.0%} of it, llama.cpp at "
         f"{llama.get(f'tg{GEN} tok/s', float('nan')) / floor:.0%}",
     ]
+    if helexa.get("kernels/step"):
+        lines.append(f"CUDA kernels per eager decode step: {helexa['kernels/step']}")
     if helexa.get("matvec"):
+        from helexa.engine.quant.triton_kernels import _KERNELS
+
+        kinds = ("picked", *_KERNELS)
         lines += [
             "",
-            f"{'matvec':<10}{'type':>6}{'shape':>12}{'us':>8}{'GB/s':>8}{'err':>9}  autotuned",
+            f"{'matvec (us, GB/s)':<12}{'type':>6}{'shape':>13}"
+            + "".join(f"{k:>15}" for k in kinds)
+            + f"{'err':>9}",
         ]
         for r in helexa["matvec"]:
+            cells = "".join(
+                f"{r.get(f'{k} us', float('nan')):>7.1f}{r.get(f'{k} GB/s', float('nan')):>8.0f}"
+                for k in kinds
+            )
             lines.append(
-                f"{r['weight']:<10}{r['type']:>6}{r['shape']:>12}{r['us each']:>8.1f}"
-                f"{r['GB/s']:>8.0f}{r['rel err']:>9.1e}  {r.get('config', '')}"
+                f"{r['weight']:<12}{r['type']:>6}{r['shape']:>13}{cells}{r['rel err']:>9.1e}"
             )
     return "\n".join(lines)
 

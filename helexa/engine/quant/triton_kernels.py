@@ -339,6 +339,214 @@ def _matvec_affine_kernel(
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
+# Run Triton's PTX for integer dot products, or (under the interpreter, which has no PTX)
+# the same arithmetic spelled out.
+ASM = os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, K, BLOCKS: tl.constexpr):
+    """Activations for the integer matvec, ``BLOCKS`` 32-element blocks of row m per program
+    (llama.cpp's q8_1 scheme): q = round(x / d) as int8 with d = amax / 127 per block, and
+    s = d * sum(q) per 16 elements, from which a format's offsets and mins are subtracted
+    once per sub-block instead of once per weight."""
+    m = tl.program_id(0)
+    b = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)[:, None]  # (BLOCKS, 1) block index
+    i = tl.arange(0, 32)[None, :]
+    keep = b < K // 32
+    x = tl.load(x_ptr + m.to(tl.int64) * stride_x + 32 * b + i, mask=keep, other=0.0)
+    x = x.to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1, keep_dims=True)
+    v = x * tl.where(amax > 0, 127.0 / amax, 0.0)
+    q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)  # to nearest, halves away from 0
+    d = amax / 127.0
+    tl.store(q_ptr + m.to(tl.int64) * K + 32 * b + i, q.to(tl.int8), mask=keep)
+    tl.store(d_ptr + m * (K // 32) + b, d, mask=keep)
+    halves = tl.sum(tl.reshape(q, [BLOCKS, 2, 16]), axis=2).to(tl.float32)  # (BLOCKS, 2)
+    h = tl.arange(0, 2)[None, :]
+    tl.store(s_ptr + m * (K // 16) + 2 * b + h, d * halves, mask=keep)
+
+
+@triton.jit
+def _dp4a(a, b, SIGNED: tl.constexpr, ASM: tl.constexpr):
+    """Per int32 lane: the dot product of a's four bytes (unsigned unless ``SIGNED``) with
+    b's four signed bytes, one instruction where the weights took ~12 per element."""
+    if ASM:
+        if SIGNED:
+            op: tl.constexpr = "dp4a.s32.s32 $0, $1, $2, $3;"
+        else:
+            op: tl.constexpr = "dp4a.u32.s32 $0, $1, $2, $3;"
+        return tl.inline_asm_elementwise(
+            op, "=r,r,r,r", [a, b, tl.zeros_like(a)], dtype=tl.int32, is_pure=True, pack=1
+        )
+    else:
+        s = tl.zeros_like(a)
+        for k in tl.static_range(4):
+            if SIGNED:  # noqa: SIM108 (a constexpr branch, not a runtime select)
+                byte_a = (a << (24 - 8 * k)) >> 24
+            else:
+                byte_a = (a >> (8 * k)) & 255
+            s += byte_a * ((b << (24 - 8 * k)) >> 24)
+        return s
+
+
+@triton.jit
+def _to_float(i):
+    """int32 -> float32 for |i| < 2**22 (every dp4a sum here): an add and a float subtract
+    on the full-rate pipes instead of the quarter-rate conversion unit."""
+    return (i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def _i32_at(ptr, ALIGNED: tl.constexpr):
+    """The little-endian int32s at byte pointers ``ptr`` + 4 * arange(4) along the last
+    axis: one 16-byte load where the blocks keep 16-byte alignment (Q4_K, Q5_K), else
+    16-bit halves (Q6_K's 210-byte and Q8_0's 34-byte blocks are only 2-byte aligned)."""
+    t = tl.arange(0, 4)
+    if ALIGNED:
+        return tl.load(ptr.to(tl.pointer_type(tl.int32)) + t)
+    else:
+        p = ptr.to(tl.pointer_type(tl.uint16)) + 2 * t
+        return tl.load(p).to(tl.int32) | (tl.load(p + 1).to(tl.int32) << 16)
+
+
+@triton.jit
+def _dot4(w, xw, SIGNED: tl.constexpr, ASM: tl.constexpr):
+    """Per tile row: the four weight words ``w`` [.., 4] against the four activation words
+    at ``xw`` [.., 1] + arange(4), summed in integers and converted once -> [.., 1]."""
+    dots = _dp4a(w, tl.load(xw + tl.arange(0, 4)), SIGNED, ASM)
+    return _to_float(tl.sum(dots, axis=3, keep_dims=True))
+
+
+@triton.jit
+def _q8_0_int8(blk, xw, xd, valid, G: tl.constexpr, ASM: tl.constexpr):
+    """``G`` Q8_0 blocks against the int8 activations: [BN, U, 2G, 1] partial sums, one
+    per half block (16 weights, 4 words), d_w * d_x * dot."""
+    r = tl.arange(0, 2 * G)[None, None, :, None]
+    g = r // 2
+    w = _i32_at(blk + 34 * g + 2 + 16 * (r % 2), False)
+    scale = _f16_at(blk + 34 * g) * tl.load(xd + g, mask=valid, other=0.0)
+    return _dot4(w, xw + 4 * r, True, ASM) * scale
+
+
+@triton.jit
+def _k4_int8(blk, xw, xd, xs, valid, QTYPE: tl.constexpr, ASM: tl.constexpr):
+    """One Q4_K or Q5_K super-block against the int8 activations: [BN, U, 8, 1] partial
+    sums. Row r = (64-group j, half): its 4 words are qs bytes 32j + 16 half + 4t, whose
+    low nibbles are elements 64j + 16 half + 4t.. (sub-block 2j) and high nibbles those
+    + 32 (sub-block 2j + 1); Q5_K's fifth bits are bits 2j / 2j + 1 of the same qh words
+    (bytes 16 half + 4t). The mins come in through the activation sums, half per row."""
+    r = tl.arange(0, 8)[None, None, :, None]
+    j = r // 2
+    half = r % 2
+    if QTYPE == 13:
+        w = _i32_at(blk + 48 + 16 * r, True)
+        qh = _i32_at(blk + 16 + 16 * half, True)
+        lo = (w & 0x0F0F0F0F) | (((qh >> (2 * j)) & 0x01010101) << 4)
+        hi = ((w >> 4) & 0x0F0F0F0F) | (((qh >> (2 * j + 1)) & 0x01010101) << 4)
+    else:
+        w = _i32_at(blk + 16 + 16 * r, True)
+        lo = w & 0x0F0F0F0F
+        hi = (w >> 4) & 0x0F0F0F0F
+    a_lo, b_lo, a_hi, b_hi = _k4_affine(blk, j)  # [BN, U, 8, 1] each
+    d_lo = tl.load(xd + 2 * j, mask=valid, other=0.0)
+    d_hi = tl.load(xd + 2 * j + 1, mask=valid, other=0.0)
+    # this row's 16 activations of each sub-block: 16-element sums 4j + half, 4j + 2 + half
+    s_lo = tl.load(xs + 4 * j + half, mask=valid, other=0.0)
+    s_hi = tl.load(xs + 4 * j + 2 + half, mask=valid, other=0.0)
+    word = 16 * j + 4 * half  # the activations' word of the row's first low-nibble element
+    dot_lo = _dot4(lo, xw + word, False, ASM)
+    dot_hi = _dot4(hi, xw + word + 8, False, ASM)
+    return dot_lo * (a_lo * d_lo) + dot_hi * (a_hi * d_hi) + (b_lo * s_lo + b_hi * s_hi)
+
+
+@triton.jit
+def _q6_k_int8(blk, xw, xd, xs, valid, ASM: tl.constexpr):
+    """One Q6_K super-block against the int8 activations: [BN, U, 8, 1] partial sums.
+
+    Row r = (half h, column c, quarter q) = 4h + 2c + q: its 4 words are the ql bytes
+    ``64h + 32c + 16q + 4t``, whose low nibbles are elements 128h + 32c + 16q + 4t.. and
+    high nibbles those + 64 (see _q6_k_affine); the 16 elements of each share one scale.
+    The 6-bit values are used unsigned, and the -32 comes in through the activation sums."""
+    r = tl.arange(0, 8)[None, None, :, None]
+    h = r // 4
+    c = (r // 2) % 2
+    ql = _i32_at(blk + 16 * r, False)
+    qh = _i32_at(blk + 128 + 32 * h + 16 * (r % 2), False)
+    lo = (ql & 0x0F0F0F0F) | (((qh >> (2 * c)) & 0x03030303) << 4)
+    hi = ((ql >> 4) & 0x0F0F0F0F) | (((qh >> (2 * c + 4)) & 0x03030303) << 4)
+    group = r + 4 * h  # the low nibbles' 16-element group: 8h + 2c + q; the high ones' is +4
+    scales = (blk + 192 + group).to(tl.pointer_type(tl.int8))
+    d = _f16_at(blk + 208)
+    a_lo = d * tl.load(scales).to(tl.float32)
+    a_hi = d * tl.load(scales + 4).to(tl.float32)
+    d_lo = tl.load(xd + group // 2, mask=valid, other=0.0)
+    d_hi = tl.load(xd + group // 2 + 2, mask=valid, other=0.0)
+    s_lo = tl.load(xs + group, mask=valid, other=0.0)
+    s_hi = tl.load(xs + group + 4, mask=valid, other=0.0)
+    dot_lo = _dot4(lo, xw + 4 * group, False, ASM)
+    dot_hi = _dot4(hi, xw + 4 * group + 16, False, ASM)
+    offsets = -32.0 * (a_lo * s_lo + a_hi * s_hi)
+    return dot_lo * (a_lo * d_lo) + dot_hi * (a_hi * d_hi) + offsets
+
+
+@triton.jit
+def _matvec_int8_kernel(
+    xq_ptr,
+    xd_ptr,
+    xs_ptr,
+    w_ptr,
+    y_ptr,
+    idx_ptr,
+    M,
+    N,
+    stride_w,
+    stride_y,
+    stride_e,
+    N_UNITS: tl.constexpr,
+    GROUPED: tl.constexpr,
+    QTYPE: tl.constexpr,
+    UNIT: tl.constexpr,
+    UNIT_BYTES: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    U: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """:func:`_matvec_kernel`'s sums over activations quantized to int8 by
+    :func:`_quantize_rows_kernel` (llama.cpp's MMVQ): each 32-bit word of weights is
+    masked into four byte lanes and meets four activations in one dp4a, so a weight costs
+    about one instruction instead of ~12 (unpack, convert, gather, multiply), which is what
+    kept the float kernels at a third of the memory bandwidth. Same grid, same rows, same
+    ``GROUPED`` stacks; per-thread partial sums are reduced once, at the end."""
+    pid = tl.program_id(0)
+    m = pid % M
+    rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ptr = _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED)
+    K: tl.constexpr = N_UNITS * UNIT
+    xw_row = xq_ptr.to(tl.pointer_type(tl.int32)) + m * (K // 4)
+    xd_row = xd_ptr + m * (K // 32)
+    xs_row = xs_ptr + m * (K // 16)
+    # One partial sum per tile row of 4 weight words: Q8_0 2 per block, k-quants 8 per unit.
+    acc = tl.zeros([BLOCK_N, U, 2 * G if QTYPE == 8 else 8, 1], dtype=tl.float32)
+    for u0 in range(0, N_UNITS, U):
+        # Units past N_UNITS re-read the last one; their activation scales read as 0.
+        units = u0 + tl.arange(0, U)
+        valid = (units < N_UNITS)[None, :, None, None]
+        units = tl.minimum(units, N_UNITS - 1)[None, :, None, None]
+        blk = row_ptr + units * UNIT_BYTES
+        xw = xw_row + units * (UNIT // 4)
+        xd = xd_row + units * (UNIT // 32)
+        if QTYPE == 8:
+            acc += _q8_0_int8(blk, xw, xd, valid, G, ASM)
+        elif QTYPE == 14:
+            acc += _q6_k_int8(blk, xw, xd, xs_row + units * (UNIT // 16), valid, ASM)
+        else:
+            acc += _k4_int8(blk, xw, xd, xs_row + units * (UNIT // 16), valid, QTYPE, ASM)
+    y = y_ptr + m.to(tl.int64) * stride_y + rows
+    tl.store(y, _row_sums(acc).to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
 @triton.jit
 def _dequant_kernel(
     w_ptr,
@@ -414,14 +622,25 @@ _AFFINE_CONFIGS = [
     if not c.kwargs["DEFER"]
 ]
 _affine_tuned = triton.autotune(_AFFINE_CONFIGS, **_TUNING)(_matvec_affine_kernel)
-# Which of the two tuned matvecs is faster, per (M rounded up to a power of two, N, K,
-# type, grouped): measured once per GPU model at the first call (the load's warm-up) and
-# kept on disk beside Triton's own tuning (see KernelChoices), so a restart skips it.
-_faster: dict[tuple[str, int, int, int, int, bool], Any] = {}
-_KERNELS = {"plain": _matvec_tuned, "affine": _affine_tuned}
+# The integer kernel holds one float per weight word (4 weights), a quarter of the float
+# kernels' tiles, so it takes bigger steps for the same registers.
+_INT8_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "U": u}, num_warps=w)
+    for bn, u, w in [(1, 4, 1), (1, 8, 2), (2, 4, 2), (2, 8, 4), (4, 4, 4), (4, 8, 8), (8, 2, 4), (8, 4, 8)]
+]  # fmt: skip
+_int8_tuned = triton.autotune(_INT8_CONFIGS, **_TUNING)(_matvec_int8_kernel)
+# Which of the tuned matvecs is fastest, per (M rounded up to a power of two, N, K, type,
+# grouped, whether int8 activations may be used): measured once per GPU model at the first
+# call (the load's warm-up) and kept on disk beside Triton's own tuning (see
+# KernelChoices), so a restart skips it.
+_faster: dict[tuple[Any, ...], str] = {}
+_KERNELS = ("plain", "affine", "int8")
+# The int8 kernel rounds activations to 8 bits per 32 (as llama.cpp does): for the model's
+# bf16/fp16 activations, not for a float32 caller, who asked for the precision.
+_INT8_DTYPES = (torch.bfloat16, torch.float16)
 
 
-_choices = KernelChoices(os.environ.get("TRITON_CACHE_DIR"), names=tuple(_KERNELS))
+_choices = KernelChoices(os.environ.get("TRITON_CACHE_DIR"), names=_KERNELS)
 
 
 def _unit(qtype: Q, k: int) -> tuple[int, int, int]:
@@ -443,16 +662,20 @@ def _check(weight: QuantizedTensor) -> None:
 
 
 def matvec(
-    x: torch.Tensor, weight: QuantizedTensor, config: dict[str, Any] | None = None
+    x: torch.Tensor,
+    weight: QuantizedTensor,
+    config: dict[str, Any] | None = None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` for a few rows ``x`` (M, K) straight from the blocks; out (M, N) in
-    ``x.dtype``. ``config`` (BLOCK_N, U, DEFER, num_warps; AFFINE for the scale-factored
-    kernel) skips the autotuner: for tests and benchmarks that compare kernel variants.
-    Autotuned, it runs whichever of the two kernels is faster for the shape."""
+    ``x.dtype``. Autotuned, it runs whichever kernel is fastest for the shape; ``kernel``
+    (one of ``_KERNELS``) runs that one, tuned, and ``config`` (BLOCK_N, U, DEFER,
+    num_warps; AFFINE or INT8 for those kernels) one fixed variant: for tests and the
+    benchmarks that compare kernels."""
     _check(weight)
     if len(weight.shape) != 2:
         raise ValueError(f"matvec takes one (N, K) weight, got {weight.shape}: see grouped_matvec")
-    return _launch(x, weight, None, config)
+    return _launch(x, weight, None, config, kernel)
 
 
 def grouped_matvec(
@@ -480,14 +703,32 @@ def grouped_matvec(
     return _launch(x, experts, index.contiguous(), config)
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int8 (M, K), d float32 (M, K/32), s float32 (M, K/16)) for the int8 matvec:
+    x ~= d * q per 32-element block, s = d * sum(q) per 16 elements."""
+    m, k = x.shape
+    if k % 32:
+        raise ValueError(f"quantize_rows: K must be a multiple of 32, got {k}")
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    d = torch.empty(m, k // 32, dtype=torch.float32, device=x.device)
+    s = torch.empty(m, k // 16, dtype=torch.float32, device=x.device)
+    if m:
+        blocks = 32
+        grid = (m, triton.cdiv(k // 32, blocks))
+        _quantize_rows_kernel[grid](x, q, d, s, x.stride(0), k, BLOCKS=blocks, num_warps=4)
+    return q, d, s
+
+
 def _launch(
     x: torch.Tensor,
     weight: QuantizedTensor,
     index: torch.Tensor | None,
     config: dict[str, Any] | None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
-    """One matvec launch: plain (``index`` None, ``weight`` (N, K)) or grouped (``weight``
-    an (E, N, K) stack, expert ``index[m]`` for row m)."""
+    """One matvec: plain (``index`` None, ``weight`` (N, K)) or grouped (``weight`` an
+    (E, N, K) stack, expert ``index[m]`` for row m), by the kernel measured fastest for the
+    shape, or as ``config`` says."""
     n, k = weight.shape[-2:]
     m = x.shape[0]
     if x.shape[-1] != k or x.stride(-1) != 1:
@@ -498,51 +739,70 @@ def _launch(
     unit, unit_bytes, g = _unit(weight.qtype, k)
     data = weight.data
     grouped = index is not None
-    args = (
-        x, data, y, index if grouped else y, m, n, x.stride(0), data.stride(-2), y.stride(0),
-        data.stride(0) if grouped else 0,
-    )  # fmt: skip
+    weights = (data, y, index if grouped else y, m, n)
+    strides = (data.stride(-2), y.stride(0), data.stride(0) if grouped else 0)
     meta = dict(
         N_UNITS=k // unit, GROUPED=grouped, QTYPE=int(weight.qtype), UNIT=unit,
         UNIT_BYTES=unit_bytes, G=g,
     )  # fmt: skip
-    if AUTOTUNE and config is None:
+
+    def run(name: str, fixed: dict[str, Any] | None = None) -> None:
+        """Launch kernel ``name``, autotuned, or with the ``fixed`` config."""
+        if fixed is None:
+            grid: Any = lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
+            tuned = {"plain": _matvec_tuned, "affine": _affine_tuned, "int8": _int8_tuned}
+            kernel, extra = tuned[name], {}
+        else:
+            grid = (m * triton.cdiv(n, fixed["BLOCK_N"]),)
+            kernels = {"plain": _matvec_kernel, "affine": _matvec_affine_kernel}
+            kernel, extra = kernels.get(name, _matvec_int8_kernel), fixed
+        if name == "int8":
+            q, d, s = quantize_rows(x)
+            kernel[grid](q, d, s, *weights, *strides, **meta, ASM=ASM, **extra)
+        else:
+            kernel[grid](x, *weights[:3], m, n, x.stride(0), *strides, **meta, **extra)
+
+    if kernel is not None:
+        if kernel not in _KERNELS:
+            raise ValueError(f"matvec: no kernel {kernel!r} (have {', '.join(_KERNELS)})")
+        run(kernel)
+    elif AUTOTUNE and config is None:
         # Rows by power of two: a prefill's grouped call has any row count, and each new
-        # key costs a timing of both kernels.
-        key = (1 << (m - 1).bit_length(), n, k, int(weight.qtype), grouped)
+        # key costs a timing of every kernel.
+        int8 = x.dtype in _INT8_DTYPES
+        key = (1 << (m - 1).bit_length(), n, k, int(weight.qtype), grouped, int8)
         gpu = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
-        kernel = _faster.get((gpu, *key))  # mismatched cards each measure their own
-        if kernel is None:
+        name = _faster.get((gpu, *key))  # mismatched cards each measure their own
+        if name is None:
             name = _choices.get(gpu, key)
             if name is None:
-                name = _pick_faster(args, meta, m, n)
+                name = _pick_faster(run, _KERNELS if int8 else _KERNELS[:2])
                 _choices.put(gpu, key, name)
-            kernel = _faster[(gpu, *key)] = _KERNELS[name]
-        kernel[lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
+            _faster[(gpu, *key)] = name
+        run(name)
     else:
         fixed = dict(FIXED_CONFIG if config is None else config)
-        grid = (m * triton.cdiv(n, fixed["BLOCK_N"]),)
-        if fixed.pop("AFFINE", False):
+        name = (
+            "int8"
+            if fixed.pop("INT8", False)
+            else "affine"
+            if fixed.pop("AFFINE", False)
+            else "plain"
+        )
+        if name != "plain":
             fixed.pop("DEFER", None)
-            _matvec_affine_kernel[grid](*args, **meta, **fixed)
-        else:
-            _matvec_kernel[grid](*args, **meta, **fixed)
+        run(name, fixed)
     return y
 
 
-def _pick_faster(args: tuple[Any, ...], meta: dict[str, Any], m: int, n: int) -> str:
-    """The name of the faster of the two autotuned matvecs for one shape (each tuned
-    first)."""
+def _pick_faster(run: Any, names: tuple[str, ...]) -> str:
+    """The fastest of the tuned matvecs ``names`` for one shape (each tuned first)."""
     from triton.testing import do_bench
 
     timings = {}
-    for name, kernel in _KERNELS.items():
-
-        def launch(kernel: Any = kernel) -> None:
-            kernel[lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
-
-        launch()  # tunes (or reads the tuning from disk)
-        timings[name] = do_bench(launch, warmup=5, rep=20)
+    for name in names:
+        run(name)  # tunes (or reads the tuning from disk)
+        timings[name] = do_bench(lambda name=name: run(name), warmup=5, rep=20)
     return min(timings, key=timings.__getitem__)
 
 

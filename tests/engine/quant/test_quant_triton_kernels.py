@@ -136,6 +136,78 @@ def test_every_autotuned_variant_is_correct(qtype: GGMLQuantizationType, config:
     assert rel_err(matvec(x, w, config=config), ref) < 1e-5
 
 
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 matvec sees it (float64): each 32-element block rounded to 127 steps
+    of its largest magnitude, halves away from zero (llama.cpp's q8_1)."""
+    blocks = x.double().cpu().reshape(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, blocks / torch.where(d > 0, d, 1), 0)
+    return (q.sign() * (q.abs() + 0.5).floor() * d).reshape(x.shape)
+
+
+@needs_kernels
+def test_quantize_rows_rounds_each_block_to_int8() -> None:
+    from helexa.engine.quant.triton_kernels import quantize_rows
+
+    x = torch.randn(3, 1088, device=DEVICE)  # 34 blocks: not a multiple of 32 blocks
+    x[1, 64:96] = 0  # a zero block: scale 0, no division by it
+    x[2, 0] = 2.5 * x[2, 1:32].abs().max()  # an outlier sets its block's scale
+    q, d, s = quantize_rows(x)
+    assert (q.dtype, d.dtype, s.dtype) == (torch.int8, torch.float32, torch.float32)
+    assert q.shape == x.shape and d.shape == (3, 34) and s.shape == (3, 68)
+    back = (q.double().reshape(3, -1, 32) * d.double()[..., None]).reshape(x.shape)
+    assert torch.allclose(back.cpu(), quantized_activations(x), rtol=0, atol=1e-6)
+    assert (q[1, 64:96] == 0).all() and d[1, 2] == 0
+    assert q[2, 0] == 127
+    sums = q.double().reshape(3, -1, 16).sum(-1) * d.double().repeat_interleave(2, 1)
+    assert torch.allclose(s.double(), sums, rtol=1e-6)
+
+
+INT8_VARIANTS = [
+    {"BLOCK_N": 1, "U": 4, "INT8": True, "num_warps": 1},
+    {"BLOCK_N": 2, "U": 8, "INT8": True, "num_warps": 2},
+    {"BLOCK_N": 4, "U": 8, "INT8": True, "num_warps": 8},
+]
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize(
+    "config", INT8_VARIANTS, ids=lambda c: "{BLOCK_N}x{U}w{num_warps}".format(**c)
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@needs_kernels
+def test_int8_matvec_matches_the_quantized_reference(
+    qtype: GGMLQuantizationType, config: dict, dtype: torch.dtype
+) -> None:
+    """Integer sums are exact: against float64 over the same int8 activations the only
+    error is the float32 scaling (and bf16's output rounding); against the exact product,
+    the 8-bit activations' ~1%. Unit counts that do not divide U (k = 1280)."""
+    from helexa.engine.quant.triton_kernels import matvec
+
+    w = random_weight(qtype, 13, 1280, seed=9)
+    x = (torch.randn(3, 1280, device=DEVICE) / 1280).to(dtype)
+    dense = w.dequantize(torch.float64)
+    got = matvec(x, w, config=config)
+    assert got.dtype == dtype and got.shape == (3, 13)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(got.cpu(), quantized_activations(x) @ dense.cpu().T) < tol
+    assert rel_err(got, x.double() @ dense.T) < 3e-2
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@needs_kernels
+def test_int8_grouped_matvec_reads_each_rows_expert(qtype: GGMLQuantizationType) -> None:
+    from helexa.engine.quant.triton_kernels import grouped_matvec
+
+    experts = random_stack(qtype, 5, 9, 768, seed=3)
+    index = torch.tensor([4, 0, 4, 2, 1, 3])
+    x = torch.randn(6, 768) / 768
+    config = INT8_VARIANTS[1]
+    got = grouped_matvec(x.to(DEVICE), experts, index.to(DEVICE), config=config)
+    ref = grouped_reference(quantized_activations(x), experts, index)
+    assert rel_err(got.cpu(), ref) < 1e-5
+
+
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K], ids=lambda q: q.name)
 @needs_kernels
 def test_q8_0_and_short_rows(qtype: GGMLQuantizationType) -> None:
@@ -315,14 +387,19 @@ def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> 
     unit, unit_bytes, g = tk._unit(qtype, 4096)
     pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "y_ptr": "*bf16", "idx_ptr": "*i64"}
     ints = dict.fromkeys(("M", "N", "stride_x", "stride_w", "stride_y", "stride_e"), "i32")
+    # The integer kernel takes the quantized activations instead of x (and, compiled, its
+    # dp4a PTX, which the interpreter never sees).
+    pointers |= {"xq_ptr": "*i8", "xd_ptr": "*fp32", "xs_ptr": "*fp32"}
     spaces = [
-        (tk._matvec_kernel, tk._MATVEC_CONFIGS),
-        (tk._matvec_affine_kernel, tk._AFFINE_CONFIGS),
+        (tk._matvec_kernel, tk._MATVEC_CONFIGS, {}),
+        (tk._matvec_affine_kernel, tk._AFFINE_CONFIGS, {}),
+        (tk._matvec_int8_kernel, tk._INT8_CONFIGS, {"ASM": True}),
     ]
-    configs = ((fn, c) for fn, configs in spaces for c in configs)
-    for (fn, config), grouped in itertools.product(configs, (False, True)):
-        constants = dict(N_UNITS=4096 // unit, GROUPED=grouped, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, **config.kwargs)  # fmt: skip
-        signature = {**pointers, **ints, **dict.fromkeys(constants, "constexpr")}
+    configs = ((fn, c, extra) for fn, configs, extra in spaces for c in configs)
+    for (fn, config, extra), grouped in itertools.product(configs, (False, True)):
+        constants = dict(N_UNITS=4096 // unit, GROUPED=grouped, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, **config.kwargs, **extra)  # fmt: skip
+        kinds = {**pointers, **ints, **dict.fromkeys(constants, "constexpr")}
+        signature = {name: kinds[name] for name in fn.arg_names}
         source = ASTSource(fn=fn, signature=signature, constexprs=constants)
         kernel = triton.compile(
             source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
