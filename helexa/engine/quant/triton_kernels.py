@@ -601,17 +601,22 @@ FIXED_CONFIG = {"BLOCK_N": 2, "U": 8, "DEFER": False, "num_warps": 4}
 _TUNING: dict[str, Any] = {"key": ["N", "N_UNITS", "QTYPE", "GROUPED"]}
 if "cache_results" in inspect.signature(triton.autotune).parameters:
     _TUNING["cache_results"] = True
-# Triton times each config for 25 + 100 ms by default: with ~27 configs and ~10 decode
-# shapes that is most of a first load's minute. A matvec runs for 10-500 µs, so 5 + 25 ms
-# still averages 50-2500 runs per config.
+# Triton times each config for 25 + 100 ms by default: with ~40 configs and ~10 decode
+# shapes that is most of a first load's minute. A matvec runs for 10-500 µs, so 10 ms of
+# graph replays still averages 20-1000 runs per config.
 if "do_bench" in inspect.signature(triton.autotune).parameters:
     _TUNING["do_bench"] = lambda fn, quantiles: _bench(fn, quantiles)  # defined below
 
 
 def _bench(fn: Any, quantiles: Any) -> Any:
-    """Triton's do_bench with the short timing above (the autotuner's benchmark hook)."""
-    from triton.testing import do_bench
+    """The autotuner's benchmark: launches replayed from a CUDA graph, as decode runs them.
+    Timed from Python, a 10 µs matvec measures the launch (the autotuner's wrapper costs
+    more than the kernel), so every config looks alike and small shapes got any of them;
+    and the int8 kernel, two launches, looked slower than it is."""
+    from triton.testing import do_bench, do_bench_cudagraph
 
+    if torch.cuda.is_available():
+        return do_bench_cudagraph(fn, rep=10, quantiles=quantiles)
     return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
@@ -626,7 +631,8 @@ _affine_tuned = triton.autotune(_AFFINE_CONFIGS, **_TUNING)(_matvec_affine_kerne
 # kernels' tiles, so it takes bigger steps for the same registers.
 _INT8_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "U": u}, num_warps=w)
-    for bn, u, w in [(1, 4, 1), (1, 8, 2), (2, 4, 2), (2, 8, 4), (4, 4, 4), (4, 8, 8), (8, 2, 4), (8, 4, 8)]
+    # 4 or 8 weight words (32 or 64 weights) per thread per step
+    for bn, u, w in [(1, 4, 1), (1, 8, 1), (1, 8, 2), (1, 16, 2), (2, 8, 2), (2, 8, 4), (4, 8, 4), (2, 16, 4)]
 ]  # fmt: skip
 _int8_tuned = triton.autotune(_INT8_CONFIGS, **_TUNING)(_matvec_int8_kernel)
 # Which of the tuned matvecs is fastest, per (M rounded up to a power of two, N, K, type,
@@ -796,13 +802,12 @@ def _launch(
 
 
 def _pick_faster(run: Any, names: tuple[str, ...]) -> str:
-    """The fastest of the tuned matvecs ``names`` for one shape (each tuned first)."""
-    from triton.testing import do_bench
-
+    """The fastest of the tuned matvecs ``names`` for one shape (each tuned first), timed
+    as the autotuner times configs (see _bench)."""
     timings = {}
     for name in names:
         run(name)  # tunes (or reads the tuning from disk)
-        timings[name] = do_bench(lambda name=name: run(name), warmup=5, rep=20)
+        timings[name] = _bench(lambda name=name: run(name), None)
     return min(timings, key=timings.__getitem__)
 
 
