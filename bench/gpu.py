@@ -187,16 +187,18 @@ def matvec_table(model: Qwen3) -> list[dict[str, Any]]:
 
 
 def kernels_per_step(model: Qwen3, device: torch.device) -> int:
-    """CUDA kernels one eager decode step launches (what its graph replays), counted by
-    the profiler."""
+    """CUDA kernels one decode step launches, run eagerly and counted by the profiler:
+    what GraphDecoder's graph replays."""
     from torch.profiler import ProfilerActivity, profile
+
+    from helexa.engine.models.cuda_graph import decode_step
 
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     position = torch.tensor([8], device=device)
-    model.forward(token, position, last_only=True)
+    decode_step(model, token, position, 256)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model.forward(token, position, last_only=True)
+        decode_step(model, token, position, 256)
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
