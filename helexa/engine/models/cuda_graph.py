@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from helexa.engine.models.qwen3 import MLP, Attention, FeedForward, Qwen3, apply_rope
-from helexa.engine.quant.ops import embedding, linear, triton_cache_dir
+from helexa.engine.quant.ops import embedding, linear, linears, triton_cache_dir
 
 MIN_KV_LEN = 256
 # Sums a row-parallel partial result across tensor-parallel ranks (see parallel.py).
@@ -126,7 +126,7 @@ def _projections(x: torch.Tensor, attn: Attention) -> list[torch.Tensor]:
         ]
     widths = [attn.q_proj.shape[0], attn.k_proj.shape[0], attn.v_proj.shape[0]]
     parts: list[torch.Tensor] = []
-    for out in (linear(x, w) for w in attn.fused):
+    for out in linears(x, attn.fused):
         start = 0
         while start < out.shape[-1]:
             width = widths[len(parts)]

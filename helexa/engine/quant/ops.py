@@ -110,6 +110,21 @@ def linear(
     return out
 
 
+def linears(
+    x: torch.Tensor, weights: tuple[torch.Tensor | QuantizedTensor, ...]
+) -> list[torch.Tensor]:
+    """``[linear(x, w) for w in weights]``, for weights that share an input (a fused q/k/v
+    split by block type): on CUDA the kernels quantize x once for all of them."""
+    k = (
+        kernels()
+        if all(isinstance(w, QuantizedTensor) and w.data.is_cuda for w in weights)
+        else None
+    )
+    if k is None or not weights or any(w.qtype not in k.SUPPORTED for w in weights):  # type: ignore[union-attr]
+        return [linear(x, w) for w in weights]
+    return k.linears(x, weights)
+
+
 def has_grouped_kernel(experts: torch.Tensor | QuantizedTensor) -> bool:
     """Whether :func:`grouped_linear` runs ``experts`` as one grouped matvec launch that
     reads the picked experts in place (quantized, on CUDA, a type Triton has a kernel

@@ -684,6 +684,15 @@ def matvec(
     return _launch(x, weight, None, config, kernel)
 
 
+def matvecs(x: torch.Tensor, weights: tuple[QuantizedTensor, ...]) -> list[torch.Tensor]:
+    """:func:`matvec` of one ``x`` by each of ``weights`` (a fused q/k/v kept as one
+    weight per block type): the int8 kernels among them share one quantization of x."""
+    shared: list[tuple[torch.Tensor, ...]] = []
+    for w in weights:
+        _check(w)
+    return [_launch(x, w, None, None, None, shared) for w in weights]
+
+
 def grouped_matvec(
     x: torch.Tensor,
     experts: QuantizedTensor,
@@ -731,10 +740,12 @@ def _launch(
     index: torch.Tensor | None,
     config: dict[str, Any] | None,
     kernel: str | None = None,
+    shared: list[tuple[torch.Tensor, ...]] | None = None,
 ) -> torch.Tensor:
     """One matvec: plain (``index`` None, ``weight`` (N, K)) or grouped (``weight`` an
     (E, N, K) stack, expert ``index[m]`` for row m), by the kernel measured fastest for the
-    shape, or as ``config`` says."""
+    shape, or as ``config`` says. ``shared`` holds x's int8 quantization once a call made
+    it, for the next matvec of the same x (see :func:`matvecs`)."""
     n, k = weight.shape[-2:]
     m = x.shape[0]
     if x.shape[-1] != k or x.stride(-1) != 1:
@@ -752,8 +763,9 @@ def _launch(
         UNIT_BYTES=unit_bytes, G=g,
     )  # fmt: skip
 
-    def run(name: str, fixed: dict[str, Any] | None = None) -> None:
-        """Launch kernel ``name``, autotuned, or with the ``fixed`` config."""
+    def run(name: str, fixed: dict[str, Any] | None = None, reuse: bool = False) -> None:
+        """Launch kernel ``name``, autotuned, or with the ``fixed`` config; ``reuse``: take
+        and leave x's quantization in ``shared`` (timings never do: they pay for it)."""
         if fixed is None:
             grid: Any = lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
             tuned = {"plain": _matvec_tuned, "affine": _affine_tuned, "int8": _int8_tuned}
@@ -763,7 +775,11 @@ def _launch(
             kernels = {"plain": _matvec_kernel, "affine": _matvec_affine_kernel}
             kernel, extra = kernels.get(name, _matvec_int8_kernel), fixed
         if name == "int8":
-            q, d, s = quantize_rows(x)
+            if not (reuse and shared):
+                quantized = quantize_rows(x)
+                if reuse and shared is not None:
+                    shared.append(quantized)
+            q, d, s = shared[0] if reuse and shared else quantized
             kernel[grid](q, d, s, *weights, *strides, **meta, ASM=ASM, **extra)
         else:
             kernel[grid](x, *weights[:3], m, n, x.stride(0), *strides, **meta, **extra)
@@ -771,7 +787,7 @@ def _launch(
     if kernel is not None:
         if kernel not in _KERNELS:
             raise ValueError(f"matvec: no kernel {kernel!r} (have {', '.join(_KERNELS)})")
-        run(kernel)
+        run(kernel, reuse=True)
     elif AUTOTUNE and config is None:
         # Rows by power of two: a prefill's grouped call has any row count, and each new
         # key costs a timing of every kernel.
@@ -785,7 +801,7 @@ def _launch(
                 name = _pick_faster(run, _KERNELS if int8 else _KERNELS[:2])
                 _choices.put(gpu, key, name)
             _faster[(gpu, *key)] = name
-        run(name)
+        run(name, reuse=True)
     else:
         fixed = dict(FIXED_CONFIG if config is None else config)
         name = (
@@ -797,7 +813,7 @@ def _launch(
         )
         if name != "plain":
             fixed.pop("DEFER", None)
-        run(name, fixed)
+        run(name, fixed, reuse=True)
     return y
 
 
@@ -833,6 +849,18 @@ def dequantize_rows(
         num_warps=4,
     )  # fmt: skip
     return out
+
+
+def linears(x: torch.Tensor, weights: tuple[QuantizedTensor, ...]) -> list[torch.Tensor]:
+    """:func:`linear` of one ``x`` by each of ``weights``, no biases: for a decode step's
+    few rows, :func:`matvecs` (one quantization of x for all of them)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] > MATVEC_MAX_ROWS or any(w.shape[1] != k for w in weights):
+        return [linear(x, w) for w in weights]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return [y.view(*x.shape[:-1], -1) for y in matvecs(x2, weights)]
 
 
 def linear(

@@ -208,6 +208,27 @@ def test_int8_grouped_matvec_reads_each_rows_expert(qtype: GGMLQuantizationType)
     assert rel_err(got.cpu(), ref) < 1e-5
 
 
+@needs_kernels
+def test_matvecs_of_one_input_quantize_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fused q/k/v split by block type (Q4_K q/k, Q6_K v) is two matvecs of one x: with
+    the int8 kernel, one quantization of x serves both, and each gives what it would alone."""
+    from helexa.engine.quant import triton_kernels as tk
+
+    qk, v = random_weight(Q.Q4_K, 24, 512, seed=1), random_weight(Q.Q6_K, 8, 512, seed=2)
+    x = torch.randn(1, 512, device=DEVICE, dtype=torch.bfloat16) / 512
+    alone = [tk.matvec(x, w, config=INT8_VARIANTS[0]) for w in (qk, v)]
+    calls = []
+    real = tk.quantize_rows
+    monkeypatch.setattr(tk, "quantize_rows", lambda t: calls.append(t) or real(t))
+    monkeypatch.setattr(tk, "AUTOTUNE", False)
+    monkeypatch.setattr(tk, "FIXED_CONFIG", INT8_VARIANTS[0])
+    together = tk.linears(x[None], (qk, v))
+    assert len(calls) == 1
+    assert [t.shape for t in together] == [(1, 1, 24), (1, 1, 8)]
+    for got, want in zip(together, alone, strict=True):
+        assert torch.equal(got[0], want)
+
+
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K], ids=lambda q: q.name)
 @needs_kernels
 def test_q8_0_and_short_rows(qtype: GGMLQuantizationType) -> None:
