@@ -640,7 +640,10 @@ _int8_tuned = triton.autotune(_INT8_CONFIGS, **_TUNING)(_matvec_int8_kernel)
 # call (the load's warm-up) and kept on disk beside Triton's own tuning (see
 # KernelChoices), so a restart skips it.
 _faster: dict[tuple[Any, ...], str] = {}
-_KERNELS = ("plain", "affine", "int8")
+# The plain kernel (a dequantized tile per step) is not among them: on an H200 the
+# scale-factored one beat it on every decode shape of an 8B Q4_K_M (by 0-25%), and each
+# tuned candidate costs a first load ~30 s of compiles. It stays the fixed config's kernel.
+_KERNELS = ("affine", "int8")
 # The int8 kernel rounds activations to 8 bits per 32 (as llama.cpp does): for the model's
 # bf16/fp16 activations, not for a float32 caller, who asked for the precision.
 _INT8_DTYPES = (torch.bfloat16, torch.float16)
@@ -785,8 +788,8 @@ def _launch(
             kernel[grid](x, *weights[:3], m, n, x.stride(0), *strides, **meta, **extra)
 
     if kernel is not None:
-        if kernel not in _KERNELS:
-            raise ValueError(f"matvec: no kernel {kernel!r} (have {', '.join(_KERNELS)})")
+        if kernel not in ("plain", *_KERNELS):
+            raise ValueError(f"matvec: no kernel {kernel!r} (have plain, {', '.join(_KERNELS)})")
         run(kernel, reuse=True)
     elif AUTOTUNE and config is None:
         # Rows by power of two: a prefill's grouped call has any row count, and each new
@@ -798,7 +801,7 @@ def _launch(
         if name is None:
             name = _choices.get(gpu, key)
             if name is None:
-                name = _pick_faster(run, _KERNELS if int8 else _KERNELS[:2])
+                name = _pick_faster(run, _KERNELS if int8 else ("affine",))
                 _choices.put(gpu, key, name)
             _faster[(gpu, *key)] = name
         run(name, reuse=True)
@@ -820,6 +823,8 @@ def _launch(
 def _pick_faster(run: Any, names: tuple[str, ...]) -> str:
     """The fastest of the tuned matvecs ``names`` for one shape (each tuned first), timed
     as the autotuner times configs (see _bench)."""
+    if len(names) == 1:
+        return names[0]
     timings = {}
     for name in names:
         run(name)  # tunes (or reads the tuning from disk)

@@ -8,7 +8,7 @@ import pytest
 
 from helexa.engine.quant.kernel_choices import KernelChoices
 
-NAMES = ("plain", "affine")
+NAMES = ("affine", "int8")
 KEY = (1, 4096, 4096, 12, False)
 
 
@@ -16,10 +16,10 @@ def test_a_choice_survives_a_restart_per_gpu_and_shape(tmp_path: Path) -> None:
     first = KernelChoices(str(tmp_path), names=NAMES)
     assert first.get("NVIDIA H200", KEY) is None
     first.put("NVIDIA H200", KEY, "affine")
-    first.put("NVIDIA H200", (4, 4096, 4096, 12, False), "plain")
+    first.put("NVIDIA H200", (4, 4096, 4096, 12, False), "affine")
     again = KernelChoices(str(tmp_path), names=NAMES)  # a new process
     assert again.get("NVIDIA H200", KEY) == "affine"
-    assert again.get("NVIDIA H200", (4, 4096, 4096, 12, False)) == "plain"
+    assert again.get("NVIDIA H200", (4, 4096, 4096, 12, False)) == "affine"
     assert again.get("NVIDIA GeForce RTX 4090", KEY) is None  # another GPU measures its own
     assert [p.name for p in tmp_path.iterdir()] == [KernelChoices.FILE]  # no temp file left
 
@@ -31,8 +31,8 @@ def test_unreadable_or_foreign_content_is_nothing_remembered(tmp_path: Path, con
     (tmp_path / KernelChoices.FILE).write_text(content)
     choices = KernelChoices(str(tmp_path), names=NAMES)
     assert choices.get("NVIDIA H200", KEY) is None
-    choices.put("NVIDIA H200", KEY, "plain")  # and it is replaced by what is measured
-    assert KernelChoices(str(tmp_path), names=NAMES).get("NVIDIA H200", KEY) == "plain"
+    choices.put("NVIDIA H200", KEY, "affine")  # and it is replaced by what is measured
+    assert KernelChoices(str(tmp_path), names=NAMES).get("NVIDIA H200", KEY) == "affine"
 
 
 def test_an_unwritable_cache_dir_only_costs_a_new_measurement(tmp_path: Path) -> None:
@@ -45,5 +45,5 @@ def test_an_unwritable_cache_dir_only_costs_a_new_measurement(tmp_path: Path) ->
 
 def test_no_cache_dir_keeps_choices_in_memory_only() -> None:
     choices = KernelChoices(None, names=NAMES)
-    choices.put("cpu", KEY, "plain")
-    assert choices.get("cpu", KEY) == "plain"
+    choices.put("cpu", KEY, "affine")
+    assert choices.get("cpu", KEY) == "affine"
