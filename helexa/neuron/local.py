@@ -320,10 +320,10 @@ class LocalNeuron:
         request: dict[str, Any],
         pick: Callable[[LoadedModel], Callable[[dict[str, Any], Event], Iterator[dict[str, Any]]]],
     ) -> AsyncIterator[dict[str, Any]]:
-        from helexa.engine.request import RequestError
+        loaded, worker = self._serving(request)
+        from helexa.engine.request import RequestError  # imported: the model is loaded
         from helexa.engine.worker import StepTimeout, StreamStalled
 
-        loaded, worker = self._serving(request)
         local = self.settings.local
         stream = worker.stream(
             pick(loaded),
@@ -374,9 +374,9 @@ class LocalNeuron:
         return self._stream(request, lambda m: m.stream_completion)
 
     async def count_tokens(self, request: dict[str, Any]) -> int:
-        from helexa.engine.request import RequestError
-
         loaded, _ = self._serving(request)
+        from helexa.engine.request import RequestError  # imported: the model is loaded
+
         try:  # tokenizing needs no device: do not queue behind a running generation
             return await asyncio.to_thread(loaded.count_tokens, request)
         except RequestError as exc:
