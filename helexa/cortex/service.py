@@ -31,7 +31,7 @@ def build_neurons(settings: Settings) -> list[Neuron]:
     """The local engine (when enabled) plus one client per configured remote neuron."""
     neurons: list[Neuron] = []
     if settings.local.enabled:
-        from helexa.neuron.local import LocalNeuron  # imports torch: only when wanted
+        from helexa.neuron.local import LocalNeuron  # the engine itself: on its first load
 
         neurons.append(LocalNeuron(settings))
     for endpoint in settings.neurons:

@@ -9,11 +9,17 @@ preflight work unchanged on a laptop.
 Device indices are the ones torch uses (CUDA_VISIBLE_DEVICES applied), because the engine
 places models with ``torch.device("cuda", index)``. The parsing helpers are pure so they
 are tested without a GPU; an absent or broken NVML never raises, it falls through.
+
+torch is imported only when NVML is absent and the installed torch is a CUDA or ROCm
+build: the gateway polls its local node as soon as it listens, and importing torch takes
+seconds, which a CPU-only wheel (whose torch.cuda never finds a device) need not cost.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
+import importlib.util
 import os
 import platform
 import socket
@@ -99,6 +105,28 @@ def visible_devices(env: str | None, uuids: list[str]) -> list[int]:
             break
         out.append(index)
     return out
+
+
+def gpu_build(version_py: str) -> bool | None:
+    """Whether torch's ``version.py`` describes a build with a GPU runtime for torch.cuda
+    (its ``cuda`` or ``hip`` set); None when the text does not say both, so torch is asked."""
+    try:
+        tree = ast.parse(version_py)
+    except SyntaxError:
+        return None
+    runtimes: dict[str, object] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id in ("cuda", "hip"):
+            runtimes[target.id] = value.value if isinstance(value, ast.Constant) else value
+    if runtimes.keys() != {"cuda", "hip"}:
+        return None
+    return any(runtime is not None for runtime in runtimes.values())
 
 
 # -- CPU -------------------------------------------------------------------------------------
@@ -232,7 +260,23 @@ def nvml_health(nv: Any, started: float) -> Health:
 # -- torch.cuda ------------------------------------------------------------------------------
 
 
+def _installed_gpu_build() -> bool | None:
+    """:func:`gpu_build` of the installed torch, read without importing it; False when
+    torch is not installed, None when its version file cannot be read."""
+    try:
+        spec = importlib.util.find_spec("torch")
+        if spec is None or not spec.submodule_search_locations:
+            return False
+        location = next(iter(spec.submodule_search_locations))
+        with open(os.path.join(location, "version.py"), encoding="utf-8") as f:
+            return gpu_build(f.read())
+    except (OSError, ValueError, ImportError):
+        return None
+
+
 def _torch_cuda_count() -> int:
+    if _installed_gpu_build() is False:
+        return 0
     try:
         import torch
 

@@ -26,16 +26,10 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from helexa.config import Settings
 from helexa.engine.checkpoint.errors import CheckpointError
-from helexa.engine.checkpoint.types import Progress
-from helexa.engine.generate import LoadedModel
-from helexa.engine.request import RequestError
-from helexa.engine.worker import DeviceWorker, StepTimeout, StreamStalled
 from helexa.errors import ApiError
 from helexa.neuron import preflight
 from helexa.neuron.discovery import discover, read_health
@@ -48,6 +42,17 @@ from helexa.neuron.interface import (
     NeuronError,
 )
 from helexa.neuron.sources import ModelRef, downloaded, path_allowed, ref_for, resolve_local
+
+if TYPE_CHECKING:
+    # The engine (torch, triton, llguidance, the tokenizers) is imported on the first
+    # load, not here: the gateway embeds this neuron and answers /health and /v1/models
+    # before any model is loaded, and importing torch alone takes seconds on a GPU host.
+    import torch
+
+    from helexa.engine.checkpoint.types import Progress
+    from helexa.engine.generate import LoadedModel
+    from helexa.engine.request import RequestError
+    from helexa.engine.worker import DeviceWorker
 
 MB = 1 << 20
 log = logging.getLogger("helexa.neuron")
@@ -88,6 +93,8 @@ class _Entry:
 def _load_error(model_id: str, exc: Exception) -> NeuronError:
     """A failed load in the neuron API's terms: a bad file is the caller's 422, running
     out of device memory despite preflight a 507 like preflight's own, the rest a 500."""
+    import torch
+
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return NeuronError(
             f"loading {model_id!r} ran out of device memory: {exc}",
@@ -127,6 +134,8 @@ def _retrieve(task: asyncio.Future[None]) -> None:
 
 
 def _free_memory(device: torch.device) -> None:
+    import torch
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -207,6 +216,8 @@ class LocalNeuron:
             requested_devices=request.devices or self.settings.local.devices,
             min_devices=min_devices,
         )
+        import torch
+
         kinds = {d.index: d.kind for d, _ in devices}
         return [
             torch.device("cuda", i) if kinds[i] == "cuda" else torch.device("cpu")
@@ -215,6 +226,8 @@ class LocalNeuron:
 
     def _worker(self, device: torch.device) -> DeviceWorker:
         if device not in self._workers:
+            from helexa.engine.worker import DeviceWorker
+
             self._workers[device] = DeviceWorker(device)
         return self._workers[device]
 
@@ -308,6 +321,9 @@ class LocalNeuron:
         pick: Callable[[LoadedModel], Callable[[dict[str, Any], Event], Iterator[dict[str, Any]]]],
     ) -> AsyncIterator[dict[str, Any]]:
         loaded, worker = self._serving(request)
+        from helexa.engine.request import RequestError  # imported: the model is loaded
+        from helexa.engine.worker import StepTimeout, StreamStalled
+
         local = self.settings.local
         stream = worker.stream(
             pick(loaded),
@@ -359,6 +375,8 @@ class LocalNeuron:
 
     async def count_tokens(self, request: dict[str, Any]) -> int:
         loaded, _ = self._serving(request)
+        from helexa.engine.request import RequestError  # imported: the model is loaded
+
         try:  # tokenizing needs no device: do not queue behind a running generation
             return await asyncio.to_thread(loaded.count_tokens, request)
         except RequestError as exc:
@@ -381,6 +399,8 @@ def _load(
     prompt_cache_mb: int | None,
     progress: Progress,
 ) -> LoadedModel:
+    from helexa.engine.generate import LoadedModel
+
     return LoadedModel.load(
         path,
         devices[0],

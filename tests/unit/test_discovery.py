@@ -16,6 +16,7 @@ from helexa.neuron.discovery import (
     cpu_health,
     cpu_utilization,
     cuda_version,
+    gpu_build,
     nvml_discovery,
     nvml_health,
     parse_cpu_model,
@@ -65,6 +66,41 @@ def test_parse_os_release() -> None:
 @pytest.mark.parametrize(("raw", "text"), [(12040, "12.4"), (13000, "13.0"), (11080, "11.8")])
 def test_cuda_version(raw: int, text: str) -> None:
     assert cuda_version(raw) == text
+
+
+TORCH_VERSION_PY = """from typing import Optional
+
+__all__ = ['__version__', 'debug', 'cuda', 'git_version', 'hip', 'rocm', 'xpu']
+__version__ = '2.13.0+{build}'
+debug = False
+cuda: Optional[str] = {cuda}
+git_version = 'cf30153c4c131c8164ee7798e5022d810682e2cb'
+hip: Optional[str] = {hip}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (TORCH_VERSION_PY.format(build="cpu", cuda=None, hip=None), False),
+        (TORCH_VERSION_PY.format(build="cu128", cuda="'12.8'", hip=None), True),
+        (TORCH_VERSION_PY.format(build="rocm6.3", cuda=None, hip="'6.3.42131'"), True),
+        ("cuda = None\nhip = None\n", False),  # older torch: no annotations
+        ("cuda = _cuda()\nhip = None\n", True),  # not a literal: maybe a GPU
+        ("cuda = None\n", None),  # hip unsaid: ask torch
+        ("cuda = (\n", None),
+    ],
+)
+def test_gpu_build_reads_torch_version_py(text: str, expected: bool | None) -> None:
+    assert gpu_build(text) is expected
+
+
+def test_installed_gpu_build_agrees_with_torch() -> None:
+    """The version file read without importing torch says what torch itself says."""
+    import torch
+
+    runtime = torch.version.cuda is not None or torch.version.hip is not None
+    assert discovery._installed_gpu_build() is runtime
 
 
 def test_cpu_utilization() -> None:
