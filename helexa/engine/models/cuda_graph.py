@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from helexa.engine.models.qwen3 import MLP, Attention, FeedForward, Qwen3, apply_rope
-from helexa.engine.quant.ops import embedding, linear, linears, triton_cache_dir
+from helexa.engine.quant.ops import Int8Rows, embedding, linear, linears, triton_cache_dir
 
 MIN_KV_LEN = 256
 # Sums a row-parallel partial result across tensor-parallel ranks (see parallel.py).
@@ -105,17 +105,26 @@ def _add_norm(
     weight: torch.Tensor,
     eps: float,
     kernels: ModuleType | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, the RMSNorm of that): the residual add and the next norm, one launch
-    with the kernels. ``delta`` None: the first layer's norm of the embeddings."""
+) -> tuple[torch.Tensor, torch.Tensor, Int8Rows | None]:
+    """(x + delta, the RMSNorm of that, and with the kernels its int8 activations for the
+    matvecs it feeds): the residual add and the next norm, one launch with the kernels.
+    ``delta`` None: the first layer's norm of the embeddings."""
     if kernels is not None:
-        return kernels.add_rms_norm(x, delta, weight, eps)
+        return kernels.add_rms_norm(x, delta, weight, eps, quantize=_int8(x))
     if delta is not None:
         x = x + delta
-    return x, rms_norm(x, weight, eps)
+    return x, rms_norm(x, weight, eps), None
 
 
-def _projections(x: torch.Tensor, attn: Attention) -> list[torch.Tensor]:
+def _int8(x: torch.Tensor) -> bool:
+    """Whether the glue kernels quantize what they write for the int8 matvec (which runs
+    for the model's half-precision activations only)."""
+    return x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _projections(
+    x: torch.Tensor, attn: Attention, quantized: Int8Rows | None
+) -> list[torch.Tensor]:
     """q, k, v [B, 1, H*D] for a step's rows: one matvec per fused weight (Attention.fused),
     its output cut into the projections it holds (views, no copies)."""
     if not attn.fused:
@@ -126,7 +135,7 @@ def _projections(x: torch.Tensor, attn: Attention) -> list[torch.Tensor]:
         ]
     widths = [attn.q_proj.shape[0], attn.k_proj.shape[0], attn.v_proj.shape[0]]
     parts: list[torch.Tensor] = []
-    for out in linears(x, attn.fused):
+    for out in linears(x, attn.fused, quantized):
         start = 0
         while start < out.shape[-1]:
             width = widths[len(parts)]
@@ -139,6 +148,7 @@ def _attention(
     model: Qwen3,
     attn: Attention,
     x: torch.Tensor,
+    quantized: Int8Rows | None,
     input_pos: torch.Tensor,
     kv_len: int,
     kernels: ModuleType | None,
@@ -147,7 +157,7 @@ def _attention(
     batch, dim, eps = x.shape[0], cfg.head_dim, cfg.rms_norm_eps
     cache = attn.cache
     assert cache is not None and model.cos is not None and model.sin is not None
-    q, k, v = _projections(x, attn)  # [B, 1, H*D] each
+    q, k, v = _projections(x, attn, quantized)  # [B, 1, H*D] each
     if kernels is not None:
         # q/k norms, RoPE at input_pos and the k/v cache writes in one launch; attention
         # reads keys 0..input_pos only, whatever kv_len says.
@@ -168,18 +178,21 @@ def _attention(
     return linear(y.transpose(1, 2).reshape(batch, 1, -1), attn.o_proj, attn.o_bias)
 
 
-def _feed_forward(mlp: FeedForward, x: torch.Tensor, kernels: ModuleType | None) -> torch.Tensor:
-    """A dense MLP with fused gate/up: one matvec, SiLU·mul in one launch, then down; any
-    other feed-forward (unfused, a MoE) decodes its own way."""
+def _feed_forward(
+    mlp: FeedForward, x: torch.Tensor, quantized: Int8Rows | None, kernels: ModuleType | None
+) -> torch.Tensor:
+    """A dense MLP with fused gate/up: one matvec, SiLU·mul in one launch (which also
+    quantizes down_proj's input), then down; any other feed-forward (unfused, a MoE)
+    decodes its own way."""
     if not isinstance(mlp, MLP) or not mlp.fused:
         return mlp.decode(x)
-    gate_up = linear(x, mlp.fused[0])  # [B, 1, 2F]: gate then up
+    gate_up = linear(x, mlp.fused[0], quantized=quantized)  # [B, 1, 2F]: gate then up
     if kernels is not None:
-        h = kernels.silu_mul(gate_up)
+        h, hq = kernels.silu_mul(gate_up, quantize=_int8(gate_up))
     else:
         gate, up = gate_up.chunk(2, dim=-1)
-        h = F.silu(gate) * up
-    return linear(h, mlp.down_proj)
+        h, hq = F.silu(gate) * up, None
+    return linear(h, mlp.down_proj, quantized=hq)
 
 
 @torch.inference_mode()
@@ -203,14 +216,14 @@ def decode_step(
     x = embedding(tokens, model.embed_tokens).to(model.dtype)  # [B, 1, hidden]
     delta: torch.Tensor | None = None  # what the last sublayer adds to the residual x
     for blk in model.layers:
-        x, h = _add_norm(x, delta, blk.input_layernorm, eps, kernels)
-        delta = _attention(model, blk.attn, h, input_pos, kv_len, kernels)
+        x, h, hq = _add_norm(x, delta, blk.input_layernorm, eps, kernels)
+        delta = _attention(model, blk.attn, h, hq, input_pos, kv_len, kernels)
         delta = delta if reduce is None else reduce(delta)
-        x, h = _add_norm(x, delta, blk.post_attention_layernorm, eps, kernels)
-        delta = _feed_forward(blk.mlp, h, kernels)
+        x, h, hq = _add_norm(x, delta, blk.post_attention_layernorm, eps, kernels)
+        delta = _feed_forward(blk.mlp, h, hq, kernels)
         delta = delta if reduce is None else reduce(delta)
-    _, h = _add_norm(x, delta, model.norm, eps, kernels)
-    return linear(h, model.lm_head).float()
+    _, h, hq = _add_norm(x, delta, model.norm, eps, kernels)
+    return linear(h, model.lm_head, quantized=hq).float()
 
 
 @dataclass

@@ -28,6 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from helexa.engine.quant.ops import Int8Rows
+from helexa.engine.quant.triton_kernels import quantized_rows, store_quantized
+
 BLOCK_N = 64
 # Query rows of one program's tile: tl.dot needs at least 16; GQA groups are 1-16 heads.
 MIN_GROUP_TILE = 16
@@ -173,8 +176,9 @@ def split_k_attention(
 
 @triton.jit
 def _add_rms_norm_kernel(
-    X, Delta, W, Out, H, width, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr
-):
+    X, Delta, W, Out, H, Q, D, S, width, eps,
+    HAS_DELTA: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < width
@@ -186,31 +190,45 @@ def _add_rms_norm_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / width + eps)
     normed = (xf * rstd).to(x.dtype)  # as torch: normalise, round, then scale
     w = tl.load(W + cols, mask=inside, other=0.0)
-    tl.store(H + row * width + cols, (normed * w).to(x.dtype), mask=inside)
+    h = (normed * w).to(x.dtype)
+    tl.store(H + row * width + cols, h, mask=inside)
+    if QUANT:  # the next matvec's int8 activations, from the rounded h it would read
+        b = tl.arange(0, BLOCK // 32)[:, None]
+        hq = tl.reshape(h.to(tl.float32), [BLOCK // 32, 32])
+        store_quantized(hq, b, b < width // 32, Q + row * width, D + row * (width // 32),
+                        S + row * (width // 16), BLOCK // 32)  # fmt: skip
 
 
 def add_rms_norm(
-    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, rms_norm(x + delta) * weight) for rows of ``x`` [..., width];
-    ``delta`` None normalises ``x`` as it is (the first layer)."""
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    quantize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Int8Rows | None]:
+    """(x + delta, rms_norm(x + delta) * weight, and with ``quantize`` the latter's int8
+    activations for the matvec it feeds) for rows of ``x`` [..., width]; ``delta`` None
+    normalises ``x`` as it is (the first layer)."""
     width = x.shape[-1]
     rows = x.numel() // width
     x = x.contiguous()
     out = torch.empty_like(x) if delta is not None else x
     h = torch.empty_like(x)
+    quant = quantized_rows(rows, width, x.device) if quantize else None
     _add_rms_norm_kernel[(rows,)](
         x,
         delta.contiguous() if delta is not None else x,
         weight,
         out,
         h,
+        *(quant or (h, h, h)),  # unused without QUANT
         width,
         eps,
         HAS_DELTA=delta is not None,
+        QUANT=quantize,
         BLOCK=triton.next_power_of_2(width),
     )
-    return out, h
+    return out, h, quant
 
 
 @triton.jit
@@ -318,7 +336,9 @@ def qk_norm_rope_cache(
 
 
 @triton.jit
-def _silu_mul_kernel(GateUp, Out, width, stride_in, BLOCK: tl.constexpr):
+def _silu_mul_kernel(
+    GateUp, Out, Q, D, S, width, stride_in, QUANT: tl.constexpr, BLOCK: tl.constexpr
+):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < width
@@ -326,18 +346,25 @@ def _silu_mul_kernel(GateUp, Out, width, stride_in, BLOCK: tl.constexpr):
     up = tl.load(GateUp + row * stride_in + width + cols, mask=inside, other=0.0)
     g = gate.to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # rounded as torch's F.silu output
-    tl.store(Out + row * width + cols, (silu * up).to(gate.dtype), mask=inside)
+    h = (silu * up).to(gate.dtype)
+    tl.store(Out + row * width + cols, h, mask=inside)
+    if QUANT:  # down_proj's int8 activations
+        b = tl.program_id(1) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)[:, None]
+        hq = tl.reshape(h.to(tl.float32), [BLOCK // 32, 32])
+        store_quantized(hq, b, b < width // 32, Q + row * width, D + row * (width // 32),
+                        S + row * (width // 16), BLOCK // 32)  # fmt: skip
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, quantize: bool = False) -> tuple[torch.Tensor, Int8Rows | None]:
     """``silu(gate) * up`` where ``gate_up`` [..., 2F] holds gate then up (one fused
-    matvec's output); returns [..., F]."""
+    matvec's output): [..., F], and with ``quantize`` its int8 activations for down_proj."""
     width = gate_up.shape[-1] // 2
     rows = gate_up.numel() // gate_up.shape[-1]
     flat = gate_up.reshape(rows, 2 * width)
     out = torch.empty(*gate_up.shape[:-1], width, dtype=gate_up.dtype, device=gate_up.device)
+    quant = quantized_rows(rows, width, gate_up.device) if quantize else None
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(width, block))](
-        flat, out, width, flat.stride(0), BLOCK=block
+        flat, out, *(quant or (out, out, out)), width, flat.stride(0), QUANT=quantize, BLOCK=block
     )
-    return out
+    return out, quant

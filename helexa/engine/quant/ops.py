@@ -30,6 +30,10 @@ from helexa.engine.quant.tensor import QuantizedTensor
 if TYPE_CHECKING:
     from helexa.engine.checkpoint.types import Weight
 
+# Activations as the int8 matvec reads them: q int8 (rows, K), d float32 (rows, K/32) per
+# 32-element block, s float32 (rows, K/16) = d * sum(q) per 16 (triton_kernels.store_quantized).
+Int8Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 # Weights expanded per step of ``linear``: 4M float32 = 16 MiB of scratch, big enough
 # for efficient matmuls, small enough not to matter next to the weights themselves.
 CHUNK_ELEMENTS = 1 << 22
@@ -64,7 +68,10 @@ def kernels() -> ModuleType | None:
 
 
 def cuda_linear(
-    x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: QuantizedTensor,
+    bias: torch.Tensor | None,
+    quantized: Int8Rows | None = None,
 ) -> torch.Tensor | None:
     """``x @ W.T + bias`` through a Triton kernel, or None when none applies (not on
     CUDA, no Triton, or a block type without a kernel)."""
@@ -73,7 +80,7 @@ def cuda_linear(
     k = kernels()
     if k is None or weight.qtype not in k.SUPPORTED:
         return None
-    return k.linear(x, weight, bias)
+    return k.linear(x, weight, bias, quantized)
 
 
 def linear(
@@ -82,18 +89,20 @@ def linear(
     bias: torch.Tensor | None = None,
     *,
     chunk_rows: int | None = None,
+    quantized: Int8Rows | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` where ``weight`` (out, in) may be quantized.
 
     A quantized weight is expanded ``chunk_rows`` output rows at a time (default: about
     :data:`CHUNK_ELEMENTS` weights) in ``x.dtype`` and discarded after use. On CUDA with
-    Triton the blocks go straight to a kernel instead (:func:`cuda_linear`).
+    Triton the blocks go straight to a kernel instead (:func:`cuda_linear`), which takes
+    x's int8 activations as ``quantized`` where the decode step's glue made them.
     """
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
     if len(weight.shape) != 2:
         raise ValueError(f"linear needs one (out, in) weight, got a stack {weight.shape}")
-    fast = cuda_linear(x, weight, bias)
+    fast = cuda_linear(x, weight, bias, quantized)
     if fast is not None:
         return fast
     out_features, in_features = weight.shape
@@ -111,7 +120,9 @@ def linear(
 
 
 def linears(
-    x: torch.Tensor, weights: tuple[torch.Tensor | QuantizedTensor, ...]
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor | QuantizedTensor, ...],
+    quantized: Int8Rows | None = None,
 ) -> list[torch.Tensor]:
     """``[linear(x, w) for w in weights]``, for weights that share an input (a fused q/k/v
     split by block type): on CUDA the kernels quantize x once for all of them."""
@@ -122,7 +133,7 @@ def linears(
     )
     if k is None or not weights or any(w.qtype not in k.SUPPORTED for w in weights):  # type: ignore[union-attr]
         return [linear(x, w) for w in weights]
-    return k.linears(x, weights)
+    return k.linears(x, weights, quantized)
 
 
 def has_grouped_kernel(experts: torch.Tensor | QuantizedTensor) -> bool:

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from helexa.engine.quant.formats import QK_K, Q, block_format
 from helexa.engine.quant.kernel_choices import KernelChoices
+from helexa.engine.quant.ops import Int8Rows
 from helexa.engine.quant.tensor import QuantizedTensor
 
 SUPPORTED = (Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -345,26 +346,43 @@ ASM = os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, K, BLOCKS: tl.constexpr):
-    """Activations for the integer matvec, ``BLOCKS`` 32-element blocks of row m per program
-    (llama.cpp's q8_1 scheme): q = round(x / d) as int8 with d = amax / 127 per block, and
-    s = d * sum(q) per 16 elements, from which a format's offsets and mins are subtracted
-    once per sub-block instead of once per weight."""
-    m = tl.program_id(0)
-    b = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)[:, None]  # (BLOCKS, 1) block index
+def store_quantized(x, b, keep, q_row, d_row, s_row, BLOCKS: tl.constexpr):
+    """Store ``x`` [BLOCKS, 32] (float32; 32-element blocks ``b`` [BLOCKS, 1] of one row,
+    those not ``keep`` skipped) as the integer matvec reads activations (llama.cpp's q8_1
+    scheme): q = round(x / d) as int8 with d = amax / 127 per block, and s = d * sum(q) per
+    16 elements, from which a format's offsets and mins are subtracted once per sub-block
+    instead of once per weight. The decode glue kernels call this on the rows they write,
+    so the matvec after them needs no launch of its own to quantize."""
     i = tl.arange(0, 32)[None, :]
-    keep = b < K // 32
-    x = tl.load(x_ptr + m.to(tl.int64) * stride_x + 32 * b + i, mask=keep, other=0.0)
-    x = x.to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1, keep_dims=True)
     v = x * tl.where(amax > 0, 127.0 / amax, 0.0)
     q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)  # to nearest, halves away from 0
     d = amax / 127.0
-    tl.store(q_ptr + m.to(tl.int64) * K + 32 * b + i, q.to(tl.int8), mask=keep)
-    tl.store(d_ptr + m * (K // 32) + b, d, mask=keep)
+    tl.store(q_row + 32 * b + i, q.to(tl.int8), mask=keep)
+    tl.store(d_row + b, d, mask=keep)
     halves = tl.sum(tl.reshape(q, [BLOCKS, 2, 16]), axis=2).to(tl.float32)  # (BLOCKS, 2)
-    h = tl.arange(0, 2)[None, :]
-    tl.store(s_ptr + m * (K // 16) + 2 * b + h, d * halves, mask=keep)
+    tl.store(s_row + 2 * b + tl.arange(0, 2)[None, :], d * halves, mask=keep)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, K, BLOCKS: tl.constexpr):
+    """Row m's activations for the integer matvec, ``BLOCKS`` blocks per program."""
+    m = tl.program_id(0)
+    b = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)[:, None]  # (BLOCKS, 1) block index
+    keep = b < K // 32
+    x = tl.load(
+        x_ptr + m.to(tl.int64) * stride_x + 32 * b + tl.arange(0, 32)[None, :], mask=keep, other=0.0
+    )
+    row = m.to(tl.int64)
+    store_quantized(
+        x.to(tl.float32),
+        b,
+        keep,
+        q_ptr + row * K,
+        d_ptr + row * (K // 32),
+        s_ptr + row * (K // 16),
+        BLOCKS,
+    )
 
 
 @triton.jit
@@ -675,22 +693,27 @@ def matvec(
     weight: QuantizedTensor,
     config: dict[str, Any] | None = None,
     kernel: str | None = None,
+    quantized: Int8Rows | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` for a few rows ``x`` (M, K) straight from the blocks; out (M, N) in
     ``x.dtype``. Autotuned, it runs whichever kernel is fastest for the shape; ``kernel``
     (one of ``_KERNELS``) runs that one, tuned, and ``config`` (BLOCK_N, U, DEFER,
     num_warps; AFFINE or INT8 for those kernels) one fixed variant: for tests and the
-    benchmarks that compare kernels."""
+    benchmarks that compare kernels. ``quantized``: x's int8 activations where the kernel
+    that wrote x made them too (used if the int8 kernel runs)."""
     _check(weight)
     if len(weight.shape) != 2:
         raise ValueError(f"matvec takes one (N, K) weight, got {weight.shape}: see grouped_matvec")
-    return _launch(x, weight, None, config, kernel)
+    return _launch(x, weight, None, config, kernel, [quantized] if quantized else None)
 
 
-def matvecs(x: torch.Tensor, weights: tuple[QuantizedTensor, ...]) -> list[torch.Tensor]:
+def matvecs(
+    x: torch.Tensor, weights: tuple[QuantizedTensor, ...], quantized: Int8Rows | None = None
+) -> list[torch.Tensor]:
     """:func:`matvec` of one ``x`` by each of ``weights`` (a fused q/k/v kept as one
-    weight per block type): the int8 kernels among them share one quantization of x."""
-    shared: list[tuple[torch.Tensor, ...]] = []
+    weight per block type): the int8 kernels among them share one quantization of x (made
+    here once, unless ``quantized`` brings it)."""
+    shared: list[Int8Rows] = [quantized] if quantized else []
     for w in weights:
         _check(w)
     return [_launch(x, w, None, None, None, shared) for w in weights]
@@ -721,15 +744,23 @@ def grouped_matvec(
     return _launch(x, experts, index.contiguous(), config)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q int8 (M, K), d float32 (M, K/32), s float32 (M, K/16)) for the int8 matvec:
-    x ~= d * q per 32-element block, s = d * sum(q) per 16 elements."""
-    m, k = x.shape
+def quantized_rows(rows: int, k: int, device: torch.device) -> Int8Rows:
+    """Empty (q int8 (rows, K), d float32 (rows, K/32), s float32 (rows, K/16)): what
+    :func:`store_quantized` fills, for a kernel that quantizes its output."""
     if k % 32:
-        raise ValueError(f"quantize_rows: K must be a multiple of 32, got {k}")
-    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    d = torch.empty(m, k // 32, dtype=torch.float32, device=x.device)
-    s = torch.empty(m, k // 16, dtype=torch.float32, device=x.device)
+        raise ValueError(f"int8 activations need K a multiple of 32, got {k}")
+    return (
+        torch.empty(rows, k, dtype=torch.int8, device=device),
+        torch.empty(rows, k // 32, dtype=torch.float32, device=device),
+        torch.empty(rows, k // 16, dtype=torch.float32, device=device),
+    )
+
+
+def quantize_rows(x: torch.Tensor) -> Int8Rows:
+    """x (M, K) for the int8 matvec: x ~= d * q per 32-element block (see
+    :func:`store_quantized`)."""
+    m, k = x.shape
+    q, d, s = quantized_rows(m, k, x.device)
     if m:
         blocks = 32
         grid = (m, triton.cdiv(k // 32, blocks))
@@ -743,7 +774,7 @@ def _launch(
     index: torch.Tensor | None,
     config: dict[str, Any] | None,
     kernel: str | None = None,
-    shared: list[tuple[torch.Tensor, ...]] | None = None,
+    shared: list[Int8Rows] | None = None,
 ) -> torch.Tensor:
     """One matvec: plain (``index`` None, ``weight`` (N, K)) or grouped (``weight`` an
     (E, N, K) stack, expert ``index[m]`` for row m), by the kernel measured fastest for the
@@ -856,7 +887,9 @@ def dequantize_rows(
     return out
 
 
-def linears(x: torch.Tensor, weights: tuple[QuantizedTensor, ...]) -> list[torch.Tensor]:
+def linears(
+    x: torch.Tensor, weights: tuple[QuantizedTensor, ...], quantized: Int8Rows | None = None
+) -> list[torch.Tensor]:
     """:func:`linear` of one ``x`` by each of ``weights``, no biases: for a decode step's
     few rows, :func:`matvecs` (one quantization of x for all of them)."""
     k = x.shape[-1]
@@ -865,11 +898,14 @@ def linears(x: torch.Tensor, weights: tuple[QuantizedTensor, ...]) -> list[torch
         return [linear(x, w) for w in weights]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return [y.view(*x.shape[:-1], -1) for y in matvecs(x2, weights)]
+    return [y.view(*x.shape[:-1], -1) for y in matvecs(x2, weights, quantized)]
 
 
 def linear(
-    x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: QuantizedTensor,
+    bias: torch.Tensor | None = None,
+    quantized: Int8Rows | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for quantized ``W`` on the GPU: the matvec for a few rows, else
     chunks of dequantized rows through cuBLAS."""
@@ -880,7 +916,7 @@ def linear(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if x2.shape[0] <= MATVEC_MAX_ROWS:
-        out = matvec(x2, weight)
+        out = matvec(x2, weight, quantized=quantized)
     else:
         step = max(1, DEQUANT_CHUNK_ELEMENTS // k)
         if step >= n:

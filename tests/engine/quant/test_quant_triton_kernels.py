@@ -163,6 +163,30 @@ def test_quantize_rows_rounds_each_block_to_int8() -> None:
     assert torch.allclose(s.double(), sums, rtol=1e-6)
 
 
+@pytest.mark.parametrize("width", [1024, 1248])  # 1248: not a power of two, 39 blocks
+@needs_kernels
+def test_decode_glue_quantizes_exactly_what_it_writes(width: int) -> None:
+    """The decode step's add-RMSNorm and SiLU·mul kernels also write the int8 activations
+    of their output, so the matvec after them skips a launch: bit for bit what quantizing
+    that output alone gives. (float16: the interpreter garbles bf16 in these kernels.)"""
+    from helexa.engine.models import decode_kernels as dk
+    from helexa.engine.quant.triton_kernels import quantize_rows
+
+    gen = torch.Generator().manual_seed(width)
+    x, delta = (torch.randn(2, 1, width, generator=gen).to(DEVICE, torch.float16) for _ in "xd")
+    weight = torch.randn(width, generator=gen).to(DEVICE, torch.float16)
+    _, h, quant = dk.add_rms_norm(x, delta, weight, 1e-6, quantize=True)
+    assert quant is not None
+    for got, want in zip(quant, quantize_rows(h.view(2, width)), strict=True):
+        assert torch.equal(got, want)
+    gate_up = torch.randn(2, 1, 2 * width, generator=gen).to(DEVICE, torch.float16)
+    out, quant = dk.silu_mul(gate_up, quantize=True)
+    assert quant is not None
+    for got, want in zip(quant, quantize_rows(out.view(2, width)), strict=True):
+        assert torch.equal(got, want)
+    assert dk.silu_mul(gate_up)[1] is None
+
+
 INT8_VARIANTS = [
     {"BLOCK_N": 1, "U": 4, "INT8": True, "num_warps": 1},
     {"BLOCK_N": 2, "U": 8, "INT8": True, "num_warps": 2},
