@@ -72,3 +72,8 @@ class QuantizedTensor:
 
     def __repr__(self) -> str:
         return f"QuantizedTensor({self.qtype.name}, shape={self.shape}, device={self.device})"
+
+
+# Activations as the int8 matvec reads them: q int8 (rows, K), d float32 (rows, K/32) per
+# 32-element block, s float32 (rows, K/16) = d * sum(q) per 16 (triton_kernels.store_quantized).
+Int8Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

@@ -27,8 +27,7 @@ import triton.language as tl
 
 from helexa.engine.quant.formats import QK_K, Q, block_format
 from helexa.engine.quant.kernel_choices import KernelChoices
-from helexa.engine.quant.ops import Int8Rows
-from helexa.engine.quant.tensor import QuantizedTensor
+from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor
 
 SUPPORTED = (Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 # Up to this many activation rows the matvec wins (each row re-reads the weights from L2);
