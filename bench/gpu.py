@@ -131,8 +131,9 @@ def decode_weights(model: Qwen3) -> dict[str, list[QuantizedTensor]]:
     groups: dict[str, list[QuantizedTensor]] = {}
     for blk in model.layers:
         attn = blk.attn
-        parts = {"qkv": attn.fused} if attn.fused else {}
-        if not attn.fused:
+        if attn.fused:
+            parts = {"qkv": attn.fused}
+        else:
             parts = {n: (getattr(attn, n),) for n in ("q_proj", "k_proj", "v_proj")}
         parts["o_proj"] = (attn.o_proj,)
         mlp = blk.mlp
