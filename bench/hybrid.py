@@ -2,8 +2,10 @@
 driven in-process (bench/serve.py runs the same file through the server).
 
 Writes the GGUF (bench/synthetic.py: helexa's own writer, llama.cpp's converter's layout)
-unless it exists, then measures helexa's prefill tok/s at each ``--prompts`` length (one
-forward per PREFILL_CHUNK) and batch-1 decode tok/s over ``--gen`` tokens (CUDA-graph steps of qwen3_next.decode_step, argmax synced every
+unless it exists, then measures helexa's prefill tok/s at each ``--prompts`` length (in
+forwards of generate.prefill_chunk tokens, as the server sizes them: the whole prompt when
+half the GPU's free memory holds its activations, 2048 on a CPU) and batch-1 decode tok/s
+over ``--gen`` tokens (CUDA-graph steps of qwen3_next.decode_step, argmax synced every
 token). With ``--llama-bench`` the same file goes through llama-bench (bench/llama_cpp.py
 builds it) and the table shows both.
 
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.decode import timed  # noqa: E402
 from bench.synthetic import HYBRID_PRESETS, write_model  # noqa: E402
 from helexa.engine.checkpoint.safetensors import load_checkpoint  # noqa: E402
-from helexa.engine.generate import PREFILL_CHUNK  # noqa: E402
+from helexa.engine.generate import prefill_chunk  # noqa: E402
 from helexa.engine.models.architectures import model_class  # noqa: E402
 from helexa.engine.models.cuda_graph import GraphDecoder  # noqa: E402
 from helexa.engine.models.qwen3_next import Qwen3Next, decode_step  # noqa: E402
@@ -47,8 +49,9 @@ def helexa(path: Path, device: torch.device, prompts: list[int], gen: int) -> di
         tokens = torch.randint(0, vocab, (1, length), device=device)
 
         def prefill(tokens: torch.Tensor = tokens, length: int = length) -> int:
-            for start in range(0, length, PREFILL_CHUNK):
-                chunk = tokens[:, start : start + PREFILL_CHUNK]
+            step = prefill_chunk(model, length)  # as the server sizes it, free memory and all
+            for start in range(0, length, step):
+                chunk = tokens[:, start : start + step]
                 pos = torch.arange(start, start + chunk.shape[1], device=device)
                 logits = model.forward(chunk, pos, last_only=True)
             return int(logits[0, -1].argmax())
