@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import socket
 import string
 import subprocess
@@ -43,7 +44,8 @@ from typing import Any
 from urllib import error as urlerror
 from urllib import request as urlrequest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from bench.synthetic import PRESETS, SHAPE_KEYS, preset_shape, write_shape  # noqa: E402
 
@@ -150,7 +152,9 @@ def bench_helexa(gguf: Path, lengths: list[int], gen: int, context: int) -> dict
     )
     cmd = [sys.executable, "-m", "helexa.cli", "--config", str(work / "helexa.toml")]
     cmd += ["--models", str(work / "models.toml"), "--serve"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The server is this checkout's helexa, as the writer was, not whichever is installed.
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     log = work / "serve.log"
     spawned = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -350,4 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # A SIGTERM to the bench alone (`kill PID`; `timeout` signals the whole group) exits
+    # through the finally blocks, so the servers it started stop instead of holding the GPU.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())
