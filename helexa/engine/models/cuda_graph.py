@@ -322,6 +322,7 @@ class GraphDecoder:
             self._pool = None
             self._buffers = buffers
 
+    @torch.inference_mode()  # the caches and recurrent states it restores are inference tensors
     def _capture(self, inputs: _Inputs, kv_len: int) -> _Captured:
         model = self.model
         # Warm up on a side stream, as torch.cuda.graphs asks: first-call work (Triton
