@@ -247,11 +247,16 @@ class LoadedModel:
         model = self.model
         params = SamplingParams.from_request({}, self.defaults)
         first = [0] * min(WARM_UP_TOKENS, max(1, model.max_seq // 4))
-        # A prompt from position 0 (dequantize + cuBLAS, causal attention) and its first
-        # decode step; then one extending it: the prefill after a reused prefix (masked
-        # attention, the few-row matvec).
-        for prompt in (first, [*first, 0, 0, 0]):
-            for _ in islice(self.tokens(prompt, params, Event()), 2):
+        # A prompt from position 0 (dequantize + cuBLAS or grouped GEMM, causal attention)
+        # and its first decode step; then prompts extending it by 2 and by 3 tokens: the
+        # prefill after a reused prefix (masked attention) at the row counts the few-row
+        # matvec tunes for beyond decode's one (powers of two: 2 and 4 rows, a MoE's
+        # experts 16 and 32). Their new tokens differ from what the cache holds past
+        # ``first``, so each prefills exactly its extension.
+        taken = list(islice(self.tokens(first, params, Event()), 2))
+        fillers = [t for t in range(3) if t != taken[0]][:2]
+        for extra, filler in zip((2, 3), fillers, strict=True):
+            for _ in islice(self.tokens([*first, *[filler] * extra], params, Event()), 1):
                 pass
         if isinstance(self.decode, GraphDecoder):
             starts = self.decode.capture_positions()

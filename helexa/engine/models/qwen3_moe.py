@@ -27,6 +27,10 @@ ARCHITECTURE = "Qwen3MoeForCausalLM"
 # HF config.json says qwen3_moe; llama.cpp's GGUF architecture is qwen3moe.
 MODEL_TYPES = ("qwen3_moe", "qwen3moe")
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# Prompts (or extensions of a cached one) of at most this many tokens run the decode
+# step's grouped matvec, as a dense layer's few rows run the matvec
+# (quant.triton_kernels.MATVEC_MAX_ROWS); more run the grouped GEMM.
+DECODE_TOKENS = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,9 +117,10 @@ class SparseMoE:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Many tokens (prefill): each expert runs once, on all the tokens routed to it.
-        Few tokens go the decode way, which costs less than sorting them."""
+        Up to :data:`DECODE_TOKENS` go the decode way, which costs less than sorting them;
+        the few row counts that makes are the ones the load's warm-up tunes for."""
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] * self.top_k <= self.num_experts:
+        if flat.shape[0] <= DECODE_TOKENS:
             return self.decode(x)
         weights, experts = self.route(flat)
         return self._grouped(flat, weights, experts).view(x.shape)
