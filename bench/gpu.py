@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.decode import PRESETS, preset_shape, synthetic_config, synthetic_tensors  # noqa: E402
+from bench.synthetic import QWEN3_PRESETS, write_model  # noqa: E402
 from helexa.engine.checkpoint.safetensors import load_checkpoint  # noqa: E402
 from helexa.engine.models.architectures import model_class  # noqa: E402
 from helexa.engine.models.cuda_graph import GraphDecoder  # noqa: E402
@@ -38,54 +38,6 @@ from helexa.engine.quant.tensor import QuantizedTensor  # noqa: E402
 
 PROMPTS = (512, 4096)
 GEN = 128
-
-
-def byte_level_vocab(size: int) -> dict[str, Any]:
-    """``tokenizer.ggml.*`` fields of a placeholder GPT-2-style vocab llama.cpp can load:
-    the 256 byte tokens, one merge, then filler tokens up to ``size``. Benchmarks feed
-    token ids, so what the tokens spell does not matter; that there is a vocab does."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    extra = iter(range(0x100, 0x200))
-    byte_chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-    tokens = [*byte_chars, "\u0120\u0120"]
-    tokens += [f"<|filler{i}|>" for i in range(size - len(tokens))]
-    return {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "qwen2",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": [1] * size,
-        "tokenizer.ggml.merges": ["\u0120 \u0120"],
-        "tokenizer.ggml.eos_token_id": size - 1,
-        "tokenizer.ggml.padding_token_id": size - 1,
-    }
-
-
-QWEN3_WINDOW = 40960
-
-
-def write_model(
-    path: Path, preset: str, quant: str, device: str = "cuda", **overrides: int
-) -> float:
-    """Write the synthetic GGUF unless it exists; seconds taken. ``overrides`` change the
-    preset's shape (see bench.decode.preset_shape): how a test writes a tiny one."""
-    if path.exists():
-        return 0.0
-    from helexa.engine.checkpoint.gguf_write import write_gguf
-
-    start = time.perf_counter()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The window Qwen3 checkpoints declare, so llama.cpp's server may open a 32k+ context.
-    shape = preset_shape(preset, **overrides)
-    cfg = synthetic_config(shape, max(max(PROMPTS) + GEN, QWEN3_WINDOW))
-    tmp = path.with_suffix(".partial")
-    tensors = synthetic_tensors(cfg, device)
-    vocab = byte_level_vocab(cfg["vocab_size"])
-    write_gguf(tmp, config=cfg, tensors=tensors, quant=quant, tokenizer_fields=vocab)
-    del tensors
-    tmp.rename(path)
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return time.perf_counter() - start
 
 
 def cuda_ms(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
@@ -131,8 +83,9 @@ def decode_weights(model: Qwen3) -> dict[str, list[QuantizedTensor]]:
     groups: dict[str, list[QuantizedTensor]] = {}
     for blk in model.layers:
         attn = blk.attn
-        parts = {"qkv": attn.fused} if attn.fused else {}
-        if not attn.fused:
+        if attn.fused:
+            parts = {"qkv": attn.fused}
+        else:
             parts = {n: (getattr(attn, n),) for n in ("q_proj", "k_proj", "v_proj")}
         parts["o_proj"] = (attn.o_proj,)
         mlp = blk.mlp
@@ -301,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--gguf", type=Path, required=True, help="written here unless it exists")
-    ap.add_argument("--preset", default="qwen3-8b", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="qwen3-8b", choices=sorted(QWEN3_PRESETS))
     ap.add_argument("--quant", default="Q4_K_M")
     ap.add_argument("--helexa", action="store_true", help="run helexa's side")
     ap.add_argument("--llama-work", type=Path, help="llama.cpp build dir: run llama-bench")

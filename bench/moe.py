@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.decode import PRESETS  # noqa: E402
 from bench.gpu import cuda_ms  # noqa: E402
+from bench.synthetic import QWEN3_PRESETS  # noqa: E402
 from helexa.engine.models.qwen3_moe import SparseMoE  # noqa: E402
 from helexa.engine.quant.formats import Q  # noqa: E402
 from helexa.engine.quant.ops import linear  # noqa: E402
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1, help="decode batch")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    shape = PRESETS["qwen3-30b-a3b"]
+    shape = QWEN3_PRESETS["qwen3-30b-a3b"]
     layers = [random_layer(shape, seed) for seed in range(args.layers)]
     x = torch.randn(args.tokens, shape["hidden"], device="cuda").bfloat16() * 0.1
     moe0 = layers[0]

@@ -4,7 +4,7 @@ request timings).
 
 For each prompt length (default 512, 4096, 16384, 32768): time to first token and decode
 tok/s of a streamed ``/v1/completions`` request (the prompt is that many byte tokens of the
-placeholder vocab bench/gpu.py writes, so tokens are exact); then a second turn that
+placeholder vocab bench/synthetic.py writes, so tokens are exact); then a second turn that
 extends the first prompt by 200 tokens (what a coding agent sends: prefix reuse shows as
 ``cached_tokens`` and a short TTFT); before all of it, the load and the first request after
 it (compile and graph capture show here). llama-bench runs ``-p N -n 0`` and ``-n 128 -d N``
@@ -14,7 +14,16 @@ very same requests, so the ratios compare like with like::
     python bench/serve.py --gguf /tmp/hx/q8b.gguf --out $OUT                 # helexa side
     python bench/serve.py --gguf /tmp/hx/q8b.gguf --llama-work /tmp/llama --out $OUT
 
-Prints one table and writes ``serve.json`` under ``--out``.
+A missing ``--gguf`` is written first, random blocks of ``--preset``'s shape (any of
+bench/synthetic.py's: a dense Qwen3, the Qwen3-MoE ``qwen3-30b-a3b``, the Qwen3.5 hybrid
+``qwen3.5-9b``; ``--layers`` etc. change it), on the GPU when there is one. The server
+path is the same for every architecture. A CPU smoke run of the helexa side::
+
+    python bench/serve.py --gguf /tmp/m.gguf --preset qwen3-moe-tiny \
+        --lengths 64,128 --gen 8 --context 512 --out /tmp/m
+
+Prints one table and writes ``serve.json`` under ``--out`` (both sides' numbers, while
+they are of the same file).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import socket
 import string
 import subprocess
@@ -34,7 +44,10 @@ from typing import Any
 from urllib import error as urlerror
 from urllib import request as urlrequest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.synthetic import PRESETS, SHAPE_KEYS, preset_shape, write_shape  # noqa: E402
 
 MODEL = "bench"
 LETTERS = string.ascii_letters + string.digits  # one byte token each, no merges
@@ -139,7 +152,9 @@ def bench_helexa(gguf: Path, lengths: list[int], gen: int, context: int) -> dict
     )
     cmd = [sys.executable, "-m", "helexa.cli", "--config", str(work / "helexa.toml")]
     cmd += ["--models", str(work / "models.toml"), "--serve"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The server is this checkout's helexa, as the writer was, not whichever is installed.
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     log = work / "serve.log"
     spawned = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -275,23 +290,43 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--gguf", type=Path, required=True, help="written (8B-shaped) unless it exists")
+    ap.add_argument("--gguf", type=Path, required=True, help="written (--preset) unless it exists")
     ap.add_argument("--lengths", default="512,4096,16384,32768")
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--context", type=int, default=40960, help="both servers' context")
     ap.add_argument("--llama-work", type=Path, help="llama.cpp build dir: run llama-bench")
     ap.add_argument("--llama-src", type=Path, default=Path(".device/llama-src.tar.gz"))
     ap.add_argument("--out", type=Path, default=Path("."))
-    ap.add_argument("--preset", default="qwen3-8b", help="shape of a --gguf written here")
+    ap.add_argument(
+        "--preset",
+        default="qwen3-8b",
+        choices=sorted(PRESETS),
+        help="shape (and so architecture) of a --gguf written here",
+    )
+    for key in SHAPE_KEYS:
+        ap.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"override the preset's {key}")
+    ap.add_argument("--quant", default="Q4_K_M", help="of a --gguf written here")
+    ap.add_argument("--write-device", help="where a --gguf written here is quantized")
     args = ap.parse_args(argv)
     lengths = [int(n) for n in args.lengths.split(",")]
-    if not args.gguf.exists():
-        from bench.gpu import write_model
-
-        write_model(args.gguf, args.preset, "Q4_K_M")
+    try:
+        shape = preset_shape(args.preset, **{k: getattr(args, k) for k in SHAPE_KEYS})
+    except ValueError as exc:
+        ap.error(str(exc))
+    written = write_shape(args.gguf, shape, args.quant, args.write_device)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "serve.json"
     results = json.loads(path.read_text()) if path.exists() else {}
+    if results.get("gguf") != args.gguf.name:  # another file's numbers: not this table's
+        results = {"gguf": args.gguf.name}
+    results["gguf MB"] = args.gguf.stat().st_size / 2**20
+    if written:
+        results |= {"gguf write s": written, "preset": args.preset, "shape": shape}
+    print(
+        f"# {args.gguf.name}: {results['gguf MB']:,.1f} MiB"
+        + (f", written in {written:.1f} s ({args.preset} {args.quant})" if written else ""),
+        file=sys.stderr,
+    )
     if args.llama_work:
         results["llama.cpp"] = bench_llama(
             args.llama_work, args.llama_src, args.gguf, lengths, args.gen
@@ -319,4 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # A SIGTERM to the bench alone (`kill PID`; `timeout` signals the whole group) exits
+    # through the finally blocks, so the servers it started stop instead of holding the GPU.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from helexa.engine.models.qwen3 import MLP, Attention, FeedForward, Qwen3, apply_rope
 from helexa.engine.quant.ops import Int8Rows, embedding, linear, linears, triton_cache_dir
+from helexa.engine.quant.tensor import INT8_DTYPES
 
 MIN_KV_LEN = 256
 # Sums a row-parallel partial result across tensor-parallel ranks (see parallel.py).
@@ -120,7 +121,7 @@ def _add_norm(
 def int8_activations(x: torch.Tensor) -> bool:
     """Whether the glue kernels quantize what they write for the int8 matvec (which runs
     for the model's half-precision activations only)."""
-    return x.dtype in (torch.bfloat16, torch.float16)
+    return x.dtype in INT8_DTYPES
 
 
 def _projections(

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from helexa.engine.quant.ops import Int8Rows
+from helexa.engine.quant.tensor import Int8Rows
 from helexa.engine.quant.triton_kernels import quantized_rows, store_quantized
 
 BLOCK_N = 64

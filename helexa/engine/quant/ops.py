@@ -25,14 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from helexa.engine.quant.reference import dequantize
-from helexa.engine.quant.tensor import QuantizedTensor
+from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor
 
 if TYPE_CHECKING:
     from helexa.engine.checkpoint.types import Weight
-
-# Activations as the int8 matvec reads them: q int8 (rows, K), d float32 (rows, K/32) per
-# 32-element block, s float32 (rows, K/16) = d * sum(q) per 16 (triton_kernels.store_quantized).
-Int8Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 # Weights expanded per step of ``linear``: 4M float32 = 16 MiB of scratch, big enough
 # for efficient matmuls, small enough not to matter next to the weights themselves.

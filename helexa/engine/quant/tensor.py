@@ -72,3 +72,11 @@ class QuantizedTensor:
 
     def __repr__(self) -> str:
         return f"QuantizedTensor({self.qtype.name}, shape={self.shape}, device={self.device})"
+
+
+# Activations as the int8 matvec reads them: q int8 (rows, K), d float32 (rows, K/32) per
+# 32-element block, s float32 (rows, K/16) = d * sum(q) per 16 (triton_kernels.store_quantized).
+Int8Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# The activation dtypes the int8 matvec takes (it rounds to 8 bits per 32, as llama.cpp
+# does): the model's half-precision ones, not a float32 caller's, who asked for precision.
+INT8_DTYPES = (torch.bfloat16, torch.float16)

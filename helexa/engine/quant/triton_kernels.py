@@ -27,8 +27,7 @@ import triton.language as tl
 
 from helexa.engine.quant.formats import QK_K, Q, block_format
 from helexa.engine.quant.kernel_choices import KernelChoices
-from helexa.engine.quant.ops import Int8Rows
-from helexa.engine.quant.tensor import QuantizedTensor
+from helexa.engine.quant.tensor import INT8_DTYPES, Int8Rows, QuantizedTensor
 
 SUPPORTED = (Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 # Up to this many activation rows the matvec wins (each row re-reads the weights from L2);
@@ -195,15 +194,14 @@ def _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED: tl.con
 
 
 @triton.jit
-def _step_units(row_ptr, x_row, u0, N_UNITS: tl.constexpr, UNIT: tl.constexpr,
-                UNIT_BYTES: tl.constexpr, U: tl.constexpr):  # fmt: skip
+def _step_units(row_ptr, u0, N_UNITS: tl.constexpr, UNIT_BYTES: tl.constexpr, U: tl.constexpr):
     """The ``U`` units a matvec step reads from ``u0``: their blocks' pointers (per row),
-    their activations' start, and which of them exist (units past ``N_UNITS`` re-read the
-    last one and are zeroed through x)."""
+    their indices (to find their activations) and which of them exist: units past
+    ``N_UNITS`` re-read the last one and are zeroed through the activations."""
     units = u0 + tl.arange(0, U)
     valid = (units < N_UNITS)[None, :, None, None]
     units = tl.minimum(units, N_UNITS - 1)[None, :, None, None]
-    return row_ptr + units * UNIT_BYTES, x_row + units * UNIT, valid
+    return row_ptr + units * UNIT_BYTES, units, valid
 
 
 @triton.jit
@@ -259,7 +257,8 @@ def _matvec_kernel(
         tile_b = tl.zeros([BLOCK_N, U, 4, 32], dtype=tl.float32)
     # U units per step: enough bytes in flight per program to cover memory latency.
     for u0 in range(0, N_UNITS, U):
-        blk, x_unit, valid = _step_units(row_ptr, x_row, u0, N_UNITS, UNIT, UNIT_BYTES, U)
+        blk, units, valid = _step_units(row_ptr, u0, N_UNITS, UNIT_BYTES, U)
+        x_unit = x_row + units * UNIT
         if QTYPE == 8:
             w, e = _q8_0(blk, G)
             if DEFER:
@@ -327,7 +326,8 @@ def _matvec_affine_kernel(
     else:
         tile = tl.zeros([BLOCK_N, U, 4, 1], dtype=tl.float32)
     for u0 in range(0, N_UNITS, U):
-        blk, x_unit, valid = _step_units(row_ptr, x_row, u0, N_UNITS, UNIT, UNIT_BYTES, U)
+        blk, units, valid = _step_units(row_ptr, u0, N_UNITS, UNIT_BYTES, U)
+        x_unit = x_row + units * UNIT
         if QTYPE == 8:
             q, d, e = _q8_0_affine(blk, G)
             tile += _scaled_sums(q, d, 0.0, x_unit, e, valid)
@@ -370,10 +370,8 @@ def _quantize_rows_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, K, BLOCKS: tl.co
     m = tl.program_id(0)
     b = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)[:, None]  # (BLOCKS, 1) block index
     keep = b < K // 32
-    x = tl.load(
-        x_ptr + m.to(tl.int64) * stride_x + 32 * b + tl.arange(0, 32)[None, :], mask=keep, other=0.0
-    )
     row = m.to(tl.int64)
+    x = tl.load(x_ptr + row * stride_x + 32 * b + tl.arange(0, 32)[None, :], mask=keep, other=0.0)
     store_quantized(
         x.to(tl.float32),
         b,
@@ -548,11 +546,8 @@ def _matvec_int8_kernel(
     # One partial sum per tile row of 4 weight words: Q8_0 2 per block, k-quants 8 per unit.
     acc = tl.zeros([BLOCK_N, U, 2 * G if QTYPE == 8 else 8, 1], dtype=tl.float32)
     for u0 in range(0, N_UNITS, U):
-        # Units past N_UNITS re-read the last one; their activation scales read as 0.
-        units = u0 + tl.arange(0, U)
-        valid = (units < N_UNITS)[None, :, None, None]
-        units = tl.minimum(units, N_UNITS - 1)[None, :, None, None]
-        blk = row_ptr + units * UNIT_BYTES
+        # Units past N_UNITS: their activation scales read as 0.
+        blk, units, valid = _step_units(row_ptr, u0, N_UNITS, UNIT_BYTES, U)
         xw = xw_row + units * (UNIT // 4)
         xd = xd_row + units * (UNIT // 32)
         if QTYPE == 8:
@@ -662,9 +657,11 @@ _faster: dict[tuple[Any, ...], str] = {}
 # scale-factored one beat it on every decode shape of an 8B Q4_K_M (by 0-25%), and each
 # tuned candidate costs a first load ~30 s of compiles. It stays the fixed config's kernel.
 _KERNELS = ("affine", "int8")
-# The int8 kernel rounds activations to 8 bits per 32 (as llama.cpp does): for the model's
-# bf16/fp16 activations, not for a float32 caller, who asked for the precision.
-_INT8_DTYPES = (torch.bfloat16, torch.float16)
+
+
+# Every kernel by name, tuned (``matvec(kernel=...)`` may name the plain one) and as is.
+_TUNED = {"plain": _matvec_tuned, "affine": _affine_tuned, "int8": _int8_tuned}
+_UNTUNED = {"plain": _matvec_kernel, "affine": _matvec_affine_kernel, "int8": _matvec_int8_kernel}
 
 
 _choices = KernelChoices(os.environ.get("TRITON_CACHE_DIR"), names=_KERNELS)
@@ -802,30 +799,29 @@ def _launch(
         and leave x's quantization in ``shared`` (timings never do: they pay for it)."""
         if fixed is None:
             grid: Any = lambda c: (m * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
-            tuned = {"plain": _matvec_tuned, "affine": _affine_tuned, "int8": _int8_tuned}
-            kernel, extra = tuned[name], {}
+            kernel, extra = _TUNED[name], {}
         else:
             grid = (m * triton.cdiv(n, fixed["BLOCK_N"]),)
-            kernels = {"plain": _matvec_kernel, "affine": _matvec_affine_kernel}
-            kernel, extra = kernels.get(name, _matvec_int8_kernel), fixed
+            kernel, extra = _UNTUNED[name], fixed
         if name == "int8":
-            if not (reuse and shared):
-                quantized = quantize_rows(x)
+            if reuse and shared:
+                q, d, s = shared[0]
+            else:
+                q, d, s = quantize_rows(x)
                 if reuse and shared is not None:
-                    shared.append(quantized)
-            q, d, s = shared[0] if reuse and shared else quantized
+                    shared.append((q, d, s))
             kernel[grid](q, d, s, *weights, *strides, **meta, ASM=ASM, **extra)
         else:
             kernel[grid](x, *weights[:3], m, n, x.stride(0), *strides, **meta, **extra)
 
     if kernel is not None:
-        if kernel not in ("plain", *_KERNELS):
-            raise ValueError(f"matvec: no kernel {kernel!r} (have plain, {', '.join(_KERNELS)})")
+        if kernel not in _TUNED:
+            raise ValueError(f"matvec: no kernel {kernel!r} (have {', '.join(_TUNED)})")
         run(kernel, reuse=True)
     elif AUTOTUNE and config is None:
         # Rows by power of two: a prefill's grouped call has any row count, and each new
         # key costs a timing of every kernel.
-        int8 = x.dtype in _INT8_DTYPES
+        int8 = x.dtype in INT8_DTYPES
         key = (1 << (m - 1).bit_length(), n, k, int(weight.qtype), grouped, int8)
         gpu = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
         name = _faster.get((gpu, *key))  # mismatched cards each measure their own

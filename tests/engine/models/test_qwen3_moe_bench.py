@@ -9,17 +9,13 @@ from pathlib import Path
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
-from bench.decode import PRESETS
-from bench.gpu import write_model
+from bench.synthetic import PRESETS, write_model
 from helexa.engine.checkpoint.safetensors import load_checkpoint
 from helexa.engine.models.architectures import model_class
 from helexa.engine.models.qwen3_moe import Qwen3Moe, SparseMoE
 from helexa.engine.quant.tensor import QuantizedTensor
 
 Q = GGMLQuantizationType
-# The preset shrunk: rows and expert widths of one Q4_K super-block, 8 experts, top-2.
-TINY = dict(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, ffn=512, vocab=512)
-TINY |= dict(experts=8, experts_per_tok=2, moe_ffn=256)
 
 
 def test_the_moe_preset_is_the_real_shape() -> None:
@@ -27,12 +23,12 @@ def test_the_moe_preset_is_the_real_shape() -> None:
     assert (shape["hidden"], shape["layers"], shape["experts"], shape["moe_ffn"]) == (
         2048, 48, 128, 768,
     )  # fmt: skip
-    assert set(TINY) == set(shape)
+    assert set(PRESETS["qwen3-moe-tiny"]) == set(shape)  # the CI size has every MoE key
 
 
 def test_a_tiny_moe_preset_gguf_loads_and_runs(tmp_path: Path) -> None:
     path = tmp_path / "moe.gguf"
-    assert write_model(path, "qwen3-30b-a3b", "Q4_K_M", device="cpu", **TINY) > 0
+    assert write_model(path, "qwen3-moe-tiny", "Q4_K_M", device="cpu") > 0
 
     fields = GGUFReader(path).fields
     assert bytes(fields["general.architecture"].parts[-1]).decode() == "qwen3moe"
