@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from helexa.engine.quant.ops import Int8Rows
+from helexa.engine.quant.tensor import Int8Rows
 from helexa.engine.quant.triton_kernels import quantized_rows, store_quantized
 
 CONV_BLOCK = 256
@@ -70,18 +70,20 @@ def _conv_step_kernel(
     tl.store(Out + b * channels + c, (y / (1.0 + tl.exp(-y))).to(Out.dtype.element_ty), mask=inside)
 
 
-def conv_step(
-    mixed: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor
-) -> torch.Tensor:
+def conv_step(mixed: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """silu(depthwise conv of [state, mixed]) for one token: ``mixed`` [B, 1, C] (any row
     stride), ``conv_state`` [B_max, C, K - 1] (rows 0..B-1 shifted in place), ``weight``
     [C, K]. Returns [B, C] in ``mixed``'s dtype."""
     batch, channels = mixed.shape[0], mixed.shape[-1]
     kernel = weight.shape[-1]
-    if conv_state.shape[1:] != (channels, kernel - 1) or batch > conv_state.shape[0]:
+    if (
+        weight.shape[0] != channels
+        or conv_state.shape[1:] != (channels, kernel - 1)
+        or batch > conv_state.shape[0]
+    ):
         raise ValueError(
-            f"conv state {tuple(conv_state.shape)} does not hold {batch} rows of "
-            f"{channels} channels for a kernel of {kernel}"
+            f"conv weight {tuple(weight.shape)} and state {tuple(conv_state.shape)} do not "
+            f"hold {batch} rows of {channels} channels"
         )
     if not conv_state.is_contiguous() or not weight.is_contiguous():
         raise ValueError("the conv state and weight must be contiguous")
@@ -129,10 +131,9 @@ def _delta_rule_kernel(
     pid = tl.program_id(0)
     b = pid // value_heads
     h = pid % value_heads
-    if TILED:  # value head h reads key head h % KH (a Qwen3.5 GGUF's order)
-        kh = h % key_heads
-    else:  # value heads GROUP * kh .. GROUP * kh + GROUP - 1 read key head kh
-        kh = h // GROUP
+    # Tiled: value head h reads key head h % KH (a Qwen3.5 GGUF's order); grouped: value
+    # heads GROUP * kh .. GROUP * kh + GROUP - 1 read key head kh.
+    kh = h % key_heads if TILED else h // GROUP
     dt = Out.dtype.element_ty
     i = tl.arange(0, BK)
     j = tl.arange(0, BV)
@@ -164,7 +165,9 @@ def _delta_rule_kernel(
 
     # The gated RMSNorm: normalise in float32, round, scale, times silu(z) in float32.
     rstd = 1.0 / tl.sqrt(tl.sum(o * o, 0) / DV + eps)
-    scaled = (o * rstd).to(dt).to(tl.float32) * tl.load(NormW + j, mask=in_v).to(tl.float32)
+    scaled = (o * rstd).to(dt).to(tl.float32) * tl.load(NormW + j, mask=in_v, other=0.0).to(
+        tl.float32
+    )
     if ROUND_SCALED:  # a weight in the compute dtype: torch's product is rounded
         scaled = scaled.to(dt).to(tl.float32)
     z = tl.load(Z + b * stride_z + h * DV + j, mask=in_v, other=0.0).to(tl.float32)
@@ -176,6 +179,13 @@ def _delta_rule_kernel(
         yq = tl.reshape(y.to(tl.float32), [DV // 32, 32])
         store_quantized(yq, blocks, blocks < width // 32, Q + b * width, D + b * (width // 32),
                         S + b * (width // 16), DV // 32)  # fmt: skip
+
+
+def delta_warps(k_dim: int, v_dim: int) -> int:
+    """Warps of a delta-rule program: its head's state tile is the register budget, ~64
+    float32 a thread (8 warps for a 128 x 128 head)."""
+    tile = triton.next_power_of_2(k_dim) * triton.next_power_of_2(v_dim)
+    return min(8, max(1, tile // 2048))
 
 
 def gated_delta_step(
@@ -218,11 +228,13 @@ def gated_delta_step(
             f"{tuple(ssm_state.shape)} with {key_heads} key heads expects "
             f"{2 * key_heads * k_dim + width} and at most {ssm_state.shape[0]} rows"
         )
-    conv = conv_step(mixed, conv_state, conv_weight)
     z2, b2, a2 = (t.reshape(batch, t.shape[-1]) for t in (z, b, a))
     for name, t, n in (("z", z2, width), ("b", b2, value_heads), ("a", a2, value_heads)):
         if t.shape[-1] != n or t.stride(-1) != 1:
-            raise ValueError(f"{name} must be [B, 1, {n}] with contiguous rows, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be [B, 1, {n}] with contiguous rows, got {tuple(t.shape)}"
+            )
+    conv = conv_step(mixed, conv_state, conv_weight)  # [B, C]: q, k, v after the conv
     y = torch.empty(batch, 1, width, dtype=mixed.dtype, device=mixed.device)
     block_v = triton.next_power_of_2(v_dim)
     quant = quantize and v_dim % 32 == 0 and block_v == v_dim
@@ -236,7 +248,6 @@ def gated_delta_step(
         DK=k_dim, DV=v_dim, BK=block_k, BV=block_v,
         GROUP=value_heads // key_heads, TILED=tiled,
         ROUND_SCALED=norm_weight.dtype == mixed.dtype, QUANT=quant,
-        # the state tile is the register budget: ~64 float32 a thread
-        num_warps=min(8, max(1, block_k * block_v // 2048)),
+        num_warps=delta_warps(k_dim, v_dim),
     )  # fmt: skip
     return y, rows

@@ -59,7 +59,7 @@ from helexa.engine.models.qwen3 import (
 )
 from helexa.engine.models.qwen3_moe import PROJECTIONS, SparseMoE, load_sparse_moe
 from helexa.engine.models.recurrent_state import HybridSnapshots, RecurrentState, state_bytes
-from helexa.engine.quant.ops import embedding, linear
+from helexa.engine.quant.ops import embedding, linear, linears
 from helexa.engine.quant.tensor import QuantizedTensor
 
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -676,13 +676,10 @@ class Qwen3Next(DecoderModel):
         net: GatedDeltaNet, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The input matvecs' outputs as they come: q/k/v [B, T, conv_dim], z [B, T,
-        value_dim], b and a [B, T, n_v]."""
-        return (
-            linear(x, net.in_proj_qkv),
-            linear(x, net.in_proj_z),
-            linear(x, net.in_proj_b),
-            linear(x, net.in_proj_a),
-        )
+        value_dim], b and a [B, T, n_v] (a decode step's int8 matvecs share one
+        quantization of x)."""
+        mixed, z, b, a = linears(x, (net.in_proj_qkv, net.in_proj_z, net.in_proj_b, net.in_proj_a))
+        return mixed, z, b, a
 
     def _delta_inputs(
         self, net: GatedDeltaNet, x: torch.Tensor
@@ -748,14 +745,15 @@ class Qwen3Next(DecoderModel):
         batch = x.shape[0]
         if kernels is not None:
             cfg = self.config
+            # [B, 1, C] (q, k, v), [B, 1, VH * DV], [B, 1, VH], [B, 1, VH]
             mixed, z, b, a = self._delta_projections(net, x)
             y, quantized = kernels.gated_delta_step(
                 mixed, z, b, a, net.conv, net.neg_a, net.dt_bias, net.norm,
                 state.conv, state.ssm,
                 key_heads=cfg.linear_num_key_heads, tiled=cfg.linear_value_heads_tiled,
-                l2_eps=L2_EPS, eps=cfg.rms_norm_eps, quantize=int8_activations(y := mixed),
+                l2_eps=L2_EPS, eps=cfg.rms_norm_eps, quantize=int8_activations(mixed),
             )  # fmt: skip
-            return linear(y, net.out_proj, quantized=quantized)
+            return linear(y, net.out_proj, quantized=quantized)  # [B, 1, hidden]
         mixed, z, beta, g = self._delta_inputs(net, x)
         conv = state.conv[:batch]
         window = torch.cat((conv, mixed.to(conv.dtype)), dim=-1)  # [B, C, K]
