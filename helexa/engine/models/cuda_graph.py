@@ -19,6 +19,7 @@ would call ``model.forward(tokens, torch.tensor([pos]), last_only=True)`` for on
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,16 +74,16 @@ def masked_attention(
 
 
 @cache
-def _decode_kernels() -> ModuleType | None:
-    """helexa.engine.models.decode_kernels, or None where Triton cannot be imported."""
+def triton_module(name: str) -> ModuleType | None:
+    """helexa.engine.models.``name`` (a module of Triton kernels: decode_kernels,
+    delta_kernels), or None where Triton cannot be imported."""
     if importlib.util.find_spec("triton") is None:
         return None
     triton_cache_dir()
     try:
-        from helexa.engine.models import decode_kernels
+        return importlib.import_module(f"helexa.engine.models.{name}")
     except ImportError:
         return None
-    return decode_kernels
 
 
 def step_kernels(model: Qwen3) -> ModuleType | None:
@@ -91,7 +92,7 @@ def step_kernels(model: Qwen3) -> ModuleType | None:
     dim = model.config.head_dim
     if model.device.type != "cuda" or dim < 16 or dim & (dim - 1):
         return None
-    return _decode_kernels()
+    return triton_module("decode_kernels")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -111,13 +112,13 @@ def _add_norm(
     matvecs it feeds): the residual add and the next norm, one launch with the kernels.
     ``delta`` None: the first layer's norm of the embeddings."""
     if kernels is not None:
-        return kernels.add_rms_norm(x, delta, weight, eps, quantize=_int8(x))
+        return kernels.add_rms_norm(x, delta, weight, eps, quantize=int8_activations(x))
     if delta is not None:
         x = x + delta
     return x, rms_norm(x, weight, eps), None
 
 
-def _int8(x: torch.Tensor) -> bool:
+def int8_activations(x: torch.Tensor) -> bool:
     """Whether the glue kernels quantize what they write for the int8 matvec (which runs
     for the model's half-precision activations only)."""
     return x.dtype in INT8_DTYPES
@@ -189,7 +190,7 @@ def _feed_forward(
         return mlp.decode(x)
     gate_up = linear(x, mlp.fused[0], quantized=quantized)  # [B, 1, 2F]: gate then up
     if kernels is not None:
-        h, hq = kernels.silu_mul(gate_up, quantize=_int8(gate_up))
+        h, hq = kernels.silu_mul(gate_up, quantize=int8_activations(gate_up))
     else:
         gate, up = gate_up.chunk(2, dim=-1)
         h, hq = F.silu(gate) * up, None

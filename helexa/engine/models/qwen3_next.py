@@ -28,6 +28,7 @@ buffers updated in place, the position a device tensor, no host sync.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
@@ -37,7 +38,12 @@ from torch.nn.attention.bias import CausalBias
 
 from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
 from helexa.engine.checkpoint.types import Checkpoint, Weight
-from helexa.engine.models.cuda_graph import Reduce, masked_attention
+from helexa.engine.models.cuda_graph import (
+    Reduce,
+    int8_activations,
+    masked_attention,
+    triton_module,
+)
 from helexa.engine.models.kv_cache import KVCache
 from helexa.engine.models.qwen3 import (
     MLP,
@@ -53,7 +59,7 @@ from helexa.engine.models.qwen3 import (
 )
 from helexa.engine.models.qwen3_moe import PROJECTIONS, SparseMoE, load_sparse_moe
 from helexa.engine.models.recurrent_state import HybridSnapshots, RecurrentState, state_bytes
-from helexa.engine.quant.ops import embedding, linear
+from helexa.engine.quant.ops import embedding, linear, linears
 from helexa.engine.quant.tensor import QuantizedTensor
 
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -665,18 +671,26 @@ class Qwen3Next(DecoderModel):
         y = y.transpose(1, 2).reshape(batch, steps, -1) * torch.sigmoid(gate)
         return linear(y, attn.o_proj)
 
+    @staticmethod
+    def _delta_projections(
+        net: GatedDeltaNet, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input matvecs' outputs as they come: q/k/v [B, T, conv_dim], z [B, T,
+        value_dim], b and a [B, T, n_v] (a decode step's int8 matvecs share one
+        quantization of x)."""
+        mixed, z, b, a = linears(x, (net.in_proj_qkv, net.in_proj_z, net.in_proj_b, net.in_proj_a))
+        return mixed, z, b, a
+
     def _delta_inputs(
         self, net: GatedDeltaNet, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The conv's input [B, conv_dim, T], the gate z [B, T, n_v, v_dim], beta and the
         log decay g [B, T, n_v] (g float32)."""
-        cfg = self.config
         batch, steps, _ = x.shape
-        mixed = linear(x, net.in_proj_qkv).transpose(1, 2)
-        z = linear(x, net.in_proj_z).view(batch, steps, -1, cfg.linear_value_head_dim)
-        beta = linear(x, net.in_proj_b).sigmoid()
-        g = net.neg_a * F.softplus(linear(x, net.in_proj_a).float() + net.dt_bias)
-        return mixed, z, beta, g
+        mixed, z, b, a = self._delta_projections(net, x)
+        z = z.view(batch, steps, -1, self.config.linear_value_head_dim)
+        g = net.neg_a * F.softplus(a.float() + net.dt_bias)
+        return mixed.transpose(1, 2), z, b.sigmoid(), g
 
     def _split_heads(
         self, conv_out: torch.Tensor
@@ -719,12 +733,27 @@ class Qwen3Next(DecoderModel):
         state.ssm[:batch].copy_(final)
         return self._delta_out(net, y, z)
 
-    def _delta_step(self, net: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
+    def _delta_step(
+        self, net: GatedDeltaNet, x: torch.Tensor, kernels: ModuleType | None = None
+    ) -> torch.Tensor:
         """One token: the conv over [history, x] (one output), the recurrent delta rule;
-        both states updated in place (graph-capturable)."""
+        both states updated in place (graph-capturable). With ``kernels`` (delta_kernels)
+        everything between the input matvecs and out_proj is two launches; the torch
+        path is their reference."""
         state = net.state
         assert state is not None
         batch = x.shape[0]
+        if kernels is not None:
+            cfg = self.config
+            # [B, 1, C] (q, k, v), [B, 1, VH * DV], [B, 1, VH], [B, 1, VH]
+            mixed, z, b, a = self._delta_projections(net, x)
+            y, quantized = kernels.gated_delta_step(
+                mixed, z, b, a, net.conv, net.neg_a, net.dt_bias, net.norm,
+                state.conv, state.ssm,
+                key_heads=cfg.linear_num_key_heads, tiled=cfg.linear_value_heads_tiled,
+                l2_eps=L2_EPS, eps=cfg.rms_norm_eps, quantize=int8_activations(mixed),
+            )  # fmt: skip
+            return linear(y, net.out_proj, quantized=quantized)  # [B, 1, hidden]
         mixed, z, beta, g = self._delta_inputs(net, x)
         conv = state.conv[:batch]
         window = torch.cat((conv, mixed.to(conv.dtype)), dim=-1)  # [B, C, K]
@@ -767,6 +796,14 @@ def split_ba(t: torch.Tensor, cfg: Qwen3NextConfig) -> tuple[torch.Tensor, torch
 # -- the graph-capturable decode step ------------------------------------------------------
 
 
+def delta_kernels(model: Qwen3Next) -> ModuleType | None:
+    """helexa.engine.models.delta_kernels where they run the linear layers' decode step (a
+    CUDA device with Triton), else None: the torch step."""
+    if model.device.type != "cuda":
+        return None
+    return triton_module("delta_kernels")
+
+
 @torch.inference_mode()
 def decode_step(
     model: Qwen3Next,
@@ -788,6 +825,7 @@ def decode_step(
     cfg = model.config
     cos, sin = model.cos[input_pos], model.sin[input_pos]
     visible = torch.arange(kv_len, device=input_pos.device) <= input_pos
+    kernels = delta_kernels(model)
     x = embedding(tokens, model.embed_tokens).to(model.dtype)
     batch = x.shape[0]
     for blk in model.layers:
@@ -799,7 +837,7 @@ def decode_step(
             y = masked_attention(q, keys, values, visible).transpose(1, 2).reshape(batch, 1, -1)
             h = linear(y * torch.sigmoid(gate), blk.mixer.o_proj)
         else:
-            h = model._delta_step(blk.mixer, h)
+            h = model._delta_step(blk.mixer, h, kernels)
         x = x + h
         h = zc_rms_norm(x, blk.post_attention_layernorm, cfg.rms_norm_eps)
         x = x + blk.mlp.decode(h)
