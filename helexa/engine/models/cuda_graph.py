@@ -101,21 +101,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
-def _add_norm(
+def add_norm(
     x: torch.Tensor,
     delta: torch.Tensor | None,
     weight: torch.Tensor,
     eps: float,
     kernels: ModuleType | None,
+    norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = rms_norm,
 ) -> tuple[torch.Tensor, torch.Tensor, Int8Rows | None]:
     """(x + delta, the RMSNorm of that, and with the kernels its int8 activations for the
     matvecs it feeds): the residual add and the next norm, one launch with the kernels.
-    ``delta`` None: the first layer's norm of the embeddings."""
+    ``delta`` None: the first layer's norm of the embeddings. ``norm`` is the torch path's
+    (a hybrid model's zero-centred one; the kernel tells them apart by the weight's dtype,
+    see decode_kernels.add_rms_norm)."""
     if kernels is not None:
         return kernels.add_rms_norm(x, delta, weight, eps, quantize=int8_activations(x))
     if delta is not None:
         x = x + delta
-    return x, rms_norm(x, weight, eps), None
+    return x, norm(x, weight, eps), None
 
 
 def int8_activations(x: torch.Tensor) -> bool:
@@ -180,7 +183,7 @@ def _attention(
     return linear(y.transpose(1, 2).reshape(batch, 1, -1), attn.o_proj, attn.o_bias)
 
 
-def _feed_forward(
+def mlp_step(
     mlp: FeedForward, x: torch.Tensor, quantized: Int8Rows | None, kernels: ModuleType | None
 ) -> torch.Tensor:
     """A dense MLP with fused gate/up: one matvec, SiLU·mul in one launch (which also
@@ -218,13 +221,13 @@ def decode_step(
     x = embedding(tokens, model.embed_tokens).to(model.dtype)  # [B, 1, hidden]
     delta: torch.Tensor | None = None  # what the last sublayer adds to the residual x
     for blk in model.layers:
-        x, h, hq = _add_norm(x, delta, blk.input_layernorm, eps, kernels)
+        x, h, hq = add_norm(x, delta, blk.input_layernorm, eps, kernels)
         delta = _attention(model, blk.attn, h, hq, input_pos, kv_len, kernels)
         delta = delta if reduce is None else reduce(delta)
-        x, h, hq = _add_norm(x, delta, blk.post_attention_layernorm, eps, kernels)
-        delta = _feed_forward(blk.mlp, h, hq, kernels)
+        x, h, hq = add_norm(x, delta, blk.post_attention_layernorm, eps, kernels)
+        delta = mlp_step(blk.mlp, h, hq, kernels)
         delta = delta if reduce is None else reduce(delta)
-    _, h, hq = _add_norm(x, delta, model.norm, eps, kernels)
+    _, h, hq = add_norm(x, delta, model.norm, eps, kernels)
     return linear(h, model.lm_head, quantized=hq).float()
 
 
@@ -323,6 +326,7 @@ class GraphDecoder:
             self._pool = None
             self._buffers = buffers
 
+    @torch.inference_mode()  # the caches and recurrent states it restores are inference tensors
     def _capture(self, inputs: _Inputs, kv_len: int) -> _Captured:
         model = self.model
         # Warm up on a side stream, as torch.cuda.graphs asks: first-call work (Triton

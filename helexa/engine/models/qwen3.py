@@ -261,6 +261,16 @@ def fuse_projections(weights: list[Weight]) -> tuple[tuple[Weight, ...], list[We
     return (), weights
 
 
+def load_mlp(w: CheckpointWeights, prefix: str) -> MLP:
+    """The SwiGLU MLP under ``prefix`` (``gate_proj``/``up_proj``/``down_proj``), gate and
+    up fused for the decode step where they share an encoding: a dense layer's MLP, or a
+    hybrid model's shared expert."""
+    fused, (gate, up) = fuse_projections(
+        [w.weight(prefix + "gate_proj.weight"), w.weight(prefix + "up_proj.weight")]
+    )
+    return MLP(gate, up, w.weight(prefix + "down_proj.weight"), fused)
+
+
 class CheckpointWeights:
     """A checkpoint's tensors as a model takes them onto ``device``: float weights cast to
     ``dtype`` once, quantized ones moved as their raw blocks, a missing one named."""
@@ -432,11 +442,7 @@ class Qwen3(DecoderModel):
     @classmethod
     def feed_forward(cls, cfg: Qwen3Config, layer: int, w: CheckpointWeights) -> FeedForward:
         """Layer ``layer``'s MLP: the one part a Qwen3 variant builds differently."""
-        p = f"model.layers.{layer}.mlp."
-        fused, (gate, up) = fuse_projections(
-            [w.weight(p + "gate_proj.weight"), w.weight(p + "up_proj.weight")]
-        )
-        return MLP(gate, up, w.weight(p + "down_proj.weight"), fused)
+        return load_mlp(w, f"model.layers.{layer}.mlp.")
 
     # -- memory ---------------------------------------------------------------------------
 

@@ -40,8 +40,10 @@ from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitec
 from helexa.engine.checkpoint.types import Checkpoint, Weight
 from helexa.engine.models.cuda_graph import (
     Reduce,
+    add_norm,
     int8_activations,
     masked_attention,
+    mlp_step,
     triton_module,
 )
 from helexa.engine.models.kv_cache import KVCache
@@ -55,12 +57,13 @@ from helexa.engine.models.qwen3 import (
     _rope_params,
     apply_rope,
     attention_mask,
+    load_mlp,
     rope_tables,
 )
-from helexa.engine.models.qwen3_moe import PROJECTIONS, SparseMoE, load_sparse_moe
+from helexa.engine.models.qwen3_moe import SparseMoE, load_sparse_moe
 from helexa.engine.models.recurrent_state import HybridSnapshots, RecurrentState, state_bytes
 from helexa.engine.quant.ops import embedding, linear, linears
-from helexa.engine.quant.tensor import QuantizedTensor
+from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor
 
 LINEAR, FULL = "linear_attention", "full_attention"
 # Tokens per chunk of the chunked delta rule (transformers' and fla's default).
@@ -504,9 +507,9 @@ class Qwen3Next(DecoderModel):
     def _feed_forward(cfg: Qwen3NextConfig, layer: int, w: CheckpointWeights) -> FeedForward:
         p = f"model.layers.{layer}.mlp."
         if not cfg.is_sparse(layer):
-            return MLP(*(w.weight(f"{p}{name}.weight") for name in PROJECTIONS))
+            return load_mlp(w, p)
         experts = load_sparse_moe(w, p, cfg)
-        shared = MLP(*(w.weight(f"{p}shared_expert.{name}.weight") for name in PROJECTIONS))
+        shared = load_mlp(w, p + "shared_expert.")
         shared_gate = w.dense(p + "shared_expert_gate.weight").reshape(1, cfg.hidden_size)
         return SharedExpertMoE(experts, shared, shared_gate)
 
@@ -636,15 +639,23 @@ class Qwen3Next(DecoderModel):
     __call__ = forward
 
     def _gated_qkv(
-        self, attn: GatedAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        attn: GatedAttention,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        quantized: Int8Rows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v [B, H, T, D] (normed, rotated) and the output gate [B, T, H * D]."""
+        """q, k, v [B, H, T, D] (normed, rotated) and the output gate [B, T, H * D]; a
+        decode step's three matvecs share one int8 quantization of x (``quantized``, where
+        the norm before wrote it)."""
         cfg = self.config
         batch, steps, _ = x.shape
         d = cfg.head_dim
-        q, gate = linear(x, attn.q_proj).view(batch, steps, -1, 2 * d).chunk(2, dim=-1)
-        k = linear(x, attn.k_proj).view(batch, steps, -1, d)
-        v = linear(x, attn.v_proj).view(batch, steps, -1, d)
+        q_gate, k, v = linears(x, (attn.q_proj, attn.k_proj, attn.v_proj), quantized)
+        q, gate = q_gate.view(batch, steps, -1, 2 * d).chunk(2, dim=-1)
+        k = k.view(batch, steps, -1, d)
+        v = v.view(batch, steps, -1, d)
         q = zc_rms_norm(q, attn.q_norm, cfg.rms_norm_eps).transpose(1, 2)
         k = zc_rms_norm(k, attn.k_norm, cfg.rms_norm_eps).transpose(1, 2)
         q, k = partial_rope(q, cos, sin), partial_rope(k, cos, sin)
@@ -673,12 +684,13 @@ class Qwen3Next(DecoderModel):
 
     @staticmethod
     def _delta_projections(
-        net: GatedDeltaNet, x: torch.Tensor
+        net: GatedDeltaNet, x: torch.Tensor, quantized: Int8Rows | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The input matvecs' outputs as they come: q/k/v [B, T, conv_dim], z [B, T,
         value_dim], b and a [B, T, n_v] (a decode step's int8 matvecs share one
         quantization of x)."""
-        mixed, z, b, a = linears(x, (net.in_proj_qkv, net.in_proj_z, net.in_proj_b, net.in_proj_a))
+        weights = (net.in_proj_qkv, net.in_proj_z, net.in_proj_b, net.in_proj_a)
+        mixed, z, b, a = linears(x, weights, quantized)
         return mixed, z, b, a
 
     def _delta_inputs(
@@ -734,7 +746,11 @@ class Qwen3Next(DecoderModel):
         return self._delta_out(net, y, z)
 
     def _delta_step(
-        self, net: GatedDeltaNet, x: torch.Tensor, kernels: ModuleType | None = None
+        self,
+        net: GatedDeltaNet,
+        x: torch.Tensor,
+        kernels: ModuleType | None = None,
+        quantized: Int8Rows | None = None,
     ) -> torch.Tensor:
         """One token: the conv over [history, x] (one output), the recurrent delta rule;
         both states updated in place (graph-capturable). With ``kernels`` (delta_kernels)
@@ -746,7 +762,7 @@ class Qwen3Next(DecoderModel):
         if kernels is not None:
             cfg = self.config
             # [B, 1, C] (q, k, v), [B, 1, VH * DV], [B, 1, VH], [B, 1, VH]
-            mixed, z, b, a = self._delta_projections(net, x)
+            mixed, z, b, a = self._delta_projections(net, x, quantized)
             y, quantized = kernels.gated_delta_step(
                 mixed, z, b, a, net.conv, net.neg_a, net.dt_bias, net.norm,
                 state.conv, state.ssm,
@@ -823,23 +839,27 @@ def decode_step(
     if reduce is not None:
         raise ValueError("a hybrid model is not tensor-parallel")
     cfg = model.config
+    eps = cfg.rms_norm_eps
     cos, sin = model.cos[input_pos], model.sin[input_pos]
     visible = torch.arange(kv_len, device=input_pos.device) <= input_pos
     kernels = delta_kernels(model)
-    x = embedding(tokens, model.embed_tokens).to(model.dtype)
+    # The dense models' glue: residual add + norm (writing the next matvecs' int8
+    # activations) and the fused-gate/up MLP, in a launch or two each.
+    glue = triton_module("decode_kernels") if kernels is not None else None
+    x = embedding(tokens, model.embed_tokens).to(model.dtype)  # [B, 1, hidden]
     batch = x.shape[0]
+    delta = None
     for blk in model.layers:
-        h = zc_rms_norm(x, blk.input_layernorm, cfg.rms_norm_eps)
+        x, h, hq = add_norm(x, delta, blk.input_layernorm, eps, glue, zc_rms_norm)
         if isinstance(blk.mixer, GatedAttention):
-            q, k, v, gate = model._gated_qkv(blk.mixer, h, cos, sin)
+            q, k, v, gate = model._gated_qkv(blk.mixer, h, cos, sin, hq)
             assert blk.mixer.cache is not None
             keys, values = blk.mixer.cache.update(input_pos, k, v, kv_len)
             y = masked_attention(q, keys, values, visible).transpose(1, 2).reshape(batch, 1, -1)
-            h = linear(y * torch.sigmoid(gate), blk.mixer.o_proj)
+            y = linear(y * torch.sigmoid(gate), blk.mixer.o_proj)
         else:
-            h = model._delta_step(blk.mixer, h, kernels)
-        x = x + h
-        h = zc_rms_norm(x, blk.post_attention_layernorm, cfg.rms_norm_eps)
-        x = x + blk.mlp.decode(h)
-    x = zc_rms_norm(x, model.norm, cfg.rms_norm_eps)
-    return linear(x, model.lm_head).float()
+            y = model._delta_step(blk.mixer, h, kernels, hq)
+        x, h, hq = add_norm(x, y, blk.post_attention_layernorm, eps, glue, zc_rms_norm)
+        delta = mlp_step(blk.mlp, h, hq, glue)
+    _, h, hq = add_norm(x, delta, model.norm, eps, glue, zc_rms_norm)
+    return linear(h, model.lm_head, quantized=hq).float()
