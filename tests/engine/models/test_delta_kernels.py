@@ -56,7 +56,7 @@ DTYPES = [
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # Through a whole model, where each layer's differences feed the next (bfloat16 as
 # test_decode_kernels allows the dense model's fused step).
-MODEL_TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+MODEL_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,8 @@ def test_the_kernels_compile_for_hopper(tiled: bool, quant: bool) -> None:
                 "Out": "*bf16", "Q": "*i8", "D": "*fp32", "S": "*fp32"}  # fmt: skip
     ints = dict.fromkeys(("stride_a", "stride_beta", "stride_z", "value_heads", "key_heads"), "i32")
     floats = dict.fromkeys(("scale", "l2_eps", "eps"), "fp32")
-    constants = dict(DK=128, DV=128, BK=128, BV=128, GROUP=2, TILED=tiled, ROUND_SCALED=True, QUANT=quant)  # fmt: skip
+    heads = dict(DK=128, DV=128, BK=128, BV=128, GROUP=2)
+    constants = dict(**heads, TILED=tiled, ROUND_SCALED=True, QUANT=quant)
     kinds = {**pointers, **ints, **floats, **dict.fromkeys(constants, "constexpr")}
     fn = dk._delta_rule_kernel
     signature = {n: kinds[n] for n in fn.arg_names}
@@ -294,14 +295,15 @@ def test_the_hybrid_decode_step_with_the_kernels_matches_the_torch_step(
     tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """qwen3_next.decode_step with the kernels against it in torch, batch 2, logits and
-    every layer's states over 19 steps across a kv_len bucket. On CUDA in bfloat16, Q8_0
+    every layer's states over 10 steps across a kv_len bucket. On CUDA in bfloat16, Q8_0
     weights, and captured (GraphDecoder replays it; out_proj's int8 matvec reads the
-    activations the delta kernel wrote); under the interpreter in float16, float32
-    weights, eagerly, the kernels forced on the CPU."""
+    activations the delta kernel wrote); under the interpreter in float32 (the CPU's
+    float16 conv1d takes ~1 s a call), eagerly, the kernels (and the dense glue that
+    comes with them) forced on the CPU."""
     from helexa.engine.checkpoint.safetensors import load_checkpoint
     from tests.engine.gguf_factories import write_model_gguf
 
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     hf = make_tiny_hybrid_hf_model(kind, seed=9, linear_value_head_dim=32)
     quant = "Q8_0" if DEVICE == "cuda" else "F32"  # the CPU would expand Q8_0 each step
     path = write_model_gguf(tmp_path / "m.gguf", hf, quant=quant)
@@ -318,13 +320,13 @@ def test_the_hybrid_decode_step_with_the_kernels_matches_the_torch_step(
         monkeypatch.setattr(qwen3_next, "delta_kernels", lambda model: kernels())
     assert qwen3_next.delta_kernels(fused) is not None
     decoder = GraphDecoder(fused, min_kv_len=16, step=decode_step)
-    prompt = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(5))
+    prompt = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
     prompt = prompt.to(DEVICE)
     for model in (fused, plain):
-        model.forward(prompt, torch.arange(5, device=DEVICE))
+        model.forward(prompt, torch.arange(10, device=DEVICE))
     token = prompt[:, -1:]
     tol = MODEL_TOL[dtype]
-    for pos in range(5, 24):
+    for pos in range(10, 20):
         got = decoder(token, pos)
         with monkeypatch.context() as patch:
             patch.setattr(qwen3_next, "delta_kernels", lambda model: None)
