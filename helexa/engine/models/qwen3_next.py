@@ -832,8 +832,8 @@ def decode_step(
     """cuda_graph.decode_step for a hybrid model: logits [B, 1, vocab] for one token per
     sequence at ``input_pos`` [1] (a device tensor); the attention layers read the first
     ``kv_len`` cache positions with those past ``input_pos`` masked, the linear layers
-    step their states in place. No host sync. (``reduce`` is accepted for the decoder's
-    signature; a hybrid model is never sharded.)"""
+    step their states in place (on CUDA in delta_kernels' two launches). No host sync.
+    (``reduce`` is accepted for the decoder's signature; a hybrid model is never sharded.)"""
     if model.cos is None or model.sin is None:
         raise RuntimeError("call setup_cache(max_batch, max_seq) before decoding")
     if reduce is not None:
