@@ -30,7 +30,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from helexa.engine.models.qwen3 import MLP, Attention, FeedForward, Qwen3, apply_rope
+from helexa.engine.models.qwen3 import (
+    MLP,
+    Attention,
+    FeedForward,
+    Qwen3,
+    apply_rope,
+    split_outputs,
+)
 from helexa.engine.quant.ops import Int8Rows, embedding, linear, linears, triton_cache_dir
 from helexa.engine.quant.tensor import INT8_DTYPES
 
@@ -139,14 +146,7 @@ def _projections(
             linear(x, attn.v_proj, attn.v_bias),
         ]
     widths = [attn.q_proj.shape[0], attn.k_proj.shape[0], attn.v_proj.shape[0]]
-    parts: list[torch.Tensor] = []
-    for out in linears(x, attn.fused, quantized):
-        start = 0
-        while start < out.shape[-1]:
-            width = widths[len(parts)]
-            parts.append(out[..., start : start + width])
-            start += width
-    return parts
+    return split_outputs(linears(x, attn.fused, quantized), widths)
 
 
 def _attention(

@@ -57,8 +57,10 @@ from helexa.engine.models.qwen3 import (
     _rope_params,
     apply_rope,
     attention_mask,
+    fuse_projections,
     load_mlp,
     rope_tables,
+    split_outputs,
 )
 from helexa.engine.models.qwen3_moe import SparseMoE, load_sparse_moe
 from helexa.engine.models.recurrent_state import HybridSnapshots, RecurrentState, state_bytes
@@ -340,6 +342,8 @@ class GatedAttention:
     q_norm: torch.Tensor
     k_norm: torch.Tensor
     cache: KVCache | None = None
+    # q/k/v fused as qwen3.Attention.fused (empty: not fused; the three are views then).
+    fused: tuple[Weight, ...] = ()
 
 
 @dataclass
@@ -359,6 +363,9 @@ class GatedDeltaNet:
     norm: torch.Tensor
     out_proj: Weight
     state: RecurrentState | None = None
+    # The four in-projections fused by encoding (qwen3.fuse_projections), so a decode step
+    # runs one or two matvecs instead of four; empty: not fused.
+    fused: tuple[Weight, ...] = ()
 
 
 @dataclass
@@ -452,13 +459,17 @@ class Qwen3Next(DecoderModel):
         q = w.weight(p + "q_proj.weight")
         hidden, heads = cfg.hidden_size, cfg.num_attention_heads
         _expect(w, p + "q_proj.weight", q, (2 * heads * cfg.head_dim, hidden))
+        fused, (q, k, v) = fuse_projections(
+            [q, w.weight(p + "k_proj.weight"), w.weight(p + "v_proj.weight")]
+        )
         return GatedAttention(
             q_proj=q,
-            k_proj=w.weight(p + "k_proj.weight"),
-            v_proj=w.weight(p + "v_proj.weight"),
+            k_proj=k,
+            v_proj=v,
             o_proj=w.weight(p + "o_proj.weight"),
             q_norm=1 + _float32(w, p + "q_norm.weight"),
             k_norm=1 + _float32(w, p + "k_norm.weight"),
+            fused=fused,
         )
 
     @staticmethod
@@ -491,11 +502,13 @@ class Qwen3Next(DecoderModel):
             neg_a = _float32(w, p + "ssm_a")
         else:
             neg_a = -w.dense(p + "A_log").float().exp()
+        fused, (qkv, z, b, a) = fuse_projections([qkv, z, b, a])
         return GatedDeltaNet(
             in_proj_qkv=qkv,
             in_proj_z=z,
             in_proj_b=b,
             in_proj_a=a,
+            fused=fused,
             conv=conv.reshape(cfg.conv_dim, -1).contiguous(),
             neg_a=neg_a,
             dt_bias=w.dense(p + "dt_bias").float(),
@@ -652,7 +665,9 @@ class Qwen3Next(DecoderModel):
         cfg = self.config
         batch, steps, _ = x.shape
         d = cfg.head_dim
-        q_gate, k, v = linears(x, (attn.q_proj, attn.k_proj, attn.v_proj), quantized)
+        parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+        outs = linears(x, attn.fused or parts, quantized)
+        q_gate, k, v = split_outputs(outs, [w.shape[0] for w in parts])
         q, gate = q_gate.view(batch, steps, -1, 2 * d).chunk(2, dim=-1)
         k = k.view(batch, steps, -1, d)
         v = v.view(batch, steps, -1, d)
@@ -689,8 +704,9 @@ class Qwen3Next(DecoderModel):
         """The input matvecs' outputs as they come: q/k/v [B, T, conv_dim], z [B, T,
         value_dim], b and a [B, T, n_v] (a decode step's int8 matvecs share one
         quantization of x)."""
-        weights = (net.in_proj_qkv, net.in_proj_z, net.in_proj_b, net.in_proj_a)
-        mixed, z, b, a = linears(x, weights, quantized)
+        parts = (net.in_proj_qkv, net.in_proj_z, net.in_proj_b, net.in_proj_a)
+        outs = linears(x, net.fused or parts, quantized)
+        mixed, z, b, a = split_outputs(outs, [w.shape[0] for w in parts])
         return mixed, z, b, a
 
     def _delta_inputs(
