@@ -8,7 +8,6 @@ without a GPU. CI has neither and skips them, except the dispatch checks at the 
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import os
 
 import pytest
@@ -419,6 +418,9 @@ def test_quant_linear_routes_cuda_weights_to_triton() -> None:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (compiles ahead of time, no GPU)")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing"
+)
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> None:
     """The interpreter accepts code the compiler may not: every config the autotuner can
@@ -431,6 +433,7 @@ def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> 
 
     unit, unit_bytes, g = tk._unit(qtype, 4096)
     pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "y_ptr": "*bf16", "idx_ptr": "*i64"}
+    pointers["wt_ptr"] = "*bf16"  # a MoE's router weights, summing a token's experts
     ints = dict.fromkeys(("M", "N", "stride_x", "stride_w", "stride_y", "stride_e"), "i32")
     # The integer kernel takes the quantized activations instead of x (and, compiled, its
     # dp4a PTX, which the interpreter never sees).
@@ -440,13 +443,26 @@ def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> 
         (tk._matvec_affine_kernel, tk._AFFINE_CONFIGS, {}),
         (tk._matvec_int8_kernel, tk._INT8_CONFIGS, {"ASM": True}),
     ]
-    configs = ((fn, c, extra) for fn, configs, extra in spaces for c in configs)
-    for (fn, config, extra), grouped in itertools.product(configs, (False, True)):
-        constants = dict(N_UNITS=4096 // unit, GROUPED=grouped, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, **config.kwargs, **extra)  # fmt: skip
+    # Every config as a plain and a grouped matvec; and as the MoE decode's two grouped
+    # ones (a token's 8 experts reading its one x for gate/up, and down summing their
+    # outputs by router weight), where a MoE step can run it: the tuned candidates
+    # (_KERNELS) and the fixed config.
+    one = dict(SHARE=1, SLOTS=1, WEIGHTED=False)
+    moe = [{**one, "SHARE": 8}, dict(SHARE=1, SLOTS=8, WEIGHTED=True)]
+    fixed = {k: v for k, v in tk.FIXED_CONFIG.items() if k != "num_warps"}
+    tuned = [tk._UNTUNED[name] for name in tk._KERNELS]
+    jobs = []
+    for fn, configs, extra in spaces:
+        layouts = [(False, one), (True, one)] + [(True, m) for m in moe if fn in tuned]
+        jobs += [(fn, c, extra, grouped, layout) for c in configs for grouped, layout in layouts]
+    plain_fixed = triton.Config(fixed, num_warps=tk.FIXED_CONFIG["num_warps"])
+    jobs += [(tk._matvec_kernel, plain_fixed, {}, True, m) for m in moe]
+    for fn, config, extra, grouped, layout in jobs:
+        constants = dict(N_UNITS=4096 // unit, GROUPED=grouped, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, **layout, **config.kwargs, **extra)  # fmt: skip
         kinds = {**pointers, **ints, **dict.fromkeys(constants, "constexpr")}
         signature = {name: kinds[name] for name in fn.arg_names}
         source = ASTSource(fn=fn, signature=signature, constexprs=constants)
         kernel = triton.compile(
             source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
         )
-        assert kernel.asm["cubin"], (config, grouped)
+        assert kernel.asm["cubin"], (config, grouped, layout)
