@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -466,3 +467,34 @@ def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> 
             source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
         )
         assert kernel.asm["cubin"], (config, grouped, layout)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (compiles ahead of time, no GPU)")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing"
+)
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
+def test_the_moe_decode_glue_compiles_for_hopper(norm: bool) -> None:
+    """The MoE decode's own launches beside the matvecs, as they run on a Qwen3-30B-A3B
+    (128 experts, top 8, hidden 2048, experts 768 wide): the one-launch router (its
+    atomic ticket and barrier only exist compiled) and SiLU·mul over separate or fused
+    gate/up rows, quantizing or not, built to sm_90 machine code."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from helexa.engine.models import decode_kernels as dk
+
+    def build(fn: Any, kinds: dict[str, str], constants: dict[str, Any]) -> None:
+        signature = {name: kinds.get(name, "constexpr") for name in fn.arg_names}
+        source = ASTSource(fn=fn, signature=signature, constexprs=constants)
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert kernel.asm["cubin"], (fn, constants)
+
+    route = {"X": "*bf16", "Router": "*bf16", "Logits": "*fp32", "Tickets": "*i32"}
+    route |= {"Weights": "*bf16", "Experts": "*i32", "H": "i32", "stride_x": "i32", "stride_r": "i32"}  # fmt: skip
+    blocks = 128 // dk.ROUTE_EXPERTS
+    build(dk._route_kernel, route, dict(E=128, E_TILE=128, TOP_K=8, K_TILE=8, NORM=norm, BLOCK_E=dk.ROUTE_EXPERTS, BLOCK_H=dk.ROUTE_COLUMNS, BLOCKS=blocks))  # fmt: skip
+    glue = {"Gate": "*bf16", "Up": "*bf16", "Out": "*bf16", "Q": "*i8", "D": "*fp32", "S": "*fp32"}
+    glue |= dict.fromkeys(("width", "stride_gate", "stride_up"), "i32")
+    build(dk._silu_mul_kernel, glue, dict(QUANT=norm, BLOCK=1024))
