@@ -11,6 +11,7 @@ helexa.engine.request before the loop starts.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +61,7 @@ WARM_UP_TOKENS = 16
 # Of a CUDA load's progress, the share that placing the weights reports; the warm-up
 # (compiles, graph captures) reports the rest.
 WEIGHTS_SHARE = 0.9
+log = logging.getLogger(__name__)
 # One thread for every model's grammar index: it is built once per load and rarely.
 _GRAMMAR_INDEXER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="helexa-grammar")
 SAMPLING_KEYS = (
@@ -175,6 +177,7 @@ class LoadedModel:
         from helexa.engine.models.qwen3_next import decode_step as hybrid_decode_step
 
         path = Path(path)
+        phases = _Phases()
         named = check_devices(devices) if devices else None
         split = named if named is not None and len(named) > 1 else None
         device = named[-1] if named else torch.device(device)
@@ -186,6 +189,7 @@ class LoadedModel:
         # A split reads to the host (mapped files) and moves each tensor to its device.
         where = torch.device("cpu") if split is not None else device
         ckpt = load_checkpoint(path, where, _share(progress, 0.0, WEIGHTS_SHARE if cuda else 1.0))
+        phases.done("weights read")
         tokenizer = Tokenizer.from_checkpoint(ckpt.tokenizer)
         architecture = model_class(ckpt.config, ckpt.source)
         model: Any
@@ -196,9 +200,11 @@ class LoadedModel:
         else:
             model = architecture.from_checkpoint(ckpt, device, dtype)
         ckpt.tensors.clear()  # the model holds what it needs; drop the loader's references
+        phases.done("model built")
         if split is None:
             context = context_length or min(model.config.max_position_embeddings, DEFAULT_CONTEXT)
             model.setup_cache(1, context)
+        phases.done("cache")
         hybrid = isinstance(model, Qwen3Next)
         decode = None
         if cuda and split is None:  # replay decode steps from CUDA graphs
@@ -224,6 +230,8 @@ class LoadedModel:
         loaded.index_grammar()
         if cuda:
             loaded.warm_up(_share(progress, WEIGHTS_SHARE, 1.0))
+            phases.done("warm-up")
+        log.info("loaded %s in %s", loaded.name, phases)
         return loaded
 
     def warm_up(self, progress: Progress | None = None) -> None:
@@ -239,11 +247,16 @@ class LoadedModel:
         model = self.model
         params = SamplingParams.from_request({}, self.defaults)
         first = [0] * min(WARM_UP_TOKENS, max(1, model.max_seq // 4))
-        # A prompt from position 0 (dequantize + cuBLAS, causal attention) and its first
-        # decode step; then one extending it: the prefill after a reused prefix (masked
-        # attention, the few-row matvec).
-        for prompt in (first, [*first, 0, 0, 0]):
-            for _ in islice(self.tokens(prompt, params, Event()), 2):
+        # A prompt from position 0 (dequantize + cuBLAS or grouped GEMM, causal attention)
+        # and its first decode step; then prompts extending it by 2 and by 3 tokens: the
+        # prefill after a reused prefix (masked attention) at the row counts the few-row
+        # matvec tunes for beyond decode's one (powers of two: 2 and 4 rows, a MoE's
+        # experts 16 and 32). Their new tokens differ from what the cache holds past
+        # ``first``, so each prefills exactly its extension.
+        taken = list(islice(self.tokens(first, params, Event()), 2))
+        fillers = [t for t in range(3) if t != taken[0]][:2]
+        for extra, filler in zip((2, 3), fillers, strict=True):
+            for _ in islice(self.tokens([*first, *[filler] * extra], params, Event()), 1):
                 pass
         if isinstance(self.decode, GraphDecoder):
             starts = self.decode.capture_positions()
@@ -550,6 +563,25 @@ class _Chunks:
                 "prompt_tokens_details": {"cached_tokens": cached},
             },
         }
+
+
+class _Phases:
+    """Seconds per phase of a load, for the log line that says where a slow load went
+    (reading weights, building the model, the KV cache, the warm-up's compiles and graph
+    captures), so an operator can tell a cold cache from a slow disk."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self.last
+        self.last = now
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
+        return f"{self.last - self.start:.1f} s ({parts})"
 
 
 def _share(progress: Progress | None, low: float, high: float) -> Progress | None:

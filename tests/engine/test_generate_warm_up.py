@@ -68,6 +68,26 @@ def test_warm_up_runs_every_step_and_leaves_nothing_cached(gguf: Path) -> None:
     assert greedy(model, prompt) == expected
 
 
+def test_warm_up_prefills_each_few_row_count_a_turn_can_bring(
+    gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the first prompt, extensions of exactly 2 and 3 tokens: with decode's one
+    row, every row-count bucket (1, 2, 4) the few-row matvec tunes for, whatever the first
+    sampled token was, so a short second turn never times kernels."""
+    model = LoadedModel.load(gguf, "cpu", torch.float32, 64)
+    model.decode = GraphDecoder(model.model, min_kv_len=8)
+    prefills: list[int] = []
+    forward = model.model.forward
+
+    def spy(tokens: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        prefills.append(tokens.shape[1])
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", spy)
+    model.warm_up()
+    assert prefills == [16, 2, 3]
+
+
 def test_a_cpu_load_skips_the_warm_up(gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(self: LoadedModel, progress: object = None) -> None:
         raise AssertionError("warm_up ran on a CPU load")

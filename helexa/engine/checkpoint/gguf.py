@@ -23,7 +23,10 @@ with fewer key than value heads has its value heads tiled, which the config says
 
 from __future__ import annotations
 
+import os
 import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,19 +255,17 @@ def load_gguf(
     names = {t.name: hf_tensor_name(t.name, arch) for t in header.tensors}
     for t in header.tensors:
         _check_tensor(t, path)
-    # Copy-on-write map: writable numpy views (so torch.from_numpy does not warn)
-    # without ever writing to, or reading ahead of, the file.
-    data = np.memmap(path, np.uint8, "c", header.data_offset) if header.tensors else np.empty(0)
     target = torch.device(device)
     placed = ByteProgress(sum(t.n_bytes for t in header.tensors), progress)
     tensors: dict[str, Weight] = {}
     hybrid = arch in HYBRID_ARCHITECTURES
-    for t in header.tensors:
+    reader = _Reader(path, header.data_offset, target)
+    raws = reader.read([(t.offset, t.n_bytes) for t in header.tensors], placed)
+    for t, raw in zip(header.tensors, raws, strict=True):
         name = names[t.name]
-        tensors[name] = _to_torch(t, data, target)
+        tensors[name] = _to_torch(t, raw)
         if hybrid and is_offset_norm(name):
             tensors[name] = _float(tensors[name], t.name, path) - 1  # back to HF's w
-        placed.add(t.n_bytes)
     return Checkpoint(
         config=config,
         tensors=tensors,
@@ -387,13 +388,124 @@ def _check_tensor(t: GGUFTensorInfo, path: str | Path) -> None:
         )
 
 
-def _to_torch(t: GGUFTensorInfo, data: np.ndarray, device: torch.device) -> Weight:
-    """The tensor's bytes as torch on ``device``, copied once from the memory map."""
-    raw = torch.from_numpy(data[t.offset : t.offset + t.n_bytes])
+def _to_torch(t: GGUFTensorInfo, raw: torch.Tensor) -> Weight:
+    """The tensor from its bytes ``raw`` (uint8, already where it goes)."""
     if t.ggml_type in _FLOAT_DTYPES:
-        return raw.view(_FLOAT_DTYPES[t.ggml_type]).reshape(t.shape).to(device, copy=True)
-    blocks = raw.reshape(*t.shape[:-1], -1).to(device, copy=True)
-    return QuantizedTensor(blocks, t.ggml_type, t.shape)
+        return raw.view(_FLOAT_DTYPES[t.ggml_type]).reshape(t.shape)
+    return QuantizedTensor(raw.reshape(*t.shape[:-1], -1), t.ggml_type, t.shape)
+
+
+# Bytes per host-to-GPU copy (one pinned buffer): large enough for the copy engine's full
+# rate, small enough that the buffers cost nothing.
+STAGE_BYTES = 32 << 20
+# Reads in flight, each into its own pinned buffer: one thread copying from the page cache
+# manages ~3.5 GB/s (18.9 GB in 5.4 s on the H200's host), a seventh of the bus.
+STAGE_READERS = 4
+
+
+class _Reader:
+    """A GGUF's tensor data onto one device, each byte copied once.
+
+    To the CPU: views of a copy-on-write memory map, copied out (writable tensors, the
+    file never written nor read ahead). To a GPU: the data section streamed front to back
+    in :data:`STAGE_BYTES` chunks, :data:`STAGE_READERS` of them read at once by threads
+    (``os.preadv`` releases the GIL) into pinned buffers, each sent on with an
+    asynchronous copy into the tensors it overlaps, as llama.cpp loads. Copying from the
+    map instead lets the driver stage pageable memory through its own buffers, page
+    fault by page fault, at a fraction of the bus's rate."""
+
+    def __init__(
+        self, path: str | Path, data_offset: int, device: torch.device, staged: bool | None = None
+    ) -> None:
+        self.path, self.data_offset, self.device = path, data_offset, device
+        self.cuda = device.type == "cuda"
+        self.staged = self.cuda if staged is None else staged  # staged to the CPU: tests
+
+    def read(self, spans: list[tuple[int, int]], placed: ByteProgress) -> list[torch.Tensor]:
+        """The bytes of each (offset, n_bytes) span of the data section, on the device,
+        all there (copies finished) when this returns."""
+        if not self.staged:
+            data = np.memmap(self.path, np.uint8, "c", self.data_offset) if spans else None
+            outs = []
+            for offset, n_bytes in spans:
+                assert data is not None
+                outs.append(
+                    torch.from_numpy(data[offset : offset + n_bytes]).to(self.device, copy=True)
+                )
+                placed.add(n_bytes)
+            return outs
+        outs = [torch.empty(n, dtype=torch.uint8, device=self.device) for _, n in spans]
+        order = sorted(range(len(spans)), key=lambda i: spans[i][0])
+        end = max((o + n for o, n in spans), default=0)
+        chunks = list(range(min((o for o, _ in spans), default=0), end, STAGE_BYTES))
+        buffers = [
+            torch.empty(STAGE_BYTES, dtype=torch.uint8, pin_memory=self.cuda)
+            for _ in range(min(STAGE_READERS, len(chunks)))
+        ]
+        events = [torch.cuda.Event() for _ in buffers] if self.cuda else []
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            with ThreadPoolExecutor(len(buffers) or 1, thread_name_prefix="helexa-gguf") as pool:
+                pending: deque[tuple[Future[None], int, int, int]] = deque()
+                first = 0  # spans[order[first:]] may still overlap the chunks ahead
+                for n, start in enumerate(chunks):
+                    slot = n % len(buffers)
+                    if len(pending) == len(buffers):  # the slot's last chunk: copy it out
+                        first = self._send(pending.popleft(), spans, order, first, outs, buffers, events, placed)  # fmt: skip
+                    if events:
+                        events[slot].synchronize()  # its previous copy has left it
+                    size = min(STAGE_BYTES, end - start)
+                    read = pool.submit(self._pread, fd, buffers[slot][:size], start)
+                    pending.append((read, slot, start, size))
+                while pending:
+                    first = self._send(pending.popleft(), spans, order, first, outs, buffers, events, placed)  # fmt: skip
+            for event in events:  # the tensors are whole, and the buffers free
+                event.synchronize()
+        finally:
+            os.close(fd)
+        return outs
+
+    def _pread(self, fd: int, buffer: torch.Tensor, start: int) -> None:
+        """Fill ``buffer`` from data-section byte ``start`` (a read may return fewer)."""
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], self.data_offset + start + done)
+            if not got:
+                raise CheckpointError(f"{self.path}: the tensor data ends early")
+            done += got
+
+    @staticmethod
+    def _send(
+        chunk: tuple[Future[None], int, int, int],
+        spans: list[tuple[int, int]],
+        order: list[int],
+        first: int,
+        outs: list[torch.Tensor],
+        buffers: list[torch.Tensor],
+        events: list[torch.cuda.Event],
+        placed: ByteProgress,
+    ) -> int:
+        """Copy a read chunk into every tensor it overlaps; returns the first span (in
+        file order) that later chunks can still overlap."""
+        read, slot, start, size = chunk
+        read.result()
+        stop = start + size
+        for k in range(first, len(order)):
+            i = order[k]
+            offset, n_bytes = spans[i]
+            if offset >= stop:
+                break
+            lo, hi = max(offset, start), min(offset + n_bytes, stop)
+            if lo < hi:
+                src = buffers[slot][lo - start : hi - start]
+                outs[i][lo - offset : hi - offset].copy_(src, non_blocking=True)
+                placed.add(hi - lo)
+        if events:
+            events[slot].record()
+        while first < len(order) and sum(spans[order[first]]) <= stop:
+            first += 1
+        return first
 
 
 def _tokenizer(header: GGUFHeader) -> dict[str, Any]:

@@ -19,6 +19,7 @@ would call ``model.forward(tokens, torch.tensor([pos]), last_only=True)`` for on
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from helexa.engine.models.qwen3 import MLP, Attention, FeedForward, Qwen3, apply_rope
+from helexa.engine.models.qwen3 import (
+    MLP,
+    Attention,
+    FeedForward,
+    Qwen3,
+    apply_rope,
+    split_outputs,
+)
 from helexa.engine.models.qwen3_moe import SparseMoE
 from helexa.engine.quant.ops import Int8Rows, embedding, linear, linears, triton_cache_dir
 from helexa.engine.quant.tensor import INT8_DTYPES
@@ -74,16 +82,16 @@ def masked_attention(
 
 
 @cache
-def _decode_kernels() -> ModuleType | None:
-    """helexa.engine.models.decode_kernels, or None where Triton cannot be imported."""
+def triton_module(name: str) -> ModuleType | None:
+    """helexa.engine.models.``name`` (a module of Triton kernels: decode_kernels,
+    delta_kernels), or None where Triton cannot be imported."""
     if importlib.util.find_spec("triton") is None:
         return None
     triton_cache_dir()
     try:
-        from helexa.engine.models import decode_kernels
+        return importlib.import_module(f"helexa.engine.models.{name}")
     except ImportError:
         return None
-    return decode_kernels
 
 
 def step_kernels(model: Qwen3) -> ModuleType | None:
@@ -92,7 +100,7 @@ def step_kernels(model: Qwen3) -> ModuleType | None:
     dim = model.config.head_dim
     if model.device.type != "cuda" or dim < 16 or dim & (dim - 1):
         return None
-    return _decode_kernels()
+    return triton_module("decode_kernels")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -101,24 +109,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
-def _add_norm(
+def add_norm(
     x: torch.Tensor,
     delta: torch.Tensor | None,
     weight: torch.Tensor,
     eps: float,
     kernels: ModuleType | None,
+    norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = rms_norm,
 ) -> tuple[torch.Tensor, torch.Tensor, Int8Rows | None]:
     """(x + delta, the RMSNorm of that, and with the kernels its int8 activations for the
     matvecs it feeds): the residual add and the next norm, one launch with the kernels.
-    ``delta`` None: the first layer's norm of the embeddings."""
+    ``delta`` None: the first layer's norm of the embeddings. ``norm`` is the torch path's
+    (a hybrid model's zero-centred one; the kernel tells them apart by the weight's dtype,
+    see decode_kernels.add_rms_norm)."""
     if kernels is not None:
-        return kernels.add_rms_norm(x, delta, weight, eps, quantize=_int8(x))
+        return kernels.add_rms_norm(x, delta, weight, eps, quantize=int8_activations(x))
     if delta is not None:
         x = x + delta
-    return x, rms_norm(x, weight, eps), None
+    return x, norm(x, weight, eps), None
 
 
-def _int8(x: torch.Tensor) -> bool:
+def int8_activations(x: torch.Tensor) -> bool:
     """Whether the glue kernels quantize what they write for the int8 matvec (which runs
     for the model's half-precision activations only)."""
     return x.dtype in INT8_DTYPES
@@ -136,14 +147,7 @@ def _projections(
             linear(x, attn.v_proj, attn.v_bias),
         ]
     widths = [attn.q_proj.shape[0], attn.k_proj.shape[0], attn.v_proj.shape[0]]
-    parts: list[torch.Tensor] = []
-    for out in linears(x, attn.fused, quantized):
-        start = 0
-        while start < out.shape[-1]:
-            width = widths[len(parts)]
-            parts.append(out[..., start : start + width])
-            start += width
-    return parts
+    return split_outputs(linears(x, attn.fused, quantized), widths)
 
 
 def _attention(
@@ -180,7 +184,7 @@ def _attention(
     return linear(y.transpose(1, 2).reshape(batch, 1, -1), attn.o_proj, attn.o_bias)
 
 
-def _feed_forward(
+def mlp_step(
     mlp: FeedForward, x: torch.Tensor, quantized: Int8Rows | None, kernels: ModuleType | None
 ) -> torch.Tensor:
     """A dense MLP with fused gate/up: one matvec, SiLU·mul in one launch (which also
@@ -192,7 +196,7 @@ def _feed_forward(
         return mlp.decode(x)
     gate_up = linear(x, mlp.fused[0], quantized=quantized)  # [B, 1, 2F]: gate then up
     if kernels is not None:
-        h, hq = kernels.silu_mul(gate_up, quantize=_int8(gate_up))
+        h, hq = kernels.silu_mul(gate_up, quantize=int8_activations(gate_up))
     else:
         gate, up = gate_up.chunk(2, dim=-1)
         h, hq = F.silu(gate) * up, None
@@ -220,13 +224,13 @@ def decode_step(
     x = embedding(tokens, model.embed_tokens).to(model.dtype)  # [B, 1, hidden]
     delta: torch.Tensor | None = None  # what the last sublayer adds to the residual x
     for blk in model.layers:
-        x, h, hq = _add_norm(x, delta, blk.input_layernorm, eps, kernels)
+        x, h, hq = add_norm(x, delta, blk.input_layernorm, eps, kernels)
         delta = _attention(model, blk.attn, h, hq, input_pos, kv_len, kernels)
         delta = delta if reduce is None else reduce(delta)
-        x, h, hq = _add_norm(x, delta, blk.post_attention_layernorm, eps, kernels)
-        delta = _feed_forward(blk.mlp, h, hq, kernels)
+        x, h, hq = add_norm(x, delta, blk.post_attention_layernorm, eps, kernels)
+        delta = mlp_step(blk.mlp, h, hq, kernels)
         delta = delta if reduce is None else reduce(delta)
-    _, h, hq = _add_norm(x, delta, model.norm, eps, kernels)
+    _, h, hq = add_norm(x, delta, model.norm, eps, kernels)
     return linear(h, model.lm_head, quantized=hq).float()
 
 
@@ -325,6 +329,7 @@ class GraphDecoder:
             self._pool = None
             self._buffers = buffers
 
+    @torch.inference_mode()  # the caches and recurrent states it restores are inference tensors
     def _capture(self, inputs: _Inputs, kv_len: int) -> _Captured:
         model = self.model
         # Warm up on a side stream, as torch.cuda.graphs asks: first-call work (Triton

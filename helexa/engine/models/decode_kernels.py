@@ -178,7 +178,7 @@ def split_k_attention(
 @triton.jit
 def _add_rms_norm_kernel(
     X, Delta, W, Out, H, Q, D, S, width, eps,
-    HAS_DELTA: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_DELTA: tl.constexpr, QUANT: tl.constexpr, SCALE_FP32: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -189,8 +189,10 @@ def _add_rms_norm_kernel(
         tl.store(Out + row * width + cols, x, mask=inside)  # the residual stream, rounded
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / width + eps)
-    normed = (xf * rstd).to(x.dtype)  # as torch: normalise, round, then scale
     w = tl.load(W + cols, mask=inside, other=0.0)
+    # The zero-centred norm's float32 1 + w scales in float32, then rounds; Qwen3's norm
+    # (as torch) normalises, rounds, then scales.
+    normed = xf * rstd if SCALE_FP32 else (xf * rstd).to(x.dtype)
     h = (normed * w).to(x.dtype)
     tl.store(H + row * width + cols, h, mask=inside)
     if QUANT:  # the next matvec's int8 activations, from the rounded h it would read
@@ -209,7 +211,10 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor, Int8Rows | None]:
     """(x + delta, rms_norm(x + delta) * weight, and with ``quantize`` the latter's int8
     activations for the matvec it feeds) for rows of ``x`` [..., width]; ``delta`` None
-    normalises ``x`` as it is (the first layer)."""
+    normalises ``x`` as it is (the first layer). A float32 ``weight`` beside half-precision
+    ``x`` scales before rounding, as the hybrid models' zero-centred norm (its 1 + w kept
+    float32, qwen3_next.zc_rms_norm) does; otherwise the normalised row is rounded first,
+    as Qwen3's norm in torch."""
     width = x.shape[-1]
     rows = x.numel() // width
     x = x.contiguous()
@@ -227,6 +232,7 @@ def add_rms_norm(
         eps,
         HAS_DELTA=delta is not None,
         QUANT=quantize,
+        SCALE_FP32=weight.dtype == torch.float32 and x.dtype != torch.float32,
         BLOCK=triton.next_power_of_2(width),
     )
     return out, h, quant

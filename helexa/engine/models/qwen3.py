@@ -249,16 +249,49 @@ class Block:
 
 
 def fuse_projections(weights: list[Weight]) -> tuple[tuple[Weight, ...], list[Weight]]:
-    """Projections of one input fused for the decode step: all of them into one weight
-    if they share an encoding, else the leading ones that do (Q4_K_M often gives v a
-    wider type than q and k) and the rest alone. Returns the fused weights (empty if none
-    fused) and the projections again, as views where they were fused."""
-    for n in range(len(weights), 1, -1):
-        fused = fuse_rows(weights[:n])
-        if fused is not None:
-            weight, parts = fused
-            return (weight, *weights[n:]), [*parts, *weights[n:]]
-    return (), weights
+    """Projections of one input fused for the decode step: each run of neighbours that
+    share an encoding into one weight (all of them where they all do; Q4_K_M often gives
+    v a wider type than q and k, and keeps a DeltaNet's tiny b/a projections apart from
+    its q/k/v/z). Returns the weights a step multiplies by, in order (empty if nothing
+    fused), and the projections again, as views where they were fused."""
+    fused: list[Weight] = []
+    parts: list[Weight] = []
+    start = 0
+    while start < len(weights):
+        for stop in range(len(weights), start, -1):
+            run = fuse_rows(weights[start:stop]) if stop - start > 1 else None
+            if run is not None or stop == start + 1:
+                weight, views = run if run is not None else (weights[start], [weights[start]])
+                fused.append(weight)
+                parts.extend(views)
+                start = stop
+                break
+    if len(fused) == len(weights):
+        return (), weights
+    return tuple(fused), parts
+
+
+def split_outputs(outs: list[torch.Tensor], widths: list[int]) -> list[torch.Tensor]:
+    """The fused weights' outputs cut back into each projection's (views, no copies):
+    ``widths`` are the projections' output sizes, in order."""
+    parts: list[torch.Tensor] = []
+    for out in outs:
+        start = 0
+        while start < out.shape[-1]:
+            width = widths[len(parts)]
+            parts.append(out[..., start : start + width])
+            start += width
+    return parts
+
+
+def load_mlp(w: CheckpointWeights, prefix: str) -> MLP:
+    """The SwiGLU MLP under ``prefix`` (``gate_proj``/``up_proj``/``down_proj``), gate and
+    up fused for the decode step where they share an encoding: a dense layer's MLP, or a
+    hybrid model's shared expert."""
+    fused, (gate, up) = fuse_projections(
+        [w.weight(prefix + "gate_proj.weight"), w.weight(prefix + "up_proj.weight")]
+    )
+    return MLP(gate, up, w.weight(prefix + "down_proj.weight"), fused)
 
 
 class CheckpointWeights:
@@ -432,11 +465,7 @@ class Qwen3(DecoderModel):
     @classmethod
     def feed_forward(cls, cfg: Qwen3Config, layer: int, w: CheckpointWeights) -> FeedForward:
         """Layer ``layer``'s MLP: the one part a Qwen3 variant builds differently."""
-        p = f"model.layers.{layer}.mlp."
-        fused, (gate, up) = fuse_projections(
-            [w.weight(p + "gate_proj.weight"), w.weight(p + "up_proj.weight")]
-        )
-        return MLP(gate, up, w.weight(p + "down_proj.weight"), fused)
+        return load_mlp(w, f"model.layers.{layer}.mlp.")
 
     # -- memory ---------------------------------------------------------------------------
 

@@ -31,16 +31,17 @@ from helexa.engine.models.qwen3 import (
     fuse_projections,
 )
 from helexa.engine.quant import ops
-from helexa.engine.quant.ops import grouped_linear, has_grouped_kernel, has_kernel, linear
+from helexa.engine.quant.ops import expert_linear, grouped_linear, has_kernel, linear
 from helexa.engine.quant.tensor import INT8_DTYPES, Int8Rows
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 # HF config.json says qwen3_moe; llama.cpp's GGUF architecture is qwen3moe.
 MODEL_TYPES = ("qwen3_moe", "qwen3moe")
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-# In prefill, experts with at most this many tokens go through the grouped matvec
-# together (quant.triton_kernels.MATVEC_MAX_ROWS: where the matvec beats dequant + matmul).
-FEW_TOKENS = 4
+# Prompts (or extensions of a cached one) of at most this many tokens run the decode
+# step's grouped matvec, as a dense layer's few rows run the matvec
+# (quant.triton_kernels.MATVEC_MAX_ROWS); more run the grouped GEMM.
+DECODE_TOKENS = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,9 +131,10 @@ class SparseMoE:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Many tokens (prefill): each expert runs once, on all the tokens routed to it.
-        Few tokens go the decode way, which costs less than sorting them."""
+        Up to :data:`DECODE_TOKENS` go the decode way, which costs less than sorting them;
+        the few row counts that makes are the ones the load's warm-up tunes for."""
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] * self.top_k <= self.num_experts:
+        if flat.shape[0] <= DECODE_TOKENS:
             return self.decode(x)
         weights, experts = self.route(flat)
         return self._grouped(flat, weights, experts).view(x.shape)
@@ -200,38 +202,19 @@ class SparseMoE:
     def _grouped(
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     ) -> torch.Tensor:
-        """Sort the (token, expert) pairs by expert and run each expert's slice as one
-        matmul (on CUDA: its blocks dequantized once, then cuBLAS), skipping experts no
-        token chose; scatter-add the weighted results back. The experts with at most
-        :data:`FEW_TOKENS` tokens, a short prompt's long tail, share one grouped launch
-        per projection instead (what a matmul of so few rows would do anyway: read the
-        blocks once per row). Reading the per-expert counts is a host sync: fine for
-        prefill, which is never captured."""
+        """Sort the (token, expert) pairs by expert, run each projection over all of them
+        as one grouped GEMM (quant.ops.expert_linear: each expert expanded once, however
+        many tokens chose it), and scatter-add the weighted results back. Reading the
+        per-expert counts is a host sync: fine for prefill, which is never captured."""
         k = experts.shape[1]
         flat = experts.reshape(-1)  # (pairs,)
         order = torch.argsort(flat, stable=True)
-        by_expert = flat.index_select(0, order)  # (pairs,) sorted
-        counts_t = torch.bincount(flat, minlength=self.num_experts)  # (n_experts,)
-        counts = counts_t.tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # (n_experts,)
         token = order // k
-        rows = x.index_select(0, token)  # (pairs, hidden)
-        out = torch.empty_like(rows)
-        # Experts with few tokens share one grouped launch per projection, where that
-        # launch reads them in place; elsewhere it would copy an expert per row.
-        cutoff = FEW_TOKENS if has_grouped_kernel(self.gate_proj) else 0
-        few = (counts_t.index_select(0, by_expert) <= cutoff).nonzero().squeeze(1)
-        if few.numel():
-            part, index = rows.index_select(0, few), by_expert.index_select(0, few)
-            h = F.silu(grouped_linear(part, self.gate_proj, index))
-            h = h * grouped_linear(part, self.up_proj, index)
-            out.index_copy_(0, few, grouped_linear(h, self.down_proj, index))
-        start = 0
-        for e, count in enumerate(counts):
-            if count > cutoff:
-                part = rows[start : start + count]
-                h = F.silu(linear(part, self.gate_proj[e])) * linear(part, self.up_proj[e])
-                out[start : start + count] = linear(h, self.down_proj[e])
-            start += count
+        rows = x.index_select(0, token)  # (pairs, hidden), sorted by expert
+        h = F.silu(expert_linear(rows, self.gate_proj, counts))  # (pairs, moe_ffn)
+        h *= expert_linear(rows, self.up_proj, counts)
+        out = expert_linear(h, self.down_proj, counts)  # (pairs, hidden)
         out *= weights.reshape(-1).index_select(0, order)[:, None]
         return torch.zeros_like(x).index_add_(0, token, out)
 

@@ -28,6 +28,7 @@ buffers updated in place, the position a device tensor, no host sync.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
@@ -37,7 +38,14 @@ from torch.nn.attention.bias import CausalBias
 
 from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
 from helexa.engine.checkpoint.types import Checkpoint, Weight
-from helexa.engine.models.cuda_graph import Reduce, masked_attention
+from helexa.engine.models.cuda_graph import (
+    Reduce,
+    add_norm,
+    int8_activations,
+    masked_attention,
+    mlp_step,
+    triton_module,
+)
 from helexa.engine.models.kv_cache import KVCache
 from helexa.engine.models.qwen3 import (
     MLP,
@@ -49,12 +57,15 @@ from helexa.engine.models.qwen3 import (
     _rope_params,
     apply_rope,
     attention_mask,
+    fuse_projections,
+    load_mlp,
     rope_tables,
+    split_outputs,
 )
-from helexa.engine.models.qwen3_moe import PROJECTIONS, SparseMoE, load_sparse_moe
+from helexa.engine.models.qwen3_moe import SparseMoE, load_sparse_moe
 from helexa.engine.models.recurrent_state import HybridSnapshots, RecurrentState, state_bytes
-from helexa.engine.quant.ops import embedding, linear
-from helexa.engine.quant.tensor import QuantizedTensor
+from helexa.engine.quant.ops import embedding, linear, linears
+from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor
 
 LINEAR, FULL = "linear_attention", "full_attention"
 # Tokens per chunk of the chunked delta rule (transformers' and fla's default).
@@ -331,6 +342,8 @@ class GatedAttention:
     q_norm: torch.Tensor
     k_norm: torch.Tensor
     cache: KVCache | None = None
+    # q/k/v fused as qwen3.Attention.fused (empty: not fused; the three are views then).
+    fused: tuple[Weight, ...] = ()
 
 
 @dataclass
@@ -350,6 +363,9 @@ class GatedDeltaNet:
     norm: torch.Tensor
     out_proj: Weight
     state: RecurrentState | None = None
+    # The four in-projections fused by encoding (qwen3.fuse_projections), so a decode step
+    # runs one or two matvecs instead of four; empty: not fused.
+    fused: tuple[Weight, ...] = ()
 
 
 @dataclass
@@ -443,13 +459,17 @@ class Qwen3Next(DecoderModel):
         q = w.weight(p + "q_proj.weight")
         hidden, heads = cfg.hidden_size, cfg.num_attention_heads
         _expect(w, p + "q_proj.weight", q, (2 * heads * cfg.head_dim, hidden))
+        fused, (q, k, v) = fuse_projections(
+            [q, w.weight(p + "k_proj.weight"), w.weight(p + "v_proj.weight")]
+        )
         return GatedAttention(
             q_proj=q,
-            k_proj=w.weight(p + "k_proj.weight"),
-            v_proj=w.weight(p + "v_proj.weight"),
+            k_proj=k,
+            v_proj=v,
             o_proj=w.weight(p + "o_proj.weight"),
             q_norm=1 + _float32(w, p + "q_norm.weight"),
             k_norm=1 + _float32(w, p + "k_norm.weight"),
+            fused=fused,
         )
 
     @staticmethod
@@ -482,11 +502,13 @@ class Qwen3Next(DecoderModel):
             neg_a = _float32(w, p + "ssm_a")
         else:
             neg_a = -w.dense(p + "A_log").float().exp()
+        fused, (qkv, z, b, a) = fuse_projections([qkv, z, b, a])
         return GatedDeltaNet(
             in_proj_qkv=qkv,
             in_proj_z=z,
             in_proj_b=b,
             in_proj_a=a,
+            fused=fused,
             conv=conv.reshape(cfg.conv_dim, -1).contiguous(),
             neg_a=neg_a,
             dt_bias=w.dense(p + "dt_bias").float(),
@@ -498,9 +520,9 @@ class Qwen3Next(DecoderModel):
     def _feed_forward(cfg: Qwen3NextConfig, layer: int, w: CheckpointWeights) -> FeedForward:
         p = f"model.layers.{layer}.mlp."
         if not cfg.is_sparse(layer):
-            return MLP(*(w.weight(f"{p}{name}.weight") for name in PROJECTIONS))
+            return load_mlp(w, p)
         experts = load_sparse_moe(w, p, cfg)
-        shared = MLP(*(w.weight(f"{p}shared_expert.{name}.weight") for name in PROJECTIONS))
+        shared = load_mlp(w, p + "shared_expert.")
         shared_gate = w.dense(p + "shared_expert_gate.weight").reshape(1, cfg.hidden_size)
         return SharedExpertMoE(experts, shared, shared_gate)
 
@@ -630,15 +652,25 @@ class Qwen3Next(DecoderModel):
     __call__ = forward
 
     def _gated_qkv(
-        self, attn: GatedAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        attn: GatedAttention,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        quantized: Int8Rows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v [B, H, T, D] (normed, rotated) and the output gate [B, T, H * D]."""
+        """q, k, v [B, H, T, D] (normed, rotated) and the output gate [B, T, H * D]; a
+        decode step's three matvecs share one int8 quantization of x (``quantized``, where
+        the norm before wrote it)."""
         cfg = self.config
         batch, steps, _ = x.shape
         d = cfg.head_dim
-        q, gate = linear(x, attn.q_proj).view(batch, steps, -1, 2 * d).chunk(2, dim=-1)
-        k = linear(x, attn.k_proj).view(batch, steps, -1, d)
-        v = linear(x, attn.v_proj).view(batch, steps, -1, d)
+        parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+        outs = linears(x, attn.fused or parts, quantized)
+        q_gate, k, v = split_outputs(outs, [w.shape[0] for w in parts])
+        q, gate = q_gate.view(batch, steps, -1, 2 * d).chunk(2, dim=-1)
+        k = k.view(batch, steps, -1, d)
+        v = v.view(batch, steps, -1, d)
         q = zc_rms_norm(q, attn.q_norm, cfg.rms_norm_eps).transpose(1, 2)
         k = zc_rms_norm(k, attn.k_norm, cfg.rms_norm_eps).transpose(1, 2)
         q, k = partial_rope(q, cos, sin), partial_rope(k, cos, sin)
@@ -665,18 +697,28 @@ class Qwen3Next(DecoderModel):
         y = y.transpose(1, 2).reshape(batch, steps, -1) * torch.sigmoid(gate)
         return linear(y, attn.o_proj)
 
+    @staticmethod
+    def _delta_projections(
+        net: GatedDeltaNet, x: torch.Tensor, quantized: Int8Rows | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input matvecs' outputs as they come: q/k/v [B, T, conv_dim], z [B, T,
+        value_dim], b and a [B, T, n_v] (a decode step's int8 matvecs share one
+        quantization of x)."""
+        parts = (net.in_proj_qkv, net.in_proj_z, net.in_proj_b, net.in_proj_a)
+        outs = linears(x, net.fused or parts, quantized)
+        mixed, z, b, a = split_outputs(outs, [w.shape[0] for w in parts])
+        return mixed, z, b, a
+
     def _delta_inputs(
         self, net: GatedDeltaNet, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The conv's input [B, conv_dim, T], the gate z [B, T, n_v, v_dim], beta and the
         log decay g [B, T, n_v] (g float32)."""
-        cfg = self.config
         batch, steps, _ = x.shape
-        mixed = linear(x, net.in_proj_qkv).transpose(1, 2)
-        z = linear(x, net.in_proj_z).view(batch, steps, -1, cfg.linear_value_head_dim)
-        beta = linear(x, net.in_proj_b).sigmoid()
-        g = net.neg_a * F.softplus(linear(x, net.in_proj_a).float() + net.dt_bias)
-        return mixed, z, beta, g
+        mixed, z, b, a = self._delta_projections(net, x)
+        z = z.view(batch, steps, -1, self.config.linear_value_head_dim)
+        g = net.neg_a * F.softplus(a.float() + net.dt_bias)
+        return mixed.transpose(1, 2), z, b.sigmoid(), g
 
     def _split_heads(
         self, conv_out: torch.Tensor
@@ -719,12 +761,31 @@ class Qwen3Next(DecoderModel):
         state.ssm[:batch].copy_(final)
         return self._delta_out(net, y, z)
 
-    def _delta_step(self, net: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
+    def _delta_step(
+        self,
+        net: GatedDeltaNet,
+        x: torch.Tensor,
+        kernels: ModuleType | None = None,
+        quantized: Int8Rows | None = None,
+    ) -> torch.Tensor:
         """One token: the conv over [history, x] (one output), the recurrent delta rule;
-        both states updated in place (graph-capturable)."""
+        both states updated in place (graph-capturable). With ``kernels`` (delta_kernels)
+        everything between the input matvecs and out_proj is two launches; the torch
+        path is their reference."""
         state = net.state
         assert state is not None
         batch = x.shape[0]
+        if kernels is not None:
+            cfg = self.config
+            # [B, 1, C] (q, k, v), [B, 1, VH * DV], [B, 1, VH], [B, 1, VH]
+            mixed, z, b, a = self._delta_projections(net, x, quantized)
+            y, quantized = kernels.gated_delta_step(
+                mixed, z, b, a, net.conv, net.neg_a, net.dt_bias, net.norm,
+                state.conv, state.ssm,
+                key_heads=cfg.linear_num_key_heads, tiled=cfg.linear_value_heads_tiled,
+                l2_eps=L2_EPS, eps=cfg.rms_norm_eps, quantize=int8_activations(mixed),
+            )  # fmt: skip
+            return linear(y, net.out_proj, quantized=quantized)  # [B, 1, hidden]
         mixed, z, beta, g = self._delta_inputs(net, x)
         conv = state.conv[:batch]
         window = torch.cat((conv, mixed.to(conv.dtype)), dim=-1)  # [B, C, K]
@@ -767,6 +828,14 @@ def split_ba(t: torch.Tensor, cfg: Qwen3NextConfig) -> tuple[torch.Tensor, torch
 # -- the graph-capturable decode step ------------------------------------------------------
 
 
+def delta_kernels(model: Qwen3Next) -> ModuleType | None:
+    """helexa.engine.models.delta_kernels where they run the linear layers' decode step (a
+    CUDA device with Triton), else None: the torch step."""
+    if model.device.type != "cuda":
+        return None
+    return triton_module("delta_kernels")
+
+
 @torch.inference_mode()
 def decode_step(
     model: Qwen3Next,
@@ -779,29 +848,34 @@ def decode_step(
     """cuda_graph.decode_step for a hybrid model: logits [B, 1, vocab] for one token per
     sequence at ``input_pos`` [1] (a device tensor); the attention layers read the first
     ``kv_len`` cache positions with those past ``input_pos`` masked, the linear layers
-    step their states in place. No host sync. (``reduce`` is accepted for the decoder's
-    signature; a hybrid model is never sharded.)"""
+    step their states in place (on CUDA in delta_kernels' two launches). No host sync.
+    (``reduce`` is accepted for the decoder's signature; a hybrid model is never sharded.)"""
     if model.cos is None or model.sin is None:
         raise RuntimeError("call setup_cache(max_batch, max_seq) before decoding")
     if reduce is not None:
         raise ValueError("a hybrid model is not tensor-parallel")
     cfg = model.config
+    eps = cfg.rms_norm_eps
     cos, sin = model.cos[input_pos], model.sin[input_pos]
     visible = torch.arange(kv_len, device=input_pos.device) <= input_pos
-    x = embedding(tokens, model.embed_tokens).to(model.dtype)
+    kernels = delta_kernels(model)
+    # The dense models' glue: residual add + norm (writing the next matvecs' int8
+    # activations) and the fused-gate/up MLP, in a launch or two each.
+    glue = triton_module("decode_kernels") if kernels is not None else None
+    x = embedding(tokens, model.embed_tokens).to(model.dtype)  # [B, 1, hidden]
     batch = x.shape[0]
+    delta = None
     for blk in model.layers:
-        h = zc_rms_norm(x, blk.input_layernorm, cfg.rms_norm_eps)
+        x, h, hq = add_norm(x, delta, blk.input_layernorm, eps, glue, zc_rms_norm)
         if isinstance(blk.mixer, GatedAttention):
-            q, k, v, gate = model._gated_qkv(blk.mixer, h, cos, sin)
+            q, k, v, gate = model._gated_qkv(blk.mixer, h, cos, sin, hq)
             assert blk.mixer.cache is not None
             keys, values = blk.mixer.cache.update(input_pos, k, v, kv_len)
             y = masked_attention(q, keys, values, visible).transpose(1, 2).reshape(batch, 1, -1)
-            h = linear(y * torch.sigmoid(gate), blk.mixer.o_proj)
+            y = linear(y * torch.sigmoid(gate), blk.mixer.o_proj)
         else:
-            h = model._delta_step(blk.mixer, h)
-        x = x + h
-        h = zc_rms_norm(x, blk.post_attention_layernorm, cfg.rms_norm_eps)
-        x = x + blk.mlp.decode(h)
-    x = zc_rms_norm(x, model.norm, cfg.rms_norm_eps)
-    return linear(x, model.lm_head).float()
+            y = model._delta_step(blk.mixer, h, kernels, hq)
+        x, h, hq = add_norm(x, y, blk.post_attention_layernorm, eps, glue, zc_rms_norm)
+        delta = mlp_step(blk.mlp, h, hq, glue)
+    _, h, hq = add_norm(x, delta, model.norm, eps, glue, zc_rms_norm)
+    return linear(h, model.lm_head, quantized=hq).float()

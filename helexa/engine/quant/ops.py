@@ -181,6 +181,94 @@ def grouped_linear(
     return torch.cat([linear(x[j : j + 1], picked_q[j]) for j in range(index.shape[0])])
 
 
+def expert_linear(
+    x: torch.Tensor, experts: torch.Tensor | QuantizedTensor, counts: list[int]
+) -> torch.Tensor:
+    """Rows of ``x`` (R, in) sorted by expert, ``counts[e]`` of them for expert ``e`` of
+    the stack ``experts`` (E, out, in): each run of rows times its expert, (R, out). A MoE
+    prefill's (token, expert) pairs.
+
+    Where torch has a grouped GEMM for ``x``'s dtype and device (``torch._grouped_mm``:
+    CUTLASS on Hopper in bfloat16, a loop on the CPU), it runs once per chunk of experts
+    whose dense weights fit the scratch budget, each expert of the chunk expanded once;
+    nothing depends on how many rows an expert has, so no shape a request brings is new
+    to a kernel (a per-expert matmul would tune or compile per row count). Elsewhere one
+    ``linear`` per expert with rows.
+    """
+    n_experts, out_features, in_features = experts.shape
+    if x.shape != (sum(counts), in_features) or len(counts) != n_experts:
+        raise ValueError(
+            f"expert_linear: x {tuple(x.shape)} and {len(counts)} counts do not fit "
+            f"experts {tuple(experts.shape)}"
+        )
+    out = x.new_empty(x.shape[0], out_features)
+    per_chunk = max(1, _scratch_elements(x) // (out_features * in_features))
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    for e0 in range(0, n_experts, per_chunk):
+        e1 = min(n_experts, e0 + per_chunk)
+        while e0 < e1 and counts[e0] == 0:  # experts no token chose cost nothing
+            e0 += 1
+        while e1 > e0 and counts[e1 - 1] == 0:
+            e1 -= 1
+        if e0 == e1:
+            continue
+        rows = slice(starts[e0], starts[e1])
+        if _grouped_mm_ok(x):
+            w = dequantize_experts(experts, e0, e1, x.dtype)  # (chunk, out, in)
+            offs = torch.tensor(starts[e0 + 1 : e1 + 1], dtype=torch.int32) - starts[e0]
+            try:
+                out[rows] = torch._grouped_mm(x[rows], w.transpose(-2, -1), offs=offs.to(x.device))
+                continue
+            except RuntimeError:  # this build, dtype or GPU has no grouped GEMM after all
+                _no_grouped_mm.add((x.device.type, x.dtype))
+        for e in range(e0, e1):
+            if counts[e]:
+                part = slice(starts[e], starts[e + 1])
+                out[part] = linear(x[part], experts[e])
+    return out
+
+
+# (device type, dtype) pairs torch._grouped_mm refused once: not tried again.
+_no_grouped_mm: set[tuple[str, torch.dtype]] = set()
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    """Whether to try torch._grouped_mm for ``x``: on CUDA it is CUTLASS's for bfloat16
+    on Hopper and later (other GPUs and dtypes take the per-expert loop)."""
+    if not hasattr(torch, "_grouped_mm") or (x.device.type, x.dtype) in _no_grouped_mm:
+        return False
+    if x.device.type != "cuda":
+        return True
+    return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def _scratch_elements(x: torch.Tensor) -> int:
+    """Dense weights expanded at once: the Triton dequant's chunk on CUDA (bigger chunks
+    feed the GEMM better), :data:`CHUNK_ELEMENTS` elsewhere."""
+    k = kernels() if x.is_cuda else None
+    return k.DEQUANT_CHUNK_ELEMENTS if k is not None else CHUNK_ELEMENTS  # type: ignore[no-any-return]
+
+
+def dequantize_experts(
+    experts: torch.Tensor | QuantizedTensor, start: int, stop: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Experts ``start:stop`` of a stack as one dense (stop - start, out, in) tensor of
+    ``dtype``: on CUDA by the Triton dequant kernel, one launch for all of them."""
+    if isinstance(experts, torch.Tensor):
+        return experts[start:stop].to(dtype)
+    _, out_features, in_features = experts.shape
+    count = stop - start
+    data = experts.data[start:stop]
+    k = kernels() if data.is_cuda else None
+    if k is None or experts.qtype not in k.SUPPORTED:
+        return dequantize(data, experts.qtype, (count, out_features, in_features), dtype=dtype)
+    rows = count * out_features
+    flat = QuantizedTensor(data.reshape(rows, -1), experts.qtype, (rows, in_features))
+    return k.dequantize_rows(flat, dtype=dtype).view(count, out_features, in_features)
+
+
 def embedding(
     ids: torch.Tensor,
     weight: torch.Tensor | QuantizedTensor,

@@ -152,6 +152,34 @@ def test_loaded_tensors_own_their_memory(tmp_path: Path) -> None:
         assert torch.equal(now, before[name]), name
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_staged_read_gives_the_mapped_bytes(
+    tmp_path: Path, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the file through the two staging buffers in turn (as onto a GPU, here in
+    chunks of 1000 bytes: tensors straddle chunks, chunks straddle blocks) gives every
+    tensor exactly as the memory map does, types and shapes included."""
+    from functools import partial
+
+    from helexa.engine.checkpoint import gguf
+
+    path = write_model_gguf(tmp_path / "m.gguf", make_kquant_hf_model(128, seed=3), quant="Q4_K_M")
+    mapped = load_gguf(path).tensors
+    monkeypatch.setattr(gguf, "STAGE_BYTES", 1000)
+    monkeypatch.setattr(gguf, "_Reader", partial(gguf._Reader, staged=True))
+    staged = load_gguf(path, device=device).tensors
+    assert staged.keys() == mapped.keys()
+    assert max(t.nbytes for t in mapped.values()) > 3000  # several chunks, both buffers
+    for name, want in mapped.items():
+        got = staged[name]
+        assert type(got) is type(want) and got.device.type == device, name
+        if isinstance(want, QuantizedTensor):
+            assert isinstance(got, QuantizedTensor) and got.qtype == want.qtype, name
+            assert got.shape == want.shape and torch.equal(got.data.cpu(), want.data), name
+        else:
+            assert torch.equal(got.cpu(), want), name
+
+
 def test_config_round_trips_rope_scaling_and_sampling(tmp_path: Path) -> None:
     from helexa.engine.checkpoint.gguf_write import write_gguf
 

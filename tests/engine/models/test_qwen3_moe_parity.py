@@ -131,39 +131,68 @@ def test_grouped_prefill_equals_the_gathered_decode_path(quant: Q | None, norm: 
 
 
 @pytest.mark.parametrize("quant", [None, Q.Q8_0], ids=["f32", "q8_0"])
-@pytest.mark.parametrize("grouped_kernel", [True, False], ids=["grouped", "per-expert"])
-def test_grouped_prefill_mixes_few_token_and_many_token_experts(
-    quant: Q | None, grouped_kernel: bool, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped-mm", "per-expert"])
+@pytest.mark.parametrize("chunk", [1 << 22, 32 * 64 * 3], ids=["one-chunk", "3-expert-chunks"])
+def test_grouped_prefill_equals_a_per_token_loop(
+    quant: Q | None, grouped_mm: bool, chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both halves of the grouped prefill in one call: the experts with few tokens (one
-    grouped launch, where a kernel reads the experts in place) and those with many (a
-    matmul each), against a per-token loop over the dequantized experts. Without such a
-    kernel every expert takes the matmul: a grouped call would copy an expert per row."""
-    from helexa.engine.models import qwen3_moe
-    from helexa.engine.models.qwen3_moe import FEW_TOKENS
+    """The grouped prefill (every expert's tokens in one grouped GEMM per chunk of
+    experts, or one matmul per expert where torch has no grouped GEMM) against a per-token
+    loop over the dequantized experts, with experts that no token chose, one token, many."""
+    from helexa.engine.quant import ops
 
-    monkeypatch.setattr(qwen3_moe, "has_grouped_kernel", lambda experts: grouped_kernel)
-    if not grouped_kernel:
+    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", chunk)
+    if not grouped_mm:
+        monkeypatch.setattr(ops, "_grouped_mm_ok", lambda x: False)
+    else:
 
-        def no_copies(*args: object) -> torch.Tensor:
-            raise AssertionError("a grouped call without a kernel copies an expert per row")
+        def no_loop(*args: object, **kwargs: object) -> torch.Tensor:
+            raise AssertionError("the grouped GEMM path ran a matmul per expert")
 
-        monkeypatch.setattr(qwen3_moe, "grouped_linear", no_copies)
+        monkeypatch.setattr(ops, "linear", no_loop)
     moe = random_moe(quant, seed=3)
-    x = torch.randn(20, 64, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
     weights, experts = moe.route(x)
     counts = torch.bincount(experts.reshape(-1), minlength=8)
-    assert (counts[counts > 0] <= FEW_TOKENS).any() and (counts > FEW_TOKENS).any()
+    assert (counts == 0).any() and (counts == 1).any() and (counts > 3).any()
     dense = [
         w if isinstance(w, torch.Tensor) else w.dequantize()
         for w in (moe.gate_proj, moe.up_proj, moe.down_proj)
     ]
     want = torch.zeros_like(x)
-    for t in range(20):
+    for t in range(x.shape[0]):
         for w, e in zip(weights[t].tolist(), experts[t].tolist(), strict=True):
             h = torch.nn.functional.silu(dense[0][e] @ x[t]) * (dense[1][e] @ x[t])
             want[t] += w * (dense[2][e] @ h)
     torch.testing.assert_close(moe(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_linear_skips_unchosen_experts_and_checks_shapes() -> None:
+    """An expert with no rows is never expanded; counts that do not add up to x's rows
+    are refused rather than read past."""
+    from helexa.engine.quant import ops
+
+    moe = random_moe(Q.Q8_0, seed=4)
+    seen: list[tuple[int, int]] = []
+    real = ops.dequantize_experts
+
+    def spy(experts: object, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        seen.append((start, stop))
+        return real(experts, start, stop, dtype)  # type: ignore[arg-type]
+
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    counts = [0, 0, 3, 0, 2, 0, 0, 0]
+    try:
+        ops.dequantize_experts = spy  # type: ignore[assignment]
+        got = ops.expert_linear(x, moe.gate_proj, counts)
+    finally:
+        ops.dequantize_experts = real  # type: ignore[assignment]
+    assert seen == [(2, 5)]
+    dense = moe.gate_proj.dequantize()
+    torch.testing.assert_close(got[:3], x[:3] @ dense[2].T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[3:], x[3:] @ dense[4].T, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.expert_linear(x, moe.gate_proj, [1, 1, 1, 1, 1, 1, 1, 1])
 
 
 def test_routing_is_transformers_router() -> None:

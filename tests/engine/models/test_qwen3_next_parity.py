@@ -78,6 +78,9 @@ def test_loads_as_its_class_with_the_layers_transformers_builds(hybrid: Any) -> 
     assert [type(b.mixer) for b in model.layers] == mixers
     moe = [isinstance(b.mlp, SharedExpertMoE) for b in model.layers]
     assert moe == [kind != "qwen3_5"] * 4
+    # One float32 encoding: each layer's input projections are one weight for decode,
+    # which the parity tests below then run through.
+    assert [len(b.mixer.fused) for b in model.layers] == [1, 1, 1, 1]
 
 
 @pytest.mark.parametrize("device", DEVICES)

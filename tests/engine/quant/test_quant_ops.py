@@ -91,3 +91,23 @@ def test_fusing_needs_one_encoding_and_one_input_width() -> None:
     assert len(fused) == 2 and fused[0].shape == (12, 512) and fused[1] is q6
     assert views[2] is q6 and views[1].shape == (4, 512)
     assert fuse_projections([q4, q6]) == ((), [q4, q6])
+    # Each run of neighbours fuses: a DeltaNet's q/k/v and z, then its tiny b and a.
+    qkv, z = quantized_weight(Q.Q4_K, 16, 512), quantized_weight(Q.Q4_K, 8, 512)
+    b, a = (quantized_weight(Q.Q8_0, 2, 512) for _ in "ba")
+    fused, views = fuse_projections([qkv, z, b, a])
+    assert [w.shape for w in fused] == [(24, 512), (4, 512)]
+    assert [v.shape for v in views] == [(16, 512), (8, 512), (2, 512), (2, 512)]
+    assert [w.qtype for w in fused] == [Q.Q4_K, Q.Q8_0]  # type: ignore[union-attr]
+    # Leading alone, the rest together: still one launch fewer.
+    fused, views = fuse_projections([q6, q4, quantized_weight(Q.Q4_K, 4, 512)])
+    assert len(fused) == 2 and fused[0] is q6 and fused[1].shape == (12, 512)
+
+
+def test_split_outputs_cuts_fused_outputs_into_views() -> None:
+    from helexa.engine.models.qwen3 import split_outputs
+
+    outs = [torch.arange(12.0).reshape(1, 6, 2).transpose(1, 2), torch.ones(1, 2, 3)]  # [1, 2, 6]
+    q, k, v, g = split_outputs(outs, [3, 1, 2, 3])
+    assert [t.shape[-1] for t in (q, k, v, g)] == [3, 1, 2, 3]
+    assert torch.equal(k, outs[0][..., 3:4]) and torch.equal(g, outs[1])
+    assert q.data_ptr() == outs[0].data_ptr()  # a view, not a copy

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
 from helexa.engine.quant.formats import block_format
@@ -185,6 +186,29 @@ def test_decode_glue_quantizes_exactly_what_it_writes(width: int) -> None:
     for got, want in zip(quant, quantize_rows(out.view(2, width)), strict=True):
         assert torch.equal(got, want)
     assert dk.silu_mul(gate_up)[1] is None
+
+
+@needs_kernels
+def test_add_rms_norm_scales_a_float32_weight_before_rounding() -> None:
+    """The hybrid models' zero-centred norm keeps 1 + w in float32 and scales before it
+    rounds (qwen3_next.zc_rms_norm): the glue kernel given such a weight matches it,
+    residual and int8 activations included, where rounding first would not."""
+    from helexa.engine.models import decode_kernels as dk
+    from helexa.engine.models.qwen3_next import zc_rms_norm
+    from helexa.engine.quant.triton_kernels import quantize_rows
+
+    gen = torch.Generator().manual_seed(3)
+    x, delta = (torch.randn(2, 1, 1024, generator=gen).to(DEVICE, torch.float16) for _ in "xd")
+    weight = (1 + 0.1 * torch.randn(1024, generator=gen)).to(DEVICE) * 300  # float32
+    out, h, quant = dk.add_rms_norm(x, delta, weight, 1e-6, quantize=True)
+    assert torch.equal(out, x + delta)
+    want = zc_rms_norm(x + delta, weight, 1e-6)
+    torch.testing.assert_close(h, want, atol=0, rtol=2e-3)
+    rounded_first = (F.rms_norm((x + delta).float(), (1024,), eps=1e-6).half() * weight).half()
+    assert (h != rounded_first).any(), "the weight is large enough for the order to show"
+    assert quant is not None
+    for got, expected in zip(quant, quantize_rows(h.view(2, 1024)), strict=True):
+        assert torch.equal(got, expected)
 
 
 INT8_VARIANTS = [
@@ -498,3 +522,28 @@ def test_the_moe_decode_glue_compiles_for_hopper(norm: bool) -> None:
     glue = {"Gate": "*bf16", "Up": "*bf16", "Out": "*bf16", "Q": "*i8", "D": "*fp32", "S": "*fp32"}
     glue |= dict.fromkeys(("width", "stride_gate", "stride_up"), "i32")
     build(dk._silu_mul_kernel, glue, dict(QUANT=norm, BLOCK=1024))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (compiles ahead of time, no GPU)")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing"
+)
+@pytest.mark.parametrize("scale_fp32", [False, True], ids=["qwen3-norm", "zero-centred-norm"])
+def test_the_add_rms_norm_glue_compiles_for_hopper(scale_fp32: bool) -> None:
+    """Both orders of the glue's norm (round then scale; scale a float32 1 + w, then
+    round) build to sm_90 machine code, quantizing included."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from helexa.engine.models import decode_kernels as dk
+
+    fn = dk._add_rms_norm_kernel
+    kinds = dict.fromkeys(("X", "Delta", "Out", "H"), "*bf16")
+    kinds |= {"W": "*fp32" if scale_fp32 else "*bf16", "Q": "*i8", "D": "*fp32", "S": "*fp32"}
+    kinds |= {"width": "i32", "eps": "fp32"}
+    constants = dict(HAS_DELTA=True, QUANT=True, SCALE_FP32=scale_fp32, BLOCK=4096)
+    signature = {name: kinds.get(name, "constexpr") for name in fn.arg_names}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert kernel.asm["cubin"]
