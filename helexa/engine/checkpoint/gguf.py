@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+from bisect import bisect_right
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -435,30 +436,47 @@ class _Reader:
                 placed.add(n_bytes)
             return outs
         outs = [torch.empty(n, dtype=torch.uint8, device=self.device) for _, n in spans]
-        order = sorted(range(len(spans)), key=lambda i: spans[i][0])
+        order = sorted(range(len(spans)), key=lambda i: spans[i][0])  # file order
+        offsets = [spans[i][0] for i in order]
         end = max((o + n for o, n in spans), default=0)
-        chunks = list(range(min((o for o, _ in spans), default=0), end, STAGE_BYTES))
+        chunks = list(range(min(offsets, default=0), end, STAGE_BYTES))
         buffers = [
             torch.empty(STAGE_BYTES, dtype=torch.uint8, pin_memory=self.cuda)
             for _ in range(min(STAGE_READERS, len(chunks)))
         ]
         events = [torch.cuda.Event() for _ in buffers] if self.cuda else []
+
+        def send(read: Future[None], slot: int, start: int, stop: int) -> None:
+            """Once read, copy buffer ``slot`` (file bytes start..stop) into every tensor
+            it overlaps, the first of them the last to begin at or before ``start``."""
+            read.result()
+            for i in order[max(0, bisect_right(offsets, start) - 1) :]:
+                offset, n_bytes = spans[i]
+                if offset >= stop:
+                    break
+                lo, hi = max(offset, start), min(offset + n_bytes, stop)
+                if lo < hi:
+                    src = buffers[slot][lo - start : hi - start]
+                    outs[i][lo - offset : hi - offset].copy_(src, non_blocking=True)
+                    placed.add(hi - lo)
+            if events:
+                events[slot].record()
+
         fd = os.open(self.path, os.O_RDONLY)
         try:
             with ThreadPoolExecutor(len(buffers) or 1, thread_name_prefix="helexa-gguf") as pool:
                 pending: deque[tuple[Future[None], int, int, int]] = deque()
-                first = 0  # spans[order[first:]] may still overlap the chunks ahead
                 for n, start in enumerate(chunks):
                     slot = n % len(buffers)
                     if len(pending) == len(buffers):  # the slot's last chunk: copy it out
-                        first = self._send(pending.popleft(), spans, order, first, outs, buffers, events, placed)  # fmt: skip
+                        send(*pending.popleft())
                     if events:
                         events[slot].synchronize()  # its previous copy has left it
-                    size = min(STAGE_BYTES, end - start)
-                    read = pool.submit(self._pread, fd, buffers[slot][:size], start)
-                    pending.append((read, slot, start, size))
+                    stop = min(start + STAGE_BYTES, end)
+                    read = pool.submit(self._pread, fd, buffers[slot][: stop - start], start)
+                    pending.append((read, slot, start, stop))
                 while pending:
-                    first = self._send(pending.popleft(), spans, order, first, outs, buffers, events, placed)  # fmt: skip
+                    send(*pending.popleft())
             for event in events:  # the tensors are whole, and the buffers free
                 event.synchronize()
         finally:
@@ -474,38 +492,6 @@ class _Reader:
             if not got:
                 raise CheckpointError(f"{self.path}: the tensor data ends early")
             done += got
-
-    @staticmethod
-    def _send(
-        chunk: tuple[Future[None], int, int, int],
-        spans: list[tuple[int, int]],
-        order: list[int],
-        first: int,
-        outs: list[torch.Tensor],
-        buffers: list[torch.Tensor],
-        events: list[torch.cuda.Event],
-        placed: ByteProgress,
-    ) -> int:
-        """Copy a read chunk into every tensor it overlaps; returns the first span (in
-        file order) that later chunks can still overlap."""
-        read, slot, start, size = chunk
-        read.result()
-        stop = start + size
-        for k in range(first, len(order)):
-            i = order[k]
-            offset, n_bytes = spans[i]
-            if offset >= stop:
-                break
-            lo, hi = max(offset, start), min(offset + n_bytes, stop)
-            if lo < hi:
-                src = buffers[slot][lo - start : hi - start]
-                outs[i][lo - offset : hi - offset].copy_(src, non_blocking=True)
-                placed.add(hi - lo)
-        if events:
-            events[slot].record()
-        while first < len(order) and sum(spans[order[first]]) <= stop:
-            first += 1
-        return first
 
 
 def _tokenizer(header: GGUFHeader) -> dict[str, Any]:

@@ -258,14 +258,14 @@ def fuse_projections(weights: list[Weight]) -> tuple[tuple[Weight, ...], list[We
     parts: list[Weight] = []
     start = 0
     while start < len(weights):
-        for stop in range(len(weights), start, -1):
-            run = fuse_rows(weights[start:stop]) if stop - start > 1 else None
-            if run is not None or stop == start + 1:
-                weight, views = run if run is not None else (weights[start], [weights[start]])
-                fused.append(weight)
-                parts.extend(views)
-                start = stop
-                break
+        # The longest run from ``start`` that fuses; a weight alone if none does.
+        stop, run = len(weights), None
+        while stop - start > 1 and (run := fuse_rows(weights[start:stop])) is None:
+            stop -= 1
+        weight, views = run if run is not None else (weights[start], [weights[start]])
+        fused.append(weight)
+        parts.extend(views)
+        start = stop
     if len(fused) == len(weights):
         return (), weights
     return tuple(fused), parts

@@ -195,18 +195,22 @@ class Qwen3NextConfig(Qwen3Config):
     def attention_layers(self) -> int:
         return self.layer_types.count(FULL)
 
-    def recurrent_state_bytes(self, dtype_bytes: int) -> int:
-        """Every linear layer's state at batch 1 (conv in the compute dtype, the
-        delta-rule memory in float32)."""
-        per_layer = state_bytes(
+    @property
+    def state_shape(self) -> tuple[int, int, int, int, int]:
+        """A linear layer's recurrent state as RecurrentState and state_bytes take it:
+        (conv channels, conv kernel, value heads, key head dim, value head dim)."""
+        return (
             self.conv_dim,
             self.linear_conv_kernel_dim,
             self.linear_num_value_heads,
             self.linear_key_head_dim,
             self.linear_value_head_dim,
-            dtype_bytes,
         )
-        return per_layer * self.layer_types.count(LINEAR)
+
+    def recurrent_state_bytes(self, dtype_bytes: int) -> int:
+        """Every linear layer's state at batch 1 (conv in the compute dtype, the
+        delta-rule memory in float32)."""
+        return state_bytes(*self.state_shape, dtype_bytes) * self.layer_types.count(LINEAR)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -599,14 +603,7 @@ class Qwen3Next(DecoderModel):
                 )
             else:
                 blk.mixer.state = RecurrentState(
-                    max_batch,
-                    cfg.conv_dim,
-                    cfg.linear_conv_kernel_dim,
-                    cfg.linear_num_value_heads,
-                    cfg.linear_key_head_dim,
-                    cfg.linear_value_head_dim,
-                    dtype=self.dtype,
-                    device=self.device,
+                    max_batch, *cfg.state_shape, dtype=self.dtype, device=self.device
                 )
         cos, sin = rope_tables(replace(cfg, head_dim=cfg.rotary_dim), max_seq)
         self.cos = cos.to(device=self.device, dtype=self.dtype)

@@ -128,16 +128,7 @@ def twin_layers(model: Qwen3Next, seed: int) -> tuple[GatedDeltaNet, GatedDeltaN
     cfg = model.config
     twin = replace(
         net,
-        state=RecurrentState(
-            conv.shape[0],
-            cfg.conv_dim,
-            cfg.linear_conv_kernel_dim,
-            cfg.linear_num_value_heads,
-            cfg.linear_key_head_dim,
-            cfg.linear_value_head_dim,
-            dtype=conv.dtype,
-            device=conv.device,
-        ),
+        state=RecurrentState(conv.shape[0], *cfg.state_shape, dtype=conv.dtype, device=conv.device),
     )
     assert twin.state is not None
     for mine, theirs in zip(twin.state.tensors, net.state.tensors, strict=True):

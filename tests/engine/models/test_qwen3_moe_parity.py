@@ -167,7 +167,9 @@ def test_grouped_prefill_equals_a_per_token_loop(
     torch.testing.assert_close(moe(x), want, atol=1e-5, rtol=1e-5)
 
 
-def test_expert_linear_skips_unchosen_experts_and_checks_shapes() -> None:
+def test_expert_linear_skips_unchosen_experts_and_checks_shapes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """An expert with no rows is never expanded; counts that do not add up to x's rows
     are refused rather than read past."""
     from helexa.engine.quant import ops
@@ -182,11 +184,8 @@ def test_expert_linear_skips_unchosen_experts_and_checks_shapes() -> None:
 
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
     counts = [0, 0, 3, 0, 2, 0, 0, 0]
-    try:
-        ops.dequantize_experts = spy  # type: ignore[assignment]
-        got = ops.expert_linear(x, moe.gate_proj, counts)
-    finally:
-        ops.dequantize_experts = real  # type: ignore[assignment]
+    monkeypatch.setattr(ops, "dequantize_experts", spy)
+    got = ops.expert_linear(x, moe.gate_proj, counts)
     assert seen == [(2, 5)]
     dense = moe.gate_proj.dequantize()
     torch.testing.assert_close(got[:3], x[:3] @ dense[2].T, atol=1e-5, rtol=1e-5)
