@@ -17,6 +17,7 @@ q/k norms, RoPE, cache writes, attention, SiLU·mul). These kernels make it ~10:
 - :func:`qk_norm_rope_cache`: Qwen3's per-head q/k RMSNorm, RoPE at the step's position,
   and the k/v writes into the cache, for every head in one launch.
 - :func:`silu_mul`: SwiGLU's ``silu(gate) * up`` over the fused gate/up matvec's output.
+- :func:`route`: a MoE router (logits, softmax, top-k, renormalisation) in one launch.
 
 Arithmetic is float32 inside and rounded once on the way out; the torch step in
 cuda_graph.py is the reference they are tested against.
@@ -343,13 +344,14 @@ def qk_norm_rope_cache(
 
 @triton.jit
 def _silu_mul_kernel(
-    GateUp, Out, Q, D, S, width, stride_in, QUANT: tl.constexpr, BLOCK: tl.constexpr
-):
+    Gate, Up, Out, Q, D, S, width, stride_gate, stride_up,
+    QUANT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < width
-    gate = tl.load(GateUp + row * stride_in + cols, mask=inside, other=0.0)
-    up = tl.load(GateUp + row * stride_in + width + cols, mask=inside, other=0.0)
+    gate = tl.load(Gate + row * stride_gate + cols, mask=inside, other=0.0)
+    up = tl.load(Up + row * stride_up + cols, mask=inside, other=0.0)
     g = gate.to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # rounded as torch's F.silu output
     h = (silu * up).to(gate.dtype)
@@ -361,16 +363,160 @@ def _silu_mul_kernel(
                         S + row * (width // 16), BLOCK // 32)  # fmt: skip
 
 
-def silu_mul(gate_up: torch.Tensor, quantize: bool = False) -> tuple[torch.Tensor, Int8Rows | None]:
+def silu_mul(
+    gate_up: torch.Tensor, quantize: bool = False, up: torch.Tensor | None = None
+) -> tuple[torch.Tensor, Int8Rows | None]:
     """``silu(gate) * up`` where ``gate_up`` [..., 2F] holds gate then up (one fused
-    matvec's output): [..., F], and with ``quantize`` its int8 activations for down_proj."""
-    width = gate_up.shape[-1] // 2
-    rows = gate_up.numel() // gate_up.shape[-1]
-    flat = gate_up.reshape(rows, 2 * width)
-    out = torch.empty(*gate_up.shape[:-1], width, dtype=gate_up.dtype, device=gate_up.device)
-    quant = quantized_rows(rows, width, gate_up.device) if quantize else None
+    matvec's output), or with ``up`` [..., F] is the gate alone (gate and up of different
+    block types, two matvecs): [..., F], and with ``quantize`` its int8 activations for
+    down_proj. Rows may be strided; each row's elements must be contiguous."""
+    if up is None:
+        width = gate_up.shape[-1] // 2
+        gate, up = gate_up[..., :width], gate_up[..., width:]
+    else:
+        gate, width = gate_up, gate_up.shape[-1]
+        if up.shape != gate.shape:
+            raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)}")
+    rows = gate.numel() // width
+    g2, u2 = gate.reshape(rows, width), up.reshape(rows, width)  # views where the rows allow
+    if g2.stride(-1) != 1 or u2.stride(-1) != 1:
+        raise ValueError("silu_mul: gate and up rows must be contiguous")
+    out = torch.empty(*gate.shape[:-1], width, dtype=gate.dtype, device=gate.device)
+    quant = quantized_rows(rows, width, gate.device) if quantize else None
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(width, block))](
-        flat, out, *(quant or (out, out, out)), width, flat.stride(0), QUANT=quantize, BLOCK=block
-    )
+        g2, u2, out, *(quant or (out, out, out)), width, g2.stride(0), u2.stride(0),
+        QUANT=quantize, BLOCK=block,
+    )  # fmt: skip
     return out, quant
+
+
+@triton.jit
+def _route_kernel(
+    X,  # [T, H]
+    Router,  # [E, H]
+    Logits,  # [T, E] float32 scratch
+    Tickets,  # [>= T] int32, all 0 between launches: token t's programs done so far
+    Weights,  # [T, TOP_K] in X's dtype
+    Experts,  # [T, TOP_K] int32
+    H,
+    stride_x,
+    stride_r,
+    E: tl.constexpr,
+    E_TILE: tl.constexpr,  # E rounded up to a power of two
+    TOP_K: tl.constexpr,
+    K_TILE: tl.constexpr,  # TOP_K rounded up to a power of two
+    NORM: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCKS: tl.constexpr,  # programs per token: cdiv(E, BLOCK_E)
+):
+    t = tl.program_id(0)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    live = e < E
+    acc = tl.zeros([BLOCK_E, BLOCK_H], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        inside = cols < H
+        x = tl.load(X + t * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(
+            Router + e[:, None] * stride_r + cols[None, :],
+            mask=live[:, None] & inside[None, :],
+            other=0.0,
+        )
+        acc += w.to(tl.float32) * x[None, :]
+    logits = tl.sum(acc, 1).to(X.dtype.element_ty).to(tl.float32)  # rounded as F.linear's
+    tl.store(Logits + t * E + e, logits, mask=live)
+    # The last of the token's programs to finish routes it: every thread's logits stored
+    # before one thread's release of the ticket, read after its acquire (CUTLASS's
+    # split-K semaphore: barrier, then a gpu-scope release), and past L1 (.cg).
+    tl.debug_barrier()
+    if tl.atomic_add(Tickets + t, 1, sem="acq_rel", scope="gpu") == BLOCKS - 1:
+        every = tl.arange(0, E_TILE)
+        all_logits = tl.load(
+            Logits + t * E + every, mask=every < E, other=float("-inf"), cache_modifier=".cg"
+        )
+        p = tl.exp(all_logits - tl.max(all_logits, 0))
+        p = p / tl.sum(p, 0)  # softmax in float32; padding is 0
+        # One max per pick over (probability bits, E_TILE - 1 - id): a probability is >= 0,
+        # so its bits order as it does, and equal ones give the lower id.
+        key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (E_TILE - 1 - every)
+        slot = tl.arange(0, K_TILE)
+        top = tl.zeros([K_TILE], dtype=tl.float32)
+        ids = tl.zeros([K_TILE], dtype=tl.int32)
+        for j in tl.static_range(TOP_K):  # largest first, as torch.topk sorts them
+            best = tl.max(key, 0)
+            prob = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            top = tl.where(slot == j, prob, top)
+            ids = tl.where(slot == j, E_TILE - 1 - (best & 0xFFFFFFFF).to(tl.int32), ids)
+            key = tl.where(key == best, -1, key)  # taken
+        if NORM:
+            top = top / tl.sum(top, 0)
+        keep = slot < TOP_K
+        tl.store(Weights + t * TOP_K + slot, top.to(Weights.dtype.element_ty), mask=keep)
+        tl.store(Experts + t * TOP_K + slot, ids, mask=keep)
+        tl.store(Tickets + t, 0)  # for the next launch (each launch is stream-ordered)
+
+
+# Router rows per routing program: 4 rows of a 2048-wide bf16 router are 16 KB, so a
+# 128-expert router is read by 32 programs per token, not by one SM.
+ROUTE_EXPERTS = 4
+ROUTE_COLUMNS = 512
+# Per device, the routing kernels' tickets (one int32 per token, zero between launches),
+# grown as batches grow. Outgrown ones are kept: a captured graph may still replay them.
+_tickets: dict[torch.device, torch.Tensor] = {}
+_outgrown: list[torch.Tensor] = []
+
+
+def _route_tickets(device: torch.device, tokens: int) -> torch.Tensor:
+    """Zeroed int32 tickets for ``tokens`` tokens on ``device``, shared by every MoE layer
+    there: the step's launches on a device run one after another (one worker thread per
+    device, one stream at a time), and each launch leaves them zero again."""
+    tickets = _tickets.get(device)
+    if tickets is None or tickets.numel() < tokens:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"route: {tokens} tokens need new tickets during CUDA graph capture; run "
+                "the step once eagerly first (as GraphDecoder's warm-up does)"
+            )
+        if tickets is not None:
+            _outgrown.append(tickets)
+        tickets = torch.zeros(max(tokens, 64), dtype=torch.int32, device=device)
+        _tickets[device] = tickets
+    return tickets
+
+
+def route(
+    x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk_prob: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """qwen3_moe.SparseMoE.route (transformers' Qwen3MoeSparseMoeBlock router) in one
+    launch: for x [T, H] and the dense router [E, H], (weights [T, top_k] in x's dtype,
+    experts [T, top_k] int32), largest first. Logits are rounded to x's dtype as the
+    router's linear would, softmax and the optional renormalisation are float32, and the
+    weights are cast back as transformers casts them. Ties pick the lower expert id
+    (torch.topk leaves their order unspecified). No host sync: graph-capturable, once an
+    eager call has made the tickets for this many tokens."""
+    tokens, hidden = x.shape
+    experts = router.shape[0]
+    if router.shape != (experts, hidden) or router.dtype != x.dtype:
+        raise ValueError(
+            f"route: router {router.dtype} {tuple(router.shape)} for x {x.dtype} {tuple(x.shape)}"
+        )
+    if not 0 < top_k <= experts:
+        raise ValueError(f"route: top_k {top_k} must be in 1..{experts}")
+    x, router = x.contiguous(), router.contiguous()
+    weights = torch.empty(tokens, top_k, dtype=x.dtype, device=x.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=x.device)
+    if tokens == 0:
+        return weights, ids
+    logits = torch.empty(tokens, experts, dtype=torch.float32, device=x.device)
+    blocks = triton.cdiv(experts, ROUTE_EXPERTS)
+    _route_kernel[(tokens, blocks)](
+        x, router, logits, _route_tickets(x.device, tokens), weights, ids,
+        hidden, x.stride(0), router.stride(0),
+        E=experts, E_TILE=triton.next_power_of_2(experts), TOP_K=top_k,
+        K_TILE=triton.next_power_of_2(top_k), NORM=norm_topk_prob, BLOCK_E=ROUTE_EXPERTS,
+        BLOCK_H=min(ROUTE_COLUMNS, triton.next_power_of_2(hidden)), BLOCKS=blocks,
+        num_warps=4,
+    )  # fmt: skip
+    return weights, ids
