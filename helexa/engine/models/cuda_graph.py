@@ -38,7 +38,6 @@ from helexa.engine.models.qwen3 import (
     apply_rope,
     split_outputs,
 )
-from helexa.engine.models.qwen3_moe import SparseMoE
 from helexa.engine.quant.ops import Int8Rows, embedding, linear, linears, triton_cache_dir
 from helexa.engine.quant.tensor import INT8_DTYPES
 
@@ -188,11 +187,12 @@ def mlp_step(
     mlp: FeedForward, x: torch.Tensor, quantized: Int8Rows | None, kernels: ModuleType | None
 ) -> torch.Tensor:
     """A dense MLP with fused gate/up: one matvec, SiLU·mul in one launch (which also
-    quantizes down_proj's input), then down; a MoE decodes its own way with the kernels
-    and the norm's int8 activations; any other feed-forward (unfused) its own way."""
-    if isinstance(mlp, SparseMoE):
+    quantizes down_proj's input), then down; an unfused one its reference way; any other
+    feed-forward (a MoE, with or without a shared expert) decodes its own way with the
+    kernels and the norm's int8 activations."""
+    if not isinstance(mlp, MLP):
         return mlp.decode(x, quantized, kernels)
-    if not isinstance(mlp, MLP) or not mlp.fused:
+    if not mlp.fused:
         return mlp.decode(x)
     gate_up = linear(x, mlp.fused[0], quantized=quantized)  # [B, 1, 2F]: gate then up
     if kernels is not None:

@@ -384,9 +384,17 @@ class SharedExpertMoE:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.experts(x) + torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self,
+        x: torch.Tensor,
+        quantized: Int8Rows | None = None,
+        kernels: ModuleType | None = None,
+    ) -> torch.Tensor:
+        """Both halves take the decode step's kernels and x's int8 activations: the routed
+        experts' fused path and the shared expert's fused gate/up (cuda_graph.mlp_step)."""
         gate = torch.sigmoid(linear(x, self.shared_gate))
-        return self.experts.decode(x) + gate * self.shared.decode(x)
+        shared = mlp_step(self.shared, x, quantized, kernels)
+        return self.experts.decode(x, quantized, kernels) + gate * shared
 
 
 @dataclass
