@@ -32,7 +32,7 @@ from helexa.engine.models.qwen3 import (
 )
 from helexa.engine.quant import ops
 from helexa.engine.quant.ops import expert_linear, grouped_linear, has_kernel, linear
-from helexa.engine.quant.tensor import INT8_DTYPES, Int8Rows
+from helexa.engine.quant.tensor import Int8Rows, int8_activations
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 # HF config.json says qwen3_moe; llama.cpp's GGUF architecture is qwen3moe.
@@ -183,7 +183,7 @@ class SparseMoE:
         k = self.top_k
         weights, experts = kernels.route(flat, self.router, k, self.norm_topk_prob)  # (tokens, k)
         index = experts.view(-1)  # (tokens * k,): token t's experts are pair rows t*k..t*k+k-1
-        int8 = x.dtype in INT8_DTYPES
+        int8 = int8_activations(x, self.down_proj.shape[-1])
         if self.fused:
             gate_up = matvecs.grouped_matvec(
                 flat, self.fused[0], index, quantized=quantized, share=k

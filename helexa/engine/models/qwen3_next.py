@@ -41,7 +41,6 @@ from helexa.engine.checkpoint.types import Checkpoint, Weight
 from helexa.engine.models.cuda_graph import (
     Reduce,
     add_norm,
-    int8_activations,
     masked_attention,
     mlp_step,
     triton_module,
@@ -65,7 +64,7 @@ from helexa.engine.models.qwen3 import (
 from helexa.engine.models.qwen3_moe import SparseMoE, load_sparse_moe
 from helexa.engine.models.recurrent_state import HybridSnapshots, RecurrentState, state_bytes
 from helexa.engine.quant.ops import embedding, linear, linears
-from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor
+from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor, int8_activations
 
 LINEAR, FULL = "linear_attention", "full_attention"
 # Tokens per chunk of the chunked delta rule (transformers' and fla's default).
