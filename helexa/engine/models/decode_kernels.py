@@ -392,6 +392,66 @@ def silu_mul(
 
 
 @triton.jit
+def _shared_expert_add_kernel(
+    X,  # [T, H]: the sparse block's input
+    Gate,  # [H]: shared_expert_gate's one row
+    Routed,  # [T, N]: the routed experts' weighted sum
+    Shared,  # [T, N]: the shared expert's output
+    Out,  # [T, N]
+    H,
+    N,
+    stride_x,
+    stride_r,
+    stride_s,
+    BLOCK_H: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row, pid = tl.program_id(0), tl.program_id(1)
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for start in range(0, H, BLOCK_H):
+        cols = start + tl.arange(0, BLOCK_H)
+        mask = cols < H
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        acc += x * tl.load(Gate + cols, mask=mask, other=0.0).to(tl.float32)
+    dtype = Out.dtype.element_ty
+    logit = tl.sum(acc, axis=0).to(dtype).to(tl.float32)  # rounded as the gate's linear
+    gate = (1.0 / (1.0 + tl.exp(-logit))).to(dtype).to(tl.float32)  # and its sigmoid
+    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    routed = tl.load(Routed + row * stride_r + cols, mask=mask).to(tl.float32)
+    shared = tl.load(Shared + row * stride_s + cols, mask=mask).to(tl.float32)
+    tl.store(Out + row * N + cols, (routed + gate * shared).to(dtype), mask=mask)
+
+
+def shared_expert_add(
+    routed: torch.Tensor, shared: torch.Tensor, x: torch.Tensor, gate: torch.Tensor
+) -> torch.Tensor:
+    """``routed + sigmoid(x @ gate.T) * shared`` (qwen3_next.SharedExpertMoE's sum) in one
+    launch instead of five (the gate's dot and its reduction, sigmoid, mul, add): for
+    ``x`` [..., H], ``gate`` (1, H) and ``routed``/``shared`` [..., N], [..., N] in their
+    dtype. The gate's logit and sigmoid are rounded to that dtype as the torch ops round
+    them; the sum is taken in float32 and rounded once (the reference rounds the product
+    first)."""
+    hidden, width = x.shape[-1], routed.shape[-1]
+    if gate.shape != (1, hidden) or shared.shape != routed.shape:
+        raise ValueError(
+            f"shared_expert_add: gate {tuple(gate.shape)}, routed {tuple(routed.shape)}, "
+            f"shared {tuple(shared.shape)} for x {tuple(x.shape)}"
+        )
+    rows = routed.numel() // width
+    x2, r2, s2 = (t.reshape(rows, t.shape[-1]) for t in (x, routed, shared))
+    if any(t.stride(-1) != 1 for t in (x2, r2, s2)) or not gate.is_contiguous():
+        raise ValueError("shared_expert_add: rows must be contiguous")
+    out = torch.empty(*routed.shape, dtype=routed.dtype, device=routed.device)
+    block = 1024
+    _shared_expert_add_kernel[(rows, triton.cdiv(width, block))](
+        x2, gate, r2, s2, out, hidden, width, x2.stride(0), r2.stride(0), s2.stride(0),
+        BLOCK_H=min(1024, triton.next_power_of_2(hidden)), BLOCK=block,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
 def _route_kernel(
     X,  # [T, H]
     Router,  # [E, H]

@@ -390,10 +390,13 @@ class SharedExpertMoE:
         kernels: ModuleType | None = None,
     ) -> torch.Tensor:
         """Both halves take the decode step's kernels and x's int8 activations: the routed
-        experts' fused path and the shared expert's fused gate/up (cuda_graph.mlp_step)."""
-        gate = torch.sigmoid(linear(x, self.shared_gate))
+        experts' fused path and the shared expert's fused gate/up (cuda_graph.mlp_step);
+        the kernels' gated sum is one launch."""
+        routed = self.experts.decode(x, quantized, kernels)
         shared = mlp_step(self.shared, x, quantized, kernels)
-        return self.experts.decode(x, quantized, kernels) + gate * shared
+        if kernels is not None:
+            return kernels.shared_expert_add(routed, shared, x, self.shared_gate)
+        return routed + torch.sigmoid(linear(x, self.shared_gate)) * shared
 
 
 @dataclass

@@ -129,6 +129,29 @@ def test_route_kernel_is_sparse_moe_route(
         torch.testing.assert_close(got_w.float().sum(-1), torch.ones(tokens, device=DEVICE), atol=1e-2, rtol=0)  # fmt: skip
 
 
+@pytest.mark.parametrize(("tokens", "hidden"), [(1, 2048), (3, 96)], ids=["80b-a3b", "odd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@needs_kernels
+def test_shared_expert_add_is_the_gated_sum(tokens: int, hidden: int, dtype: torch.dtype) -> None:
+    """Qwen3-Next's routed + sigmoid(x @ gate) * shared in one launch, against the torch
+    ops (which round the product before the sum: the kernel rounds once); a gate of the
+    wrong width is named."""
+    from helexa.engine.models.decode_kernels import shared_expert_add
+
+    gen = torch.Generator().manual_seed(hidden)
+    x, routed, shared = (
+        torch.randn(tokens, 1, hidden, generator=gen).to(DEVICE, dtype) for _ in range(3)
+    )
+    gate = (torch.randn(1, hidden, generator=gen) / hidden**0.5).to(DEVICE, dtype)
+    want = routed + torch.sigmoid(x @ gate.T) * shared
+    got = shared_expert_add(routed, shared, x, gate)
+    assert got.dtype == dtype and got.shape == routed.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="shared_expert_add: gate"):
+        shared_expert_add(routed, shared, x, gate[:, :-1].contiguous())
+
+
 @needs_kernels
 def test_route_kernel_breaks_ties_to_the_lower_expert() -> None:
     """Equal probabilities (duplicated router rows) come out lower id first; the routing
