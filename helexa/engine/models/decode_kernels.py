@@ -111,15 +111,29 @@ def _split_kernel(
 
 
 @triton.jit
-def _merge_kernel(Part, Lse, Out, D: tl.constexpr, SPLITS: tl.constexpr):
+def _merge_kernel(
+    Part, Lse, Out, Gate, Q, Dq, S, stride_gate, heads,
+    D: tl.constexpr, SPLITS: tl.constexpr, GATED: tl.constexpr, QUANT: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0)  # one (sequence, query head)
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, D)
     lse = tl.load(Lse + row * SPLITS + s)
     weight = tl.exp(lse - tl.max(lse, 0))  # an empty slice weighs 0
     part = tl.load(Part + (row * SPLITS + s[:, None]) * D + d[None, :])
-    out = tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)
-    tl.store(Out + row * D + d, out.to(Out.dtype.element_ty))
+    dtype = Out.dtype.element_ty
+    out = (tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)).to(dtype)
+    if GATED:  # y * sigmoid(gate), each rounded as the torch ops round them
+        b, h = row // heads, row % heads
+        g = tl.load(Gate + b * stride_gate + h * 2 * D + D + d).to(tl.float32)
+        sig = (1.0 / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        out = (out.to(tl.float32) * sig).to(dtype)
+    tl.store(Out + row * D + d, out)
+    if QUANT:  # o_proj's int8 activations: a head is D // 32 whole blocks of its row
+        blocks = tl.arange(0, D // 32)[:, None]
+        oq = tl.reshape(out.to(tl.float32), [D // 32, 32])
+        store_quantized(oq, blocks, blocks < D // 32, Q + row * D, Dq + row * (D // 32),
+                        S + row * (D // 16), D // 32)  # fmt: skip
 
 
 def splits_for(programs: int, max_seq: int, sms: int) -> int:
@@ -130,13 +144,11 @@ def splits_for(programs: int, max_seq: int, sms: int) -> int:
     return min(triton.next_power_of_2(want), triton.next_power_of_2(cap))
 
 
-def split_k_attention(
+def _split(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor
-) -> torch.Tensor:
-    """Attention of one query per head over the first ``length`` keys of a cache.
-
-    q [B, Hq, 1, D]; k, v [B, Hkv, S, D] (views of the cache, last dim contiguous);
-    ``length`` [1] int64 on the device. Returns [B, Hq, 1, D] in q's dtype."""
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The split-K pass: each (sequence, KV head, slice of keys) program's partial output
+    and log-sum-exp, and the number of slices."""
     batch, heads, _, dim = q.shape
     kv_heads, max_seq = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -146,33 +158,58 @@ def split_k_attention(
     part = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     _split_kernel[(batch * kv_heads, splits)](
-        q3,
-        k,
-        v,
-        length,
-        part,
-        lse,
-        q3.stride(0),
-        q3.stride(1),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        kv_heads,
-        dim**-0.5,
-        GROUP=group,
-        GROUP_TILE=max(MIN_GROUP_TILE, triton.next_power_of_2(group)),
-        D=dim,
-        BLOCK=BLOCK_N,
-        SPLITS=splits,
+        q3, k, v, length, part, lse,
+        q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), kv_heads, dim**-0.5,
+        GROUP=group, GROUP_TILE=max(MIN_GROUP_TILE, triton.next_power_of_2(group)), D=dim,
+        BLOCK=BLOCK_N, SPLITS=splits,
         # float32 caches (tests, CPU-exact models) get float32 products, not TF32's 10 bits
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
+    )  # fmt: skip
+    return part, lse, splits
+
+
+def split_k_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one query per head over the first ``length`` keys of a cache.
+
+    q [B, Hq, 1, D]; k, v [B, Hkv, S, D] (views of the cache, last dim contiguous);
+    ``length`` [1] int64 on the device. Returns [B, Hq, 1, D] in q's dtype."""
+    batch, heads, _, dim = q.shape
+    part, lse, splits = _split(q, k, v, length)
     out = torch.empty(batch, heads, 1, dim, dtype=q.dtype, device=q.device)
-    _merge_kernel[(batch * heads,)](part, lse, out, D=dim, SPLITS=splits)
+    _merge_kernel[(batch * heads,)](
+        part, lse, out, out, out, out, out, 0, heads,
+        D=dim, SPLITS=splits, GATED=False, QUANT=False,
+    )  # fmt: skip
     return out
+
+
+def gated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    length: torch.Tensor,
+    q_gate: torch.Tensor,
+    quantize: bool = False,
+) -> tuple[torch.Tensor, Int8Rows | None]:
+    """:func:`split_k_attention` times sigmoid(gate), the hybrid models' gated attention:
+    ``q_gate`` is the [B, 1, Hq * 2D] projection q came from, each head's gate after its
+    q (any row stride). Returns y [B, 1, Hq * D] and, with ``quantize``, its int8
+    activations for o_proj, both written by the merge."""
+    batch, heads, _, dim = q.shape
+    gate = q_gate.reshape(batch, -1)
+    if gate.shape[-1] != 2 * heads * dim or gate.stride(-1) != 1:
+        raise ValueError(f"gated_attention: q_gate {tuple(q_gate.shape)} for q {tuple(q.shape)}")
+    part, lse, splits = _split(q, k, v, length)
+    out = torch.empty(batch, 1, heads * dim, dtype=q.dtype, device=q.device)
+    quant = quantized_rows(batch, heads * dim, q.device) if quantize else None
+    _merge_kernel[(batch * heads,)](
+        part, lse, out, gate, *(quant or (out, out, out)), gate.stride(0), heads,
+        D=dim, SPLITS=splits, GATED=True, QUANT=quantize,
+    )  # fmt: skip
+    return out, quant
 
 
 @triton.jit
@@ -240,18 +277,19 @@ def add_rms_norm(
 
 @triton.jit
 def _qk_norm_rope_cache_kernel(
-    Q,  # [B, Hq*D] rows (views of the projections' output: row strides below)
+    Q,  # [B, Hq * stride_qh] rows (views of the projections' output: row strides below)
     K,  # [B, Hkv*D]
     V,  # [B, Hkv*D]
     QNorm,  # [D]
     KNorm,  # [D]
-    Cos,  # [max_seq, D]
+    Cos,  # [max_seq, ROT]
     Sin,
     Pos,  # [1] int64
     QOut,  # [B, Hq, D]
     KCache,  # [B_max, Hkv, S, D]
     VCache,
     stride_q,
+    stride_qh,  # D, or 2 * D where each q head is followed by its output gate
     stride_k,
     stride_v,
     stride_cb,
@@ -260,40 +298,44 @@ def _qk_norm_rope_cache_kernel(
     q_heads,
     eps,
     D: tl.constexpr,
+    ROT: tl.constexpr,  # the leading channels RoPE rotates (NEOX halves); the rest pass
+    SCALE_FP32: tl.constexpr,  # the zero-centred norm: scale by float32 1 + w, then round
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)  # q heads, then k heads (each with its v head)
-    half = tl.arange(0, D // 2)
+    d = tl.arange(0, D)
+    rotated = d < ROT
+    partner = tl.where(d < ROT // 2, d + ROT // 2, d - ROT // 2)  # rotate_half's source
+    partner = tl.where(rotated, partner, d)
     pos = tl.load(Pos)
-    cos = tl.load(Cos + pos * D + half).to(tl.float32)  # NEOX: both halves share cos/sin
-    sin = tl.load(Sin + pos * D + half).to(tl.float32)
+    cos = tl.load(Cos + pos * ROT + d, mask=rotated, other=1.0).to(tl.float32)
+    sin = tl.load(Sin + pos * ROT + d, mask=rotated, other=0.0).to(tl.float32)
+    sin = tl.where(d < ROT // 2, -sin, sin)
     if head < q_heads:
-        src = Q + b * stride_q + head * D
+        src = Q + b * stride_q + head * stride_qh
         norm = QNorm
     else:
         src = K + b * stride_k + (head - q_heads) * D
         norm = KNorm
-    x1 = tl.load(src + half)
-    x2 = tl.load(src + D // 2 + half)
-    a = x1.to(tl.float32)
-    c = x2.to(tl.float32)
-    rstd = 1.0 / tl.sqrt((tl.sum(a * a, 0) + tl.sum(c * c, 0)) / D + eps)
-    n1 = (a * rstd).to(x1.dtype).to(tl.float32) * tl.load(norm + half).to(tl.float32)
-    n2 = (c * rstd).to(x1.dtype).to(tl.float32) * tl.load(norm + D // 2 + half).to(tl.float32)
-    r1 = (n1 * cos - n2 * sin).to(x1.dtype)
-    r2 = (n2 * cos + n1 * sin).to(x1.dtype)
+    x = tl.load(src + d)
+    a = x.to(tl.float32)
+    c = tl.load(src + partner).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(a * a, 0) / D + eps)
+    w, wp = tl.load(norm + d).to(tl.float32), tl.load(norm + partner).to(tl.float32)
+    if SCALE_FP32:
+        n = (a * rstd * w).to(x.dtype).to(tl.float32)
+        np_ = (c * rstd * wp).to(x.dtype).to(tl.float32)
+    else:
+        n = (a * rstd).to(x.dtype).to(tl.float32) * w
+        np_ = (c * rstd).to(x.dtype).to(tl.float32) * wp
+    r = tl.where(rotated, n * cos + np_ * sin, n).to(x.dtype)
     if head < q_heads:
-        dst = QOut + (b * q_heads + head) * D
-        tl.store(dst + half, r1)
-        tl.store(dst + D // 2 + half, r2)
+        tl.store(QOut + (b * q_heads + head) * D + d, r)
     else:
         kv = head - q_heads
         at = b * stride_cb + kv * stride_ch + pos * stride_cs
-        tl.store(KCache + at + half, r1)
-        tl.store(KCache + at + D // 2 + half, r2)
-        v = V + b * stride_v + kv * D
-        tl.store(VCache + at + half, tl.load(v + half))
-        tl.store(VCache + at + D // 2 + half, tl.load(v + D // 2 + half))
+        tl.store(KCache + at + d, r)
+        tl.store(VCache + at + d, tl.load(V + b * stride_v + kv * D + d))
 
 
 def qk_norm_rope_cache(
@@ -308,37 +350,29 @@ def qk_norm_rope_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     eps: float,
+    gated: bool = False,
 ) -> torch.Tensor:
     """The attention's inputs for one decode step: q, k, v [B, 1, H*D] (the projections'
     output, any row stride) -> q normed and rotated [B, Hq, 1, D]; k normed and rotated,
     and v, written into the caches [B_max, Hkv, S, D] at ``pos`` [1] (a device tensor).
-    ``cos``/``sin`` are the model's whole [max_seq, D] tables."""
+    ``cos``/``sin`` are the model's whole [max_seq, R] tables: RoPE turns the first R
+    channels of a head (all of them for Qwen3, a quarter for the hybrid models' partial
+    RoPE). ``gated``: q is [B, 1, Hq * 2D], each head followed by its output gate (the
+    hybrid models' gated attention). A float32 norm weight beside half-precision q is
+    the zero-centred norm's 1 + w, which scales before rounding (as add_rms_norm)."""
     batch, dim = q.shape[0], q_norm.shape[0]
-    q_heads, kv_heads = q.shape[-1] // dim, k.shape[-1] // dim
+    q_heads, kv_heads = q.shape[-1] // (2 * dim if gated else dim), k.shape[-1] // dim
     q2, k2, v2 = (t.reshape(batch, t.shape[-1]) for t in (q, k, v))
+    if q2.stride(-1) != 1 or k2.stride(-1) != 1 or v2.stride(-1) != 1:
+        raise ValueError("qk_norm_rope_cache: q, k and v rows must be contiguous")
     out = torch.empty(batch, q_heads, 1, dim, dtype=q.dtype, device=q.device)
     _qk_norm_rope_cache_kernel[(batch, q_heads + kv_heads)](
-        q2,
-        k2,
-        v2,
-        q_norm,
-        k_norm,
-        cos,
-        sin,
-        pos,
-        out,
-        k_cache,
-        v_cache,
-        q2.stride(0),
-        k2.stride(0),
-        v2.stride(0),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        q_heads,
-        eps,
-        D=dim,
-    )
+        q2, k2, v2, q_norm, k_norm, cos, sin, pos, out, k_cache, v_cache,
+        q2.stride(0), 2 * dim if gated else dim, k2.stride(0), v2.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q_heads, eps,
+        D=dim, ROT=cos.shape[-1],
+        SCALE_FP32=q_norm.dtype == torch.float32 and q.dtype != torch.float32,
+    )  # fmt: skip
     return out
 
 
