@@ -31,7 +31,13 @@ from helexa.engine.models.qwen3 import (
     fuse_projections,
 )
 from helexa.engine.quant import ops
-from helexa.engine.quant.ops import expert_linear, grouped_linear, has_kernel, linear
+from helexa.engine.quant.ops import (
+    expert_linear,
+    expert_swiglu,
+    grouped_linear,
+    has_kernel,
+    linear,
+)
 from helexa.engine.quant.tensor import Int8Rows, int8_activations
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
@@ -203,17 +209,19 @@ class SparseMoE:
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     ) -> torch.Tensor:
         """Sort the (token, expert) pairs by expert, run each projection over all of them
-        as one grouped GEMM (quant.ops.expert_linear: each expert expanded once, however
-        many tokens chose it), and scatter-add the weighted results back. Reading the
-        per-expert counts is a host sync: fine for prefill, which is never captured."""
+        as one grouped GEMM (quant.ops.expert_swiglu / expert_linear: on CUDA one launch
+        reading the quantized blocks, gate and up fused with SiLU·mul where they are one
+        stack; else each expert expanded once, however many tokens chose it), and
+        scatter-add the weighted results back. Reading the per-expert counts is a host
+        sync: fine for prefill, which is never captured."""
         k = experts.shape[1]
         flat = experts.reshape(-1)  # (pairs,)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # (n_experts,)
         token = order // k
         rows = x.index_select(0, token)  # (pairs, hidden), sorted by expert
-        h = F.silu(expert_linear(rows, self.gate_proj, counts))  # (pairs, moe_ffn)
-        h *= expert_linear(rows, self.up_proj, counts)
+        fused = self.fused[0] if self.fused else None
+        h = expert_swiglu(rows, self.gate_proj, self.up_proj, counts, fused)  # (pairs, moe_ffn)
         out = expert_linear(h, self.down_proj, counts)  # (pairs, hidden)
         out *= weights.reshape(-1).index_select(0, order)[:, None]
         return torch.zeros_like(x).index_add_(0, token, out)
