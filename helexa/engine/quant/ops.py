@@ -6,7 +6,8 @@ is expanded by the torch reference (helexa.engine.quant.reference) a slice of ro
 time and never kept dense, so a quantized model costs about its file size in memory. The
 kernels are imported on first use, so this module imports on machines without Triton: a
 failed import means "use torch". The model code calls these, so the kernels slot in
-without changing callers.
+without changing callers. A MoE prefill's expert stacks go to one grouped GEMM launch
+that reads their blocks in place (helexa.engine.quant.expert_gemm, see expert_linear).
 
 Triton compiles each kernel variant on its first launch and the matvec autotunes per
 shape: seconds per model that a restart would pay again. Both are kept on disk, under
