@@ -3,14 +3,15 @@ llama.cpp's mmq).
 
 Rows of x (R, K) arrive sorted by expert, ``counts[e]`` of them for expert ``e`` of an
 (E, N, K) stack. Expanding every expert to bf16 first (quant.ops.dequantize_experts)
-writes and re-reads ~3.5x the stack's bytes per projection whatever the prompt; at 512
-tokens an expert of a Qwen3-30B-A3B gets ~32 rows, so that traffic, not the arithmetic,
-is the prefill. Here one launch covers all experts: a tile map (:func:`expert_tiles`, as
-vLLM's moe_align_block_size, but the rows are already contiguous per expert) names the
-expert and rows of each M-tile, experts with no rows have no tiles, and each program
-decodes its BLOCK_N weight rows one unit (a k-quant super-block, or up to 8 Q8_0 blocks)
-at a time in registers with quant.triton_kernels' decoders, and feeds them to ``tl.dot``
-in x's dtype with float32 accumulation; nothing dequantized reaches memory.
+writes and re-reads 2 bytes a weight (a Q4_K block holds 0.56) per projection whatever
+the prompt; at 512 tokens an expert of a Qwen3-30B-A3B gets ~32 rows, so that traffic,
+not the arithmetic, is the prefill. Here one launch covers all experts: a tile map
+(:func:`expert_tiles`, as vLLM's moe_align_block_size, but the rows are already
+contiguous per expert) names the expert and rows of each M-tile, experts with no rows
+have no tiles, and each program decodes its BLOCK_N weight rows one unit (a k-quant
+super-block, or up to 4 Q8_0 blocks) at a time in registers with quant.triton_kernels'
+decoders, and feeds them to ``tl.dot`` in x's dtype with float32 accumulation; nothing
+dequantized reaches memory.
 
 The decoders' tiles follow the byte layout, not the element order; a dot's sum does not
 care about the order along K, so each tile meets the activations at the element offsets
@@ -28,7 +29,6 @@ import triton.language as tl
 from helexa.engine.quant.formats import Q
 from helexa.engine.quant.tensor import QuantizedTensor
 from helexa.engine.quant.triton_kernels import (
-    SUPPORTED,
     _check,
     _k_quant,
     _q8_0,
@@ -243,14 +243,3 @@ def expert_gemm(
         GLU=glu, PRECISION="ieee" if x.dtype == torch.float32 else None, **cfg,
     )  # fmt: skip
     return y
-
-
-__all__ = [
-    "CONFIGS",
-    "DTYPES",
-    "SUPPORTED",
-    "config_for",
-    "expert_gemm",
-    "expert_tiles",
-    "gemm_unit",
-]
