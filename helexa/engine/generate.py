@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from helexa.engine.boot import Phases
 from helexa.engine.checkpoint.types import Progress
 from helexa.engine.grammar import Constraint, Grammar, GrammarError, grammar_tokenizer
 from helexa.engine.prefix_cache import PrefixCache
@@ -158,6 +159,7 @@ class LoadedModel:
         progress: Progress | None = None,
         prompt_cache_mb: int | None = None,
         devices: Sequence[str | torch.device] | None = None,
+        phases: Phases | None = None,
     ) -> LoadedModel:
         """Load a GGUF file or HF directory onto ``device`` (bfloat16 on CUDA, float32 on
         CPU unless ``dtype`` says otherwise) with a KV cache of ``context_length`` and
@@ -168,7 +170,11 @@ class LoadedModel:
         across them (helexa.engine.models.layer_split: shares by free memory; the dtype
         and the sampler are the last device's). A split decodes with the eager forward,
         not a CUDA graph. Devices that do not exist, or a split that cannot fit, are
-        refused (a SplitError) before a weight is placed."""
+        refused (a SplitError) before a weight is placed.
+
+        ``phases``, when given, holds the steps a caller timed before this (the local
+        neuron's imports, preflight, the device's context): the log line names them
+        too, so it accounts for the whole load."""
         from helexa.engine.checkpoint.safetensors import is_gguf, load_checkpoint, read_config
         from helexa.engine.models.architectures import model_class
         from helexa.engine.models.kv_cache import HostSnapshots
@@ -177,7 +183,7 @@ class LoadedModel:
         from helexa.engine.models.qwen3_next import decode_step as hybrid_decode_step
 
         path = Path(path)
-        phases = _Phases()
+        phases = Phases() if phases is None else phases
         named = check_devices(devices) if devices else None
         split = named if named is not None and len(named) > 1 else None
         device = named[-1] if named else torch.device(device)
@@ -191,6 +197,7 @@ class LoadedModel:
         ckpt = load_checkpoint(path, where, _share(progress, 0.0, WEIGHTS_SHARE if cuda else 1.0))
         phases.done("weights read")
         tokenizer = Tokenizer.from_checkpoint(ckpt.tokenizer)
+        phases.done("tokenizer")
         architecture = model_class(ckpt.config, ckpt.source)
         model: Any
         if split is not None:
@@ -563,25 +570,6 @@ class _Chunks:
                 "prompt_tokens_details": {"cached_tokens": cached},
             },
         }
-
-
-class _Phases:
-    """Seconds per phase of a load, for the log line that says where a slow load went
-    (reading weights, building the model, the KV cache, the warm-up's compiles and graph
-    captures), so an operator can tell a cold cache from a slow disk."""
-
-    def __init__(self) -> None:
-        self.start = self.last = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    def done(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.seconds[phase] = now - self.last
-        self.last = now
-
-    def __str__(self) -> str:
-        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
-        return f"{self.last - self.start:.1f} s ({parts})"
 
 
 def _share(progress: Progress | None, low: float, high: float) -> Progress | None:

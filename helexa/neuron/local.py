@@ -29,6 +29,7 @@ from threading import Event
 from typing import TYPE_CHECKING, Any
 
 from helexa.config import Settings
+from helexa.engine.boot import Phases, import_engine
 from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.errors import ApiError
 from helexa.neuron import preflight
@@ -199,13 +200,19 @@ class LocalNeuron:
         return path
 
     async def _place(
-        self, path: Path, request: LoadRequest, context: int | None, min_devices: int
+        self,
+        path: Path,
+        request: LoadRequest,
+        context: int | None,
+        min_devices: int,
+        phases: Phases,
     ) -> list[torch.device]:
         """The device preflight picks (most free memory among the allowed ones), or the
         GPUs of a layer split when none holds the model alone or the catalogue asks for
         ``min_devices``; it refuses, with a structured error, a model that is
         unsupported, incomplete or does not fit."""
         discovery, health = await asyncio.gather(self.discovery(), self.health())
+        phases.done("discovery")
         readings = {d.index: d for d in health.devices}
         devices = [(d, readings[d.index]) for d in discovery.devices if d.index in readings]
         plan = await asyncio.to_thread(
@@ -216,6 +223,7 @@ class LocalNeuron:
             requested_devices=request.devices or self.settings.local.devices,
             min_devices=min_devices,
         )
+        phases.done("preflight")
         import torch
 
         kinds = {d.index: d.kind for d, _ in devices}
@@ -258,14 +266,29 @@ class LocalNeuron:
         sampling = profile.sampling.model_dump(exclude_none=True) if profile else {}
         cache_mb = self.settings.local.prompt_cache_mb
         entry.status, entry.error, entry.progress = "loading", None, 0.0
+        phases = Phases()  # every step from here to the model answering, in one log line
         try:
+            await asyncio.to_thread(import_engine, phases)
             devices = await self._place(
-                path, request, context, profile.min_devices if profile else 1
+                path, request, context, profile.min_devices if profile else 1, phases
             )
             entry.device, entry.devices = devices[0], devices
             # A split runs on its first device's worker (its steps go device to device).
-            entry.loaded = await self._worker(devices[0]).submit(
-                _load, path, devices, context, sampling, entry.model_id, cache_mb, entry.report
+            worker = self._worker(devices[0])
+            from helexa.engine.worker import open_devices
+
+            await worker.submit(open_devices, devices)
+            phases.done("device init")
+            entry.loaded = await worker.submit(
+                _load,
+                path,
+                devices,
+                context,
+                sampling,
+                entry.model_id,
+                cache_mb,
+                phases,
+                entry.report,
             )
         except Exception as exc:
             failed_on, entry.device, entry.devices = entry.device, None, []
@@ -397,6 +420,7 @@ def _load(
     sampling: dict[str, Any],
     name: str,
     prompt_cache_mb: int | None,
+    phases: Phases,
     progress: Progress,
 ) -> LoadedModel:
     from helexa.engine.generate import LoadedModel
@@ -411,4 +435,5 @@ def _load(
         name=name,
         progress=progress,
         prompt_cache_mb=prompt_cache_mb,
+        phases=phases,
     )

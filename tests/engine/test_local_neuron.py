@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from helexa.config import LocalSettings, ModelProfile, SamplingDefaults, Settings
+from helexa.engine.boot import Phases
 from helexa.engine.generate import LoadedModel
 from helexa.neuron import local
 from helexa.neuron.interface import LoadRequest, Neuron, NeuronError
@@ -88,6 +90,23 @@ async def test_load_by_file_id_adds_the_model(neuron: LocalNeuron, model_dir: Pa
     assert states[model_id].status == "loaded"
     assert states[model_id].context_length == 64
     assert states[str(model_dir)].status == "unloaded"
+
+
+async def test_a_load_logs_every_step_from_the_request_to_the_model_answering(
+    neuron: LocalNeuron, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The one "loaded" line splits the whole load by step, the neuron's own before the
+    engine's, so a slow restart says whether it was the imports, preflight, the device's
+    context or the weights."""
+    caplog.set_level(logging.INFO, logger="helexa.engine.generate")
+    await neuron.load(LoadRequest(model_id=str(model_dir)))
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("loaded ")]
+    phases = record.args[1]
+    assert isinstance(phases, Phases)
+    steps = ["import torch", "import engine", "discovery", "preflight", "device init"]
+    steps += ["weights read", "tokenizer", "model built", "cache"]  # a CPU: no warm-up
+    assert list(phases.seconds) == steps
+    assert all(f"{step} " in record.getMessage() for step in steps)
 
 
 async def test_requests_for_unloaded_models_are_409(neuron: LocalNeuron, model_dir: Path) -> None:
