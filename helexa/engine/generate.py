@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from helexa.engine.boot import Phases
+from helexa.engine.checkpoint.gguf_header import GGUFHeader
 from helexa.engine.checkpoint.types import Progress
 from helexa.engine.grammar import Constraint, Grammar, GrammarError, grammar_tokenizer
 from helexa.engine.prefix_cache import PrefixCache
@@ -159,6 +160,7 @@ class LoadedModel:
         progress: Progress | None = None,
         prompt_cache_mb: int | None = None,
         devices: Sequence[str | torch.device] | None = None,
+        header: GGUFHeader | None = None,
         phases: Phases | None = None,
     ) -> LoadedModel:
         """Load a GGUF file or HF directory onto ``device`` (bfloat16 on CUDA, float32 on
@@ -172,9 +174,10 @@ class LoadedModel:
         not a CUDA graph. Devices that do not exist, or a split that cannot fit, are
         refused (a SplitError) before a weight is placed.
 
-        ``phases``, when given, holds the steps a caller timed before this (the local
-        neuron's imports, preflight, the device's context): the log line names them
-        too, so it accounts for the whole load."""
+        ``header``: a GGUF file's, as preflight parsed it, used instead of parsing it
+        again while the file is unchanged. ``phases``, when given, holds the steps a
+        caller timed before this (the local neuron's imports, preflight, the device's
+        context): the log line names them too, so it accounts for the whole load."""
         from helexa.engine.checkpoint.safetensors import is_gguf, load_checkpoint, read_config
         from helexa.engine.models.architectures import model_class
         from helexa.engine.models.kv_cache import HostSnapshots
@@ -194,7 +197,8 @@ class LoadedModel:
         cuda = device.type == "cuda"
         # A split reads to the host (mapped files) and moves each tensor to its device.
         where = torch.device("cpu") if split is not None else device
-        ckpt = load_checkpoint(path, where, _share(progress, 0.0, WEIGHTS_SHARE if cuda else 1.0))
+        share = _share(progress, 0.0, WEIGHTS_SHARE if cuda else 1.0)
+        ckpt = load_checkpoint(path, where, share, header)
         phases.done("weights read")
         tokenizer = Tokenizer.from_checkpoint(ckpt.tokenizer)
         phases.done("tokenizer")

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     # before any model is loaded, and importing torch alone takes seconds on a GPU host.
     import torch
 
+    from helexa.engine.checkpoint.gguf_header import GGUFHeader
     from helexa.engine.checkpoint.types import Progress
     from helexa.engine.generate import LoadedModel
     from helexa.engine.request import RequestError
@@ -206,11 +207,12 @@ class LocalNeuron:
         context: int | None,
         min_devices: int,
         phases: Phases,
-    ) -> list[torch.device]:
+    ) -> tuple[list[torch.device], GGUFHeader | None]:
         """The device preflight picks (most free memory among the allowed ones), or the
         GPUs of a layer split when none holds the model alone or the catalogue asks for
         ``min_devices``; it refuses, with a structured error, a model that is
-        unsupported, incomplete or does not fit."""
+        unsupported, incomplete or does not fit. With it, a GGUF's header as preflight
+        parsed it, for the load to use instead of parsing it again."""
         discovery, health = await asyncio.gather(self.discovery(), self.health())
         phases.done("discovery")
         readings = {d.index: d for d in health.devices}
@@ -227,10 +229,11 @@ class LocalNeuron:
         import torch
 
         kinds = {d.index: d.kind for d, _ in devices}
-        return [
+        chosen = [
             torch.device("cuda", i) if kinds[i] == "cuda" else torch.device("cpu")
             for i in plan.devices
         ]
+        return chosen, plan.facts.header if plan.facts else None
 
     def _worker(self, device: torch.device) -> DeviceWorker:
         if device not in self._workers:
@@ -269,7 +272,7 @@ class LocalNeuron:
         phases = Phases()  # every step from here to the model answering, in one log line
         try:
             await asyncio.to_thread(import_engine, phases)
-            devices = await self._place(
+            devices, header = await self._place(
                 path, request, context, profile.min_devices if profile else 1, phases
             )
             entry.device, entry.devices = devices[0], devices
@@ -287,6 +290,7 @@ class LocalNeuron:
                 sampling,
                 entry.model_id,
                 cache_mb,
+                header,
                 phases,
                 entry.report,
             )
@@ -420,6 +424,7 @@ def _load(
     sampling: dict[str, Any],
     name: str,
     prompt_cache_mb: int | None,
+    header: GGUFHeader | None,
     phases: Phases,
     progress: Progress,
 ) -> LoadedModel:
@@ -435,5 +440,6 @@ def _load(
         name=name,
         progress=progress,
         prompt_cache_mb=prompt_cache_mb,
+        header=header,
         phases=phases,
     )

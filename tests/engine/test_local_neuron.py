@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from helexa.config import LocalSettings, ModelProfile, SamplingDefaults, Settings
+from helexa.demo import demo_model_path
 from helexa.engine.boot import Phases
+from helexa.engine.checkpoint import gguf_header
 from helexa.engine.generate import LoadedModel
 from helexa.neuron import local
 from helexa.neuron.interface import LoadRequest, Neuron, NeuronError
@@ -107,6 +109,27 @@ async def test_a_load_logs_every_step_from_the_request_to_the_model_answering(
     steps += ["weights read", "tokenizer", "model built", "cache"]  # a CPU: no warm-up
     assert list(phases.seconds) == steps
     assert all(f"{step} " in record.getMessage() for step in steps)
+
+
+async def test_a_gguf_load_parses_its_header_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preflight parses the header and the load takes it from there: a real tokenizer's
+    metadata (152k tokens, 151k merges) is a tenth of a second a parse."""
+    parsed: list[str] = []
+    parse = gguf_header.parse_gguf_header
+
+    def counted(buf: Any, source: str = "<buffer>") -> gguf_header.GGUFHeader:
+        parsed.append(source)
+        return parse(buf, source)
+
+    monkeypatch.setattr(gguf_header, "parse_gguf_header", counted)
+    demo = demo_model_path()
+    assert demo is not None
+    n = LocalNeuron(Settings(models=[ModelProfile(id="demo", path=str(demo))]))
+    try:
+        assert (await n.load(LoadRequest(model_id="demo"))).status == "loaded"
+    finally:
+        await n.close()
+    assert parsed == [str(demo)]
 
 
 async def test_requests_for_unloaded_models_are_409(neuron: LocalNeuron, model_dir: Path) -> None:
