@@ -16,7 +16,9 @@ Nothing heavy is imported by this module: the neuron starts timing before torch 
 from __future__ import annotations
 
 import importlib
+import threading
 import time
+from concurrent.futures import Future
 
 # The modules a load needs beyond torch, in the order it needs them (preflight reads the
 # header and checks the architecture; the worker loads): imported as one step, so the
@@ -30,6 +32,14 @@ ENGINE_MODULES = (
     "helexa.engine.generate",
     "helexa.engine.worker",
 )
+
+# What only a CUDA load's later steps import: torch's lower-right causal mask (for a
+# prefill that extends a cached prompt, which the warm-up runs; its module imports
+# torch._dynamo, a second or more), Triton and helexa's kernels (the warm-up's first
+# quantized matmul and decode step). See :func:`import_for_cuda`.
+CUDA_MODULES = ("torch.nn.attention.bias",)
+_cuda_imports: Future[None] | None = None
+_cuda_lock = threading.Lock()
 
 
 class Phases:
@@ -63,3 +73,36 @@ def import_engine(phases: Phases) -> None:
     for name in ENGINE_MODULES:
         importlib.import_module(name)
     phases.done("import engine")
+
+
+def import_for_cuda() -> Future[None]:
+    """Start importing what only a CUDA load's later steps need (:data:`CUDA_MODULES`,
+    Triton, the kernels) on a thread of its own, once per process; the future is done
+    when they are. Started as soon as a load is known to go to a GPU, they overlap its
+    device context and weights read (which leave the interpreter free while the driver
+    and the disk work) instead of running inside the warm-up; the warm-up waits for them,
+    so nothing is imported on another thread while it captures CUDA graphs."""
+    global _cuda_imports
+    with _cuda_lock:
+        if _cuda_imports is None:
+            _cuda_imports = Future()
+            thread = threading.Thread(
+                target=_import_cuda, args=(_cuda_imports,), name="helexa-imports", daemon=True
+            )
+            thread.start()
+        return _cuda_imports
+
+
+def _import_cuda(done: Future[None]) -> None:
+    try:
+        for name in CUDA_MODULES:
+            importlib.import_module(name)
+        from helexa.engine.models.cuda_graph import triton_module
+        from helexa.engine.quant.ops import kernels
+
+        kernels()  # each None (and nothing imported) where Triton is not installed
+        triton_module("decode_kernels")
+    except BaseException as exc:  # the warm-up imports them again and fails as it would
+        done.set_exception(exc)
+    else:
+        done.set_result(None)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from helexa.engine.boot import Phases
+from helexa.engine.boot import Phases, import_for_cuda
 from helexa.engine.checkpoint.gguf_header import GGUFHeader
 from helexa.engine.checkpoint.types import Progress
 from helexa.engine.grammar import Constraint, Grammar, GrammarError, grammar_tokenizer
@@ -192,6 +192,8 @@ class LoadedModel:
         device = named[-1] if named else torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        gpus = any(d.type == "cuda" for d in named or [device])
+        cuda_imports = import_for_cuda() if gpus else None  # beside the weights read
         if not is_gguf(path):  # GGUF's loader checks its own metadata first
             model_class(read_config(path), str(path))
         cuda = device.type == "cuda"
@@ -216,6 +218,9 @@ class LoadedModel:
             context = context_length or min(model.config.max_position_embeddings, DEFAULT_CONTEXT)
             model.setup_cache(1, context)
         phases.done("cache")
+        if cuda_imports is not None:
+            cuda_imports.exception()  # done (a failure: the warm-up's own import says it)
+            phases.done("cuda imports")  # what is left of them: they ran beside the above
         hybrid = isinstance(model, Qwen3Next)
         decode = None
         if cuda and split is None:  # replay decode steps from CUDA graphs

@@ -29,7 +29,7 @@ from threading import Event
 from typing import TYPE_CHECKING, Any
 
 from helexa.config import Settings
-from helexa.engine.boot import Phases, import_engine
+from helexa.engine.boot import Phases, import_engine, import_for_cuda
 from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.errors import ApiError
 from helexa.neuron import preflight
@@ -276,6 +276,8 @@ class LocalNeuron:
                 path, request, context, profile.min_devices if profile else 1, phases
             )
             entry.device, entry.devices = devices[0], devices
+            if any(d.type == "cuda" for d in devices):
+                import_for_cuda()  # beside the device's context and the weights read
             # A split runs on its first device's worker (its steps go device to device).
             worker = self._worker(devices[0])
             from helexa.engine.worker import open_devices
