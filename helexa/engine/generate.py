@@ -143,8 +143,8 @@ class LoadedModel:
     # What the KV cache holds, to prefill only what a prompt adds to it.
     prompt_cache: PrefixCache = field(default_factory=PrefixCache)
     # The grammar engine's index of the vocabulary (about a second for Qwen3's 151k):
-    # started in the background as the model loads, waited for by the first constrained
-    # request (which starts it, if nothing did).
+    # built beside the load's warm-up and waited for before the load is done; a model
+    # made otherwise starts it with its first constrained request.
     _grammar_index: Future[Any] | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -243,10 +243,16 @@ class LoadedModel:
             decode=decode,
             prompt_cache=prompt_cache,
         )
-        loaded.index_grammar()
+        index = loaded.index_grammar()  # beside the warm-up, which waits on the GPU at times
         if cuda:
             loaded.warm_up(_share(progress, WEIGHTS_SHARE, 1.0))
             phases.done("warm-up")
+        # Building the index holds the GIL for its whole second (llguidance parses the
+        # tokenizer's JSON in Rust without releasing it): not done, it would stall the
+        # first request, and the event loop, that long. A failure is the first
+        # constrained request's error, as before.
+        index.exception()
+        phases.done("grammar index")
         log.info("loaded %s in %s", loaded.name, phases)
         return loaded
 

@@ -106,7 +106,7 @@ async def test_a_load_logs_every_step_from_the_request_to_the_model_answering(
     phases = record.args[1]
     assert isinstance(phases, Phases)
     steps = ["import torch", "import engine", "discovery", "preflight", "device init"]
-    steps += ["weights read", "tokenizer", "model built", "cache"]  # a CPU: no warm-up
+    steps += ["weights read", "tokenizer", "model built", "cache", "grammar index"]  # no warm-up
     assert list(phases.seconds) == steps
     assert all(f"{step} " in record.getMessage() for step in steps)
 
