@@ -1,9 +1,14 @@
-"""A Qwen3-30B-A3B-shaped MoE decode step on one GPU: the grouped matvec (one launch per
-projection over the routed experts' blocks) against what it replaced (gather the picked
-experts' blocks, then one matvec launch per (token, expert) row), both eager and replayed
-from a CUDA graph; GB/s counts the routed experts' bytes.
+"""A Qwen3-30B-A3B-shaped MoE decode step on one GPU: the fused path (SparseMoE.fused_decode:
+routing in one launch, one grouped matvec of the fused gate/up stack reading each token's
+int8 x once, SiLU·mul, down with the weighted sum over the token's experts) against the
+reference path (router matmul, softmax, top-k in torch, one grouped matvec launch per
+projection over the routed experts' blocks, the sum in torch) and against what that
+replaced (gather the picked experts' blocks, then one matvec launch per (token, expert)
+row), each eager and replayed from a CUDA graph; GB/s counts the routed experts' bytes.
+The routing alone is timed both ways too.
 
     python bench/moe.py --layers 8 --out $OUT
+    python bench/moe.py --layers 8 --tokens 4
 """
 
 from __future__ import annotations
@@ -21,15 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu import cuda_ms  # noqa: E402
 from bench.synthetic import QWEN3_PRESETS  # noqa: E402
+from helexa.engine.models import decode_kernels  # noqa: E402
+from helexa.engine.models.qwen3 import fuse_projections  # noqa: E402
 from helexa.engine.models.qwen3_moe import SparseMoE  # noqa: E402
 from helexa.engine.quant.formats import Q  # noqa: E402
 from helexa.engine.quant.ops import linear  # noqa: E402
 from helexa.engine.quant.quantize import quantize  # noqa: E402
 from helexa.engine.quant.tensor import QuantizedTensor  # noqa: E402
+from helexa.engine.quant.triton_kernels import quantize_rows  # noqa: E402
 
 
 def random_layer(shape: dict[str, int], seed: int) -> SparseMoE:
-    """Random experts quantized as Q4_K_M keeps them (gate/up Q4_K, down Q6_K)."""
+    """Random experts quantized as Q4_K_M keeps them (gate/up Q4_K, fused into one stack as
+    the loader fuses them; down Q6_K)."""
     gen = torch.Generator("cuda").manual_seed(seed)
     e, h, m = shape["experts"], shape["hidden"], shape["moe_ffn"]
 
@@ -39,7 +48,8 @@ def random_layer(shape: dict[str, int], seed: int) -> SparseMoE:
 
     router = torch.randn(e, h, generator=gen, device="cuda").bfloat16()
     gate, up, down = stack(m, h, Q.Q4_K), stack(m, h, Q.Q4_K), stack(h, m, Q.Q6_K)
-    return SparseMoE(router, gate, up, down, shape["experts_per_tok"], True)
+    fused, (gate, up) = fuse_projections([gate, up])
+    return SparseMoE(router, gate, up, down, shape["experts_per_tok"], True, fused)
 
 
 def gather_and_loop(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
@@ -72,20 +82,36 @@ def main(argv: list[str] | None = None) -> int:
         moe0.gate_proj.nbytes // moe0.num_experts * 2 + moe0.down_proj.nbytes // moe0.num_experts
     )
     routed = args.layers * per_row * moe0.top_k * args.tokens
-    results: dict[str, float] = {}
-    err = max(
-        float((moe.decode(x).float() - gather_and_loop(moe, x).float()).norm())
-        / float(gather_and_loop(moe, x).float().norm())
-        for moe in layers
-    )
-    results["grouped vs gather rel err"] = err
-    for name, step in (("grouped", SparseMoE.decode), ("gather+loop", gather_and_loop)):
+    # The int8 activations the norm kernel before the block writes with its output.
+    xq = quantize_rows(x)
 
-        def run(step: Callable[[SparseMoE, torch.Tensor], torch.Tensor] = step) -> None:
+    def fused(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
+        return moe.fused_decode(x, xq, decode_kernels)
+
+    def route_kernel(moe: SparseMoE, x: torch.Tensor) -> object:
+        return decode_kernels.route(x, moe.router, moe.top_k, moe.norm_topk_prob)
+
+    results: dict[str, float] = {}
+    for name, ref in (("grouped", SparseMoE.decode), ("gather", gather_and_loop)):
+        results[f"fused vs {name} rel err"] = max(
+            float((fused(moe, x).float() - ref(moe, x).float()).norm())
+            / float(ref(moe, x).float().norm())
+            for moe in layers
+        )
+    steps: dict[str, Callable[[SparseMoE, torch.Tensor], object]] = {
+        "fused": fused,
+        "grouped": SparseMoE.decode,
+        "gather+loop": gather_and_loop,
+        "route kernel": route_kernel,
+        "route torch": SparseMoE.route,
+    }
+    for name, step in steps.items():
+
+        def run(step: Callable[[SparseMoE, torch.Tensor], object] = step) -> None:
             for moe in layers:
                 step(moe, x)
 
-        run()  # compile + autotune outside the capture
+        run()  # compile + autotune (and the routing's tickets) outside the capture
         eager = cuda_ms(run, reps=10, warmup=2)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -93,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         replay = cuda_ms(graph.replay, reps=20, warmup=3)
         results[f"{name} eager us/layer"] = eager * 1e3 / args.layers
         results[f"{name} graph us/layer"] = replay * 1e3 / args.layers
-        results[f"{name} graph GB/s"] = routed / (replay / 1e3) / 1e9
+        if not name.startswith("route"):
+            results[f"{name} graph GB/s"] = routed / (replay / 1e3) / 1e9
     print(f"# {torch.cuda.get_device_name()}, {args.layers} layers, {args.tokens} token(s)")
     for key, value in results.items():
         print(f"{key:<28}{value:>12.3g}")

@@ -4,9 +4,10 @@ helexa and llama.cpp read the very same file.
 
 Two families of presets. A Qwen3 shape (``QWEN3_PRESETS``) is a dense Qwen3, or a
 Qwen3-MoE when it has experts (every layer sparse, renormalised top-k, as Qwen3-30B-A3B).
-A hybrid shape (``HYBRID_PRESETS``) is a Qwen3.5: three Gated-DeltaNet layers to one
-full-attention layer, written in llama.cpp's converter's layout (split DeltaNet
-projections, tiled value heads, ssm_a = -exp(A_log), 1 + w norms; see
+A hybrid shape (``HYBRID_PRESETS``) is a Qwen3.5, or a Qwen3-Next when it has experts
+(a shared expert beside the routed ones, as Qwen3-Next-80B-A3B): three Gated-DeltaNet
+layers to one full-attention layer, written in llama.cpp's converter's layout (split
+DeltaNet projections, tiled value heads, ssm_a = -exp(A_log), 1 + w norms; see
 helexa.engine.checkpoint.gguf_write). ``PRESETS`` holds both under distinct names, so one
 ``--preset`` picks the architecture as well as the size.
 """
@@ -68,6 +69,16 @@ HYBRID_PRESETS: dict[str, dict[str, int]] = {
     # are the real ones) and one Q4_K super-block of hidden: 3 DeltaNet layers, 1 attention.
     "qwen3.5-tiny": dict(hidden=256, layers=4, heads=2, kv_heads=1, head_dim=256, ffn=512,
                          k_heads=2, v_heads=4, k_dim=128, v_dim=128, vocab=512),
+    # Qwen3-Next-80B-A3B (its config.json's shape): 512 experts of 512, top-10, and a
+    # shared expert of 512 in every layer; ffn is the declared dense width (unused).
+    "qwen3-next-80b-a3b": dict(hidden=2048, layers=48, heads=16, kv_heads=2, head_dim=256,
+                               ffn=5120, k_heads=16, v_heads=32, k_dim=128, v_dim=128,
+                               vocab=151936, experts=512, experts_per_tok=10, moe_ffn=512,
+                               shared_ffn=512),
+    # The same at CI size, as qwen3.5-tiny with 8 experts, top-2.
+    "qwen3-next-tiny": dict(hidden=256, layers=4, heads=2, kv_heads=1, head_dim=256, ffn=512,
+                            k_heads=2, v_heads=4, k_dim=128, v_dim=128, vocab=512, experts=8,
+                            experts_per_tok=2, moe_ffn=256, shared_ffn=256),
 }  # fmt: skip
 PRESETS = QWEN3_PRESETS | HYBRID_PRESETS
 assert len(PRESETS) == len(QWEN3_PRESETS) + len(HYBRID_PRESETS), "preset names must be unique"
@@ -151,7 +162,7 @@ def _mrope_section(head_dim: int, partial: float) -> list[int]:
 
 def _hybrid_config(shape: dict[str, int]) -> dict[str, Any]:
     layers, partial = shape["layers"], 0.25
-    return {
+    cfg = {
         "architectures": ["Qwen3_5ForCausalLM"],
         "model_type": "qwen3_5_text",
         "vocab_size": shape["vocab"],
@@ -177,6 +188,22 @@ def _hybrid_config(shape: dict[str, int]) -> dict[str, Any]:
         "max_position_embeddings": HYBRID_WINDOW,
         "tie_word_embeddings": False,
     }
+    if shape.get("experts"):  # Qwen3-Next: its rope keys at the top, no M-RoPE
+        rope = cfg.pop("rope_parameters")
+        cfg |= {
+            "architectures": ["Qwen3NextForCausalLM"],
+            "model_type": "qwen3_next",
+            "rope_theta": rope["rope_theta"],
+            "partial_rotary_factor": partial,
+            "num_experts": shape["experts"],
+            "num_experts_per_tok": shape["experts_per_tok"],
+            "moe_intermediate_size": shape["moe_ffn"],
+            "shared_expert_intermediate_size": shape["shared_ffn"],
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }
+    return cfg
 
 
 def synthetic_tensors(
@@ -242,8 +269,14 @@ def _qwen3_tensors(
 def _hybrid_tensors(
     cfg: dict[str, Any], device: str | torch.device, seed: int
 ) -> dict[str, torch.Tensor]:
-    """Qwen3.5's layout; zero-centred norms at 0, the DeltaNet's decay rates in
-    transformers' init range."""
+    """Qwen3.5's layout, or Qwen3-Next's (fused in_proj_qkvz and in_proj_ba, routed and
+    shared experts) when ``cfg`` has experts; zero-centred norms at 0, the DeltaNet's
+    decay rates in transformers' init range.
+
+    A Qwen3-Next's routed experts are drawn once, in bfloat16, and every layer holds the
+    same three tensors: an 80B-A3B's 77B expert weights would take 155 GB, more than one
+    GPU holds. Each layer is still quantized and stored on its own, so a reader reads as
+    many distinct bytes as from the real model; the routers differ per layer."""
     gen = torch.Generator(device).manual_seed(seed)
     h, f, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
@@ -252,9 +285,10 @@ def _hybrid_tensors(
         cfg["linear_num_key_heads"] * cfg["linear_key_head_dim"],
     )
     vdim = nv * cfg["linear_value_head_dim"]
+    experts = cfg.get("num_experts", 0)
 
-    def w(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, device=device) * shape[-1] ** -0.5
+    def w(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype) * shape[-1] ** -0.5
 
     def zeros(n: int) -> torch.Tensor:
         return torch.zeros(n, device=device)
@@ -264,15 +298,37 @@ def _hybrid_tensors(
         "lm_head.weight": w(cfg["vocab_size"], h),
         "model.norm.weight": zeros(h),
     }
+    if experts:
+        m, s, bf16 = (
+            cfg["moe_intermediate_size"],
+            cfg["shared_expert_intermediate_size"],
+            torch.bfloat16,
+        )
+        routed = {
+            "mlp.experts.gate_proj.weight": w(experts, m, h, dtype=bf16),
+            "mlp.experts.up_proj.weight": w(experts, m, h, dtype=bf16),
+            "mlp.experts.down_proj.weight": w(experts, h, m, dtype=bf16),
+        }
     for i, kind in enumerate(cfg["layer_types"]):
         p = f"model.layers.{i}."
         tensors |= {
             p + "input_layernorm.weight": zeros(h),
             p + "post_attention_layernorm.weight": zeros(h),
-            p + "mlp.gate_proj.weight": w(f, h),
-            p + "mlp.up_proj.weight": w(f, h),
-            p + "mlp.down_proj.weight": w(h, f),
         }
+        if experts:
+            tensors |= {p + name: t for name, t in routed.items()} | {
+                p + "mlp.gate.weight": w(experts, h),
+                p + "mlp.shared_expert.gate_proj.weight": w(s, h),
+                p + "mlp.shared_expert.up_proj.weight": w(s, h),
+                p + "mlp.shared_expert.down_proj.weight": w(h, s),
+                p + "mlp.shared_expert_gate.weight": w(1, h),
+            }
+        else:
+            tensors |= {
+                p + "mlp.gate_proj.weight": w(f, h),
+                p + "mlp.up_proj.weight": w(f, h),
+                p + "mlp.down_proj.weight": w(h, f),
+            }
         if kind == FULL:
             tensors |= {
                 p + "self_attn.q_proj.weight": w(2 * q, h),
@@ -284,11 +340,19 @@ def _hybrid_tensors(
             }
             continue
         a = torch.empty(nv, device=device).uniform_(0.01, 16, generator=gen)
+        if experts:  # Qwen3-Next's fused projections (random, so their order is moot)
+            tensors |= {
+                p + "linear_attn.in_proj_qkvz.weight": w(2 * kdim + 2 * vdim, h),
+                p + "linear_attn.in_proj_ba.weight": w(2 * nv, h),
+            }
+        else:
+            tensors |= {
+                p + "linear_attn.in_proj_qkv.weight": w(2 * kdim + vdim, h),
+                p + "linear_attn.in_proj_z.weight": w(vdim, h),
+                p + "linear_attn.in_proj_b.weight": w(nv, h),
+                p + "linear_attn.in_proj_a.weight": w(nv, h),
+            }
         tensors |= {
-            p + "linear_attn.in_proj_qkv.weight": w(2 * kdim + vdim, h),
-            p + "linear_attn.in_proj_z.weight": w(vdim, h),
-            p + "linear_attn.in_proj_b.weight": w(nv, h),
-            p + "linear_attn.in_proj_a.weight": w(nv, h),
             p + "linear_attn.conv1d.weight": w(2 * kdim + vdim, 1, 4),
             p + "linear_attn.A_log": a.log(),
             p + "linear_attn.dt_bias": torch.ones(nv, device=device),

@@ -9,16 +9,18 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from gguf import GGUFReader
 
 from bench.serve import main
-from bench.synthetic import HYBRID_PRESETS, preset_shape, synthetic_config
+from bench.synthetic import HYBRID_PRESETS, preset_shape, synthetic_config, synthetic_tensors
 
 LENGTH, GEN = 64, 8
 
 
 @pytest.mark.parametrize(
-    ("preset", "arch"), [("qwen3-moe-tiny", "qwen3moe"), ("qwen3.5-tiny", "qwen35")]
+    ("preset", "arch"),
+    [("qwen3-moe-tiny", "qwen3moe"), ("qwen3.5-tiny", "qwen35"), ("qwen3-next-tiny", "qwen3next")],
 )
 def test_serve_bench_runs_the_helexa_side(
     tmp_path: Path, preset: str, arch: str, capsys: pytest.CaptureFixture[str]
@@ -55,6 +57,9 @@ def test_the_hybrid_preset_is_qwen3_5_9b() -> None:
     assert rope["mrope_section"] == [11, 11, 10]
     for name in HYBRID_PRESETS:
         cfg = synthetic_config(HYBRID_PRESETS[name])
+        if cfg["model_type"] == "qwen3_next":  # no M-RoPE
+            assert "rope_parameters" not in cfg and cfg["partial_rotary_factor"] == 0.25
+            continue
         pairs = int(cfg["head_dim"] * cfg["rope_parameters"]["partial_rotary_factor"]) // 2
         assert sum(cfg["rope_parameters"]["mrope_section"]) == pairs
 
@@ -63,3 +68,21 @@ def test_a_shape_key_of_the_other_family_is_refused() -> None:
     with pytest.raises(ValueError, match=r"qwen3-8b takes no shape keys \['v_heads'\]"):
         preset_shape("qwen3-8b", v_heads=4)
     assert preset_shape("qwen3.5-9b", layers=4, experts=None)["layers"] == 4
+
+
+def test_the_hybrid_moe_preset_is_qwen3_next_80b_a3b() -> None:
+    """Qwen3-Next-80B-A3B's config.json shape, and its routed experts drawn once for all
+    layers (the only way 77B bfloat16 weights fit one GPU), each layer keeping its own
+    router and shared expert."""
+    cfg = synthetic_config(HYBRID_PRESETS["qwen3-next-80b-a3b"])
+    assert cfg["architectures"] == ["Qwen3NextForCausalLM"]
+    assert (cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]) == (
+        512, 10, 512,
+    )  # fmt: skip
+    assert cfg["shared_expert_intermediate_size"] == 512 and cfg["num_hidden_layers"] == 48
+
+    tiny = synthetic_tensors(synthetic_config(HYBRID_PRESETS["qwen3-next-tiny"]), "cpu")
+    first, last = "model.layers.0.mlp.", "model.layers.3.mlp."
+    assert tiny[first + "experts.up_proj.weight"] is tiny[last + "experts.up_proj.weight"]
+    assert not torch.equal(tiny[first + "gate.weight"], tiny[last + "gate.weight"])
+    assert "model.layers.0.linear_attn.in_proj_qkvz.weight" in tiny

@@ -188,7 +188,9 @@ def _hybrid_tensors(
     for name, t in tensors.items():
         if name.startswith("mtp."):
             continue  # the converter drops the multi-token-prediction head
-        t = t.detach().float() if t.dtype != torch.float32 else t.detach()
+        # Stacked experts keep their dtype (quantize takes any): an 80B-A3B's in float32
+        # would be 310 GB. The transforms below all work on float32.
+        t = t.detach() if t.dim() == 3 else t.detach().float()
         stem = name.rpartition(".linear_attn.")[0] + ".linear_attn."
         if reorder and ".linear_attn." in name:
             t = _tile_v(name, t, cfg, nk, dv)

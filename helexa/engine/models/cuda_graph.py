@@ -39,7 +39,7 @@ from helexa.engine.models.qwen3 import (
     split_outputs,
 )
 from helexa.engine.quant.ops import Int8Rows, embedding, linear, linears, triton_cache_dir
-from helexa.engine.quant.tensor import INT8_DTYPES
+from helexa.engine.quant.tensor import int8_activations
 
 MIN_KV_LEN = 256
 # Sums a row-parallel partial result across tensor-parallel ranks (see parallel.py).
@@ -128,12 +128,6 @@ def add_norm(
     return x, norm(x, weight, eps), None
 
 
-def int8_activations(x: torch.Tensor) -> bool:
-    """Whether the glue kernels quantize what they write for the int8 matvec (which runs
-    for the model's half-precision activations only)."""
-    return x.dtype in INT8_DTYPES
-
-
 def _projections(
     x: torch.Tensor, attn: Attention, quantized: Int8Rows | None
 ) -> list[torch.Tensor]:
@@ -187,13 +181,18 @@ def mlp_step(
     mlp: FeedForward, x: torch.Tensor, quantized: Int8Rows | None, kernels: ModuleType | None
 ) -> torch.Tensor:
     """A dense MLP with fused gate/up: one matvec, SiLU·mul in one launch (which also
-    quantizes down_proj's input), then down; any other feed-forward (unfused, a MoE)
-    decodes its own way."""
-    if not isinstance(mlp, MLP) or not mlp.fused:
+    quantizes down_proj's input), then down; an unfused one its reference way; any other
+    feed-forward (a MoE, with or without a shared expert) decodes its own way with the
+    kernels and the norm's int8 activations."""
+    if not isinstance(mlp, MLP):
+        return mlp.decode(x, quantized, kernels)
+    if not mlp.fused:
         return mlp.decode(x)
     gate_up = linear(x, mlp.fused[0], quantized=quantized)  # [B, 1, 2F]: gate then up
     if kernels is not None:
-        h, hq = kernels.silu_mul(gate_up, quantize=int8_activations(gate_up))
+        h, hq = kernels.silu_mul(
+            gate_up, quantize=int8_activations(gate_up, mlp.down_proj.shape[-1])
+        )
     else:
         gate, up = gate_up.chunk(2, dim=-1)
         h, hq = F.silu(gate) * up, None

@@ -17,6 +17,7 @@ q/k norms, RoPE, cache writes, attention, SiLU·mul). These kernels make it ~10:
 - :func:`qk_norm_rope_cache`: Qwen3's per-head q/k RMSNorm, RoPE at the step's position,
   and the k/v writes into the cache, for every head in one launch.
 - :func:`silu_mul`: SwiGLU's ``silu(gate) * up`` over the fused gate/up matvec's output.
+- :func:`route`: a MoE router (logits, softmax, top-k, renormalisation) in one launch.
 
 Arithmetic is float32 inside and rounded once on the way out; the torch step in
 cuda_graph.py is the reference they are tested against.
@@ -110,15 +111,29 @@ def _split_kernel(
 
 
 @triton.jit
-def _merge_kernel(Part, Lse, Out, D: tl.constexpr, SPLITS: tl.constexpr):
+def _merge_kernel(
+    Part, Lse, Out, Gate, Q, Dq, S, stride_gate, heads,
+    D: tl.constexpr, SPLITS: tl.constexpr, GATED: tl.constexpr, QUANT: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0)  # one (sequence, query head)
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, D)
     lse = tl.load(Lse + row * SPLITS + s)
     weight = tl.exp(lse - tl.max(lse, 0))  # an empty slice weighs 0
     part = tl.load(Part + (row * SPLITS + s[:, None]) * D + d[None, :])
-    out = tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)
-    tl.store(Out + row * D + d, out.to(Out.dtype.element_ty))
+    dtype = Out.dtype.element_ty
+    out = (tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)).to(dtype)
+    if GATED:  # y * sigmoid(gate), each rounded as the torch ops round them
+        b, h = row // heads, row % heads
+        g = tl.load(Gate + b * stride_gate + h * 2 * D + D + d).to(tl.float32)
+        sig = (1.0 / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        out = (out.to(tl.float32) * sig).to(dtype)
+    tl.store(Out + row * D + d, out)
+    if QUANT:  # o_proj's int8 activations: a head is D // 32 whole blocks of its row
+        blocks = tl.arange(0, D // 32)[:, None]
+        oq = tl.reshape(out.to(tl.float32), [D // 32, 32])
+        store_quantized(oq, blocks, blocks < D // 32, Q + row * D, Dq + row * (D // 32),
+                        S + row * (D // 16), D // 32)  # fmt: skip
 
 
 def splits_for(programs: int, max_seq: int, sms: int) -> int:
@@ -129,13 +144,11 @@ def splits_for(programs: int, max_seq: int, sms: int) -> int:
     return min(triton.next_power_of_2(want), triton.next_power_of_2(cap))
 
 
-def split_k_attention(
+def _split(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor
-) -> torch.Tensor:
-    """Attention of one query per head over the first ``length`` keys of a cache.
-
-    q [B, Hq, 1, D]; k, v [B, Hkv, S, D] (views of the cache, last dim contiguous);
-    ``length`` [1] int64 on the device. Returns [B, Hq, 1, D] in q's dtype."""
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The split-K pass: each (sequence, KV head, slice of keys) program's partial output
+    and log-sum-exp, and the number of slices."""
     batch, heads, _, dim = q.shape
     kv_heads, max_seq = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -145,33 +158,58 @@ def split_k_attention(
     part = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     _split_kernel[(batch * kv_heads, splits)](
-        q3,
-        k,
-        v,
-        length,
-        part,
-        lse,
-        q3.stride(0),
-        q3.stride(1),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        kv_heads,
-        dim**-0.5,
-        GROUP=group,
-        GROUP_TILE=max(MIN_GROUP_TILE, triton.next_power_of_2(group)),
-        D=dim,
-        BLOCK=BLOCK_N,
-        SPLITS=splits,
+        q3, k, v, length, part, lse,
+        q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), kv_heads, dim**-0.5,
+        GROUP=group, GROUP_TILE=max(MIN_GROUP_TILE, triton.next_power_of_2(group)), D=dim,
+        BLOCK=BLOCK_N, SPLITS=splits,
         # float32 caches (tests, CPU-exact models) get float32 products, not TF32's 10 bits
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
+    )  # fmt: skip
+    return part, lse, splits
+
+
+def split_k_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one query per head over the first ``length`` keys of a cache.
+
+    q [B, Hq, 1, D]; k, v [B, Hkv, S, D] (views of the cache, last dim contiguous);
+    ``length`` [1] int64 on the device. Returns [B, Hq, 1, D] in q's dtype."""
+    batch, heads, _, dim = q.shape
+    part, lse, splits = _split(q, k, v, length)
     out = torch.empty(batch, heads, 1, dim, dtype=q.dtype, device=q.device)
-    _merge_kernel[(batch * heads,)](part, lse, out, D=dim, SPLITS=splits)
+    _merge_kernel[(batch * heads,)](
+        part, lse, out, out, out, out, out, 0, heads,
+        D=dim, SPLITS=splits, GATED=False, QUANT=False,
+    )  # fmt: skip
     return out
+
+
+def gated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    length: torch.Tensor,
+    q_gate: torch.Tensor,
+    quantize: bool = False,
+) -> tuple[torch.Tensor, Int8Rows | None]:
+    """:func:`split_k_attention` times sigmoid(gate), the hybrid models' gated attention:
+    ``q_gate`` is the [B, 1, Hq * 2D] projection q came from, each head's gate after its
+    q (any row stride). Returns y [B, 1, Hq * D] and, with ``quantize``, its int8
+    activations for o_proj, both written by the merge."""
+    batch, heads, _, dim = q.shape
+    gate = q_gate.reshape(batch, -1)
+    if gate.shape[-1] != 2 * heads * dim or gate.stride(-1) != 1:
+        raise ValueError(f"gated_attention: q_gate {tuple(q_gate.shape)} for q {tuple(q.shape)}")
+    part, lse, splits = _split(q, k, v, length)
+    out = torch.empty(batch, 1, heads * dim, dtype=q.dtype, device=q.device)
+    quant = quantized_rows(batch, heads * dim, q.device) if quantize else None
+    _merge_kernel[(batch * heads,)](
+        part, lse, out, gate, *(quant or (out, out, out)), gate.stride(0), heads,
+        D=dim, SPLITS=splits, GATED=True, QUANT=quantize,
+    )  # fmt: skip
+    return out, quant
 
 
 @triton.jit
@@ -239,18 +277,19 @@ def add_rms_norm(
 
 @triton.jit
 def _qk_norm_rope_cache_kernel(
-    Q,  # [B, Hq*D] rows (views of the projections' output: row strides below)
+    Q,  # [B, Hq * stride_qh] rows (views of the projections' output: row strides below)
     K,  # [B, Hkv*D]
     V,  # [B, Hkv*D]
     QNorm,  # [D]
     KNorm,  # [D]
-    Cos,  # [max_seq, D]
+    Cos,  # [max_seq, ROT]
     Sin,
     Pos,  # [1] int64
     QOut,  # [B, Hq, D]
     KCache,  # [B_max, Hkv, S, D]
     VCache,
     stride_q,
+    stride_qh,  # D, or 2 * D where each q head is followed by its output gate
     stride_k,
     stride_v,
     stride_cb,
@@ -259,40 +298,44 @@ def _qk_norm_rope_cache_kernel(
     q_heads,
     eps,
     D: tl.constexpr,
+    ROT: tl.constexpr,  # the leading channels RoPE rotates (NEOX halves); the rest pass
+    SCALE_FP32: tl.constexpr,  # the zero-centred norm: scale by float32 1 + w, then round
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)  # q heads, then k heads (each with its v head)
-    half = tl.arange(0, D // 2)
+    d = tl.arange(0, D)
+    rotated = d < ROT
+    partner = tl.where(d < ROT // 2, d + ROT // 2, d - ROT // 2)  # rotate_half's source
+    partner = tl.where(rotated, partner, d)
     pos = tl.load(Pos)
-    cos = tl.load(Cos + pos * D + half).to(tl.float32)  # NEOX: both halves share cos/sin
-    sin = tl.load(Sin + pos * D + half).to(tl.float32)
+    cos = tl.load(Cos + pos * ROT + d, mask=rotated, other=1.0).to(tl.float32)
+    sin = tl.load(Sin + pos * ROT + d, mask=rotated, other=0.0).to(tl.float32)
+    sin = tl.where(d < ROT // 2, -sin, sin)
     if head < q_heads:
-        src = Q + b * stride_q + head * D
+        src = Q + b * stride_q + head * stride_qh
         norm = QNorm
     else:
         src = K + b * stride_k + (head - q_heads) * D
         norm = KNorm
-    x1 = tl.load(src + half)
-    x2 = tl.load(src + D // 2 + half)
-    a = x1.to(tl.float32)
-    c = x2.to(tl.float32)
-    rstd = 1.0 / tl.sqrt((tl.sum(a * a, 0) + tl.sum(c * c, 0)) / D + eps)
-    n1 = (a * rstd).to(x1.dtype).to(tl.float32) * tl.load(norm + half).to(tl.float32)
-    n2 = (c * rstd).to(x1.dtype).to(tl.float32) * tl.load(norm + D // 2 + half).to(tl.float32)
-    r1 = (n1 * cos - n2 * sin).to(x1.dtype)
-    r2 = (n2 * cos + n1 * sin).to(x1.dtype)
+    x = tl.load(src + d)
+    a = x.to(tl.float32)
+    c = tl.load(src + partner).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(a * a, 0) / D + eps)
+    w, wp = tl.load(norm + d).to(tl.float32), tl.load(norm + partner).to(tl.float32)
+    if SCALE_FP32:
+        n = (a * rstd * w).to(x.dtype).to(tl.float32)
+        np_ = (c * rstd * wp).to(x.dtype).to(tl.float32)
+    else:
+        n = (a * rstd).to(x.dtype).to(tl.float32) * w
+        np_ = (c * rstd).to(x.dtype).to(tl.float32) * wp
+    r = tl.where(rotated, n * cos + np_ * sin, n).to(x.dtype)
     if head < q_heads:
-        dst = QOut + (b * q_heads + head) * D
-        tl.store(dst + half, r1)
-        tl.store(dst + D // 2 + half, r2)
+        tl.store(QOut + (b * q_heads + head) * D + d, r)
     else:
         kv = head - q_heads
         at = b * stride_cb + kv * stride_ch + pos * stride_cs
-        tl.store(KCache + at + half, r1)
-        tl.store(KCache + at + D // 2 + half, r2)
-        v = V + b * stride_v + kv * D
-        tl.store(VCache + at + half, tl.load(v + half))
-        tl.store(VCache + at + D // 2 + half, tl.load(v + D // 2 + half))
+        tl.store(KCache + at + d, r)
+        tl.store(VCache + at + d, tl.load(V + b * stride_v + kv * D + d))
 
 
 def qk_norm_rope_cache(
@@ -307,49 +350,42 @@ def qk_norm_rope_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     eps: float,
+    gated: bool = False,
 ) -> torch.Tensor:
     """The attention's inputs for one decode step: q, k, v [B, 1, H*D] (the projections'
     output, any row stride) -> q normed and rotated [B, Hq, 1, D]; k normed and rotated,
     and v, written into the caches [B_max, Hkv, S, D] at ``pos`` [1] (a device tensor).
-    ``cos``/``sin`` are the model's whole [max_seq, D] tables."""
+    ``cos``/``sin`` are the model's whole [max_seq, R] tables: RoPE turns the first R
+    channels of a head (all of them for Qwen3, a quarter for the hybrid models' partial
+    RoPE). ``gated``: q is [B, 1, Hq * 2D], each head followed by its output gate (the
+    hybrid models' gated attention). A float32 norm weight beside half-precision q is
+    the zero-centred norm's 1 + w, which scales before rounding (as add_rms_norm)."""
     batch, dim = q.shape[0], q_norm.shape[0]
-    q_heads, kv_heads = q.shape[-1] // dim, k.shape[-1] // dim
+    q_heads, kv_heads = q.shape[-1] // (2 * dim if gated else dim), k.shape[-1] // dim
     q2, k2, v2 = (t.reshape(batch, t.shape[-1]) for t in (q, k, v))
+    if q2.stride(-1) != 1 or k2.stride(-1) != 1 or v2.stride(-1) != 1:
+        raise ValueError("qk_norm_rope_cache: q, k and v rows must be contiguous")
     out = torch.empty(batch, q_heads, 1, dim, dtype=q.dtype, device=q.device)
     _qk_norm_rope_cache_kernel[(batch, q_heads + kv_heads)](
-        q2,
-        k2,
-        v2,
-        q_norm,
-        k_norm,
-        cos,
-        sin,
-        pos,
-        out,
-        k_cache,
-        v_cache,
-        q2.stride(0),
-        k2.stride(0),
-        v2.stride(0),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        q_heads,
-        eps,
-        D=dim,
-    )
+        q2, k2, v2, q_norm, k_norm, cos, sin, pos, out, k_cache, v_cache,
+        q2.stride(0), 2 * dim if gated else dim, k2.stride(0), v2.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q_heads, eps,
+        D=dim, ROT=cos.shape[-1],
+        SCALE_FP32=q_norm.dtype == torch.float32 and q.dtype != torch.float32,
+    )  # fmt: skip
     return out
 
 
 @triton.jit
 def _silu_mul_kernel(
-    GateUp, Out, Q, D, S, width, stride_in, QUANT: tl.constexpr, BLOCK: tl.constexpr
-):
+    Gate, Up, Out, Q, D, S, width, stride_gate, stride_up,
+    QUANT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < width
-    gate = tl.load(GateUp + row * stride_in + cols, mask=inside, other=0.0)
-    up = tl.load(GateUp + row * stride_in + width + cols, mask=inside, other=0.0)
+    gate = tl.load(Gate + row * stride_gate + cols, mask=inside, other=0.0)
+    up = tl.load(Up + row * stride_up + cols, mask=inside, other=0.0)
     g = gate.to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # rounded as torch's F.silu output
     h = (silu * up).to(gate.dtype)
@@ -361,16 +397,220 @@ def _silu_mul_kernel(
                         S + row * (width // 16), BLOCK // 32)  # fmt: skip
 
 
-def silu_mul(gate_up: torch.Tensor, quantize: bool = False) -> tuple[torch.Tensor, Int8Rows | None]:
+def silu_mul(
+    gate_up: torch.Tensor, quantize: bool = False, up: torch.Tensor | None = None
+) -> tuple[torch.Tensor, Int8Rows | None]:
     """``silu(gate) * up`` where ``gate_up`` [..., 2F] holds gate then up (one fused
-    matvec's output): [..., F], and with ``quantize`` its int8 activations for down_proj."""
-    width = gate_up.shape[-1] // 2
-    rows = gate_up.numel() // gate_up.shape[-1]
-    flat = gate_up.reshape(rows, 2 * width)
-    out = torch.empty(*gate_up.shape[:-1], width, dtype=gate_up.dtype, device=gate_up.device)
-    quant = quantized_rows(rows, width, gate_up.device) if quantize else None
+    matvec's output), or with ``up`` [..., F] is the gate alone (gate and up of different
+    block types, two matvecs): [..., F], and with ``quantize`` its int8 activations for
+    down_proj. Rows may be strided; each row's elements must be contiguous."""
+    if up is None:
+        width = gate_up.shape[-1] // 2
+        gate, up = gate_up[..., :width], gate_up[..., width:]
+    else:
+        gate, width = gate_up, gate_up.shape[-1]
+        if up.shape != gate.shape:
+            raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)}")
+    rows = gate.numel() // width
+    g2, u2 = gate.reshape(rows, width), up.reshape(rows, width)  # views where the rows allow
+    if g2.stride(-1) != 1 or u2.stride(-1) != 1:
+        raise ValueError("silu_mul: gate and up rows must be contiguous")
+    out = torch.empty(*gate.shape[:-1], width, dtype=gate.dtype, device=gate.device)
+    quant = quantized_rows(rows, width, gate.device) if quantize else None
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(width, block))](
-        flat, out, *(quant or (out, out, out)), width, flat.stride(0), QUANT=quantize, BLOCK=block
-    )
+        g2, u2, out, *(quant or (out, out, out)), width, g2.stride(0), u2.stride(0),
+        QUANT=quantize, BLOCK=block,
+    )  # fmt: skip
     return out, quant
+
+
+@triton.jit
+def _shared_expert_add_kernel(
+    X,  # [T, H]: the sparse block's input
+    Gate,  # [H]: shared_expert_gate's one row
+    Routed,  # [T, N]: the routed experts' weighted sum
+    Shared,  # [T, N]: the shared expert's output
+    Out,  # [T, N]
+    H,
+    N,
+    stride_x,
+    stride_r,
+    stride_s,
+    BLOCK_H: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row, pid = tl.program_id(0), tl.program_id(1)
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for start in range(0, H, BLOCK_H):
+        cols = start + tl.arange(0, BLOCK_H)
+        mask = cols < H
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        acc += x * tl.load(Gate + cols, mask=mask, other=0.0).to(tl.float32)
+    dtype = Out.dtype.element_ty
+    logit = tl.sum(acc, axis=0).to(dtype).to(tl.float32)  # rounded as the gate's linear
+    gate = (1.0 / (1.0 + tl.exp(-logit))).to(dtype).to(tl.float32)  # and its sigmoid
+    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    routed = tl.load(Routed + row * stride_r + cols, mask=mask).to(tl.float32)
+    shared = tl.load(Shared + row * stride_s + cols, mask=mask).to(tl.float32)
+    tl.store(Out + row * N + cols, (routed + gate * shared).to(dtype), mask=mask)
+
+
+def shared_expert_add(
+    routed: torch.Tensor, shared: torch.Tensor, x: torch.Tensor, gate: torch.Tensor
+) -> torch.Tensor:
+    """``routed + sigmoid(x @ gate.T) * shared`` (qwen3_next.SharedExpertMoE's sum) in one
+    launch instead of five (the gate's dot and its reduction, sigmoid, mul, add): for
+    ``x`` [..., H], ``gate`` (1, H) and ``routed``/``shared`` [..., N], [..., N] in their
+    dtype. The gate's logit and sigmoid are rounded to that dtype as the torch ops round
+    them; the sum is taken in float32 and rounded once (the reference rounds the product
+    first)."""
+    hidden, width = x.shape[-1], routed.shape[-1]
+    if gate.shape != (1, hidden) or shared.shape != routed.shape:
+        raise ValueError(
+            f"shared_expert_add: gate {tuple(gate.shape)}, routed {tuple(routed.shape)}, "
+            f"shared {tuple(shared.shape)} for x {tuple(x.shape)}"
+        )
+    rows = routed.numel() // width
+    x2, r2, s2 = (t.reshape(rows, t.shape[-1]) for t in (x, routed, shared))
+    if any(t.stride(-1) != 1 for t in (x2, r2, s2)) or not gate.is_contiguous():
+        raise ValueError("shared_expert_add: rows must be contiguous")
+    out = torch.empty(*routed.shape, dtype=routed.dtype, device=routed.device)
+    block = 1024
+    _shared_expert_add_kernel[(rows, triton.cdiv(width, block))](
+        x2, gate, r2, s2, out, hidden, width, x2.stride(0), r2.stride(0), s2.stride(0),
+        BLOCK_H=min(1024, triton.next_power_of_2(hidden)), BLOCK=block,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _route_kernel(
+    X,  # [T, H]
+    Router,  # [E, H]
+    Logits,  # [T, E] float32 scratch
+    Tickets,  # [>= T] int32, all 0 between launches: token t's programs done so far
+    Weights,  # [T, TOP_K] in X's dtype
+    Experts,  # [T, TOP_K] int32
+    H,
+    stride_x,
+    stride_r,
+    E: tl.constexpr,
+    E_TILE: tl.constexpr,  # E rounded up to a power of two
+    TOP_K: tl.constexpr,
+    K_TILE: tl.constexpr,  # TOP_K rounded up to a power of two
+    NORM: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCKS: tl.constexpr,  # programs per token: cdiv(E, BLOCK_E)
+):
+    t = tl.program_id(0)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    live = e < E
+    acc = tl.zeros([BLOCK_E, BLOCK_H], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        inside = cols < H
+        x = tl.load(X + t * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(
+            Router + e[:, None] * stride_r + cols[None, :],
+            mask=live[:, None] & inside[None, :],
+            other=0.0,
+        )
+        acc += w.to(tl.float32) * x[None, :]
+    logits = tl.sum(acc, 1).to(X.dtype.element_ty).to(tl.float32)  # rounded as F.linear's
+    tl.store(Logits + t * E + e, logits, mask=live)
+    # The last of the token's programs to finish routes it: every thread's logits stored
+    # before one thread's release of the ticket, read after its acquire (CUTLASS's
+    # split-K semaphore: barrier, then a gpu-scope release), and past L1 (.cg).
+    tl.debug_barrier()
+    if tl.atomic_add(Tickets + t, 1, sem="acq_rel", scope="gpu") == BLOCKS - 1:
+        every = tl.arange(0, E_TILE)
+        all_logits = tl.load(
+            Logits + t * E + every, mask=every < E, other=float("-inf"), cache_modifier=".cg"
+        )
+        p = tl.exp(all_logits - tl.max(all_logits, 0))
+        p = p / tl.sum(p, 0)  # softmax in float32; padding is 0
+        # One max per pick over (probability bits, E_TILE - 1 - id): a probability is >= 0,
+        # so its bits order as it does, and equal ones give the lower id.
+        key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (E_TILE - 1 - every)
+        slot = tl.arange(0, K_TILE)
+        top = tl.zeros([K_TILE], dtype=tl.float32)
+        ids = tl.zeros([K_TILE], dtype=tl.int32)
+        for j in tl.static_range(TOP_K):  # largest first, as torch.topk sorts them
+            best = tl.max(key, 0)
+            prob = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            top = tl.where(slot == j, prob, top)
+            ids = tl.where(slot == j, E_TILE - 1 - (best & 0xFFFFFFFF).to(tl.int32), ids)
+            key = tl.where(key == best, -1, key)  # taken
+        if NORM:
+            top = top / tl.sum(top, 0)
+        keep = slot < TOP_K
+        tl.store(Weights + t * TOP_K + slot, top.to(Weights.dtype.element_ty), mask=keep)
+        tl.store(Experts + t * TOP_K + slot, ids, mask=keep)
+        tl.store(Tickets + t, 0)  # for the next launch (each launch is stream-ordered)
+
+
+# Router rows per routing program: 4 rows of a 2048-wide bf16 router are 16 KB, so a
+# 128-expert router is read by 32 programs per token, not by one SM.
+ROUTE_EXPERTS = 4
+ROUTE_COLUMNS = 512
+# Per device, the routing kernels' tickets (one int32 per token, zero between launches),
+# grown as batches grow. Outgrown ones are kept: a captured graph may still replay them.
+_tickets: dict[torch.device, torch.Tensor] = {}
+_outgrown: list[torch.Tensor] = []
+
+
+def _route_tickets(device: torch.device, tokens: int) -> torch.Tensor:
+    """Zeroed int32 tickets for ``tokens`` tokens on ``device``, shared by every MoE layer
+    there: the step's launches on a device run one after another (one worker thread per
+    device, one stream at a time), and each launch leaves them zero again."""
+    tickets = _tickets.get(device)
+    if tickets is None or tickets.numel() < tokens:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"route: {tokens} tokens need new tickets during CUDA graph capture; run "
+                "the step once eagerly first (as GraphDecoder's warm-up does)"
+            )
+        if tickets is not None:
+            _outgrown.append(tickets)
+        tickets = torch.zeros(max(tokens, 64), dtype=torch.int32, device=device)
+        _tickets[device] = tickets
+    return tickets
+
+
+def route(
+    x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk_prob: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """qwen3_moe.SparseMoE.route (transformers' Qwen3MoeSparseMoeBlock router) in one
+    launch: for x [T, H] and the dense router [E, H], (weights [T, top_k] in x's dtype,
+    experts [T, top_k] int32), largest first. Logits are rounded to x's dtype as the
+    router's linear would, softmax and the optional renormalisation are float32, and the
+    weights are cast back as transformers casts them. Ties pick the lower expert id
+    (torch.topk leaves their order unspecified). No host sync: graph-capturable, once an
+    eager call has made the tickets for this many tokens."""
+    tokens, hidden = x.shape
+    experts = router.shape[0]
+    if router.shape != (experts, hidden) or router.dtype != x.dtype:
+        raise ValueError(
+            f"route: router {router.dtype} {tuple(router.shape)} for x {x.dtype} {tuple(x.shape)}"
+        )
+    if not 0 < top_k <= experts:
+        raise ValueError(f"route: top_k {top_k} must be in 1..{experts}")
+    x, router = x.contiguous(), router.contiguous()
+    weights = torch.empty(tokens, top_k, dtype=x.dtype, device=x.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=x.device)
+    if tokens == 0:
+        return weights, ids
+    logits = torch.empty(tokens, experts, dtype=torch.float32, device=x.device)
+    blocks = triton.cdiv(experts, ROUTE_EXPERTS)
+    _route_kernel[(tokens, blocks)](
+        x, router, logits, _route_tickets(x.device, tokens), weights, ids,
+        hidden, x.stride(0), router.stride(0),
+        E=experts, E_TILE=triton.next_power_of_2(experts), TOP_K=top_k,
+        K_TILE=triton.next_power_of_2(top_k), NORM=norm_topk_prob, BLOCK_E=ROUTE_EXPERTS,
+        BLOCK_H=min(ROUTE_COLUMNS, triton.next_power_of_2(hidden)), BLOCKS=blocks,
+        num_warps=4,
+    )  # fmt: skip
+    return weights, ids

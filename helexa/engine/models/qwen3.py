@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, is_dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -24,7 +25,7 @@ from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitec
 from helexa.engine.checkpoint.types import Checkpoint, Weight
 from helexa.engine.models.kv_cache import KVCache
 from helexa.engine.quant.ops import embedding, fuse_rows, linear
-from helexa.engine.quant.tensor import QuantizedTensor
+from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor
 
 if TYPE_CHECKING:
     from torch.nn.attention.bias import CausalBias
@@ -229,11 +230,18 @@ class FeedForward(Protocol):
     """A layer's MLP: dense (:class:`MLP`) or a mixture of experts (qwen3_moe.SparseMoE).
 
     ``decode`` is the same function for the few tokens of a decode step, written so that
-    it can be captured in a CUDA graph (no host sync, no branch on a computed value)."""
+    it can be captured in a CUDA graph (no host sync, no branch on a computed value).
+    Where the CUDA step runs its kernels it passes them (models.decode_kernels) and x's
+    int8 activations from the norm before (``quantized``); either may be None."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor: ...
+    def decode(
+        self,
+        x: torch.Tensor,
+        quantized: Int8Rows | None = None,
+        kernels: ModuleType | None = None,
+    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -249,7 +257,14 @@ class MLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return linear(F.silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self,
+        x: torch.Tensor,
+        quantized: Int8Rows | None = None,
+        kernels: ModuleType | None = None,
+    ) -> torch.Tensor:
+        """The reference; the fused step (one gate/up matvec on the int8 activations) is
+        cuda_graph.mlp_step's, which every decode step calls."""
         return self(x)
 
 

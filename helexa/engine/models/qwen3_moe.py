@@ -7,12 +7,15 @@ Qwen3 whose sparse layers have a :class:`SparseMoE` where the dense MLP would be
 layers are sparse is the config's ``decoder_sparse_step`` and ``mlp_only_layers``.
 
 Experts are stored stacked, one (n_experts, out, in) tensor per projection (float, or GGUF
-blocks as a 3-D QuantizedTensor), so a step picks its experts by indexing on the device.
+blocks as a 3-D QuantizedTensor), so a step picks its experts by indexing on the device;
+gate and up, where they share an encoding, as one (n_experts, 2 * moe_ffn, hidden) stack
+that both are views of, for the decode step's one gate/up launch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
@@ -20,8 +23,16 @@ import torch.nn.functional as F
 
 from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.engine.checkpoint.types import Weight
-from helexa.engine.models.qwen3 import CheckpointWeights, FeedForward, Qwen3, Qwen3Config
-from helexa.engine.quant.ops import expert_linear, grouped_linear, linear
+from helexa.engine.models.qwen3 import (
+    CheckpointWeights,
+    FeedForward,
+    Qwen3,
+    Qwen3Config,
+    fuse_projections,
+)
+from helexa.engine.quant import ops
+from helexa.engine.quant.ops import expert_linear, grouped_linear, has_kernel, linear
+from helexa.engine.quant.tensor import Int8Rows, int8_activations
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 # HF config.json says qwen3_moe; llama.cpp's GGUF architecture is qwen3moe.
@@ -100,6 +111,9 @@ class SparseMoE:
     down_proj: Weight
     top_k: int
     norm_topk_prob: bool
+    # gate and up as one (n_experts, 2 * moe_ffn, hidden) stack, [gate | up] per expert,
+    # gate_proj and up_proj views into it (as qwen3.MLP.fused); empty: not fused.
+    fused: tuple[Weight, ...] = ()
 
     @property
     def num_experts(self) -> int:
@@ -125,11 +139,23 @@ class SparseMoE:
         weights, experts = self.route(flat)
         return self._grouped(flat, weights, experts).view(x.shape)
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self,
+        x: torch.Tensor,
+        quantized: Int8Rows | None = None,
+        kernels: ModuleType | None = None,
+    ) -> torch.Tensor:
         """A decode step's few tokens: every (token, chosen expert) pair is one row of a
         grouped matvec per projection (quant.ops.grouped_linear: one launch on CUDA,
         reading only the routed experts' blocks); graph-capturable, as routing stays on
-        the device."""
+        the device. This is the reference. ``kernels`` (models.decode_kernels, which the
+        CUDA decode step passes where its kernels run) takes :meth:`fused_decode`
+        instead, where the Triton matvecs read every expert stack; ``quantized`` is x's
+        int8 activations, from the norm kernel before."""
+        if kernels is not None and all(
+            has_kernel(w) for w in (self.gate_proj, self.up_proj, self.down_proj)
+        ):
+            return self.fused_decode(x, quantized, kernels)
         flat = x.reshape(-1, x.shape[-1])
         weights, experts = self.route(flat)
         tokens, k = experts.shape
@@ -139,6 +165,39 @@ class SparseMoE:
         h = h * grouped_linear(rows, self.up_proj, index)
         out = grouped_linear(h, self.down_proj, index).view(tokens, k, -1)  # (.., hidden)
         return (out * weights[..., None]).sum(dim=1).view(x.shape)
+
+    def fused_decode(
+        self, x: torch.Tensor, quantized: Int8Rows | None, kernels: ModuleType
+    ) -> torch.Tensor:
+        """:meth:`decode` in four launches, with no copy of x and no launch to quantize:
+        routing in one kernel (decode_kernels.route), one grouped matvec of the fused
+        [gate | up] stacks in which each token's experts read the token's x (its int8
+        activations from the norm before), SiLU·mul writing h and h's int8 activations,
+        and down with the weighted sum over each token's experts in the same launch.
+        Gate and up of different block types take one matvec each. The experts' outputs
+        are summed in float32 and rounded once (the reference rounds each weighted
+        output, then the sum). Graph-capturable: nothing reads the routing on the host."""
+        matvecs = ops.kernels()
+        assert matvecs is not None, "fused_decode needs the Triton matvecs"
+        flat = x.reshape(-1, x.shape[-1])  # (tokens, hidden)
+        k = self.top_k
+        weights, experts = kernels.route(flat, self.router, k, self.norm_topk_prob)  # (tokens, k)
+        index = experts.view(-1)  # (tokens * k,): token t's experts are pair rows t*k..t*k+k-1
+        int8 = int8_activations(x, self.down_proj.shape[-1])
+        if self.fused:
+            gate_up = matvecs.grouped_matvec(
+                flat, self.fused[0], index, quantized=quantized, share=k
+            )  # (tokens * k, 2 * moe_ffn): gate then up
+            h, hq = kernels.silu_mul(gate_up, quantize=int8)
+        else:
+            gate, up = (
+                matvecs.grouped_matvec(flat, w, index, quantized=quantized, share=k)
+                for w in (self.gate_proj, self.up_proj)
+            )  # (tokens * k, moe_ffn) each
+            h, hq = kernels.silu_mul(gate, quantize=int8, up=up)
+        # (tokens * k, moe_ffn) -> (tokens, hidden), summed over each token's k experts
+        out = matvecs.grouped_matvec(h, self.down_proj, index, quantized=hq, combine=weights)
+        return out.view(x.shape)
 
     def _grouped(
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
@@ -186,7 +245,8 @@ def load_sparse_moe(w: CheckpointWeights, prefix: str, cfg: Any) -> SparseMoE:
     """The router (``{prefix}gate``) and stacked experts under ``prefix``, their shapes
     checked against ``cfg``'s num_experts / moe_intermediate_size / hidden_size (a
     Qwen3MoeConfig, or any config with those fields and num_experts_per_tok /
-    norm_topk_prob)."""
+    norm_topk_prob); gate and up fused where they share an encoding (one block type:
+    Q4_K_M files' are both Q4_K), else kept apart."""
     router = w.dense(prefix + "gate.weight")
     gate, up, down = (w.weight(f"{prefix}experts.{name}.weight") for name in PROJECTIONS)
     e, ffn, hidden = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
@@ -197,4 +257,5 @@ def load_sparse_moe(w: CheckpointWeights, prefix: str, cfg: Any) -> SparseMoE:
             raise CheckpointError(
                 f"{w.source}: {prefix}{name} has shape {tuple(t.shape)}, the config says {shape}"
             )
-    return SparseMoE(router, gate, up, down, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    fused, (gate, up) = fuse_projections([gate, up])
+    return SparseMoE(router, gate, up, down, cfg.num_experts_per_tok, cfg.norm_topk_prob, fused)

@@ -40,7 +40,6 @@ from helexa.engine.checkpoint.types import Checkpoint, Weight
 from helexa.engine.models.cuda_graph import (
     Reduce,
     add_norm,
-    int8_activations,
     masked_attention,
     mlp_step,
     triton_module,
@@ -64,7 +63,7 @@ from helexa.engine.models.qwen3 import (
 from helexa.engine.models.qwen3_moe import SparseMoE, load_sparse_moe
 from helexa.engine.models.recurrent_state import HybridSnapshots, RecurrentState, state_bytes
 from helexa.engine.quant.ops import embedding, linear, linears
-from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor
+from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor, int8_activations
 
 if TYPE_CHECKING:
     from helexa.engine.models.qwen3 import Mask
@@ -386,9 +385,20 @@ class SharedExpertMoE:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.experts(x) + torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        gate = torch.sigmoid(linear(x, self.shared_gate))
-        return self.experts.decode(x) + gate * self.shared.decode(x)
+    def decode(
+        self,
+        x: torch.Tensor,
+        quantized: Int8Rows | None = None,
+        kernels: ModuleType | None = None,
+    ) -> torch.Tensor:
+        """Both halves take the decode step's kernels and x's int8 activations: the routed
+        experts' fused path and the shared expert's fused gate/up (cuda_graph.mlp_step);
+        the kernels' gated sum is one launch."""
+        routed = self.experts.decode(x, quantized, kernels)
+        shared = mlp_step(self.shared, x, quantized, kernels)
+        if kernels is not None:
+            return kernels.shared_expert_add(routed, shared, x, self.shared_gate)
+        return routed + torch.sigmoid(linear(x, self.shared_gate)) * shared
 
 
 @dataclass
@@ -835,6 +845,34 @@ def delta_kernels(model: Qwen3Next) -> ModuleType | None:
     return triton_module("delta_kernels")
 
 
+def _attention_kernels(
+    model: Qwen3Next,
+    attn: GatedAttention,
+    x: torch.Tensor,
+    quantized: Int8Rows | None,
+    input_pos: torch.Tensor,
+    glue: ModuleType,
+) -> tuple[torch.Tensor, Int8Rows | None]:
+    """A gated attention layer's decode step up to o_proj, in three launches after its
+    projections (decode_kernels): the zero-centred q/k norms, partial RoPE and the cache
+    writes in one; attention over the live keys (0..input_pos, not the padded kv_len)
+    as split-K, whose merge also applies sigmoid(gate) and writes o_proj's int8
+    activations. Returns (y [B, 1, Hq * D], its int8 activations or None)."""
+    assert attn.cache is not None and model.cos is not None and model.sin is not None
+    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+    outs = linears(x, attn.fused or parts, quantized)
+    q_gate, k, v = split_outputs(outs, [w.shape[0] for w in parts])  # [B, 1, *] each
+    cache, batch = attn.cache, x.shape[0]
+    q = glue.qk_norm_rope_cache(
+        q_gate, k, v, attn.q_norm, attn.k_norm, model.cos, model.sin, input_pos,
+        cache.k, cache.v, model.config.rms_norm_eps, gated=True,
+    )  # fmt: skip  # [B, Hq, 1, D]
+    length = input_pos + 1
+    return glue.gated_attention(
+        q, cache.k[:batch], cache.v[:batch], length, q_gate, quantize=int8_activations(x)
+    )
+
+
 @torch.inference_mode()
 def decode_step(
     model: Qwen3Next,
@@ -866,7 +904,10 @@ def decode_step(
     delta = None
     for blk in model.layers:
         x, h, hq = add_norm(x, delta, blk.input_layernorm, eps, glue, zc_rms_norm)
-        if isinstance(blk.mixer, GatedAttention):
+        if isinstance(blk.mixer, GatedAttention) and glue is not None:
+            y, yq = _attention_kernels(model, blk.mixer, h, hq, input_pos, glue)
+            y = linear(y, blk.mixer.o_proj, quantized=yq)
+        elif isinstance(blk.mixer, GatedAttention):
             q, k, v, gate = model._gated_qkv(blk.mixer, h, cos, sin, hq)
             assert blk.mixer.cache is not None
             keys, values = blk.mixer.cache.update(input_pos, k, v, kv_len)

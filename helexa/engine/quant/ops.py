@@ -132,14 +132,21 @@ def linears(
     return k.linears(x, weights, quantized)
 
 
+def has_kernel(weight: torch.Tensor | QuantizedTensor) -> bool:
+    """Whether the Triton matvecs read ``weight``'s blocks (quantized, a type they have a
+    kernel for), wherever it is: on CUDA, or on the CPU under Triton's interpreter (which
+    is how the kernels are tested without a GPU)."""
+    if not isinstance(weight, QuantizedTensor):
+        return False
+    k = kernels()
+    return k is not None and weight.qtype in k.SUPPORTED
+
+
 def has_grouped_kernel(experts: torch.Tensor | QuantizedTensor) -> bool:
     """Whether :func:`grouped_linear` runs ``experts`` as one grouped matvec launch that
     reads the picked experts in place (quantized, on CUDA, a type Triton has a kernel
     for); elsewhere it gathers or expands the picked experts, a copy per row."""
-    if not isinstance(experts, QuantizedTensor) or not experts.data.is_cuda:
-        return False
-    k = kernels()
-    return k is not None and experts.qtype in k.SUPPORTED
+    return isinstance(experts, QuantizedTensor) and experts.data.is_cuda and has_kernel(experts)
 
 
 def grouped_linear(
@@ -284,34 +291,36 @@ def fuse_rows(weights: list[Weight]) -> tuple[Weight, list[Weight]] | None:
     """One (sum of outs, in) weight holding ``weights``' rows in order, and each weight
     again as a view of its rows in it (so the fused one costs no extra memory); None
     unless they share an encoding (one block type, or one dtype) and an input width.
+    Stacks of experts (E, out, in) fuse the same way, expert by expert: (E, sum of outs,
+    in), as long as they have as many experts.
 
     A decode step's matvec reads a weight once per launch; projections of the same input
     (q/k/v, gate/up) fused into one launch read the input once and fill the GPU better
     than three small launches, while the prefill keeps using the parts."""
     first = weights[0]
+
+    def same_layout(w: Weight) -> bool:
+        return w.shape[:-2] == first.shape[:-2] and w.shape[-1] == first.shape[-1]
+
     if isinstance(first, QuantizedTensor):
-        same = all(
-            isinstance(w, QuantizedTensor)
-            and w.qtype == first.qtype
-            and len(w.shape) == 2
-            and w.shape[1] == first.shape[1]
+        if not all(
+            isinstance(w, QuantizedTensor) and w.qtype == first.qtype and same_layout(w)
             for w in weights
-        )
-        if not same:
+        ):
             return None
-        data = torch.cat([w.data for w in weights])
-        fused_q = QuantizedTensor(data, first.qtype, (data.shape[0], first.shape[1]))
+        data = torch.cat([w.data for w in weights], dim=-2)
+        shape = (*first.shape[:-2], data.shape[-2], first.shape[-1])
+        fused_q = QuantizedTensor(data, first.qtype, shape)
         parts: list[Weight] = []
         start = 0
         for w in weights:
-            rows = w.shape[0]
-            parts.append(QuantizedTensor(data[start : start + rows], w.qtype, w.shape))
+            rows = w.shape[-2]
+            parts.append(QuantizedTensor(data.narrow(-2, start, rows), w.qtype, w.shape))
             start += rows
         return fused_q, parts
     if not all(
-        isinstance(w, torch.Tensor) and w.dtype == first.dtype and w.shape[1:] == first.shape[1:]
-        for w in weights
+        isinstance(w, torch.Tensor) and w.dtype == first.dtype and same_layout(w) for w in weights
     ):
         return None
-    fused = torch.cat(weights)  # type: ignore[arg-type]
-    return fused, list(fused.split([w.shape[0] for w in weights]))
+    fused = torch.cat(weights, dim=-2)  # type: ignore[arg-type]
+    return fused, list(fused.split([w.shape[-2] for w in weights], dim=-2))

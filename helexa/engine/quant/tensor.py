@@ -80,3 +80,10 @@ Int8Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # The activation dtypes the int8 matvec takes (it rounds to 8 bits per 32, as llama.cpp
 # does): the model's half-precision ones, not a float32 caller's, who asked for precision.
 INT8_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def int8_activations(x: torch.Tensor, width: int | None = None) -> bool:
+    """Whether a kernel writing rows of ``width`` (default x's last dim) from ``x``
+    quantizes them for the int8 matvec: for half-precision activations, in rows of whole
+    32-element blocks (a shared expert of 48 would not be)."""
+    return x.dtype in INT8_DTYPES and (width or x.shape[-1]) % 32 == 0

@@ -184,13 +184,40 @@ def _row_sums(t):
 
 @triton.jit
 def _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED: tl.constexpr):
-    """Byte pointers [BN, 1, 1, 1] to weight rows ``rows`` for activation row ``m``: of
-    the one matrix, or (``GROUPED``) of expert ``idx[m]`` in a stack ``stride_e`` bytes
-    apart. Rows past N read row N-1 (always valid memory), dropped at the store."""
+    """Byte pointers [BN, 1, 1, 1] to weight rows ``rows`` for pair row ``m``: of the one
+    matrix, or (``GROUPED``) of expert ``idx[m]`` in a stack ``stride_e`` bytes apart.
+    Rows past N read row N-1 (always valid memory), dropped at the store."""
     if GROUPED:
         w_ptr += tl.load(idx_ptr + m).to(tl.int64) * stride_e
     safe = tl.minimum(rows, N - 1)
     return (w_ptr + safe.to(tl.int64) * stride_w)[:, None, None, None]
+
+
+@triton.jit
+def _pair(t, j, SHARE: tl.constexpr, SLOTS: tl.constexpr):
+    """(pair row, row of x) of slot ``j`` of output row ``t``. A pair row is one row of
+    weights met by one row of activations: output row t sums its ``SLOTS`` consecutive
+    pair rows (a MoE token's routed experts, weighted; 1 elsewhere), and ``SHARE``
+    consecutive pair rows read one row of x (a token's activations, read by each of its
+    experts with no expanded copy; 1 elsewhere)."""
+    m = t * SLOTS + j
+    return m, m // SHARE
+
+
+@triton.jit
+def _add_slot(acc, dot, wt_ptr, m, WEIGHTED: tl.constexpr):
+    """``acc + dot``, the pair's dot products weighted by ``wt[m]`` (a router weight,
+    rounded as the caller stored it) where ``WEIGHTED``."""
+    if WEIGHTED:
+        dot = dot * tl.load(wt_ptr + m).to(tl.float32)
+    return acc + dot
+
+
+@triton.jit
+def _store_rows(y_ptr, t, stride_y, rows, N, acc):
+    """Output row ``t``'s ``rows``, rounded once to y's dtype; rows past N dropped."""
+    y = y_ptr + t.to(tl.int64) * stride_y + rows
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
 @triton.jit
@@ -205,19 +232,10 @@ def _step_units(row_ptr, u0, N_UNITS: tl.constexpr, UNIT_BYTES: tl.constexpr, U:
 
 
 @triton.jit
-def _matvec_kernel(
-    x_ptr,
-    w_ptr,
-    y_ptr,
-    idx_ptr,
-    M,
-    N,
-    stride_x,
-    stride_w,
-    stride_y,
-    stride_e,
+def _plain_dots(
+    x_row,
+    row_ptr,
     N_UNITS: tl.constexpr,
-    GROUPED: tl.constexpr,
     QTYPE: tl.constexpr,
     UNIT: tl.constexpr,
     UNIT_BYTES: tl.constexpr,
@@ -226,23 +244,8 @@ def _matvec_kernel(
     U: tl.constexpr,
     DEFER: tl.constexpr,
 ):
-    """y[m, n] = sum_k x[m, k] * W[n, k] for BLOCK_N rows n over ``N_UNITS`` units.
-
-    One grid axis (the others cap at 65535, fewer than an lm_head's row tiles), m fastest
-    so the programs sharing a weight tile run together and share it in L2. ``DEFER`` keeps
-    the products of every step in a register tile and sums rows once at the end, instead
-    of a cross-thread reduction (and, over several warps, a barrier) at every step; which
-    is faster depends on the shape, so the autotuner tries both.
-
-    ``GROUPED``: ``w_ptr`` is a stack of experts ``stride_e`` bytes apart and row m of x
-    meets expert ``idx[m]``, read here on the device: a MoE decode step's routed experts
-    in one launch, with no copy of their blocks and no host sync."""
-    pid = tl.program_id(0)
-    m = pid % M
-    rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Units past N_UNITS re-read the last unit and are zeroed through x.
-    row_ptr = _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED)
-    x_row = x_ptr + m.to(tl.int64) * stride_x
+    """:func:`_matvec_kernel`'s [BLOCK_N] dot products of the rows at ``row_ptr`` with
+    the activations at ``x_row``, a dequantized tile per step."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     # DEFER's running products, shaped as the decoders' tiles: Q8_0 one [G, 32] per unit,
     # Q4_K/Q5_K two [4, 32], Q6_K two [8, 16] (see the decoders).
@@ -275,25 +278,16 @@ def _matvec_kernel(
                 acc += _row_sums(p_a) + _row_sums(p_b)
     if DEFER:
         acc = _row_sums(tile_a) if QTYPE == 8 else _row_sums(tile_a) + _row_sums(tile_b)
-    y = y_ptr + m.to(tl.int64) * stride_y + rows
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
+    return acc
 
 
 @triton.jit
-def _scaled_sums(q, a, b, x_unit, e, valid):
-    """``sum(w * x)`` per sub-block of a [BN, U, A, B] tile of weights ``a * q + b``,
-    with the scales out of the inner loop: ``a * sum(q * x) + b * sum(x)`` -> [BN, U, A, 1]."""
-    x = tl.load(x_unit + e, mask=valid, other=0.0).to(tl.float32)
-    dots = tl.sum(q * x, axis=3, keep_dims=True)
-    return a * dots + b * tl.sum(x, axis=3, keep_dims=True)
-
-
-@triton.jit
-def _matvec_affine_kernel(
+def _matvec_kernel(
     x_ptr,
     w_ptr,
     y_ptr,
     idx_ptr,
+    wt_ptr,
     M,
     N,
     stride_x,
@@ -306,18 +300,62 @@ def _matvec_affine_kernel(
     UNIT: tl.constexpr,
     UNIT_BYTES: tl.constexpr,
     G: tl.constexpr,
+    SHARE: tl.constexpr,
+    SLOTS: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    U: tl.constexpr,
+    DEFER: tl.constexpr,
+):
+    """y[t, n] = sum_k x[t, k] * W[n, k] for BLOCK_N rows n over ``N_UNITS`` units.
+
+    One grid axis (the others cap at 65535, fewer than an lm_head's row tiles), t fastest
+    so the programs sharing a weight tile run together and share it in L2. ``DEFER`` keeps
+    the products of every step in a register tile and sums rows once at the end, instead
+    of a cross-thread reduction (and, over several warps, a barrier) at every step; which
+    is faster depends on the shape, so the autotuner tries both.
+
+    ``GROUPED``: ``w_ptr`` is a stack of experts ``stride_e`` bytes apart and pair row m
+    meets expert ``idx[m]``, read here on the device: a MoE decode step's routed experts
+    in one launch, with no copy of their blocks and no host sync. ``SHARE``, ``SLOTS``
+    and ``WEIGHTED`` map output rows to pair rows and rows of x (see :func:`_pair`): a
+    token's experts reading its one x, and their outputs summed by router weight ``wt``."""
+    pid = tl.program_id(0)
+    t = pid % M
+    rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(SLOTS):
+        m, xm = _pair(t, j, SHARE, SLOTS)
+        row_ptr = _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED)
+        x_row = x_ptr + xm.to(tl.int64) * stride_x
+        dots = _plain_dots(x_row, row_ptr, N_UNITS, QTYPE, UNIT, UNIT_BYTES, G, BLOCK_N, U, DEFER)
+        acc = _add_slot(acc, dots, wt_ptr, m, WEIGHTED)
+    _store_rows(y_ptr, t, stride_y, rows, N, acc)
+
+
+@triton.jit
+def _scaled_sums(q, a, b, x_unit, e, valid):
+    """``sum(w * x)`` per sub-block of a [BN, U, A, B] tile of weights ``a * q + b``,
+    with the scales out of the inner loop: ``a * sum(q * x) + b * sum(x)`` -> [BN, U, A, 1]."""
+    x = tl.load(x_unit + e, mask=valid, other=0.0).to(tl.float32)
+    dots = tl.sum(q * x, axis=3, keep_dims=True)
+    return a * dots + b * tl.sum(x, axis=3, keep_dims=True)
+
+
+@triton.jit
+def _affine_dots(
+    x_row,
+    row_ptr,
+    N_UNITS: tl.constexpr,
+    QTYPE: tl.constexpr,
+    UNIT: tl.constexpr,
+    UNIT_BYTES: tl.constexpr,
+    G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     U: tl.constexpr,
 ):
-    """:func:`_matvec_kernel`'s sums with each sub-block's scale applied once to its dot
-    product (llama.cpp's order) instead of to every weight: per weight one multiply-add
-    on the raw quant value, and no dequantized tile. Same grid, same row/unit handling,
-    same ``GROUPED`` expert stacks."""
-    pid = tl.program_id(0)
-    m = pid % M
-    rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ptr = _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED)
-    x_row = x_ptr + m.to(tl.int64) * stride_x
+    """:func:`_matvec_affine_kernel`'s [BLOCK_N] dot products, each sub-block's scale
+    applied once to its sum."""
     # Per-sub-block partial sums, one per unit slot: Q8_0 G blocks, Q4_K/Q5_K 2 x 4, Q6_K 2 x 8.
     if QTYPE == 8:
         tile = tl.zeros([BLOCK_N, U, G, 1], dtype=tl.float32)
@@ -335,9 +373,49 @@ def _matvec_affine_kernel(
             q_a, a_a, b_a, e_a, q_b, a_b, b_b, e_b = _k_quant_affine(blk, QTYPE)
             tile += _scaled_sums(q_a, a_a, b_a, x_unit, e_a, valid)
             tile += _scaled_sums(q_b, a_b, b_b, x_unit, e_b, valid)
-    acc = _row_sums(tile)
-    y = y_ptr + m.to(tl.int64) * stride_y + rows
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
+    return _row_sums(tile)
+
+
+@triton.jit
+def _matvec_affine_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    idx_ptr,
+    wt_ptr,
+    M,
+    N,
+    stride_x,
+    stride_w,
+    stride_y,
+    stride_e,
+    N_UNITS: tl.constexpr,
+    GROUPED: tl.constexpr,
+    QTYPE: tl.constexpr,
+    UNIT: tl.constexpr,
+    UNIT_BYTES: tl.constexpr,
+    G: tl.constexpr,
+    SHARE: tl.constexpr,
+    SLOTS: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    U: tl.constexpr,
+):
+    """:func:`_matvec_kernel`'s sums with each sub-block's scale applied once to its dot
+    product (llama.cpp's order) instead of to every weight: per weight one multiply-add
+    on the raw quant value, and no dequantized tile. Same grid, same row/unit handling,
+    same ``GROUPED`` expert stacks and pair rows."""
+    pid = tl.program_id(0)
+    t = pid % M
+    rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(SLOTS):
+        m, xm = _pair(t, j, SHARE, SLOTS)
+        row_ptr = _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED)
+        x_row = x_ptr + xm.to(tl.int64) * stride_x
+        dots = _affine_dots(x_row, row_ptr, N_UNITS, QTYPE, UNIT, UNIT_BYTES, G, BLOCK_N, U)
+        acc = _add_slot(acc, dots, wt_ptr, m, WEIGHTED)
+    _store_rows(y_ptr, t, stride_y, rows, N, acc)
 
 
 # Run Triton's PTX for integer dot products, or (under the interpreter, which has no PTX)
@@ -507,20 +585,13 @@ def _q6_k_int8(blk, xw, xd, xs, valid, ASM: tl.constexpr):
 
 
 @triton.jit
-def _matvec_int8_kernel(
+def _int8_dots(
     xq_ptr,
     xd_ptr,
     xs_ptr,
-    w_ptr,
-    y_ptr,
-    idx_ptr,
-    M,
-    N,
-    stride_w,
-    stride_y,
-    stride_e,
+    xm,
+    row_ptr,
     N_UNITS: tl.constexpr,
-    GROUPED: tl.constexpr,
     QTYPE: tl.constexpr,
     UNIT: tl.constexpr,
     UNIT_BYTES: tl.constexpr,
@@ -529,20 +600,12 @@ def _matvec_int8_kernel(
     U: tl.constexpr,
     ASM: tl.constexpr,
 ):
-    """:func:`_matvec_kernel`'s sums over activations quantized to int8 by
-    :func:`_quantize_rows_kernel` (llama.cpp's MMVQ): each 32-bit word of weights is
-    masked into four byte lanes and meets four activations in one dp4a, so a weight costs
-    about one instruction instead of ~12 (unpack, convert, gather, multiply), which is what
-    kept the float kernels at a third of the memory bandwidth. Same grid, same rows, same
-    ``GROUPED`` stacks; per-thread partial sums are reduced once, at the end."""
-    pid = tl.program_id(0)
-    m = pid % M
-    rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ptr = _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED)
+    """:func:`_matvec_int8_kernel`'s [BLOCK_N] dot products of the rows at ``row_ptr``
+    with row ``xm`` of the int8 activations."""
     K: tl.constexpr = N_UNITS * UNIT
-    xw_row = xq_ptr.to(tl.pointer_type(tl.int32)) + m * (K // 4)
-    xd_row = xd_ptr + m * (K // 32)
-    xs_row = xs_ptr + m * (K // 16)
+    xw_row = xq_ptr.to(tl.pointer_type(tl.int32)) + xm * (K // 4)
+    xd_row = xd_ptr + xm * (K // 32)
+    xs_row = xs_ptr + xm * (K // 16)
     # One partial sum per tile row of 4 weight words: Q8_0 2 per block, k-quants 8 per unit.
     acc = tl.zeros([BLOCK_N, U, 2 * G if QTYPE == 8 else 8, 1], dtype=tl.float32)
     for u0 in range(0, N_UNITS, U):
@@ -556,8 +619,54 @@ def _matvec_int8_kernel(
             acc += _q6_k_int8(blk, xw, xd, xs_row + units * (UNIT // 16), valid, ASM)
         else:
             acc += _k4_int8(blk, xw, xd, xs_row + units * (UNIT // 16), valid, QTYPE, ASM)
-    y = y_ptr + m.to(tl.int64) * stride_y + rows
-    tl.store(y, _row_sums(acc).to(y_ptr.dtype.element_ty), mask=rows < N)
+    return _row_sums(acc)
+
+
+@triton.jit
+def _matvec_int8_kernel(
+    xq_ptr,
+    xd_ptr,
+    xs_ptr,
+    w_ptr,
+    y_ptr,
+    idx_ptr,
+    wt_ptr,
+    M,
+    N,
+    stride_w,
+    stride_y,
+    stride_e,
+    N_UNITS: tl.constexpr,
+    GROUPED: tl.constexpr,
+    QTYPE: tl.constexpr,
+    UNIT: tl.constexpr,
+    UNIT_BYTES: tl.constexpr,
+    G: tl.constexpr,
+    SHARE: tl.constexpr,
+    SLOTS: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    U: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """:func:`_matvec_kernel`'s sums over activations quantized to int8 by
+    :func:`_quantize_rows_kernel` (llama.cpp's MMVQ): each 32-bit word of weights is
+    masked into four byte lanes and meets four activations in one dp4a, so a weight costs
+    about one instruction instead of ~12 (unpack, convert, gather, multiply), which is what
+    kept the float kernels at a third of the memory bandwidth. Same grid, same rows, same
+    ``GROUPED`` stacks and pair rows; per-thread partial sums are reduced once per pair."""
+    pid = tl.program_id(0)
+    t = pid % M
+    rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(SLOTS):
+        m, xm = _pair(t, j, SHARE, SLOTS)
+        row_ptr = _weight_rows(w_ptr, idx_ptr, m, rows, N, stride_w, stride_e, GROUPED)
+        dots = _int8_dots(
+            xq_ptr, xd_ptr, xs_ptr, xm, row_ptr, N_UNITS, QTYPE, UNIT, UNIT_BYTES, G, BLOCK_N, U, ASM
+        )  # fmt: skip
+        acc = _add_slot(acc, dots, wt_ptr, m, WEIGHTED)
+    _store_rows(y_ptr, t, stride_y, rows, N, acc)
 
 
 @triton.jit
@@ -610,8 +719,9 @@ _MATVEC_CONFIGS = [
 FIXED_CONFIG = {"BLOCK_N": 2, "U": 8, "DEFER": False, "num_warps": 4}
 # Tuning results kept on disk beside the compiled kernels (see quant/ops.py), where this
 # Triton has ``cache_results`` (recent ones do): the choice per shape survives a restart.
-# Grouped rows each read their own expert (no L2 sharing between them): tuned apart.
-_TUNING: dict[str, Any] = {"key": ["N", "N_UNITS", "QTYPE", "GROUPED"]}
+# Grouped rows each read their own expert (no L2 sharing between them): tuned apart, and
+# so is a MoE's weighted sum over a token's experts (SLOTS of them in each program).
+_TUNING: dict[str, Any] = {"key": ["N", "N_UNITS", "QTYPE", "GROUPED", "SLOTS"]}
 if "cache_results" in inspect.signature(triton.autotune).parameters:
     _TUNING["cache_results"] = True
 # Triton times each config for 25 + 100 ms by default: with ~40 configs and ~10 decode
@@ -678,11 +788,14 @@ def _unit(qtype: Q, k: int) -> tuple[int, int, int]:
 
 
 def _check(weight: QuantizedTensor) -> None:
+    """A type with a kernel, and each row's blocks contiguous: the kernels address rows
+    (and experts) by stride, so a view of some rows of a fused weight (gate of a fused
+    [gate | up] expert stack) is read in place."""
     if weight.qtype not in SUPPORTED:
         names = ", ".join(q.name for q in SUPPORTED)
         raise ValueError(f"no Triton kernel for {weight.qtype.name} (have {names})")
-    if not weight.data.is_contiguous():
-        raise ValueError("quantized weight data must be contiguous")
+    if weight.data.stride(-1) != 1:
+        raise ValueError("quantized weight rows must be contiguous")
 
 
 def matvec(
@@ -721,24 +834,53 @@ def grouped_matvec(
     experts: QuantizedTensor,
     index: torch.Tensor,
     config: dict[str, Any] | None = None,
+    *,
+    quantized: Int8Rows | None = None,
+    share: int = 1,
+    combine: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Row ``r`` of ``x`` (R, K) times expert ``index[r]`` of the stack ``experts``
-    (E, N, K): out (R, N) in ``x.dtype``, in one launch. ``index`` (R,) stays on the
-    device and is read by the kernel, so the step that routes and applies the experts
-    has no host sync and replays in a CUDA graph; an index must be in 0..E-1 (a router's
-    top-k always is; this is not checked, which would need a sync)."""
+    """Pair row ``r`` (a row of x, see ``share``) times expert ``index[r]`` of the stack
+    ``experts`` (E, N, K): out (R, N) in ``x.dtype``, in one launch. ``index`` (R,) stays
+    on the device and is read by the kernel, so the step that routes and applies the
+    experts has no host sync and replays in a CUDA graph; an index must be in 0..E-1 (a
+    router's top-k always is; this is not checked, which would need a sync).
+
+    ``share``: each row of x (R / share, K) serves ``share`` consecutive pair rows, so a
+    MoE token's top-k experts all read the token's activations (and its int8 ones, made
+    once) with no expanded copy. ``combine`` (T, k) router weights, T * k = R: out is
+    (T, N) instead, row t the sum of pair rows t*k .. t*k+k-1 weighted by combine[t]
+    (float32 sums, rounded once): the MoE's weighted sum over a token's experts, in the
+    same launch. ``quantized``: x's int8 activations where the kernel that wrote x made
+    them (used if the int8 kernel runs)."""
     _check(experts)
     if len(experts.shape) != 3:
         raise ValueError(f"grouped_matvec takes an (E, N, K) stack, got {experts.shape}")
-    r = x.shape[0]
+    if share < 1 or x.dim() != 2:
+        raise ValueError(
+            f"grouped_matvec: x (rows, K) and share >= 1, got {tuple(x.shape)}, {share}"
+        )
+    r = x.shape[0] * share
     if index.shape != (r,) or index.dtype not in (torch.int32, torch.int64):
         raise ValueError(
-            f"grouped_matvec: index must be ({r},) int64/int32, one expert per row of x, "
-            f"got {index.dtype} {tuple(index.shape)}"
+            f"grouped_matvec: index must be ({r},) int64/int32, one expert per row of x "
+            f"times share ({share}), got {index.dtype} {tuple(index.shape)}"
         )
     if index.device != x.device or experts.device != x.device:
         raise ValueError("grouped_matvec: x, experts and index must be on one device")
-    return _launch(x, experts, index.contiguous(), config)
+    if combine is not None:
+        if combine.dim() != 2 or combine.numel() != r or not combine.is_floating_point():
+            raise ValueError(
+                f"grouped_matvec: combine must be float (tokens, k) weights for {r} pair "
+                f"rows, got {combine.dtype} {tuple(combine.shape)}"
+            )
+        combine = combine.contiguous()
+    if quantized is not None and quantized[0].shape != x.shape:
+        raise ValueError(
+            f"grouped_matvec: quantized activations {tuple(quantized[0].shape)} are not x's "
+            f"{tuple(x.shape)}"
+        )
+    shared = [quantized] if quantized else None
+    return _launch(x, experts, index.contiguous(), config, None, shared, share, combine)
 
 
 def quantized_rows(rows: int, k: int, device: torch.device) -> Int8Rows:
@@ -772,26 +914,32 @@ def _launch(
     config: dict[str, Any] | None,
     kernel: str | None = None,
     shared: list[Int8Rows] | None = None,
+    share: int = 1,
+    combine: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One matvec: plain (``index`` None, ``weight`` (N, K)) or grouped (``weight`` an
-    (E, N, K) stack, expert ``index[m]`` for row m), by the kernel measured fastest for the
-    shape, or as ``config`` says. ``shared`` holds x's int8 quantization once a call made
-    it, for the next matvec of the same x (see :func:`matvecs`)."""
+    (E, N, K) stack, expert ``index[r]`` for pair row r; ``share`` and ``combine`` as
+    :func:`grouped_matvec` says), by the kernel measured fastest for the shape, or as
+    ``config`` says. ``shared`` holds x's int8 quantization once a call made it, for the
+    next matvec of the same x (see :func:`matvecs`)."""
     n, k = weight.shape[-2:]
-    m = x.shape[0]
     if x.shape[-1] != k or x.stride(-1) != 1:
         raise ValueError(f"matvec: x must be (M, {k}) with unit stride, got {tuple(x.shape)}")
+    pairs = x.shape[0] * share  # rows of weights met, one row of x each
+    slots = 1 if combine is None else combine.shape[1]
+    m = pairs // slots  # output rows
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
     unit, unit_bytes, g = _unit(weight.qtype, k)
     data = weight.data
     grouped = index is not None
-    weights = (data, y, index if grouped else y, m, n)
+    # unused pointers (no index, no weights) point at y
+    pointers = (data, y, index if grouped else y, y if combine is None else combine)
     strides = (data.stride(-2), y.stride(0), data.stride(0) if grouped else 0)
     meta = dict(
         N_UNITS=k // unit, GROUPED=grouped, QTYPE=int(weight.qtype), UNIT=unit,
-        UNIT_BYTES=unit_bytes, G=g,
+        UNIT_BYTES=unit_bytes, G=g, SHARE=share, SLOTS=slots, WEIGHTED=combine is not None,
     )  # fmt: skip
 
     def run(name: str, fixed: dict[str, Any] | None = None, reuse: bool = False) -> None:
@@ -810,9 +958,9 @@ def _launch(
                 q, d, s = quantize_rows(x)
                 if reuse and shared is not None:
                     shared.append((q, d, s))
-            kernel[grid](q, d, s, *weights, *strides, **meta, ASM=ASM, **extra)
+            kernel[grid](q, d, s, *pointers, m, n, *strides, **meta, ASM=ASM, **extra)
         else:
-            kernel[grid](x, *weights[:3], m, n, x.stride(0), *strides, **meta, **extra)
+            kernel[grid](x, *pointers, m, n, x.stride(0), *strides, **meta, **extra)
 
     if kernel is not None:
         if kernel not in _TUNED:
@@ -820,9 +968,11 @@ def _launch(
         run(kernel, reuse=True)
     elif AUTOTUNE and config is None:
         # Rows by power of two: a prefill's grouped call has any row count, and each new
-        # key costs a timing of every kernel.
+        # key costs a timing of every kernel. A weighted sum over slots is its own shape
+        # (its key alone grows, so the choices kept on disk for the others stay valid).
         int8 = x.dtype in INT8_DTYPES
-        key = (1 << (m - 1).bit_length(), n, k, int(weight.qtype), grouped, int8)
+        key = (1 << (pairs - 1).bit_length(), n, k, int(weight.qtype), grouped, int8)
+        key += (slots,) if slots > 1 else ()
         gpu = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
         name = _faster.get((gpu, *key))  # mismatched cards each measure their own
         if name is None:

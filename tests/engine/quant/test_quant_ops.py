@@ -111,3 +111,16 @@ def test_split_outputs_cuts_fused_outputs_into_views() -> None:
     assert [t.shape[-1] for t in (q, k, v, g)] == [3, 1, 2, 3]
     assert torch.equal(k, outs[0][..., 3:4]) and torch.equal(g, outs[1])
     assert q.data_ptr() == outs[0].data_ptr()  # a view, not a copy
+
+
+def test_int8_activations_are_written_for_half_precision_rows_of_whole_blocks() -> None:
+    """A kernel quantizes its output for the int8 matvec only where the matvec can read it:
+    half-precision rows of whole 32-element blocks. A shared expert of 48 (a gate/up of
+    96, whose SiLU·mul writes 48) gets plain rows, not a ValueError inside a graph capture."""
+    from helexa.engine.quant.tensor import int8_activations
+
+    gate_up = torch.empty(2, 96, dtype=torch.bfloat16)
+    assert int8_activations(gate_up)
+    assert not int8_activations(gate_up, 48)
+    assert int8_activations(gate_up, 64)
+    assert not int8_activations(gate_up.float())

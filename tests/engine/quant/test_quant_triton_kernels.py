@@ -8,8 +8,8 @@ without a GPU. CI has neither and skips them, except the dispatch checks at the 
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -443,6 +443,9 @@ def test_quant_linear_routes_cuda_weights_to_triton() -> None:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (compiles ahead of time, no GPU)")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing"
+)
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> None:
     """The interpreter accepts code the compiler may not: every config the autotuner can
@@ -455,6 +458,7 @@ def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> 
 
     unit, unit_bytes, g = tk._unit(qtype, 4096)
     pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "y_ptr": "*bf16", "idx_ptr": "*i64"}
+    pointers["wt_ptr"] = "*bf16"  # a MoE's router weights, summing a token's experts
     ints = dict.fromkeys(("M", "N", "stride_x", "stride_w", "stride_y", "stride_e"), "i32")
     # The integer kernel takes the quantized activations instead of x (and, compiled, its
     # dp4a PTX, which the interpreter never sees).
@@ -464,19 +468,66 @@ def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> 
         (tk._matvec_affine_kernel, tk._AFFINE_CONFIGS, {}),
         (tk._matvec_int8_kernel, tk._INT8_CONFIGS, {"ASM": True}),
     ]
-    configs = ((fn, c, extra) for fn, configs, extra in spaces for c in configs)
-    for (fn, config, extra), grouped in itertools.product(configs, (False, True)):
-        constants = dict(N_UNITS=4096 // unit, GROUPED=grouped, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, **config.kwargs, **extra)  # fmt: skip
+    # Every config as a plain and a grouped matvec; and as the MoE decode's two grouped
+    # ones (a token's 8 experts reading its one x for gate/up, and down summing their
+    # outputs by router weight), where a MoE step can run it: the tuned candidates
+    # (_KERNELS) and the fixed config.
+    one = dict(SHARE=1, SLOTS=1, WEIGHTED=False)
+    moe = [{**one, "SHARE": 8}, dict(SHARE=1, SLOTS=8, WEIGHTED=True)]
+    fixed = {k: v for k, v in tk.FIXED_CONFIG.items() if k != "num_warps"}
+    tuned = [tk._UNTUNED[name] for name in tk._KERNELS]
+    jobs = []
+    for fn, configs, extra in spaces:
+        layouts = [(False, one), (True, one)] + [(True, m) for m in moe if fn in tuned]
+        jobs += [(fn, c, extra, grouped, layout) for c in configs for grouped, layout in layouts]
+    plain_fixed = triton.Config(fixed, num_warps=tk.FIXED_CONFIG["num_warps"])
+    jobs += [(tk._matvec_kernel, plain_fixed, {}, True, m) for m in moe]
+    for fn, config, extra, grouped, layout in jobs:
+        constants = dict(N_UNITS=4096 // unit, GROUPED=grouped, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, **layout, **config.kwargs, **extra)  # fmt: skip
         kinds = {**pointers, **ints, **dict.fromkeys(constants, "constexpr")}
         signature = {name: kinds[name] for name in fn.arg_names}
         source = ASTSource(fn=fn, signature=signature, constexprs=constants)
         kernel = triton.compile(
             source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
         )
-        assert kernel.asm["cubin"], (config, grouped)
+        assert kernel.asm["cubin"], (config, grouped, layout)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (compiles ahead of time, no GPU)")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing"
+)
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
+def test_the_moe_decode_glue_compiles_for_hopper(norm: bool) -> None:
+    """The MoE decode's own launches beside the matvecs, as they run on a Qwen3-30B-A3B
+    (128 experts, top 8, hidden 2048, experts 768 wide): the one-launch router (its
+    atomic ticket and barrier only exist compiled) and SiLU·mul over separate or fused
+    gate/up rows, quantizing or not, built to sm_90 machine code."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from helexa.engine.models import decode_kernels as dk
+
+    def build(fn: Any, kinds: dict[str, str], constants: dict[str, Any]) -> None:
+        signature = {name: kinds.get(name, "constexpr") for name in fn.arg_names}
+        source = ASTSource(fn=fn, signature=signature, constexprs=constants)
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert kernel.asm["cubin"], (fn, constants)
+
+    route = {"X": "*bf16", "Router": "*bf16", "Logits": "*fp32", "Tickets": "*i32"}
+    route |= {"Weights": "*bf16", "Experts": "*i32", "H": "i32", "stride_x": "i32", "stride_r": "i32"}  # fmt: skip
+    blocks = 128 // dk.ROUTE_EXPERTS
+    build(dk._route_kernel, route, dict(E=128, E_TILE=128, TOP_K=8, K_TILE=8, NORM=norm, BLOCK_E=dk.ROUTE_EXPERTS, BLOCK_H=dk.ROUTE_COLUMNS, BLOCKS=blocks))  # fmt: skip
+    glue = {"Gate": "*bf16", "Up": "*bf16", "Out": "*bf16", "Q": "*i8", "D": "*fp32", "S": "*fp32"}
+    glue |= dict.fromkeys(("width", "stride_gate", "stride_up"), "i32")
+    build(dk._silu_mul_kernel, glue, dict(QUANT=norm, BLOCK=1024))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (compiles ahead of time, no GPU)")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing"
+)
 @pytest.mark.parametrize("scale_fp32", [False, True], ids=["qwen3-norm", "zero-centred-norm"])
 def test_the_add_rms_norm_glue_compiles_for_hopper(scale_fp32: bool) -> None:
     """Both orders of the glue's norm (round then scale; scale a float32 1 + w, then

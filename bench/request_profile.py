@@ -1,12 +1,14 @@
-"""Where a request's prefill goes: torch.profiler over ``LoadedModel.tokens`` (the path a
-request takes, prompt cache and sampler included) for prompts of the given lengths, each
-the first token of a fresh prompt, after one unprofiled run of the same length.
+"""Where a request's time goes: torch.profiler over ``LoadedModel.tokens`` (the path a
+request takes, prompt cache, sampler and decode graphs included) for prompts of the given
+lengths: each prompt's first token, after one unprofiled run of the same length, and with
+``--decode N`` the N tokens decoded after it.
 
-Prints the wall time per length and the ops that take the most device and host time, so a
-fixed cost (a host sync, a copy to the host, a Python loop of small launches) shows up
-beside the matmuls. A diagnostic, not a benchmark: nothing goes to RESULTS.md.
+Prints the wall time per length, the kernels launched and the device time per decoded
+token, and the ops that take the most device and host time, so a fixed cost (a host sync,
+a copy to the host, a Python loop of small launches) shows up beside the matmuls. A
+diagnostic, not a benchmark: nothing goes to RESULTS.md.
 
-    python3 bench/prefill_profile.py --gguf /tmp/hx/q35-9b.gguf --lengths 64,512
+    python3 bench/request_profile.py --gguf /tmp/hx/q35-9b.gguf --lengths 64,512 --decode 32
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from threading import Event
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from helexa.engine.generate import LoadedModel
@@ -34,6 +37,31 @@ def first_token(model: LoadedModel, prompt: list[int]) -> float:
     return time.perf_counter() - start
 
 
+def decode(model: LoadedModel, prompt: list[int], n: int, activities: list) -> None:
+    """Profile the ``n`` tokens decoded after ``prompt``'s first (greedy), and print what a
+    token costs: wall time, kernels launched and their device time."""
+    stream = model.tokens(prompt, SamplingParams(temperature=0.0), Event())
+    next(stream)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        decoded = sum(1 for _ in zip(range(n), stream, strict=False))
+        if model.model.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    stream.close()
+    averages = prof.key_averages()
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    launches = sum(e.count for e in kernels) / max(decoded, 1)
+    device_us = sum(e.self_device_time_total for e in kernels) / max(decoded, 1)
+    print(
+        f"\n## decode after {len(prompt)} tokens: {decoded} tokens, "
+        f"{seconds * 1e3 / max(decoded, 1):.2f} ms/token wall, {launches:.0f} kernels and "
+        f"{device_us / 1e3:.2f} ms device time per token"
+    )
+    if kernels:
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=40))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", type=Path, required=True)
@@ -41,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--rows", type=int, default=25, help="ops per table")
+    ap.add_argument("--decode", type=int, default=0, help="tokens to decode and profile")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     model = LoadedModel.load(args.gguf, args.device, context_length=args.context)
@@ -62,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda":
             print(averages.table(sort_by="self_cuda_time_total", row_limit=args.rows))
         print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        if args.decode:
+            decode(model, prompt, args.decode, activities)
     return 0
 
 
