@@ -197,8 +197,10 @@ def gated_attention(
     """:func:`split_k_attention` times sigmoid(gate), the hybrid models' gated attention:
     ``q_gate`` is the [B, 1, Hq * 2D] projection q came from, each head's gate after its
     q (any row stride). Returns y [B, 1, Hq * D] and, with ``quantize``, its int8
-    activations for o_proj, both written by the merge."""
+    activations for o_proj, both written by the merge: where a head is whole 32-element
+    blocks (a head of 16 gets None, and o_proj quantizes its own input)."""
     batch, heads, _, dim = q.shape
+    quantize = quantize and dim % 32 == 0
     gate = q_gate.reshape(batch, -1)
     if gate.shape[-1] != 2 * heads * dim or gate.stride(-1) != 1:
         raise ValueError(f"gated_attention: q_gate {tuple(q_gate.shape)} for q {tuple(q.shape)}")

@@ -433,3 +433,45 @@ def test_fused_moe_decode_step_matches_the_torch_step_on_cuda(moe_gguf: Path) ->
             want = cuda_graph.decode_step(plain, token, step, 64)
         torch.testing.assert_close(got, want, atol=3e-2 * want.abs().max().item(), rtol=0)
         token = want[:, -1].argmax(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("dim", [16, 64], ids=["head16", "head64"])
+@needs_kernels
+def test_gated_attention_is_attention_times_the_sigmoid_gate(dim: int) -> None:
+    """The hybrid models' gated attention over the live keys (split-K, gate and o_proj's
+    int8 activations in the merge) against SDPA on the live prefix times sigmoid(gate),
+    in float16 (the int8 path); a head of 16 is not whole int8 blocks, so it gets none."""
+    import torch.nn.functional as F
+
+    from helexa.engine.models.decode_kernels import gated_attention
+    from helexa.engine.quant.triton_kernels import quantize_rows
+
+    gen = torch.Generator().manual_seed(dim)
+    batch, heads, kv_heads, seq, length = 2, 4, 2, 96, 70
+    dtype = torch.float16
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    q, k, v = (
+        rand(batch, heads, 1, dim),
+        rand(batch, kv_heads, seq, dim),
+        rand(batch, kv_heads, seq, dim),
+    )
+    q_gate = rand(batch, 1, heads * 2 * dim)
+    y, quant = gated_attention(
+        q, k, v, torch.tensor([length], device=DEVICE), q_gate, quantize=True
+    )
+    live = F.scaled_dot_product_attention(
+        q.float(), k[:, :, :length].float(), v[:, :, :length].float(), enable_gqa=True
+    )  # [B, H, 1, D]
+    gate = q_gate.view(batch, heads, 2 * dim)[..., dim:].float()
+    want = (live.squeeze(2) * torch.sigmoid(gate)).reshape(batch, 1, -1)
+    torch.testing.assert_close(y.float(), want, atol=5e-3, rtol=5e-3)
+    if dim % 32:
+        assert quant is None
+    else:
+        assert quant is not None
+        # the merge quantizes the very rows it wrote, as quantize_rows would read them
+        for got, expected in zip(quant, quantize_rows(y.reshape(batch, -1)), strict=True):
+            assert torch.equal(got, expected)
