@@ -11,8 +11,6 @@ graph: replay against eager is checked on CUDA only.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -26,20 +24,9 @@ from helexa.engine.models.qwen3_moe import Qwen3Moe, SparseMoE
 from helexa.engine.quant.quantize import quantize
 from helexa.engine.quant.tensor import QuantizedTensor
 from tests.engine.gguf_factories import make_kquant_moe_hf_model, write_model_gguf
+from tests.engine.kernel_device import DEVICE, HAS_TRITON, needs_kernels
 
 Q = GGMLQuantizationType
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if torch.cuda.is_available() and HAS_TRITON:
-    DEVICE = "cuda"
-elif HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    DEVICE = ""
-
-
-def needs_kernels(test):  # type: ignore[no-untyped-def]
-    skip = pytest.mark.skipif(not DEVICE, reason="needs CUDA + Triton (or TRITON_INTERPRET=1)")
-    return pytest.mark.cuda(skip(test))
 
 
 def on_cuda(test):  # type: ignore[no-untyped-def]
