@@ -13,7 +13,8 @@ nothing, so ``import helexa.engine`` never pulls in torch):
 
 Layout: ``generate`` (the model and its token loop), ``request`` (an OpenAI request read
 into a prompt and a token budget), ``sampling``, ``grammar`` (decoding held to a JSON
-schema or a tool-call syntax) and ``worker`` at the top;
+schema or a tool-call syntax), ``worker`` and ``boot`` (a load's steps timed, and what it
+imports when; torch-free, so the neuron times a load from before torch exists) at the top;
 ``checkpoint/`` (files on disk -> Checkpoint), ``quant/`` (quantized weights and matmuls),
 ``models/`` (Qwen3, Qwen3-MoE, the hybrid Qwen3-Next/Qwen3.5, the KV cache and the
 recurrent state, CUDA graphs, parallelism) and ``text/``

@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 import torch
 
+from helexa.engine.boot import Phases, import_for_cuda
+from helexa.engine.checkpoint.gguf_header import GGUFHeader
 from helexa.engine.checkpoint.types import Progress
 from helexa.engine.grammar import Constraint, Grammar, GrammarError, grammar_tokenizer
 from helexa.engine.prefix_cache import PrefixCache
@@ -141,8 +143,8 @@ class LoadedModel:
     # What the KV cache holds, to prefill only what a prompt adds to it.
     prompt_cache: PrefixCache = field(default_factory=PrefixCache)
     # The grammar engine's index of the vocabulary (about a second for Qwen3's 151k):
-    # started in the background as the model loads, waited for by the first constrained
-    # request (which starts it, if nothing did).
+    # built beside the load's warm-up and waited for before the load is done; a model
+    # made otherwise starts it with its first constrained request.
     _grammar_index: Future[Any] | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -158,6 +160,8 @@ class LoadedModel:
         progress: Progress | None = None,
         prompt_cache_mb: int | None = None,
         devices: Sequence[str | torch.device] | None = None,
+        header: GGUFHeader | None = None,
+        phases: Phases | None = None,
     ) -> LoadedModel:
         """Load a GGUF file or HF directory onto ``device`` (bfloat16 on CUDA, float32 on
         CPU unless ``dtype`` says otherwise) with a KV cache of ``context_length`` and
@@ -168,7 +172,12 @@ class LoadedModel:
         across them (helexa.engine.models.layer_split: shares by free memory; the dtype
         and the sampler are the last device's). A split decodes with the eager forward,
         not a CUDA graph. Devices that do not exist, or a split that cannot fit, are
-        refused (a SplitError) before a weight is placed."""
+        refused (a SplitError) before a weight is placed.
+
+        ``header``: a GGUF file's, as preflight parsed it, used instead of parsing it
+        again while the file is unchanged. ``phases``, when given, holds the steps a
+        caller timed before this (the local neuron's imports, preflight, the device's
+        context): the log line names them too, so it accounts for the whole load."""
         from helexa.engine.checkpoint.safetensors import is_gguf, load_checkpoint, read_config
         from helexa.engine.models.architectures import model_class
         from helexa.engine.models.kv_cache import HostSnapshots
@@ -177,20 +186,24 @@ class LoadedModel:
         from helexa.engine.models.qwen3_next import decode_step as hybrid_decode_step
 
         path = Path(path)
-        phases = _Phases()
+        phases = Phases() if phases is None else phases
         named = check_devices(devices) if devices else None
         split = named if named is not None and len(named) > 1 else None
         device = named[-1] if named else torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        gpus = any(d.type == "cuda" for d in named or [device])
+        cuda_imports = import_for_cuda() if gpus else None  # beside the weights read
         if not is_gguf(path):  # GGUF's loader checks its own metadata first
             model_class(read_config(path), str(path))
         cuda = device.type == "cuda"
         # A split reads to the host (mapped files) and moves each tensor to its device.
         where = torch.device("cpu") if split is not None else device
-        ckpt = load_checkpoint(path, where, _share(progress, 0.0, WEIGHTS_SHARE if cuda else 1.0))
+        share = _share(progress, 0.0, WEIGHTS_SHARE if cuda else 1.0)
+        ckpt = load_checkpoint(path, where, share, header)
         phases.done("weights read")
         tokenizer = Tokenizer.from_checkpoint(ckpt.tokenizer)
+        phases.done("tokenizer")
         architecture = model_class(ckpt.config, ckpt.source)
         model: Any
         if split is not None:
@@ -205,6 +218,9 @@ class LoadedModel:
             context = context_length or min(model.config.max_position_embeddings, DEFAULT_CONTEXT)
             model.setup_cache(1, context)
         phases.done("cache")
+        if cuda_imports is not None:
+            cuda_imports.exception()  # done (a failure: the warm-up's own import says it)
+            phases.done("cuda imports")  # what is left of them: they ran beside the above
         hybrid = isinstance(model, Qwen3Next)
         decode = None
         if cuda and split is None:  # replay decode steps from CUDA graphs
@@ -227,10 +243,16 @@ class LoadedModel:
             decode=decode,
             prompt_cache=prompt_cache,
         )
-        loaded.index_grammar()
+        index = loaded.index_grammar()  # beside the warm-up, which waits on the GPU at times
         if cuda:
             loaded.warm_up(_share(progress, WEIGHTS_SHARE, 1.0))
             phases.done("warm-up")
+        # Building the index holds the GIL for its whole second (llguidance parses the
+        # tokenizer's JSON in Rust without releasing it): not done, it would stall the
+        # first request, and the event loop, that long. A failure is the first
+        # constrained request's error, as before.
+        index.exception()
+        phases.done("grammar index")
         log.info("loaded %s in %s", loaded.name, phases)
         return loaded
 
@@ -563,25 +585,6 @@ class _Chunks:
                 "prompt_tokens_details": {"cached_tokens": cached},
             },
         }
-
-
-class _Phases:
-    """Seconds per phase of a load, for the log line that says where a slow load went
-    (reading weights, building the model, the KV cache, the warm-up's compiles and graph
-    captures), so an operator can tell a cold cache from a slow disk."""
-
-    def __init__(self) -> None:
-        self.start = self.last = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    def done(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.seconds[phase] = now - self.last
-        self.last = now
-
-    def __str__(self) -> str:
-        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
-        return f"{self.last - self.start:.1f} s ({parts})"
 
 
 def _share(progress: Progress | None, low: float, high: float) -> Progress | None:

@@ -33,6 +33,18 @@ def thread_name(device: torch.device) -> str:
     return "helexa-cpu" if device.type == "cpu" else f"helexa-dev-{device.index or 0}"
 
 
+def open_devices(devices: Iterable[torch.device]) -> None:
+    """Create each CUDA device's context now, as a step a load's log line times: a
+    thread's ``torch.cuda.set_device`` only picks the device (for the one already current,
+    cuda:0, it does not reach the driver at all), so the context, from a fraction of a
+    second to a couple on a large GPU, would otherwise come with the load's first
+    allocation, unseen inside its weights read. Nothing to do for a CPU, or once the
+    context exists."""
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
 def _as_exception(exc: BaseException) -> Exception:
     """Futures must not carry SystemExit/KeyboardInterrupt out of a job: the worker thread
     and the process keep running, the caller sees an ordinary error."""

@@ -29,6 +29,7 @@ from threading import Event
 from typing import TYPE_CHECKING, Any
 
 from helexa.config import Settings
+from helexa.engine.boot import Phases, import_engine, import_for_cuda
 from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.errors import ApiError
 from helexa.neuron import preflight
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     # before any model is loaded, and importing torch alone takes seconds on a GPU host.
     import torch
 
+    from helexa.engine.checkpoint.gguf_header import GGUFHeader
     from helexa.engine.checkpoint.types import Progress
     from helexa.engine.generate import LoadedModel
     from helexa.engine.request import RequestError
@@ -199,13 +201,20 @@ class LocalNeuron:
         return path
 
     async def _place(
-        self, path: Path, request: LoadRequest, context: int | None, min_devices: int
-    ) -> list[torch.device]:
+        self,
+        path: Path,
+        request: LoadRequest,
+        context: int | None,
+        min_devices: int,
+        phases: Phases,
+    ) -> tuple[list[torch.device], GGUFHeader | None]:
         """The device preflight picks (most free memory among the allowed ones), or the
         GPUs of a layer split when none holds the model alone or the catalogue asks for
         ``min_devices``; it refuses, with a structured error, a model that is
-        unsupported, incomplete or does not fit."""
+        unsupported, incomplete or does not fit. With it, a GGUF's header as preflight
+        parsed it, for the load to use instead of parsing it again."""
         discovery, health = await asyncio.gather(self.discovery(), self.health())
+        phases.done("discovery")
         readings = {d.index: d for d in health.devices}
         devices = [(d, readings[d.index]) for d in discovery.devices if d.index in readings]
         plan = await asyncio.to_thread(
@@ -216,13 +225,15 @@ class LocalNeuron:
             requested_devices=request.devices or self.settings.local.devices,
             min_devices=min_devices,
         )
+        phases.done("preflight")
         import torch
 
         kinds = {d.index: d.kind for d, _ in devices}
-        return [
+        chosen = [
             torch.device("cuda", i) if kinds[i] == "cuda" else torch.device("cpu")
             for i in plan.devices
         ]
+        return chosen, plan.facts.header if plan.facts else None
 
     def _worker(self, device: torch.device) -> DeviceWorker:
         if device not in self._workers:
@@ -258,14 +269,32 @@ class LocalNeuron:
         sampling = profile.sampling.model_dump(exclude_none=True) if profile else {}
         cache_mb = self.settings.local.prompt_cache_mb
         entry.status, entry.error, entry.progress = "loading", None, 0.0
+        phases = Phases()  # every step from here to the model answering, in one log line
         try:
-            devices = await self._place(
-                path, request, context, profile.min_devices if profile else 1
+            await asyncio.to_thread(import_engine, phases)
+            devices, header = await self._place(
+                path, request, context, profile.min_devices if profile else 1, phases
             )
             entry.device, entry.devices = devices[0], devices
+            if any(d.type == "cuda" for d in devices):
+                import_for_cuda()  # beside the device's context and the weights read
             # A split runs on its first device's worker (its steps go device to device).
-            entry.loaded = await self._worker(devices[0]).submit(
-                _load, path, devices, context, sampling, entry.model_id, cache_mb, entry.report
+            worker = self._worker(devices[0])
+            from helexa.engine.worker import open_devices
+
+            await worker.submit(open_devices, devices)
+            phases.done("device init")
+            entry.loaded = await worker.submit(
+                _load,
+                path,
+                devices,
+                context,
+                sampling,
+                entry.model_id,
+                cache_mb,
+                header,
+                phases,
+                entry.report,
             )
         except Exception as exc:
             failed_on, entry.device, entry.devices = entry.device, None, []
@@ -397,6 +426,8 @@ def _load(
     sampling: dict[str, Any],
     name: str,
     prompt_cache_mb: int | None,
+    header: GGUFHeader | None,
+    phases: Phases,
     progress: Progress,
 ) -> LoadedModel:
     from helexa.engine.generate import LoadedModel
@@ -411,4 +442,6 @@ def _load(
         name=name,
         progress=progress,
         prompt_cache_mb=prompt_cache_mb,
+        header=header,
+        phases=phases,
     )

@@ -15,11 +15,14 @@ pay for them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from helexa.neuron.interface import DeviceHealth, DeviceInfo, NeuronError
+
+if TYPE_CHECKING:
+    from helexa.engine.checkpoint.gguf_header import GGUFHeader
 
 MB = 1024 * 1024
 OVERHEAD_BASE_MB = 256  # activations, logits and allocator slack at batch 1
@@ -52,6 +55,8 @@ class Plan:
     layers: int = 0  # decoder layers a layer split shares out; 0: it cannot be split
     # A layer split's MiB on each of ``devices`` (empty: one device holds it all).
     device_mb: tuple[int, ...] = ()
+    # What it was estimated from, for the load (a GGUF's header: not parsed twice).
+    facts: ModelFacts | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class ModelFacts:
     config: dict[str, Any]
     weight_bytes: int
     quantized: bool  # GGUF blocks stay as they are; float weights are cast to the compute dtype
+    header: GGUFHeader | None = field(default=None, compare=False, repr=False)  # a GGUF's
 
 
 # -- pure estimates --------------------------------------------------------------------------
@@ -123,7 +129,9 @@ def estimate(facts: ModelFacts, context: int, kind: DeviceKind) -> Plan:
     state = math.ceil(state_bytes / MB)
     needed = w + kv + state + overhead_mb(w)
     splittable = not state_bytes and _splittable(cfg)
-    return Plan([], w, kv, needed, context, facts.architecture, state, layers * splittable)
+    return Plan(
+        [], w, kv, needed, context, facts.architecture, state, layers * splittable, facts=facts
+    )
 
 
 def _splittable(cfg: dict[str, Any]) -> bool:
@@ -259,7 +267,9 @@ def read_facts(path: Path) -> ModelFacts:
 
             info = read_gguf_info(path)
             require_loadable(info.architecture, str(path))
-            facts = ModelFacts(info.architecture, info.config, info.tensor_bytes, quantized=True)
+            facts = ModelFacts(
+                info.architecture, info.config, info.tensor_bytes, True, header=info.header
+            )
         else:
             from helexa.engine.checkpoint.safetensors import read_config, safetensors_files
 

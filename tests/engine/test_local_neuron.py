@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from helexa.config import LocalSettings, ModelProfile, SamplingDefaults, Settings
+from helexa.demo import demo_model_path
+from helexa.engine.boot import Phases
+from helexa.engine.checkpoint import gguf_header
 from helexa.engine.generate import LoadedModel
 from helexa.neuron import local
 from helexa.neuron.interface import LoadRequest, Neuron, NeuronError
@@ -88,6 +93,47 @@ async def test_load_by_file_id_adds_the_model(neuron: LocalNeuron, model_dir: Pa
     assert states[model_id].status == "loaded"
     assert states[model_id].context_length == 64
     assert states[str(model_dir)].status == "unloaded"
+
+
+async def test_a_load_logs_every_step_from_the_request_to_the_model_answering(
+    neuron: LocalNeuron, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The one "loaded" line splits the whole load by step, the neuron's own before the
+    engine's, so a slow restart says whether it was the imports, preflight, the device's
+    context or the weights."""
+    caplog.set_level(logging.INFO, logger="helexa.engine.generate")
+    await neuron.load(LoadRequest(model_id=str(model_dir)))
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("loaded ")]
+    phases = record.args[1]
+    assert isinstance(phases, Phases)
+    steps = ["import torch", "import engine", "discovery", "preflight", "device init"]
+    steps += ["weights read", "tokenizer", "model built", "cache"]
+    if torch.cuda.is_available():  # discovery lists the GPUs, so preflight picks one
+        steps += ["cuda imports", "warm-up"]
+    steps += ["grammar index"]
+    assert list(phases.seconds) == steps
+    assert all(f"{step} " in record.getMessage() for step in steps)
+
+
+async def test_a_gguf_load_parses_its_header_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preflight parses the header and the load takes it from there: a real tokenizer's
+    metadata (152k tokens, 151k merges) is a tenth of a second a parse."""
+    parsed: list[str] = []
+    parse = gguf_header.parse_gguf_header
+
+    def counted(buf: Any, source: str = "<buffer>") -> gguf_header.GGUFHeader:
+        parsed.append(source)
+        return parse(buf, source)
+
+    monkeypatch.setattr(gguf_header, "parse_gguf_header", counted)
+    demo = demo_model_path()
+    assert demo is not None
+    n = LocalNeuron(Settings(models=[ModelProfile(id="demo", path=str(demo))]))
+    try:
+        assert (await n.load(LoadRequest(model_id="demo"))).status == "loaded"
+    finally:
+        await n.close()
+    assert parsed == [str(demo)]
 
 
 async def test_requests_for_unloaded_models_are_409(neuron: LocalNeuron, model_dir: Path) -> None:

@@ -210,6 +210,8 @@ class GGUFInfo:
     config: dict[str, Any]
     tensor_bytes: int  # sum of the tensors' sizes: the memory weights will take
     qtype_counts: dict[str, int] = field(default_factory=dict)  # e.g. {"Q4_K": 197, "F32": 113}
+    # The parsed header itself, for a load to take instead of parsing it again.
+    header: GGUFHeader | None = field(default=None, repr=False, compare=False)
 
     @property
     def loadable(self) -> bool:
@@ -230,6 +232,7 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
         config=_config(header, arch),
         tensor_bytes=sum(t.n_bytes for t in header.tensors),
         qtype_counts=counts,
+        header=header,
     )
 
 
@@ -245,11 +248,15 @@ def require_loadable(architecture: str, source: str = "") -> None:
 
 
 def load_gguf(
-    path: str | Path, device: str | torch.device = "cpu", progress: Progress | None = None
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+    header: GGUFHeader | None = None,
 ) -> Checkpoint:
     """Load a qwen3 / qwen3moe GGUF onto ``device``: one copy per tensor, quantized ones
-    as blocks."""
-    header = _open(path)
+    as blocks. ``header``: the file's, as preflight read it (used while the file is
+    unchanged, see read_gguf_header)."""
+    header = _open(path, header)
     arch = _architecture(header, path)
     require_loadable(arch, str(path))
     config = _config(header, arch)
@@ -284,10 +291,10 @@ def _float(t: Weight, name: str, path: str | Path) -> torch.Tensor:
     return t.float()
 
 
-def _open(path: str | Path) -> GGUFHeader:
+def _open(path: str | Path, known: GGUFHeader | None = None) -> GGUFHeader:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
-    return read_gguf_header(path)
+    return read_gguf_header(path, known)
 
 
 def _architecture(header: GGUFHeader, path: str | Path) -> str:

@@ -20,8 +20,9 @@ count, items). Anything truncated or inconsistent raises CheckpointError.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,9 @@ class GGUFHeader:
     tensors: list[GGUFTensorInfo]
     alignment: int
     data_offset: int  # absolute file offset of the (aligned) tensor data section
+    # The file it was read from, as (device, inode, size, mtime in ns); None when parsed
+    # from a buffer. A header parsed once (by preflight) is reused only while this holds.
+    file_id: tuple[int, int, int, int] | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of metadata ``key``, or ``default`` when the file has none."""
@@ -110,13 +114,25 @@ class GGUFHeader:
         return default if field is None else field.value
 
 
-def read_gguf_header(path: str | Path) -> GGUFHeader:
-    """Parse the header of the GGUF file at ``path``; only the header's pages are read."""
+def read_gguf_header(path: str | Path, known: GGUFHeader | None = None) -> GGUFHeader:
+    """Parse the header of the GGUF file at ``path``; only the header's pages are read.
+
+    ``known``, a header read from ``path`` before (preflight's, moments before the load),
+    is returned as it is while the file is the one it was read from: parsing a real
+    tokenizer's metadata twice costs a tenth of a second each time, and a file replaced
+    in between (a new download renamed over it) is parsed afresh."""
     with open(path, "rb") as f:
+        file_id = _file_id(os.fstat(f.fileno()))
+        if known is not None and known.file_id == file_id:
+            return known
         if f.seek(0, 2) == 0:
             raise CheckpointError(f"{path}: not a readable GGUF file: it is empty")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return parse_gguf_header(buf, source=str(path))
+            return replace(parse_gguf_header(buf, source=str(path)), file_id=file_id)
+
+
+def _file_id(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def parse_gguf_header(buf: bytes | mmap.mmap, source: str = "<buffer>") -> GGUFHeader:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.engine.checkpoint.types import ByteProgress, Checkpoint, Progress, Weight
+
+if TYPE_CHECKING:
+    from helexa.engine.checkpoint.gguf_header import GGUFHeader
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -41,13 +44,17 @@ def is_gguf(path: str | Path) -> bool:
 
 
 def load_checkpoint(
-    path: str | Path, device: str | torch.device = "cpu", progress: Progress | None = None
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+    header: GGUFHeader | None = None,
 ) -> Checkpoint:
-    """A ``.gguf`` file or an HF directory, tensors placed on ``device``."""
+    """A ``.gguf`` file or an HF directory, tensors placed on ``device``; ``header``: a
+    GGUF's, as preflight parsed it (see read_gguf_header)."""
     if is_gguf(path):
         from helexa.engine.checkpoint.gguf import load_gguf
 
-        return load_gguf(path, device=device, progress=progress)
+        return load_gguf(path, device=device, progress=progress, header=header)
     return load_safetensors_dir(path, device=device, progress=progress)
 
 

@@ -298,8 +298,6 @@ class LayerSplit:
         end = start + steps
         if end > self.max_seq:
             raise ValueError(f"position {end - 1} is past the KV cache ({self.max_seq} tokens)")
-        mask, causal = attention_mask(start, steps, end)
-
         first = self.stages[0].device
         x = embedding(tokens.to(first), model.embed_tokens).to(self.dtype)  # [B, T, hidden]
         with sdpa_kernel(SDPA_BACKENDS):
@@ -307,6 +305,7 @@ class LayerSplit:
                 x = x.to(stage.device)  # the residual crosses to this stage's device
                 pos = input_pos.to(stage.device)
                 cos, sin = cos[pos], sin[pos]  # [T, head_dim]
+                mask, causal = attention_mask(start, steps, end, stage.device)
                 for blk in model.layers[stage.start : stage.stop]:
                     x = model.block(blk, x, cos, sin, pos, end, mask, causal)
         x = rms_norm(x, model.norm, self.config.rms_norm_eps)

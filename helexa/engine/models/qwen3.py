@@ -15,18 +15,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, is_dataclass
 from types import ModuleType
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
 from helexa.engine.checkpoint.types import Checkpoint, Weight
 from helexa.engine.models.kv_cache import KVCache
 from helexa.engine.quant.ops import embedding, fuse_rows, linear
 from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor
+
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
+
+    Mask = CausalBias | torch.Tensor
 
 ARCHITECTURE = "Qwen3ForCausalLM"
 MODEL_TYPE = "qwen3"
@@ -166,17 +170,26 @@ def rope_tables(cfg: Qwen3Config, max_seq: int) -> tuple[torch.Tensor, torch.Ten
     return emb.cos() * scale, emb.sin() * scale
 
 
-def attention_mask(start: int, steps: int, end: int) -> tuple[CausalBias | None, bool]:
+def attention_mask(
+    start: int, steps: int, end: int, device: torch.device
+) -> tuple[Mask | None, bool]:
     """SDPA's (attn_mask, is_causal) for ``steps`` queries at positions ``start..end``
-    over cache keys ``0..end``."""
+    over cache keys ``0..end``, on ``device``."""
     if steps == 1:
         return None, False  # one query sees the whole prefix
     if start == 0:
         return None, True  # plain prefill: SDPA's causal fast path
     # A prompt extending what the cache holds: query i sees keys 0..start+i, the causal
-    # mask aligned to the bottom right, which flash attention runs as is (a materialized
-    # [T, end] mask would send SDPA to the quadratic math kernel).
-    return causal_lower_right(steps, end), False
+    # mask aligned to the bottom right. On CUDA torch's CausalBias runs it in flash (or
+    # memory-efficient) attention as is (a materialized [T, end] mask would send SDPA to
+    # the quadratic math kernel). Anywhere else CausalBias materializes this very mask,
+    # and importing it imports torch._dynamo (a second on a CPU), so the mask is made
+    # here; a CUDA load imports it in the background (helexa.engine.boot).
+    if device.type == "cuda":
+        from torch.nn.attention.bias import causal_lower_right
+
+        return causal_lower_right(steps, end), False
+    return torch.ones(steps, end, dtype=torch.bool, device=device).tril(end - steps), False
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -544,7 +557,7 @@ class Qwen3(DecoderModel):
         if end > self.max_seq:
             raise ValueError(f"position {end - 1} is past the KV cache ({self.max_seq} tokens)")
         cos, sin = self.cos[input_pos], self.sin[input_pos]
-        mask, causal = attention_mask(start, steps, end)
+        mask, causal = attention_mask(start, steps, end, self.device)
 
         x = embedding(tokens, self.embed_tokens).to(self.dtype)
         with sdpa_kernel(SDPA_BACKENDS):
@@ -565,7 +578,7 @@ class Qwen3(DecoderModel):
         sin: torch.Tensor,
         input_pos: torch.Tensor,
         end: int,
-        mask: CausalBias | None,
+        mask: Mask | None,
         causal: bool,
     ) -> torch.Tensor:
         """One decoder layer on the residual ``x`` [B, T, hidden]: the step a layer
@@ -584,7 +597,7 @@ class Qwen3(DecoderModel):
         sin: torch.Tensor,
         input_pos: torch.Tensor,
         end: int,
-        mask: CausalBias | None,
+        mask: Mask | None,
         causal: bool,
     ) -> torch.Tensor:
         cfg = self.config

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
-from torch.nn.attention.bias import CausalBias
 
 from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
 from helexa.engine.checkpoint.types import Checkpoint, Weight
@@ -65,6 +64,9 @@ from helexa.engine.models.qwen3_moe import SparseMoE, load_sparse_moe
 from helexa.engine.models.recurrent_state import HybridSnapshots, RecurrentState, state_bytes
 from helexa.engine.quant.ops import embedding, linear, linears
 from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor, int8_activations
+
+if TYPE_CHECKING:
+    from helexa.engine.models.qwen3 import Mask
 
 LINEAR, FULL = "linear_attention", "full_attention"
 # Tokens per chunk of the chunked delta rule (transformers' and fla's default).
@@ -636,7 +638,7 @@ class Qwen3Next(DecoderModel):
         if end > self.max_seq:
             raise ValueError(f"position {end - 1} is past the KV cache ({self.max_seq} tokens)")
         cos, sin = self.cos[input_pos], self.sin[input_pos]
-        mask, causal = attention_mask(start, steps, end)
+        mask, causal = attention_mask(start, steps, end, self.device)
 
         x = embedding(tokens, self.embed_tokens).to(self.dtype)
         with sdpa_kernel(SDPA_BACKENDS):
@@ -691,7 +693,7 @@ class Qwen3Next(DecoderModel):
         sin: torch.Tensor,
         input_pos: torch.Tensor,
         end: int,
-        mask: CausalBias | None,
+        mask: Mask | None,
         causal: bool,
     ) -> torch.Tensor:
         batch, steps, _ = x.shape
@@ -866,7 +868,7 @@ def _attention_kernels(
         cache.k, cache.v, model.config.rms_norm_eps, gated=True,
     )  # fmt: skip  # [B, Hq, 1, D]
     length = input_pos + 1
-    return glue.gated_attention(
+    return glue.attention_rows(
         q, cache.k[:batch], cache.v[:batch], length, q_gate, quantize=int8_activations(x)
     )
 

@@ -170,6 +170,20 @@ def test_files_from_write_gguf_match_gguf_py(tmp_path: Path, quant: str) -> None
     assert header.fields["tokenizer.ggml.token_type"].item_type == V.INT32
 
 
+def test_a_header_read_before_is_reused_only_while_its_file_is_unchanged(tmp_path: Path) -> None:
+    """Preflight's header serves the load without a second parse; a file replaced in
+    between (a new download renamed over it) is parsed afresh, never mistaken for it."""
+    path = write_model_gguf(tmp_path / "m.gguf", make_kquant_hf_model(128), quant="Q8_0")
+    first = read_gguf_header(path)
+    assert read_gguf_header(path, known=first) is first
+    replacement = write_model_gguf(tmp_path / "new.gguf", make_kquant_hf_model(128), quant="F32")
+    replacement.replace(path)
+    again = read_gguf_header(path, known=first)
+    assert again is not first
+    assert again == read_gguf_header(path)
+    assert {t.ggml_type for t in again.tensors} != {t.ggml_type for t in first.tensors}
+
+
 # A hand-built GGUF, for what gguf-py's writer refuses to produce.
 
 

@@ -11,8 +11,6 @@ on CUDA only). Without Triton (CI) everything here skips.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -28,19 +26,8 @@ from helexa.engine.models.cuda_graph import GraphDecoder, kv_bucket
 from helexa.engine.models.qwen3_next import GatedDeltaNet, Qwen3Next, decode_step
 from helexa.engine.models.recurrent_state import RecurrentState
 from tests.engine.factories import make_tiny_hybrid_hf_model, save_model_dir
+from tests.engine.kernel_device import DEVICE, HAS_TRITON, INTERPRET, needs_kernels
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if HAS_TRITON and torch.cuda.is_available():
-    DEVICE = "cuda"
-elif HAS_TRITON and INTERPRET:
-    DEVICE = "cpu"
-else:
-    DEVICE = ""
-
-needs_kernels = pytest.mark.skipif(
-    not DEVICE, reason="needs CUDA + Triton (or Triton with TRITON_INTERPRET=1)"
-)
 pytestmark = pytest.mark.cuda
 # bfloat16 runs compiled only: the interpreter's bfloat16 is not the GPU's.
 DTYPES = [

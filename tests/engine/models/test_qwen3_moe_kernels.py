@@ -11,8 +11,6 @@ graph: replay against eager is checked on CUDA only.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -26,20 +24,9 @@ from helexa.engine.models.qwen3_moe import Qwen3Moe, SparseMoE
 from helexa.engine.quant.quantize import quantize
 from helexa.engine.quant.tensor import QuantizedTensor
 from tests.engine.gguf_factories import make_kquant_moe_hf_model, write_model_gguf
+from tests.engine.kernel_device import DEVICE, HAS_TRITON, needs_kernels
 
 Q = GGMLQuantizationType
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if torch.cuda.is_available() and HAS_TRITON:
-    DEVICE = "cuda"
-elif HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    DEVICE = ""
-
-
-def needs_kernels(test):  # type: ignore[no-untyped-def]
-    skip = pytest.mark.skipif(not DEVICE, reason="needs CUDA + Triton (or TRITON_INTERPRET=1)")
-    return pytest.mark.cuda(skip(test))
 
 
 def on_cuda(test):  # type: ignore[no-untyped-def]
@@ -433,3 +420,46 @@ def test_fused_moe_decode_step_matches_the_torch_step_on_cuda(moe_gguf: Path) ->
             want = cuda_graph.decode_step(plain, token, step, 64)
         torch.testing.assert_close(got, want, atol=3e-2 * want.abs().max().item(), rtol=0)
         token = want[:, -1].argmax(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("dim", [16, 64], ids=["head16", "head64"])
+@needs_kernels
+def test_attention_rows_are_attention_as_o_proj_reads_it(dim: int, gated: bool) -> None:
+    """The decode step's attention over the live keys (split-K, o_proj's int8 activations
+    in the merge), and the hybrid models' gated one (times sigmoid(gate), also in the
+    merge), against SDPA on the live prefix, in float16 (the int8 path); a head of 16 is
+    not whole int8 blocks, so it gets none."""
+    import torch.nn.functional as F
+
+    from helexa.engine.models.decode_kernels import attention_rows
+    from helexa.engine.quant.triton_kernels import quantize_rows
+
+    gen = torch.Generator().manual_seed(dim)
+    batch, heads, kv_heads, seq, length = 2, 4, 2, 96, 70
+    dtype = torch.float16
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    q, k, v = (
+        rand(batch, heads, 1, dim),
+        rand(batch, kv_heads, seq, dim),
+        rand(batch, kv_heads, seq, dim),
+    )
+    q_gate = rand(batch, 1, heads * 2 * dim)
+    length_t = torch.tensor([length], device=DEVICE)
+    y, quant = attention_rows(q, k, v, length_t, q_gate if gated else None, quantize=True)
+    live = F.scaled_dot_product_attention(
+        q.float(), k[:, :, :length].float(), v[:, :, :length].float(), enable_gqa=True
+    )  # [B, H, 1, D]
+    gate = q_gate.view(batch, heads, 2 * dim)[..., dim:].float()
+    want = (live.squeeze(2) * (torch.sigmoid(gate) if gated else 1)).reshape(batch, 1, -1)
+    torch.testing.assert_close(y.float(), want, atol=5e-3, rtol=5e-3)
+    if dim % 32:
+        assert quant is None
+    else:
+        assert quant is not None
+        # the merge quantizes the very rows it wrote, as quantize_rows would read them
+        for got, expected in zip(quant, quantize_rows(y.reshape(batch, -1)), strict=True):
+            assert torch.equal(got, expected)

@@ -10,7 +10,7 @@ import torch
 
 from helexa.engine.checkpoint.errors import UnsupportedArchitecture
 from helexa.engine.checkpoint.safetensors import load_checkpoint, load_safetensors_dir
-from helexa.engine.models.qwen3 import Qwen3, Qwen3Config
+from helexa.engine.models.qwen3 import Qwen3, Qwen3Config, attention_mask
 from tests.engine.devices import DEVICES
 from tests.engine.factories import make_tiny_hf_model, save_model_dir
 
@@ -72,6 +72,28 @@ def test_chunked_prefill_after_a_prefix(tmp_path: Path, device: str) -> None:
     model.forward(tokens[:, :5].to(device), positions(0, 5, device))
     got = model.forward(tokens[:, 5:].to(device), positions(5, 11, device)).cpu()
     torch.testing.assert_close(got, expected[:, 5:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("start", "steps"), [(0, 1), (0, 6), (5, 1), (5, 6), (1, 2), (9, 3)])
+def test_attention_mask_is_torchs_lower_right_causal_bias(
+    device: str, start: int, steps: int
+) -> None:
+    """Off CUDA the mask is made here rather than by torch's CausalBias (whose module
+    imports torch._dynamo): attention through it is attention through CausalBias."""
+    from torch.nn.attention.bias import CausalBias, causal_lower_right
+
+    end = start + steps
+    mask, causal = attention_mask(start, steps, end, torch.device(device))
+    if device == "cuda" and start and steps > 1:
+        assert isinstance(mask, CausalBias)  # flash attention runs it unmaterialized
+    gen = torch.Generator().manual_seed(start * 10 + steps)
+    q = torch.randn(1, 4, steps, 16, generator=gen).to(device)
+    k, v = (torch.randn(1, 2, end, 16, generator=gen).to(device) for _ in range(2))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    got = sdpa(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    want = sdpa(q, k, v, attn_mask=causal_lower_right(steps, end), enable_gqa=True)
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize(

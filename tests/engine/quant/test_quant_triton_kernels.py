@@ -7,7 +7,6 @@ without a GPU. CI has neither and skips them, except the dispatch checks at the 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any
 
@@ -20,22 +19,11 @@ from helexa.engine.quant.formats import block_format
 from helexa.engine.quant.ops import cuda_linear, grouped_linear, linear
 from helexa.engine.quant.reference import dequantize
 from helexa.engine.quant.tensor import QuantizedTensor
+from tests.engine.kernel_device import DEVICE, HAS_TRITON, needs_kernels
 from tests.engine.quant.blocks import random_blocks
 
 Q = GGMLQuantizationType
 KERNEL_TYPES = [Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if torch.cuda.is_available() and HAS_TRITON:
-    DEVICE = "cuda"
-elif HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    DEVICE = ""
-
-
-def needs_kernels(test):  # type: ignore[no-untyped-def]
-    skip = pytest.mark.skipif(not DEVICE, reason="needs CUDA + Triton (or TRITON_INTERPRET=1)")
-    return pytest.mark.cuda(skip(test))
 
 
 def random_weight(qtype: GGMLQuantizationType, n: int, k: int, seed: int) -> QuantizedTensor:
