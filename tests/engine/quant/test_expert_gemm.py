@@ -9,8 +9,6 @@ nothing); the dispatch rule and the CPU path need neither.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 from typing import Any
 
@@ -23,27 +21,15 @@ from helexa.engine.quant import ops
 from helexa.engine.quant.formats import block_format
 from helexa.engine.quant.quantize import quantize
 from helexa.engine.quant.tensor import QuantizedTensor
+from tests.engine.kernel_device import DEVICE, HAS_TRITON, INTERPRET, needs_kernels
 from tests.engine.quant.blocks import random_blocks
 
 Q = GGMLQuantizationType
 KERNEL_TYPES = [Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if torch.cuda.is_available() and HAS_TRITON:
-    DEVICE = "cuda"
-elif HAS_TRITON and INTERPRET:
-    DEVICE = "cpu"
-else:
-    DEVICE = ""
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # Uneven rows: an expert with none (first, middle and last), one with a single row, one
 # over two 16-row tiles and not a multiple of any tile: 63 rows in all.
 COUNTS = [0, 5, 0, 17, 1, 40, 0]
-
-
-def needs_kernels(test):  # type: ignore[no-untyped-def]
-    skip = pytest.mark.skipif(not DEVICE, reason="needs CUDA + Triton (or TRITON_INTERPRET=1)")
-    return pytest.mark.cuda(skip(test))
 
 
 def on_cuda(test):  # type: ignore[no-untyped-def]
