@@ -159,21 +159,24 @@ def _attention(
     q, k, v = _projections(x, attn, quantized)  # [B, 1, H*D] each
     if kernels is not None:
         # q/k norms, RoPE at input_pos and the k/v cache writes in one launch; attention
-        # reads keys 0..input_pos only, whatever kv_len says.
+        # reads keys 0..input_pos only, whatever kv_len says, and its merge writes
+        # o_proj's int8 activations.
         q = kernels.qk_norm_rope_cache(
             q, k, v, attn.q_norm, attn.k_norm, model.cos, model.sin, input_pos,
             cache.k, cache.v, eps,
         )  # fmt: skip
-        y = kernels.split_k_attention(q, cache.k[:batch], cache.v[:batch], input_pos + 1)
-    else:
-        cos, sin = model.cos[input_pos], model.sin[input_pos]
-        q = rms_norm(q.view(batch, 1, -1, dim), attn.q_norm, eps).transpose(1, 2)
-        k = rms_norm(k.view(batch, 1, -1, dim), attn.k_norm, eps).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = v.reshape(batch, 1, -1, dim).transpose(1, 2)
-        keys, values = cache.update(input_pos, k, v, kv_len)
-        visible = torch.arange(kv_len, device=input_pos.device) <= input_pos
-        y = masked_attention(q, keys, values, visible)  # [B, Hq, 1, D]
+        y, yq = kernels.attention_rows(
+            q, cache.k[:batch], cache.v[:batch], input_pos + 1, quantize=int8_activations(x)
+        )  # [B, 1, Hq*D]
+        return linear(y, attn.o_proj, attn.o_bias, quantized=yq)
+    cos, sin = model.cos[input_pos], model.sin[input_pos]
+    q = rms_norm(q.view(batch, 1, -1, dim), attn.q_norm, eps).transpose(1, 2)
+    k = rms_norm(k.view(batch, 1, -1, dim), attn.k_norm, eps).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    v = v.reshape(batch, 1, -1, dim).transpose(1, 2)
+    keys, values = cache.update(input_pos, k, v, kv_len)
+    visible = torch.arange(kv_len, device=input_pos.device) <= input_pos
+    y = masked_attention(q, keys, values, visible)  # [B, Hq, 1, D]
     return linear(y.transpose(1, 2).reshape(batch, 1, -1), attn.o_proj, attn.o_bias)
 
 

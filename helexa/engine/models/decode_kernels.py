@@ -175,41 +175,40 @@ def split_k_attention(
     """Attention of one query per head over the first ``length`` keys of a cache.
 
     q [B, Hq, 1, D]; k, v [B, Hkv, S, D] (views of the cache, last dim contiguous);
-    ``length`` [1] int64 on the device. Returns [B, Hq, 1, D] in q's dtype."""
-    batch, heads, _, dim = q.shape
-    part, lse, splits = _split(q, k, v, length)
-    out = torch.empty(batch, heads, 1, dim, dtype=q.dtype, device=q.device)
-    _merge_kernel[(batch * heads,)](
-        part, lse, out, out, out, out, out, 0, heads,
-        D=dim, SPLITS=splits, GATED=False, QUANT=False,
-    )  # fmt: skip
-    return out
+    ``length`` [1] int64 on the device. Returns [B, Hq, 1, D] in q's dtype (the decode
+    step takes :func:`attention_rows`, the same as o_proj's input rows)."""
+    y, _ = attention_rows(q, k, v, length)
+    return y.view(q.shape)
 
 
-def gated_attention(
+def attention_rows(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     length: torch.Tensor,
-    q_gate: torch.Tensor,
+    q_gate: torch.Tensor | None = None,
     quantize: bool = False,
 ) -> tuple[torch.Tensor, Int8Rows | None]:
-    """:func:`split_k_attention` times sigmoid(gate), the hybrid models' gated attention:
+    """:func:`split_k_attention` as the rows o_proj reads: y [B, 1, Hq * D] and, with
+    ``quantize``, its int8 activations, both written by the merge (so o_proj's matvec
+    needs no launch to quantize), where a head is whole 32-element blocks (a head of 16
+    gets None, and o_proj quantizes its own input).
+
+    With ``q_gate``, the hybrid models' gated attention: y times sigmoid(gate), where
     ``q_gate`` is the [B, 1, Hq * 2D] projection q came from, each head's gate after its
-    q (any row stride). Returns y [B, 1, Hq * D] and, with ``quantize``, its int8
-    activations for o_proj, both written by the merge: where a head is whole 32-element
-    blocks (a head of 16 gets None, and o_proj quantizes its own input)."""
+    q (any row stride)."""
     batch, heads, _, dim = q.shape
     quantize = quantize and dim % 32 == 0
-    gate = q_gate.reshape(batch, -1)
-    if gate.shape[-1] != 2 * heads * dim or gate.stride(-1) != 1:
-        raise ValueError(f"gated_attention: q_gate {tuple(q_gate.shape)} for q {tuple(q.shape)}")
+    gate = q_gate.reshape(batch, -1) if q_gate is not None else None
+    if gate is not None and (gate.shape[-1] != 2 * heads * dim or gate.stride(-1) != 1):
+        raise ValueError(f"attention_rows: q_gate {tuple(gate.shape)} for q {tuple(q.shape)}")
     part, lse, splits = _split(q, k, v, length)
     out = torch.empty(batch, 1, heads * dim, dtype=q.dtype, device=q.device)
     quant = quantized_rows(batch, heads * dim, q.device) if quantize else None
     _merge_kernel[(batch * heads,)](
-        part, lse, out, gate, *(quant or (out, out, out)), gate.stride(0), heads,
-        D=dim, SPLITS=splits, GATED=True, QUANT=quantize,
+        part, lse, out, out if gate is None else gate, *(quant or (out, out, out)),
+        0 if gate is None else gate.stride(0), heads,
+        D=dim, SPLITS=splits, GATED=gate is not None, QUANT=quantize,
     )  # fmt: skip
     return out, quant
 

@@ -868,7 +868,7 @@ def _attention_kernels(
         cache.k, cache.v, model.config.rms_norm_eps, gated=True,
     )  # fmt: skip  # [B, Hq, 1, D]
     length = input_pos + 1
-    return glue.gated_attention(
+    return glue.attention_rows(
         q, cache.k[:batch], cache.v[:batch], length, q_gate, quantize=int8_activations(x)
     )
 

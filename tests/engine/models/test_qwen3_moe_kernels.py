@@ -422,15 +422,17 @@ def test_fused_moe_decode_step_matches_the_torch_step_on_cuda(moe_gguf: Path) ->
         token = want[:, -1].argmax(-1, keepdim=True)
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("dim", [16, 64], ids=["head16", "head64"])
 @needs_kernels
-def test_gated_attention_is_attention_times_the_sigmoid_gate(dim: int) -> None:
-    """The hybrid models' gated attention over the live keys (split-K, gate and o_proj's
-    int8 activations in the merge) against SDPA on the live prefix times sigmoid(gate),
-    in float16 (the int8 path); a head of 16 is not whole int8 blocks, so it gets none."""
+def test_attention_rows_are_attention_as_o_proj_reads_it(dim: int, gated: bool) -> None:
+    """The decode step's attention over the live keys (split-K, o_proj's int8 activations
+    in the merge), and the hybrid models' gated one (times sigmoid(gate), also in the
+    merge), against SDPA on the live prefix, in float16 (the int8 path); a head of 16 is
+    not whole int8 blocks, so it gets none."""
     import torch.nn.functional as F
 
-    from helexa.engine.models.decode_kernels import gated_attention
+    from helexa.engine.models.decode_kernels import attention_rows
     from helexa.engine.quant.triton_kernels import quantize_rows
 
     gen = torch.Generator().manual_seed(dim)
@@ -446,14 +448,13 @@ def test_gated_attention_is_attention_times_the_sigmoid_gate(dim: int) -> None:
         rand(batch, kv_heads, seq, dim),
     )
     q_gate = rand(batch, 1, heads * 2 * dim)
-    y, quant = gated_attention(
-        q, k, v, torch.tensor([length], device=DEVICE), q_gate, quantize=True
-    )
+    length_t = torch.tensor([length], device=DEVICE)
+    y, quant = attention_rows(q, k, v, length_t, q_gate if gated else None, quantize=True)
     live = F.scaled_dot_product_attention(
         q.float(), k[:, :, :length].float(), v[:, :, :length].float(), enable_gqa=True
     )  # [B, H, 1, D]
     gate = q_gate.view(batch, heads, 2 * dim)[..., dim:].float()
-    want = (live.squeeze(2) * torch.sigmoid(gate)).reshape(batch, 1, -1)
+    want = (live.squeeze(2) * (torch.sigmoid(gate) if gated else 1)).reshape(batch, 1, -1)
     torch.testing.assert_close(y.float(), want, atol=5e-3, rtol=5e-3)
     if dim % 32:
         assert quant is None
