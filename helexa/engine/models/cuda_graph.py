@@ -36,9 +36,9 @@ from helexa.engine.models.qwen3 import (
     FeedForward,
     Qwen3,
     apply_rope,
-    split_outputs,
+    projections,
 )
-from helexa.engine.quant.ops import Int8Rows, embedding, linear, linears, triton_cache_dir
+from helexa.engine.quant.ops import Int8Rows, embedding, linear, triton_cache_dir
 from helexa.engine.quant.tensor import int8_activations
 
 MIN_KV_LEN = 256
@@ -139,8 +139,7 @@ def _projections(
             linear(x, attn.k_proj, attn.k_bias),
             linear(x, attn.v_proj, attn.v_bias),
         ]
-    widths = [attn.q_proj.shape[0], attn.k_proj.shape[0], attn.v_proj.shape[0]]
-    return split_outputs(linears(x, attn.fused, quantized), widths)
+    return projections(x, (attn.q_proj, attn.k_proj, attn.v_proj), attn.fused, quantized)
 
 
 def _attention(

@@ -13,11 +13,16 @@ q/k norms, RoPE, cache writes, attention, SiLU·mul). These kernels make it ~10:
   their log-sum-exp. The live length is read from device memory (the step's position + 1),
   never from the host: the grid is fixed by the cache's shape, so one CUDA graph serves
   every position, and each program stops at the live length, reading no padding.
+  :func:`attention_rows` is the same as the decode step calls it: the merge also writes
+  o_proj's int8 activations and, for the hybrid models' gated attention, applies
+  sigmoid(gate).
 - :func:`add_rms_norm`: the residual add and the next RMSNorm in one pass.
 - :func:`qk_norm_rope_cache`: Qwen3's per-head q/k RMSNorm, RoPE at the step's position,
-  and the k/v writes into the cache, for every head in one launch.
+  and the k/v writes into the cache, for every head in one launch (also the hybrid
+  models' zero-centred norms and partial RoPE).
 - :func:`silu_mul`: SwiGLU's ``silu(gate) * up`` over the fused gate/up matvec's output.
 - :func:`route`: a MoE router (logits, softmax, top-k, renormalisation) in one launch.
+- :func:`shared_expert_add`: Qwen3-Next's routed + sigmoid(x @ gate) * shared expert.
 
 Arithmetic is float32 inside and rounded once on the way out; the torch step in
 cuda_graph.py is the reference they are tested against.

@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
 from helexa.engine.checkpoint.types import Checkpoint, Weight
 from helexa.engine.models.kv_cache import KVCache
-from helexa.engine.quant.ops import embedding, fuse_rows, linear
+from helexa.engine.quant.ops import embedding, fuse_rows, linear, linears
 from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor
 
 if TYPE_CHECKING:
@@ -297,6 +297,20 @@ def fuse_projections(weights: list[Weight]) -> tuple[tuple[Weight, ...], list[We
     if len(fused) == len(weights):
         return (), weights
     return tuple(fused), parts
+
+
+def projections(
+    x: torch.Tensor,
+    parts: tuple[Weight, ...],
+    fused: tuple[Weight, ...],
+    quantized: Int8Rows | None = None,
+) -> list[torch.Tensor]:
+    """Each of ``parts``' outputs for ``x`` (projections of one input), through the weights
+    fuse_projections made of them where it fused any (one matvec a fused run, its output
+    cut back into views), else one matvec each; the int8 matvecs share one quantization
+    of x (``quantized``, where the norm before wrote it)."""
+    outs = linears(x, fused or parts, quantized)
+    return split_outputs(outs, [w.shape[0] for w in parts])
 
 
 def split_outputs(outs: list[torch.Tensor], widths: list[int]) -> list[torch.Tensor]:

@@ -57,12 +57,12 @@ from helexa.engine.models.qwen3 import (
     attention_mask,
     fuse_projections,
     load_mlp,
+    projections,
     rope_tables,
-    split_outputs,
 )
 from helexa.engine.models.qwen3_moe import SparseMoE, load_sparse_moe
 from helexa.engine.models.recurrent_state import HybridSnapshots, RecurrentState, state_bytes
-from helexa.engine.quant.ops import embedding, linear, linears
+from helexa.engine.quant.ops import embedding, linear
 from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor, int8_activations
 
 if TYPE_CHECKING:
@@ -675,8 +675,7 @@ class Qwen3Next(DecoderModel):
         batch, steps, _ = x.shape
         d = cfg.head_dim
         parts = (attn.q_proj, attn.k_proj, attn.v_proj)
-        outs = linears(x, attn.fused or parts, quantized)
-        q_gate, k, v = split_outputs(outs, [w.shape[0] for w in parts])
+        q_gate, k, v = projections(x, parts, attn.fused, quantized)
         q, gate = q_gate.view(batch, steps, -1, 2 * d).chunk(2, dim=-1)
         k = k.view(batch, steps, -1, d)
         v = v.view(batch, steps, -1, d)
@@ -714,8 +713,7 @@ class Qwen3Next(DecoderModel):
         value_dim], b and a [B, T, n_v] (a decode step's int8 matvecs share one
         quantization of x)."""
         parts = (net.in_proj_qkv, net.in_proj_z, net.in_proj_b, net.in_proj_a)
-        outs = linears(x, net.fused or parts, quantized)
-        mixed, z, b, a = split_outputs(outs, [w.shape[0] for w in parts])
+        mixed, z, b, a = projections(x, parts, net.fused, quantized)
         return mixed, z, b, a
 
     def _delta_inputs(
@@ -860,8 +858,7 @@ def _attention_kernels(
     activations. Returns (y [B, 1, Hq * D], its int8 activations or None)."""
     assert attn.cache is not None and model.cos is not None and model.sin is not None
     parts = (attn.q_proj, attn.k_proj, attn.v_proj)
-    outs = linears(x, attn.fused or parts, quantized)
-    q_gate, k, v = split_outputs(outs, [w.shape[0] for w in parts])  # [B, 1, *] each
+    q_gate, k, v = projections(x, parts, attn.fused, quantized)  # [B, 1, *] each
     cache, batch = attn.cache, x.shape[0]
     q = glue.qk_norm_rope_cache(
         q_gate, k, v, attn.q_norm, attn.k_norm, model.cos, model.sin, input_pos,
