@@ -33,11 +33,6 @@ ENGINE_MODULES = (
     "helexa.engine.worker",
 )
 
-# What only a CUDA load's later steps import: torch's lower-right causal mask (for a
-# prefill that extends a cached prompt, which the warm-up runs; its module imports
-# torch._dynamo, a second or more), Triton and helexa's kernels (the warm-up's first
-# quantized matmul and decode step). See :func:`import_for_cuda`.
-CUDA_MODULES = ("torch.nn.attention.bias",)
 _cuda_imports: Future[None] | None = None
 _cuda_lock = threading.Lock()
 
@@ -76,12 +71,16 @@ def import_engine(phases: Phases) -> None:
 
 
 def import_for_cuda() -> Future[None]:
-    """Start importing what only a CUDA load's later steps need (:data:`CUDA_MODULES`,
-    Triton, the kernels) on a thread of its own, once per process; the future is done
-    when they are. Started as soon as a load is known to go to a GPU, they overlap its
-    device context and weights read (which leave the interpreter free while the driver
-    and the disk work) instead of running inside the warm-up; the warm-up waits for them,
-    so nothing is imported on another thread while it captures CUDA graphs."""
+    """Start importing what only a CUDA load's later steps need (Triton and helexa's
+    kernels, for the warm-up's first quantized matmul and decode step) on a thread of its
+    own, once per process; the future is done when they are. Started as soon as a load is
+    known to go to a GPU, they overlap its device context and weights read (which leave
+    the interpreter free while the driver and the disk work) instead of running inside
+    the warm-up; the warm-up waits for them, so nothing is imported on another thread
+    while it captures CUDA graphs. Nothing imported here may import torch._dynamo: that
+    is a second or more of import holding the GIL, which slowed the weights read beside
+    it while this thread imported torch's CausalBias (qwen3.lower_right_attention now
+    calls its kernels itself)."""
     global _cuda_imports
     with _cuda_lock:
         if _cuda_imports is None:
@@ -95,8 +94,6 @@ def import_for_cuda() -> Future[None]:
 
 def _import_cuda(done: Future[None]) -> None:
     try:
-        for name in CUDA_MODULES:
-            importlib.import_module(name)
         from helexa.engine.models.cuda_graph import triton_module
         from helexa.engine.quant.ops import kernels
 
