@@ -8,7 +8,8 @@ own steps: the weights read, the tokenizer, the model built, the KV cache, the w
 One :class:`Phases` follows the load through all of them, on the neuron's event loop, its
 threads and the device's worker in turn (never two at once), so the engine's one log line
 ``loaded X in N s (import torch ..., ..., warm-up ...)`` accounts for the time from the
-request to the model answering, and the next slow load says which step it was.
+request to the model answering, and the next slow load says which step it was (a GGUF's
+weights read its parts too, after the steps: ``...); weights read: waiting on reads ...``).
 
 Nothing heavy is imported by this module: the neuron starts timing before torch exists.
 """
@@ -48,15 +49,26 @@ class Phases:
     def __init__(self) -> None:
         self.start = self.last = time.perf_counter()
         self.seconds: dict[str, float] = {}
+        self.parts: dict[str, dict[str, float]] = {}
 
     def done(self, phase: str) -> None:
         now = time.perf_counter()
         self.seconds[phase] = now - self.last
         self.last = now
 
+    def split(self, phase: str, parts: dict[str, float]) -> None:
+        """Where ``phase``'s seconds went, by part (as the weights read's loader timed
+        them), shown after the steps: ``N s (step N s, ...); phase: part N s, ...``, so
+        the steps' list reads as before."""
+        if parts:
+            self.parts[phase] = parts
+
     def __str__(self) -> str:
-        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
-        return f"{self.last - self.start:.1f} s ({parts})"
+        steps = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
+        line = f"{self.last - self.start:.1f} s ({steps})"
+        for phase, parts in self.parts.items():
+            line += f"; {phase}: " + ", ".join(f"{name} {s:.2f} s" for name, s in parts.items())
+        return line
 
 
 def import_engine(phases: Phases) -> None:
