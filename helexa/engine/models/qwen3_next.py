@@ -54,6 +54,7 @@ from helexa.engine.models.qwen3 import (
     Qwen3Config,
     _rope_params,
     apply_rope,
+    attention,
     attention_mask,
     fuse_projections,
     load_mlp,
@@ -699,9 +700,7 @@ class Qwen3Next(DecoderModel):
         q, k, v, gate = self._gated_qkv(attn, x, cos, sin)
         assert attn.cache is not None
         k, v = attn.cache.update(input_pos, k, v, end)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
-        )
+        y = attention(q, k, v, mask, causal)
         y = y.transpose(1, 2).reshape(batch, steps, -1) * torch.sigmoid(gate)
         return linear(y, attn.o_proj)
 
