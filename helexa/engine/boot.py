@@ -8,7 +8,8 @@ own steps: the weights read, the tokenizer, the model built, the KV cache, the w
 One :class:`Phases` follows the load through all of them, on the neuron's event loop, its
 threads and the device's worker in turn (never two at once), so the engine's one log line
 ``loaded X in N s (import torch ..., ..., warm-up ...)`` accounts for the time from the
-request to the model answering, and the next slow load says which step it was.
+request to the model answering, and the next slow load says which step it was (a GGUF's
+weights read its parts too, after the steps: ``...); weights read: waiting on reads ...``).
 
 Nothing heavy is imported by this module: the neuron starts timing before torch exists.
 """
@@ -33,11 +34,6 @@ ENGINE_MODULES = (
     "helexa.engine.worker",
 )
 
-# What only a CUDA load's later steps import: torch's lower-right causal mask (for a
-# prefill that extends a cached prompt, which the warm-up runs; its module imports
-# torch._dynamo, a second or more), Triton and helexa's kernels (the warm-up's first
-# quantized matmul and decode step). See :func:`import_for_cuda`.
-CUDA_MODULES = ("torch.nn.attention.bias",)
 _cuda_imports: Future[None] | None = None
 _cuda_lock = threading.Lock()
 
@@ -53,15 +49,26 @@ class Phases:
     def __init__(self) -> None:
         self.start = self.last = time.perf_counter()
         self.seconds: dict[str, float] = {}
+        self.parts: dict[str, dict[str, float]] = {}
 
     def done(self, phase: str) -> None:
         now = time.perf_counter()
         self.seconds[phase] = now - self.last
         self.last = now
 
+    def split(self, phase: str, parts: dict[str, float]) -> None:
+        """Where ``phase``'s seconds went, by part (as the weights read's loader timed
+        them), shown after the steps: ``N s (step N s, ...); phase: part N s, ...``, so
+        the steps' list reads as before."""
+        if parts:
+            self.parts[phase] = parts
+
     def __str__(self) -> str:
-        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
-        return f"{self.last - self.start:.1f} s ({parts})"
+        steps = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
+        line = f"{self.last - self.start:.1f} s ({steps})"
+        for phase, parts in self.parts.items():
+            line += f"; {phase}: " + ", ".join(f"{name} {s:.2f} s" for name, s in parts.items())
+        return line
 
 
 def import_engine(phases: Phases) -> None:
@@ -76,12 +83,16 @@ def import_engine(phases: Phases) -> None:
 
 
 def import_for_cuda() -> Future[None]:
-    """Start importing what only a CUDA load's later steps need (:data:`CUDA_MODULES`,
-    Triton, the kernels) on a thread of its own, once per process; the future is done
-    when they are. Started as soon as a load is known to go to a GPU, they overlap its
-    device context and weights read (which leave the interpreter free while the driver
-    and the disk work) instead of running inside the warm-up; the warm-up waits for them,
-    so nothing is imported on another thread while it captures CUDA graphs."""
+    """Start importing what only a CUDA load's later steps need (Triton and helexa's
+    kernels, for the warm-up's first quantized matmul and decode step) on a thread of its
+    own, once per process; the future is done when they are. Started as soon as a load is
+    known to go to a GPU, they overlap its device context and weights read (which leave
+    the interpreter free while the driver and the disk work) instead of running inside
+    the warm-up; the warm-up waits for them, so nothing is imported on another thread
+    while it captures CUDA graphs. Nothing imported here may import torch._dynamo: that
+    is a second or more of import holding the GIL, which slowed the weights read beside
+    it while this thread imported torch's CausalBias (qwen3.lower_right_attention now
+    calls its kernels itself)."""
     global _cuda_imports
     with _cuda_lock:
         if _cuda_imports is None:
@@ -95,8 +106,6 @@ def import_for_cuda() -> Future[None]:
 
 def _import_cuda(done: Future[None]) -> None:
     try:
-        for name in CUDA_MODULES:
-            importlib.import_module(name)
         from helexa.engine.models.cuda_graph import triton_module
         from helexa.engine.quant.ops import kernels
 

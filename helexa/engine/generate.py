@@ -202,6 +202,7 @@ class LoadedModel:
         share = _share(progress, 0.0, WEIGHTS_SHARE if cuda else 1.0)
         ckpt = load_checkpoint(path, where, share, header)
         phases.done("weights read")
+        phases.split("weights read", ckpt.read_seconds)
         tokenizer = Tokenizer.from_checkpoint(ckpt.tokenizer)
         phases.done("tokenizer")
         architecture = model_class(ckpt.config, ckpt.source)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -134,6 +135,30 @@ async def test_a_gguf_load_parses_its_header_once(monkeypatch: pytest.MonkeyPatc
     finally:
         await n.close()
     assert parsed == [str(demo)]
+
+
+async def test_a_gguf_loads_line_splits_the_weights_read_after_the_steps(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The weights read's parts come after the steps' parenthesis, so the line's
+    ``loaded X in N s (step N s, ...)`` reads as it did, step for step."""
+    caplog.set_level(logging.INFO, logger="helexa.engine.generate")
+    demo = demo_model_path()
+    assert demo is not None
+    n = LocalNeuron(Settings(models=[ModelProfile(id="demo", path=str(demo))]))
+    try:
+        await n.load(LoadRequest(model_id="demo"))
+    finally:
+        await n.close()
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("loaded ")]
+    line = re.fullmatch(
+        r"loaded (\S+) in ([\d.]+) s \(([^)]*)\); weights read: (.*)", record.getMessage()
+    )
+    assert line is not None, record.getMessage()
+    steps = [re.fullmatch(r"(.+) [\d.]+ s", step) for step in line[3].split(", ")]
+    assert [step and step[1] for step in steps] == list(record.args[1].seconds)
+    parts = [re.fullmatch(r"(.+) [\d.]+ s", part) for part in line[4].split(", ")]
+    assert [part and part[1] for part in parts] == ["copies from the map", "header and views"]
 
 
 async def test_requests_for_unloaded_models_are_409(neuron: LocalNeuron, model_dir: Path) -> None:

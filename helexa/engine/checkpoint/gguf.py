@@ -30,6 +30,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import numpy as np
@@ -256,6 +257,7 @@ def load_gguf(
     """Load a qwen3 / qwen3moe GGUF onto ``device``: one copy per tensor, quantized ones
     as blocks. ``header``: the file's, as preflight read it (used while the file is
     unchanged, see read_gguf_header)."""
+    began = perf_counter()
     header = _open(path, header)
     arch = _architecture(header, path)
     require_loadable(arch, str(path))
@@ -274,6 +276,10 @@ def load_gguf(
         tensors[name] = _to_torch(t, raw)
         if hybrid and is_offset_norm(name):
             tensors[name] = _float(tensors[name], t.name, path) - 1  # back to HF's w
+    seconds = reader.seconds
+    seconds["header and views"] = perf_counter() - began - sum(seconds.values())
+    if n := reader.threads:  # what the calling thread waited on, the readers' time summed
+        seconds[f"preadv summed over {n} thread{'s' * (n > 1)}"] = reader.pread_seconds
     return Checkpoint(
         config=config,
         tensors=tensors,
@@ -282,6 +288,7 @@ def load_gguf(
         generation_config=_generation_config(header),
         source=str(path),
         file_bytes=sum(t.n_bytes for t in header.tensors),
+        read_seconds=seconds,
     )
 
 
@@ -428,10 +435,21 @@ class _Reader:
         self.path, self.data_offset, self.device = path, data_offset, device
         self.cuda = device.type == "cuda"
         self.staged = self.cuda if staged is None else staged  # staged to the CPU: tests
+        # The calling thread's seconds by what it did (they add up to its read), and the
+        # reader threads' seconds in preadv, summed: the load log's split of the read.
+        self.seconds: dict[str, float] = {}
+        self.pread_seconds, self.threads = 0.0, 0
+
+    def _took(self, part: str, since: float) -> float:
+        """Add the seconds since ``since`` to ``part``; now."""
+        now = perf_counter()
+        self.seconds[part] = self.seconds.get(part, 0.0) + now - since
+        return now
 
     def read(self, spans: list[tuple[int, int]], placed: ByteProgress) -> list[torch.Tensor]:
         """The bytes of each (offset, n_bytes) span of the data section, on the device,
         all there (copies finished) when this returns."""
+        began = perf_counter()
         if not self.staged:
             data = np.memmap(self.path, np.uint8, "c", self.data_offset) if spans else None
             outs = []
@@ -441,6 +459,7 @@ class _Reader:
                     torch.from_numpy(data[offset : offset + n_bytes]).to(self.device, copy=True)
                 )
                 placed.add(n_bytes)
+            self._took("copies from the map", began)
             return outs
         outs = [torch.empty(n, dtype=torch.uint8, device=self.device) for _, n in spans]
         order = sorted(range(len(spans)), key=lambda i: spans[i][0])  # file order
@@ -452,11 +471,17 @@ class _Reader:
             for _ in range(min(STAGE_READERS, len(chunks)))
         ]
         events = [torch.cuda.Event() for _ in buffers] if self.cuda else []
+        self.threads = len(buffers)
+        parts = ["waiting on reads", "queueing copies"] + ["waiting on copies"] * bool(events)
+        # Each part named from the start, so the log lists them in this order.
+        self.seconds = {"allocating": perf_counter() - began, **dict.fromkeys(parts, 0.0)}
 
-        def send(read: Future[None], slot: int, start: int, stop: int) -> None:
+        def send(read: Future[float], slot: int, start: int, stop: int) -> None:
             """Once read, copy buffer ``slot`` (file bytes start..stop) into every tensor
             it overlaps, the first of them the last to begin at or before ``start``."""
-            read.result()
+            waited = perf_counter()
+            self.pread_seconds += read.result()
+            queued = self._took("waiting on reads", waited)
             for i in order[max(0, bisect_right(offsets, start) - 1) :]:
                 offset, n_bytes = spans[i]
                 if offset >= stop:
@@ -468,30 +493,38 @@ class _Reader:
                     placed.add(hi - lo)
             if events:
                 events[slot].record()
+            self._took("queueing copies", queued)
 
         fd = os.open(self.path, os.O_RDONLY)
         try:
             with ThreadPoolExecutor(len(buffers) or 1, thread_name_prefix="helexa-gguf") as pool:
-                pending: deque[tuple[Future[None], int, int, int]] = deque()
+                pending: deque[tuple[Future[float], int, int, int]] = deque()
                 for n, start in enumerate(chunks):
                     slot = n % len(buffers)
                     if len(pending) == len(buffers):  # the slot's last chunk: copy it out
                         send(*pending.popleft())
                     if events:
+                        waited = perf_counter()
                         events[slot].synchronize()  # its previous copy has left it
+                        self._took("waiting on copies", waited)
                     stop = min(start + STAGE_BYTES, end)
                     read = pool.submit(self._pread, fd, buffers[slot][: stop - start], start)
                     pending.append((read, slot, start, stop))
                 while pending:
                     send(*pending.popleft())
+            waited = perf_counter()
             for event in events:  # the tensors are whole, and the buffers free
                 event.synchronize()
+            if events:
+                self._took("waiting on copies", waited)
         finally:
             os.close(fd)
         return outs
 
-    def _pread(self, fd: int, buffer: torch.Tensor, start: int) -> None:
-        """Fill ``buffer`` from data-section byte ``start`` (a read may return fewer)."""
+    def _pread(self, fd: int, buffer: torch.Tensor, start: int) -> float:
+        """Fill ``buffer`` from data-section byte ``start`` (a read may return fewer); the
+        seconds it took."""
+        began = perf_counter()
         view = memoryview(buffer.numpy())
         done = 0
         while done < len(view):
@@ -499,6 +532,7 @@ class _Reader:
             if not got:
                 raise CheckpointError(f"{self.path}: the tensor data ends early")
             done += got
+        return perf_counter() - began
 
 
 def _tokenizer(header: GGUFHeader) -> dict[str, Any]:

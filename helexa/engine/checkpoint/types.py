@@ -48,3 +48,6 @@ class Checkpoint:
     generation_config: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the file or directory it came from, for messages
     file_bytes: int = 0  # bytes of weights on disk, for memory accounting
+    # Where the read's seconds went, by part, where the loader times them (a GGUF's): the
+    # load log's split of its "weights read" step, so a slow read says disk, bus or GIL.
+    read_seconds: dict[str, float] = field(default_factory=dict)

@@ -150,7 +150,11 @@ def _attention(
     input_pos: torch.Tensor,
     kv_len: int,
     kernels: ModuleType | None,
+    live: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """One attention layer's decode step to o_proj's output [B, 1, hidden]. ``live``
+    (input_pos + 1, made once a step, not once a layer) is the key count the kernels read;
+    the torch path masks the ``kv_len`` bucket instead."""
     cfg = model.config
     batch, dim, eps = x.shape[0], cfg.head_dim, cfg.rms_norm_eps
     cache = attn.cache
@@ -164,8 +168,9 @@ def _attention(
             q, k, v, attn.q_norm, attn.k_norm, model.cos, model.sin, input_pos,
             cache.k, cache.v, eps,
         )  # fmt: skip
+        assert live is not None
         y, yq = kernels.attention_rows(
-            q, cache.k[:batch], cache.v[:batch], input_pos + 1, quantize=int8_activations(x)
+            q, cache.k[:batch], cache.v[:batch], live, quantize=int8_activations(x)
         )  # [B, 1, Hq*D]
         return linear(y, attn.o_proj, attn.o_bias, quantized=yq)
     cos, sin = model.cos[input_pos], model.sin[input_pos]
@@ -219,11 +224,12 @@ def decode_step(
         raise RuntimeError("call setup_cache(max_batch, max_seq) before decoding")
     eps = model.config.rms_norm_eps
     kernels = step_kernels(model)
+    live = input_pos + 1 if kernels is not None else None  # [1]: keys 0..input_pos
     x = embedding(tokens, model.embed_tokens).to(model.dtype)  # [B, 1, hidden]
     delta: torch.Tensor | None = None  # what the last sublayer adds to the residual x
     for blk in model.layers:
         x, h, hq = add_norm(x, delta, blk.input_layernorm, eps, kernels)
-        delta = _attention(model, blk.attn, h, hq, input_pos, kv_len, kernels)
+        delta = _attention(model, blk.attn, h, hq, input_pos, kv_len, kernels, live)
         delta = delta if reduce is None else reduce(delta)
         x, h, hq = add_norm(x, delta, blk.post_attention_layernorm, eps, kernels)
         delta = mlp_step(blk.mlp, h, hq, kernels)

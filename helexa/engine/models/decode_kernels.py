@@ -559,9 +559,13 @@ def _route_kernel(
 
 
 # Router rows per routing program: 4 rows of a 2048-wide bf16 router are 16 KB, so a
-# 128-expert router is read by 32 programs per token, not by one SM.
+# 128-expert router is read by 32 programs per token, not by one SM. A program loads its
+# rows in one pass up to ROUTE_COLUMNS wide: the loop is not pipelined, and at 512
+# columns a 2048-wide router cost four dependent trips to memory (7 µs a layer in an
+# H200 profile of a 30B-A3B's decode). Past 2048, four rows of float32 sums would crowd
+# four warps' registers.
 ROUTE_EXPERTS = 4
-ROUTE_COLUMNS = 512
+ROUTE_COLUMNS = 2048
 # Per device, the routing kernels' tickets (one int32 per token, zero between launches),
 # grown as batches grow. Outgrown ones are kept: a captured graph may still replay them.
 _tickets: dict[torch.device, torch.Tensor] = {}

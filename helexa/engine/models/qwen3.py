@@ -15,10 +15,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, is_dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from helexa.engine.checkpoint.errors import CheckpointError, UnsupportedArchitecture
@@ -26,11 +27,6 @@ from helexa.engine.checkpoint.types import Checkpoint, Weight
 from helexa.engine.models.kv_cache import KVCache
 from helexa.engine.quant.ops import embedding, fuse_rows, linear, linears
 from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor
-
-if TYPE_CHECKING:
-    from torch.nn.attention.bias import CausalBias
-
-    Mask = CausalBias | torch.Tensor
 
 ARCHITECTURE = "Qwen3ForCausalLM"
 MODEL_TYPE = "qwen3"
@@ -170,26 +166,99 @@ def rope_tables(cfg: Qwen3Config, max_seq: int) -> tuple[torch.Tensor, torch.Ten
     return emb.cos() * scale, emb.sin() * scale
 
 
+@dataclass(frozen=True)
+class LowerRight:
+    """The causal mask of ``steps`` queries over ``end`` keys aligned to the bottom right
+    (query i sees keys 0..end-steps+i), left unmade: :func:`attention` runs it inside
+    flash or memory-efficient attention, where a materialized [steps, end] mask would
+    send SDPA to its quadratic math kernel."""
+
+    steps: int
+    end: int
+
+
+# What attention takes besides is_causal: a materialized boolean mask or LowerRight.
+Mask = torch.Tensor | LowerRight
+
+# _efficient_attention_forward's custom_mask_type for the bottom-right-aligned causal mask
+# (0: none, 1: top left, as is_causal; torch's CausalVariant.LOWER_RIGHT).
+_LOWER_RIGHT_MASK_TYPE = 2
+
+
+def lower_right_mask(steps: int, end: int, device: torch.device) -> torch.Tensor:
+    """:class:`LowerRight` as a [steps, end] boolean mask (True: attend)."""
+    return torch.ones(steps, end, dtype=torch.bool, device=device).tril(end - steps)
+
+
 def attention_mask(
     start: int, steps: int, end: int, device: torch.device
 ) -> tuple[Mask | None, bool]:
-    """SDPA's (attn_mask, is_causal) for ``steps`` queries at positions ``start..end``
-    over cache keys ``0..end``, on ``device``."""
+    """:func:`attention`'s (mask, is_causal) for ``steps`` queries at positions
+    ``start..end`` over cache keys ``0..end``, on ``device``."""
     if steps == 1:
         return None, False  # one query sees the whole prefix
     if start == 0:
         return None, True  # plain prefill: SDPA's causal fast path
-    # A prompt extending what the cache holds: query i sees keys 0..start+i, the causal
-    # mask aligned to the bottom right. On CUDA torch's CausalBias runs it in flash (or
-    # memory-efficient) attention as is (a materialized [T, end] mask would send SDPA to
-    # the quadratic math kernel). Anywhere else CausalBias materializes this very mask,
-    # and importing it imports torch._dynamo (a second on a CPU), so the mask is made
-    # here; a CUDA load imports it in the background (helexa.engine.boot).
+    # A prompt extending what the cache holds: query i sees keys 0..start+i. On CUDA the
+    # fused kernels apply that mask themselves (lower_right_attention); elsewhere SDPA has
+    # no kernel that could, so the mask is made once for all the layers.
     if device.type == "cuda":
-        from torch.nn.attention.bias import causal_lower_right
+        return LowerRight(steps, end), False
+    return lower_right_mask(steps, end, device), False
 
-        return causal_lower_right(steps, end), False
-    return torch.ones(steps, end, dtype=torch.bool, device=device).tril(end - steps), False
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | None, causal: bool
+) -> torch.Tensor:
+    """SDPA of q [B, H, T, D] over k, v [B, H_kv, S, D] (GQA: H_kv divides H) with
+    :func:`attention_mask`'s mask: [B, H, T, D]."""
+    if isinstance(mask, LowerRight):
+        return lower_right_attention(q, k, v)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+    )
+
+
+def lower_right_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`attention` under the bottom-right-aligned causal mask: torch's
+    ``causal_lower_right`` CausalBias, its checks and aten calls as they are in torch 2.11
+    and 2.13, without its module, which imports torch._dynamo (a second or more of import
+    holding the GIL, which slowed the weights read it overlapped on a GPU host).
+
+    Flash attention's is_causal aligns to the bottom right when there are fewer queries
+    than keys; the checks are asked as for a mask-less, non-causal call (SDPA itself
+    refuses flash for is_causal on a non-square score matrix, which it means top left),
+    and honour ``sdpa_kernel``'s backends. Where neither fused kernel takes the inputs,
+    SDPA gets the materialized mask. Inference only: no log-sum-exp for a backward."""
+    params = SDPAParams(q, k, v, None, 0.0, False, True)
+    if can_use_flash_attention(params):
+        head_dim = q.shape[-1]
+        scale = 1.0 / math.sqrt(head_dim)  # of the real head size, not the padded one
+        pad = -head_dim % 8  # flash's head size comes in multiples of 8
+        if pad:
+            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+        out = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, is_causal=True, return_debug_mask=False, scale=scale
+        )[0]
+        return out[..., :head_dim] if pad else out
+    if can_use_efficient_attention(params):
+        # [B, T, H, D] in and out, and its own mask type for the bottom-right alignment.
+        out = torch.ops.aten._efficient_attention_forward(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            None,  # bias
+            None,  # cu_seqlens_q
+            None,  # cu_seqlens_k
+            None,  # max_seqlen_q
+            None,  # max_seqlen_k
+            0.0,  # dropout_p
+            _LOWER_RIGHT_MASK_TYPE,
+            False,  # compute_log_sumexp
+        )[0]
+        return out.transpose(1, 2)
+    mask = lower_right_mask(q.shape[-2], k.shape[-2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -627,8 +696,5 @@ class Qwen3(DecoderModel):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         assert attn.cache is not None
         k, v = attn.cache.update(input_pos, k, v, end)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
-        )
-        y = y.transpose(1, 2).reshape(batch, steps, -1)
+        y = attention(q, k, v, mask, causal).transpose(1, 2).reshape(batch, steps, -1)
         return linear(y, attn.o_proj, attn.o_bias)

@@ -54,6 +54,7 @@ from helexa.engine.models.qwen3 import (
     Qwen3Config,
     _rope_params,
     apply_rope,
+    attention,
     attention_mask,
     fuse_projections,
     load_mlp,
@@ -699,9 +700,7 @@ class Qwen3Next(DecoderModel):
         q, k, v, gate = self._gated_qkv(attn, x, cos, sin)
         assert attn.cache is not None
         k, v = attn.cache.update(input_pos, k, v, end)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
-        )
+        y = attention(q, k, v, mask, causal)
         y = y.transpose(1, 2).reshape(batch, steps, -1) * torch.sigmoid(gate)
         return linear(y, attn.o_proj)
 
@@ -849,13 +848,15 @@ def _attention_kernels(
     x: torch.Tensor,
     quantized: Int8Rows | None,
     input_pos: torch.Tensor,
+    live: torch.Tensor,
     glue: ModuleType,
 ) -> tuple[torch.Tensor, Int8Rows | None]:
     """A gated attention layer's decode step up to o_proj, in three launches after its
     projections (decode_kernels): the zero-centred q/k norms, partial RoPE and the cache
     writes in one; attention over the live keys (0..input_pos, not the padded kv_len)
     as split-K, whose merge also applies sigmoid(gate) and writes o_proj's int8
-    activations. Returns (y [B, 1, Hq * D], its int8 activations or None)."""
+    activations. ``live``: input_pos + 1, the keys attention reads (made once a step).
+    Returns (y [B, 1, Hq * D], its int8 activations or None)."""
     assert attn.cache is not None and model.cos is not None and model.sin is not None
     parts = (attn.q_proj, attn.k_proj, attn.v_proj)
     q_gate, k, v = projections(x, parts, attn.fused, quantized)  # [B, 1, *] each
@@ -864,9 +865,8 @@ def _attention_kernels(
         q_gate, k, v, attn.q_norm, attn.k_norm, model.cos, model.sin, input_pos,
         cache.k, cache.v, model.config.rms_norm_eps, gated=True,
     )  # fmt: skip  # [B, Hq, 1, D]
-    length = input_pos + 1
     return glue.attention_rows(
-        q, cache.k[:batch], cache.v[:batch], length, q_gate, quantize=int8_activations(x)
+        q, cache.k[:batch], cache.v[:batch], live, q_gate, quantize=int8_activations(x)
     )
 
 
@@ -890,19 +890,22 @@ def decode_step(
         raise ValueError("a hybrid model is not tensor-parallel")
     cfg = model.config
     eps = cfg.rms_norm_eps
-    cos, sin = model.cos[input_pos], model.sin[input_pos]
-    visible = torch.arange(kv_len, device=input_pos.device) <= input_pos
     kernels = delta_kernels(model)
     # The dense models' glue: residual add + norm (writing the next matvecs' int8
     # activations) and the fused-gate/up MLP, in a launch or two each.
     glue = triton_module("decode_kernels") if kernels is not None else None
+    if glue is None:  # the torch path's RoPE rows and mask over the kv_len bucket
+        cos, sin = model.cos[input_pos], model.sin[input_pos]
+        visible = torch.arange(kv_len, device=input_pos.device) <= input_pos
+    else:  # the kernels read the position and the live key count from the device
+        live = input_pos + 1
     x = embedding(tokens, model.embed_tokens).to(model.dtype)  # [B, 1, hidden]
     batch = x.shape[0]
     delta = None
     for blk in model.layers:
         x, h, hq = add_norm(x, delta, blk.input_layernorm, eps, glue, zc_rms_norm)
         if isinstance(blk.mixer, GatedAttention) and glue is not None:
-            y, yq = _attention_kernels(model, blk.mixer, h, hq, input_pos, glue)
+            y, yq = _attention_kernels(model, blk.mixer, h, hq, input_pos, live, glue)
             y = linear(y, blk.mixer.o_proj, quantized=yq)
         elif isinstance(blk.mixer, GatedAttention):
             q, k, v, gate = model._gated_qkv(blk.mixer, h, cos, sin, hq)

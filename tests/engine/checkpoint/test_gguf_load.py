@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +168,10 @@ def test_the_staged_read_gives_the_mapped_bytes(
     mapped = load_gguf(path).tensors
     monkeypatch.setattr(gguf, "STAGE_BYTES", 1000)
     monkeypatch.setattr(gguf, "_Reader", partial(gguf._Reader, staged=True))
-    staged = load_gguf(path, device=device).tensors
+    began = time.perf_counter()
+    ckpt = load_gguf(path, device=device)
+    took = time.perf_counter() - began
+    staged = ckpt.tensors
     assert staged.keys() == mapped.keys()
     assert max(t.nbytes for t in mapped.values()) > 3000  # several chunks, both buffers
     for name, want in mapped.items():
@@ -178,6 +182,15 @@ def test_the_staged_read_gives_the_mapped_bytes(
             assert got.shape == want.shape and torch.equal(got.data.cpu(), want.data), name
         else:
             assert torch.equal(got.cpu(), want), name
+    # The load log's split of the read: the calling thread's parts add up to its time,
+    # and the reader threads' preadv time is theirs, summed.
+    seconds = dict(ckpt.read_seconds)
+    threads = seconds.pop("preadv summed over 4 threads")
+    waits = ["waiting on copies"] if device == "cuda" else []
+    parts = ["allocating", "waiting on reads", "queueing copies", *waits, "header and views"]
+    assert list(seconds) == parts
+    assert all(s >= 0 for s in seconds.values()) and threads > 0
+    assert sum(seconds.values()) <= took
 
 
 def test_config_round_trips_rope_scaling_and_sampling(tmp_path: Path) -> None:

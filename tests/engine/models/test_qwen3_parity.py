@@ -7,10 +7,20 @@ from typing import Any
 
 import pytest
 import torch
+from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from helexa.engine.checkpoint.errors import UnsupportedArchitecture
 from helexa.engine.checkpoint.safetensors import load_checkpoint, load_safetensors_dir
-from helexa.engine.models.qwen3 import Qwen3, Qwen3Config, attention_mask
+from helexa.engine.models.qwen3 import (
+    LowerRight,
+    Qwen3,
+    Qwen3Config,
+    attention,
+    attention_mask,
+    lower_right_attention,
+    lower_right_mask,
+)
 from tests.engine.devices import DEVICES
 from tests.engine.factories import make_tiny_hf_model, save_model_dir
 
@@ -79,21 +89,63 @@ def test_chunked_prefill_after_a_prefix(tmp_path: Path, device: str) -> None:
 def test_attention_mask_is_torchs_lower_right_causal_bias(
     device: str, start: int, steps: int
 ) -> None:
-    """Off CUDA the mask is made here rather than by torch's CausalBias (whose module
-    imports torch._dynamo): attention through it is attention through CausalBias."""
-    from torch.nn.attention.bias import CausalBias, causal_lower_right
+    """helexa's mask and attention stand in for torch's CausalBias (whose module imports
+    torch._dynamo): attention through them is attention through CausalBias."""
+    from torch.nn.attention.bias import causal_lower_right
 
     end = start + steps
     mask, causal = attention_mask(start, steps, end, torch.device(device))
     if device == "cuda" and start and steps > 1:
-        assert isinstance(mask, CausalBias)  # flash attention runs it unmaterialized
+        assert mask == LowerRight(steps, end)  # run unmaterialized, in flash attention
     gen = torch.Generator().manual_seed(start * 10 + steps)
     q = torch.randn(1, 4, steps, 16, generator=gen).to(device)
     k, v = (torch.randn(1, 2, end, 16, generator=gen).to(device) for _ in range(2))
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    got = sdpa(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
     want = sdpa(q, k, v, attn_mask=causal_lower_right(steps, end), enable_gqa=True)
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(attention(q, k, v, mask, causal), want)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("steps", [1, 3, 17])
+@pytest.mark.parametrize("end", [5, 64, 300])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "backend"),
+    [
+        (8, 2, 128, SDPBackend.FLASH_ATTENTION),  # Qwen3's GQA
+        (8, 2, 256, SDPBackend.FLASH_ATTENTION),  # Qwen3-Next's gated attention
+        (4, 4, 20, SDPBackend.FLASH_ATTENTION),  # a head size flash takes padded
+        (4, 4, 64, SDPBackend.EFFICIENT_ATTENTION),  # flash turned off
+    ],
+)
+def test_lower_right_attention_matches_a_materialized_mask_on_cuda(
+    steps: int, end: int, heads: int, kv_heads: int, head_dim: int, backend: SDPBackend
+) -> None:
+    """bf16 through the one fused kernel allowed, against SDPA in float32 with the mask
+    materialized. torch must take the inputs to that kernel, as the product's are: else
+    the product would quietly run the materialized mask."""
+    if steps > end:
+        pytest.skip("more queries than keys")
+    gen = torch.Generator("cuda").manual_seed(steps * 1000 + end)
+    q = torch.randn(2, heads, steps, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (
+        torch.randn(2, kv_heads, end, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        for _ in range(2)
+    )
+    fused = {
+        SDPBackend.FLASH_ATTENTION: can_use_flash_attention,
+        SDPBackend.EFFICIENT_ATTENTION: can_use_efficient_attention,
+    }[backend]
+    with sdpa_kernel([backend]):
+        assert fused(SDPAParams(q, k, v, None, 0.0, False, True), True)
+        got = lower_right_attention(q, k, v)
+    mask = lower_right_mask(steps, end, q.device)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True
+    )
+    assert got.shape == q.shape and got.dtype == torch.bfloat16
+    # The decode kernels' bf16 atol, and torch.testing's bf16 rtol for the output's rounding.
+    torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=1.6e-2)
 
 
 @pytest.mark.parametrize(
