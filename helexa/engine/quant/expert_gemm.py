@@ -137,12 +137,14 @@ def _expert_gemm_kernel(
 # than them (padding rows cost MMA work and nothing else) with the weights as the MMA's
 # M side (SWAP); many: 64-row tiles, x as M (a Hopper warpgroup MMA is 64 rows). Eight
 # warps: at four, ptxas (sm_90) needs all 255 registers and spills for Q6_K and Q8_0.
-# Chosen from the shapes and ptxas's register counts, not measured: the GPU must confirm
-# (a sweep over CONFIGS at 512 and 4096 tokens of a Qwen3-30B-A3B's layers).
+# From bench/moe_prefill.py on an H200 (a 30B-A3B's layers, Q4_K gate/up fused, Q6_K
+# down; µs a layer for 4 / 32 / 128 / 256 rows an expert): 128 columns beat 64 at every
+# count (m16 813 vs 964 at 4 rows, m32 1 131 vs 1 683 at 32, m64 2 940 vs 3 465 at
+# 128); a third pipeline stage changed nothing. The whole table is in bench/RESULTS.md.
 CONFIGS: tuple[tuple[float, dict[str, Any]], ...] = (
-    (16, dict(BLOCK_M=16, BLOCK_N=64, SWAP=True, num_warps=8, num_stages=2)),
-    (32, dict(BLOCK_M=32, BLOCK_N=64, SWAP=True, num_warps=8, num_stages=2)),
-    (float("inf"), dict(BLOCK_M=64, BLOCK_N=64, SWAP=False, num_warps=8, num_stages=2)),
+    (16, dict(BLOCK_M=16, BLOCK_N=128, SWAP=True, num_warps=8, num_stages=2)),
+    (32, dict(BLOCK_M=32, BLOCK_N=128, SWAP=True, num_warps=8, num_stages=2)),
+    (float("inf"), dict(BLOCK_M=64, BLOCK_N=128, SWAP=False, num_warps=8, num_stages=2)),
 )
 # Q6_K's fused gate/up holds four decoded tiles at once: at 64 columns it spills (~300 B
 # a thread on sm_90), at 32 (with x as the MMA's M side, which needs 64 rows) it does not.

@@ -267,11 +267,24 @@ def expert_swiglu(
 # Up to this many rows per expert (averaged over the experts with rows), expert_linear
 # takes the grouped GEMM kernel even where torch's grouped GEMM runs (bfloat16 on
 # Hopper); past it, dequantize + torch._grouped_mm. The kernel reads each expert's blocks
-# once per 64-row tile and does the arithmetic slower than CUTLASS; the other way expands
-# every expert of the stack to bf16 (writing and re-reading ~4 bytes a weight) whatever
-# its rows. From a bandwidth/FLOP estimate for an H200 (break-even near 256 rows: a
-# 4096-token prompt of a 128-expert top-8 model): the GPU must confirm.
-EXPERT_GEMM_MAX_ROWS = 256
+# once per tile of rows but does the arithmetic slower than CUTLASS; the other way
+# expands every expert of the stack to bf16 whatever its rows (a fixed ~2.2-2.7 ms a
+# 30B-A3B layer on an H200). Measured there (bench/moe_prefill.py): the kernel takes 0.81
+# ms at 4 rows an expert, 1.13 at 32, 2.94 at 128 (torch 2.62), 5.20 at 256 (torch
+# 2.69), so they break even near 100 rows.
+EXPERT_GEMM_MAX_ROWS = 96
+
+
+def expert_row_regimes() -> tuple[int, ...]:
+    """Rows for one expert that reach each way :func:`expert_linear` runs a quantized
+    stack on CUDA: each launch config of the grouped GEMM kernel (expert_gemm.CONFIGS,
+    picked by rows per expert) and, past :data:`EXPERT_GEMM_MAX_ROWS`, dequantize +
+    torch's grouped GEMM. The load's warm-up runs each once, so that no prompt compiles
+    a kernel (qwen3_moe.warm_up_experts): its own prompts reach only one of them."""
+    from helexa.engine.quant import expert_gemm
+
+    bounds = [int(bound) for bound, _ in expert_gemm.CONFIGS if bound != float("inf")]
+    return tuple(sorted({*bounds, max(bounds) + 1, EXPERT_GEMM_MAX_ROWS + 1}))
 
 
 def prefer_expert_gemm(counts: list[int]) -> bool:

@@ -224,13 +224,28 @@ def test_the_config_follows_rows_per_expert() -> None:
     from helexa.engine.quant.expert_gemm import config_for
 
     assert config_for([0, 10, 0, 14], Q.Q4_K) == dict(
-        BLOCK_M=16, BLOCK_N=64, SWAP=True, num_warps=8, num_stages=2
+        BLOCK_M=16, BLOCK_N=128, SWAP=True, num_warps=8, num_stages=2
     )
     assert config_for([32, 20, 0], Q.Q4_K)["BLOCK_M"] == 32
     assert config_for([300, 2], Q.Q8_0)["BLOCK_M"] == 64
     assert not config_for([300, 2], Q.Q8_0)["SWAP"]
     assert config_for([10], Q.Q6_K, glu=True)["BLOCK_N"] == 32
-    assert config_for([10], Q.Q6_K)["BLOCK_N"] == 64
+    assert config_for([10], Q.Q6_K)["BLOCK_N"] == 128
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_the_row_regimes_reach_every_launch_config_and_the_torch_path() -> None:
+    """The rows the load's warm-up runs per expert stack (qwen3_moe.warm_up_experts) pick
+    each of the kernel's launch configs and, past EXPERT_GEMM_MAX_ROWS, the dequantize +
+    torch._grouped_mm path: a prompt can meet no kernel variant the load did not build."""
+    from helexa.engine.quant import expert_gemm
+    from helexa.engine.quant.expert_gemm import config_for
+
+    regimes = ops.expert_row_regimes()
+    kernel = [r for r in regimes if ops.prefer_expert_gemm([r, 0])]
+    picked = {tuple(sorted(config_for([r, 0], Q.Q4_K).items())) for r in kernel}
+    assert len(picked) == len(expert_gemm.CONFIGS)
+    assert any(not ops.prefer_expert_gemm([r, 0]) for r in regimes)
 
 
 def test_the_dispatch_rule_and_the_cpu_path() -> None:
