@@ -281,6 +281,11 @@ class LoadedModel:
         for extra, filler in zip((2, 3), fillers, strict=True):
             for _ in islice(self.tokens([*first, *[filler] * extra], params, Event()), 1):
                 pass
+        if model.device.type == "cuda":  # a MoE prefill's other row counts (see there)
+            from helexa.engine.models.layer_split import LayerSplit
+            from helexa.engine.models.qwen3_moe import warm_up_experts
+
+            warm_up_experts(model.model if isinstance(model, LayerSplit) else model)
         if isinstance(self.decode, GraphDecoder):
             starts = self.decode.capture_positions()
             token = torch.zeros(1, 1, dtype=torch.long, device=model.device)

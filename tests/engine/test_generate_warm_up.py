@@ -5,9 +5,11 @@ request could mistake for its own prompt."""
 from __future__ import annotations
 
 import os
+import random
 import threading
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from helexa.engine.quant import ops
 from helexa.engine.sampling import SamplingParams
 from helexa.engine.text.chat_template import QWEN3_TEMPLATE
 from helexa.engine.text.tokenizer import Tokenizer
-from tests.engine.factories import make_tiny_hf_model
+from tests.engine.factories import make_tiny_hf_model, make_tiny_moe_hf_model
 from tests.engine.gguf_factories import write_model_gguf
 from tests.engine.tiny_tokenizer import make_tiny_tokenizer_json
 
@@ -130,3 +132,39 @@ def test_cuda_load_captures_every_graph_before_a_request(gguf: Path) -> None:
     assert decoder._graphs == captured
     if kernels is not None:
         assert dict(kernels._matvec_tuned.cache) == tuned
+
+
+def compiled_variants(kernel: Any) -> int:
+    """How many variants of a Triton kernel this process has compiled (on any device)."""
+    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_moe_load_compiles_every_expert_kernel_a_prompt_can_pick(tmp_path: Path) -> None:
+    """A MoE prompt's length picks its prefill's expert kernel (the grouped GEMM's launch
+    config by rows per expert, or dequantize + torch's grouped GEMM past
+    EXPERT_GEMM_MAX_ROWS): the load compiles each one, so no prompt compiles any."""
+    from helexa.engine.quant import expert_gemm, triton_kernels
+
+    tokenizer_json = make_tiny_tokenizer_json()
+    vocab = Tokenizer.from_hf(tokenizer_json).vocab_size
+    hf = make_tiny_moe_hf_model(vocab, seed=31, max_position_embeddings=1024)
+    path = write_model_gguf(
+        tmp_path / "moe.gguf",
+        hf,
+        quant="Q8_0",
+        tokenizer_json=tokenizer_json,
+        chat_template=QWEN3_TEMPLATE,
+    )
+    model = LoadedModel.load(path, "cuda", torch.bfloat16, 1024)
+    kernels = (expert_gemm._expert_gemm_kernel, triton_kernels._dequant_kernel)
+    at_load = [compiled_variants(k) for k in kernels]
+    assert at_load[0] >= len(expert_gemm.CONFIGS)  # each config, fused gate/up and down
+
+    gen = random.Random(5)
+    # 8 experts, top 2: ~2.5, ~25, ~50 and ~125 rows an expert, every regime
+    for n in (10, 100, 200, 500):
+        model.prompt_cache.clear()
+        assert len(greedy(model, [gen.randrange(vocab) for _ in range(n)], 2)) == 2
+    assert [compiled_variants(k) for k in kernels] == at_load

@@ -470,14 +470,13 @@ class DecoderModel:
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
 
-    def weights(self) -> list[Weight]:
-        """Every distinct weight (a tied embedding counted once; a fused projection is
-        its parts' memory, counted through them: tuples are not walked), caches and
-        states aside."""
-        out: dict[int, Weight] = {}
+    def parts(self, kind: type | tuple[type, ...]) -> list[Any]:
+        """Every distinct instance of ``kind`` the model holds, found through its layer
+        records (dataclasses; tuples are not walked), caches and states aside."""
+        out: dict[int, Any] = {}
 
         def walk(value: Any) -> None:
-            if isinstance(value, torch.Tensor | QuantizedTensor):
+            if isinstance(value, kind):
                 out[id(value)] = value
             elif is_dataclass(value) and not isinstance(value, type):
                 for f in fields(value):
@@ -487,6 +486,11 @@ class DecoderModel:
         for value in (self.embed_tokens, self.lm_head, self.norm, *self.layers):
             walk(value)
         return list(out.values())
+
+    def weights(self) -> list[Weight]:
+        """Every distinct weight (a tied embedding counted once; a fused projection is
+        its parts' memory, counted through them), caches and states aside."""
+        return self.parts((torch.Tensor, QuantizedTensor))
 
     @property
     def weight_bytes(self) -> int:

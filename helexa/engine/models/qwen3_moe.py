@@ -25,13 +25,20 @@ from helexa.engine.checkpoint.errors import CheckpointError
 from helexa.engine.checkpoint.types import Weight
 from helexa.engine.models.qwen3 import (
     CheckpointWeights,
+    DecoderModel,
     FeedForward,
     Qwen3,
     Qwen3Config,
     fuse_projections,
 )
 from helexa.engine.quant import ops
-from helexa.engine.quant.ops import expert_linear, grouped_linear, has_kernel, linear
+from helexa.engine.quant.ops import (
+    expert_linear,
+    expert_swiglu,
+    grouped_linear,
+    has_kernel,
+    linear,
+)
 from helexa.engine.quant.tensor import Int8Rows, int8_activations
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
@@ -203,20 +210,50 @@ class SparseMoE:
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     ) -> torch.Tensor:
         """Sort the (token, expert) pairs by expert, run each projection over all of them
-        as one grouped GEMM (quant.ops.expert_linear: each expert expanded once, however
-        many tokens chose it), and scatter-add the weighted results back. Reading the
-        per-expert counts is a host sync: fine for prefill, which is never captured."""
+        as one grouped GEMM (quant.ops.expert_swiglu / expert_linear: on CUDA one launch
+        reading the quantized blocks, gate and up fused with SiLU·mul where they are one
+        stack; else each expert expanded once, however many tokens chose it), and
+        scatter-add the weighted results back. Reading the per-expert counts is a host
+        sync: fine for prefill, which is never captured."""
         k = experts.shape[1]
         flat = experts.reshape(-1)  # (pairs,)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # (n_experts,)
         token = order // k
         rows = x.index_select(0, token)  # (pairs, hidden), sorted by expert
-        h = F.silu(expert_linear(rows, self.gate_proj, counts))  # (pairs, moe_ffn)
-        h *= expert_linear(rows, self.up_proj, counts)
+        fused = self.fused[0] if self.fused else None
+        h = expert_swiglu(rows, self.gate_proj, self.up_proj, counts, fused)  # (pairs, moe_ffn)
         out = expert_linear(h, self.down_proj, counts)  # (pairs, hidden)
         out *= weights.reshape(-1).index_select(0, order)[:, None]
         return torch.zeros_like(x).index_add_(0, token, out)
+
+
+def warm_up_experts(model: DecoderModel) -> int:
+    """Run the prefill's expert GEMMs of ``model``'s MoE layers (any that hold a
+    SparseMoE, a shared-expert one included) once at each row regime
+    (ops.expert_row_regimes), one layer per distinct set of stack types and shapes (what
+    picks and compiles the kernels): the load's warm-up prompts reach only the regime
+    their few tokens make, and a prompt must not compile a kernel. Layers on CUDA only
+    (the CPU compiles nothing; a layer split's stages each on their own device). Returns
+    the layers run."""
+    seen: set[tuple[Any, ...]] = set()
+    for moe in model.parts(SparseMoE):
+        device = moe.router.device
+        if device.type != "cuda":
+            continue
+        stacks = (moe.gate_proj, moe.up_proj, moe.down_proj, *moe.fused)
+        key = (device, *((type(w), getattr(w, "qtype", w.dtype), tuple(w.shape)) for w in stacks))
+        if key in seen:
+            continue
+        seen.add(key)
+        fused = moe.fused[0] if moe.fused else None
+        hidden = moe.router.shape[1]
+        for rows in ops.expert_row_regimes():
+            counts = [rows] + [0] * (moe.num_experts - 1)
+            x = torch.zeros(rows, hidden, dtype=model.dtype, device=device)
+            h = expert_swiglu(x, moe.gate_proj, moe.up_proj, counts, fused)
+            expert_linear(h, moe.down_proj, counts)
+    return len(seen)
 
 
 class Qwen3Moe(Qwen3):

@@ -6,7 +6,8 @@ is expanded by the torch reference (helexa.engine.quant.reference) a slice of ro
 time and never kept dense, so a quantized model costs about its file size in memory. The
 kernels are imported on first use, so this module imports on machines without Triton: a
 failed import means "use torch". The model code calls these, so the kernels slot in
-without changing callers.
+without changing callers. A MoE prefill's expert stacks go to one grouped GEMM launch
+that reads their blocks in place (helexa.engine.quant.expert_gemm, see expert_linear).
 
 Triton compiles each kernel variant on its first launch and the matvec autotunes per
 shape: seconds per model that a restart would pay again. Both are kept on disk, under
@@ -188,12 +189,15 @@ def expert_linear(
     the stack ``experts`` (E, out, in): each run of rows times its expert, (R, out). A MoE
     prefill's (token, expert) pairs.
 
-    Where torch has a grouped GEMM for ``x``'s dtype and device (``torch._grouped_mm``:
-    CUTLASS on Hopper in bfloat16, a loop on the CPU), it runs once per chunk of experts
-    whose dense weights fit the scratch budget, each expert of the chunk expanded once;
-    nothing depends on how many rows an expert has, so no shape a request brings is new
-    to a kernel (a per-expert matmul would tune or compile per row count). Elsewhere one
-    ``linear`` per expert with rows.
+    On CUDA, quantized experts of a type with a kernel go to one grouped GEMM launch that
+    reads their blocks in place (quant.expert_gemm), unless torch's grouped GEMM applies
+    and the experts have many rows each (:func:`prefer_expert_gemm`). Where torch has a
+    grouped GEMM for ``x``'s dtype and device (``torch._grouped_mm``: CUTLASS on Hopper in
+    bfloat16, a loop on the CPU), it runs once per chunk of experts whose dense weights
+    fit the scratch budget, each expert of the chunk expanded once; nothing depends on how
+    many rows an expert has, so no shape a request brings is new to a kernel (a
+    per-expert matmul would tune or compile per row count). Elsewhere one ``linear`` per
+    expert with rows.
     """
     n_experts, out_features, in_features = experts.shape
     if x.shape != (sum(counts), in_features) or len(counts) != n_experts:
@@ -201,6 +205,9 @@ def expert_linear(
             f"expert_linear: x {tuple(x.shape)} and {len(counts)} counts do not fit "
             f"experts {tuple(experts.shape)}"
         )
+    gemm = _expert_gemm(x, experts, counts)
+    if gemm is not None:
+        return gemm.expert_gemm(x if x.stride(-1) == 1 else x.contiguous(), experts, counts)  # type: ignore[no-any-return]
     out = x.new_empty(x.shape[0], out_features)
     per_chunk = max(1, _scratch_elements(x) // (out_features * in_features))
     starts = [0]
@@ -228,6 +235,82 @@ def expert_linear(
                 part = slice(starts[e], starts[e + 1])
                 out[part] = linear(x[part], experts[e])
     return out
+
+
+def expert_swiglu(
+    x: torch.Tensor,
+    gate: torch.Tensor | QuantizedTensor,
+    up: torch.Tensor | QuantizedTensor,
+    counts: list[int],
+    fused: torch.Tensor | QuantizedTensor | None = None,
+) -> torch.Tensor:
+    """``silu(x @ gate_e.T) * (x @ up_e.T)`` for each run of rows, as :func:`expert_linear`
+    runs them: a MoE prefill's SwiGLU experts up to down_proj. ``fused``: gate and up as
+    one [gate | up] stack (E, 2 * ffn, in), as the loader fuses them where their block
+    types agree; where the grouped GEMM kernel takes it, one launch computes both from
+    one read of x and applies SiLU·mul in float32 before rounding, else gate and up run
+    one after the other."""
+    gemm = _expert_gemm(x, fused, counts) if isinstance(fused, QuantizedTensor) else None
+    if gemm is not None and isinstance(fused, QuantizedTensor):
+        if fused.shape[1] != 2 * gate.shape[1]:
+            raise ValueError(
+                f"expert_swiglu: a fused stack {fused.shape} is not [gate | up] for gate "
+                f"{tuple(gate.shape)}"
+            )
+        x2 = x if x.stride(-1) == 1 else x.contiguous()
+        return gemm.expert_gemm(x2, fused, counts, glu=True)  # type: ignore[no-any-return]
+    h = F.silu(expert_linear(x, gate, counts))
+    h *= expert_linear(x, up, counts)
+    return h
+
+
+# Up to this many rows per expert (averaged over the experts with rows), expert_linear
+# takes the grouped GEMM kernel even where torch's grouped GEMM runs (bfloat16 on
+# Hopper); past it, dequantize + torch._grouped_mm. The kernel reads each expert's blocks
+# once per tile of rows but does the arithmetic slower than CUTLASS; the other way
+# expands every expert of the stack to bf16 whatever its rows (a fixed ~2.2-2.7 ms a
+# 30B-A3B layer on an H200). Measured there (bench/moe_prefill.py): the kernel takes 0.81
+# ms at 4 rows an expert, 1.13 at 32, 2.94 at 128 (torch 2.62), 5.20 at 256 (torch
+# 2.69), so they break even near 100 rows.
+EXPERT_GEMM_MAX_ROWS = 96
+
+
+def expert_row_regimes() -> tuple[int, ...]:
+    """Rows for one expert that reach each way :func:`expert_linear` runs a quantized
+    stack on CUDA: each launch config of the grouped GEMM kernel (expert_gemm.CONFIGS,
+    picked by rows per expert) and, past :data:`EXPERT_GEMM_MAX_ROWS`, dequantize +
+    torch's grouped GEMM. The load's warm-up runs each once, so that no prompt compiles
+    a kernel (qwen3_moe.warm_up_experts): its own prompts reach only one of them."""
+    from helexa.engine.quant import expert_gemm
+
+    bounds = [int(bound) for bound, _ in expert_gemm.CONFIGS if bound != float("inf")]
+    return tuple(sorted({*bounds, max(bounds) + 1, EXPERT_GEMM_MAX_ROWS + 1}))
+
+
+def prefer_expert_gemm(counts: list[int]) -> bool:
+    """Whether the grouped GEMM kernel beats dequantize + torch._grouped_mm for experts
+    with ``counts`` rows (see :data:`EXPERT_GEMM_MAX_ROWS`)."""
+    used = sum(1 for c in counts if c)
+    return sum(counts) <= EXPERT_GEMM_MAX_ROWS * used
+
+
+def _expert_gemm(
+    x: torch.Tensor, experts: torch.Tensor | QuantizedTensor, counts: list[int]
+) -> ModuleType | None:
+    """helexa.engine.quant.expert_gemm where it runs ``x`` by ``experts``: quantized, on
+    CUDA, a block type and dtype it has, and torch's grouped GEMM either unavailable (any
+    other dtype or GPU: the per-expert fallback is slower still) or not preferred for
+    these counts. None elsewhere, the CPU included (its path is the reference)."""
+    if not isinstance(experts, QuantizedTensor) or not experts.data.is_cuda:
+        return None
+    k = kernels()
+    if k is None or experts.qtype not in k.SUPPORTED:
+        return None
+    from helexa.engine.quant import expert_gemm
+
+    if x.dtype not in expert_gemm.DTYPES:
+        return None
+    return expert_gemm if not _grouped_mm_ok(x) or prefer_expert_gemm(counts) else None
 
 
 # (device type, dtype) pairs torch._grouped_mm refused once: not tried again.
