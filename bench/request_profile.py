@@ -1,7 +1,9 @@
 """Where a request's time goes: torch.profiler over ``LoadedModel.tokens`` (the path a
 request takes, prompt cache, sampler and decode graphs included) for prompts of the given
-lengths: each prompt's first token, after one unprofiled run of the same length, and with
-``--decode N`` the N tokens decoded after it.
+lengths: each prompt's first token, after one unprofiled run of the same length (its time
+printed too: a kernel compiled on a request shows there), with ``--extend N`` a second turn
+of N more tokens on the cached prompt, and with ``--decode N`` the N tokens decoded after
+it.
 
 Prints the wall time per length, the kernels launched and the device time per decoded
 token, and the ops that take the most device and host time, so a fixed cost (a host sync,
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--rows", type=int, default=25, help="ops per table")
     ap.add_argument("--decode", type=int, default=0, help="tokens to decode and profile")
+    ap.add_argument(
+        "--extend", type=int, default=0, help="a turn 2: this many tokens after each prompt"
+    )
     args = ap.parse_args(argv)
     start = time.perf_counter()
     model = LoadedModel.load(args.gguf, args.device, context_length=args.context)
@@ -78,19 +83,25 @@ def main(argv: list[str] | None = None) -> int:
     vocab = model.tokenizer.vocab_size
     for n in (int(s) for s in args.lengths.split(",")):
         model.prompt_cache.clear()
-        first_token(model, [rng.randrange(vocab) for _ in range(n)])  # unprofiled
+        unprofiled = first_token(model, [rng.randrange(vocab) for _ in range(n)])
         model.prompt_cache.clear()
         prompt = [rng.randrange(vocab) for _ in range(n)]
         activities = [ProfilerActivity.CPU]
         if args.device == "cuda":
             activities.append(ProfilerActivity.CUDA)
-        with profile(activities=activities) as prof:
-            seconds = first_token(model, prompt)
-        print(f"\n## {n} tokens: first token in {seconds * 1e3:.1f} ms")
-        averages = prof.key_averages()
-        if args.device == "cuda":
-            print(averages.table(sort_by="self_cuda_time_total", row_limit=args.rows))
-        print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        cases = [(f"{n} tokens", prompt)]
+        if args.extend:  # the same prompt grown, its first n tokens cached by the case before
+            more = [rng.randrange(vocab) for _ in range(args.extend)]
+            cases.append((f"turn 2, {n} cached + {args.extend}", [*prompt, *more]))
+        for name, tokens in cases:
+            with profile(activities=activities) as prof:
+                seconds = first_token(model, tokens)
+            print(f"\n## {name}: first token in {seconds * 1e3:.1f} ms", end="")
+            print(f" (unprofiled, uncached: {unprofiled * 1e3:.1f} ms)" if tokens is prompt else "")
+            averages = prof.key_averages()
+            if args.device == "cuda":
+                print(averages.table(sort_by="self_cuda_time_total", row_limit=args.rows))
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
         if args.decode:
             decode(model, prompt, args.decode, activities)
     return 0

@@ -39,7 +39,7 @@ from helexa.engine.quant.ops import (
     has_kernel,
     linear,
 )
-from helexa.engine.quant.tensor import Int8Rows, int8_activations
+from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor, int8_activations
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 # HF config.json says qwen3_moe; llama.cpp's GGUF architecture is qwen3moe.
@@ -242,7 +242,8 @@ def warm_up_experts(model: DecoderModel) -> int:
         if device.type != "cuda":
             continue
         stacks = (moe.gate_proj, moe.up_proj, moe.down_proj, *moe.fused)
-        key = (device, *((type(w), getattr(w, "qtype", w.dtype), tuple(w.shape)) for w in stacks))
+        kinds = (w.qtype if isinstance(w, QuantizedTensor) else w.dtype for w in stacks)
+        key = (device, *zip(kinds, (tuple(w.shape) for w in stacks), strict=True))
         if key in seen:
             continue
         seen.add(key)
