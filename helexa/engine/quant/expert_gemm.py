@@ -180,20 +180,19 @@ _last_tiles: tuple[tuple[Any, ...], torch.Tensor] | None = None
 def expert_tiles(counts: list[int], block_m: int, device: torch.device) -> torch.Tensor:
     """The tile map, int32 (tiles, 3) on ``device``: per M-tile of ``block_m`` rows its
     expert, first row, and the end of its expert's rows (a tile's last rows may be
-    short). Experts' tiles in order; experts with no rows have none."""
+    short). Experts' tiles in order; experts with no rows have none. Built in Python:
+    torch's CPU ops (repeat_interleave) took 7 ms a call on a busy 16-core host, 0.66 s
+    of a 64-token prompt's 0.82 s on a 48-layer MoE."""
     global _last_tiles
     key = (tuple(counts), block_m, device)
     if _last_tiles is not None and _last_tiles[0] == key:
         return _last_tiles[1]
-    c = torch.tensor(counts, dtype=torch.int64)
-    ends = c.cumsum(0)
-    per = (c + block_m - 1) // block_m  # tiles per expert
-    expert = torch.repeat_interleave(torch.arange(len(counts)), per)
-    first = torch.repeat_interleave(per.cumsum(0) - per, per)  # each tile's expert's first tile
-    local = torch.arange(expert.shape[0]) - first
-    start = ends[expert] - c[expert] + local * block_m
-    tiles = torch.stack([expert, start, ends[expert]], dim=1).to(torch.int32)
-    tiles = tiles.to(device)
+    rows: list[tuple[int, int, int]] = []
+    end = 0
+    for expert, count in enumerate(counts):
+        start, end = end, end + count
+        rows.extend((expert, first, end) for first in range(start, end, block_m))
+    tiles = torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).to(device)
     _last_tiles = (key, tiles)
     return tiles
 
