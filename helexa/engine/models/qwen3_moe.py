@@ -213,12 +213,13 @@ class SparseMoE:
         as one grouped GEMM (quant.ops.expert_swiglu / expert_linear: on CUDA one launch
         reading the quantized blocks, gate and up fused with SiLU·mul where they are one
         stack; else each expert expanded once, however many tokens chose it), and
-        scatter-add the weighted results back. Reading the per-expert counts is a host
-        sync: fine for prefill, which is never captured."""
+        scatter-add the weighted results back. The per-expert counts stay on the device
+        where the kernel runs (its tile map is made there), so a short prompt's layers
+        queue without waiting for the GPU; the other paths read them (a host sync)."""
         k = experts.shape[1]
         flat = experts.reshape(-1)  # (pairs,)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # (n_experts,)
+        counts = torch.bincount(flat, minlength=self.num_experts)  # (n_experts,), on the device
         token = order // k
         rows = x.index_select(0, token)  # (pairs, hidden), sorted by expert
         fused = self.fused[0] if self.fused else None

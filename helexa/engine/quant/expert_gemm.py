@@ -7,8 +7,8 @@ writes and re-reads 2 bytes a weight (a Q4_K block holds 0.56) per projection wh
 the prompt; at 512 tokens an expert of a Qwen3-30B-A3B gets ~32 rows, so that traffic,
 not the arithmetic, is the prefill. Here one launch covers all experts: a tile map
 (:func:`expert_tiles`, as vLLM's moe_align_block_size, but the rows are already
-contiguous per expert) names the expert and rows of each M-tile, experts with no rows
-have no tiles, and each program decodes its BLOCK_N weight rows one unit (a k-quant
+contiguous per expert; :func:`device_tiles` where the counts stay on the device) names
+the expert and rows of each M-tile, experts with no rows have no tiles, and each program decodes its BLOCK_N weight rows one unit (a k-quant
 super-block, or up to 4 Q8_0 blocks) at a time in registers with quant.triton_kernels'
 decoders, and feeds them to ``tl.dot`` in x's dtype with float32 accumulation; nothing
 dequantized reaches memory.
@@ -106,6 +106,8 @@ def _expert_gemm_kernel(
     tile = tl.program_id(0)
     start = tl.load(tiles_ptr + 3 * tile + 1)
     stop = tl.load(tiles_ptr + 3 * tile + 2)
+    if start >= stop:  # a map made on the device is padded to its most tiles with empty ones
+        return
     rows = start + tl.arange(0, BLOCK_M)
     keep = (rows < stop)[:, None]
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
@@ -154,10 +156,15 @@ Q6_K_GLU = dict(BLOCK_M=64, BLOCK_N=32, SWAP=False)
 Q8_0_BLOCKS = 4
 
 
-def config_for(counts: list[int], qtype: Q, glu: bool = False) -> dict[str, Any]:
-    """The launch options for ``counts`` rows per expert of ``qtype`` (see :data:`CONFIGS`)."""
-    used = sum(1 for c in counts if c)
-    avg = sum(counts) / max(1, used)
+def config_for(
+    counts: list[int] | torch.Tensor, qtype: Q, glu: bool = False, rows: int | None = None
+) -> dict[str, Any]:
+    """The launch options for ``counts`` rows per expert of ``qtype`` (see :data:`CONFIGS`;
+    ``rows``: their sum, needed where the counts are on the device, see
+    quant.ops.rows_per_expert)."""
+    from helexa.engine.quant.ops import rows_per_expert
+
+    avg = rows_per_expert(counts, rows)
     cfg = dict(next(cfg for bound, cfg in CONFIGS if avg <= bound))
     if glu and qtype == Q.Q6_K:
         cfg.update(Q6_K_GLU)
@@ -197,10 +204,41 @@ def expert_tiles(counts: list[int], block_m: int, device: torch.device) -> torch
     return tiles
 
 
+# The last map device_tiles made, for the counts tensor it was made from (held, so that
+# no other tensor can take its identity).
+_last_device_tiles: tuple[torch.Tensor, tuple[int, int], torch.Tensor] | None = None
+
+
+def device_tiles(counts: torch.Tensor, rows: int, block_m: int) -> torch.Tensor:
+    """:func:`expert_tiles` from per-expert row counts still on the device (E,), with no
+    host sync: the map padded to the most tiles ``rows`` rows can need,
+    cdiv(rows, block_m) + E, its tiles first and the rest empty (first row == end),
+    which the kernel skips. A prefill's MoE layer then never waits for the GPU. The last
+    map is kept for the same counts tensor (a layer's gate/up and down share it)."""
+    global _last_device_tiles
+    last = _last_device_tiles
+    if last is not None and last[0] is counts and last[1] == (rows, block_m):
+        return last[2]
+    given, e = counts, counts.shape[0]
+    counts = counts.to(torch.int64)
+    per = (counts + block_m - 1) // block_m  # tiles per expert
+    tile_end = per.cumsum(0)  # each expert's tiles end here
+    row_end = counts.cumsum(0)
+    t = torch.arange(triton.cdiv(rows, block_m) + e, device=counts.device)
+    expert = torch.searchsorted(tile_end, t, right=True).clamp_(max=e - 1)
+    live = t < tile_end[-1]
+    start = row_end[expert] - counts[expert] + (t - tile_end[expert] + per[expert]) * block_m
+    end = row_end[expert]
+    start, end = torch.where(live, start, 0), torch.where(live, end, 0)
+    tiles = torch.stack([expert, start, end], dim=1).to(torch.int32)
+    _last_device_tiles = (given, (rows, block_m), tiles)
+    return tiles
+
+
 def expert_gemm(
     x: torch.Tensor,
     experts: QuantizedTensor,
-    counts: list[int],
+    counts: list[int] | torch.Tensor,
     *,
     glu: bool = False,
     config: dict[str, Any] | None = None,
@@ -209,7 +247,10 @@ def expert_gemm(
     quantized stack ``experts`` (E, N, K), each times its expert: (R, N) in x's dtype, in
     one launch. ``glu``: ``experts`` is a fused [gate | up] stack (E, 2F, K) and the
     result silu(x @ gate.T) * (x @ up.T), (R, F). ``config``: launch options
-    (BLOCK_M, BLOCK_N, SWAP, num_warps, num_stages) instead of :func:`config_for`'s."""
+    (BLOCK_M, BLOCK_N, SWAP, num_warps, num_stages) instead of :func:`config_for`'s.
+    ``counts`` may be an (E,) integer tensor on x's device (a MoE layer's bincount): then
+    nothing reads them on the host (:func:`device_tiles`), and they are trusted to be
+    non-negative and to add up to x's rows, which checking would need a sync for."""
     _check(experts)
     if len(experts.shape) != 3:
         raise ValueError(f"expert_gemm takes an (E, N, K) expert stack, got {experts.shape}")
@@ -220,7 +261,13 @@ def expert_gemm(
         )
     if x.dtype not in DTYPES:
         raise ValueError(f"expert_gemm: x must be bfloat16, float16 or float32, got {x.dtype}")
-    if len(counts) != e or any(c < 0 for c in counts) or sum(counts) != x.shape[0]:
+    if isinstance(counts, torch.Tensor):
+        if counts.shape != (e,) or counts.is_floating_point() or counts.device != x.device:
+            raise ValueError(
+                f"expert_gemm: counts must be {e} integer row counts on {x.device}, got "
+                f"{counts.dtype} {tuple(counts.shape)} on {counts.device}"
+            )
+    elif len(counts) != e or any(c < 0 for c in counts) or sum(counts) != x.shape[0]:
         raise ValueError(
             f"expert_gemm: counts must be {e} non-negative row counts adding up to x's "
             f"{x.shape[0]} rows, got {len(counts)} adding up to {sum(counts)}"
@@ -233,8 +280,11 @@ def expert_gemm(
     y = torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device)
     if x.shape[0] == 0:
         return y
-    cfg = dict(config or config_for(counts, experts.qtype, glu))
-    tiles = expert_tiles(counts, cfg["BLOCK_M"], x.device)
+    cfg = dict(config or config_for(counts, experts.qtype, glu, x.shape[0]))
+    if isinstance(counts, torch.Tensor):
+        tiles = device_tiles(counts, x.shape[0], cfg["BLOCK_M"])
+    else:
+        tiles = expert_tiles(counts, cfg["BLOCK_M"], x.device)
     unit, unit_bytes, g = gemm_unit(experts.qtype, k)
     data = experts.data
     grid = (tiles.shape[0], triton.cdiv(width, cfg["BLOCK_N"]))

@@ -182,8 +182,13 @@ def grouped_linear(
     return torch.cat([linear(x[j : j + 1], picked_q[j]) for j in range(index.shape[0])])
 
 
+# Rows per expert of a MoE prefill's sorted rows: a list, or the (E,) integer tensor a
+# bincount left on the device, read on the host only by the paths that need it.
+Counts = list[int] | torch.Tensor
+
+
 def expert_linear(
-    x: torch.Tensor, experts: torch.Tensor | QuantizedTensor, counts: list[int]
+    x: torch.Tensor, experts: torch.Tensor | QuantizedTensor, counts: Counts
 ) -> torch.Tensor:
     """Rows of ``x`` (R, in) sorted by expert, ``counts[e]`` of them for expert ``e`` of
     the stack ``experts`` (E, out, in): each run of rows times its expert, (R, out). A MoE
@@ -197,17 +202,19 @@ def expert_linear(
     fit the scratch budget, each expert of the chunk expanded once; nothing depends on how
     many rows an expert has, so no shape a request brings is new to a kernel (a
     per-expert matmul would tune or compile per row count). Elsewhere one ``linear`` per
-    expert with rows.
+    expert with rows. Counts on the device go to the kernel as they are (no host sync);
+    the other paths read them.
     """
     n_experts, out_features, in_features = experts.shape
+    gemm = _expert_gemm(x, experts, counts)
+    if gemm is not None:
+        return gemm.expert_gemm(x if x.stride(-1) == 1 else x.contiguous(), experts, counts)  # type: ignore[no-any-return]
+    counts = _host_counts(counts)
     if x.shape != (sum(counts), in_features) or len(counts) != n_experts:
         raise ValueError(
             f"expert_linear: x {tuple(x.shape)} and {len(counts)} counts do not fit "
             f"experts {tuple(experts.shape)}"
         )
-    gemm = _expert_gemm(x, experts, counts)
-    if gemm is not None:
-        return gemm.expert_gemm(x if x.stride(-1) == 1 else x.contiguous(), experts, counts)  # type: ignore[no-any-return]
     out = x.new_empty(x.shape[0], out_features)
     per_chunk = max(1, _scratch_elements(x) // (out_features * in_features))
     starts = [0]
@@ -241,7 +248,7 @@ def expert_swiglu(
     x: torch.Tensor,
     gate: torch.Tensor | QuantizedTensor,
     up: torch.Tensor | QuantizedTensor,
-    counts: list[int],
+    counts: Counts,
     fused: torch.Tensor | QuantizedTensor | None = None,
 ) -> torch.Tensor:
     """``silu(x @ gate_e.T) * (x @ up_e.T)`` for each run of rows, as :func:`expert_linear`
@@ -259,6 +266,7 @@ def expert_swiglu(
             )
         x2 = x if x.stride(-1) == 1 else x.contiguous()
         return gemm.expert_gemm(x2, fused, counts, glu=True)  # type: ignore[no-any-return]
+    counts = _host_counts(counts)  # read once for both
     h = F.silu(expert_linear(x, gate, counts))
     h *= expert_linear(x, up, counts)
     return h
@@ -287,15 +295,31 @@ def expert_row_regimes() -> tuple[int, ...]:
     return tuple(sorted({*bounds, max(bounds) + 1, EXPERT_GEMM_MAX_ROWS + 1}))
 
 
-def prefer_expert_gemm(counts: list[int]) -> bool:
-    """Whether the grouped GEMM kernel beats dequantize + torch._grouped_mm for experts
-    with ``counts`` rows (see :data:`EXPERT_GEMM_MAX_ROWS`)."""
+def rows_per_expert(counts: Counts, rows: int | None = None) -> float:
+    """The average rows of the experts that have any. For counts still on the device
+    (reading them would be a host sync) the estimate that as many experts as can have
+    rows have them: ``rows / min(E, rows)``, ``rows`` being their sum (x's rows)."""
+    if isinstance(counts, torch.Tensor):
+        if rows is None:
+            raise ValueError("rows_per_expert: counts on the device need their sum, rows")
+        return rows / max(1, min(counts.shape[0], rows))
     used = sum(1 for c in counts if c)
-    return sum(counts) <= EXPERT_GEMM_MAX_ROWS * used
+    return sum(counts) / max(1, used)
+
+
+def prefer_expert_gemm(counts: Counts, rows: int | None = None) -> bool:
+    """Whether the grouped GEMM kernel beats dequantize + torch._grouped_mm for experts
+    with ``counts`` rows (see :data:`EXPERT_GEMM_MAX_ROWS` and :func:`rows_per_expert`)."""
+    return rows_per_expert(counts, rows) <= EXPERT_GEMM_MAX_ROWS
+
+
+def _host_counts(counts: Counts) -> list[int]:
+    """``counts`` as a list: for a device tensor, a host sync."""
+    return counts.tolist() if isinstance(counts, torch.Tensor) else counts
 
 
 def _expert_gemm(
-    x: torch.Tensor, experts: torch.Tensor | QuantizedTensor, counts: list[int]
+    x: torch.Tensor, experts: torch.Tensor | QuantizedTensor, counts: Counts
 ) -> ModuleType | None:
     """helexa.engine.quant.expert_gemm where it runs ``x`` by ``experts``: quantized, on
     CUDA, a block type and dtype it has, and torch's grouped GEMM either unavailable (any
@@ -310,7 +334,8 @@ def _expert_gemm(
 
     if x.dtype not in expert_gemm.DTYPES:
         return None
-    return expert_gemm if not _grouped_mm_ok(x) or prefer_expert_gemm(counts) else None
+    prefer = prefer_expert_gemm(counts, x.shape[0])
+    return expert_gemm if not _grouped_mm_ok(x) or prefer else None
 
 
 # (device type, dtype) pairs torch._grouped_mm refused once: not tried again.

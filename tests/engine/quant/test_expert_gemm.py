@@ -109,6 +109,58 @@ def test_expert_gemm_matches_the_reference(qtype: Q, dtype: torch.dtype, which: 
     assert rel_err(got, reference(x, w, COUNTS)) < BOUND[dtype], config_id(cfg)
 
 
+@pytest.mark.parametrize("which", CONFIG_INDEX)
+@needs_kernels
+def test_counts_left_on_the_device_give_the_same_rows(which: int) -> None:
+    """A MoE layer's bincount handed over as it is (no host sync): the tile map made on
+    the device, padded with empty tiles the kernel skips, gives exactly what the
+    host-built map gives, plain and fused gate/up, under each launch config."""
+    from helexa.engine.quant.expert_gemm import expert_gemm
+
+    cfg = configs()[which]
+    w = random_stack(Q.Q4_K, len(COUNTS), 96, 512, seed=which)
+    gen = torch.Generator().manual_seed(which)
+    x = (torch.randn(sum(COUNTS), 512, generator=gen) * 0.05).to(DEVICE)
+    counts = torch.tensor(COUNTS, device=DEVICE)
+    want = expert_gemm(x, w, COUNTS, config=cfg)
+    assert torch.equal(expert_gemm(x, w, counts, config=cfg), want), config_id(cfg)
+    glu = expert_gemm(x, w, counts, glu=True, config=cfg)
+    assert torch.equal(glu, expert_gemm(x, w, COUNTS, glu=True, config=cfg))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("block_m", [1, 16, 64])
+def test_the_device_tile_map_is_the_host_one_padded_with_empty_tiles(block_m: int) -> None:
+    """device_tiles' first rows are expert_tiles' map; the rest, up to cdiv(rows,
+    block_m) + E (the most any counts of that many rows can need), start at their end."""
+    from helexa.engine.quant.expert_gemm import device_tiles, expert_tiles
+
+    for counts in (COUNTS, [0, 0, 0], [70, 0, 1, 0], [0, 0, 33]):
+        rows = sum(counts)
+        want = expert_tiles(counts, block_m, torch.device("cpu")).tolist()
+        got = device_tiles(torch.tensor(counts), rows, block_m)
+        assert got.dtype == torch.int32
+        assert got.shape == (-(-rows // block_m) + len(counts), 3)
+        assert got[: len(want)].tolist() == want, counts
+        assert all(start >= end for _, start, end in got[len(want) :].tolist()), counts
+
+
+def test_counts_on_the_device_are_read_as_an_estimate_without_a_sync() -> None:
+    """rows_per_expert reads a list exactly (the experts with rows) and estimates device
+    counts from their sum alone, as if as many experts as can have rows had them; both
+    give the same dispatch for the same rows spread evenly."""
+    assert ops.rows_per_expert([0, 4, 0, 8]) == 6
+    assert ops.rows_per_expert(torch.tensor([0, 4, 0, 8]), 12) == 3
+    assert ops.rows_per_expert(torch.tensor([0, 2, 0, 0]), 2) == 1
+    assert ops.rows_per_expert(torch.zeros(4, dtype=torch.int64), 0) == 0
+    with pytest.raises(ValueError, match="need their sum"):
+        ops.rows_per_expert(torch.tensor([1, 2]))
+    limit = ops.EXPERT_GEMM_MAX_ROWS
+    even = [limit + 1] * 4
+    assert ops.prefer_expert_gemm(even) is ops.prefer_expert_gemm(torch.tensor(even), 4 * limit + 4)
+    assert ops.prefer_expert_gemm(torch.tensor([limit] * 4), 4 * limit)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 @needs_kernels
