@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from helexa.engine.quant.expert_rows import Counts, rows_per_expert
 from helexa.engine.quant.formats import Q
 from helexa.engine.quant.tensor import QuantizedTensor
 from helexa.engine.quant.triton_kernels import (
@@ -157,13 +158,11 @@ Q8_0_BLOCKS = 4
 
 
 def config_for(
-    counts: list[int] | torch.Tensor, qtype: Q, glu: bool = False, rows: int | None = None
+    counts: Counts, qtype: Q, glu: bool = False, rows: int | None = None
 ) -> dict[str, Any]:
     """The launch options for ``counts`` rows per expert of ``qtype`` (see :data:`CONFIGS`;
     ``rows``: their sum, needed where the counts are on the device, see
-    quant.ops.rows_per_expert)."""
-    from helexa.engine.quant.ops import rows_per_expert
-
+    quant.expert_rows)."""
     avg = rows_per_expert(counts, rows)
     cfg = dict(next(cfg for bound, cfg in CONFIGS if avg <= bound))
     if glu and qtype == Q.Q6_K:
@@ -238,7 +237,7 @@ def device_tiles(counts: torch.Tensor, rows: int, block_m: int) -> torch.Tensor:
 def expert_gemm(
     x: torch.Tensor,
     experts: QuantizedTensor,
-    counts: list[int] | torch.Tensor,
+    counts: Counts,
     *,
     glu: bool = False,
     config: dict[str, Any] | None = None,

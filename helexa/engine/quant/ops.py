@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from helexa.engine.quant.expert_rows import Counts, rows_per_expert
 from helexa.engine.quant.reference import dequantize
 from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor
 
@@ -182,11 +183,6 @@ def grouped_linear(
     return torch.cat([linear(x[j : j + 1], picked_q[j]) for j in range(index.shape[0])])
 
 
-# Rows per expert of a MoE prefill's sorted rows: a list, or the (E,) integer tensor a
-# bincount left on the device, read on the host only by the paths that need it.
-Counts = list[int] | torch.Tensor
-
-
 def expert_linear(
     x: torch.Tensor, experts: torch.Tensor | QuantizedTensor, counts: Counts
 ) -> torch.Tensor:
@@ -293,18 +289,6 @@ def expert_row_regimes() -> tuple[int, ...]:
 
     bounds = [int(bound) for bound, _ in expert_gemm.CONFIGS if bound != float("inf")]
     return tuple(sorted({*bounds, max(bounds) + 1, EXPERT_GEMM_MAX_ROWS + 1}))
-
-
-def rows_per_expert(counts: Counts, rows: int | None = None) -> float:
-    """The average rows of the experts that have any. For counts still on the device
-    (reading them would be a host sync) the estimate that as many experts as can have
-    rows have them: ``rows / min(E, rows)``, ``rows`` being their sum (x's rows)."""
-    if isinstance(counts, torch.Tensor):
-        if rows is None:
-            raise ValueError("rows_per_expert: counts on the device need their sum, rows")
-        return rows / max(1, min(counts.shape[0], rows))
-    used = sum(1 for c in counts if c)
-    return sum(counts) / max(1, used)
 
 
 def prefer_expert_gemm(counts: Counts, rows: int | None = None) -> bool:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
 from helexa.engine.quant import ops
+from helexa.engine.quant.expert_rows import rows_per_expert
 from helexa.engine.quant.formats import block_format
 from helexa.engine.quant.quantize import quantize
 from helexa.engine.quant.tensor import QuantizedTensor
@@ -149,12 +150,12 @@ def test_counts_on_the_device_are_read_as_an_estimate_without_a_sync() -> None:
     """rows_per_expert reads a list exactly (the experts with rows) and estimates device
     counts from their sum alone, as if as many experts as can have rows had them; both
     give the same dispatch for the same rows spread evenly."""
-    assert ops.rows_per_expert([0, 4, 0, 8]) == 6
-    assert ops.rows_per_expert(torch.tensor([0, 4, 0, 8]), 12) == 3
-    assert ops.rows_per_expert(torch.tensor([0, 2, 0, 0]), 2) == 1
-    assert ops.rows_per_expert(torch.zeros(4, dtype=torch.int64), 0) == 0
+    assert rows_per_expert([0, 4, 0, 8]) == 6
+    assert rows_per_expert(torch.tensor([0, 4, 0, 8]), 12) == 3
+    assert rows_per_expert(torch.tensor([0, 2, 0, 0]), 2) == 1
+    assert rows_per_expert(torch.zeros(4, dtype=torch.int64), 0) == 0
     with pytest.raises(ValueError, match="need their sum"):
-        ops.rows_per_expert(torch.tensor([1, 2]))
+        rows_per_expert(torch.tensor([1, 2]))
     limit = ops.EXPERT_GEMM_MAX_ROWS
     even = [limit + 1] * 4
     assert ops.prefer_expert_gemm(even) is ops.prefer_expert_gemm(torch.tensor(even), 4 * limit + 4)
