@@ -58,6 +58,22 @@ def write_model_gguf(
     )
 
 
+def write_tiny_moe_gguf(path: Path, *, seed: int, **overrides: Any) -> Path:
+    """The tiny random Qwen3-MoE (TINY_MOE_SHAPE, ``overrides`` on top) as a Q8_0 GGUF
+    with the tiny tokenizer and Qwen3's chat template: the quantized MoE a load serves
+    (its experts as 3-D blocks)."""
+    from helexa.engine.text.chat_template import QWEN3_TEMPLATE
+    from helexa.engine.text.tokenizer import Tokenizer
+    from tests.engine.tiny_tokenizer import make_tiny_tokenizer_json
+
+    tokenizer_json = make_tiny_tokenizer_json()
+    vocab = Tokenizer.from_hf(tokenizer_json).vocab_size
+    hf = make_tiny_moe_hf_model(vocab, seed=seed, **overrides)
+    return write_model_gguf(
+        path, hf, quant="Q8_0", tokenizer_json=tokenizer_json, chat_template=QWEN3_TEMPLATE
+    )
+
+
 def write_foreign_gguf(path: Path, architecture: str) -> Path:
     """A GGUF of another architecture, whose tensor names and types load_gguf could not
     map either: loading it must fail on the architecture before looking at tensors."""

@@ -21,8 +21,8 @@ from helexa.engine.quant import ops
 from helexa.engine.sampling import SamplingParams
 from helexa.engine.text.chat_template import QWEN3_TEMPLATE
 from helexa.engine.text.tokenizer import Tokenizer
-from tests.engine.factories import make_tiny_hf_model, make_tiny_moe_hf_model
-from tests.engine.gguf_factories import write_model_gguf
+from tests.engine.factories import make_tiny_hf_model
+from tests.engine.gguf_factories import write_model_gguf, write_tiny_moe_gguf
 from tests.engine.tiny_tokenizer import make_tiny_tokenizer_json
 
 PROMPT = "<|im_start|>user\ndef add(a, b):<|im_end|>\n<|im_start|>assistant\n"
@@ -147,17 +147,9 @@ def test_a_moe_load_compiles_every_expert_kernel_a_prompt_can_pick(tmp_path: Pat
     EXPERT_GEMM_MAX_ROWS): the load compiles each one, so no prompt compiles any."""
     from helexa.engine.quant import expert_gemm, triton_kernels
 
-    tokenizer_json = make_tiny_tokenizer_json()
-    vocab = Tokenizer.from_hf(tokenizer_json).vocab_size
-    hf = make_tiny_moe_hf_model(vocab, seed=31, max_position_embeddings=1024)
-    path = write_model_gguf(
-        tmp_path / "moe.gguf",
-        hf,
-        quant="Q8_0",
-        tokenizer_json=tokenizer_json,
-        chat_template=QWEN3_TEMPLATE,
-    )
+    path = write_tiny_moe_gguf(tmp_path / "moe.gguf", seed=31, max_position_embeddings=1024)
     model = LoadedModel.load(path, "cuda", torch.bfloat16, 1024)
+    vocab = model.tokenizer.vocab_size
     kernels = (expert_gemm._expert_gemm_kernel, triton_kernels._dequant_kernel)
     at_load = [compiled_variants(k) for k in kernels]
     assert at_load[0] >= len(expert_gemm.CONFIGS)  # each config, fused gate/up and down

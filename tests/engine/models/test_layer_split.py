@@ -20,16 +20,13 @@ from helexa.engine.models.qwen3 import Qwen3
 from helexa.engine.models.qwen3_moe import Qwen3Moe
 from helexa.engine.quant.tensor import QuantizedTensor
 from helexa.engine.sampling import SamplingParams
-from helexa.engine.text.chat_template import QWEN3_TEMPLATE
-from helexa.engine.text.tokenizer import Tokenizer
 from tests.engine.factories import (
     make_tiny_hf_model,
     make_tiny_model_dir,
     make_tiny_moe_hf_model,
     save_model_dir,
 )
-from tests.engine.gguf_factories import write_model_gguf
-from tests.engine.tiny_tokenizer import make_tiny_tokenizer_json
+from tests.engine.gguf_factories import write_tiny_moe_gguf
 
 GB = 1 << 30
 MB = 1 << 20
@@ -152,16 +149,7 @@ def test_devices_that_do_not_exist_are_refused_before_loading(tmp_path: Path) ->
 def test_a_quantized_moe_gguf_splits_with_its_blocks_as_they_are(tmp_path: Path) -> None:
     """Qwen3-MoE from a Q8_0 GGUF: stacked experts move to their layer's device as raw
     blocks, and the split gives the unsplit model's greedy tokens."""
-    tokenizer_json = make_tiny_tokenizer_json()
-    vocab = Tokenizer.from_hf(tokenizer_json).vocab_size
-    hf = make_tiny_moe_hf_model(vocab, seed=8, num_hidden_layers=LAYERS)
-    path = write_model_gguf(
-        tmp_path / "moe.gguf",
-        hf,
-        quant="Q8_0",
-        tokenizer_json=tokenizer_json,
-        chat_template=QWEN3_TEMPLATE,
-    )
+    path = write_tiny_moe_gguf(tmp_path / "moe.gguf", seed=8, num_hidden_layers=LAYERS)
     whole = LoadedModel.load(path, context_length=96)
     split = LoadedModel.load(path, context_length=96, devices=["cpu", "cpu"])
     assert isinstance(split.model, LayerSplit)
