@@ -3,7 +3,9 @@ request takes, prompt cache, sampler and decode graphs included) for prompts of 
 lengths: each prompt's first token, after one unprofiled run of the same length (its time
 printed too: a kernel compiled on a request shows there), with ``--extend N`` a second turn
 of N more tokens on the cached prompt, and with ``--decode N`` the N tokens decoded after
-it.
+it. ``--load-profile`` runs the load under cProfile and prints where its host time went
+(a warm restart's seconds are host work: imports, kernels read from Triton's cache, graph
+captures), then exits.
 
 Prints the wall time per length, the kernels launched and the device time per decoded
 token, and the ops that take the most device and host time, so a fixed cost (a host sync,
@@ -16,6 +18,9 @@ diagnostic, not a benchmark: nothing goes to RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import logging
+import pstats
 import random
 import time
 from pathlib import Path
@@ -75,10 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--extend", type=int, default=0, help="a turn 2: this many tokens after each prompt"
     )
+    ap.add_argument(
+        "--load-profile", action="store_true", help="cProfile the load, print it, and exit"
+    )
     args = ap.parse_args(argv)
     start = time.perf_counter()
+    profiler = cProfile.Profile() if args.load_profile else None
+    if profiler is not None:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")  # the load's steps
+        profiler.enable()
     model = LoadedModel.load(args.gguf, args.device, context_length=args.context)
     print(f"# load {time.perf_counter() - start:.1f} s")
+    if profiler is not None:
+        profiler.disable()
+        stats = pstats.Stats(profiler).strip_dirs()
+        stats.sort_stats("cumulative").print_stats(args.rows * 3)
+        stats.sort_stats("tottime").print_stats(args.rows * 2)
+        return 0
     rng = random.Random(0)
     vocab = model.tokenizer.vocab_size
     for n in (int(s) for s in args.lengths.split(",")):
