@@ -373,13 +373,20 @@ class LoadedModel:
         constraint: Constraint | None = None,
     ) -> Iterator[int]:
         """Sampled token ids, one forward pass each, until cancelled: callers stop it at
-        EOS, a stop string or their budget, and the last token is never fed back. ``prompt``
-        must fit the KV cache with room for the tokens taken; the part of it the cache
-        already holds is not computed again. A ``constraint`` (a grammar) masks the logits
-        of the tokens it forbids before each sample and is advanced by each one taken."""
+        EOS, a stop string or their budget. ``prompt`` must fit the KV cache with room for
+        the tokens taken; the part of it the cache already holds is not computed again. A
+        ``constraint`` (a grammar) masks the logits of the tokens it forbids before each
+        sample and is advanced by each one taken.
+
+        On a GPU each token's decode step is queued behind its sample before the id is
+        read back, so the device computes the next token while the caller turns this one
+        into text and sends it (the host's share of a step is hidden, not added): the
+        cache then holds the last token yielded too, one step the caller may not use. On
+        a CPU, where a queued step would run before the yield, it is fed after."""
         model, device, cache = self.model, self.model.device, self.prompt_cache
         sampler = Sampler(params, model.vocab_size, device, prompt=prompt)
         known = self.tokenizer.vocab_size  # a model's vocab is often padded past the tokenizer's
+        reader = _TokenReader() if device.type == "cuda" else None
         try:
             logits = None
             begin = cache.begin(prompt)
@@ -394,32 +401,42 @@ class LoadedModel:
                 cache.extend(chunk)
             assert logits is not None
             pos = len(prompt)
-            generated: list[int] = []
             while not cancel.is_set():
                 last = logits[0, -1]
                 if known < last.shape[-1]:
                     last[known:] = float("-inf")
                 if constraint is not None:
                     last = constraint.mask(last)  # [vocab]: -inf where the grammar forbids it
-                token = sampler.sample(last, generated)
+                picked = sampler.pick(last)  # [1], on the device
+                if reader is not None:
+                    reader.send(picked)  # the copy to the host, queued
+                    logits = self._step(picked, pos)
+                    token = reader.receive()  # waits for the sample, not the step
+                    cache.extend((token,))
+                    pos += 1
+                else:
+                    token = int(picked)
                 if constraint is not None:
                     constraint.advance(token)
-                generated.append(token)
                 yield token
-                tokens = torch.tensor([[token]], dtype=torch.long, device=device)
-                if self.decode is not None:
-                    logits = self.decode(tokens, pos)
-                else:
-                    pos_t = torch.tensor([pos], device=device)
-                    logits = model.forward(tokens, pos_t, last_only=True)
-                cache.extend((token,))
-                pos += 1
+                if reader is None:
+                    logits = self._step(picked, pos)
+                    cache.extend((token,))
+                    pos += 1
         except Exception:
             # A step that failed part-way (out of memory) may have written some layers'
             # cache or recurrent state and not others: nothing the device holds is trusted
             # for the next prompt, which prefills from the start (host snapshots stay).
             cache.clear()
             raise
+
+    def _step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits [1, 1, vocab] after the [1] ``token`` at ``pos``: a graph replay where
+        one is captured, else the eager forward."""
+        tokens = token.view(1, 1)
+        if self.decode is not None:
+            return self.decode(tokens, pos)
+        return self.model.forward(tokens, torch.tensor([pos], device=token.device), last_only=True)
 
     def _texts(
         self,
@@ -531,6 +548,24 @@ class LoadedModel:
             return
         yield chunks.text("", outcome.finish_reason, outcome.stop_sequence)
         yield chunks.usage(len(prompt), outcome.completion_tokens, self.prompt_cache.reused)
+
+
+class _TokenReader:
+    """A token id's way to the host that does not wait for the work queued after it: a
+    copy into pinned memory with an event behind it, where ``int(tensor)`` would wait for
+    the whole stream, the next decode step included."""
+
+    def __init__(self) -> None:
+        self.host = torch.empty(1, dtype=torch.long, pin_memory=True)
+        self.copied = torch.cuda.Event()
+
+    def send(self, token: torch.Tensor) -> None:
+        self.host.copy_(token, non_blocking=True)
+        self.copied.record(torch.cuda.current_stream(token.device))
+
+    def receive(self) -> int:
+        self.copied.synchronize()
+        return int(self.host[0])
 
 
 def prefill_chunk(model: CausalLM, tokens: int) -> int:

@@ -143,13 +143,15 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 class Sampler:
-    """Picks one token from one row of logits per call.
+    """Picks one token from one row of logits per call, on the logits' device.
 
-    Penalties need the tokens generated so far; the sampler keeps running counts and only
-    adds the ids appended to ``generated`` since the previous call, so a long generation
-    does not rebuild them every step. Given the ``prompt`` ids, the repetition penalty also
-    covers tokens of the prompt (as transformers and vLLM apply it); presence and frequency
-    penalties count generated tokens only (OpenAI and vLLM semantics).
+    :meth:`pick` leaves the token there and never waits for the device, so the generation
+    loop can queue the next decode step behind it before the id is read (see
+    LoadedModel.tokens). Penalties need the tokens picked so far: the sampler keeps their
+    counts on the device and adds each pick to them, so a step costs the same at any
+    length. Given the ``prompt`` ids, the repetition penalty also covers tokens of the
+    prompt (as transformers and vLLM apply it); presence and frequency penalties count
+    generated tokens only (OpenAI and vLLM semantics).
     """
 
     def __init__(
@@ -173,19 +175,19 @@ class Sampler:
             p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
         )
         self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
-        self._seen = 0
+        self._one = torch.ones(1, dtype=torch.float32, device=self.device)
         self._prompt_counts: torch.Tensor | None = None
         if prompt is not None and len(prompt) and p.repetition_penalty != 1.0:
             ids = torch.as_tensor(prompt, dtype=torch.long, device=self.device)
             self._prompt_counts = token_counts(ids, vocab_size)
 
-    def sample(self, logits: torch.Tensor, generated: Sequence[int] | torch.Tensor) -> int:
-        """The next token id from ``logits`` [vocab] given the ``generated`` ids so far
-        (greedy when the temperature is 0)."""
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token id from ``logits`` [vocab], as a [1] int64 tensor on their device
+        (greedy when the temperature is 0); it counts towards the next picks' penalties."""
         p = self.params
         logits = logits.float()
         if self._penalised:
-            counts = self._update_counts(generated)
+            counts = self._counts
             if p.repetition_penalty != 1.0:
                 seen = counts if self._prompt_counts is None else counts + self._prompt_counts
                 logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
@@ -194,24 +196,21 @@ class Sampler:
                     logits, counts, p.presence_penalty, p.frequency_penalty
                 )
         if p.temperature < GREEDY_BELOW:
-            return int(torch.argmax(logits))
-        logits = apply_temperature(logits, p.temperature)
-        if p.top_k > 0:
-            logits = apply_top_k(logits, p.top_k)
-        if p.top_p < 1.0:
-            logits = apply_top_p(logits, p.top_p)
-        if p.min_p > 0.0:
-            logits = apply_min_p(logits, p.min_p)
-        probs = logits.softmax(dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            token = torch.argmax(logits).view(1)
+        else:
+            logits = apply_temperature(logits, p.temperature)
+            if p.top_k > 0:
+                logits = apply_top_k(logits, p.top_k)
+            if p.top_p < 1.0:
+                logits = apply_top_p(logits, p.top_p)
+            if p.min_p > 0.0:
+                logits = apply_min_p(logits, p.min_p)
+            probs = logits.softmax(dim=-1)
+            token = torch.multinomial(probs, 1, generator=self.generator)
+        if self._penalised:
+            self._counts.index_add_(0, token, self._one)
+        return token
 
-    def _update_counts(self, generated: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        if len(generated) < self._seen:  # a different sequence: count it afresh
-            self._counts.zero_()
-            self._seen = 0
-        new = generated[self._seen :]
-        if len(new):
-            ids = torch.as_tensor(new, dtype=torch.long, device=self.device)
-            self._counts.scatter_add_(0, ids, torch.ones(len(ids), device=self.device))
-            self._seen = len(generated)
-        return self._counts
+    def sample(self, logits: torch.Tensor) -> int:
+        """:meth:`pick`, read: waits for the device."""
+        return int(self.pick(logits))

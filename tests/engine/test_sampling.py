@@ -90,7 +90,7 @@ def test_presence_and_frequency_penalties_follow_openai() -> None:
 def test_greedy_at_temperature_zero() -> None:
     logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(1))
     sampler = Sampler(SamplingParams(temperature=0.0), VOCAB)
-    assert sampler.sample(logits, []) == int(logits.argmax())
+    assert sampler.sample(logits) == int(logits.argmax())
 
 
 def test_repetition_penalty_steers_greedy_decoding() -> None:
@@ -98,22 +98,22 @@ def test_repetition_penalty_steers_greedy_decoding() -> None:
     sampler = Sampler(SamplingParams(temperature=0.0, repetition_penalty=2.0), 4)
     generated: list[int] = []
     for _ in range(3):
-        generated.append(sampler.sample(logits.clone(), generated))
+        generated.append(sampler.sample(logits.clone()))
     assert generated == [1, 2, 3]  # each pick is penalised once seen (5/2 < 4, 4/2 < 3)
     # The prompt counts too, when given.
     with_prompt = Sampler(SamplingParams(temperature=0.0, repetition_penalty=2.0), 4, prompt=[1])
-    assert with_prompt.sample(logits.clone(), []) == 2
+    assert with_prompt.sample(logits.clone()) == 2
 
 
-def test_frequency_penalty_counts_only_new_tokens_each_step() -> None:
+def test_frequency_penalty_counts_each_pick_once() -> None:
     logits = torch.tensor([0.0, 1.0, 0.9])
     sampler = Sampler(SamplingParams(temperature=0.0, frequency_penalty=0.06), 3)
     generated: list[int] = []
     for _ in range(4):
-        generated.append(sampler.sample(logits.clone(), generated))
+        generated.append(sampler.sample(logits.clone()))
     # 1 wins until its count makes 1.0 - 0.06 * n drop below 0.9 - 0.06 * m.
     assert generated == [1, 1, 2, 1]
-    assert sampler.sample(logits.clone(), torch.tensor(generated)) == 2
+    assert sampler.sample(logits.clone()) == 2
 
 
 def test_seed_reproduces_and_differs() -> None:
@@ -121,7 +121,7 @@ def test_seed_reproduces_and_differs() -> None:
 
     def draws(seed: int | None) -> list[int]:
         sampler = Sampler(SamplingParams(temperature=1.0, seed=seed), 1000)
-        return [sampler.sample(logits, []) for _ in range(20)]
+        return [sampler.sample(logits) for _ in range(20)]
 
     assert draws(42) == draws(42)
     assert draws(42) != draws(43)
@@ -132,12 +132,12 @@ def test_sampling_respects_the_filters() -> None:
     logits = torch.tensor([2.0, 1.9, 1.8, -1.0, -2.0])
     params = SamplingParams(temperature=1.5, top_k=3, top_p=0.99, seed=0)
     sampler = Sampler(params, 5)
-    picks = {sampler.sample(logits, []) for _ in range(200)}
+    picks = {sampler.sample(logits) for _ in range(200)}
     assert picks == {0, 1, 2}
     min_p = Sampler(SamplingParams(temperature=1.0, min_p=0.5, seed=0), 5)
-    assert {min_p.sample(logits, []) for _ in range(200)} == {0, 1, 2}
+    assert {min_p.sample(logits) for _ in range(200)} == {0, 1, 2}
     top_k_one = Sampler(SamplingParams(temperature=5.0, top_k=1, seed=0), 5)
-    assert {top_k_one.sample(logits, []) for _ in range(50)} == {0}
+    assert {top_k_one.sample(logits) for _ in range(50)} == {0}
 
 
 # -- parameters ---------------------------------------------------------------------------------
@@ -183,5 +183,5 @@ def test_bad_params_are_clear_errors(request_: dict, message: str) -> None:
 def test_nan_free_with_tiny_temperature() -> None:
     logits = torch.tensor([0.0, 50.0, 49.0])
     sampler = Sampler(SamplingParams(temperature=1e-9, seed=0), 3)
-    assert sampler.sample(logits, []) == 1
+    assert sampler.sample(logits) == 1
     assert not math.isnan(float(apply_temperature(logits, 1e-3).softmax(-1).sum()))
