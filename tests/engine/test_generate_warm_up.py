@@ -160,3 +160,34 @@ def test_a_moe_load_compiles_every_expert_kernel_a_prompt_can_pick(tmp_path: Pat
         model.prompt_cache.clear()
         assert len(greedy(model, [gen.randrange(vocab) for _ in range(n)], 2)) == 2
     assert [compiled_variants(k) for k in kernels] == at_load
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_decode_queued_ahead_streams_what_a_step_at_a_time_loop_does(gguf: Path) -> None:
+    """On CUDA each token's step is queued before its id is read back: the tokens are a
+    plain sample-then-step loop's over the same graphs, and the prompt cache, which then
+    holds the last token too, gives a second turn the tokens a fresh prefill gives."""
+    model = LoadedModel.load(gguf, "cuda", torch.float32, 512)
+    prompt = model.tokenizer.encode(PROMPT)
+    streamed = greedy(model, prompt, 12)
+    assert model.prompt_cache.held == [*prompt, *streamed]
+
+    model.prompt_cache.clear()
+    known = model.tokenizer.vocab_size
+    positions = torch.arange(len(prompt), device="cuda")
+    tokens = torch.tensor([prompt], device="cuda")
+    logits = model.model.forward(tokens, positions, last_only=True)
+    stepped: list[int] = []
+    for pos in range(len(prompt), len(prompt) + 12):
+        stepped.append(int(logits[0, -1, :known].argmax()))
+        assert model.decode is not None
+        logits = model.decode(torch.tensor([[stepped[-1]]], device="cuda"), pos)
+    assert streamed == stepped
+
+    model.prompt_cache.clear()
+    turn = [*prompt, *streamed, 5, 6]
+    fresh = greedy(model, turn)
+    model.prompt_cache.clear()
+    greedy(model, prompt, 12)
+    assert greedy(model, turn) == fresh and model.prompt_cache.reused >= len(prompt) + 12
