@@ -225,7 +225,7 @@ def decode_step(
     eps = model.config.rms_norm_eps
     kernels = step_kernels(model)
     live = input_pos + 1 if kernels is not None else None  # [1]: keys 0..input_pos
-    x = embedding(tokens, model.embed_tokens).to(model.dtype)  # [B, 1, hidden]
+    x = embedding(tokens, model.embed_tokens, dtype=model.dtype)  # [B, 1, hidden]
     delta: torch.Tensor | None = None  # what the last sublayer adds to the residual x
     for blk in model.layers:
         x, h, hq = add_norm(x, delta, blk.input_layernorm, eps, kernels)

@@ -299,7 +299,7 @@ class LayerSplit:
         if end > self.max_seq:
             raise ValueError(f"position {end - 1} is past the KV cache ({self.max_seq} tokens)")
         first = self.stages[0].device
-        x = embedding(tokens.to(first), model.embed_tokens).to(self.dtype)  # [B, T, hidden]
+        x = embedding(tokens.to(first), model.embed_tokens, dtype=self.dtype)  # [B, T, hidden]
         with sdpa_kernel(SDPA_BACKENDS):
             for stage, (cos, sin) in zip(self.stages, self.rope, strict=True):
                 x = x.to(stage.device)  # the residual crosses to this stage's device

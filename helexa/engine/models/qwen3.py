@@ -646,7 +646,7 @@ class Qwen3(DecoderModel):
         cos, sin = self.cos[input_pos], self.sin[input_pos]
         mask, causal = attention_mask(start, steps, end, self.device)
 
-        x = embedding(tokens, self.embed_tokens).to(self.dtype)
+        x = embedding(tokens, self.embed_tokens, dtype=self.dtype)
         with sdpa_kernel(SDPA_BACKENDS):
             for blk in self.layers:
                 x = self.block(blk, x, cos, sin, input_pos, end, mask, causal)

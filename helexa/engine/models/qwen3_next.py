@@ -641,7 +641,7 @@ class Qwen3Next(DecoderModel):
         cos, sin = self.cos[input_pos], self.sin[input_pos]
         mask, causal = attention_mask(start, steps, end, self.device)
 
-        x = embedding(tokens, self.embed_tokens).to(self.dtype)
+        x = embedding(tokens, self.embed_tokens, dtype=self.dtype)
         with sdpa_kernel(SDPA_BACKENDS):
             for blk in self.layers:
                 h = zc_rms_norm(x, blk.input_layernorm, cfg.rms_norm_eps)
@@ -899,7 +899,7 @@ def decode_step(
         visible = torch.arange(kv_len, device=input_pos.device) <= input_pos
     else:  # the kernels read the position and the live key count from the device
         live = input_pos + 1
-    x = embedding(tokens, model.embed_tokens).to(model.dtype)  # [B, 1, hidden]
+    x = embedding(tokens, model.embed_tokens, dtype=model.dtype)  # [B, 1, hidden]
     batch = x.shape[0]
     delta = None
     for blk in model.layers:

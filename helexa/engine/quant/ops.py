@@ -30,6 +30,8 @@ from helexa.engine.quant.reference import dequantize
 from helexa.engine.quant.tensor import Int8Rows, QuantizedTensor
 
 if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType
+
     from helexa.engine.checkpoint.types import Weight
 
 # Weights expanded per step of ``linear``: 4M float32 = 16 MiB of scratch, big enough
@@ -352,13 +354,20 @@ def dequantize_experts(
         return experts[start:stop].to(dtype)
     _, out_features, in_features = experts.shape
     count = stop - start
-    data = experts.data[start:stop]
+    data = experts.data[start:stop].reshape(count * out_features, -1)
+    return _dense_rows(data, experts.qtype, in_features, dtype).view(count, out_features, -1)
+
+
+def _dense_rows(
+    data: torch.Tensor, qtype: GGMLQuantizationType, in_features: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Quantized rows ``data`` (rows, row_bytes) as a dense (rows, in_features) tensor: on
+    CUDA by the Triton dequant kernel in one launch, elsewhere by the reference."""
     k = kernels() if data.is_cuda else None
-    if k is None or experts.qtype not in k.SUPPORTED:
-        return dequantize(data, experts.qtype, (count, out_features, in_features), dtype=dtype)
-    rows = count * out_features
-    flat = QuantizedTensor(data.reshape(rows, -1), experts.qtype, (rows, in_features))
-    return k.dequantize_rows(flat, dtype=dtype).view(count, out_features, in_features)
+    if k is None or qtype not in k.SUPPORTED:
+        return dequantize(data, qtype, (data.shape[0], in_features), dtype=dtype)
+    flat = QuantizedTensor(data, qtype, (data.shape[0], in_features))
+    return k.dequantize_rows(flat, dtype=dtype)
 
 
 def embedding(
@@ -375,8 +384,8 @@ def embedding(
         out = F.embedding(ids, weight)
         return out if dtype is None else out.to(dtype)
     rows = weight.data.index_select(0, ids.reshape(-1))
-    shape = (*ids.shape, weight.shape[1])
-    return dequantize(rows, weight.qtype, shape, dtype=dtype or torch.float32)
+    dense = _dense_rows(rows, weight.qtype, weight.shape[1], dtype or torch.float32)
+    return dense.view(*ids.shape, weight.shape[1])
 
 
 def fuse_rows(weights: list[Weight]) -> tuple[Weight, list[Weight]] | None:
