@@ -156,11 +156,11 @@ def _split_kernel(
         row = b * kv_heads * GROUP + h * GROUP  # this KV head's first query head's row
         tl.store(Out + (row + g)[:, None] * D + d[None, :], y, mask=live[:, None])
         if QUANT:  # the group's rows are consecutive: GROUP * D // 32 whole blocks
-            n: tl.constexpr = GROUP_TILE * D // 32
-            blocks = tl.arange(0, n)[:, None]
-            yq = tl.reshape(y.to(tl.float32), [n, 32])
+            nq: tl.constexpr = GROUP_TILE * D // 32
+            blocks = tl.arange(0, nq)[:, None]
+            yq = tl.reshape(y.to(tl.float32), [nq, 32])
             store_quantized(yq, blocks, blocks < GROUP * D // 32, Oq + row * D,
-                            Od + row * (D // 32), Os + row * (D // 16), n)  # fmt: skip
+                            Od + row * (D // 32), Os + row * (D // 16), nq)  # fmt: skip
         tl.store(Tickets + bh, 0)  # for the next launch (each launch is stream-ordered)
 
 
