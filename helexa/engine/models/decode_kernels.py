@@ -9,9 +9,9 @@ q/k norms, RoPE, cache writes, attention, SiLU·mul). These kernels make it ~10:
   the live prefix of a static KV cache. Read as one matmul per head that is a few long dot
   products on a handful of SMs, so the keys are cut into ``SPLITS`` slices, every
   (sequence, KV head, slice) is a program running an online softmax over its slice for all
-  the query heads sharing that KV head (GQA), and the last slice of a KV head to finish
-  merges its slices by their log-sum-exp (a ticket, not a second launch). The live
-  length is read from device memory (the step's position + 1), never from the host: the grid is fixed by the cache's shape, so one CUDA graph serves
+  the query heads sharing that KV head (GQA), and a second kernel merges the slices by
+  their log-sum-exp. The live length is read from device memory (the step's position + 1),
+  never from the host: the grid is fixed by the cache's shape, so one CUDA graph serves
   every position, and each program stops at the live length, reading no padding.
   :func:`attention_rows` is the same as the decode step calls it: the merge also writes
   o_proj's int8 activations and, for the hybrid models' gated attention, applies
@@ -50,13 +50,6 @@ def _split_kernel(
     Length,  # [1] int64: keys 0..Length-1 are live
     Part,  # [B, Hq, SPLITS, D] float32
     Lse,  # [B, Hq, SPLITS] float32
-    Out,  # [B, Hq * D] in Q's dtype
-    Gate,  # GATED: [B, >= Hq * 2D], each head's gate after its q
-    Oq,  # QUANT: o_proj's int8 activations (q, d, s) of Out's rows
-    Od,
-    Os,
-    Tickets,  # [>= B * Hkv] int32, all 0 between launches: slices done per KV head
-    stride_gate,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -73,8 +66,6 @@ def _split_kernel(
     BLOCK: tl.constexpr,
     SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
-    GATED: tl.constexpr,
-    QUANT: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -119,75 +110,35 @@ def _split_kernel(
     empty = denom == 0.0  # a slice past the live length
     out = acc / tl.where(empty, 1.0, denom)[:, None]
     lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, denom)))
-    first = (b * kv_heads * GROUP + heads) * SPLITS  # [B, Hq, SPLITS] flattened
-    tl.store(Part + (first + split)[:, None] * D + d[None, :], out, mask=live[:, None])
-    tl.store(Lse + first + split, lse, mask=live)
-    # The last slice of this KV head to finish merges its query heads' slices by their
-    # log-sum-exp (a merge launch of its own cost more than the merging): every thread's
-    # partials stored before one thread's release of the ticket, read after its acquire,
-    # past L1 (.cg), as the MoE router's ticket does.
-    tl.debug_barrier()
-    if tl.atomic_add(Tickets + bh, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-        top = tl.full([GROUP_TILE], float("-inf"), tl.float32)
-        for i in range(SPLITS):
-            lse_i = tl.load(Lse + first + i, mask=live, other=0.0, cache_modifier=".cg")
-            top = tl.maximum(top, lse_i)
-        total = tl.zeros([GROUP_TILE], tl.float32)
-        merged = tl.zeros([GROUP_TILE, D], tl.float32)
-        for i in range(SPLITS):
-            weight = tl.exp(
-                tl.load(Lse + first + i, mask=live, other=0.0, cache_modifier=".cg") - top
-            )  # an empty slice weighs 0
-            part = tl.load(
-                Part + (first + i)[:, None] * D + d[None, :],
-                mask=live[:, None],
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            merged += part * weight[:, None]
-            total += weight
-        dtype = Out.dtype.element_ty
-        y = (merged / total[:, None]).to(dtype)  # [GROUP_TILE, D]
-        if GATED:  # y * sigmoid(gate), each rounded as the torch ops round them
-            g_ptr = Gate + b * stride_gate + heads[:, None] * 2 * D + D + d[None, :]
-            gate = tl.load(g_ptr, mask=live[:, None], other=0.0).to(tl.float32)
-            sig = (1.0 / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-            y = (y.to(tl.float32) * sig).to(dtype)
-        row = b * kv_heads * GROUP + h * GROUP  # this KV head's first query head's row
-        tl.store(Out + (row + g)[:, None] * D + d[None, :], y, mask=live[:, None])
-        if QUANT:  # the group's rows are consecutive: GROUP * D // 32 whole blocks
-            nq: tl.constexpr = GROUP_TILE * D // 32
-            blocks = tl.arange(0, nq)[:, None]
-            yq = tl.reshape(y.to(tl.float32), [nq, 32])
-            store_quantized(yq, blocks, blocks < GROUP * D // 32, Oq + row * D,
-                            Od + row * (D // 32), Os + row * (D // 16), nq)  # fmt: skip
-        tl.store(Tickets + bh, 0)  # for the next launch (each launch is stream-ordered)
+    rows = (b * kv_heads * GROUP + heads) * SPLITS + split  # [B, Hq, SPLITS] flattened
+    tl.store(Part + rows[:, None] * D + d[None, :], out, mask=live[:, None])
+    tl.store(Lse + rows, lse, mask=live)
 
 
-# Per device, the tickets of the kernels whose last program finishes the work (the MoE
-# router's, split-K attention's; zero between launches), grown as batches grow. Outgrown
-# ones are kept: a captured graph may still replay them.
-_tickets: dict[torch.device, torch.Tensor] = {}
-_outgrown: list[torch.Tensor] = []
-
-
-def _tickets_for(device: torch.device, count: int) -> torch.Tensor:
-    """At least ``count`` zeroed int32 tickets on ``device`` (a MoE router's one per token,
-    split-K attention's one per KV head of each sequence), shared by every such launch
-    there: the step's launches on a device run one after another (one worker thread per
-    device, one stream at a time), and each launch leaves them zero again."""
-    tickets = _tickets.get(device)
-    if tickets is None or tickets.numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"{count} tickets are more than were made before this CUDA graph capture;"
-                " run the step once eagerly first (as GraphDecoder's warm-up does)"
-            )
-        if tickets is not None:
-            _outgrown.append(tickets)
-        tickets = torch.zeros(max(count, 64), dtype=torch.int32, device=device)
-        _tickets[device] = tickets
-    return tickets
+@triton.jit
+def _merge_kernel(
+    Part, Lse, Out, Gate, Q, Dq, S, stride_gate, heads,
+    D: tl.constexpr, SPLITS: tl.constexpr, GATED: tl.constexpr, QUANT: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # one (sequence, query head)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    lse = tl.load(Lse + row * SPLITS + s)
+    weight = tl.exp(lse - tl.max(lse, 0))  # an empty slice weighs 0
+    part = tl.load(Part + (row * SPLITS + s[:, None]) * D + d[None, :])
+    dtype = Out.dtype.element_ty
+    out = (tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)).to(dtype)
+    if GATED:  # y * sigmoid(gate), each rounded as the torch ops round them
+        b, h = row // heads, row % heads
+        g = tl.load(Gate + b * stride_gate + h * 2 * D + D + d).to(tl.float32)
+        sig = (1.0 / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        out = (out.to(tl.float32) * sig).to(dtype)
+    tl.store(Out + row * D + d, out)
+    if QUANT:  # o_proj's int8 activations: a head is D // 32 whole blocks of its row
+        blocks = tl.arange(0, D // 32)[:, None]
+        oq = tl.reshape(out.to(tl.float32), [D // 32, 32])
+        store_quantized(oq, blocks, blocks < D // 32, Q + row * D, Dq + row * (D // 32),
+                        S + row * (D // 16), D // 32)  # fmt: skip
 
 
 def splits_for(programs: int, max_seq: int, sms: int) -> int:
@@ -196,6 +147,31 @@ def splits_for(programs: int, max_seq: int, sms: int) -> int:
     want = max(1, (2 * sms + programs - 1) // programs)
     cap = max(1, triton.cdiv(max_seq, BLOCK_N))
     return min(triton.next_power_of_2(want), triton.next_power_of_2(cap))
+
+
+def _split(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The split-K pass: each (sequence, KV head, slice of keys) program's partial output
+    and log-sum-exp, and the number of slices."""
+    batch, heads, _, dim = q.shape
+    kv_heads, max_seq = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+    splits = splits_for(batch * kv_heads, max_seq, sms)
+    q3 = q.reshape(batch, heads, dim)
+    part = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    _split_kernel[(batch * kv_heads, splits)](
+        q3, k, v, length, part, lse,
+        q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), kv_heads, dim**-0.5,
+        GROUP=group, GROUP_TILE=max(MIN_GROUP_TILE, triton.next_power_of_2(group)), D=dim,
+        BLOCK=BLOCK_N, SPLITS=splits,
+        # float32 caches (tests, CPU-exact models) get float32 products, not TF32's 10 bits
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    return part, lse, splits
 
 
 def split_k_attention(
@@ -231,26 +207,13 @@ def attention_rows(
     gate = q_gate.reshape(batch, -1) if q_gate is not None else None
     if gate is not None and (gate.shape[-1] != 2 * heads * dim or gate.stride(-1) != 1):
         raise ValueError(f"attention_rows: q_gate {tuple(gate.shape)} for q {tuple(q.shape)}")
-    kv_heads, max_seq = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-    splits = splits_for(batch * kv_heads, max_seq, sms)
-    q3 = q.reshape(batch, heads, dim)
-    part = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    part, lse, splits = _split(q, k, v, length)
     out = torch.empty(batch, 1, heads * dim, dtype=q.dtype, device=q.device)
     quant = quantized_rows(batch, heads * dim, q.device) if quantize else None
-    _split_kernel[(batch * kv_heads, splits)](
-        q3, k, v, length, part, lse, out, out if gate is None else gate,
-        *(quant or (out, out, out)), _tickets_for(q.device, batch * kv_heads),
-        0 if gate is None else gate.stride(0),
-        q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), kv_heads, dim**-0.5,
-        GROUP=group, GROUP_TILE=max(MIN_GROUP_TILE, triton.next_power_of_2(group)), D=dim,
-        BLOCK=BLOCK_N, SPLITS=splits,
-        # float32 caches (tests, CPU-exact models) get float32 products, not TF32's 10 bits
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        GATED=gate is not None, QUANT=quantize,
+    _merge_kernel[(batch * heads,)](
+        part, lse, out, out if gate is None else gate, *(quant or (out, out, out)),
+        0 if gate is None else gate.stride(0), heads,
+        D=dim, SPLITS=splits, GATED=gate is not None, QUANT=quantize,
     )  # fmt: skip
     return out, quant
 
@@ -603,6 +566,28 @@ def _route_kernel(
 # four warps' registers.
 ROUTE_EXPERTS = 4
 ROUTE_COLUMNS = 2048
+# Per device, the routing kernels' tickets (one int32 per token, zero between launches),
+# grown as batches grow. Outgrown ones are kept: a captured graph may still replay them.
+_tickets: dict[torch.device, torch.Tensor] = {}
+_outgrown: list[torch.Tensor] = []
+
+
+def _route_tickets(device: torch.device, tokens: int) -> torch.Tensor:
+    """Zeroed int32 tickets for ``tokens`` tokens on ``device``, shared by every MoE layer
+    there: the step's launches on a device run one after another (one worker thread per
+    device, one stream at a time), and each launch leaves them zero again."""
+    tickets = _tickets.get(device)
+    if tickets is None or tickets.numel() < tokens:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"route: {tokens} tokens need new tickets during CUDA graph capture; run "
+                "the step once eagerly first (as GraphDecoder's warm-up does)"
+            )
+        if tickets is not None:
+            _outgrown.append(tickets)
+        tickets = torch.zeros(max(tokens, 64), dtype=torch.int32, device=device)
+        _tickets[device] = tickets
+    return tickets
 
 
 def route(
@@ -631,7 +616,7 @@ def route(
     logits = torch.empty(tokens, experts, dtype=torch.float32, device=x.device)
     blocks = triton.cdiv(experts, ROUTE_EXPERTS)
     _route_kernel[(tokens, blocks)](
-        x, router, logits, _tickets_for(x.device, tokens), weights, ids,
+        x, router, logits, _route_tickets(x.device, tokens), weights, ids,
         hidden, x.stride(0), router.stride(0),
         E=experts, E_TILE=triton.next_power_of_2(experts), TOP_K=top_k,
         K_TILE=triton.next_power_of_2(top_k), NORM=norm_topk_prob, BLOCK_E=ROUTE_EXPERTS,
