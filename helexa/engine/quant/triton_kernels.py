@@ -1004,8 +1004,8 @@ def _pick_faster(run: Any, names: tuple[str, ...], given: bool = False) -> str:
     """The fastest of the tuned matvecs ``names`` for one shape (each tuned first), timed
     as the autotuner times configs (see _bench); ``given``: the int8 activations come
     with the call, so the int8 kernel is timed without the launch that makes them (on
-    an H200 that launch made the float kernel look faster for 8B's v_proj and every
-    0.6B Q8_0 matvec, where the int8 one is 10-25% faster as decode runs it)."""
+    an H200 that launch made the float kernel look faster for an 8B's v_proj and half a
+    0.6B's Q8_0 matvecs, where the int8 one is faster as decode runs it)."""
     if len(names) == 1:
         return names[0]
     timings = {}
