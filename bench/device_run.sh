@@ -16,10 +16,14 @@
 #                                wait for the build, llama-bench and llama-server on the same
 #                                file; the side-by-side table (serve.json keeps both sides in
 #                                /tmp/hx/serve-<model> between the calls; $OUT is new each call)
+#   bash bench/device_run.sh pack-llama
+#                                wait for the build and return its bin/ as $OUT/llamabin.txz.*
+#                                (46 MB in 15 MB parts): copied into .device/lb/ here, a later
+#                                lease's every stage unpacks it instead of building again
 # Everything worth keeping lands in $OUT (logs, results.json, serve-<model>.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?stage: 1, 2, serve-helexa or serve-llama}
+stage=${1:?stage: 1, 2, serve-helexa, serve-llama or pack-llama}
 OUT=${OUT:-/tmp/helexa-out}
 mkdir -p "$OUT" /tmp/hx
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -28,6 +32,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 GGUF=/tmp/hx/q8b.gguf
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpus.csv"
+
+# A build carried from an earlier lease (pack-llama): bench/llama_cpp.py's build() returns
+# an existing binary, and the RPATH is absolute, so it goes back to /tmp/llama/build/bin.
+if [ ! -x /tmp/llama/build/bin/llama-server ] && ls .device/lb/llamabin.txz.* >/dev/null 2>&1; then
+  mkdir -p /tmp/llama/build
+  cat .device/lb/llamabin.txz.* | xz -d | tar xf - -C /tmp/llama/build
+fi
 
 start_llama_build() {  # detached: it overlaps helexa's side; build() reuses a finished one
   [ -x /tmp/llama/build/bin/llama-server ] && return
@@ -86,7 +97,12 @@ elif [ "$stage" = serve-helexa ] || [ "$stage" = serve-llama ]; then
       tee "$OUT/serve-$model-llama.log" | tail -20
   fi
   cp "/tmp/hx/serve-$model/serve.json" "$OUT/serve-$model.json"
+elif [ "$stage" = pack-llama ]; then
+  start_llama_build
+  wait_llama_build 540
+  (cd /tmp/llama/build && tar cf - bin | xz -1 -T"$(nproc)" | split -b 15M - "$OUT/llamabin.txz.")
+  ls -la "$OUT"
 else
-  echo "stage must be 1, 2, serve-helexa or serve-llama" >&2
+  echo "stage must be 1, 2, serve-helexa, serve-llama or pack-llama" >&2
   exit 2
 fi
