@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from helexa.engine.quant import grid_dependency
+from helexa.engine.quant.grid_dependency import await_inputs
 from helexa.engine.quant.tensor import Int8Rows
 from helexa.engine.quant.triton_kernels import quantized_rows, store_quantized
 
@@ -66,7 +68,9 @@ def _split_kernel(
     BLOCK: tl.constexpr,
     SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // kv_heads
@@ -119,7 +123,9 @@ def _split_kernel(
 def _merge_kernel(
     Part, Lse, Out, Gate, Q, Dq, S, stride_gate, heads,
     D: tl.constexpr, SPLITS: tl.constexpr, GATED: tl.constexpr, QUANT: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    await_inputs(PDL)
     row = tl.program_id(0)  # one (sequence, query head)
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, D)
@@ -170,6 +176,7 @@ def _split(
         BLOCK=BLOCK_N, SPLITS=splits,
         # float32 caches (tests, CPU-exact models) get float32 products, not TF32's 10 bits
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **grid_dependency.launch(q.device),
     )  # fmt: skip
     return part, lse, splits
 
@@ -214,6 +221,7 @@ def attention_rows(
         part, lse, out, out if gate is None else gate, *(quant or (out, out, out)),
         0 if gate is None else gate.stride(0), heads,
         D=dim, SPLITS=splits, GATED=gate is not None, QUANT=quantize,
+        **grid_dependency.launch(q.device),
     )  # fmt: skip
     return out, quant
 
@@ -222,7 +230,9 @@ def attention_rows(
 def _add_rms_norm_kernel(
     X, Delta, W, Out, H, Q, D, S, width, eps,
     HAS_DELTA: tl.constexpr, QUANT: tl.constexpr, SCALE_FP32: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    await_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < width
@@ -277,6 +287,7 @@ def add_rms_norm(
         QUANT=quantize,
         SCALE_FP32=weight.dtype == torch.float32 and x.dtype != torch.float32,
         BLOCK=triton.next_power_of_2(width),
+        **grid_dependency.launch(x.device),
     )
     return out, h, quant
 
@@ -306,7 +317,9 @@ def _qk_norm_rope_cache_kernel(
     D: tl.constexpr,
     ROT: tl.constexpr,  # the leading channels RoPE rotates (NEOX halves); the rest pass
     SCALE_FP32: tl.constexpr,  # the zero-centred norm: scale by float32 1 + w, then round
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)  # q heads, then k heads (each with its v head)
     d = tl.arange(0, D)
@@ -378,6 +391,7 @@ def qk_norm_rope_cache(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q_heads, eps,
         D=dim, ROT=cos.shape[-1],
         SCALE_FP32=q_norm.dtype == torch.float32 and q.dtype != torch.float32,
+        **grid_dependency.launch(q.device),
     )  # fmt: skip
     return out
 
@@ -386,7 +400,9 @@ def qk_norm_rope_cache(
 def _silu_mul_kernel(
     Gate, Up, Out, Q, D, S, width, stride_gate, stride_up,
     QUANT: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    await_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < width
@@ -427,6 +443,7 @@ def silu_mul(
     _silu_mul_kernel[(rows, triton.cdiv(width, block))](
         g2, u2, out, *(quant or (out, out, out)), width, g2.stride(0), u2.stride(0),
         QUANT=quantize, BLOCK=block,
+        **grid_dependency.launch(gate.device),
     )  # fmt: skip
     return out, quant
 
@@ -445,7 +462,9 @@ def _shared_expert_add_kernel(
     stride_s,
     BLOCK_H: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     row, pid = tl.program_id(0), tl.program_id(1)
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for start in range(0, H, BLOCK_H):
@@ -487,6 +506,7 @@ def shared_expert_add(
     _shared_expert_add_kernel[(rows, triton.cdiv(width, block))](
         x2, gate, r2, s2, out, hidden, width, x2.stride(0), r2.stride(0), s2.stride(0),
         BLOCK_H=min(1024, triton.next_power_of_2(hidden)), BLOCK=block,
+        **grid_dependency.launch(x.device),
     )  # fmt: skip
     return out
 
@@ -510,7 +530,9 @@ def _route_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCKS: tl.constexpr,  # programs per token: cdiv(E, BLOCK_E)
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     t = tl.program_id(0)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     live = e < E
@@ -622,5 +644,6 @@ def route(
         K_TILE=triton.next_power_of_2(top_k), NORM=norm_topk_prob, BLOCK_E=ROUTE_EXPERTS,
         BLOCK_H=min(ROUTE_COLUMNS, triton.next_power_of_2(hidden)), BLOCKS=blocks,
         num_warps=4,
+        **grid_dependency.launch(x.device),
     )  # fmt: skip
     return weights, ids

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from helexa.engine.quant import grid_dependency
+from helexa.engine.quant.grid_dependency import await_inputs
 from helexa.engine.quant.tensor import Int8Rows
 from helexa.engine.quant.triton_kernels import quantized_rows, store_quantized
 
@@ -52,7 +54,9 @@ def _conv_step_kernel(
     channels,
     KERNEL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = c < channels
@@ -93,8 +97,9 @@ def conv_step(mixed: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tenso
         m2 = m2.contiguous()
     out = torch.empty(batch, channels, dtype=mixed.dtype, device=mixed.device)
     _conv_step_kernel[(batch, triton.cdiv(channels, CONV_BLOCK))](
-        m2, conv_state, weight, out, m2.stride(0), channels, KERNEL=kernel, BLOCK=CONV_BLOCK
-    )
+        m2, conv_state, weight, out, m2.stride(0), channels, KERNEL=kernel, BLOCK=CONV_BLOCK,
+        **grid_dependency.launch(mixed.device),
+    )  # fmt: skip
     return out
 
 
@@ -128,7 +133,9 @@ def _delta_rule_kernel(
     TILED: tl.constexpr,
     ROUND_SCALED: tl.constexpr,
     QUANT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     pid = tl.program_id(0)
     b = pid // value_heads
     h = pid % value_heads
@@ -251,6 +258,6 @@ def gated_delta_step(
         DK=k_dim, DV=v_dim, BK=block_k, BV=block_v,
         GROUP=value_heads // key_heads, TILED=tiled,
         ROUND_SCALED=norm_weight.dtype == mixed.dtype, QUANT=quant,
-        num_warps=delta_warps(k_dim, v_dim),
+        num_warps=delta_warps(k_dim, v_dim), **grid_dependency.launch(y.device),
     )  # fmt: skip
     return y, rows

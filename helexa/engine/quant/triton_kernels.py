@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from helexa.engine.quant import grid_dependency
 from helexa.engine.quant.formats import QK_K, Q, block_format
+from helexa.engine.quant.grid_dependency import await_inputs
 from helexa.engine.quant.kernel_choices import KernelChoices
 from helexa.engine.quant.tensor import INT8_DTYPES, Int8Rows, QuantizedTensor
 
@@ -306,6 +308,7 @@ def _matvec_kernel(
     BLOCK_N: tl.constexpr,
     U: tl.constexpr,
     DEFER: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """y[t, n] = sum_k x[t, k] * W[n, k] for BLOCK_N rows n over ``N_UNITS`` units.
 
@@ -323,6 +326,7 @@ def _matvec_kernel(
     pid = tl.program_id(0)
     t = pid % M
     rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    await_inputs(PDL)  # nothing above reads what a kernel before writes
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(SLOTS):
         m, xm = _pair(t, j, SHARE, SLOTS)
@@ -400,6 +404,7 @@ def _matvec_affine_kernel(
     WEIGHTED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     U: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """:func:`_matvec_kernel`'s sums with each sub-block's scale applied once to its dot
     product (llama.cpp's order) instead of to every weight: per weight one multiply-add
@@ -408,6 +413,7 @@ def _matvec_affine_kernel(
     pid = tl.program_id(0)
     t = pid % M
     rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    await_inputs(PDL)  # nothing above reads what a kernel before writes
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(SLOTS):
         m, xm = _pair(t, j, SHARE, SLOTS)
@@ -443,8 +449,11 @@ def store_quantized(x, b, keep, q_row, d_row, s_row, BLOCKS: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, K, BLOCKS: tl.constexpr):
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, d_ptr, s_ptr, stride_x, K, BLOCKS: tl.constexpr, PDL: tl.constexpr
+):
     """Row m's activations for the integer matvec, ``BLOCKS`` blocks per program."""
+    await_inputs(PDL)
     m = tl.program_id(0)
     b = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)[:, None]  # (BLOCKS, 1) block index
     keep = b < K // 32
@@ -648,6 +657,7 @@ def _matvec_int8_kernel(
     BLOCK_N: tl.constexpr,
     U: tl.constexpr,
     ASM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """:func:`_matvec_kernel`'s sums over activations quantized to int8 by
     :func:`_quantize_rows_kernel` (llama.cpp's MMVQ): each 32-bit word of weights is
@@ -658,6 +668,7 @@ def _matvec_int8_kernel(
     pid = tl.program_id(0)
     t = pid % M
     rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    await_inputs(PDL)  # nothing above reads what a kernel before writes
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(SLOTS):
         m, xm = _pair(t, j, SHARE, SLOTS)
@@ -681,8 +692,10 @@ def _dequant_kernel(
     UNIT_BYTES: tl.constexpr,
     G: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[n, :] = dequantized W[n, :] for BLOCK_N rows at one unit; grid (rows, units)."""
+    await_inputs(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     u = tl.program_id(1)
     safe = tl.minimum(rows, N - 1)
@@ -903,7 +916,10 @@ def quantize_rows(x: torch.Tensor) -> Int8Rows:
     if m:
         blocks = 32
         grid = (m, triton.cdiv(k // 32, blocks))
-        _quantize_rows_kernel[grid](x, q, d, s, x.stride(0), k, BLOCKS=blocks, num_warps=4)
+        _quantize_rows_kernel[grid](
+            x, q, d, s, x.stride(0), k, BLOCKS=blocks, num_warps=4,
+            **grid_dependency.launch(x.device),
+        )  # fmt: skip
     return q, d, s
 
 
@@ -940,6 +956,7 @@ def _launch(
     meta = dict(
         N_UNITS=k // unit, GROUPED=grouped, QTYPE=int(weight.qtype), UNIT=unit,
         UNIT_BYTES=unit_bytes, G=g, SHARE=share, SLOTS=slots, WEIGHTED=combine is not None,
+        **grid_dependency.launch(x.device),
     )  # fmt: skip
 
     def run(name: str, fixed: dict[str, Any] | None = None, reuse: bool = False) -> None:
@@ -1034,7 +1051,7 @@ def dequantize_rows(
     _dequant_kernel[grid](
         data, out, rows, data.stride(0), out.stride(0),
         QTYPE=int(weight.qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, BLOCK_N=block_n,
-        num_warps=4,
+        num_warps=4, **grid_dependency.launch(data.device),
     )  # fmt: skip
     return out
 

@@ -247,24 +247,25 @@ def test_the_kernels_compile_for_hopper(tiled: bool, quant: bool) -> None:
         fn=dk._conv_step_kernel,
         signature={"Mixed": "*bf16", "State": "*bf16", "W": "*bf16", "Out": "*bf16",
                    "stride_m": "i32", "channels": "i32", "KERNEL": "constexpr",
-                   "BLOCK": "constexpr"},
-        constexprs={"KERNEL": 4, "BLOCK": dk.CONV_BLOCK},
+                   "BLOCK": "constexpr", "PDL": "constexpr"},
+        constexprs={"KERNEL": 4, "BLOCK": dk.CONV_BLOCK, "PDL": True},
     )  # fmt: skip
     conv.attrs = aligned(conv.signature)
-    assert triton.compile(conv, target=target, options={"num_warps": 4}).asm["cubin"]
+    built = triton.compile(conv, target=target, options={"num_warps": 4})
+    assert built.asm["cubin"] and "griddepcontrol.wait" in built.asm["ptx"]
     pointers = {"Conv": "*bf16", "A": "*bf16", "Beta": "*bf16", "NegA": "*fp32",
                 "DtBias": "*fp32", "Z": "*bf16", "NormW": "*bf16", "State": "*fp32",
                 "Out": "*bf16", "Q": "*i8", "D": "*fp32", "S": "*fp32"}  # fmt: skip
     ints = dict.fromkeys(("stride_a", "stride_beta", "stride_z", "value_heads", "key_heads"), "i32")
     floats = dict.fromkeys(("scale", "l2_eps", "eps"), "fp32")
     heads = dict(DK=128, DV=128, BK=128, BV=128, GROUP=2)
-    constants = dict(**heads, TILED=tiled, ROUND_SCALED=True, QUANT=quant)
+    constants = dict(**heads, TILED=tiled, ROUND_SCALED=True, QUANT=quant, PDL=True)
     kinds = {**pointers, **ints, **floats, **dict.fromkeys(constants, "constexpr")}
     fn = dk._delta_rule_kernel
     signature = {n: kinds[n] for n in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned(signature))
     kernel = triton.compile(source, target=target, options={"num_warps": dk.delta_warps(128, 128)})
-    assert kernel.asm["cubin"]
+    assert kernel.asm["cubin"] and "griddepcontrol.wait" in kernel.asm["ptx"]
 
 
 @needs_kernels

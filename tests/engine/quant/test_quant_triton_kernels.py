@@ -471,7 +471,8 @@ def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> 
     plain_fixed = triton.Config(fixed, num_warps=tk.FIXED_CONFIG["num_warps"])
     jobs += [(tk._matvec_kernel, plain_fixed, {}, True, m) for m in moe]
     for fn, config, extra, grouped, layout in jobs:
-        constants = dict(N_UNITS=4096 // unit, GROUPED=grouped, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, **layout, **config.kwargs, **extra)  # fmt: skip
+        # PDL: as a Hopper launches it, waiting on the kernel before (quant.grid_dependency)
+        constants = dict(N_UNITS=4096 // unit, GROUPED=grouped, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, **layout, **config.kwargs, **extra, PDL=True)  # fmt: skip
         kinds = {**pointers, **ints, **dict.fromkeys(constants, "constexpr")}
         signature = {name: kinds[name] for name in fn.arg_names}
         source = ASTSource(fn=fn, signature=signature, constexprs=constants)
@@ -479,6 +480,8 @@ def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> 
             source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
         )
         assert kernel.asm["cubin"], (config, grouped, layout)
+        ptx = kernel.asm["ptx"]
+        assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (compiles ahead of time, no GPU)")
@@ -497,11 +500,13 @@ def test_the_moe_decode_glue_compiles_for_hopper(norm: bool) -> None:
 
     from helexa.engine.models import decode_kernels as dk
 
-    def build(fn: Any, kinds: dict[str, str], constants: dict[str, Any]) -> None:
+    def build(fn: Any, kinds: dict[str, str], constants: dict[str, Any]) -> str:
         signature = {name: kinds.get(name, "constexpr") for name in fn.arg_names}
-        source = ASTSource(fn=fn, signature=signature, constexprs=constants)
+        source = ASTSource(fn=fn, signature=signature, constexprs={**constants, "PDL": True})
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         assert kernel.asm["cubin"], (fn, constants)
+        assert "griddepcontrol.wait" in kernel.asm["ptx"]
+        return kernel.asm["ptx"]
 
     route = {"X": "*bf16", "Router": "*bf16", "Logits": "*fp32", "Tickets": "*i32"}
     route |= {"Weights": "*bf16", "Experts": "*i32", "H": "i32", "stride_x": "i32", "stride_r": "i32"}  # fmt: skip
@@ -530,8 +535,8 @@ def test_the_add_rms_norm_glue_compiles_for_hopper(scale_fp32: bool) -> None:
     kinds = dict.fromkeys(("X", "Delta", "Out", "H"), "*bf16")
     kinds |= {"W": "*fp32" if scale_fp32 else "*bf16", "Q": "*i8", "D": "*fp32", "S": "*fp32"}
     kinds |= {"width": "i32", "eps": "fp32"}
-    constants = dict(HAS_DELTA=True, QUANT=True, SCALE_FP32=scale_fp32, BLOCK=4096)
+    constants = dict(HAS_DELTA=True, QUANT=True, SCALE_FP32=scale_fp32, BLOCK=4096, PDL=True)
     signature = {name: kinds.get(name, "constexpr") for name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature, constexprs=constants)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    assert kernel.asm["cubin"]
+    assert kernel.asm["cubin"] and "griddepcontrol.wait" in kernel.asm["ptx"]
