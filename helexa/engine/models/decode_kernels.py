@@ -532,20 +532,23 @@ def _route_kernel(
     BLOCKS: tl.constexpr,  # programs per token: cdiv(E, BLOCK_E)
     PDL: tl.constexpr,
 ):
-    await_inputs(PDL)
     t = tl.program_id(0)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     live = e < E
-    acc = tl.zeros([BLOCK_E, BLOCK_H], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
+    rows = Router + e[:, None] * stride_r
+    # The router's first BLOCK_H columns (all of a 30B-A3B's) are weights, which no kernel
+    # writes: read while the norm before still runs (see grid_dependency), so its trip to
+    # memory is off the step's path.
+    cols = tl.arange(0, BLOCK_H)
+    w = tl.load(rows + cols[None, :], mask=live[:, None] & (cols < H)[None, :], other=0.0)
+    await_inputs(PDL)
+    x = tl.load(X + t * stride_x + cols, mask=cols < H, other=0.0).to(tl.float32)
+    acc = w.to(tl.float32) * x[None, :]  # [BLOCK_E, BLOCK_H]
+    for h0 in range(BLOCK_H, H, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
         inside = cols < H
         x = tl.load(X + t * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
-        w = tl.load(
-            Router + e[:, None] * stride_r + cols[None, :],
-            mask=live[:, None] & inside[None, :],
-            other=0.0,
-        )
+        w = tl.load(rows + cols[None, :], mask=live[:, None] & inside[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     logits = tl.sum(acc, 1).to(X.dtype.element_ty).to(tl.float32)  # rounded as F.linear's
     tl.store(Logits + t * E + e, logits, mask=live)

@@ -511,7 +511,9 @@ def test_the_moe_decode_glue_compiles_for_hopper(norm: bool) -> None:
     route = {"X": "*bf16", "Router": "*bf16", "Logits": "*fp32", "Tickets": "*i32"}
     route |= {"Weights": "*bf16", "Experts": "*i32", "H": "i32", "stride_x": "i32", "stride_r": "i32"}  # fmt: skip
     blocks = 128 // dk.ROUTE_EXPERTS
-    build(dk._route_kernel, route, dict(E=128, E_TILE=128, TOP_K=8, K_TILE=8, NORM=norm, BLOCK_E=dk.ROUTE_EXPERTS, BLOCK_H=dk.ROUTE_COLUMNS, BLOCKS=blocks))  # fmt: skip
+    ptx = build(dk._route_kernel, route, dict(E=128, E_TILE=128, TOP_K=8, K_TILE=8, NORM=norm, BLOCK_E=dk.ROUTE_EXPERTS, BLOCK_H=dk.ROUTE_COLUMNS, BLOCKS=blocks))  # fmt: skip
+    # the router's weights are read before the wait, x after it
+    assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait")
     glue = {"Gate": "*bf16", "Up": "*bf16", "Out": "*bf16", "Q": "*i8", "D": "*fp32", "S": "*fp32"}
     glue |= dict.fromkeys(("width", "stride_gate", "stride_up"), "i32")
     build(dk._silu_mul_kernel, glue, dict(QUANT=norm, BLOCK=1024))
