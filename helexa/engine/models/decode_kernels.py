@@ -115,7 +115,9 @@ def _split_kernel(
     out = acc / tl.where(empty, 1.0, denom)[:, None]
     lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, denom)))
     rows = (b * kv_heads * GROUP + heads) * SPLITS + split  # [B, Hq, SPLITS] flattened
-    tl.store(Part + rows[:, None] * D + d[None, :], out, mask=live[:, None])
+    # An empty slice writes only its -inf log-sum-exp: at a short live length most slices
+    # are empty (the grid is sized for the whole cache), and the merge skips their parts.
+    tl.store(Part + rows[:, None] * D + d[None, :], out, mask=(live & (denom > 0.0))[:, None])
     tl.store(Lse + rows, lse, mask=live)
 
 
@@ -131,7 +133,9 @@ def _merge_kernel(
     d = tl.arange(0, D)
     lse = tl.load(Lse + row * SPLITS + s)
     weight = tl.exp(lse - tl.max(lse, 0))  # an empty slice weighs 0
-    part = tl.load(Part + (row * SPLITS + s[:, None]) * D + d[None, :])
+    # only the live slices' parts are read (an empty slice wrote none)
+    filled = (lse > float("-inf"))[:, None]
+    part = tl.load(Part + (row * SPLITS + s[:, None]) * D + d[None, :], mask=filled, other=0.0)
     dtype = Out.dtype.element_ty
     out = (tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)).to(dtype)
     if GATED:  # y * sigmoid(gate), each rounded as the torch ops round them
