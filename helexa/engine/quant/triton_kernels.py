@@ -427,6 +427,11 @@ def _matvec_affine_kernel(
 # Run Triton's PTX for integer dot products, or (under the interpreter, which has no PTX)
 # the same arithmetic spelled out.
 ASM = os.environ.get("TRITON_INTERPRET") != "1"
+# HELEXA_INT8_HEADER=1: the integer matvec reads a Q4_K/Q5_K block's header in one
+# 16-byte load (_k4_header_affine) instead of field by field. Off until a GPU run times it
+# (bench/matvec_configs.py with each setting; bench/DEVICE.md's first owed run): it is
+# exact under the interpreter and builds for sm_90, with 8 loads in Q4_K's loop, not 15.
+INT8_HEADER = tl.constexpr(os.environ.get("HELEXA_INT8_HEADER", "0") == "1")
 
 
 @triton.jit
@@ -533,6 +538,45 @@ def _q8_0_int8(blk, xw, xd, valid, G: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _word(words, K: tl.constexpr):
+    """Word ``K`` of the 4 along ``words``' last axis (one thread's registers): [.., 1]."""
+    t = tl.arange(0, 4)[None, None, None, :]
+    return tl.sum(tl.where(t == K, words, 0), axis=3, keep_dims=True)
+
+
+@triton.jit
+def _k4_header_affine(blk, j):
+    """:func:`_k4_affine` from one 16-byte load of the super-block's header (d, dmin and
+    the 12 scale bytes; 16-byte aligned in Q4_K's 144- and Q5_K's 176-byte blocks)
+    instead of two f16 and six byte loads: the integer matvec's load instructions, not
+    its bytes, were the suspect for its ~2.1 TB/s. Row j's sub-blocks 2j and 2j + 1 take
+    their bytes from scale words 1-3 at bit 16 (j % 2), as _scale_min_k4 indexes them."""
+    hdr = _i32_at(blk + 0 * j, True)  # [BN, U, 8, 4]: d | dmin, scales 0-3, 4-7, 8-11
+    w0, w1, w2, w3 = _word(hdr, 0), _word(hdr, 1), _word(hdr, 2), _word(hdr, 3)
+    d = w0.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = (w0 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    low = j < 2  # sub-blocks 0-3: 6-bit scale and min in bytes s and s + 4
+    at_s = tl.where(low, w1, w2)  # the word holding byte s
+    at_s4 = tl.where(low, w2, w3)  # byte s + 4
+    shift = 16 * (j % 2)
+    a_lo, b_lo = _k4_sub_block(at_s, at_s4, w1, shift, low, d, dmin)
+    a_hi, b_hi = _k4_sub_block(at_s, at_s4, w1, shift + 8, low, d, dmin)
+    return a_lo, b_lo, a_hi, b_hi
+
+
+@triton.jit
+def _k4_sub_block(at_s, at_s4, at_m4, shift, low, d, dmin):
+    """(d * scale, -dmin * min) of the sub-block whose bytes s, s + 4 and s - 4 sit at bit
+    ``shift`` of the words ``at_s``, ``at_s4`` and ``at_m4`` (_scale_min_k4's rule)."""
+    b_s = (at_s >> shift) & 255
+    b_s4 = (at_s4 >> shift) & 255
+    b_m4 = (at_m4 >> shift) & 255  # used for s >= 4 only
+    scale = tl.where(low, b_s & 63, (b_s4 & 15) | ((b_m4 >> 6) << 4))
+    mn = tl.where(low, b_s4 & 63, (b_s4 >> 4) | ((b_s >> 6) << 4))
+    return d * scale.to(tl.float32), -(dmin * mn.to(tl.float32))
+
+
+@triton.jit
 def _k4_int8(blk, xw, xd, xs, valid, QTYPE: tl.constexpr, ASM: tl.constexpr):
     """One Q4_K or Q5_K super-block against the int8 activations: [BN, U, 8, 1] partial
     sums. Row r = (64-group j, half): its 4 words are qs bytes 32j + 16 half + 4t, whose
@@ -551,7 +595,10 @@ def _k4_int8(blk, xw, xd, xs, valid, QTYPE: tl.constexpr, ASM: tl.constexpr):
         w = _i32_at(blk + 16 + 16 * r, True)
         lo = w & 0x0F0F0F0F
         hi = (w >> 4) & 0x0F0F0F0F
-    a_lo, b_lo, a_hi, b_hi = _k4_affine(blk, j)  # [BN, U, 8, 1] each
+    if INT8_HEADER:
+        a_lo, b_lo, a_hi, b_hi = _k4_header_affine(blk, j)  # [BN, U, 8, 1] each
+    else:
+        a_lo, b_lo, a_hi, b_hi = _k4_affine(blk, j)
     d_lo = tl.load(xd + 2 * j, mask=valid, other=0.0)
     d_hi = tl.load(xd + 2 * j + 1, mask=valid, other=0.0)
     # this row's 16 activations of each sub-block: 16-element sums 4j + half, 4j + 2 + half

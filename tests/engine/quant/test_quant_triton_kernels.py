@@ -542,3 +542,48 @@ def test_the_add_rms_norm_glue_compiles_for_hopper(scale_fp32: bool) -> None:
     source = ASTSource(fn=fn, signature=signature, constexprs=constants)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert kernel.asm["cubin"] and "griddepcontrol.wait" in kernel.asm["ptx"]
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from helexa.engine.quant.triton_kernels import _k4_affine, _k4_header_affine
+
+    @triton.jit
+    def _header_probe(w_ptr, out_ptr, stride_w, UNIT_BYTES: tl.constexpr, U: tl.constexpr):
+        """Both readings of each (row, super-block)'s scales, 4 rows: out [2, 4, R, U, 8]."""
+        rows = tl.arange(0, 4)[:, None, None, None]
+        units = tl.arange(0, U)[None, :, None, None]
+        blk = w_ptr + rows * stride_w + units * UNIT_BYTES  # [4, U, 1, 1]
+        r = tl.arange(0, 8)[None, None, :, None]
+        at = out_ptr + (rows * U + units) * 8 + r  # [4, U, 8, 1]
+        n = 4 * U * 8
+        f0, f1, f2, f3 = _k4_affine(blk, r // 2)
+        h0, h1, h2, h3 = _k4_header_affine(blk, r // 2)
+        tl.store(at, f0)
+        tl.store(at + n, f1)
+        tl.store(at + 2 * n, f2)
+        tl.store(at + 3 * n, f3)
+        tl.store(at + 4 * n, h0)
+        tl.store(at + 5 * n, h1)
+        tl.store(at + 6 * n, h2)
+        tl.store(at + 7 * n, h3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K])
+def test_the_one_load_k4_header_reads_what_the_field_loads_read(
+    qtype: GGMLQuantizationType,
+) -> None:
+    """_k4_header_affine (HELEXA_INT8_HEADER=1: d, dmin and the 12 scale bytes in one
+    16-byte load) gives every sub-block's d * scale and -dmin * min exactly as
+    _k4_affine's field-by-field loads, on random blocks (every 6-bit packing case)."""
+    units = 4
+    w = random_weight(qtype, 4, 256 * units, seed=21)
+    out = torch.empty(2, 4, 4, units, 8, dtype=torch.float32, device=w.data.device)
+    fmt = block_format(qtype)
+    _header_probe[(1,)](w.data, out, w.data.stride(0), UNIT_BYTES=fmt.type_size, U=units)
+    fields, header = out[0], out[1]
+    assert torch.isfinite(fields).all() and fields.abs().sum() > 0
+    assert torch.equal(header, fields)
