@@ -59,7 +59,13 @@ def _scale_min_k4(sp, s):
     b_s = tl.load(sp + s).to(tl.int32)
     b_s4 = tl.load(sp + s + 4).to(tl.int32)
     b_m4 = tl.load(sp + tl.where(s >= 4, s - 4, s)).to(tl.int32)
-    low = s < 4
+    return _unpack_scale_min(b_s, b_s4, b_m4, s < 4)
+
+
+@triton.jit
+def _unpack_scale_min(b_s, b_s4, b_m4, low):
+    """Q4_K/Q5_K's 6-bit scale and min of sub-block s from its scale bytes s, s + 4 and
+    s - 4 (the last read only past the first four, ``low`` false), as float32."""
     sc = tl.where(low, b_s & 63, (b_s4 & 15) | ((b_m4 >> 6) << 4))
     mn = tl.where(low, b_s4 & 63, (b_s4 >> 4) | ((b_s >> 6) << 4))
     return sc.to(tl.float32), mn.to(tl.float32)
@@ -567,13 +573,12 @@ def _k4_header_affine(blk, j):
 @triton.jit
 def _k4_sub_block(at_s, at_s4, at_m4, shift, low, d, dmin):
     """(d * scale, -dmin * min) of the sub-block whose bytes s, s + 4 and s - 4 sit at bit
-    ``shift`` of the words ``at_s``, ``at_s4`` and ``at_m4`` (_scale_min_k4's rule)."""
+    ``shift`` of the words ``at_s``, ``at_s4`` and ``at_m4``."""
     b_s = (at_s >> shift) & 255
     b_s4 = (at_s4 >> shift) & 255
-    b_m4 = (at_m4 >> shift) & 255  # used for s >= 4 only
-    scale = tl.where(low, b_s & 63, (b_s4 & 15) | ((b_m4 >> 6) << 4))
-    mn = tl.where(low, b_s4 & 63, (b_s4 >> 4) | ((b_s >> 6) << 4))
-    return d * scale.to(tl.float32), -(dmin * mn.to(tl.float32))
+    b_m4 = (at_m4 >> shift) & 255
+    scale, mn = _unpack_scale_min(b_s, b_s4, b_m4, low)
+    return d * scale, -(dmin * mn)
 
 
 @triton.jit
