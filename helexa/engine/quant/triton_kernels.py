@@ -433,11 +433,6 @@ def _matvec_affine_kernel(
 # Run Triton's PTX for integer dot products, or (under the interpreter, which has no PTX)
 # the same arithmetic spelled out.
 ASM = os.environ.get("TRITON_INTERPRET") != "1"
-# HELEXA_INT8_HEADER=1: the integer matvec reads a Q4_K/Q5_K block's header in one
-# 16-byte load (_k4_header_affine) instead of field by field. Off until a GPU run times it
-# (bench/matvec_configs.py with each setting; bench/DEVICE.md's first owed run): it is
-# exact under the interpreter and builds for sm_90, with 8 loads in Q4_K's loop, not 15.
-INT8_HEADER = tl.constexpr(os.environ.get("HELEXA_INT8_HEADER", "0") == "1")
 
 
 @triton.jit
@@ -554,9 +549,12 @@ def _word(words, K: tl.constexpr):
 def _k4_header_affine(blk, j):
     """:func:`_k4_affine` from one 16-byte load of the super-block's header (d, dmin and
     the 12 scale bytes; 16-byte aligned in Q4_K's 144- and Q5_K's 176-byte blocks)
-    instead of two f16 and six byte loads: the integer matvec's load instructions, not
-    its bytes, were the suspect for its ~2.1 TB/s. Row j's sub-blocks 2j and 2j + 1 take
-    their bytes from scale words 1-3 at bit 16 (j % 2), as _scale_min_k4 indexes them."""
+    instead of two f16 and six byte loads. The integer matvec is bound by its L1 requests,
+    not its DRAM bytes (ncu on the 8B's gate/up: L1 83% busy, DRAM 37%): with this
+    Q4_K's loop issues 8 loads instead of 15, and the gate/up matvec ran 31.3 -> 25.6 µs
+    on an H200 (with two rows a warp, BLOCK_N=2, U=2). Row j's sub-blocks 2j and 2j + 1
+    take their bytes from scale words 1-3 at bit 16 (j % 2), as _scale_min_k4 indexes
+    them."""
     hdr = _i32_at(blk + 0 * j, True)  # [BN, U, 8, 4]: d | dmin, scales 0-3, 4-7, 8-11
     w0, w1, w2, w3 = _word(hdr, 0), _word(hdr, 1), _word(hdr, 2), _word(hdr, 3)
     d = w0.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -600,10 +598,7 @@ def _k4_int8(blk, xw, xd, xs, valid, QTYPE: tl.constexpr, ASM: tl.constexpr):
         w = _i32_at(blk + 16 + 16 * r, True)
         lo = w & 0x0F0F0F0F
         hi = (w >> 4) & 0x0F0F0F0F
-    if INT8_HEADER:
-        a_lo, b_lo, a_hi, b_hi = _k4_header_affine(blk, j)  # [BN, U, 8, 1] each
-    else:
-        a_lo, b_lo, a_hi, b_hi = _k4_affine(blk, j)
+    a_lo, b_lo, a_hi, b_hi = _k4_header_affine(blk, j)  # [BN, U, 8, 1] each
     d_lo = tl.load(xd + 2 * j, mask=valid, other=0.0)
     d_hi = tl.load(xd + 2 * j + 1, mask=valid, other=0.0)
     # this row's 16 activations of each sub-block: 16-element sums 4j + half, 4j + 2 + half
@@ -820,7 +815,9 @@ _affine_tuned = triton.autotune(_AFFINE_CONFIGS, **_TUNING)(_matvec_affine_kerne
 _INT8_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "U": u}, num_warps=w)
     # 4 or 8 weight words (32 or 64 weights) per thread per step
-    for bn, u, w in [(1, 4, 1), (1, 8, 1), (1, 8, 2), (1, 16, 2), (2, 8, 2), (2, 8, 4), (4, 8, 4), (2, 16, 4)]
+    # (2, 2, 1) and (2, 4, 1): two rows a warp, the activations' loads shared by both (an
+    # H200 in stop 29: the 8B's gate/up 25.6 and 26.4 µs, (1, 4, 1) 31.3, o 5.3 vs 5.9)
+    for bn, u, w in [(1, 4, 1), (2, 2, 1), (2, 4, 1), (1, 8, 1), (1, 8, 2), (1, 16, 2), (2, 8, 2), (2, 8, 4), (4, 8, 4), (2, 16, 4)]
 ]  # fmt: skip
 _int8_tuned = triton.autotune(_INT8_CONFIGS, **_TUNING)(_matvec_int8_kernel)
 # Which of the tuned matvecs is fastest, per (M rounded up to a power of two, N, K, type,
