@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         for bn, u, warps in configs:
             config = {"BLOCK_N": bn, "U": u, "num_warps": warps, "INT8": True}
             run = partial(tk.matvec, x, weight, config, quantized=xq)
-            got = run().float()
+            try:
+                got = run().float()
+            except Exception as e:  # a config this GPU cannot launch (registers, shared memory)
+                print(f"# {name} {(bn, u, warps)}: {type(e).__name__}: {str(e)[:120]}")
+                continue
             error = max(error, ((got - want).abs().max() / want.abs().max()).item())
             timed.append((do_bench_cudagraph(run, rep=20) * 1e3, (bn, u, warps)))
         mb = weight.nbytes / 1e6
