@@ -507,29 +507,24 @@ def _to_float(i):
 
 
 @triton.jit
-def _i32_at(ptr, ALIGNED: tl.constexpr):
-    """The little-endian int32s at byte pointers ``ptr`` + 4 * arange(4) along the last
-    axis: one 16-byte load where the blocks keep 16-byte alignment (Q4_K, Q5_K), else
-    16-bit halves (Q8_0's 34-byte blocks are only 2-byte aligned; Q6_K's 210-byte ones
-    are read by :func:`_i32_from_words`)."""
-    t = tl.arange(0, 4)
-    if ALIGNED:
-        return tl.load(ptr.to(tl.pointer_type(tl.int32)) + t)
-    else:
-        p = ptr.to(tl.pointer_type(tl.uint16)) + 2 * t
-        return tl.load(p).to(tl.int32) | (tl.load(p + 1).to(tl.int32) << 16)
+def _i32_at(ptr):
+    """The little-endian int32s at 16-byte aligned byte pointers ``ptr`` + 4 * arange(4)
+    along the last axis, in one 16-byte load (Q4_K's and Q5_K's blocks keep that
+    alignment; Q8_0's 34- and Q6_K's 210-byte ones are read by :func:`_i32_from_words`)."""
+    return tl.load(ptr.to(tl.pointer_type(tl.int32)) + tl.arange(0, 4))
 
 
 @triton.jit
 def _i32_from_words(ptr):
-    """:func:`_i32_at` for 2-byte aligned ``ptr`` in 5 loads instead of 8: the four words
-    and the one after from the 4-byte aligned address at or below ptr, then, where ptr
-    sits 2 bytes past it, each result word from the upper half of one and the lower half
-    of the next. Q6_K reads its 210-byte blocks so (an H200, stop 29: the 8B's down matvec
-    22.6 -> 17.7 µs, lm_head 249 -> 193 µs; the int8 matvec is bound by its L1 requests).
-    Q8_0 does not: with two rows a warp, its best config, the halves were faster (0.6B
-    lm_head 92.5 µs against 109). The fifth word passes the 16 bytes only by the 2 in the
-    same aligned word, which never crosses a page or an allocation's end."""
+    """:func:`_i32_at` for 2-byte aligned ``ptr`` (Q8_0's and Q6_K's blocks) in 5 loads
+    instead of 8 16-bit halves: the four words and the one after from the 4-byte aligned
+    address at or below ptr, then, where ptr sits 2 bytes past it, each result word from
+    the upper half of one and the lower half of the next. The int8 matvec is bound by its
+    L1 requests (an H200, stop 29: the 8B's Q6_K down matvec 22.6 -> 17.7 µs, lm_head
+    249 -> 193 µs; stop 30, with the activations loaded in the weights' layout: the
+    0.6B's Q8_0 lm_head 51.3 -> 47.5 µs, its o and down 10-20% faster, gate/up 15%
+    slower). The fifth word passes the 16 bytes only by the 2 in the same aligned word,
+    which never crosses a page or an allocation's end."""
     t = tl.arange(0, 4)
     mis = ptr.to(tl.int64) & 3  # 0 or 2
     base = (ptr - mis).to(tl.pointer_type(tl.int32))
@@ -541,10 +536,30 @@ def _i32_from_words(ptr):
 
 
 @triton.jit
+def _tile_load(ptr, valid, like):
+    """The activation values at ``ptr`` (0 where not ``valid``) loaded by every tile row
+    of the weights, in ``like``'s shape: see :func:`_dot4`."""
+    return tl.load(
+        tl.broadcast_to(ptr, like.shape), mask=tl.broadcast_to(valid, like.shape), other=0.0
+    )
+
+
+@triton.jit
 def _dot4(w, xw, SIGNED: tl.constexpr, ASM: tl.constexpr):
-    """Per tile row: the four weight words ``w`` [.., 4] against the four activation words
-    at ``xw`` [.., 1] + arange(4), summed in integers and converted once -> [.., 1]."""
-    dots = _dp4a(w, tl.load(xw + tl.arange(0, 4)), SIGNED, ASM)
+    """Per tile row: the four weight words ``w`` [BN, U, R, 4] against the four activation
+    words at ``xw`` [1, U, R, 1] + arange(4), summed in integers and converted once ->
+    [BN, U, R, 1].
+
+    Each of the BN rows loads the activations itself (their addresses coalesce in one
+    request), so they arrive in the weights' layout, each thread's four words beside its
+    four weight words. Loaded once as [1, U, R, 4], Triton spread them over the lanes and
+    shuffled them, and then the weights, into place every step (27 shuffles a step at two
+    rows a warp, on the L1/shared-memory pipe the kernel is bound by): the sm_90 loop of
+    Q4_K at (2, 2, 1) went from 150 instructions to 97, and on an H200 (stop 30) the 8B's
+    gate/up 25.7 -> 23.8 µs, and four rows a warp, (4, 1, 1), became the fastest config
+    of the 8B's q/k (7.2 -> 5.9 µs) and lm_head (192.7 -> 174.4) and the 0.6B's
+    (92.7 -> 47.5)."""
+    dots = _dp4a(w, tl.load(tl.broadcast_to(xw + tl.arange(0, 4), w.shape)), SIGNED, ASM)
     return _to_float(tl.sum(dots, axis=3, keep_dims=True))
 
 
@@ -554,8 +569,9 @@ def _q8_0_int8(blk, xw, xd, valid, G: tl.constexpr, ASM: tl.constexpr):
     per half block (16 weights, 4 words), d_w * d_x * dot."""
     r = tl.arange(0, 2 * G)[None, None, :, None]
     g = r // 2
-    w = _i32_at(blk + 34 * g + 2 + 16 * (r % 2), False)
-    scale = _f16_at(blk + 34 * g) * tl.load(xd + g, mask=valid, other=0.0)
+    w = _i32_from_words(blk + 34 * g + 2 + 16 * (r % 2))
+    d_w = _f16_at(blk + 34 * g)
+    scale = d_w * _tile_load(xd + g, valid, d_w)
     return _dot4(w, xw + 4 * r, True, ASM) * scale
 
 
@@ -576,7 +592,7 @@ def _k4_header_affine(blk, j):
     on an H200 (with two rows a warp, BLOCK_N=2, U=2). Row j's sub-blocks 2j and 2j + 1
     take their bytes from scale words 1-3 at bit 16 (j % 2), as _scale_min_k4 indexes
     them."""
-    hdr = _i32_at(blk + 0 * j, True)  # [BN, U, 8, 4]: d | dmin, scales 0-3, 4-7, 8-11
+    hdr = _i32_at(blk + 0 * j)  # [BN, U, 8, 4]: d | dmin, scales 0-3, 4-7, 8-11
     w0, w1, w2, w3 = _word(hdr, 0), _word(hdr, 1), _word(hdr, 2), _word(hdr, 3)
     d = w0.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = (w0 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -611,20 +627,20 @@ def _k4_int8(blk, xw, xd, xs, valid, QTYPE: tl.constexpr, ASM: tl.constexpr):
     j = r // 2
     half = r % 2
     if QTYPE == 13:
-        w = _i32_at(blk + 48 + 16 * r, True)
-        qh = _i32_at(blk + 16 + 16 * half, True)
+        w = _i32_at(blk + 48 + 16 * r)
+        qh = _i32_at(blk + 16 + 16 * half)
         lo = (w & 0x0F0F0F0F) | (((qh >> (2 * j)) & 0x01010101) << 4)
         hi = ((w >> 4) & 0x0F0F0F0F) | (((qh >> (2 * j + 1)) & 0x01010101) << 4)
     else:
-        w = _i32_at(blk + 16 + 16 * r, True)
+        w = _i32_at(blk + 16 + 16 * r)
         lo = w & 0x0F0F0F0F
         hi = (w >> 4) & 0x0F0F0F0F
     a_lo, b_lo, a_hi, b_hi = _k4_header_affine(blk, j)  # [BN, U, 8, 1] each
-    d_lo = tl.load(xd + 2 * j, mask=valid, other=0.0)
-    d_hi = tl.load(xd + 2 * j + 1, mask=valid, other=0.0)
+    d_lo = _tile_load(xd + 2 * j, valid, a_lo)
+    d_hi = _tile_load(xd + 2 * j + 1, valid, a_lo)
     # this row's 16 activations of each sub-block: 16-element sums 4j + half, 4j + 2 + half
-    s_lo = tl.load(xs + 4 * j + half, mask=valid, other=0.0)
-    s_hi = tl.load(xs + 4 * j + 2 + half, mask=valid, other=0.0)
+    s_lo = _tile_load(xs + 4 * j + half, valid, a_lo)
+    s_hi = _tile_load(xs + 4 * j + 2 + half, valid, a_lo)
     word = 16 * j + 4 * half  # the activations' word of the row's first low-nibble element
     dot_lo = _dot4(lo, xw + word, False, ASM)
     dot_hi = _dot4(hi, xw + word + 8, False, ASM)
@@ -651,10 +667,10 @@ def _q6_k_int8(blk, xw, xd, xs, valid, ASM: tl.constexpr):
     d = _f16_at(blk + 208)
     a_lo = d * tl.load(scales).to(tl.float32)
     a_hi = d * tl.load(scales + 4).to(tl.float32)
-    d_lo = tl.load(xd + group // 2, mask=valid, other=0.0)
-    d_hi = tl.load(xd + group // 2 + 2, mask=valid, other=0.0)
-    s_lo = tl.load(xs + group, mask=valid, other=0.0)
-    s_hi = tl.load(xs + group + 4, mask=valid, other=0.0)
+    d_lo = _tile_load(xd + group // 2, valid, a_lo)
+    d_hi = _tile_load(xd + group // 2 + 2, valid, a_lo)
+    s_lo = _tile_load(xs + group, valid, a_lo)
+    s_hi = _tile_load(xs + group + 4, valid, a_lo)
     dot_lo = _dot4(lo, xw + 4 * group, False, ASM)
     dot_hi = _dot4(hi, xw + 4 * group + 16, False, ASM)
     offsets = -32.0 * (a_lo * s_lo + a_hi * s_hi)
@@ -836,9 +852,10 @@ _affine_tuned = triton.autotune(_AFFINE_CONFIGS, **_TUNING)(_matvec_affine_kerne
 _INT8_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "U": u}, num_warps=w)
     # 4 or 8 weight words (32 or 64 weights) per thread per step
-    # (2, 2, 1) and (2, 4, 1): two rows a warp, the activations' loads shared by both (an
-    # H200 in stop 29: the 8B's gate/up 25.6 and 26.4 µs, (1, 4, 1) 31.3, o 5.3 vs 5.9)
-    for bn, u, w in [(1, 4, 1), (2, 2, 1), (2, 4, 1), (1, 8, 1), (1, 8, 2), (1, 16, 2), (2, 8, 2), (2, 8, 4), (4, 8, 4), (2, 16, 4)]
+    # (2, 2, 1), (4, 1, 1) and (2, 4, 1): two or four rows a warp, the activations' loads
+    # shared by them (an H200 in stop 29: the 8B's gate/up 25.6 and 26.4 µs, (1, 4, 1)
+    # 31.3, o 5.3 vs 5.9; stop 30, see _dot4: (4, 1, 1) the 8B's and 0.6B's lm_head)
+    for bn, u, w in [(1, 4, 1), (2, 2, 1), (4, 1, 1), (2, 4, 1), (1, 8, 1), (1, 8, 2), (1, 16, 2), (2, 8, 2), (2, 8, 4), (4, 8, 4), (2, 16, 4)]
 ]  # fmt: skip
 _int8_tuned = triton.autotune(_INT8_CONFIGS, **_TUNING)(_matvec_int8_kernel)
 # Which of the tuned matvecs is fastest, per (M rounded up to a power of two, N, K, type,

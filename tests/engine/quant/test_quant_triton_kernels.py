@@ -552,7 +552,6 @@ if HAS_TRITON:
     import triton.language as tl
 
     from helexa.engine.quant.triton_kernels import (
-        _i32_at,
         _i32_from_words,
         _k4_affine,
         _k4_header_affine,
@@ -560,12 +559,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _words_probe(src_ptr, out_ptr):
-        """Both 2-byte-aligned readings of the 4 int32s at byte offsets 2i, i < 32, of a
-        buffer with the kernels' 4-D tile shape: out [2, 32, 4]."""
+        """The 4 int32s at byte offsets 2i, i < 32, of a buffer, read as the kernels read
+        their 2-byte aligned blocks, in their 4-D tile shape: out [32, 4]."""
         i = tl.arange(0, 32)[None, None, :, None]
         at = out_ptr + 4 * i + tl.arange(0, 4)[None, None, None, :]
-        tl.store(at, _i32_at(src_ptr + 2 * i, False))
-        tl.store(at + 128, _i32_from_words(src_ptr + 2 * i))
+        tl.store(at, _i32_from_words(src_ptr + 2 * i))
 
     @triton.jit
     def _header_probe(w_ptr, out_ptr, stride_w, UNIT_BYTES: tl.constexpr, U: tl.constexpr):
@@ -589,18 +587,17 @@ if HAS_TRITON:
 
 
 @needs_kernels
-def test_words_read_through_aligned_loads_equal_the_16_bit_halves() -> None:
-    """_i32_from_words (Q6_K's reading: aligned 4-byte words, shifted where the pointer
-    sits 2 bytes past one) gives the little-endian int32s at every 2-byte offset, as the
-    halves and as torch's view of the same bytes do, on the 4-byte aligned and the
-    misaligned offsets alike."""
+def test_words_read_through_aligned_loads_equal_the_bytes() -> None:
+    """_i32_from_words (Q8_0's and Q6_K's reading: aligned 4-byte words, shifted where the
+    pointer sits 2 bytes past one) gives the little-endian int32s at every 2-byte offset,
+    as torch's view of the same bytes does, on the 4-byte aligned and the misaligned
+    offsets alike."""
     gen = torch.Generator().manual_seed(5)
     raw = torch.randint(0, 256, (96,), dtype=torch.uint8, generator=gen)
-    out = torch.zeros(2, 32, 4, dtype=torch.int32, device=DEVICE)
+    out = torch.zeros(32, 4, dtype=torch.int32, device=DEVICE)
     _words_probe[(1,)](raw.to(DEVICE), out)
     want = torch.stack([raw[2 * i : 2 * i + 16].clone().view(torch.int32) for i in range(32)])
-    assert torch.equal(out[0].cpu(), want)
-    assert torch.equal(out[1].cpu(), want)
+    assert torch.equal(out.cpu(), want)
 
 
 @needs_kernels
