@@ -152,12 +152,14 @@ def bench_helexa(gguf: Path, lengths: list[int], gen: int, context: int) -> dict
     )
     cmd = [sys.executable, "-m", "helexa.cli", "--config", str(work / "helexa.toml")]
     cmd += ["--models", str(work / "models.toml"), "--serve"]
-    # The server is this checkout's helexa, as the writer was, not whichever is installed.
+    # The server is this checkout's helexa, as the writer was, not whichever is installed,
+    # nor one in the caller's directory (``-m`` puts the working directory first: stop 30's
+    # A/B of two checkouts, run from one's root, measured that one twice).
     path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     log = work / "serve.log"
     spawned = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     out: dict[str, Any] = {}
     try:
