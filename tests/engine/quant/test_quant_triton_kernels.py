@@ -433,6 +433,37 @@ def test_quant_linear_routes_cuda_weights_to_triton() -> None:
     assert rel_err(linear(x, w), ref) < 1e-5
 
 
+# The matvec kernels' arguments, by name, as a launch passes them.
+_MATVEC_ARGS = {"x_ptr": "*bf16", "w_ptr": "*u8", "y_ptr": "*bf16", "idx_ptr": "*i64"}
+_MATVEC_ARGS["wt_ptr"] = "*bf16"  # a MoE's router weights, summing a token's experts
+_MATVEC_ARGS |= dict.fromkeys(("M", "N", "stride_x", "stride_w", "stride_y", "stride_e"), "i32")
+# The integer kernel takes the quantized activations instead of x (and, compiled, its dp4a
+# PTX, which the interpreter never sees).
+_MATVEC_ARGS |= {"xq_ptr": "*i8", "xd_ptr": "*fp32", "xs_ptr": "*fp32"}
+
+
+def _compile_for_hopper(
+    fn: Any, constants: dict[str, Any], num_warps: int, aligned: bool = False
+) -> Any:
+    """A matvec kernel built to sm_90 machine code with Triton's ahead-of-time compiler.
+    ``aligned``: the pointers and strides declared divisible by 16, as the JIT specialises
+    them at a real launch; without it no load is vectorised and the layout is not the one
+    that runs."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kinds = {**_MATVEC_ARGS, **dict.fromkeys(constants, "constexpr")}
+    signature = {name: kinds[name] for name in fn.arg_names}
+    names = enumerate(fn.arg_names)
+    divisible = [i for i, n in names if kinds[n].startswith("*") or n.startswith("stride")]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible} if aligned else {}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})  # fmt: skip
+    assert kernel.asm["cubin"], constants
+    return kernel
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (compiles ahead of time, no GPU)")
 @pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing"
@@ -442,18 +473,10 @@ def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> 
     """The interpreter accepts code the compiler may not: every config the autotuner can
     pick on an H100/H200 must build to sm_90 machine code (checked on a CPU-only host)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from helexa.engine.quant import triton_kernels as tk
 
     unit, unit_bytes, g = tk._unit(qtype, 4096)
-    pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "y_ptr": "*bf16", "idx_ptr": "*i64"}
-    pointers["wt_ptr"] = "*bf16"  # a MoE's router weights, summing a token's experts
-    ints = dict.fromkeys(("M", "N", "stride_x", "stride_w", "stride_y", "stride_e"), "i32")
-    # The integer kernel takes the quantized activations instead of x (and, compiled, its
-    # dp4a PTX, which the interpreter never sees).
-    pointers |= {"xq_ptr": "*i8", "xd_ptr": "*fp32", "xs_ptr": "*fp32"}
     spaces = [
         (tk._matvec_kernel, tk._MATVEC_CONFIGS, {}),
         (tk._matvec_affine_kernel, tk._AFFINE_CONFIGS, {}),
@@ -476,15 +499,32 @@ def test_the_autotune_space_compiles_for_hopper(qtype: GGMLQuantizationType) -> 
     for fn, config, extra, grouped, layout in jobs:
         # PDL: as a Hopper launches it, waiting on the kernel before (quant.grid_dependency)
         constants = dict(N_UNITS=4096 // unit, GROUPED=grouped, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, **layout, **config.kwargs, **extra, PDL=True)  # fmt: skip
-        kinds = {**pointers, **ints, **dict.fromkeys(constants, "constexpr")}
-        signature = {name: kinds[name] for name in fn.arg_names}
-        source = ASTSource(fn=fn, signature=signature, constexprs=constants)
-        kernel = triton.compile(
-            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
-        )
-        assert kernel.asm["cubin"], (config, grouped, layout)
-        ptx = kernel.asm["ptx"]
+        ptx = _compile_for_hopper(fn, constants, config.num_warps).asm["ptx"]
         assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (compiles ahead of time, no GPU)")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing"
+)
+@pytest.mark.parametrize("config", [(2, 2, 1), (4, 1, 1)], ids=str)
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
+def test_the_int8_matvec_shuffles_nothing_in_its_loop(
+    qtype: GGMLQuantizationType, config: tuple[int, int, int]
+) -> None:
+    """At two or four rows a warp (one tile row of 4 weight words a thread) each thread's
+    activation words must arrive beside its weight words. Loaded once for all the rows,
+    Triton spread them over the lanes and shuffled them, and the weights, into place every
+    step: 27 shuffles a step, on the L1 pipe the kernel is bound by (stop 30). What may
+    remain is the final sum over the warp's 32 lanes, log2(32) shuffles."""
+    from helexa.engine.quant import triton_kernels as tk
+
+    bn, u, warps = config
+    unit, unit_bytes, g = tk._unit(qtype, 4096)
+    one = dict(GROUPED=False, SHARE=1, SLOTS=1, WEIGHTED=False, ASM=True, PDL=True)
+    constants = dict(N_UNITS=4096 // unit, QTYPE=int(qtype), UNIT=unit, UNIT_BYTES=unit_bytes, G=g, BLOCK_N=bn, U=u, **one)  # fmt: skip
+    kernel = _compile_for_hopper(tk._matvec_int8_kernel, constants, warps, aligned=True)
+    assert kernel.asm["ptx"].count("shfl.sync") <= 5
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (compiles ahead of time, no GPU)")
