@@ -455,9 +455,11 @@ def _compile_for_hopper(
 
     kinds = {**_MATVEC_ARGS, **dict.fromkeys(constants, "constexpr")}
     signature = {name: kinds[name] for name in fn.arg_names}
-    names = enumerate(fn.arg_names)
-    divisible = [i for i, n in names if kinds[n].startswith("*") or n.startswith("stride")]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible} if aligned else {}
+    attrs: dict[tuple[int], list[list[Any]]] = {}
+    if aligned:  # the pointers and the strides
+        for i, name in enumerate(fn.arg_names):
+            if kinds[name].startswith("*") or name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})  # fmt: skip
     assert kernel.asm["cubin"], constants
